@@ -1,0 +1,196 @@
+"""The recorder: one active dump, the current step, and every way of capturing into it.
+
+``record(path)`` opens a dump and makes its recorder the active one (so that ``probe`` finds
+it); on exit every hook and patch it installed is removed, also when the body raised.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import platform
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Sequence
+
+from .._version import __version__
+from ..errors import UsageError
+from ..store.writer import DumpWriter
+from .sink import Sink
+from .tensors import leaves, to_host
+
+__all__ = ["Recorder", "record", "probe", "active"]
+
+_ACTIVE: Recorder | None = None
+
+
+def active() -> Recorder | None:
+    """The recorder that ``probe`` writes to, or None."""
+    return _ACTIVE
+
+
+def probe(name: str, value: Any) -> Any:
+    """Record ``value`` (a tensor, or a tuple/dict of them) as ``name`` at the current step.
+
+    Returns ``value`` unchanged, so it can wrap an expression. Costs one global lookup when
+    nothing is recording.
+    """
+    rec = _ACTIVE
+    if rec is not None:
+        rec.capture(name, value, role="probe")
+    return value
+
+
+class _Patterns:
+    """Include/exclude glob patterns on recorded names (fnmatch syntax)."""
+
+    def __init__(self, include: Sequence[str] | None, exclude: Sequence[str] | None) -> None:
+        self.include = list(include or [])
+        self.exclude = list(exclude or [])
+
+    def __call__(self, name: str) -> bool:
+        if self.include and not any(fnmatch.fnmatchcase(name, p) for p in self.include):
+            return False
+        return not any(fnmatch.fnmatchcase(name, p) for p in self.exclude)
+
+
+class Recorder:
+    """Captures tensors into one dump. Made by ``record``; see its docstring."""
+
+    def __init__(self, path: str | os.PathLike[str], *, meta: dict[str, Any] | None = None,
+                 data: bool = True, include: Sequence[str] | None = None,
+                 exclude: Sequence[str] | None = None, overwrite: bool = False,
+                 max_pending_bytes: int = 1 << 30) -> None:
+        header = {"lockstep_version": __version__, "created": time.time(),
+                  "host": platform.node(), "stats_only": not data}
+        header.update(meta or {})
+        self.path = os.fspath(path)
+        self._sink = Sink(DumpWriter(path, header, overwrite=overwrite), keep_data=data,
+                          max_pending_bytes=max_pending_bytes)
+        self.selected = _Patterns(include, exclude)
+        self.step = 0  #: the step that captures go to now
+        self._advance = False  # the step ended: the next capture or root call opens a new one
+        self._calls: dict[str, int] = defaultdict(int)
+        self._depth = 0  # watched roots currently inside their forward
+        self._undo: list[Callable[[], None]] = []
+        self._closed = False
+        self.traced: list[Any] = []  #: TraceInfo of every function traced
+
+    # -- steps -------------------------------------------------------------------------------
+    # A step ends when a top-level call of a watched root returns; the next capture (or root
+    # call) opens the next step, so inputs probed before a call land in that call's step.
+    def next_step(self, step: int | None = None) -> int:
+        """End the current step: later captures go to ``step`` (default: the next one).
+
+        Engines with no watched root module call this between prefill and each decode step.
+        Everything captured so far is flushed to disk first.
+        """
+        self.flush()
+        new = self.step + 1 if step is None else int(step)
+        if new < self.step:
+            raise UsageError(f"steps only go forward: asked for step {new} after step {self.step}")
+        self._open_step(new)
+        return self.step
+
+    def _open_step(self, step: int) -> None:
+        if step != self.step:
+            self.step = step
+            self._calls.clear()
+        self._advance = False
+
+    def _root_enter(self) -> None:
+        if self._depth == 0 and self._advance:
+            self._open_step(self.step + 1)
+        self._depth += 1
+
+    def _root_exit(self) -> None:
+        self._depth = max(0, self._depth - 1)
+        if self._depth == 0:
+            self.flush()  # a finished step is on disk before the engine goes on
+            self._advance = True
+
+    # -- capture -----------------------------------------------------------------------------
+    def capture(self, name: str, value: Any, *, role: str | None = None) -> None:
+        """Record every tensor in ``value`` as ``name`` (or ``name:field`` for nested ones)."""
+        if self._closed:
+            raise UsageError(f"cannot record {name!r}: the recording at {self.path} is closed")
+        if self._advance and self._depth == 0:
+            self._open_step(self.step + 1)
+        for suffix, tensor in leaves(value):
+            full = f"{name}:{suffix}" if suffix else name
+            call = self._calls[full]
+            self._calls[full] = call + 1
+            self._sink.put(full, self.step, call, to_host(tensor), role=role)
+
+    def watch(self, module: Any, *, prefix: str = "", inputs: bool = False,
+              include: Sequence[str] | None = None,
+              exclude: Sequence[str] | None = None) -> None:
+        """Record the output of ``module`` and of every submodule, named as
+        ``named_modules()`` names them (the root is ``""``, or ``prefix``).
+
+        Each top-level call of ``module`` starts a new step. ``inputs=True`` also records
+        each module's tensor arguments as ``name:input.0``, ``name:input.<kwarg>``.
+        """
+        from .modules import watch_module
+
+        patterns = _Patterns(include, exclude) if (include or exclude) else self.selected
+        self._undo.append(watch_module(self, module, prefix=prefix, inputs=inputs,
+                                       selected=patterns))
+
+    def trace(self, spec: str, *, name: str | None = None) -> Any:
+        """Record the arguments and return value of a Python function, given as
+        ``"pkg.mod:func"`` or ``"pkg.mod:Class.method"``; every module that imported the
+        function by name is patched too. Returns a TraceInfo saying which copy was traced.
+        """
+        from .tracing import trace_function
+
+        info, undo = trace_function(self, spec, name=name)
+        self._undo.append(undo)
+        self.traced.append(info)
+        self._sink.meta(traced=[t.as_dict() for t in self.traced])
+        return info
+
+    def add_meta(self, **meta: Any) -> None:
+        """Add run metadata (engine, model, dtype, prompt_token_ids, ...) to the dump."""
+        self._sink.meta(**meta)
+
+    def flush(self) -> None:
+        """Wait until everything captured so far is written to disk."""
+        self._sink.flush()
+
+    def close(self, error: str | None = None) -> None:
+        """Remove every hook and patch, finish writing, and mark the dump complete."""
+        if self._closed:
+            return
+        self._closed = True
+        global _ACTIVE
+        if _ACTIVE is self:
+            _ACTIVE = None
+        while self._undo:
+            self._undo.pop()()
+        self._sink.close(error=error)
+
+
+@contextmanager
+def record(path: str | os.PathLike[str], *, meta: dict[str, Any] | None = None,
+           data: bool = True, include: Sequence[str] | None = None,
+           exclude: Sequence[str] | None = None, overwrite: bool = False) -> Iterator[Recorder]:
+    """Record into a new dump directory at ``path``.
+
+    ``data=False`` keeps statistics only (for huge runs). ``include``/``exclude`` are glob
+    patterns on names. The dump is flushed at the end of every step and closed on exit; if the
+    body raises, the dump is still closed and notes the error.
+    """
+    global _ACTIVE
+    if _ACTIVE is not None:
+        raise UsageError(f"already recording to {_ACTIVE.path}; recordings cannot be nested")
+    rec = Recorder(path, meta=meta, data=data, include=include, exclude=exclude,
+                   overwrite=overwrite)
+    _ACTIVE = rec
+    try:
+        yield rec
+    except BaseException as exc:
+        rec.close(error=f"{type(exc).__name__}: {exc}")
+        raise
+    rec.close()

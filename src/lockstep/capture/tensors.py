@@ -1,0 +1,142 @@
+"""Turning captured values (torch tensors, numpy arrays, nested outputs) into host bytes.
+
+A captured tensor is copied at once, because engines reuse and modify buffers in place, but
+never waited for: a CUDA tensor is copied into pinned host memory with ``non_blocking=True``
+and a CUDA event is recorded; the writer thread waits on that event, so the engine's stream
+runs on with no synchronisation per tensor.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+
+from ..store.stats import array_stats, clean_float
+
+__all__ = ["HostTensor", "to_host", "leaves", "is_tensor"]
+
+_NUMPY_NAMES = {
+    "float64": "float64", "float32": "float32", "float16": "float16", "int64": "int64",
+    "int32": "int32", "int16": "int16", "int8": "int8", "uint8": "uint8", "uint16": "uint16",
+    "uint32": "uint32", "uint64": "uint64", "bool": "bool",
+}
+# torch dtypes without a same-size numpy twin are reinterpreted as unsigned ints of their size
+_TORCH_BITCAST = {"bfloat16": "int16", "float8_e4m3fn": "uint8", "float8_e5m2": "uint8",
+                  "bool": "uint8"}
+
+
+def _torch() -> Any:
+    return sys.modules.get("torch")
+
+
+def is_tensor(value: Any) -> bool:
+    """A torch tensor or a numpy array (without importing torch)."""
+    if isinstance(value, np.ndarray):
+        return True
+    torch = _torch()
+    return torch is not None and isinstance(value, torch.Tensor)
+
+
+@dataclass
+class HostTensor:
+    """A tensor copied to host memory, possibly still in flight from a GPU."""
+
+    dtype: str  #: torch's spelling of the dtype
+    shape: tuple[int, ...]
+    host: Any  #: a contiguous CPU torch tensor or numpy array holding the copy
+    event: Any = None  #: CUDA event to wait on before reading ``host``
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.host.nbytes)
+
+    def ready(self) -> None:
+        """Wait until the copy has landed (no-op for CPU tensors)."""
+        if self.event is not None:
+            self.event.synchronize()
+            self.event = None
+
+    def buffer(self) -> memoryview:
+        """The raw bytes, in the stored dtype's layout."""
+        self.ready()
+        if isinstance(self.host, np.ndarray):
+            return memoryview(np.ascontiguousarray(self.host)).cast("B")
+        host = self.host
+        bitcast = _TORCH_BITCAST.get(self.dtype)
+        if bitcast is not None:
+            host = host.view(getattr(_torch(), bitcast))
+        return memoryview(host.numpy()).cast("B")
+
+    def stats(self) -> dict[str, Any]:
+        """Per-record statistics (store.stats fields), computed on the host copy."""
+        self.ready()
+        if isinstance(self.host, np.ndarray):
+            values = self.host
+            if values.dtype.kind not in "fc":
+                values = values.astype(np.float64)
+            return array_stats(values)
+        return _torch_stats(self.host)
+
+
+def _torch_stats(t: Any) -> dict[str, Any]:
+    torch = _torch()
+    x = t if t.dtype in (torch.float32, torch.float64) else t.to(
+        torch.float64 if not t.is_floating_point() else torch.float32)
+    if x.numel() == 0 or not math.isfinite(float(x.sum())):
+        return array_stats(x.numpy())  # slow path, rare: counts NaN and Inf
+    lo, hi = torch.aminmax(x)
+    var, mean = torch.var_mean(x, correction=0)
+    lo_f, hi_f = float(lo), float(hi)
+    return {
+        "min": clean_float(lo_f), "max": clean_float(hi_f), "mean": clean_float(mean),
+        "std": clean_float(math.sqrt(max(float(var), 0.0))),
+        "abs_max": clean_float(max(abs(lo_f), abs(hi_f))),
+        "nan": 0, "inf": 0, "zero": int(x.numel() - int(torch.count_nonzero(x))),
+    }
+
+
+def to_host(value: Any) -> HostTensor:
+    """Copy a tensor to host memory now (asynchronously for CUDA); the caller owns the copy."""
+    if isinstance(value, np.ndarray):
+        name = _NUMPY_NAMES.get(value.dtype.name)
+        if name is None:
+            raise TypeError(f"numpy dtype {value.dtype} cannot be recorded")
+        return HostTensor(name, tuple(value.shape), np.array(value, copy=True, order="C"))
+    torch = _torch()
+    t = value.detach()
+    dtype = str(t.dtype).removeprefix("torch.")
+    if t.is_sparse or t.layout != torch.strided:
+        t = t.to_dense()
+    if t.device.type == "cpu":
+        host = t.contiguous()
+        if host.data_ptr() == t.data_ptr():
+            host = host.clone()
+        return HostTensor(dtype, tuple(t.shape), host)
+    host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=t.is_cuda)
+    host.copy_(t, non_blocking=bool(t.is_cuda))
+    event = None
+    if t.is_cuda:
+        event = torch.cuda.Event()
+        event.record()
+    return HostTensor(dtype, tuple(t.shape), host, event)
+
+
+def leaves(value: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """Every tensor inside an output, with its path: "" for a bare tensor, "0", "1.2", "logits".
+
+    Tuples and lists give their index, dicts (and transformers' ModelOutput) their key;
+    anything else that is not a tensor (a KV cache object, None, an int) is skipped.
+    """
+    if is_tensor(value):
+        yield prefix, value
+    elif isinstance(value, (tuple, list)):
+        for i, item in enumerate(value):
+            yield from leaves(item, f"{prefix}.{i}" if prefix else str(i))
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            if isinstance(key, str):
+                yield from leaves(item, f"{prefix}.{key}" if prefix else key)

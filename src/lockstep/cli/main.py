@@ -1,0 +1,157 @@
+"""The ``lockstep`` command: a thin shell over the public API."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from .._version import __version__
+from ..errors import LockstepError, UsageError
+
+__all__ = ["main"]
+
+EXIT_OK, EXIT_DIVERGED, EXIT_ERROR = 0, 1, 2
+
+
+def _tokens(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"token ids must be integers, got {text!r}") from None
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="lockstep",
+        description="Run an inference engine beside a trusted reference and find the first "
+                    "operation where they part.")
+    p.add_argument("--version", action="version", version=f"lockstep {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    c = sub.add_parser("compare", help="compare a candidate dump with a reference dump",
+                       description="Exit code: 0 match or drift, 1 diverged, 2 error.")
+    c.add_argument("reference", help="reference dump directory")
+    c.add_argument("candidate", help="candidate dump directory")
+    c.add_argument("--json", metavar="FILE", help="also write the JSON report (docs/report.md)")
+    c.add_argument("--rtol", type=float, help="one relative-L2 tolerance for every pair")
+    c.add_argument("--tol", action="append", metavar="PATTERN=X",
+                   help="tolerance for names matching a glob, e.g. 'model.layers.*.mlp*=1e-3'")
+    c.add_argument("--all", action="store_true", help="show every pair, not a window")
+    c.add_argument("--rows", type=int, default=40, help="pairs shown around the divergence")
+
+    cap = sub.add_parser("capture", help="run an engine on a prompt and record it",
+                         description="Records the prefill as step 0 and N greedy decode steps.")
+    cap.add_argument("engine", help="engine spec, e.g. hf:/path/to/model_dir")
+    src = cap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="prompt text (the model's tokenizer is used)")
+    src.add_argument("--tokens", type=_tokens, help="prompt token ids, e.g. 1,2,3")
+    cap.add_argument("--decode", type=int, default=0, metavar="N", help="greedy decode steps")
+    cap.add_argument("--out", required=True, help="dump directory to create")
+    cap.add_argument("--dtype", default="float32", help="float32, bfloat16, float16, float64")
+    cap.add_argument("--device", default="cpu")
+    cap.add_argument("--stats-only", action="store_true", help="keep statistics, not data")
+    cap.add_argument("--overwrite", action="store_true", help="replace an existing dump")
+
+    r = sub.add_parser("run", help="record an unmodified Python program",
+                       usage="lockstep run --out DIR [options] -- python program.py [args]")
+    r.add_argument("--out", required=True, help="dump directory to create")
+    r.add_argument("--watch", action="append", default=[], metavar="pkg.mod:Class",
+                   help="watch instances of this module class (default: the outermost "
+                        "module the program calls)")
+    r.add_argument("--trace", action="append", default=[], metavar="pkg.mod:func",
+                   help="record arguments and results of this function")
+    r.add_argument("--include", action="append", metavar="GLOB", help="record only these names")
+    r.add_argument("--exclude", action="append", metavar="GLOB", help="do not record these")
+    r.add_argument("--stats-only", action="store_true", help="keep statistics, not data")
+    r.add_argument("--overwrite", action="store_true", help="replace an existing dump")
+    r.add_argument("program", nargs=argparse.REMAINDER, help="-- python program.py [args]")
+
+    s = sub.add_parser("show", help="list the records of a dump")
+    s.add_argument("dump")
+    s.add_argument("--step", type=int, help="only this step")
+    return p
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from ..compare import Tolerances, compare
+    from ..report.json_report import write_json
+    from ..report.terminal import ComparisonReport
+
+    result = compare(args.reference, args.candidate, Tolerances.parse(args.rtol, args.tol))
+    Console().print(ComparisonReport(result, rows=0 if args.all else args.rows))
+    if args.json:
+        write_json(result, args.json)
+    return EXIT_DIVERGED if result.verdict == "diverged" else EXIT_OK
+
+
+def _capture(args: argparse.Namespace) -> int:
+    from ..engines.capture import capture
+
+    if args.decode < 0:
+        raise UsageError("--decode must be 0 or more")
+    capture(args.engine, args.out, prompt=args.prompt, tokens=args.tokens, decode=args.decode,
+            dtype=args.dtype, device=args.device, data=not args.stats_only,
+            overwrite=args.overwrite, announce=lambda m: print(m, file=sys.stderr))
+    return EXIT_OK
+
+
+def _run(args: argparse.Namespace) -> int:
+    from ..capture.program import run_program
+
+    program = args.program[1:] if args.program[:1] == ["--"] else args.program
+    return run_program(program, args.out, watch=args.watch, trace=args.trace,
+                       include=args.include, exclude=args.exclude, data=not args.stats_only,
+                       overwrite=args.overwrite,
+                       announce=lambda m: print(m, file=sys.stderr))
+
+
+def _show(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..report.terminal import fmt
+    from ..store import open_dump
+
+    with open_dump(args.dump) as dump:
+        console = Console()
+        state = "complete" if dump.complete else "INCOMPLETE (writer stopped before closing)"
+        console.print(f"{dump.path}: {len(dump.records)} records, steps {dump.steps}, {state}")
+        for key, value in sorted(dump.meta.items()):
+            console.print(f"  {key}: {value}", highlight=False)
+        table = Table()
+        for col in ("step", "seq", "name", "dtype", "shape", "min", "max", "mean", "nan/inf"):
+            table.add_column(col)
+        for rec in dump.records:
+            if args.step is not None and rec.step != args.step:
+                continue
+            st = rec.stats or {}
+            nums = [fmt(st[k]) if isinstance(st.get(k), (int, float)) else "-"
+                    for k in ("min", "max", "mean")]
+            table.add_row(str(rec.step), str(rec.seq), rec.name or '""', rec.dtype,
+                          "x".join(map(str, rec.shape)), *nums,
+                          f"{st.get('nan', '-')}/{st.get('inf', '-')}")
+        console.print(table)
+    return EXIT_OK
+
+
+_COMMANDS = {"compare": _compare, "capture": _capture, "run": _run, "show": _show}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit code (0 match/drift, 1 diverged, 2 error)."""
+    args = _parser().parse_args(argv)
+    try:
+        return _COMMANDS[args.command](args)
+    except LockstepError as exc:
+        print(f"lockstep: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("lockstep: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,9 @@
+"""Comparison: pure metrics, dtype-aware tolerances, and the match/drift/diverged verdict."""
+
+from .comparison import Comparison, DumpSummary, compare
+from .metrics import TensorMetrics, TopK, tensor_metrics
+from .tolerance import Tolerances
+from .verdict import PairResult
+
+__all__ = ["Comparison", "DumpSummary", "compare", "TensorMetrics", "TopK", "tensor_metrics",
+           "Tolerances", "PairResult"]

@@ -1,0 +1,144 @@
+"""Comparing two dumps: pair, measure each pair from the memory-mapped data, decide.
+
+Only the two tensors of the pair being measured are in memory at any time.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Mapping
+
+from ..align.pairing import Alignment, Pair, align
+from ..store.dtypes import FLOAT_KINDS
+from ..store.reader import Dump, Record, open_dump
+from .metrics import ShapeMismatch, TensorMetrics, tensor_metrics
+from .tolerance import Tolerance, Tolerances
+from .verdict import PairResult, decide, inherited_errors
+
+__all__ = ["Comparison", "DumpSummary", "compare", "is_logits"]
+
+_LOGIT_NAMES = re.compile(r"(^|[.:])(logits|lm_head|result_output|output_logits)$")
+
+
+@dataclass(frozen=True)
+class DumpSummary:
+    """What the report says about each side."""
+
+    path: str
+    complete: bool  #: False when the writer was killed before closing the dump
+    error: str | None  #: the exception the recorded program ended with
+    records: int
+    steps: tuple[int, ...]
+    meta: Mapping[str, Any]
+
+    @classmethod
+    def of(cls, dump: Dump) -> DumpSummary:
+        return cls(str(dump.path), dump.complete, dump.error, len(dump.records),
+                   tuple(dump.steps), dict(dump.meta))
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """The result of comparing a candidate dump with a reference dump. Truthy unless diverged."""
+
+    verdict: str  #: "match", "drift" or "diverged"
+    first_divergence: PairResult | None
+    results: tuple[PairResult, ...]  #: every compared pair, in step and capture order
+    ref_only: tuple[Record, ...]  #: reference records with no candidate partner
+    cand_only: tuple[Record, ...]
+    reference: DumpSummary
+    candidate: DumpSummary
+
+    def __bool__(self) -> bool:
+        return self.verdict != "diverged"
+
+    @property
+    def steps(self) -> tuple[int, ...]:
+        return tuple(sorted({r.step for r in self.results}))
+
+
+def is_logits(record: Record, meta: Mapping[str, Any]) -> bool:
+    """Logit-like: named like logits (``lm_head``, ``:logits``, ``result_output``), or named
+    in the run metadata's ``logits`` list."""
+    return bool(_LOGIT_NAMES.search(record.name)) or record.name in meta.get("logits", ())
+
+
+def _stats_error(ref: Record, cand: Record) -> float:
+    """A rough relative error from statistics alone (stats-only dumps)."""
+    rs, cs = ref.stats or {}, cand.stats or {}
+    if (rs.get("nan"), rs.get("inf")) != (cs.get("nan"), cs.get("inf")):
+        return math.inf
+    keys = ("mean", "std", "abs_max")
+    if any(rs.get(k) is None or cs.get(k) is None for k in keys):
+        return math.nan
+    scale = max(float(rs["std"]), abs(float(rs["mean"])), 1e-30)
+    return max(abs(float(cs[k]) - float(rs[k])) for k in keys) / scale
+
+
+def _measure(ref: Dump, cand: Dump, pair: Pair, tol: Tolerance) -> tuple[float, TensorMetrics | None,
+                                                                      str | None]:
+    r, c = pair.ref, pair.cand
+    if not (r.has_data and c.has_data):
+        return _stats_error(r, c), None, "statistics only (no data recorded)"
+    try:
+        m = tensor_metrics(ref.read(r), cand.read(c),
+                           logits=is_logits(r, ref.meta) or is_logits(c, cand.meta))
+    except ShapeMismatch as exc:
+        return math.nan, None, str(exc)
+    exact = tol.noise == 0.0 or (r.dtype not in FLOAT_KINDS and c.dtype not in FLOAT_KINDS)
+    if math.isinf(m.rel_l2):
+        error = math.inf
+    elif exact:
+        error = m.mismatched / m.numel if m.numel else 0.0
+    else:
+        error = m.rel_l2
+    return error, m, None
+
+
+def compare(reference: Dump | str | os.PathLike[str], candidate: Dump | str | os.PathLike[str],
+            tolerances: Tolerances | None = None, *,
+            progress: Callable[[int, int], None] | None = None) -> Comparison:
+    """Compare a candidate dump against a reference dump (paths or opened dumps)."""
+    ref = reference if isinstance(reference, Dump) else open_dump(reference)
+    try:
+        cand = candidate if isinstance(candidate, Dump) else open_dump(candidate)
+        try:
+            return _compare(ref, cand, tolerances or Tolerances(), progress)
+        finally:
+            if cand is not candidate:
+                cand.close()
+    finally:
+        if ref is not reference:
+            ref.close()
+
+
+def _compare(ref: Dump, cand: Dump, tolerances: Tolerances,
+             progress: Callable[[int, int], None] | None) -> Comparison:
+    alignment: Alignment = align(ref, cand)
+    measured: list[PairResult] = []
+    unmeasurable: list[PairResult] = []
+    total = len(alignment.pairs)
+    for i, pair in enumerate(alignment.pairs):
+        r, c = pair.ref, pair.cand
+        tol = tolerances.for_pair(r.name, r.dtype, c.dtype, ref.meta, cand.meta)
+        error, metrics, note = _measure(ref, cand, pair, tol)
+        result = PairResult(step=r.step, ref_name=r.name, cand_name=c.name, ref_seq=r.seq,
+                            cand_seq=c.seq, call=r.call, how=pair.how, ref_shape=r.shape,
+                            cand_shape=c.shape, ref_dtype=r.dtype, cand_dtype=c.dtype, tol=tol.match,
+                            noise=tol.noise,
+                            error=error, metrics=metrics, note=note)
+        (unmeasurable if math.isnan(error) else measured).append(result)
+        if progress is not None:
+            progress(i + 1, total)
+    measured.sort(key=lambda p: (p.step, p.ref_seq))
+    inherited = inherited_errors([p.step for p in measured], [p.ref_name for p in measured],
+                                 [p.error for p in measured])
+    measured = [replace(p, inherited=h) for p, h in zip(measured, inherited)]
+    verdict, first = decide(measured)
+    results = sorted(measured + unmeasurable, key=lambda p: (p.step, p.ref_seq))
+    return Comparison(verdict=verdict, first_divergence=first, results=tuple(results),
+                      ref_only=alignment.ref_only, cand_only=alignment.cand_only,
+                      reference=DumpSummary.of(ref), candidate=DumpSummary.of(cand))

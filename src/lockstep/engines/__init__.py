@@ -1,0 +1,20 @@
+"""Engine adapters. Each is an optional extra, imported only when its spec is used."""
+
+from __future__ import annotations
+
+from ..errors import UsageError
+from .base import Engine
+
+__all__ = ["Engine", "open_engine"]
+
+
+def open_engine(spec: str, **options: object) -> Engine:
+    """An engine (not yet loaded) for a spec such as ``hf:PATH``."""
+    kind, sep, target = spec.partition(":")
+    if not sep or not target:
+        raise UsageError(f"engine spec {spec!r} should look like 'hf:PATH'")
+    if kind == "hf":
+        from .hf import HFEngine
+
+        return HFEngine(spec, target, **options)  # type: ignore[arg-type]
+    raise UsageError(f"unknown engine {kind!r} in {spec!r}; known engines: hf")

@@ -1,0 +1,54 @@
+"""The one small base every engine adapter shares: load, tokenize, run steps, close."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, Any, Sequence
+
+if TYPE_CHECKING:
+    from ..capture.recorder import Recorder
+
+__all__ = ["Engine"]
+
+
+class Engine(ABC):
+    """An inference engine lockstep can drive. Lifecycle: ``load``, ``generate`` (any number
+    of times), ``close``; usable as a context manager."""
+
+    #: the engine's name in dump metadata ("transformers", "llama.cpp", ...)
+    name = "engine"
+
+    def __init__(self, spec: str) -> None:
+        self.spec = spec
+
+    @abstractmethod
+    def load(self) -> None:
+        """Load the model; raise LockstepError for a user's mistake (bad path, missing extra)."""
+
+    @abstractmethod
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of ``text`` as this engine's tokenizer gives them."""
+
+    @abstractmethod
+    def generate(self, rec: Recorder, prompt_ids: Sequence[int], decode: int, *,
+                 forced: Sequence[int] | None = None) -> list[int]:
+        """Record the prefill as step 0 and ``decode`` greedy decode steps as steps 1..N.
+
+        ``forced`` teacher-forces the tokens fed at each decode step (the reference's greedy
+        tokens), so one near-tie does not make every later step incomparable. Returns the
+        greedy token chosen at each step.
+        """
+
+    def meta(self) -> dict[str, Any]:
+        """Run metadata for the dump header."""
+        return {"engine": self.name, "spec": self.spec}
+
+    def close(self) -> None:
+        """Release the model."""
+
+    def __enter__(self) -> Engine:
+        self.load()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,33 @@
+"""Recording one engine on one prompt: prefill plus N greedy decode steps."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+from ..capture.recorder import record
+from ..errors import UsageError
+from . import open_engine
+
+__all__ = ["capture"]
+
+
+def capture(spec: str, out: str, *, prompt: str | None = None,
+            tokens: Sequence[int] | None = None, decode: int = 0,
+            forced: Sequence[int] | None = None, data: bool = True, overwrite: bool = False,
+            announce: Callable[[str], Any] = lambda m: None, **engine_options: Any) -> list[int]:
+    """Load the engine, record prefill and ``decode`` greedy steps into ``out``; returns the
+    greedy token chosen at each step."""
+    engine = open_engine(spec, **engine_options)
+    announce(f"lockstep: loading {spec}")
+    with engine:
+        ids = list(tokens) if tokens is not None else engine.tokenize(prompt or "")
+        if not ids:
+            raise UsageError("the prompt has no tokens; give a non-empty --prompt or --tokens")
+        meta = {**engine.meta(), "prompt": prompt, "prompt_token_ids": ids, "decode": decode}
+        with record(out, meta=meta, data=data, overwrite=overwrite) as rec:
+            announce(f"lockstep: recording {len(ids)} prompt tokens + {decode} decode steps "
+                     f"into {out}")
+            chosen = engine.generate(rec, ids, decode, forced=forced)
+            rec.add_meta(generated_token_ids=chosen)
+    announce(f"lockstep: done, greedy tokens {chosen}")
+    return chosen

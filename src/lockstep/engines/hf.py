@@ -1,0 +1,160 @@
+"""transformers as an engine: a local model directory (safetensors) or a GGUF file, offline.
+
+transformers dequantizes a GGUF file to float32 when it loads it (about 16 s for SmolLM2-135M);
+the conversion is saved once as safetensors under the cache directory (``LOCKSTEP_CACHE``,
+default ``~/.cache/lockstep``) and loaded from there afterwards in well under a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+from ..errors import LockstepError, MissingExtraError, UsageError
+from .base import Engine
+
+if TYPE_CHECKING:
+    from ..capture.recorder import Recorder
+
+__all__ = ["HFEngine"]
+
+_DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
+def _import() -> tuple[Any, Any]:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub: weights are local
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    try:
+        import torch
+    except ImportError:
+        raise MissingExtraError("torch", "hf") from None
+    try:
+        import transformers
+    except ImportError:
+        raise MissingExtraError("transformers", "hf") from None
+    return torch, transformers
+
+
+def cache_dir() -> Path:
+    """Where converted models are kept."""
+    return Path(os.environ.get("LOCKSTEP_CACHE") or Path.home() / ".cache" / "lockstep")
+
+
+def gguf_as_safetensors(gguf: Path) -> Path:
+    """A transformers model directory converted from ``gguf`` (float32), made once and cached."""
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
+    target = cache_dir() / "gguf" / f"{gguf.stem}-{key[:12]}"
+    if (target / "config.json").is_file():
+        return target
+    torch, transformers = _import()
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32, local_files_only=True)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, local_files_only=True)
+    except ImportError as exc:
+        raise LockstepError(f"loading {gguf.name} through transformers needs the gguf extra: "
+                            f"pip install 'lockstep[gguf]' ({exc})") from None
+    except (OSError, ValueError) as exc:
+        raise LockstepError(f"transformers could not read {gguf}: "
+                            f"{str(exc).splitlines()[0]}") from None
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    _save_plain(model, tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.replace(target) if not target.exists() else shutil.rmtree(tmp)
+    return target
+
+
+def _save_plain(model: Any, directory: Path) -> None:
+    """Save a GGUF-loaded model as a plain float32 safetensors model (transformers refuses to
+    serialise a model it marked as GGUF-quantized, though its weights are plain tensors)."""
+    from safetensors.torch import save_file
+
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    directory.mkdir(parents=True)
+    config.save_pretrained(directory)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if getattr(config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)
+    save_file(state, directory / "model.safetensors", metadata={"format": "pt"})
+
+
+class HFEngine(Engine):
+    """A transformers causal LM loaded from a local directory, greedy decoding with KV cache."""
+
+    name = "transformers"
+
+    def __init__(self, spec: str, path: str, *, dtype: str = "float32",
+                 device: str = "cpu") -> None:
+        super().__init__(spec)
+        if dtype not in _DTYPES:
+            raise UsageError(f"--dtype {dtype!r}: choose one of {', '.join(_DTYPES)}")
+        self.path = Path(path)
+        self.dtype = dtype
+        self.device = device
+        self.source = self.path  # what the user named (a GGUF file is converted)
+        self.model: Any = None
+        self.tokenizer: Any = None
+
+    def load(self) -> None:
+        if self.path.suffix == ".gguf" and self.path.is_file():
+            self.source = self.path
+            self.path = gguf_as_safetensors(self.path)
+        if not self.path.is_dir():
+            raise UsageError(f"{self.spec}: {self.path} is not a directory with a "
+                             "transformers model (config.json and safetensors weights)")
+        if not (self.path / "config.json").is_file():
+            raise UsageError(f"{self.spec}: {self.path} has no config.json")
+        torch, transformers = _import()
+        try:
+            self.model = transformers.AutoModelForCausalLM.from_pretrained(
+                self.path, dtype=getattr(torch, self.dtype), local_files_only=True,
+                use_safetensors=True,
+            ).to(self.device).eval()
+        except (OSError, ValueError) as exc:
+            raise LockstepError(f"{self.spec}: transformers could not load the model: "
+                                f"{str(exc).splitlines()[0]}") from None
+        try:
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(
+                self.path, local_files_only=True)
+        except (OSError, ValueError, TypeError):
+            self.tokenizer = None  # token ids can still be given directly
+
+    def tokenize(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise UsageError(f"{self.spec} has no tokenizer files; give token ids with "
+                             "--tokens 1,2,3 instead of --prompt")
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def meta(self) -> dict[str, Any]:
+        config = self.model.config if self.model is not None else None
+        return {**super().meta(), "model": str(self.source), "dtype": self.dtype,
+                "compute_dtype": self.dtype, "device": self.device,
+                "architecture": type(self.model).__name__ if self.model is not None else None,
+                "vocab_size": getattr(config, "vocab_size", None)}
+
+    def generate(self, rec: Recorder, prompt_ids: Sequence[int], decode: int, *,
+                 forced: Sequence[int] | None = None) -> list[int]:
+        import torch
+
+        rec.watch(self.model)
+        ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=self.device)
+        chosen: list[int] = []
+        past = None
+        with torch.no_grad():
+            for step in range(decode + 1):
+                rec.capture("input_ids", ids, role="input")
+                out = self.model(input_ids=ids, past_key_values=past, use_cache=True)
+                past = out.past_key_values
+                token = int(out.logits[0, -1].float().argmax())
+                chosen.append(token)
+                fed = forced[step] if forced is not None and step < len(forced) else token
+                ids = torch.tensor([[fed]], dtype=torch.long, device=self.device)
+        return chosen

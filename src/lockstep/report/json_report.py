@@ -1,0 +1,108 @@
+"""The JSON report (schema in docs/report.md). Plain dicts of JSON types; no NaN or Infinity
+(JSON has neither): non-finite numbers are written as the strings "inf", "-inf", "nan"."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+from .._version import __version__
+from ..compare.comparison import Comparison, DumpSummary
+from ..compare.metrics import TensorMetrics
+from ..compare.verdict import PairResult
+from ..store.reader import Record
+
+__all__ = ["SCHEMA_VERSION", "report_dict", "write_json"]
+
+SCHEMA_VERSION = 1
+
+
+def _num(x: float) -> float | str:
+    if math.isnan(x):
+        return "nan"
+    if math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    return x
+
+
+def _metrics(m: TensorMetrics | None) -> dict[str, Any] | None:
+    if m is None:
+        return None
+    out: dict[str, Any] = {
+        "max_abs": _num(m.max_abs), "mean_abs": _num(m.mean_abs), "rel_l2": _num(m.rel_l2),
+        "cosine": _num(m.cosine), "ref_nan": m.ref_nan, "ref_inf": m.ref_inf,
+        "cand_nan": m.cand_nan, "cand_inf": m.cand_inf, "worst_index": list(m.worst_index),
+        "worst_ref": _num(m.worst_ref), "worst_cand": _num(m.worst_cand),
+        "mismatched": m.mismatched, "numel": m.numel,
+    }
+    if m.topk is not None:
+        out["top1"] = {"rows": m.topk.rows, "agree": m.topk.agree,
+                       "near_ties": m.topk.near_ties,
+                       "first_disagreement": m.topk.first_disagreement}
+    return out
+
+
+def pair_dict(p: PairResult) -> dict[str, Any]:
+    """One pair as the report writes it."""
+    return {
+        "step": p.step, "reference": p.ref_name, "candidate": p.cand_name, "call": p.call,
+        "paired_by": p.how, "reference_shape": list(p.ref_shape),
+        "candidate_shape": list(p.cand_shape), "reference_dtype": p.ref_dtype,
+        "candidate_dtype": p.cand_dtype, "error": _num(p.error), "tolerance": p.tol,
+        "noise_tolerance": p.noise, "inherited_error": _num(p.inherited),
+        "growth": _num(p.growth), "status": status(p), "note": p.note,
+        "metrics": _metrics(p.metrics),
+    }
+
+
+def status(p: PairResult) -> str:
+    """"match", "drift", "jump" or "incomparable" for one pair."""
+    if math.isnan(p.error):
+        return "incomparable"
+    if p.jump:
+        return "jump"
+    return "drift" if p.over or p.real_top1_disagreements else "match"
+
+
+def _record(r: Record) -> dict[str, Any]:
+    return {"step": r.step, "name": r.name, "call": r.call, "shape": list(r.shape),
+            "dtype": r.dtype}
+
+
+def _side(s: DumpSummary) -> dict[str, Any]:
+    return {"path": s.path, "complete": s.complete, "error": s.error, "records": s.records,
+            "steps": list(s.steps), "meta": dict(s.meta)}
+
+
+def report_dict(c: Comparison) -> dict[str, Any]:
+    """The whole comparison as the documented JSON object."""
+    return {
+        "schema": SCHEMA_VERSION,
+        "lockstep_version": __version__,
+        "verdict": c.verdict,
+        "first_divergence": pair_dict(c.first_divergence) if c.first_divergence else None,
+        "reference_dump": _side(c.reference),
+        "candidate_dump": _side(c.candidate),
+        "summary": {
+            "pairs": len(c.results),
+            "steps": list(c.steps),
+            "over_tolerance": sum(1 for p in c.results if p.over),
+            "incomparable": sum(1 for p in c.results if math.isnan(p.error)),
+            "reference_only": len(c.ref_only),
+            "candidate_only": len(c.cand_only),
+        },
+        "pairs": [pair_dict(p) for p in c.results],
+        "reference_only": [_record(r) for r in c.ref_only],
+        "candidate_only": [_record(r) for r in c.cand_only],
+    }
+
+
+def write_json(c: Comparison, path: str | os.PathLike[str]) -> None:
+    """Write the report, atomically (a reader never sees half a file)."""
+    tmp = f"{os.fspath(path)}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(report_dict(c), f, indent=1, default=str)
+        f.write("\n")
+    os.replace(tmp, path)

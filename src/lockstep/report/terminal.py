@@ -1,0 +1,180 @@
+"""The terminal report: a rich renderable built from a Comparison."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+from rich.console import Console, ConsoleOptions, Group, RenderResult
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from ..compare.comparison import Comparison, DumpSummary
+from ..compare.verdict import PairResult
+from .json_report import status
+
+__all__ = ["ComparisonReport"]
+
+_VERDICT_STYLE = {"match": "bold green", "drift": "bold yellow", "diverged": "bold red"}
+_VERDICT_TEXT = {
+    "match": "every paired tensor agrees within tolerance",
+    "drift": "errors stay bounded and grow smoothly (precision or quantization noise); "
+             "top-1 tokens agree",
+    "diverged": "an error is introduced at one tensor, far above what it inherited",
+}
+_STATUS_STYLE = {"match": "green", "drift": "yellow", "jump": "bold red",
+                 "incomparable": "magenta"}
+
+
+def fmt(x: float) -> str:
+    """A number in at most 9 characters."""
+    if math.isnan(x):
+        return "n/a"
+    if math.isinf(x):
+        return "inf"
+    if x == 0:
+        return "0"
+    if 1e-3 <= abs(x) < 1e4:
+        return f"{x:.4g}"
+    return f"{x:.2e}"
+
+
+def _side(label: str, s: DumpSummary) -> Text:
+    meta = s.meta
+    what = ", ".join(str(meta[k]) for k in ("engine", "model", "dtype") if meta.get(k))
+    text = Text.assemble((f"{label}: ", "bold"), s.path, f"  ({what}) " if what else "  ",
+                         f"{s.records} records, steps {_steps(s.steps)}")
+    if not s.complete:
+        text.append("  INCOMPLETE: the writer stopped before closing the dump",
+                    style="bold magenta")
+    if s.error:
+        text.append(f"  the run raised {s.error}", style="magenta")
+    return text
+
+
+def _steps(steps: Iterable[int]) -> str:
+    steps = list(steps)
+    if not steps:
+        return "none"
+    return f"{steps[0]}" if len(steps) == 1 else f"{steps[0]}-{steps[-1]}"
+
+
+def _name(p: PairResult) -> str:
+    return p.ref_name if p.ref_name == p.cand_name else f"{p.ref_name} ~ {p.cand_name}"
+
+
+def _divergence(p: PairResult) -> Table:
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold")
+    grid.add_column()
+    grid.add_row("step", str(p.step))
+    grid.add_row("reference", p.ref_name or '"" (root)')
+    grid.add_row("candidate", p.cand_name or '"" (root)')
+    grid.add_row("shapes", f"{list(p.ref_shape)} {p.ref_dtype} vs {list(p.cand_shape)} "
+                           f"{p.cand_dtype}")
+    grid.add_row("error", f"relative L2 {fmt(p.error)} (tolerance {fmt(p.tol)}, "
+                          f"noise allowance {fmt(p.noise)})")
+    grow = "from zero" if math.isinf(p.growth) else f"{fmt(p.growth)}x"
+    grid.add_row("introduced", f"inherited error {fmt(p.inherited)}, grew {grow} here")
+    m = p.metrics
+    if m is not None:
+        grid.add_row("worst element", f"index {list(m.worst_index)}: reference "
+                                      f"{fmt(m.worst_ref)}, candidate {fmt(m.worst_cand)}")
+        grid.add_row("max / mean abs", f"{fmt(m.max_abs)} / {fmt(m.mean_abs)}, cosine "
+                                       f"{m.cosine:.6f}")
+        if m.ref_nan or m.cand_nan or m.ref_inf or m.cand_inf:
+            grid.add_row("NaN / Inf", f"reference {m.ref_nan} / {m.ref_inf}, candidate "
+                                      f"{m.cand_nan} / {m.cand_inf}")
+        if m.topk is not None:
+            grid.add_row("top-1", f"{m.topk.agree}/{m.topk.rows} positions agree "
+                                  f"({m.topk.near_ties} near-ties)")
+    if p.note:
+        grid.add_row("note", p.note)
+    return grid
+
+
+@dataclass
+class ComparisonReport:
+    """Renders a Comparison: sides, verdict, first divergence, the pairs, what is unpaired.
+
+    ``rows`` limits the pair table: 0 shows every pair; otherwise the pairs around the first
+    divergence (or the largest errors) and a per-step summary.
+    """
+
+    comparison: Comparison
+    rows: int = 40
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        c = self.comparison
+        yield _side("reference", c.reference)
+        yield _side("candidate", c.candidate)
+        verdict = Text.assemble((c.verdict.upper(), _VERDICT_STYLE[c.verdict]), "  ",
+                                _VERDICT_TEXT[c.verdict])
+        body: list[Any] = [verdict]
+        if c.first_divergence is not None:
+            body += [Text(""), Text("first divergence", style="bold underline"),
+                     _divergence(c.first_divergence)]
+        yield Panel(Group(*body), title="lockstep compare", expand=False)
+        yield self._steps_table()
+        yield self._pairs_table()
+        yield from self._unpaired()
+
+    def _steps_table(self) -> Table:
+        c = self.comparison
+        table = Table(title="per step", title_justify="left")
+        for col in ("step", "pairs", "over tol", "max error", "at", "top-1"):
+            table.add_column(col, justify="right" if col not in ("at",) else "left")
+        for step in c.steps:
+            pairs = [p for p in c.results if p.step == step and not math.isnan(p.error)]
+            if not pairs:
+                continue
+            worst = max(pairs, key=lambda p: p.error)
+            top = [p.metrics.topk for p in pairs if p.metrics and p.metrics.topk]
+            top1 = (f"{sum(t.agree for t in top)}/{sum(t.rows for t in top)}"
+                    if top else "")
+            table.add_row(str(step), str(len(pairs)), str(sum(p.over for p in pairs)),
+                          fmt(worst.error), _name(worst), top1)
+        return table
+
+    def _selected(self) -> list[PairResult]:
+        results = list(self.comparison.results)
+        if not self.rows or len(results) <= self.rows:
+            return results
+        first = self.comparison.first_divergence
+        if first is not None:
+            at = results.index(first)
+            lo = max(0, at - self.rows // 2)
+            return results[lo:lo + self.rows]
+        keep = set(sorted(range(len(results)), key=lambda i: -results[i].error
+                          if not math.isnan(results[i].error) else 0)[: self.rows])
+        return [p for i, p in enumerate(results) if i in keep]
+
+    def _pairs_table(self) -> Table:
+        c = self.comparison
+        shown = self._selected()
+        title = "pairs in capture order"
+        if len(shown) < len(c.results):
+            title += f" ({len(shown)} of {len(c.results)}; --all shows every pair)"
+        table = Table(title=title, title_justify="left")
+        for col in ("step", "name", "shape", "rel err", "max abs", "cosine", "status"):
+            table.add_column(col, justify="left" if col in ("name", "shape", "status")
+                             else "right", overflow="fold")
+        for p in shown:
+            st = status(p)
+            m = p.metrics
+            style = "reverse bold red" if p is c.first_divergence else None
+            table.add_row(str(p.step), _name(p), "x".join(map(str, p.ref_shape)), fmt(p.error),
+                          fmt(m.max_abs) if m else "", f"{m.cosine:.5f}" if m else "",
+                          Text(st if not p.note else f"{st}: {p.note}",
+                               style=_STATUS_STYLE[st]), style=style)
+        return table
+
+    def _unpaired(self) -> RenderResult:
+        c = self.comparison
+        for label, records in (("reference only", c.ref_only), ("candidate only", c.cand_only)):
+            if records:
+                names = ", ".join(f"{r.name}@{r.step}" for r in records[:8])
+                more = f" and {len(records) - 8} more" if len(records) > 8 else ""
+                yield Text(f"{label} ({len(records)} unpaired): {names}{more}", style="magenta")

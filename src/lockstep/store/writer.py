@@ -1,0 +1,131 @@
+"""Append-only writer of a dump directory (the format is in docs/format.md).
+
+Data bytes are always written before the index line that points to them, and ``flush`` pushes
+the data file before the index file, so a process killed at any moment leaves a dump whose
+every index line points at bytes that are on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from ..errors import UsageError
+from .dtypes import lookup
+
+__all__ = ["DumpWriter", "FORMAT_NAME", "FORMAT_VERSION", "INDEX_FILE", "DATA_FILE"]
+
+FORMAT_NAME = "lockstep-dump"
+FORMAT_VERSION = 1
+INDEX_FILE = "index.jsonl"
+DATA_FILE = "data.bin"
+_ALIGN = 64  # data offsets are 64-byte aligned, so memory-mapped arrays are aligned too
+
+
+def _prepare_dir(path: Path, overwrite: bool) -> None:
+    if path.exists():
+        if not path.is_dir():
+            raise UsageError(f"{path} exists and is not a directory; choose another dump path")
+        if any(path.iterdir()):
+            if not overwrite:
+                raise UsageError(
+                    f"{path} already exists and is not empty; choose a new dump path "
+                    "or pass overwrite=True (--overwrite)"
+                )
+            if not (path / INDEX_FILE).exists():
+                raise UsageError(
+                    f"{path} is not a lockstep dump, so it is not overwritten; choose another path"
+                )
+            shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)
+
+
+class DumpWriter:
+    """Writes one dump; not thread-safe (the recorder serialises calls)."""
+
+    def __init__(self, path: str | os.PathLike[str], meta: dict[str, Any] | None = None,
+                 *, overwrite: bool = False) -> None:
+        self.path = Path(path)
+        _prepare_dir(self.path, overwrite)
+        self._data = open(self.path / DATA_FILE, "wb")
+        self._index = open(self.path / INDEX_FILE, "w", encoding="utf-8", newline="\n")
+        self._offset = 0
+        self._seq = 0
+        self._closed = False
+        header = {"type": "header", "format": FORMAT_NAME, "version": FORMAT_VERSION,
+                  "meta": meta or {}}
+        self._line(header)
+        self.flush()
+
+    @property
+    def records(self) -> int:
+        """How many tensor records have been written."""
+        return self._seq
+
+    def _line(self, obj: dict[str, Any]) -> None:
+        self._index.write(json.dumps(obj, separators=(",", ":"), allow_nan=False) + "\n")
+
+    def write(self, name: str, step: int, dtype: str, shape: tuple[int, ...],
+              data: memoryview | bytes | None, stats: dict[str, Any] | None = None, *,
+              call: int = 0, **extra: Any) -> int:
+        """Append one tensor record; ``data`` None writes statistics only. Returns its seq."""
+        dt = lookup(dtype)
+        if dt is None:
+            raise UsageError(f"cannot store dtype {dtype!r} for {name!r}")
+        nbytes = 1
+        for n in shape:
+            nbytes *= int(n)
+        nbytes *= dt.itemsize
+        offset: int | None = None
+        if data is not None:
+            view = memoryview(data).cast("B")
+            if view.nbytes != nbytes:
+                raise ValueError(f"{name}: {view.nbytes} bytes given for {dtype}{list(shape)}")
+            pad = -self._offset % _ALIGN
+            if pad:
+                self._data.write(b"\0" * pad)
+                self._offset += pad
+            offset = self._offset
+            self._data.write(view)
+            self._offset += nbytes
+        record = {"type": "tensor", "name": name, "step": int(step), "seq": self._seq,
+                  "call": int(call), "dtype": dtype, "shape": [int(n) for n in shape],
+                  "offset": offset, "nbytes": nbytes if data is not None else None,
+                  "stats": stats}
+        record.update({k: v for k, v in extra.items() if v is not None})
+        self._line(record)
+        self._seq += 1
+        return self._seq - 1
+
+    def add_meta(self, **meta: Any) -> None:
+        """Append run metadata; later values win over earlier ones and the header's."""
+        self._line({"type": "meta", "meta": meta})
+
+    def flush(self, *, sync: bool = False) -> None:
+        """Push data, then index, to the OS (and to the disk when ``sync``)."""
+        self._data.flush()
+        if sync:
+            os.fsync(self._data.fileno())
+        self._index.flush()
+        if sync:
+            os.fsync(self._index.fileno())
+
+    def close(self, error: str | None = None) -> None:
+        """Write the end line that marks the dump complete, and close the files.
+
+        ``error`` records that the recorded program raised: the dump is complete (every
+        record written was kept) and the report says how the run ended.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        end: dict[str, Any] = {"type": "end", "records": self._seq}
+        if error is not None:
+            end["error"] = error
+        self._line(end)
+        self.flush(sync=True)
+        self._data.close()
+        self._index.close()

@@ -1,0 +1,54 @@
+"""Tiny real transformers models built from a config (random weights, no download)."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+
+import lockstep
+
+PROMPT = [3, 17, 42, 7, 99, 5, 64]
+
+
+def tiny(family: str, seed: int = 0) -> Any:
+    """A 2-layer model of the family, sizes chosen so no two dims coincide."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    if family == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**common))
+    elif family == "qwen3":
+        model = Qwen3ForCausalLM(Qwen3Config(head_dim=16, **common))
+    else:
+        raise ValueError(family)
+    return model.eval()
+
+
+def variant(model: Any, dtype: torch.dtype | None = None) -> Any:
+    out = copy.deepcopy(model)
+    return out.to(dtype) if dtype is not None else out
+
+
+def greedy(model: Any, path: Any, *, decode: int = 3, position_shift: int = 0,
+           forced: list[int] | None = None) -> list[int]:
+    """Record prefill + ``decode`` steps of greedy decoding with a KV cache.
+
+    ``position_shift`` adds to the position of every decode token (a decode-only bug).
+    """
+    chosen = []
+    with lockstep.record(path, meta={"engine": "test"}) as rec, torch.no_grad():
+        rec.watch(model)
+        ids = torch.tensor([PROMPT])
+        out = model(input_ids=ids, use_cache=True)
+        for step in range(1, decode + 1):
+            token = int(out.logits[0, -1].float().argmax())
+            chosen.append(token)
+            fed = forced[step - 1] if forced else token
+            pos = torch.tensor([[len(PROMPT) + step - 1 + position_shift]])
+            out = model(input_ids=torch.tensor([[fed]]), position_ids=pos,
+                        past_key_values=out.past_key_values, use_cache=True)
+    return chosen
