@@ -67,6 +67,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--overwrite", action="store_true", help="replace an existing dump")
     r.add_argument("program", nargs=argparse.REMAINDER, help="-- python program.py [args]")
 
+    d = sub.add_parser("demo", help="the real SmolLM2 model: fp32 vs bf16 vs a broken layer")
+    d.add_argument("--out", default="demo-out", help="where the demo's dumps go")
+
     s = sub.add_parser("show", help="list the records of a dump")
     s.add_argument("dump")
     s.add_argument("--step", type=int, help="only this step")
@@ -137,7 +140,16 @@ def _show(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-_COMMANDS = {"compare": _compare, "capture": _capture, "run": _run, "show": _show}
+def _demo(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from ..demo import run_demo
+
+    verdicts = run_demo(args.out, show=Console().print)
+    return EXIT_OK if verdicts == {"bfloat16": "drift", "broken": "diverged"} else EXIT_ERROR
+
+
+_COMMANDS = {"compare": _compare, "demo": _demo, "capture": _capture, "run": _run, "show": _show}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

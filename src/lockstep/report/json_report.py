@@ -58,11 +58,15 @@ def pair_dict(p: PairResult) -> dict[str, Any]:
 
 
 def status(p: PairResult) -> str:
-    """"match", "drift", "jump" or "incomparable" for one pair."""
+    """One pair's status: "match" (within tolerance), "drift" (within the noise allowance),
+    "jump" (error introduced here), "inherited" (above the noise, carried in from earlier)
+    or "incomparable"."""
     if math.isnan(p.error):
         return "incomparable"
     if p.jump:
         return "jump"
+    if p.error > p.noise:
+        return "inherited"
     return "drift" if p.over or p.real_top1_disagreements else "match"
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterable
 
 from rich.console import Console, ConsoleOptions, Group, RenderResult
@@ -25,7 +26,7 @@ _VERDICT_TEXT = {
     "diverged": "an error is introduced at one tensor, far above what it inherited",
 }
 _STATUS_STYLE = {"match": "green", "drift": "yellow", "jump": "bold red",
-                 "incomparable": "magenta"}
+                 "inherited": "red", "incomparable": "magenta"}
 
 
 def fmt(x: float) -> str:
@@ -43,7 +44,8 @@ def fmt(x: float) -> str:
 
 def _side(label: str, s: DumpSummary) -> Text:
     meta = s.meta
-    what = ", ".join(str(meta[k]) for k in ("engine", "model", "dtype") if meta.get(k))
+    what = ", ".join(Path(str(meta[k])).name if k == "model" else str(meta[k])
+                     for k in ("engine", "model", "dtype", "label") if meta.get(k))
     text = Text.assemble((f"{label}: ", "bold"), s.path, f"  ({what}) " if what else "  ",
                          f"{s.records} records, steps {_steps(s.steps)}")
     if not s.complete:
