@@ -86,13 +86,17 @@ def run_program(argv: Sequence[str], out: str, *, watch: Sequence[str] = (),
     code = 0
     with record(out, meta=meta, data=data, include=include, exclude=exclude,
                 overwrite=overwrite) as rec:
-        for spec in trace:
-            announce(f"lockstep: {rec.trace(spec)}")
-        hook = _auto_watch(rec, _watch_classes(watch))
+        # the program's own sys.path first: what it imports is what we trace
         sys.argv = program_argv
         if kind == "path":
             sys.path.insert(0, os.path.dirname(os.path.abspath(target)))
+        else:
+            sys.path.insert(0, os.getcwd())
+        hook = None
         try:
+            for spec in trace:
+                announce(f"lockstep: {rec.trace(spec)}")
+            hook = _auto_watch(rec, _watch_classes(watch))
             if kind == "path":
                 runpy.run_path(target, run_name="__main__")
             else:

@@ -1,0 +1,205 @@
+"""Capture: module hooks, probes, function tracing, unmodified programs."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import lockstep
+from lockstep.errors import UsageError
+
+LOCKSTEP = str(Path(sys.executable).with_name("lockstep"))
+
+
+class Tiny(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1 = torch.nn.Linear(8, 16)
+        self.act = torch.nn.ReLU()
+        self.fc2 = torch.nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = self.act(self.fc1(x))
+        return self.fc2(h), h.sum()
+
+
+def test_watch_names_outputs_and_steps(tmp_path):
+    model = Tiny()
+    x = torch.randn(3, 8)
+    with lockstep.record(tmp_path / "d") as rec:
+        rec.watch(model)
+        lockstep.probe("input", x)
+        out, _ = model(x)
+        lockstep.probe("after", out)  # after the call returned: opens step 1
+        model(x)
+    with lockstep.open_dump(tmp_path / "d") as d:
+        step0 = [r.name for r in d.in_step(0)]
+        assert step0 == ["input", "fc1", "act", "fc2", ":0", ":1"]
+        assert [r.name for r in d.in_step(1)] == ["after", "fc1", "act", "fc2", ":0", ":1"]
+        np.testing.assert_array_equal(d.read(d.get(0, "fc2")), out.detach().numpy())
+        assert d.get(0, ":1").shape == ()
+        stats = d.get(0, "act").stats
+        assert stats["min"] == 0.0 and stats["zero"] > 0 and stats["nan"] == 0
+
+
+def test_hooks_removed_on_exception(tmp_path):
+    model = Tiny()
+    with pytest.raises(RuntimeError, match="boom"):
+        with lockstep.record(tmp_path / "d") as rec:
+            rec.watch(model)
+            model(torch.randn(2, 8))
+            raise RuntimeError("boom")
+    assert not model._forward_hooks and not model.fc1._forward_hooks
+    assert not model._forward_pre_hooks
+    assert lockstep.capture.active() is None
+    with lockstep.open_dump(tmp_path / "d") as d:
+        assert d.complete and d.error == "RuntimeError: boom"
+        assert len(d) == 5
+    lockstep.probe("ignored", torch.ones(2))  # no recorder: a no-op
+
+
+def test_include_exclude_and_inputs(tmp_path):
+    model = Tiny()
+    with lockstep.record(tmp_path / "d", exclude=["act"]) as rec:
+        rec.watch(model, inputs=True, include=["fc*"])
+        model(torch.randn(2, 8))
+    with lockstep.open_dump(tmp_path / "d") as d:
+        assert [r.name for r in d] == ["fc1:input.0", "fc1", "fc2:input.0", "fc2"]
+        assert d.records[0].extra["role"] == "input"
+
+
+def test_explicit_steps_and_call_index(tmp_path):
+    with lockstep.record(tmp_path / "d") as rec:
+        lockstep.probe("x", torch.zeros(2))
+        lockstep.probe("x", torch.ones(2))
+        rec.next_step()
+        lockstep.probe("x", torch.full((2,), 2.0))
+    with lockstep.open_dump(tmp_path / "d") as d:
+        assert [(r.step, r.call) for r in d] == [(0, 0), (0, 1), (1, 0)]
+        assert d.read(d.get(0, "x", call=1)).tolist() == [1.0, 1.0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16,
+                                   torch.float8_e4m3fn, torch.int64, torch.bool])
+def test_dtypes_stored_as_is(tmp_path, dtype):
+    t = (torch.arange(12, dtype=torch.float32).reshape(3, 4) / 3).to(dtype)
+    with lockstep.record(tmp_path / "d"):
+        lockstep.probe("t", t)
+    with lockstep.open_dump(tmp_path / "d") as d:
+        rec = d.records[0]
+        assert rec.dtype == str(dtype).removeprefix("torch.")
+        np.testing.assert_array_equal(d.read(rec), t.to(torch.float64).numpy())
+
+
+def _write_pkg(root: Path) -> None:
+    pkg = root / "vmpkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "ops.py").write_text(textwrap.dedent("""
+        import torch
+
+        def rms_norm(x, weight, eps=1e-6):
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+        class Block:
+            def forward(self, x):
+                return x * 2
+    """))
+    (pkg / "engine.py").write_text(textwrap.dedent("""
+        import torch
+        from vmpkg.ops import rms_norm, Block
+
+        def run(x):
+            return Block().forward(rms_norm(x, torch.ones(x.shape[-1])))
+    """))
+
+
+def test_trace_function_imported_by_name_elsewhere(tmp_path, monkeypatch):
+    _write_pkg(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    engine = importlib.import_module("vmpkg.engine")  # imports rms_norm by name, first
+    ops = importlib.import_module("vmpkg.ops")
+    original = engine.rms_norm
+    x = torch.randn(2, 16)
+    with lockstep.record(tmp_path / "d") as rec:
+        info = rec.trace("vmpkg.ops:rms_norm")
+        rec.trace("vmpkg.ops:Block.forward")
+        result = engine.run(x)
+    assert engine.rms_norm is original and ops.rms_norm is original  # restored
+    assert info.file == str(tmp_path / "vmpkg" / "ops.py")
+    assert "vmpkg.engine.rms_norm" in info.patched
+    with lockstep.open_dump(tmp_path / "d") as d:
+        names = [r.name for r in d]
+        assert names == ["vmpkg.ops.rms_norm:arg.x", "vmpkg.ops.rms_norm:arg.weight",
+                         "vmpkg.ops.rms_norm", "vmpkg.ops.Block.forward:arg.x",
+                         "vmpkg.ops.Block.forward"]
+        np.testing.assert_allclose(d.read(d.get(0, "vmpkg.ops.Block.forward")),
+                                   result.numpy(), rtol=0, atol=0)
+        assert d.meta["traced"][0]["file"].endswith("ops.py")
+
+
+def test_trace_bad_spec_is_a_user_error(tmp_path):
+    with lockstep.record(tmp_path / "d") as rec:
+        with pytest.raises(UsageError, match="does not import"):
+            rec.trace("no_such_module_xyz:f")
+        with pytest.raises(UsageError, match="not found"):
+            rec.trace("json:no_such_function")
+
+
+def test_record_refuses_existing_dump(tmp_path):
+    with lockstep.record(tmp_path / "d"):
+        pass
+    with pytest.raises(UsageError, match="already exists"):
+        with lockstep.record(tmp_path / "d"):
+            pass
+    with lockstep.record(tmp_path / "d", overwrite=True):
+        lockstep.probe("x", torch.ones(1))
+
+
+def test_run_unmodified_program(tmp_path):
+    _write_pkg(tmp_path)
+    prog = tmp_path / "prog.py"
+    prog.write_text(textwrap.dedent("""
+        import sys
+        import torch
+        from vmpkg.engine import run
+
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+        x = torch.randn(3, 4)
+        for _ in range(int(sys.argv[1])):
+            x = torch.cat([x, model(x)], dim=-1)[:, :4]
+        run(torch.randn(2, 16))
+        print("done", sys.argv[1])
+    """))
+    out = subprocess.run([LOCKSTEP, "run", "--out", str(tmp_path / "d"), "--trace",
+                          "vmpkg.ops:rms_norm", "--", "python", str(prog), "3"],
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "done 3" in out.stdout
+    assert f"from {tmp_path / 'vmpkg' / 'ops.py'}" in out.stderr
+    with lockstep.open_dump(tmp_path / "d") as d:
+        assert d.complete
+        assert d.steps == [0, 1, 2, 3]
+        assert [r.name for r in d.in_step(0)] == ["0", "1", "2", ""]
+        assert [r.name for r in d.in_step(3)][-1] == "vmpkg.ops.rms_norm"
+
+
+def test_run_program_failure_keeps_dump(tmp_path):
+    prog = tmp_path / "bad.py"
+    prog.write_text("import torch\nm = torch.nn.Linear(2, 2)\nm(torch.ones(2))\n"
+                    "raise SystemExit(3)\n")
+    out = subprocess.run([LOCKSTEP, "run", "--out", str(tmp_path / "d"), "--", "python",
+                          str(prog)], capture_output=True, text=True)
+    assert out.returncode == 3
+    with lockstep.open_dump(tmp_path / "d") as d:
+        assert [r.name for r in d] == [""] and d.meta["exit_code"] == 3

@@ -1,0 +1,96 @@
+"""The command line: capture a saved transformers model, compare, exit codes, JSON report."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from models import tiny
+
+LOCKSTEP = str(Path(sys.executable).with_name("lockstep"))
+
+
+def lockstep(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([LOCKSTEP, *args], capture_output=True, text=True, cwd=cwd,
+                          env={"HF_HUB_OFFLINE": "1", "COLUMNS": "120",
+                               "PATH": "/usr/bin:/bin"})
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    model = tiny("llama")
+    model.save_pretrained(root / "good")
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight.mul_(1.5)
+    model.save_pretrained(root / "bad")
+    return root
+
+
+def capture(models: Path, name: str, out: Path, *extra: str) -> None:
+    res = lockstep("capture", f"hf:{models / name}", "--tokens", "3,17,42,7", "--decode", "2",
+                   "--out", str(out), *extra)
+    assert res.returncode == 0, res.stderr
+
+
+def test_capture_compare_match_and_json(models, tmp_path):
+    capture(models, "good", tmp_path / "ref")
+    capture(models, "good", tmp_path / "cand", "--dtype", "float64")
+    res = lockstep("compare", str(tmp_path / "ref"), str(tmp_path / "cand"), "--json",
+                   str(tmp_path / "r.json"))
+    assert res.returncode == 0, res.stderr
+    assert "MATCH" in res.stdout
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["verdict"] == "match" and report["first_divergence"] is None
+    assert report["summary"]["steps"] == [0, 1, 2]
+    assert report["reference_dump"]["meta"]["prompt_token_ids"] == [3, 17, 42, 7]
+    names = {p["reference"] for p in report["pairs"]}
+    assert {"input_ids", "model.embed_tokens", ":logits", "model.layers.1.mlp"} <= names
+
+
+def test_compare_diverged_exit_1_and_first_divergence(models, tmp_path):
+    capture(models, "good", tmp_path / "ref")
+    capture(models, "bad", tmp_path / "cand")
+    res = lockstep("compare", str(tmp_path / "ref"), str(tmp_path / "cand"), "--json",
+                   str(tmp_path / "r.json"))
+    assert res.returncode == 1, res.stderr
+    assert "DIVERGED" in res.stdout and "model.layers.1.mlp.down_proj" in res.stdout
+    first = json.loads((tmp_path / "r.json").read_text())["first_divergence"]
+    assert (first["step"], first["reference"], first["candidate"]) == (
+        0, "model.layers.1.mlp.down_proj", "model.layers.1.mlp.down_proj")
+    assert first["status"] == "jump"
+    assert first["metrics"]["worst_index"] and first["error"] > 0.1
+
+
+def test_bfloat16_drift_exit_0(models, tmp_path):
+    capture(models, "good", tmp_path / "ref")
+    capture(models, "good", tmp_path / "cand", "--dtype", "bfloat16")
+    res = lockstep("compare", str(tmp_path / "ref"), str(tmp_path / "cand"))
+    assert res.returncode == 0, res.stderr
+    assert "DRIFT" in res.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["compare", "/nonexistent/a", "/nonexistent/b"], "no such dump"),
+    (["capture", "hf:/nonexistent", "--tokens", "1", "--out", "x"], "is not a directory"),
+    (["capture", "zz:/x", "--tokens", "1", "--out", "x"], "unknown engine 'zz'"),
+    (["compare", "a", "b", "--tol", "nonsense"], "expected PATTERN=NUMBER"),
+])
+def test_user_errors_are_one_line_exit_2(tmp_path, args, message):
+    res = lockstep(*args, cwd=tmp_path)
+    assert res.returncode == 2
+    errors = [line for line in res.stderr.splitlines() if line.startswith("lockstep: error:")]
+    assert len(errors) == 1 and message in errors[0]
+    assert "Traceback" not in res.stderr
+
+
+def test_show_lists_records(models, tmp_path):
+    capture(models, "good", tmp_path / "ref")
+    res = lockstep("show", str(tmp_path / "ref"), "--step", "1")
+    assert res.returncode == 0, res.stderr
+    assert "model.layers.0.self_attn.q_proj" in res.stdout and "complete" in res.stdout
