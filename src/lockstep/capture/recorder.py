@@ -34,10 +34,10 @@ def probe(name: str, value: Any) -> Any:
     """Record ``value`` (a tensor, or a tuple/dict of them) as ``name`` at the current step.
 
     Returns ``value`` unchanged, so it can wrap an expression. Costs one global lookup when
-    nothing is recording.
+    nothing is recording. The recording's include/exclude patterns apply to ``name``.
     """
     rec = _ACTIVE
-    if rec is not None:
+    if rec is not None and rec.selected(name):
         rec.capture(name, value, role="probe")
     return value
 

@@ -83,8 +83,16 @@ def _compare(args: argparse.Namespace) -> int:
     from ..report.json_report import write_json
     from ..report.terminal import ComparisonReport
 
-    result = compare(args.reference, args.candidate, Tolerances.parse(args.rtol, args.tol))
-    Console().print(ComparisonReport(result, rows=0 if args.all else args.rows))
+    from rich.progress import Progress
+
+    console = Console()
+    tolerances = Tolerances.parse(args.rtol, args.tol)
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("comparing", total=None)
+        result = compare(args.reference, args.candidate, tolerances,
+                         progress=lambda done, total: progress.update(task, completed=done,
+                                                                      total=total))
+    console.print(ComparisonReport(result, rows=0 if args.all else args.rows))
     if args.json:
         write_json(result, args.json)
     return EXIT_DIVERGED if result.verdict == "diverged" else EXIT_OK

@@ -147,9 +147,11 @@ class Dump:
         if record.offset is None:
             raise DumpError(self.path, f"{record.name!r} was recorded as statistics only, "
                             "without data", record=record.seq)
-        assert self._map is not None
         dt = lookup(record.dtype)
         assert dt is not None
+        if record.numel == 0:
+            return np.empty(record.shape, dtype=dt.storage)
+        assert self._map is not None
         arr = np.frombuffer(self._map, dtype=dt.storage, count=record.numel, offset=record.offset)
         return arr.reshape(record.shape)
 
@@ -189,6 +191,8 @@ def open_dump(path: str | os.PathLike[str]) -> Dump:
     if not index_path.is_file():
         raise DumpError(path, f"not a lockstep dump: {INDEX_FILE} is missing")
     data_path = path / DATA_FILE
+    if data_path.exists() and not data_path.is_file():
+        raise DumpError(path, f"{DATA_FILE} is not a regular file")
     data_size = data_path.stat().st_size if data_path.exists() else 0
     try:
         text = index_path.read_bytes()
@@ -201,6 +205,7 @@ def open_dump(path: str | os.PathLike[str]) -> Dump:
     meta: dict[str, Any] = {}
     records: list[Record] = []
     seen: dict[tuple[int, str, int, Any], int] = {}
+    seqs: set[int] = set()
     end: dict[str, Any] | None = None
     for lineno, line in enumerate(lines, start=1):
         where = f"{INDEX_FILE} line {lineno}"
@@ -210,7 +215,7 @@ def open_dump(path: str | os.PathLike[str]) -> Dump:
             raise DumpError(path, f"{where}: content after the end line")
         try:
             obj = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
             raise DumpError(path, f"{where} is not valid JSON ({exc})") from None
         if not isinstance(obj, dict):
             raise DumpError(path, f"{where} is not a JSON object")
@@ -219,16 +224,25 @@ def open_dump(path: str | os.PathLike[str]) -> Dump:
             if kind != "header" or obj.get("format") != FORMAT_NAME:
                 raise DumpError(path, f"{where}: not a lockstep dump (no header line)")
             version = obj.get("version")
-            if not isinstance(version, int) or version > FORMAT_VERSION:
-                raise DumpError(path, f"dump format version {version!r} is newer than this "
+            if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+                raise DumpError(path, f"{where}: the header's version must be a positive "
+                                f"integer, got {version!r}")
+            if version > FORMAT_VERSION:
+                raise DumpError(path, f"dump format version {version} is newer than this "
                                 f"lockstep reads ({FORMAT_VERSION}); upgrade lockstep")
+            header_meta = obj.get("meta") or {}
+            if not isinstance(header_meta, dict):
+                raise DumpError(path, f"{where}: the header's 'meta' must be an object")
             header = obj
-            meta.update(obj.get("meta") or {})
+            meta.update(header_meta)
         elif kind == "tensor":
             try:
                 rec = _parse_record(obj, data_size)
             except ValueError as exc:
                 raise DumpError(path, f"{where}: {exc}", record=obj.get("seq")) from None
+            if rec.seq in seqs:
+                raise DumpError(path, f"{where}: seq {rec.seq} is used twice", record=rec.seq)
+            seqs.add(rec.seq)
             key = (rec.step, rec.name, rec.call, rec.extra.get("rank"))
             if key in seen:
                 raise DumpError(path, f"{where}: {rec.name!r} step {rec.step} call {rec.call} "

@@ -29,7 +29,8 @@ def array_stats(values: np.ndarray) -> dict[str, Any]:
     if n == 0:
         return {"min": None, "max": None, "mean": None, "std": None, "abs_max": None,
                 "nan": 0, "inf": 0, "zero": 0}
-    finite_sum = float(np.sum(flat, dtype=np.float64))
+    with np.errstate(invalid="ignore", over="ignore"):  # +inf and -inf together sum to NaN
+        finite_sum = float(np.sum(flat, dtype=np.float64))
     if math.isfinite(finite_sum):
         nan = inf = 0
         finite = flat

@@ -54,6 +54,7 @@ class DumpWriter:
         self._index = open(self.path / INDEX_FILE, "w", encoding="utf-8", newline="\n")
         self._offset = 0
         self._seq = 0
+        self._lines: list[str] = []
         self._closed = False
         header = {"type": "header", "format": FORMAT_NAME, "version": FORMAT_VERSION,
                   "meta": meta or {}}
@@ -66,7 +67,9 @@ class DumpWriter:
         return self._seq
 
     def _line(self, obj: dict[str, Any]) -> None:
-        self._index.write(json.dumps(obj, separators=(",", ":"), allow_nan=False) + "\n")
+        # Held until flush: the index file must never reach the OS ahead of the data it
+        # points to, which a buffer filling up on its own would allow.
+        self._lines.append(json.dumps(obj, separators=(",", ":"), allow_nan=False) + "\n")
 
     def write(self, name: str, step: int, dtype: str, shape: tuple[int, ...],
               data: memoryview | bytes | None, stats: dict[str, Any] | None = None, *,
@@ -109,6 +112,8 @@ class DumpWriter:
         self._data.flush()
         if sync:
             os.fsync(self._data.fileno())
+        self._index.write("".join(self._lines))
+        self._lines.clear()
         self._index.flush()
         if sync:
             os.fsync(self._index.fileno())
