@@ -11,7 +11,7 @@ from typing import Any
 from .._version import __version__
 from ..compare.comparison import Comparison, DumpSummary
 from ..compare.metrics import TensorMetrics
-from ..compare.verdict import PairResult
+from ..compare.verdict import DRIFT_FACTOR, PairResult
 from ..store.reader import Record
 
 __all__ = ["SCHEMA_VERSION", "report_dict", "write_json"]
@@ -58,14 +58,14 @@ def pair_dict(p: PairResult) -> dict[str, Any]:
 
 
 def status(p: PairResult) -> str:
-    """One pair's status: "match" (within tolerance), "drift" (within the noise allowance),
-    "jump" (error introduced here), "inherited" (above the noise, carried in from earlier)
-    or "incomparable"."""
+    """One pair's status: "match" (within tolerance), "drift" (within the bound drift may
+    reach), "jump" (error introduced here), "inherited" (beyond that bound, carried in from
+    earlier) or "incomparable"."""
     if math.isnan(p.error):
         return "incomparable"
     if p.jump:
         return "jump"
-    if p.error > p.noise:
+    if p.error > DRIFT_FACTOR * p.noise:
         return "inherited"
     return "drift" if p.over or p.real_top1_disagreements else "match"
 
