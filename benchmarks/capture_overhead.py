@@ -1,0 +1,214 @@
+#!/usr/bin/env python
+"""How much slower a forward runs while lockstep records every module output to disk.
+
+A randomly initialised Llama with SmolLM2-135M's shape (30 layers, hidden 576, vocab 49152)
+runs a prefill (batch 1, float32, sdpa, eval, no_grad) on CPU, three ways:
+
+* plain:        ``model(ids)``
+* lockstep:     ``with lockstep.record(dir) as rec: rec.watch(model); model(ids)``, timed from
+                opening the recording to its close (the dump is complete and fsynced);
+* hf-debugger:  ``with model_addition_debugger_context(model, debug_path=dir, use_repr=False):
+                model(ids)`` from transformers.model_debugging_utils, which writes full tensors
+                as one safetensors file per tensor.
+
+The three run interleaved, ``--repeats`` times each after ``--warmup`` rounds, each recording
+into a new directory under a temporary folder (deleted between repeats, outside the timed
+region). Medians are printed, and the ratios lockstep/plain and lockstep/hf-debugger.
+
+    .venv/bin/python benchmarks/capture_overhead.py                # the full 135M shape
+    .venv/bin/python benchmarks/capture_overhead.py --layers 2 --repeats 3   # quick check
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any, Callable
+
+import torch
+
+import lockstep
+
+TARGET_RATIO = 1.25
+
+
+def smollm2_135m_config(layers: int) -> Any:
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=layers,
+        num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True,
+        rope_theta=100000.0, max_position_embeddings=8192, rms_norm_eps=1e-5,
+        hidden_act="silu", attn_implementation="sdpa",
+    )
+
+
+def build_model(layers: int) -> Any:
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(smollm2_135m_config(layers)).to(torch.float32).eval()
+    return model
+
+
+def dir_stats(path: str) -> tuple[int, int]:
+    """(bytes, files) under ``path``."""
+    size = files = 0
+    for root, _, names in os.walk(path):
+        for name in names:
+            size += os.path.getsize(os.path.join(root, name))
+            files += 1
+    return size, files
+
+
+def mib(n: float) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
+
+
+def ms(t: float) -> str:
+    return f"{t * 1e3:8.1f} ms"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--repeats", type=int, default=20, help="timed runs of each (default 20)")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed rounds first (default 3)")
+    ap.add_argument("--tokens", type=int, default=32, help="prefill length (default 32)")
+    ap.add_argument("--layers", type=int, default=30, help="decoder layers (default 30)")
+    ap.add_argument("--no-hf", action="store_true", help="skip transformers' debugger")
+    ap.add_argument("--tmp", default=None, help="folder for the temporary dumps (default: "
+                    "the system's temp folder)")
+    ap.add_argument("--json", metavar="FILE", help="also write the figures to FILE")
+    args = ap.parse_args(argv)
+    if args.repeats < 1:
+        ap.error("--repeats must be at least 1")
+
+    from transformers.model_debugging_utils import model_addition_debugger_context
+
+    t0 = time.perf_counter()
+    model = build_model(args.layers)
+    n_params = sum(p.numel() for p in model.parameters())
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, model.config.vocab_size, (1, args.tokens), generator=gen)
+    build_s = time.perf_counter() - t0
+    print(f"model: Llama, SmolLM2-135M shape, {args.layers} layers, {n_params / 1e6:.1f}M params, "
+          f"float32, attn={model.config._attn_implementation}; built in {build_s:.1f} s")
+    print(f"input: batch 1, {args.tokens} tokens; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; lockstep {lockstep.__version__}; "
+          f"python {platform.python_version()}")
+
+    tmp = tempfile.mkdtemp(prefix="lockstep-bench-", dir=args.tmp)
+    last: dict[str, str] = {}  # kind -> the last output folder, kept for the size figures
+    counter = [0]
+
+    def new_dir(kind: str) -> str:
+        old = last.get(kind)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        counter[0] += 1
+        path = os.path.join(tmp, f"{kind}-{counter[0]}")
+        last[kind] = path
+        return path
+
+    def plain() -> float:
+        t = time.perf_counter()
+        model(ids)
+        return time.perf_counter() - t
+
+    def with_lockstep() -> float:
+        path = new_dir("lockstep") + ".lsd"
+        last["lockstep"] = path
+        t = time.perf_counter()
+        with lockstep.record(path) as rec:
+            rec.watch(model)
+            model(ids)
+        return time.perf_counter() - t
+
+    def with_hf() -> float:
+        path = new_dir("hf")
+        t = time.perf_counter()
+        with model_addition_debugger_context(model, debug_path=path, do_prune_layers=True,
+                                             use_repr=False):
+            model(ids)
+        return time.perf_counter() - t
+
+    runs: dict[str, Callable[[], float]] = {"plain": plain, "lockstep": with_lockstep}
+    if not args.no_hf:
+        runs["hf_debugger"] = with_hf
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    t0 = time.perf_counter()
+    try:
+        with torch.no_grad():
+            for i in range(args.warmup + args.repeats):
+                for kind, fn in runs.items():  # interleaved, so drift hits all three alike
+                    dt = fn()
+                    if i >= args.warmup:
+                        times[kind].append(dt)
+        bench_s = time.perf_counter() - t0
+
+        med = {k: statistics.median(v) for k, v in times.items()}
+        lo = {k: min(v) for k, v in times.items()}
+        dump_bytes, _ = dir_stats(last["lockstep"])
+        with lockstep.open_dump(last["lockstep"]) as dump:
+            n_records = len(dump)
+            data_bytes = sum(r.nbytes or 0 for r in dump)
+            complete = dump.complete
+        hf_bytes = hf_files = hf_tensors = 0
+        if "hf" in last:
+            hf_bytes, hf_files = dir_stats(last["hf"])
+            hf_tensors = sum(1 for n in os.listdir(last["hf"]) if n.endswith(".safetensors"))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    ratio = med["lockstep"] / med["plain"]
+    print(f"\nmedian of {args.repeats} (after {args.warmup} warmup), min in brackets:")
+    print(f"  plain forward        {ms(med['plain'])}   [{ms(lo['plain']).strip()}]")
+    print(f"  lockstep record      {ms(med['lockstep'])}   [{ms(lo['lockstep']).strip()}]"
+          f"   {n_records} records, dump {mib(dump_bytes)} on disk "
+          f"({mib(data_bytes)} tensor data), complete={complete}")
+    verdict = "ok" if ratio <= TARGET_RATIO else "ABOVE TARGET"
+    print(f"  ratio lockstep/plain {ratio:8.3f}      (target <= {TARGET_RATIO}: {verdict})")
+    figures: dict[str, Any] = {
+        "layers": args.layers, "tokens": args.tokens, "repeats": args.repeats,
+        "warmup": args.warmup, "params": n_params, "threads": torch.get_num_threads(),
+        "torch": torch.__version__, "lockstep": lockstep.__version__,
+        "plain_ms": med["plain"] * 1e3, "lockstep_ms": med["lockstep"] * 1e3,
+        "plain_min_ms": lo["plain"] * 1e3, "lockstep_min_ms": lo["lockstep"] * 1e3,
+        "ratio_lockstep_plain": ratio, "target_ratio": TARGET_RATIO,
+        "lockstep_records": n_records, "lockstep_dump_bytes": dump_bytes,
+        "lockstep_data_bytes": data_bytes,
+        "times_ms": {k: [t * 1e3 for t in v] for k, v in times.items()},
+    }
+    if "hf_debugger" in med:
+        hf_ratio = med["lockstep"] / med["hf_debugger"]
+        print(f"  hf debugger          {ms(med['hf_debugger'])}   "
+              f"[{ms(lo['hf_debugger']).strip()}]   {hf_tensors} safetensors files, "
+              f"{mib(hf_bytes)} on disk ({hf_files} files)")
+        print(f"  ratio lockstep/hf    {hf_ratio:8.3f}")
+        print("  (the hf debugger saves every module's tensor inputs but only leaf modules' "
+              "outputs,\n   one file per tensor, and does not fsync; lockstep saves every "
+              "module's outputs\n   into one data file and fsyncs it on close)")
+        figures.update({
+            "hf_debugger_ms": med["hf_debugger"] * 1e3,
+            "hf_debugger_min_ms": lo["hf_debugger"] * 1e3,
+            "ratio_lockstep_hf_debugger": hf_ratio,
+            "hf_debugger_tensor_files": hf_tensors, "hf_debugger_bytes": hf_bytes,
+        })
+    print(f"\nbenchmark took {bench_s:.1f} s (+{build_s:.1f} s building the model)")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(figures, f, indent=2)
+            f.write("\n")
+        print(f"figures written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
