@@ -1,8 +1,10 @@
 """Pairing the records of two dumps, step by step.
 
-Three passes per step, each on what the previous left: the same name (and call index); the
-same name after normalisation (wrapper prefixes such as ``module.`` or ``_orig_mod.`` dropped,
-case folded); then capture order among records of the same shape (size-1 dims ignored).
+Four passes per step, each on what the previous left: the same name (and call index); the
+same canonical name through each side's name table (align.tables), with the layout transform
+the table names; the same name after normalisation (wrapper prefixes such as ``module.`` or
+``_orig_mod.`` dropped, case folded); then capture order among records of the same shape
+(size-1 dims ignored).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from ..store.reader import Dump, Record
+from .tables import NameTable, detect_table
 
 __all__ = ["Pair", "Alignment", "align", "squeeze_shape", "normalize_name"]
 
@@ -34,7 +37,10 @@ class Pair:
 
     ref: Record
     cand: Record
-    how: str  #: "name", "normalized" or "order": which pass paired them
+    how: str  #: "name", "table", "normalized" or "order": which pass paired them
+    canonical: str | None = None  #: the canonical name, when a name table paired them
+    ref_transform: str | None = None  #: layout transform applied to the reference tensor
+    cand_transform: str | None = None  #: and to the candidate tensor
 
 
 @dataclass(frozen=True)
@@ -46,8 +52,30 @@ class Alignment:
     cand_only: tuple[Record, ...]
 
 
-def _align_step(ref: list[Record], cand: list[Record]) -> tuple[list[Pair], list[Record],
-                                                                list[Record]]:
+def _table_pass(left: list[Record], free_cand: dict[int, Record], pairs: dict[int, Pair],
+                tables: tuple[NameTable, NameTable]) -> list[Record]:
+    ref_table, cand_table = tables
+    by_canon: dict[tuple[str, int], tuple[Record, str | None]] = {}
+    for c in free_cand.values():
+        hit = cand_table.lookup(c.name)
+        if hit is not None:
+            by_canon.setdefault((hit[0], c.call), (c, hit[1]))
+    still: list[Record] = []
+    for r in left:
+        hit = ref_table.lookup(r.name)
+        found = by_canon.pop((hit[0], r.call), None) if hit is not None else None
+        if hit is None or found is None:
+            still.append(r)
+            continue
+        c, cand_transform = found
+        pairs[r.seq] = Pair(r, c, "table", hit[0], hit[1], cand_transform)
+        del free_cand[c.seq]
+    return still
+
+
+def _align_step(ref: list[Record], cand: list[Record],
+                tables: tuple[NameTable, NameTable] | None) -> tuple[list[Pair], list[Record],
+                                                                      list[Record]]:
     pairs: dict[int, Pair] = {}  # by ref seq
     by_name = {(r.name, r.call): r for r in cand}
     free_cand = {r.seq: r for r in cand}
@@ -59,6 +87,8 @@ def _align_step(ref: list[Record], cand: list[Record]) -> tuple[list[Pair], list
             del free_cand[c.seq]
         else:
             left.append(r)
+    if left and free_cand and tables is not None:
+        left = _table_pass(left, free_cand, pairs, tables)
     if left and free_cand:
         by_norm: dict[tuple[str, int], Record] = {}
         for c in free_cand.values():
@@ -92,8 +122,16 @@ def _align_step(ref: list[Record], cand: list[Record]) -> tuple[list[Pair], list
     return ordered, left, sorted(free_cand.values(), key=lambda c: c.seq)
 
 
-def align(ref: Dump, cand: Dump) -> Alignment:
-    """Pair the two dumps' records, step by step, in the reference's capture order."""
+def align(ref: Dump, cand: Dump, *, use_tables: bool = True) -> Alignment:
+    """Pair the two dumps' records, step by step, in the reference's capture order.
+
+    ``use_tables=False`` leaves out the name-table pass."""
+    tables = None
+    if use_tables:
+        ref_table = detect_table(r.name for r in ref.records)
+        cand_table = detect_table(c.name for c in cand.records)
+        if ref_table is not None and cand_table is not None:
+            tables = (ref_table, cand_table)
     ref_steps: dict[int, list[Record]] = {}
     cand_steps: dict[int, list[Record]] = {}
     for r in ref.records:
@@ -104,7 +142,7 @@ def align(ref: Dump, cand: Dump) -> Alignment:
     ref_only: list[Record] = []
     cand_only: list[Record] = []
     for step in sorted(set(ref_steps) | set(cand_steps)):
-        p, r, c = _align_step(ref_steps.get(step, []), cand_steps.get(step, []))
+        p, r, c = _align_step(ref_steps.get(step, []), cand_steps.get(step, []), tables)
         pairs += p
         ref_only += r
         cand_only += c

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+import fnmatch
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 if TYPE_CHECKING:
     from .recorder import Recorder
@@ -14,13 +15,21 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix and name else prefix or name
 
 
-def watch_module(rec: Recorder, root: Any, *, prefix: str, inputs: bool,
+def watch_module(rec: Recorder, root: Any, *, prefix: str, inputs: bool | Sequence[str],
                  selected: Callable[[str], bool]) -> Callable[[], None]:
-    """Install hooks on ``root`` and its submodules; returns the function that removes them."""
+    """Install hooks on ``root`` and its submodules; returns the function that removes them.
+
+    ``inputs``: True records every module's inputs, a list of globs those of matching modules.
+    """
     handles: list[Any] = []
 
-    def output_hook(name: str) -> Callable[..., None]:
-        if inputs:
+    def wants_inputs(name: str) -> bool:
+        if isinstance(inputs, bool):
+            return inputs
+        return any(fnmatch.fnmatchcase(name, p) for p in inputs)
+
+    def output_hook(name: str, with_inputs: bool) -> Callable[..., None]:
+        if with_inputs:
             def hook(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
                      output: Any) -> None:
                 named = {str(i): a for i, a in enumerate(args)}
@@ -38,7 +47,9 @@ def watch_module(rec: Recorder, root: Any, *, prefix: str, inputs: bool,
     for name, module in root.named_modules():
         full = _join(prefix, name)
         if selected(full):
-            handles.append(module.register_forward_hook(output_hook(full), with_kwargs=inputs))
+            with_inputs = wants_inputs(full)
+            handles.append(module.register_forward_hook(output_hook(full, with_inputs),
+                                                        with_kwargs=with_inputs))
     handles.append(root.register_forward_hook(lambda m, a, o: rec._root_exit(), always_call=True))
 
     def remove() -> None:

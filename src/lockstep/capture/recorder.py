@@ -123,14 +123,15 @@ class Recorder:
             self._calls[full] = call + 1
             self._sink.put(full, self.step, call, to_host(tensor), role=role)
 
-    def watch(self, module: Any, *, prefix: str = "", inputs: bool = False,
+    def watch(self, module: Any, *, prefix: str = "", inputs: bool | Sequence[str] = False,
               include: Sequence[str] | None = None,
               exclude: Sequence[str] | None = None) -> None:
         """Record the output of ``module`` and of every submodule, named as
         ``named_modules()`` names them (the root is ``""``, or ``prefix``).
 
         Each top-level call of ``module`` starts a new step. ``inputs=True`` also records
-        each module's tensor arguments as ``name:input.0``, ``name:input.<kwarg>``.
+        each module's tensor arguments as ``name:input.0``, ``name:input.<kwarg>``; a list of
+        glob patterns records the inputs of the modules whose names match.
         """
         from .modules import watch_module
 

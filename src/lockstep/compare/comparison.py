@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping
 
 from ..align.pairing import Alignment, Pair, align
+from ..align.transforms import apply_transform
 from ..store.dtypes import FLOAT_KINDS
 from ..store.reader import Dump, Record, open_dump
 from .metrics import ShapeMismatch, TensorMetrics, tensor_metrics
@@ -84,7 +85,8 @@ def _measure(ref: Dump, cand: Dump, pair: Pair, tol: Tolerance) -> tuple[float, 
     if not (r.has_data and c.has_data):
         return _stats_error(r, c), None, "statistics only (no data recorded)"
     try:
-        m = tensor_metrics(ref.read(r), cand.read(c),
+        m = tensor_metrics(apply_transform(pair.ref_transform, ref.read(r), ref.meta),
+                           apply_transform(pair.cand_transform, cand.read(c), cand.meta),
                            logits=is_logits(r, ref.meta) or is_logits(c, cand.meta))
     except ShapeMismatch as exc:
         return math.nan, None, str(exc)
@@ -129,7 +131,9 @@ def _compare(ref: Dump, cand: Dump, tolerances: Tolerances,
                             cand_seq=c.seq, call=r.call, how=pair.how, ref_shape=r.shape,
                             cand_shape=c.shape, ref_dtype=r.dtype, cand_dtype=c.dtype, tol=tol.match,
                             noise=tol.noise,
-                            error=error, metrics=metrics, note=note)
+                            error=error, metrics=metrics, note=note,
+                            canonical=pair.canonical,
+                            transform=pair.cand_transform or pair.ref_transform)
         (unmeasurable if math.isnan(error) else measured).append(result)
         if progress is not None:
             progress(i + 1, total)

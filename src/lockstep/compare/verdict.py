@@ -33,7 +33,7 @@ class PairResult:
     ref_seq: int
     cand_seq: int
     call: int
-    how: str  #: which pairing pass matched them ("name", "normalized", "order")
+    how: str  #: which pairing pass matched them ("name", "table", "normalized", "order")
     ref_shape: tuple[int, ...]
     cand_shape: tuple[int, ...]
     ref_dtype: str
@@ -44,6 +44,8 @@ class PairResult:
     metrics: TensorMetrics | None  #: None when only statistics could be compared
     note: str | None = None  #: why the comparison is partial, if it is
     inherited: float = 0.0  #: largest error this pair inherited (see module docstring)
+    canonical: str | None = None  #: canonical op name, when a name table paired them
+    transform: str | None = None  #: layout transform applied before comparing, if any
 
     @property
     def over(self) -> bool:

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 __all__ = ["HFEngine"]
 
 _DTYPES = ("float32", "bfloat16", "float16", "float64")
+DERIVED_INPUTS = ("*.self_attn.o_proj", "*.post_attention_layernorm", "*.mlp.down_proj")
 
 
 def _import() -> tuple[Any, Any]:
@@ -144,7 +145,9 @@ class HFEngine(Engine):
                  forced: Sequence[int] | None = None) -> list[int]:
         import torch
 
-        rec.watch(self.model)
+        # inputs that are tensors of their own in other engines: the attention heads before
+        # the output projection, the residual sum before the MLP, the SwiGLU product
+        rec.watch(self.model, inputs=DERIVED_INPUTS)
         ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=self.device)
         chosen: list[int] = []
         past = None

@@ -48,7 +48,8 @@ def pair_dict(p: PairResult) -> dict[str, Any]:
     """One pair as the report writes it."""
     return {
         "step": p.step, "reference": p.ref_name, "candidate": p.cand_name, "call": p.call,
-        "paired_by": p.how, "reference_shape": list(p.ref_shape),
+        "paired_by": p.how, "canonical": p.canonical, "transform": p.transform,
+        "reference_shape": list(p.ref_shape),
         "candidate_shape": list(p.cand_shape), "reference_dtype": p.ref_dtype,
         "candidate_dtype": p.cand_dtype, "error": _num(p.error), "tolerance": p.tol,
         "noise_tolerance": p.noise, "inherited_error": _num(p.inherited),
