@@ -94,3 +94,20 @@ def test_show_lists_records(models, tmp_path):
     res = lockstep("show", str(tmp_path / "ref"), "--step", "1")
     assert res.returncode == 0, res.stderr
     assert "model.layers.0.self_attn.q_proj" in res.stdout and "complete" in res.stdout
+
+
+def test_diff_runs_both_engines_on_the_same_tokens(models, tmp_path):
+    res = lockstep("diff", f"hf:{models / 'good'}", f"hf:{models / 'bad'}", "--tokens",
+                   "3,17,42,7", "--decode", "2", "--out", str(tmp_path / "d"), "--json",
+                   str(tmp_path / "r.json"))
+    assert res.returncode == 1, res.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    first = report["first_divergence"]
+    assert (first["step"], first["reference"]) == (0, "model.layers.1.mlp.down_proj")
+    cand_meta = report["candidate_dump"]["meta"]
+    assert cand_meta["prompt_token_ids"] == [3, 17, 42, 7]
+    # teacher-forced: the candidate was fed the reference's greedy tokens
+    ref_meta = report["reference_dump"]["meta"]
+    fed = [p for p in report["pairs"] if p["reference"] == "input_ids"]
+    assert [p["error"] for p in fed] == [0, 0, 0]
+    assert len(ref_meta["generated_token_ids"]) == 3

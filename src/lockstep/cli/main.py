@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
 from .._version import __version__
 from ..errors import LockstepError, UsageError
@@ -21,6 +21,15 @@ def _tokens(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"token ids must be integers, got {text!r}") from None
 
 
+def _compare_options(c: argparse.ArgumentParser) -> None:
+    c.add_argument("--json", metavar="FILE", help="also write the JSON report (docs/report.md)")
+    c.add_argument("--rtol", type=float, help="one relative-L2 tolerance for every pair")
+    c.add_argument("--tol", action="append", metavar="PATTERN=X",
+                   help="tolerance for names matching a glob, e.g. 'model.layers.*.mlp*=1e-3'")
+    c.add_argument("--all", action="store_true", help="show every pair, not a window")
+    c.add_argument("--rows", type=int, default=40, help="pairs shown around the divergence")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="lockstep",
@@ -33,12 +42,23 @@ def _parser() -> argparse.ArgumentParser:
                        description="Exit code: 0 match or drift, 1 diverged, 2 error.")
     c.add_argument("reference", help="reference dump directory")
     c.add_argument("candidate", help="candidate dump directory")
-    c.add_argument("--json", metavar="FILE", help="also write the JSON report (docs/report.md)")
-    c.add_argument("--rtol", type=float, help="one relative-L2 tolerance for every pair")
-    c.add_argument("--tol", action="append", metavar="PATTERN=X",
-                   help="tolerance for names matching a glob, e.g. 'model.layers.*.mlp*=1e-3'")
-    c.add_argument("--all", action="store_true", help="show every pair, not a window")
-    c.add_argument("--rows", type=int, default=40, help="pairs shown around the divergence")
+    _compare_options(c)
+
+    df = sub.add_parser("diff", help="run a reference and a candidate engine, then compare",
+                        description="Exit code: 0 match or drift, 1 diverged, 2 error.")
+    df.add_argument("reference", help="engine spec: hf:DIR, hf:FILE.gguf, llamacpp:FILE.gguf, "
+                                      "dump:DIR")
+    df.add_argument("candidate", help="engine spec, as for the reference")
+    src = df.add_mutually_exclusive_group()
+    src.add_argument("--prompt", help="prompt text (tokenized by the reference)")
+    src.add_argument("--tokens", type=_tokens, help="prompt token ids, e.g. 1,2,3")
+    df.add_argument("--decode", type=int, default=0, metavar="N", help="greedy decode steps")
+    df.add_argument("--free-running", action="store_true",
+                    help="let the candidate feed its own tokens (default: the reference's)")
+    df.add_argument("--ref-dtype", default="float32", help="dtype of an hf: reference")
+    df.add_argument("--cand-dtype", default="float32", help="dtype of an hf: candidate")
+    df.add_argument("--out", default="lockstep-diff", help="where both dumps are kept")
+    _compare_options(df)
 
     cap = sub.add_parser("capture", help="run an engine on a prompt and record it",
                          description="Records the prefill as step 0 and N greedy decode steps.")
@@ -76,26 +96,52 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _compare(args: argparse.Namespace) -> int:
+def _report(result: Any, args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from ..compare import Tolerances, compare
     from ..report.json_report import write_json
     from ..report.terminal import ComparisonReport
 
+    Console().print(ComparisonReport(result, rows=0 if args.all else args.rows))
+    if args.json:
+        write_json(result, args.json)
+    return EXIT_DIVERGED if result.verdict == "diverged" else EXIT_OK
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from rich.console import Console
     from rich.progress import Progress
 
-    console = Console()
+    from ..compare import Tolerances, compare
+
     tolerances = Tolerances.parse(args.rtol, args.tol)
-    with Progress(console=console, transient=True) as progress:
+    with Progress(console=Console(stderr=True), transient=True) as progress:
         task = progress.add_task("comparing", total=None)
         result = compare(args.reference, args.candidate, tolerances,
                          progress=lambda done, total: progress.update(task, completed=done,
                                                                       total=total))
-    console.print(ComparisonReport(result, rows=0 if args.all else args.rows))
-    if args.json:
-        write_json(result, args.json)
-    return EXIT_DIVERGED if result.verdict == "diverged" else EXIT_OK
+    return _report(result, args)
+
+
+def _diff(args: argparse.Namespace) -> int:
+    from ..compare import Tolerances
+    from ..engines.diff import diff
+
+    if args.decode < 0:
+        raise UsageError("--decode must be 0 or more")
+    if args.prompt is None and args.tokens is None and not args.reference.startswith("dump:"):
+        raise UsageError("give the prompt: --prompt TEXT or --tokens 1,2,3")
+    result = diff(args.reference, args.candidate, args.out, prompt=args.prompt,
+                  tokens=args.tokens, decode=args.decode, free_running=args.free_running,
+                  ref_options=_engine_options(args.reference, args.ref_dtype),
+                  cand_options=_engine_options(args.candidate, args.cand_dtype),
+                  tolerances=Tolerances.parse(args.rtol, args.tol),
+                  announce=lambda m: print(m, file=sys.stderr))
+    return _report(result, args)
+
+
+def _engine_options(spec: str, dtype: str) -> dict[str, Any]:
+    return {"dtype": dtype} if spec.startswith("hf:") else {}
 
 
 def _capture(args: argparse.Namespace) -> int:
@@ -157,7 +203,7 @@ def _demo(args: argparse.Namespace) -> int:
     return EXIT_OK if verdicts == {"bfloat16": "drift", "broken": "diverged"} else EXIT_ERROR
 
 
-_COMMANDS = {"compare": _compare, "demo": _demo, "capture": _capture, "run": _run, "show": _show}
+_COMMANDS = {"compare": _compare, "diff": _diff, "demo": _demo, "capture": _capture, "run": _run, "show": _show}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
