@@ -142,8 +142,9 @@ def align(ref: Dump, cand: Dump, *, use_tables: bool = True) -> Alignment:
     ref_only: list[Record] = []
     cand_only: list[Record] = []
     for step in sorted(set(ref_steps) | set(cand_steps)):
-        p, r, c = _align_step(ref_steps.get(step, []), cand_steps.get(step, []), tables)
-        pairs += p
-        ref_only += r
-        cand_only += c
+        step_pairs, step_ref_only, step_cand_only = _align_step(
+            ref_steps.get(step, []), cand_steps.get(step, []), tables)
+        pairs += step_pairs
+        ref_only += step_ref_only
+        cand_only += step_cand_only
     return Alignment(tuple(pairs), tuple(ref_only), tuple(cand_only))

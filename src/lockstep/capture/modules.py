@@ -29,17 +29,17 @@ def watch_module(rec: Recorder, root: Any, *, prefix: str, inputs: bool | Sequen
         return any(fnmatch.fnmatchcase(name, p) for p in inputs)
 
     def output_hook(name: str, with_inputs: bool) -> Callable[..., None]:
-        if with_inputs:
-            def hook(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
-                     output: Any) -> None:
-                named = {str(i): a for i, a in enumerate(args)}
-                named.update(kwargs)
-                rec.capture(name, {"input": named}, role="input")
-                rec.capture(name, output, role="output")
-        else:
-            def hook(module: Any, args: tuple[Any, ...], output: Any) -> None:
-                rec.capture(name, output, role="output")
-        return hook
+        def hook_with_inputs(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+                             output: Any) -> None:
+            named = {str(i): a for i, a in enumerate(args)}
+            named.update(kwargs)
+            rec.capture(name, {"input": named}, role="input")
+            rec.capture(name, output, role="output")
+
+        def hook(module: Any, args: tuple[Any, ...], output: Any) -> None:
+            rec.capture(name, output, role="output")
+
+        return hook_with_inputs if with_inputs else hook
 
     # The root's pre-hook opens the step before any child records; its exit hook runs even
     # when forward raises (always_call), so the step depth never goes stale.

@@ -100,7 +100,7 @@ def _parse_record(obj: dict[str, Any], data_size: int) -> Record:
     known = {"type", "name", "step", "seq", "call", "dtype", "shape", "offset", "nbytes", "stats"}
     extra = {k: v for k, v in obj.items() if k not in known}
     assert step is not None and seq is not None
-    return Record(name=name, step=step, seq=seq, dtype=dtype, shape=tuple(shape), call=call,
+    return Record(name=name, step=step, seq=seq, dtype=dt.name, shape=tuple(shape), call=call,
                   offset=offset, nbytes=nbytes if offset is not None else None, stats=stats,
                   extra=extra)
 
