@@ -8,14 +8,13 @@ runs on with no synchronisation per tensor.
 
 from __future__ import annotations
 
-import math
 import sys
 from dataclasses import dataclass
 from typing import Any, Iterator
 
 import numpy as np
 
-from ..store.stats import array_stats, clean_float
+from ..store.stats import array_stats
 
 __all__ = ["HostTensor", "to_host", "leaves", "is_tensor"]
 
@@ -76,27 +75,33 @@ class HostTensor:
         self.ready()
         if isinstance(self.host, np.ndarray):
             values = self.host
-            if values.dtype.kind not in "fc":
-                values = values.astype(np.float64)
+            if values.dtype not in (np.float32, np.float64):
+                values = values.astype(np.float32 if values.dtype.kind == "f" else np.float64)
             return array_stats(values)
         return _torch_stats(self.host)
 
 
 def _torch_stats(t: Any) -> dict[str, Any]:
+    """Stats of a contiguous CPU tensor: float32 values for floats, float64 for the rest.
+
+    Converted with numpy where it can be (exactly as torch converts): torch's own conversion
+    of a large tensor runs on an OpenMP team of the writer thread's, beside the engine's.
+    """
     torch = _torch()
-    x = t if t.dtype in (torch.float32, torch.float64) else t.to(
-        torch.float64 if not t.is_floating_point() else torch.float32)
-    if x.numel() == 0 or not math.isfinite(float(x.sum())):
-        return array_stats(x.numpy())  # slow path, rare: counts NaN and Inf
-    lo, hi = torch.aminmax(x)
-    var, mean = torch.var_mean(x, correction=0)
-    lo_f, hi_f = float(lo), float(hi)
-    return {
-        "min": clean_float(lo_f), "max": clean_float(hi_f), "mean": clean_float(mean),
-        "std": clean_float(math.sqrt(max(float(var), 0.0))),
-        "abs_max": clean_float(max(abs(lo_f), abs(hi_f))),
-        "nan": 0, "inf": 0, "zero": int(x.numel() - int(torch.count_nonzero(x))),
-    }
+    dtype = t.dtype
+    if dtype in (torch.float32, torch.float64):
+        return array_stats(t.numpy())
+    if dtype == torch.bfloat16:  # bfloat16 is the top half of a float32
+        bits = t.view(torch.int16).numpy().view(np.uint16).astype(np.uint32)
+        return array_stats(np.left_shift(bits, 16, out=bits).view(np.float32))
+    if dtype == torch.float16:
+        return array_stats(t.numpy().astype(np.float32))
+    if not t.is_floating_point() and not t.is_complex():
+        try:
+            return array_stats(t.numpy().astype(np.float64))
+        except TypeError:  # an integer type numpy lacks
+            pass
+    return array_stats(t.to(torch.float32 if t.is_floating_point() else torch.float64).numpy())
 
 
 def to_host(value: Any) -> HostTensor:

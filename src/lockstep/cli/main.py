@@ -115,7 +115,8 @@ def _compare(args: argparse.Namespace) -> int:
     from ..compare import Tolerances, compare
 
     tolerances = Tolerances.parse(args.rtol, args.tol)
-    with Progress(console=Console(stderr=True), transient=True) as progress:
+    err = Console(stderr=True)
+    with Progress(console=err, transient=True, disable=not err.is_terminal) as progress:
         task = progress.add_task("comparing", total=None)
         result = compare(args.reference, args.candidate, tolerances,
                          progress=lambda done, total: progress.update(task, completed=done,

@@ -76,8 +76,11 @@ class DumpWriter:
 
     def write(self, name: str, step: int, dtype: str, shape: tuple[int, ...],
               data: memoryview | bytes | None, stats: dict[str, Any] | None = None, *,
-              call: int = 0, **extra: Any) -> int:
-        """Append one tensor record; ``data`` None writes statistics only. Returns its seq."""
+              call: int = 0, at: int | None = None, **extra: Any) -> int:
+        """Append one tensor record; ``data`` None writes statistics only. Returns its seq.
+
+        ``at`` points the record at data already written at that offset (the same tensor
+        recorded under a second name: a parent module returning its child's output)."""
         dt = lookup(dtype)
         if dt is None:
             raise UsageError(f"cannot store dtype {dtype!r} for {name!r}")
@@ -97,13 +100,16 @@ class DumpWriter:
             offset = self._offset
             self._data.write(view)
             self._offset += nbytes
+        elif at is not None:
+            offset = at
         record = {"type": "tensor", "name": name, "step": int(step), "seq": self._seq,
                   "call": int(call), "dtype": dtype, "shape": [int(n) for n in shape],
-                  "offset": offset, "nbytes": nbytes if data is not None else None,
+                  "offset": offset, "nbytes": nbytes if offset is not None else None,
                   "stats": stats}
         record.update({k: v for k, v in extra.items() if v is not None})
         self._line(record)
         self._seq += 1
+        self.last_offset = offset
         return self._seq - 1
 
     def add_meta(self, **meta: Any) -> None:
