@@ -47,6 +47,9 @@ def test_watch_names_outputs_and_steps(tmp_path):
         assert [r.name for r in d.in_step(1)] == ["after", "fc1", "act", "fc2", ":0", ":1"]
         np.testing.assert_array_equal(d.read(d.get(0, "fc2")), out.detach().numpy())
         assert d.get(0, ":1").shape == ()
+        # the root returns fc2's output object itself: recorded once, pointed at twice
+        assert d.get(0, ":0").offset == d.get(0, "fc2").offset is not None
+        assert d.get(0, ":0").stats == d.get(0, "fc2").stats
         stats = d.get(0, "act").stats
         assert stats["min"] == 0.0 and stats["zero"] > 0 and stats["nan"] == 0
 
@@ -203,3 +206,16 @@ def test_run_program_failure_keeps_dump(tmp_path):
     assert out.returncode == 3
     with lockstep.open_dump(tmp_path / "d") as d:
         assert [r.name for r in d] == [""] and d.meta["exit_code"] == 3
+
+
+def test_in_place_change_is_not_taken_for_an_alias(tmp_path):
+    t = torch.zeros(4)
+    with lockstep.record(tmp_path / "d"):
+        lockstep.probe("before", t)
+        t.add_(1.0)
+        lockstep.probe("after", t)
+        lockstep.probe("again", t)
+    with lockstep.open_dump(tmp_path / "d") as d:
+        assert d.read(d.get(0, "before")).tolist() == [0.0] * 4
+        assert d.read(d.get(0, "after")).tolist() == [1.0] * 4
+        assert d.get(0, "again").offset == d.get(0, "after").offset != d.get(0, "before").offset

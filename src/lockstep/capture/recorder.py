@@ -10,6 +10,7 @@ import fnmatch
 import os
 import platform
 import time
+import weakref
 from collections import defaultdict
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Sequence
@@ -72,6 +73,7 @@ class Recorder:
         self.step = 0  #: the step that captures go to now
         self._advance = False  # the step ended: the next capture or root call opens a new one
         self._calls: dict[str, int] = defaultdict(int)
+        self._seen: dict[int, tuple[Any, Any, Any]] = {}  # id -> (weakref, version, HostTensor)
         self._depth = 0  # watched roots currently inside their forward
         self._undo: list[Callable[[], None]] = []
         self._closed = False
@@ -97,6 +99,7 @@ class Recorder:
         if step != self.step:
             self.step = step
             self._calls.clear()
+        self._seen.clear()
         self._advance = False
 
     def _root_enter(self) -> None:
@@ -121,7 +124,21 @@ class Recorder:
             full = f"{name}:{suffix}" if suffix else name
             call = self._calls[full]
             self._calls[full] = call + 1
-            self._sink.put(full, self.step, call, to_host(tensor), role=role)
+            # A parent module often returns its child's output object itself (mlp returns
+            # down_proj's tensor): record it again as a pointer to the data already written.
+            # Identity plus the in-place version counter, never the data address: freed
+            # buffers are reused by later tensors.
+            seen = self._seen.get(id(tensor))
+            version = getattr(tensor, "_version", None)
+            if seen is not None and seen[0]() is tensor and seen[1] == version:
+                self._sink.put(full, self.step, call, seen[2], alias=True, role=role)
+                continue
+            host = to_host(tensor)
+            try:
+                self._seen[id(tensor)] = (weakref.ref(tensor), version, host)
+            except TypeError:  # not weak-referenceable: never aliased
+                pass
+            self._sink.put(full, self.step, call, host, role=role)
 
     def watch(self, module: Any, *, prefix: str = "", inputs: bool | Sequence[str] = False,
               include: Sequence[str] | None = None,

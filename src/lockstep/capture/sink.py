@@ -39,9 +39,14 @@ class Sink:
             err, self._error = self._error, None
             raise RuntimeError(f"lockstep could not write the dump: {err}") from err
 
-    def put(self, name: str, step: int, call: int, tensor: HostTensor, **extra: Any) -> None:
-        """Queue one captured tensor."""
+    def put(self, name: str, step: int, call: int, tensor: HostTensor, *, alias: bool = False,
+            **extra: Any) -> None:
+        """Queue one captured tensor; ``alias``: a HostTensor already queued, to be recorded
+        again under ``name`` pointing at the same data."""
         self._raise_if_failed()
+        if alias:
+            self._queue.put((name, step, call, tensor, extra))
+            return
         size = tensor.nbytes
         with self._room:
             while self._pending and self._pending + size > self._limit:
@@ -75,7 +80,7 @@ class Sink:
                 self._handle(item)
             except BaseException as exc:  # reported on the engine's thread at the next call
                 self._error = exc
-                if item[0] == "flush":
+                if item[0] == "flush" and len(item) == 2:
                     item[1].set()
 
     def _handle(self, item: tuple[Any, ...]) -> None:
@@ -87,11 +92,17 @@ class Sink:
             self.writer.add_meta(**item[1])
             return
         name, step, call, tensor, extra = item
+        if tensor.written is not None:  # the same tensor under another name: point at it
+            offset, stats = tensor.written
+            self.writer.write(name, step, tensor.dtype, tensor.shape, None, stats, call=call,
+                              at=offset, **extra)
+            return
         try:
             stats = tensor.stats()
             data = tensor.buffer() if self.keep_data else None
             self.writer.write(name, step, tensor.dtype, tensor.shape, data, stats, call=call,
                               **extra)
+            tensor.release(self.writer.last_offset, stats)
         finally:
             with self._room:
                 self._pending -= tensor.nbytes

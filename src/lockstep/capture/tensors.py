@@ -48,10 +48,15 @@ class HostTensor:
     shape: tuple[int, ...]
     host: Any  #: a contiguous CPU torch tensor or numpy array holding the copy
     event: Any = None  #: CUDA event to wait on before reading ``host``
+    written: tuple[int | None, dict[str, Any]] | None = None  #: (offset, stats) once written
 
-    @property
-    def nbytes(self) -> int:
-        return int(self.host.nbytes)
+    def __post_init__(self) -> None:
+        self.nbytes = int(self.host.nbytes)
+
+    def release(self, offset: int | None, stats: dict[str, Any]) -> None:
+        """The copy is on disk: free it, keeping where it went for later aliases."""
+        self.written = (offset, stats)
+        self.host = None
 
     def ready(self) -> None:
         """Wait until the copy has landed (no-op for CPU tensors)."""
