@@ -3,8 +3,8 @@
 Four passes per step, each on what the previous left: the same name (and call index); the
 same canonical name through each side's name table (align.tables), with the layout transform
 the table names; the same name after normalisation (wrapper prefixes such as ``module.`` or
-``_orig_mod.`` dropped, case folded); then capture order among records of the same shape
-(size-1 dims ignored).
+``_orig_mod.`` dropped, case folded); then, unless name tables paired the two dumps, capture
+order among records of the same shape (size-1 dims ignored).
 """
 
 from __future__ import annotations
@@ -102,8 +102,9 @@ def _align_step(ref: list[Record], cand: list[Record],
             else:
                 still.append(r)
         left = still
-    if left and free_cand:
-        # order-preserving: a leftover candidate may only pair after the previous order pair
+    if left and free_cand and tables is None:
+        # order-preserving: a leftover candidate may only pair after the previous order pair.
+        # Not when name tables paired the two: what they leave has no counterpart by design.
         rest = sorted(free_cand.values(), key=lambda c: c.seq)
         start = 0
         still = []

@@ -94,7 +94,7 @@ TRANSFORMERS_LLAMA = NameTable("transformers-llama", _rules(
 # RoPE works; "rope_interleaved" undoes that permutation within each head.
 LLAMA_CPP = NameTable("llama.cpp", _rules(
     (r"input_ids", "input_ids"),
-    (r"inp_embd", "embed"),
+    (r"(?:inp_)?embd", "embed"),
     (r"attn_norm-(\d+)", "layers.{0}.attn_norm"),
     (r"Qcur-(\d+)", "layers.{0}.q", "rope_interleaved"),
     (r"Kcur-(\d+)", "layers.{0}.k", "rope_interleaved"),

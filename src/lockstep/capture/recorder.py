@@ -114,8 +114,10 @@ class Recorder:
             self._advance = True
 
     # -- capture -----------------------------------------------------------------------------
-    def capture(self, name: str, value: Any, *, role: str | None = None) -> None:
-        """Record every tensor in ``value`` as ``name`` (or ``name:field`` for nested ones)."""
+    def capture(self, name: str, value: Any, *, role: str | None = None, **extra: Any) -> None:
+        """Record every tensor in ``value`` as ``name`` (or ``name:field`` for nested ones).
+
+        ``extra`` fields (JSON values, e.g. ``op="rope"``) are stored in each record."""
         if self._closed:
             raise UsageError(f"cannot record {name!r}: the recording at {self.path} is closed")
         if self._advance and self._depth == 0:
@@ -131,14 +133,14 @@ class Recorder:
             seen = self._seen.get(id(tensor))
             version = getattr(tensor, "_version", None)
             if seen is not None and seen[0]() is tensor and seen[1] == version:
-                self._sink.put(full, self.step, call, seen[2], alias=True, role=role)
+                self._sink.put(full, self.step, call, seen[2], alias=True, role=role, **extra)
                 continue
             host = to_host(tensor)
             try:
                 self._seen[id(tensor)] = (weakref.ref(tensor), version, host)
             except TypeError:  # not weak-referenceable: never aliased
                 pass
-            self._sink.put(full, self.step, call, host, role=role)
+            self._sink.put(full, self.step, call, host, role=role, **extra)
 
     def watch(self, module: Any, *, prefix: str = "", inputs: bool | Sequence[str] = False,
               include: Sequence[str] | None = None,

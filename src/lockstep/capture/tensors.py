@@ -68,7 +68,7 @@ class HostTensor:
         """The raw bytes, in the stored dtype's layout."""
         self.ready()
         if isinstance(self.host, np.ndarray):
-            return memoryview(np.ascontiguousarray(self.host)).cast("B")
+            return memoryview(np.ascontiguousarray(self.host).data).cast("B")
         host = self.host
         bitcast = _TORCH_BITCAST.get(self.dtype)
         if bitcast is not None:

@@ -9,7 +9,7 @@ __all__ = ["Engine", "open_engine"]
 
 
 def open_engine(spec: str, **options: object) -> Engine:
-    """An engine (not yet loaded) for a spec such as ``hf:PATH``."""
+    """An engine (not yet loaded) for a spec such as ``hf:PATH`` or ``llamacpp:FILE.gguf``."""
     kind, sep, target = spec.partition(":")
     if not sep or not target:
         raise UsageError(f"engine spec {spec!r} should look like 'hf:PATH'")
@@ -17,4 +17,8 @@ def open_engine(spec: str, **options: object) -> Engine:
         from .hf import HFEngine
 
         return HFEngine(spec, target, **options)  # type: ignore[arg-type]
-    raise UsageError(f"unknown engine {kind!r} in {spec!r}; known engines: hf")
+    if kind == "llamacpp":
+        from .llamacpp import LlamaCppEngine
+
+        return LlamaCppEngine(spec, target, **options)  # type: ignore[arg-type]
+    raise UsageError(f"unknown engine {kind!r} in {spec!r}; known engines: hf, llamacpp")

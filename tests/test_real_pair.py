@@ -1,0 +1,94 @@
+"""SmolLM2-135M (Q4_1 GGUF) through transformers and through llama.cpp, side by side."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("llama_cpp")
+gguf = pytest.importorskip("gguf")
+
+from lockstep.demo import find_smollm2  # noqa: E402
+from lockstep.engines.diff import diff  # noqa: E402
+
+PROMPT = "The capital of France is"
+OPS = ["attn_norm", "q", "k", "v", "attn_heads", "attn_out", "attn_residual", "mlp_norm",
+       "gate", "up", "act", "down", "out"]
+
+
+@pytest.fixture(scope="module")
+def model() -> Path:
+    return find_smollm2()
+
+
+@pytest.fixture(scope="module")
+def reference(model, tmp_path_factory) -> Path:
+    """transformers on the original GGUF (dequantized to float32), prefill + 4 decode steps."""
+    out = tmp_path_factory.mktemp("pair")
+    diff(f"hf:{model}", f"llamacpp:{model}", out, prompt=PROMPT, decode=4)
+    return out
+
+
+def altered(model: Path, out: Path, tensor: str, change) -> Path:
+    """A copy of the GGUF with one tensor's raw blocks changed in place."""
+    path = out / f"{tensor}.gguf"
+    shutil.copyfile(model, path)
+    info = next(t for t in gguf.GGUFReader(model).tensors if t.name == tensor)
+    assert info.tensor_type.name == "Q4_1"
+    raw = np.memmap(path, dtype=np.uint8, mode="r+", offset=info.data_offset,
+                    shape=tuple(info.data.shape))
+    change(raw)
+    raw.flush()
+    del raw
+    return path
+
+
+def test_llamacpp_drifts_from_transformers(reference, model):
+    result = diff(f"dump:{reference / 'reference.lsd'}", f"dump:{reference / 'candidate.lsd'}",
+                  reference)
+    assert result.verdict == "drift", result.first_divergence
+    for step in range(5):
+        canon = {p.canonical for p in result.results if p.step == step and p.canonical}
+        for layer in range(30):
+            assert {f"layers.{layer}.{op}" for op in OPS} <= canon, (step, layer)
+        assert {"embed", "final_norm", "logits"} <= canon
+        fed = next(p for p in result.results if p.step == step and p.ref_name == "input_ids")
+        assert fed.error == 0.0
+        final = next(p for p in result.results if p.step == step and p.canonical == "final_norm")
+        assert final.metrics.cosine > 0.99
+        logits = next(p for p in result.results if p.step == step and p.canonical == "logits")
+        assert logits.metrics.topk.agree == logits.metrics.topk.rows
+    # the error enters at the first quantized matmul (activations quantized to 8 bits there)
+    step0 = [p for p in result.results if p.step == 0]
+    first_over = next(p for p in step0 if p.over)
+    assert first_over.canonical == "layers.0.q"
+    assert all(p.error < 1e-4 for p in step0[:step0.index(first_over)])
+    assert max(p.error for p in result.results) < 0.2
+
+
+def _permute_rows(raw: np.ndarray) -> None:
+    raw[:] = raw[np.random.default_rng(0).permutation(raw.shape[0])]
+
+
+def _scale(factor: float):
+    def change(raw: np.ndarray) -> None:
+        blocks = raw.reshape(raw.shape[0], -1, 20)  # Q4_1 block: f16 d, f16 m, 16 bytes
+        scales = blocks[:, :, :4].copy().view(np.float16)
+        blocks[:, :, :4] = (scales * np.float16(factor)).view(np.uint8)
+    return change
+
+
+@pytest.mark.parametrize("tensor, change, canonical", [
+    ("blk.7.attn_q.weight", _permute_rows, "layers.7.q"),
+    ("blk.12.ffn_down.weight", _scale(3.0), "layers.12.down"),
+])
+def test_altered_gguf_diverges_at_that_layer_and_op(reference, model, tmp_path, tensor, change,
+                                                     canonical):
+    bad = altered(model, tmp_path, tensor, change)
+    result = diff(f"dump:{reference / 'reference.lsd'}", f"llamacpp:{bad}", tmp_path)
+    assert result.verdict == "diverged"
+    first = result.first_divergence
+    assert (first.step, first.canonical) == (0, canonical)
