@@ -219,3 +219,16 @@ def test_in_place_change_is_not_taken_for_an_alias(tmp_path):
         assert d.read(d.get(0, "before")).tolist() == [0.0] * 4
         assert d.read(d.get(0, "after")).tolist() == [1.0] * 4
         assert d.get(0, "again").offset == d.get(0, "after").offset != d.get(0, "before").offset
+
+
+def test_stats_left_out_are_computed_by_the_reader(tmp_path):
+    t = torch.tensor([[1.0, -3.0], [0.0, 2.0]])
+    with lockstep.record(tmp_path / "lazy", stats=False):
+        lockstep.probe("t", t)
+    with lockstep.record(tmp_path / "eager"):
+        lockstep.probe("t", t)
+    with lockstep.open_dump(tmp_path / "lazy") as lazy, \
+            lockstep.open_dump(tmp_path / "eager") as eager:
+        assert lazy.records[0].stats is None
+        assert eager.records[0].stats["min"] == -3.0
+        assert lazy.stats(lazy.records[0]) == eager.records[0].stats

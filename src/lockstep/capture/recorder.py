@@ -62,13 +62,13 @@ class Recorder:
     def __init__(self, path: str | os.PathLike[str], *, meta: dict[str, Any] | None = None,
                  data: bool = True, include: Sequence[str] | None = None,
                  exclude: Sequence[str] | None = None, overwrite: bool = False,
-                 max_pending_bytes: int = 1 << 30) -> None:
+                 stats: bool = True, max_pending_bytes: int = 1 << 30) -> None:
         header = {"lockstep_version": __version__, "created": time.time(),
                   "host": platform.node(), "stats_only": not data}
         header.update(meta or {})
         self.path = os.fspath(path)
         self._sink = Sink(DumpWriter(path, header, overwrite=overwrite), keep_data=data,
-                          max_pending_bytes=max_pending_bytes)
+                          keep_stats=stats, max_pending_bytes=max_pending_bytes)
         self.selected = _Patterns(include, exclude)
         self.step = 0  #: the step that captures go to now
         self._advance = False  # the step ended: the next capture or root call opens a new one
@@ -195,18 +195,20 @@ class Recorder:
 @contextmanager
 def record(path: str | os.PathLike[str], *, meta: dict[str, Any] | None = None,
            data: bool = True, include: Sequence[str] | None = None,
-           exclude: Sequence[str] | None = None, overwrite: bool = False) -> Iterator[Recorder]:
+           exclude: Sequence[str] | None = None, overwrite: bool = False,
+           stats: bool = True) -> Iterator[Recorder]:
     """Record into a new dump directory at ``path``.
 
-    ``data=False`` keeps statistics only (for huge runs). ``include``/``exclude`` are glob
-    patterns on names. The dump is flushed at the end of every step and closed on exit; if the
+    ``data=False`` keeps statistics only (for huge runs). ``stats=False`` leaves the
+    statistics out of records that keep their data (readers compute them from the data;
+    recording gets cheaper). ``include``/``exclude`` are glob patterns on names. The dump is flushed at the end of every step and closed on exit; if the
     body raises, the dump is still closed and notes the error.
     """
     global _ACTIVE
     if _ACTIVE is not None:
         raise UsageError(f"already recording to {_ACTIVE.path}; recordings cannot be nested")
     rec = Recorder(path, meta=meta, data=data, include=include, exclude=exclude,
-                   overwrite=overwrite)
+                   overwrite=overwrite, stats=stats)
     _ACTIVE = rec
     try:
         yield rec

@@ -22,10 +22,11 @@ _STOP = object()
 class Sink:
     """Serialises writes to one DumpWriter from a background thread."""
 
-    def __init__(self, writer: DumpWriter, *, keep_data: bool = True,
+    def __init__(self, writer: DumpWriter, *, keep_data: bool = True, keep_stats: bool = True,
                  max_pending_bytes: int = 1 << 30) -> None:
         self.writer = writer
         self.keep_data = keep_data
+        self.keep_stats = keep_stats or not keep_data
         self._queue: queue.Queue[Any] = queue.Queue()
         self._pending = 0
         self._limit = max_pending_bytes
@@ -98,7 +99,7 @@ class Sink:
                               at=offset, **extra)
             return
         try:
-            stats = tensor.stats()
+            stats = tensor.stats() if self.keep_stats else None
             data = tensor.buffer() if self.keep_data else None
             self.writer.write(name, step, tensor.dtype, tensor.shape, data, stats, call=call,
                               **extra)

@@ -185,7 +185,7 @@ def _show(args: argparse.Namespace) -> int:
         for rec in dump.records:
             if args.step is not None and rec.step != args.step:
                 continue
-            st = rec.stats or {}
+            st = dump.stats(rec) if rec.has_data or rec.stats else {}
             nums = [fmt(st[k]) if isinstance(st.get(k), (int, float)) else "-"
                     for k in ("min", "max", "mean")]
             table.add_row(str(rec.step), str(rec.seq), rec.name or '""', rec.dtype,

@@ -67,9 +67,10 @@ def is_logits(record: Record, meta: Mapping[str, Any]) -> bool:
     return bool(_LOGIT_NAMES.search(record.name)) or record.name in meta.get("logits", ())
 
 
-def _stats_error(ref: Record, cand: Record) -> float:
+def _stats_error(ref: Dump, cand: Dump, r: Record, c: Record) -> float:
     """A rough relative error from statistics alone (stats-only dumps)."""
-    rs, cs = ref.stats or {}, cand.stats or {}
+    rs = ref.stats(r) if r.has_data or r.stats else {}
+    cs = cand.stats(c) if c.has_data or c.stats else {}
     if (rs.get("nan"), rs.get("inf")) != (cs.get("nan"), cs.get("inf")):
         return math.inf
     keys = ("mean", "std", "abs_max")
@@ -83,7 +84,7 @@ def _measure(ref: Dump, cand: Dump, pair: Pair, tol: Tolerance) -> tuple[float, 
                                                                       str | None]:
     r, c = pair.ref, pair.cand
     if not (r.has_data and c.has_data):
-        return _stats_error(r, c), None, "statistics only (no data recorded)"
+        return _stats_error(ref, cand, r, c), None, "statistics only (no data recorded)"
     try:
         m = tensor_metrics(apply_transform(pair.ref_transform, ref.read(r), ref.meta),
                            apply_transform(pair.cand_transform, cand.read(c), cand.meta),

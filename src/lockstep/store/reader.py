@@ -18,6 +18,7 @@ import numpy as np
 
 from ..errors import DumpError
 from .dtypes import lookup, to_float
+from .stats import array_stats
 from .writer import DATA_FILE, FORMAT_NAME, FORMAT_VERSION, INDEX_FILE
 
 __all__ = ["Record", "Dump", "open_dump"]
@@ -154,6 +155,15 @@ class Dump:
         assert self._map is not None
         arr = np.frombuffer(self._map, dtype=dt.storage, count=record.numel, offset=record.offset)
         return arr.reshape(record.shape)
+
+    def stats(self, record: Record) -> dict[str, Any]:
+        """The record's statistics: as stored, or computed from its data when not stored."""
+        if record.stats is not None:
+            return record.stats
+        values = self.read(record)
+        if values.dtype not in (np.float32, np.float64):
+            values = values.astype(np.float64)
+        return array_stats(values)
 
     def read(self, record: Record) -> np.ndarray:
         """The tensor as float (float64 for float64 and 64-bit ints, else float32)."""
