@@ -42,7 +42,7 @@ SPEC_DTYPES = {
     "float8_e5m2": 1, "int64": 8, "int32": 4, "int16": 2, "int8": 1, "uint64": 8,
     "uint32": 4, "uint16": 2, "uint8": 1, "bool": 1,
 }
-WIDE = {"float64", "int64", "uint64", "uint32"}  # read() gives float64 for these
+WIDE = {"float64", "int64", "uint64", "int32", "uint32"}  # read() gives float64 for these
 
 
 def _tdtype(name: str) -> torch.dtype:
@@ -129,7 +129,8 @@ def test_round_trip_through_probe(tmp_path, name):
         assert all(r.offset % 64 == 0 and r.extra == {"role": "probe"} for r in dump)
         assert dump.raw(dump.records[0]).tobytes() == _raw_bytes(t)
         _assert_same_floats(dump.read(dump.records[2]), _expected_float(t[1:], name))
-        stats = dump.records[0].stats
+        stats = dump.stats(dump.records[0])  # computed from the data: not stored by default
+        assert dump.records[0].stats is None
         assert set(stats) == {"min", "max", "mean", "std", "abs_max", "nan", "inf", "zero"}
         finite = t.to(torch.float64).numpy()  # stats are over the values as float64-exact
         nan = int(np.isnan(finite).sum())

@@ -62,7 +62,7 @@ class Recorder:
     def __init__(self, path: str | os.PathLike[str], *, meta: dict[str, Any] | None = None,
                  data: bool = True, include: Sequence[str] | None = None,
                  exclude: Sequence[str] | None = None, overwrite: bool = False,
-                 stats: bool = True, max_pending_bytes: int = 1 << 30) -> None:
+                 stats: bool = False, max_pending_bytes: int = 1 << 30) -> None:
         header = {"lockstep_version": __version__, "created": time.time(),
                   "host": platform.node(), "stats_only": not data}
         header.update(meta or {})
@@ -135,7 +135,7 @@ class Recorder:
             if seen is not None and seen[0]() is tensor and seen[1] == version:
                 self._sink.put(full, self.step, call, seen[2], alias=True, role=role, **extra)
                 continue
-            host = to_host(tensor)
+            host = to_host(tensor, copy=not self._sink.direct)
             try:
                 self._seen[id(tensor)] = (weakref.ref(tensor), version, host)
             except TypeError:  # not weak-referenceable: never aliased
@@ -196,12 +196,14 @@ class Recorder:
 def record(path: str | os.PathLike[str], *, meta: dict[str, Any] | None = None,
            data: bool = True, include: Sequence[str] | None = None,
            exclude: Sequence[str] | None = None, overwrite: bool = False,
-           stats: bool = True) -> Iterator[Recorder]:
+           stats: bool = False) -> Iterator[Recorder]:
     """Record into a new dump directory at ``path``.
 
-    ``data=False`` keeps statistics only (for huge runs). ``stats=False`` leaves the
-    statistics out of records that keep their data (readers compute them from the data;
-    recording gets cheaper). ``include``/``exclude`` are glob patterns on names. The dump is flushed at the end of every step and closed on exit; if the
+    ``data=False`` keeps statistics only (for huge runs). Records that keep their data
+    leave their statistics to the reader (``Dump.stats`` computes them from the data), which
+    lets each capture be written at once, with one copy; ``stats=True`` computes and stores
+    them while recording, on the writer thread. ``include``/``exclude`` are glob patterns
+    on names. The dump is flushed at the end of every step and closed on exit; if the
     body raises, the dump is still closed and notes the error.
     """
     global _ACTIVE

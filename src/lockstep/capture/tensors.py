@@ -50,8 +50,18 @@ class HostTensor:
     event: Any = None  #: CUDA event to wait on before reading ``host``
     written: tuple[int | None, dict[str, Any]] | None = None  #: (offset, stats) once written
 
+    owned: bool = True  #: ``host`` is our copy (False: it may be the engine's own memory)
+
     def __post_init__(self) -> None:
         self.nbytes = int(self.host.nbytes)
+        self.pending = 0  # bytes counted against the sink's bound while queued
+
+    def own(self) -> None:
+        """Make ``host`` our own copy, if it is not yet."""
+        if not self.owned:
+            self.host = self.host.copy() if isinstance(self.host, np.ndarray) \
+                else self.host.clone()
+            self.owned = True
 
     def release(self, offset: int | None, stats: dict[str, Any]) -> None:
         """The copy is on disk: free it, keeping where it went for later aliases."""
@@ -109,12 +119,18 @@ def _torch_stats(t: Any) -> dict[str, Any]:
     return array_stats(t.to(torch.float32 if t.is_floating_point() else torch.float64).numpy())
 
 
-def to_host(value: Any) -> HostTensor:
-    """Copy a tensor to host memory now (asynchronously for CUDA); the caller owns the copy."""
+def to_host(value: Any, *, copy: bool = True) -> HostTensor:
+    """Host memory holding ``value``'s elements, contiguous: a copy made now (asynchronous
+    for CUDA), or with ``copy=False`` possibly the tensor's own memory, for a caller that
+    writes it out before the engine goes on (``HostTensor.own`` copies later if needed)."""
     if isinstance(value, np.ndarray):
         name = _NUMPY_NAMES.get(value.dtype.name)
         if name is None:
             raise TypeError(f"numpy dtype {value.dtype} cannot be recorded")
+        if not copy:
+            host = np.ascontiguousarray(value)
+            return HostTensor(name, tuple(value.shape), host, owned=host is not value and
+                              not np.shares_memory(host, value))
         return HostTensor(name, tuple(value.shape), np.array(value, copy=True, order="C"))
     torch = _torch()
     t = value.detach()
@@ -123,9 +139,10 @@ def to_host(value: Any) -> HostTensor:
         t = t.to_dense()
     if t.device.type == "cpu":
         host = t.contiguous()
-        if host.data_ptr() == t.data_ptr():
-            host = host.clone()
-        return HostTensor(dtype, tuple(t.shape), host)
+        owned = host.data_ptr() != t.data_ptr() or host.numel() == 0
+        if copy and not owned:
+            host, owned = host.clone(), True
+        return HostTensor(dtype, tuple(t.shape), host, owned=owned)
     host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=t.is_cuda)
     host.copy_(t, non_blocking=bool(t.is_cuda))
     event = None

@@ -84,8 +84,8 @@ def lookup(name: str) -> DType | None:
 def to_float(raw: np.ndarray, dtype: str) -> np.ndarray:
     """Convert raw stored elements of ``dtype`` to a float array for comparison.
 
-    float64 stays float64; everything else becomes float32 unless it is a 64-bit integer,
-    which becomes float64 so that large token ids stay exact.
+    float64 stays float64; integers wider than 16 bits become float64 (exact: float32 holds
+    integers only up to 2**24); everything else becomes float32.
     """
     if dtype == "bfloat16":
         return (raw.astype(np.uint32) << 16).view(np.float32)
@@ -93,6 +93,6 @@ def to_float(raw: np.ndarray, dtype: str) -> np.ndarray:
         return _E4M3FN[raw]
     if dtype == "float8_e5m2":
         return _E5M2[raw]
-    if dtype in ("float64", "int64", "uint64", "uint32"):
+    if dtype in ("float64", "int64", "uint64", "int32", "uint32"):
         return raw.astype(np.float64)
     return raw.astype(np.float32)

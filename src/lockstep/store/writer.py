@@ -1,8 +1,9 @@
 """Append-only writer of a dump directory (the format is in docs/format.md).
 
-Data bytes are always written before the index line that points to them, and ``flush`` pushes
-the data file before the index file, so a process killed at any moment leaves a dump whose
-every index line points at bytes that are on disk.
+Data bytes go straight to the OS (one ``writev`` per record, no user-space buffer) before the
+index line that points to them is even formed, and index lines are held until ``flush``, so
+a process killed at any moment leaves a dump whose every index line points at bytes the OS
+has.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ FORMAT_VERSION = 1
 INDEX_FILE = "index.jsonl"
 DATA_FILE = "data.bin"
 _ALIGN = 64  # data offsets are 64-byte aligned, so memory-mapped arrays are aligned too
+_ZEROS = bytes(_ALIGN)
+_ENCODE = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
 
 
 def _prepare_dir(path: Path, overwrite: bool) -> None:
@@ -53,7 +56,7 @@ class DumpWriter:
         # machine itself going down, and costs a disk round trip per dump.
         self.durable = durable
         _prepare_dir(self.path, overwrite)
-        self._data = open(self.path / DATA_FILE, "wb")
+        self._data = open(self.path / DATA_FILE, "wb", buffering=0)  # straight to the OS
         self._index = open(self.path / INDEX_FILE, "w", encoding="utf-8", newline="\n")
         self._offset = 0
         self._seq = 0
@@ -72,7 +75,7 @@ class DumpWriter:
     def _line(self, obj: dict[str, Any]) -> None:
         # Held until flush: the index file must never reach the OS ahead of the data it
         # points to, which a buffer filling up on its own would allow.
-        self._lines.append(json.dumps(obj, separators=(",", ":"), allow_nan=False) + "\n")
+        self._lines.append(_ENCODE(obj) + "\n")
 
     def write(self, name: str, step: int, dtype: str, shape: tuple[int, ...],
               data: memoryview | bytes | None, stats: dict[str, Any] | None = None, *,
@@ -94,23 +97,36 @@ class DumpWriter:
             if view.nbytes != nbytes:
                 raise ValueError(f"{name}: {view.nbytes} bytes given for {dtype}{list(shape)}")
             pad = -self._offset % _ALIGN
-            if pad:
-                self._data.write(b"\0" * pad)
-                self._offset += pad
-            offset = self._offset
-            self._data.write(view)
-            self._offset += nbytes
+            self._write_all([_ZEROS[:pad], view] if pad else [view], pad + nbytes)
+            offset = self._offset + pad
+            self._offset = offset + nbytes
         elif at is not None:
             offset = at
-        record = {"type": "tensor", "name": name, "step": int(step), "seq": self._seq,
-                  "call": int(call), "dtype": dtype, "shape": [int(n) for n in shape],
-                  "offset": offset, "nbytes": nbytes if offset is not None else None,
-                  "stats": stats}
-        record.update({k: v for k, v in extra.items() if v is not None})
-        self._line(record)
+        # the line json.dumps would give (same keys, order, separators), built directly:
+        # this runs once per captured tensor, on the engine's thread
+        enc = _ENCODE
+        line = (f'{{"type":"tensor","name":{enc(name)},"step":{int(step)},"seq":{self._seq},'
+                f'"call":{int(call)},"dtype":{enc(dtype)},'
+                f'"shape":[{",".join(str(int(n)) for n in shape)}],'
+                f'"offset":{"null" if offset is None else offset},'
+                f'"nbytes":{"null" if offset is None else nbytes},'
+                f'"stats":{"null" if stats is None else enc(stats)}')
+        for key, value in extra.items():
+            if value is not None:
+                line += f",{enc(key)}:{enc(value)}"
+        self._lines.append(line + "}\n")
         self._seq += 1
         self.last_offset = offset
         return self._seq - 1
+
+    def _write_all(self, parts: list[Any], total: int) -> None:
+        """One system call for padding and data, however large (a partial write goes on)."""
+        fd = self._data.fileno()
+        done = os.writev(fd, parts)
+        if done < total:
+            rest = b"".join(bytes(memoryview(p).cast("B")) for p in parts)[done:]
+            while rest:
+                rest = rest[os.write(fd, rest):]
 
     def add_meta(self, **meta: Any) -> None:
         """Append run metadata; later values win over earlier ones and the header's."""
@@ -118,7 +134,6 @@ class DumpWriter:
 
     def flush(self, *, sync: bool = False) -> None:
         """Push data, then index, to the OS (and to the disk when ``sync``)."""
-        self._data.flush()
         if sync:
             os.fsync(self._data.fileno())
         self._index.write("".join(self._lines))
