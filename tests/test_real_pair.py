@@ -92,3 +92,11 @@ def test_altered_gguf_diverges_at_that_layer_and_op(reference, model, tmp_path, 
     assert result.verdict == "diverged"
     first = result.first_divergence
     assert (first.step, first.canonical) == (0, canonical)
+
+
+def test_transformers_bfloat16_drifts_from_float32(reference, model, tmp_path):
+    result = diff(f"dump:{reference / 'reference.lsd'}", f"hf:{model}", tmp_path,
+                  cand_options={"dtype": "bfloat16"})
+    assert result.verdict == "drift", result.first_divergence
+    assert result.candidate.meta["dtype"] == "bfloat16"
+    assert 1e-3 < max(p.error for p in result.results) < 0.1

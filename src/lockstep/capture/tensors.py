@@ -129,8 +129,9 @@ def to_host(value: Any, *, copy: bool = True) -> HostTensor:
             raise TypeError(f"numpy dtype {value.dtype} cannot be recorded")
         if not copy:
             host = np.ascontiguousarray(value)
-            return HostTensor(name, tuple(value.shape), host, owned=host is not value and
-                              not np.shares_memory(host, value))
+            # a fresh copy is ours; a bounds check (not exact overlap solving) says which
+            return HostTensor(name, tuple(value.shape), host,
+                              owned=not np.may_share_memory(host, value))
         return HostTensor(name, tuple(value.shape), np.array(value, copy=True, order="C"))
     torch = _torch()
     t = value.detach()
