@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import shutil
@@ -36,6 +35,7 @@ from typing import Any, Callable
 import torch
 
 import lockstep
+from _timing import dir_stats, settle
 
 TARGET_RATIO = 1.25
 
@@ -57,30 +57,6 @@ def build_model(layers: int) -> Any:
     torch.manual_seed(0)
     model = LlamaForCausalLM(smollm2_135m_config(layers)).to(torch.float32).eval()
     return model
-
-
-def dir_stats(path: str) -> tuple[int, int]:
-    """(bytes, files) under ``path``."""
-    size = files = 0
-    for root, _, names in os.walk(path):
-        for name in names:
-            size += os.path.getsize(os.path.join(root, name))
-            files += 1
-    return size, files
-
-
-def settle(plain: Callable[[], float], limit_s: float = 30.0) -> float | None:
-    """Run plain forwards until three in a row are within 1.5x of the fastest (a shared VM can
-    run 10-40x slower for a while); the seconds it took, or None if it never settled."""
-    t0 = time.perf_counter()
-    best, calm = math.inf, 0
-    while calm < 3:
-        if time.perf_counter() - t0 > limit_s:
-            return None
-        dt = plain()
-        best = min(best, dt)
-        calm = calm + 1 if dt < 1.5 * best else 0
-    return time.perf_counter() - t0
 
 
 def mib(n: float) -> str:

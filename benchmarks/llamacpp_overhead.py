@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import statistics
@@ -38,6 +37,7 @@ from typing import Any, Callable
 import numpy as np
 
 import lockstep
+from _timing import dir_stats, settle
 from lockstep.demo import PROMPT, find_smollm2
 from lockstep.engines.llamacpp import LlamaCppEngine
 
@@ -106,22 +106,7 @@ class Plain:
 
 
 def dir_size(path: str) -> int:
-    return sum(os.path.getsize(os.path.join(root, f))
-               for root, _, files in os.walk(path) for f in files)
-
-
-def settle(plain: Callable[[], float], limit_s: float = 60.0) -> float | None:
-    """Run plain evals until three in a row are within 1.5x of the fastest; the seconds it
-    took, or None if it never settled within ``limit_s``."""
-    t0 = time.perf_counter()
-    best, calm = math.inf, 0
-    while calm < 3:
-        if time.perf_counter() - t0 > limit_s:
-            return None
-        dt = plain()
-        best = min(best, dt)
-        calm = calm + 1 if dt <= 1.5 * best else 0
-    return time.perf_counter() - t0
+    return dir_stats(path)[0]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -186,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         variants["no_stats"] = recorded_without_stats
     n_ctx, version = engine.n_ctx, engine.meta()["llama_cpp_python_version"]
     try:
-        settled = settle(variants["plain"])
+        settled = settle(variants["plain"], limit_s=60.0)
         for _ in range(args.warmup):
             for run in variants.values():
                 run()
