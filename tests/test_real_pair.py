@@ -84,6 +84,7 @@ def _scale(factor: float):
 @pytest.mark.parametrize("tensor, change, canonical", [
     ("blk.7.attn_q.weight", _permute_rows, "layers.7.q"),
     ("blk.12.ffn_down.weight", _scale(3.0), "layers.12.down"),
+    ("blk.12.ffn_down.weight", _scale(1.5), "layers.12.down"),
 ])
 def test_altered_gguf_diverges_at_that_layer_and_op(reference, model, tmp_path, tensor, change,
                                                      canonical):

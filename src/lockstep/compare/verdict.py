@@ -102,6 +102,7 @@ def decide(results: Sequence[PairResult]) -> tuple[str, PairResult | None]:
     bounded = all(r.error <= DRIFT_FACTOR * r.noise for r in over)
     if bounded and not disagree:
         return "drift", None
-    # Grown out of bounds with no single jump: point at the steepest growth above tolerance.
-    pool = over or disagree
+    # Grown out of bounds with no single jump: point at the steepest growth among the pairs
+    # that precision or quantization noise cannot explain (then those over tolerance).
+    pool = [r for r in over if r.error > r.noise] or over or disagree
     return "diverged", max(pool, key=lambda r: (r.growth, -r.step, -r.ref_seq))
