@@ -232,3 +232,14 @@ def test_stats_left_out_are_computed_by_the_reader(tmp_path):
         assert lazy.records[0].stats is None
         assert eager.records[0].stats["min"] == -3.0
         assert lazy.stats(lazy.records[0]) == eager.records[0].stats
+
+
+def test_numpy_array_changed_in_place_is_recorded_again(tmp_path):
+    a = np.zeros(3, dtype=np.float32)
+    with lockstep.record(tmp_path / "d"):
+        lockstep.probe("a", a)
+        a += 1
+        lockstep.probe("b", a)
+    with lockstep.open_dump(tmp_path / "d") as d:
+        assert d.read(d.get(0, "a")).tolist() == [0.0] * 3
+        assert d.read(d.get(0, "b")).tolist() == [1.0] * 3

@@ -130,16 +130,17 @@ class Recorder:
             # down_proj's tensor): record it again as a pointer to the data already written.
             # Identity plus the in-place version counter, never the data address: freed
             # buffers are reused by later tensors.
-            seen = self._seen.get(id(tensor))
+            # (numpy arrays have no version counter: never aliased)
             version = getattr(tensor, "_version", None)
-            if seen is not None and seen[0]() is tensor and seen[1] == version:
-                self._sink.put(full, self.step, call, seen[2], alias=True, role=role, **extra)
-                continue
+            if version is not None:
+                seen = self._seen.get(id(tensor))
+                if seen is not None and seen[0]() is tensor and seen[1] == version:
+                    self._sink.put(full, self.step, call, seen[2], alias=True, role=role,
+                                   **extra)
+                    continue
             host = to_host(tensor, copy=not self._sink.direct)
-            try:
+            if version is not None:
                 self._seen[id(tensor)] = (weakref.ref(tensor), version, host)
-            except TypeError:  # not weak-referenceable: never aliased
-                pass
             self._sink.put(full, self.step, call, host, role=role, **extra)
 
     def watch(self, module: Any, *, prefix: str = "", inputs: bool | Sequence[str] = False,

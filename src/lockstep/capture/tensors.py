@@ -23,6 +23,7 @@ _NUMPY_NAMES = {
     "int32": "int32", "int16": "int16", "int8": "int8", "uint8": "uint8", "uint16": "uint16",
     "uint32": "uint32", "uint64": "uint64", "bool": "bool",
 }
+_NUMPY_BY_DTYPE = {np.dtype(k): v for k, v in _NUMPY_NAMES.items()}
 # torch dtypes without a same-size numpy twin are reinterpreted as unsigned ints of their size
 _TORCH_BITCAST = {"bfloat16": "int16", "float8_e4m3fn": "uint8", "float8_e5m2": "uint8",
                   "bool": "uint8"}
@@ -124,7 +125,7 @@ def to_host(value: Any, *, copy: bool = True) -> HostTensor:
     for CUDA), or with ``copy=False`` possibly the tensor's own memory, for a caller that
     writes it out before the engine goes on (``HostTensor.own`` copies later if needed)."""
     if isinstance(value, np.ndarray):
-        name = _NUMPY_NAMES.get(value.dtype.name)
+        name = _NUMPY_BY_DTYPE.get(value.dtype)  # (dtype.name is slow: this is per capture)
         if name is None:
             raise TypeError(f"numpy dtype {value.dtype} cannot be recorded")
         if not copy:

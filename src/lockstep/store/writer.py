@@ -26,6 +26,7 @@ DATA_FILE = "data.bin"
 _ALIGN = 64  # data offsets are 64-byte aligned, so memory-mapped arrays are aligned too
 _ZEROS = bytes(_ALIGN)
 _ENCODE = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+_TEXT = json.encoder.encode_basestring_ascii  # what _ENCODE does to a str, minus the checks
 
 
 def _prepare_dir(path: Path, overwrite: bool) -> None:
@@ -104,16 +105,16 @@ class DumpWriter:
             offset = at
         # the line json.dumps would give (same keys, order, separators), built directly:
         # this runs once per captured tensor, on the engine's thread
-        enc = _ENCODE
-        line = (f'{{"type":"tensor","name":{enc(name)},"step":{int(step)},"seq":{self._seq},'
-                f'"call":{int(call)},"dtype":{enc(dtype)},'
+        enc, text = _ENCODE, _TEXT
+        line = (f'{{"type":"tensor","name":{text(name)},"step":{int(step)},"seq":{self._seq},'
+                f'"call":{int(call)},"dtype":{text(dtype)},'
                 f'"shape":[{",".join(str(int(n)) for n in shape)}],'
                 f'"offset":{"null" if offset is None else offset},'
                 f'"nbytes":{"null" if offset is None else nbytes},'
                 f'"stats":{"null" if stats is None else enc(stats)}')
         for key, value in extra.items():
             if value is not None:
-                line += f",{enc(key)}:{enc(value)}"
+                line += f",{text(key)}:{text(value) if type(value) is str else enc(value)}"
         self._lines.append(line + "}\n")
         self._seq += 1
         self.last_offset = offset
