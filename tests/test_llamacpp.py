@@ -91,7 +91,7 @@ def gguf():
 
 @pytest.fixture(scope="module")
 def engine(gguf):
-    eng = LlamaCppEngine(f"llamacpp:{gguf}", str(gguf))
+    eng = LlamaCppEngine(f"llamacpp:{gguf}", str(gguf), views=True)
     eng.load()
     yield eng
     eng.close()
@@ -294,3 +294,22 @@ def test_importing_the_adapter_does_not_import_llama_cpp():
     code = ("import sys, lockstep, lockstep.engines.llamacpp; "
             "assert 'llama_cpp' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_pure_views_are_left_out_by_default(gguf, tmp_path):
+    eng = LlamaCppEngine(f"llamacpp:{gguf}", str(gguf))
+    eng.load()
+    try:
+        with lockstep.record(tmp_path / "d") as rec:
+            eng.generate(rec, PROMPT_IDS, 0)
+    finally:
+        eng.close()
+    with open_dump(tmp_path / "d") as dump:
+        names = {r.name for r in dump}
+        ops = {r.extra.get("op") for r in dump}
+        assert not ops & {"view", "reshape", "permute", "transpose"}
+        # what holds new values stays: the projections, the RoPE, the KV cache writes
+        assert {"Qcur-0", "Qcur-0:rope", "cache_k_l0 (view)", "kq_soft_max-0",
+                "kqv_out-0", "result_output"} <= names
+        assert "Qcur-0:reshape" not in names
+    assert eng.meta()["views_recorded"] is False

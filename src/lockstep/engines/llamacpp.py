@@ -55,6 +55,8 @@ _TYPES: dict[int, tuple[str, str]] = {
     26: ("i32", "<i4"), 27: ("i64", "<i8"), 28: ("f64", "<f8"), 30: ("bf16", "<u2"),
 }
 _BF16 = 30
+#: ops whose result is a view of their source's bytes, holding no new values
+_VIEW_OPS = frozenset({"view", "reshape", "permute", "transpose"})
 _CTX_ALIGN = 256  # llama.cpp pads the KV cache to 256 cells; contexts are sized in these units
 _EMBD_NAMES = ("embd", "inp_embd")  # the token embeddings node, by llama.cpp version
 
@@ -180,6 +182,7 @@ class _GraphTap:
         self.ops: set[str] = set()  #: ops seen as a ":op" suffix
         self.extra_fields = False
         self.selected: Callable[[str], bool] | None = None
+        self.views = False  # record pure view nodes too (see LlamaCppEngine)
         self._reset()
         self.c_callback = llama_cpp.ggml_backend_sched_eval_callback(self._make())
 
@@ -278,6 +281,8 @@ class _GraphTap:
                         full = name
                         if name in _EMBD_NAMES:
                             self._check_embd(t, name)
+                    if op in _VIEW_OPS and not self.views:
+                        return False  # the same bytes as its source: no new values
                     type_id = c_int.from_address(t).value
                     if type_id not in types:
                         self.skipped[full] = f"ggml type {type_id} (quantized or unsupported)"
@@ -343,12 +348,16 @@ class LlamaCppEngine(Engine):
     name = "llama.cpp"
 
     def __init__(self, spec: str, path: str, *, n_threads: int | None = None,
-                 n_gpu_layers: int = 0, verbose: bool = False) -> None:
+                 n_gpu_layers: int = 0, verbose: bool = False, views: bool = False) -> None:
         super().__init__(spec)
         self.path = Path(path)
         self.n_threads = int(n_threads) if n_threads else _usable_cpus()
         self.n_gpu_layers = int(n_gpu_layers)
         self.verbose = verbose
+        #: also record pure view nodes (VIEW, RESHAPE, PERMUTE, TRANSPOSE): the same bytes as
+        #: the node they view, so off by default (in a 32-token eval they are a quarter of
+        #: the data, most of it the KV cache seen five ways)
+        self.views = views
         self.llama_cpp: Any = None
         self.lib: ctypes.CDLL | None = None
         self.model: Any = None
@@ -454,6 +463,7 @@ class LlamaCppEngine(Engine):
         L = self.llama_cpp
         assert self.lib is not None
         tap = _GraphTap(L, self.lib)
+        tap.views = self.views
         tap.n_embd = self.info["n_embd"]
         self.ctx = L.llama_init_from_model(self.model, self.context_params(n_ctx,
                                                                            tap.c_callback))
@@ -488,6 +498,7 @@ class LlamaCppEngine(Engine):
                 "n_gpu_layers": self.n_gpu_layers, "device": "cpu" if not self.n_gpu_layers
                 else "offloaded", "flash_attn": False,
                 "llama_cpp_python_version": _version(L) if L is not None else None,
+                "views_recorded": self.views,
                 "logits": ["result_output"]}
 
     def eval(self, ids: Sequence[int], pos: int, rec: Recorder | None = None) -> None:
