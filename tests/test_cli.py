@@ -111,3 +111,60 @@ def test_diff_runs_both_engines_on_the_same_tokens(models, tmp_path):
     fed = [p for p in report["pairs"] if p["reference"] == "input_ids"]
     assert [p["error"] for p in fed] == [0, 0, 0]
     assert len(ref_meta["generated_token_ids"]) == 3
+
+
+USER_ENGINE = '''
+import torch
+from transformers import AutoModelForCausalLM
+
+from lockstep.engines import Engine
+
+
+class Buggy(Engine):
+    """A user's engine: the same model, its own greedy loop, one weight off in layer 1."""
+
+    name = "buggy"
+
+    def __init__(self, spec, path):
+        super().__init__(spec)
+        self.path = path
+
+    def load(self):
+        self.model = AutoModelForCausalLM.from_pretrained(self.path).eval()
+        with torch.no_grad():
+            self.model.model.layers[1].self_attn.v_proj.weight[2, 7] += 1.0
+
+    def tokenize(self, text):
+        raise NotImplementedError
+
+    def generate(self, rec, prompt_ids, decode, *, forced=None):
+        rec.watch(self.model)
+        ids, past, chosen = torch.tensor([list(prompt_ids)]), None, []
+        with torch.no_grad():
+            for step in range(decode + 1):
+                rec.capture("input_ids", ids)
+                out = self.model(input_ids=ids, past_key_values=past, use_cache=True)
+                past = out.past_key_values
+                chosen.append(int(out.logits[0, -1].argmax()))
+                fed = forced[step] if forced and step < len(forced) else chosen[-1]
+                ids = torch.tensor([[fed]])
+        return chosen
+
+
+def make(spec):
+    return Buggy(spec, PATH)
+'''
+
+
+def test_diff_against_a_users_python_engine(models, tmp_path):
+    (tmp_path / "my_engine.py").write_text(
+        USER_ENGINE.replace("PATH)", f"{str(models / 'good')!r})"))
+    res = lockstep("diff", f"hf:{models / 'good'}", f"py:{tmp_path / 'my_engine.py'}:make",
+                   "--tokens", "3,17,42,7", "--decode", "2", "--out", str(tmp_path / "d"),
+                   "--json", str(tmp_path / "r.json"))
+    assert res.returncode == 1, res.stderr
+    first = json.loads((tmp_path / "r.json").read_text())["first_divergence"]
+    assert (first["step"], first["reference"]) == (0, "model.layers.1.self_attn.v_proj")
+    bad = lockstep("diff", f"hf:{models / 'good'}", f"py:{tmp_path / 'my_engine.py'}:nothing",
+                   "--tokens", "1", "--out", str(tmp_path / "e"))
+    assert bad.returncode == 2 and "has no 'nothing'" in bad.stderr
