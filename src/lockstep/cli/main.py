@@ -47,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     df = sub.add_parser("diff", help="run a reference and a candidate engine, then compare",
                         description="Exit code: 0 match or drift, 1 diverged, 2 error.")
     df.add_argument("reference", help="engine spec: hf:DIR, hf:FILE.gguf, llamacpp:FILE.gguf, "
-                                      "dump:DIR")
+                                      "py:module:Factory, dump:DIR")
     df.add_argument("candidate", help="engine spec, as for the reference")
     src = df.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="prompt text (tokenized by the reference)")
@@ -62,7 +62,8 @@ def _parser() -> argparse.ArgumentParser:
 
     cap = sub.add_parser("capture", help="run an engine on a prompt and record it",
                          description="Records the prefill as step 0 and N greedy decode steps.")
-    cap.add_argument("engine", help="engine spec, e.g. hf:/path/to/model_dir")
+    cap.add_argument("engine", help="engine spec: hf:DIR, hf:FILE.gguf, llamacpp:FILE.gguf, "
+                                    "py:module:Factory")
     src = cap.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text (the model's tokenizer is used)")
     src.add_argument("--tokens", type=_tokens, help="prompt token ids, e.g. 1,2,3")
@@ -87,7 +88,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--overwrite", action="store_true", help="replace an existing dump")
     r.add_argument("program", nargs=argparse.REMAINDER, help="-- python program.py [args]")
 
-    d = sub.add_parser("demo", help="the real SmolLM2 model: fp32 vs bf16 vs a broken layer")
+    d = sub.add_parser("demo", help="the real SmolLM2 model: fp32 vs bf16, a broken layer, "
+                                    "llama.cpp")
     d.add_argument("--out", default="demo-out", help="where the demo's dumps go")
 
     s = sub.add_parser("show", help="list the records of a dump")
