@@ -95,6 +95,16 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("show", help="list the records of a dump")
     s.add_argument("dump")
     s.add_argument("--step", type=int, help="only this step")
+
+    i = sub.add_parser("inspect", help="check a checkpoint's weights for NaN and Inf",
+                       description="Reads a .safetensors file, a directory of shards, a PEFT "
+                                   "adapter directory, a .gguf or a .bin/.pt. Exit code: 0 "
+                                   "clean, 1 bad tensors (NaN or Inf), 2 error.")
+    i.add_argument("path", help="checkpoint file or directory")
+    i.add_argument("--json", metavar="FILE", help="also write the full report as JSON")
+    i.add_argument("--group", action="append", default=[], metavar="REGEX=COMPONENT",
+                   help="put tensors whose name matches REGEX in COMPONENT (before the "
+                        "default rules)")
     return p
 
 
@@ -207,7 +217,33 @@ def _demo(args: argparse.Namespace) -> int:
     return EXIT_OK if all(expected[k] == v for k, v in verdicts.items()) else EXIT_ERROR
 
 
-_COMMANDS = {"compare": _compare, "diff": _diff, "demo": _demo, "capture": _capture, "run": _run, "show": _show}
+def _inspect(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
+                               TransferSpeedColumn)
+
+    from ..checkpoint import inspect_checkpoint
+    from ..checkpoint.render import render
+
+    err = Console(stderr=True)
+    with Progress(TextColumn("inspecting"), BarColumn(), DownloadColumn(),
+                  TransferSpeedColumn(), TextColumn("{task.fields[tensors]}"),
+                  console=err, transient=True, disable=not err.is_terminal) as progress:
+        task = progress.add_task("inspecting", total=None, tensors="")
+        report = inspect_checkpoint(
+            args.path, groups=args.group,
+            progress=lambda i, n, done, total: progress.update(
+                task, completed=done, total=total, tensors=f"{i}/{n} tensors"))
+    console = Console()
+    for item in render(report):
+        console.print(item)
+    if args.json:
+        report.write_json(args.json)
+    return EXIT_DIVERGED if report.bad else EXIT_OK
+
+
+_COMMANDS = {"compare": _compare, "diff": _diff, "demo": _demo, "capture": _capture, "run": _run, "show": _show,
+             "inspect": _inspect}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,15 @@
+"""The checkpoint doctor: read a model's weights tensor by tensor and say what is wrong.
+
+``inspect_checkpoint(path)`` reads a safetensors file, a directory of shards, a PEFT adapter
+directory, a GGUF file or a PyTorch ``.bin``/``.pt`` and returns per-tensor statistics
+grouped by component (embeddings, attention, mlp, ...); a tensor holding any NaN or Inf is bad.
+"""
+
+from __future__ import annotations
+
+from .components import DEFAULT_RULES, ComponentRules
+from .doctor import InspectReport, inspect_checkpoint
+from .tensors import CheckpointError, TensorReport
+
+__all__ = ["inspect_checkpoint", "InspectReport", "TensorReport", "CheckpointError",
+           "ComponentRules", "DEFAULT_RULES"]

@@ -1,0 +1,118 @@
+"""What a path holds: one file, a directory of shards, or a PEFT adapter directory."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from .tensors import CheckpointError, TensorSource
+
+__all__ = ["Checkpoint", "open_checkpoint"]
+
+
+@dataclass
+class Checkpoint:
+    """The files of a checkpoint, opened and checked; ``tensors()`` streams them in order."""
+
+    path: Path
+    kind: str  #: "safetensors", "sharded safetensors", "peft adapter", "gguf", "torch"
+    files: list[Any]
+    metadata: dict[str, Any] = field(default_factory=dict)
+    adapter: dict[str, Any] | None = None
+
+    def tensors(self) -> Iterator[TensorSource]:
+        for f in self.files:
+            yield from f.tensors()
+
+    @property
+    def count(self) -> int:
+        return sum(sum(1 for _ in f.tensors()) for f in self.files)
+
+
+def _open_file(path: Path) -> Any:
+    suffix = path.suffix.lower()
+    if suffix == ".gguf":
+        from .gguf_file import GGUFFile
+        return GGUFFile(path)
+    if suffix in (".bin", ".pt", ".pth"):
+        from .torch_file import TorchFile
+        return TorchFile(path)
+    if suffix == ".safetensors":
+        from .safetensors import SafetensorsFile
+        return SafetensorsFile(path)
+    with open(path, "rb") as f:  # unknown suffix: sniff
+        head = f.read(4)
+    if head == b"GGUF":
+        from .gguf_file import GGUFFile
+        return GGUFFile(path)
+    from .safetensors import SafetensorsFile
+    return SafetensorsFile(path)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(path, f"cannot read JSON: {exc}") from None
+
+
+def _adapter(path: Path) -> Checkpoint:
+    config = _read_json(path / "adapter_config.json")
+    if not isinstance(config, dict):
+        raise CheckpointError(path / "adapter_config.json", "not a JSON object")
+    targets = config.get("target_modules")
+    info = {"peft_type": config.get("peft_type"), "base_model": config.get(
+        "base_model_name_or_path"), "target_modules": sorted(targets) if isinstance(
+        targets, list) else targets, "r": config.get("r"), "lora_alpha": config.get("lora_alpha")}
+    for name in ("adapter_model.safetensors", "adapter_model.bin"):
+        if (path / name).is_file():
+            f = _open_file(path / name)
+            return Checkpoint(path, "peft adapter", [f], dict(getattr(f, "metadata", {})),
+                              info)
+    raise CheckpointError(path, "adapter_config.json but no adapter_model.safetensors "
+                                "(or adapter_model.bin)")
+
+
+def _directory(path: Path) -> Checkpoint:
+    if (path / "adapter_config.json").is_file():
+        return _adapter(path)
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        data = _read_json(index)
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(index, "no weight_map object")
+        names = sorted(set(map(str, weight_map.values())))
+        missing = [n for n in names if not (path / n).is_file()]
+        if missing:
+            raise CheckpointError(index, f"shard {missing[0]} is missing "
+                                         f"({len(missing)} of {len(names)} missing)")
+        files = [_open_file(path / n) for n in names]
+        listed = {n for f in files for n, *_ in f.entries}
+        absent = sorted(set(weight_map) - listed)
+        if absent:
+            raise CheckpointError(index, f"tensor {absent[0]!r} is in the weight_map but in "
+                                         f"no shard ({len(absent)} such)")
+        meta = data.get("metadata") if isinstance(data.get("metadata"), dict) else {}
+        return Checkpoint(path, "sharded safetensors", files, dict(meta))
+    for pattern, kind in (("*.safetensors", "sharded safetensors"), ("*.gguf", "gguf"),
+                          ("*.bin", "torch"), ("*.pt", "torch")):
+        found = sorted(path.glob(pattern))
+        if found:
+            return Checkpoint(path, kind, [_open_file(p) for p in found])
+    raise CheckpointError(path, "no checkpoint here: no *.safetensors, *.gguf, *.bin or *.pt "
+                                "files, no adapter_config.json")
+
+
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    """Open and validate the checkpoint at ``path`` (headers only; no data read yet)."""
+    p = Path(path)
+    if p.is_dir():
+        return _directory(p)
+    if not p.exists():
+        raise CheckpointError(p, "no such file or directory")
+    f = _open_file(p)
+    kind = {"GGUFFile": "gguf", "TorchFile": "torch"}.get(type(f).__name__, "safetensors")
+    return Checkpoint(p, kind, [f], dict(getattr(f, "metadata", {})))
