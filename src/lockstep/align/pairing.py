@@ -1,33 +1,45 @@
-"""Pairing the records of two dumps, step by step.
+"""Pairing the records of two dumps.
 
-Four passes per step, each on what the previous left: the same name (and call index); the
-same canonical name through each side's name table (align.tables), with the layout transform
-the table names; the same name after normalisation (wrapper prefixes such as ``module.`` or
-``_orig_mod.`` dropped, case folded); then, unless name tables paired the two dumps, capture
-order among records of the same shape (size-1 dims ignored).
+Passes, each on what the previous ones left:
+
+1. ``name``: the same name and call index in the same step;
+2. ``mapping``: the user's mapping file (docs/mapping.md): rename rules with transforms;
+3. ``table``: the same canonical name through each side's name table (align.tables), with
+   the layout transforms the tables name (one candidate record may cover several reference
+   records, and blocks of one reference record);
+4. ``normalized``: the same name after wrapper prefixes (``module.``, ``_orig_mod.``) are
+   dropped and case folded;
+5. ``structure``: structural auto-alignment (align.structure) of what is left, by layer
+   index, order, shapes, values and name tokens. After the name tables paired the two dumps,
+   only pairs whose values agree somewhere are taken from it.
+
+Any pair whose shapes differ gets a layout transform (align.layouts) when one fits.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Callable, Sequence
+
+import numpy as np
 
 from ..store.reader import Dump, Record
+from .layouts import Layout, agreement, layout_candidates, squeeze_shape
+from .structure import pair_templates
 from .tables import NameTable, detect_table
+from .transforms import apply_transform
+
+if TYPE_CHECKING:
+    from .mapping import MappingFile
 
 __all__ = ["Pair", "Alignment", "align", "squeeze_shape", "normalize_name"]
 
 _WRAPPER_PREFIXES = re.compile(r"^(?:(?:module|_orig_mod|base_model\.model|_fsdp_wrapped_module)\.)+")
 
 
-def squeeze_shape(shape: Sequence[int]) -> tuple[int, ...]:
-    """The shape without its size-1 dims: ``(1, 7, 64)`` and ``(7, 64)`` are the same."""
-    return tuple(n for n in shape if n != 1)
-
-
 def normalize_name(name: str) -> str:
-    """A name with wrapper prefixes removed and case folded, for the second pairing pass."""
+    """A name with wrapper prefixes removed and case folded."""
     return _WRAPPER_PREFIXES.sub("", name).lower()
 
 
@@ -37,115 +49,227 @@ class Pair:
 
     ref: Record
     cand: Record
-    how: str  #: "name", "table", "normalized" or "order": which pass paired them
+    how: str  #: "name", "mapping", "table", "normalized" or "structure": the pass that paired
     canonical: str | None = None  #: the canonical name, when a name table paired them
     ref_transform: str | None = None  #: layout transform applied to the reference tensor
     cand_transform: str | None = None  #: and to the candidate tensor
+    confidence: float = 1.0  #: 1 for names, tables and mapping; structural pairs less
+    evidence: str = ""  #: why they were paired, for structural pairs
 
 
 @dataclass(frozen=True)
 class Alignment:
-    """Every pair, in the reference's capture order, and what could not be paired."""
+    """Every pair, in step and reference capture order, and what could not be paired."""
 
     pairs: tuple[Pair, ...]
     ref_only: tuple[Record, ...]
     cand_only: tuple[Record, ...]
+    tables: tuple[str, str] | None = None  #: the name tables used (reference, candidate)
+    ignored: int = 0  #: records left out by the mapping file
+
+    @property
+    def low_confidence(self) -> tuple[Pair, ...]:
+        return tuple(p for p in self.pairs if p.confidence < 0.6)
 
 
-def _table_pass(left: list[Record], free_cand: dict[int, Record], pairs: dict[int, Pair],
-                tables: tuple[NameTable, NameTable]) -> list[Record]:
-    ref_table, cand_table = tables
-    by_canon: dict[tuple[str, int], tuple[Record, str | None]] = {}
-    for c in free_cand.values():
-        hit = cand_table.lookup(c.name)
-        if hit is not None:
-            by_canon.setdefault((hit[0], c.call), (c, hit[1]))
-    still: list[Record] = []
-    for r in left:
-        hit = ref_table.lookup(r.name)
-        found = by_canon.pop((hit[0], r.call), None) if hit is not None else None
-        if hit is None or found is None:
-            still.append(r)
-            continue
-        c, cand_transform = found
-        pairs[r.seq] = Pair(r, c, "table", hit[0], hit[1], cand_transform)
-        del free_cand[c.seq]
-    return still
+class _Step:
+    """One step's unpaired records and its pairs so far."""
+
+    def __init__(self, number: int, ref: list[Record], cand: list[Record]) -> None:
+        self.number = number
+        self.ref = ref
+        self.free_ref = {r.seq: r for r in ref}
+        self.free_cand = {c.seq: c for c in cand}
+        self.pairs: list[Pair] = []
+
+    def take(self, pair: Pair, *, keep_ref: bool = False, keep_cand: bool = False) -> None:
+        self.pairs.append(pair)
+        if not keep_ref:
+            self.free_ref.pop(pair.ref.seq, None)
+        if not keep_cand:
+            self.free_cand.pop(pair.cand.seq, None)
 
 
-def _align_step(ref: list[Record], cand: list[Record],
-                tables: tuple[NameTable, NameTable] | None) -> tuple[list[Pair], list[Record],
-                                                                      list[Record]]:
-    pairs: dict[int, Pair] = {}  # by ref seq
-    by_name = {(r.name, r.call): r for r in cand}
-    free_cand = {r.seq: r for r in cand}
-    left: list[Record] = []
-    for r in ref:
+def _by_name(step: _Step) -> None:
+    by_name = {(c.name, c.call): c for c in step.free_cand.values()}
+    for r in list(step.free_ref.values()):
         c = by_name.get((r.name, r.call))
         if c is not None:
-            pairs[r.seq] = Pair(r, c, "name")
-            del free_cand[c.seq]
-        else:
-            left.append(r)
-    if left and free_cand and tables is not None:
-        left = _table_pass(left, free_cand, pairs, tables)
-    if left and free_cand:
-        by_norm: dict[tuple[str, int], Record] = {}
-        for c in free_cand.values():
-            by_norm.setdefault((normalize_name(c.name), c.call), c)
-        still: list[Record] = []
-        for r in left:
-            c = by_norm.pop((normalize_name(r.name), r.call), None)
-            if c is not None:
-                pairs[r.seq] = Pair(r, c, "normalized")
-                del free_cand[c.seq]
-            else:
-                still.append(r)
-        left = still
-    if left and free_cand and tables is None:
-        # order-preserving: a leftover candidate may only pair after the previous order pair.
-        # Not when name tables paired the two: what they leave has no counterpart by design.
-        rest = sorted(free_cand.values(), key=lambda c: c.seq)
-        start = 0
-        still = []
-        for r in left:
-            shape = squeeze_shape(r.shape)
-            for i in range(start, len(rest)):
-                if squeeze_shape(rest[i].shape) == shape:
-                    pairs[r.seq] = Pair(r, rest[i], "order")
-                    del free_cand[rest[i].seq]
-                    start = i + 1
-                    break
-            else:
-                still.append(r)
-        left = still
-    ordered = [pairs[r.seq] for r in ref if r.seq in pairs]
-    return ordered, left, sorted(free_cand.values(), key=lambda c: c.seq)
+            step.take(Pair(r, c, "name"))
 
 
-def align(ref: Dump, cand: Dump, *, use_tables: bool = True) -> Alignment:
-    """Pair the two dumps' records, step by step, in the reference's capture order.
+def _by_mapping(step: _Step, mapping: MappingFile) -> None:
+    by_name = {(r.name, r.call): r for r in step.ref}
+    for c in list(step.free_cand.values()):
+        hits = mapping.lookup(c.name)
+        for hit in hits:
+            r = by_name.get((hit.ref_name, c.call))
+            if r is not None and r.seq in step.free_ref:
+                step.take(Pair(r, c, "mapping", None, hit.ref_transform, hit.cand_transform),
+                          keep_cand=True)
+        if hits:
+            step.free_cand.pop(c.seq, None)
 
-    ``use_tables=False`` leaves out the name-table pass."""
+
+def _rule(table: NameTable, name: str) -> tuple[str, str | None, str | None] | None:
+    lookup_rule = getattr(table, "lookup_rule", None)
+    if lookup_rule is not None:
+        return lookup_rule(name)  # type: ignore[no-any-return]
+    hit = table.lookup(name)
+    return (hit[0], hit[1], None) if hit else None
+
+
+def _by_table(step: _Step, tables: tuple[NameTable, NameTable]) -> None:
+    ref_table, cand_table = tables
+    by_canon: dict[tuple[str, int], Record] = {}
+    for r in step.free_ref.values():
+        hit = _rule(ref_table, r.name)
+        if hit is not None:
+            by_canon.setdefault((hit[0], r.call), r)
+    used_ref: set[int] = set()
+    for c in list(step.free_cand.values()):
+        hit = _rule(cand_table, c.name)
+        if hit is None:
+            continue
+        canonical, cand_transform, counterpart = hit
+        r = by_canon.get((canonical, c.call))
+        if r is None:
+            continue
+        ref_rule = _rule(ref_table, r.name)
+        ref_transform = counterpart or (ref_rule[1] if ref_rule else None)
+        step.take(Pair(r, c, "table", canonical, ref_transform, cand_transform), keep_ref=True)
+        used_ref.add(r.seq)
+    for seq in used_ref:
+        step.free_ref.pop(seq, None)
+
+
+def _by_normalized(step: _Step) -> None:
+    by_norm: dict[tuple[str, int], Record] = {}
+    for c in step.free_cand.values():
+        by_norm.setdefault((normalize_name(c.name), c.call), c)
+    for r in list(step.free_ref.values()):
+        c = by_norm.pop((normalize_name(r.name), r.call), None)
+        if c is not None:
+            step.take(Pair(r, c, "normalized"))
+
+
+def _reader() -> Callable[[Dump, Record], np.ndarray]:
+    cache: dict[tuple[int, int], np.ndarray] = {}
+
+    def read(dump: Dump, rec: Record) -> np.ndarray:
+        key = (id(dump), rec.seq)
+        if key not in cache:
+            cache[key] = dump.read(rec)
+        return cache[key]
+
+    return read
+
+
+def _fit_layout(ref: Dump, cand: Dump, pair: Pair,
+                read: Callable[[Dump, Record], np.ndarray],
+                chosen: dict[tuple[str, str, tuple[int, ...], tuple[int, ...]], Layout]) -> Pair:
+    """A pair whose shapes differ (after its transforms) gets the layout that fits, chosen
+    once per (reference name pattern, candidate name pattern, shapes) by values."""
+    if pair.ref_transform or pair.cand_transform:
+        return pair
+    if squeeze_shape(pair.ref.shape) == squeeze_shape(pair.cand.shape):
+        return pair
+    key = (re.sub(r"\d+", "#", pair.ref.name), re.sub(r"\d+", "#", pair.cand.name),
+           pair.ref.shape, pair.cand.shape)
+    lay = chosen.get(key)
+    if lay is None:
+        layouts = layout_candidates(pair.ref.shape, pair.cand.shape)
+        if not layouts:
+            return pair
+        lay = layouts[0]
+        if pair.ref.has_data and pair.cand.has_data:
+            best = -2.0
+            r, c = read(ref, pair.ref), read(cand, pair.cand)
+            for option in layouts:
+                try:
+                    cos = agreement(apply_transform(option.ref_transform, r, ref.meta),
+                                    apply_transform(option.cand_transform, c, cand.meta))
+                except Exception:  # a layout that does not apply here
+                    continue
+                if cos > best + 1e-9:
+                    best, lay = cos, option
+        chosen[key] = lay
+    return replace(pair, ref_transform=lay.ref_transform, cand_transform=lay.cand_transform)
+
+
+def align(ref: Dump, cand: Dump, *, use_tables: bool = True,
+          mapping: MappingFile | None = None) -> Alignment:
+    """Pair the two dumps' records (see the module docstring for the passes).
+
+    ``use_tables=False`` leaves out the name tables; ``mapping`` is a loaded mapping file."""
     tables = None
     if use_tables:
         ref_table = detect_table(r.name for r in ref.records)
         cand_table = detect_table(c.name for c in cand.records)
         if ref_table is not None and cand_table is not None:
             tables = (ref_table, cand_table)
+    ignored = 0
     ref_steps: dict[int, list[Record]] = {}
     cand_steps: dict[int, list[Record]] = {}
-    for r in ref.records:
-        ref_steps.setdefault(r.step, []).append(r)
-    for c in cand.records:
-        cand_steps.setdefault(c.step, []).append(c)
-    pairs: list[Pair] = []
-    ref_only: list[Record] = []
-    cand_only: list[Record] = []
-    for step in sorted(set(ref_steps) | set(cand_steps)):
-        step_pairs, step_ref_only, step_cand_only = _align_step(
-            ref_steps.get(step, []), cand_steps.get(step, []), tables)
-        pairs += step_pairs
-        ref_only += step_ref_only
-        cand_only += step_cand_only
-    return Alignment(tuple(pairs), tuple(ref_only), tuple(cand_only))
+    for side, records, steps in (("ref", ref.records, ref_steps),
+                                 ("cand", cand.records, cand_steps)):
+        for r in records:
+            if mapping is not None and mapping.ignored(r.name, side):
+                ignored += 1
+                continue
+            steps.setdefault(r.step, []).append(r)
+    steps = [_Step(s, ref_steps.get(s, []), cand_steps.get(s, []))
+             for s in sorted(set(ref_steps) | set(cand_steps))]
+    for step in steps:
+        _by_name(step)
+        if mapping is not None and step.free_cand:
+            _by_mapping(step, mapping)
+        if tables is not None and step.free_cand:
+            _by_table(step, tables)
+        if step.free_cand:
+            _by_normalized(step)
+    read = _reader()
+    left_ref = [r for s in steps for r in s.free_ref.values()]
+    left_cand = [c for s in steps for c in s.free_cand.values()]
+    if left_ref and left_cand:
+        _by_structure(ref, cand, steps, left_ref, left_cand, read,
+                      need_values=tables is not None)
+    chosen: dict = {}
+    pairs = [_fit_layout(ref, cand, p, read, chosen) for s in steps for p in s.pairs]
+    pairs.sort(key=lambda p: (p.ref.step, p.ref.seq, p.cand.seq))
+    ref_only = sorted((r for s in steps for r in s.free_ref.values()), key=lambda r: r.seq)
+    cand_only = sorted((c for s in steps for c in s.free_cand.values()), key=lambda c: c.seq)
+    return Alignment(tuple(pairs), tuple(ref_only), tuple(cand_only),
+                     (tables[0].name, tables[1].name) if tables else None, ignored)
+
+
+def _by_structure(ref: Dump, cand: Dump, steps: list[_Step], left_ref: Sequence[Record],
+                  left_cand: Sequence[Record], read: Callable[[Dump, Record], np.ndarray], *,
+                  need_values: bool) -> None:
+    by_step = {s.number: s for s in steps}
+    multi_ref: set[tuple[int, int]] = set()  # (step, ref seq) paired with several candidates
+    for tp in pair_templates(ref, cand, left_ref, left_cand, read, need_values=need_values):
+        for key, c in tp.cand.instances.items():
+            r = tp.ref.instances.get(key)
+            step = by_step.get(key[0])
+            if r is None or step is None or c.seq not in step.free_cand:
+                continue
+            if r.seq not in step.free_ref and (key[0], r.seq) not in multi_ref:
+                continue
+            pair = Pair(r, c, "structure", None, tp.layout.ref_transform,
+                        tp.layout.cand_transform, tp.confidence, tp.evidence)
+            shared_ref = tp.layout.ref_transform is not None  # blocks share their reference
+            shared_cand = tp.layout.cand_transform is not None and "slice(" in (
+                tp.layout.cand_transform or "")  # a fused tensor covers several references
+            step.take(pair, keep_ref=shared_ref, keep_cand=shared_cand)
+            if shared_ref:
+                multi_ref.add((key[0], r.seq))
+    for step in steps:  # references covered by blocks, and fused candidates, are paired
+        paired_ref = {p.ref.seq for p in step.pairs}
+        paired_cand = {p.cand.seq for p in step.pairs}
+        for seq in list(step.free_ref):
+            if seq in paired_ref:
+                del step.free_ref[seq]
+        for seq in list(step.free_cand):
+            if seq in paired_cand:
+                del step.free_cand[seq]

@@ -1,35 +1,181 @@
-"""Layout transforms that bring an engine's tensor into the canonical (transformers) layout."""
+"""Layout transforms: bring one engine's tensor into the other's (the canonical) layout.
+
+A transform is a small pipeline written as text, steps separated by ``|``; the same text is
+what name tables, mapping files and the report use::
+
+    squeeze                     drop size-1 dims
+    flatten                     to one dimension
+    reshape(-1, n_heads, head_dim)
+    permute(1, 0, 2)            reorder dims
+    transpose(-1, -2)           swap two dims (the last two when no arguments)
+    slice(-1, 0, 64)            elements 0..63 of a dim (a fused QKV's Q part)
+    block(16, 3)                flattened, the 16 elements of block 3
+    cast(float64)
+    rope_interleaved            half-split RoPE order from interleaved (per head)
+    rope_halfsplit              interleaved RoPE order from half-split (per head)
+
+Sizes may be written as ``head_dim``, ``n_heads`` or ``n_kv_heads``: they are read from the
+run metadata of the dump the tensor comes from.
+"""
 
 from __future__ import annotations
 
+import functools
+import re
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from ..errors import LockstepError
+from ..errors import LockstepError, UsageError
 
-__all__ = ["TRANSFORMS", "apply_transform"]
+__all__ = ["Transform", "parse_transform", "apply_transform", "meta_size", "STEP_NAMES"]
+
+_STEP = re.compile(r"^\s*([a-z_]+)\s*(?:\((.*)\))?\s*$")
+_SYMBOLS = {"head_dim": ("head_dim",), "n_heads": ("n_heads", "n_head", "num_attention_heads"),
+            "n_kv_heads": ("n_kv_heads", "n_head_kv", "num_key_value_heads")}
+
+
+def meta_size(meta: Mapping[str, Any], symbol: str) -> int | None:
+    """A model size named in the run metadata (``head_dim``, ``n_heads``, ``n_kv_heads``)."""
+    for key in _SYMBOLS.get(symbol, (symbol,)):
+        value = meta.get(key)
+        if isinstance(value, int) and value > 0:
+            return value
+    if symbol == "head_dim":
+        hidden, heads = meta.get("n_embd") or meta.get("hidden_size"), meta_size(meta, "n_heads")
+        if isinstance(hidden, int) and heads:
+            return hidden // heads
+    return None
+
+
+def _size(arg: str, meta: Mapping[str, Any]) -> int:
+    arg = arg.strip()
+    if re.fullmatch(r"-?\d+", arg):
+        return int(arg)
+    if arg not in _SYMBOLS:
+        raise UsageError(f"transform size {arg!r}: write an integer, head_dim, n_heads or "
+                         "n_kv_heads")
+    value = meta_size(meta, arg)
+    if value is None:
+        raise LockstepError(f"transform needs {arg}, which the run metadata does not give")
+    return value
+
+
+def _head_dim(arr: np.ndarray, meta: Mapping[str, Any], what: str) -> int:
+    head_dim = meta_size(meta, "head_dim") or 0
+    if head_dim <= 1 or head_dim % 2 or arr.shape[-1] % head_dim:
+        raise LockstepError(f"cannot {what}: head_dim {head_dim!r} (run metadata) does not "
+                            f"divide the last dim of {arr.shape}")
+    return head_dim
 
 
 def _rope_interleaved(arr: np.ndarray, meta: Mapping[str, Any]) -> np.ndarray:
-    """Undo the per-head row permutation that GGUF conversion applies to Q and K weights:
-    GGUF feature 2i+j of a head is transformers' feature j*(D/2)+i (D = head_dim)."""
-    head_dim = int(meta.get("head_dim") or 0)
-    if head_dim <= 1 or head_dim % 2 or arr.shape[-1] % head_dim:
-        raise LockstepError(f"cannot undo the RoPE row permutation: head_dim {head_dim!r} "
-                            f"(run metadata) does not divide the last dim of {arr.shape}")
-    lead = arr.shape[:-1]
-    heads = arr.reshape(*lead, -1, head_dim // 2, 2)
+    """Interleaved feature 2i+j of a head is half-split feature j*(D/2)+i (D = head_dim)."""
+    d = _head_dim(arr, meta, "undo the interleaved RoPE order")
+    heads = arr.reshape(*arr.shape[:-1], -1, d // 2, 2)
     return np.swapaxes(heads, -1, -2).reshape(arr.shape)
 
 
-TRANSFORMS: dict[str, Callable[[np.ndarray, Mapping[str, Any]], np.ndarray]] = {
-    "rope_interleaved": _rope_interleaved,
+def _rope_halfsplit(arr: np.ndarray, meta: Mapping[str, Any]) -> np.ndarray:
+    d = _head_dim(arr, meta, "interleave the half-split RoPE order")
+    heads = arr.reshape(*arr.shape[:-1], -1, 2, d // 2)
+    return np.swapaxes(heads, -1, -2).reshape(arr.shape)
+
+
+def _slice(arr: np.ndarray, dim: int, start: int, stop: int) -> np.ndarray:
+    if not -arr.ndim <= dim < arr.ndim or not 0 <= start < stop <= arr.shape[dim]:
+        raise LockstepError(f"slice({dim}, {start}, {stop}) is outside a tensor of shape "
+                            f"{arr.shape}")
+    index = [slice(None)] * arr.ndim
+    index[dim] = slice(start, stop)
+    return arr[tuple(index)]
+
+
+def _block(arr: np.ndarray, size: int, index: int) -> np.ndarray:
+    flat = arr.reshape(-1)
+    if size <= 0 or index < 0 or size * (index + 1) > flat.size:
+        raise LockstepError(f"block({size}, {index}) is outside a tensor of {flat.size} "
+                            "elements")
+    return flat[size * index:size * (index + 1)]
+
+
+def _reshape(arr: np.ndarray, *shape: int) -> np.ndarray:
+    try:
+        return arr.reshape(shape)
+    except ValueError:
+        raise LockstepError(f"cannot reshape {arr.shape} to {shape}") from None
+
+
+def _permute(arr: np.ndarray, *axes: int) -> np.ndarray:
+    if sorted(a % arr.ndim for a in axes) != list(range(arr.ndim)) or len(axes) != arr.ndim:
+        raise LockstepError(f"permute{axes} does not fit a tensor of shape {arr.shape}")
+    return np.transpose(arr, axes)
+
+
+def _transpose(arr: np.ndarray, a: int = -1, b: int = -2) -> np.ndarray:
+    if arr.ndim < 2:
+        raise LockstepError(f"cannot transpose a tensor of shape {arr.shape}")
+    return np.swapaxes(arr, a, b)
+
+
+def _cast(arr: np.ndarray, dtype: str) -> np.ndarray:
+    return arr.astype(np.dtype(dtype))
+
+
+# step name -> (function, takes sizes as arguments)
+_STEPS: dict[str, tuple[Callable[..., np.ndarray], bool]] = {
+    "squeeze": (lambda a: a.reshape(tuple(n for n in a.shape if n != 1)), True),
+    "flatten": (lambda a: a.reshape(-1), True),
+    "reshape": (_reshape, True),
+    "permute": (_permute, True),
+    "transpose": (_transpose, True),
+    "slice": (_slice, True),
+    "block": (_block, True),
+    "cast": (_cast, False),
 }
+_META_STEPS = {"rope_interleaved": _rope_interleaved, "rope_halfsplit": _rope_halfsplit}
+STEP_NAMES = tuple(_STEPS) + tuple(_META_STEPS)
 
 
-def apply_transform(name: str | None, arr: np.ndarray, meta: Mapping[str, Any]) -> np.ndarray:
-    """``arr`` in the canonical layout (unchanged when ``name`` is None)."""
-    if name is None:
+@dataclass(frozen=True)
+class Transform:
+    """A parsed transform pipeline; call it with a tensor and the run metadata."""
+
+    spec: str
+    steps: tuple[tuple[str, tuple[str, ...]], ...]
+
+    def __call__(self, arr: np.ndarray, meta: Mapping[str, Any]) -> np.ndarray:
+        for name, args in self.steps:
+            if name in _META_STEPS:
+                arr = _META_STEPS[name](arr, meta)
+                continue
+            fn, sized = _STEPS[name]
+            arr = fn(arr, *([_size(a, meta) for a in args] if sized else args))
         return arr
-    return TRANSFORMS[name](arr, meta)
+
+    def __str__(self) -> str:
+        return self.spec
+
+
+@functools.lru_cache(maxsize=512)
+def parse_transform(spec: str) -> Transform:
+    """Parse ``"reshape(-1, n_heads, head_dim)|permute(1, 0, 2)"``; UsageError if malformed."""
+    steps = []
+    for part in spec.split("|"):
+        m = _STEP.match(part)
+        if m is None or m.group(1) not in STEP_NAMES:
+            raise UsageError(f"transform {spec!r}: {part.strip()!r} is not one of "
+                             f"{', '.join(STEP_NAMES)}")
+        args = tuple(a.strip() for a in m.group(2).split(",")) if m.group(2) else ()
+        if m.group(1) in _META_STEPS and args:
+            raise UsageError(f"transform {spec!r}: {m.group(1)} takes no arguments")
+        steps.append((m.group(1), tuple(a for a in args if a)))
+    return Transform(spec, tuple(steps))
+
+
+def apply_transform(spec: str | None, arr: np.ndarray, meta: Mapping[str, Any]) -> np.ndarray:
+    """``arr`` after the transform ``spec`` (unchanged when ``spec`` is None)."""
+    if not spec:
+        return arr
+    return parse_transform(spec)(arr, meta)

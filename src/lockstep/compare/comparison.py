@@ -9,7 +9,7 @@ import math
 import os
 import re
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from ..align.pairing import Alignment, Pair, align
 from ..align.transforms import apply_transform
@@ -18,6 +18,9 @@ from ..store.reader import Dump, Record, open_dump
 from .metrics import ShapeMismatch, TensorMetrics, tensor_metrics
 from .tolerance import Tolerance, Tolerances
 from .verdict import PairResult, decide, inherited_errors
+
+if TYPE_CHECKING:
+    from ..align.mapping import MappingFile
 
 __all__ = ["Comparison", "DumpSummary", "compare", "is_logits"]
 
@@ -103,13 +106,19 @@ def _measure(ref: Dump, cand: Dump, pair: Pair, tol: Tolerance) -> tuple[float, 
 
 def compare(reference: Dump | str | os.PathLike[str], candidate: Dump | str | os.PathLike[str],
             tolerances: Tolerances | None = None, *,
-            progress: Callable[[int, int], None] | None = None) -> Comparison:
-    """Compare a candidate dump against a reference dump (paths or opened dumps)."""
+            progress: Callable[[int, int], None] | None = None,
+            mapping: MappingFile | None = None, use_tables: bool = True) -> Comparison:
+    """Compare a candidate dump against a reference dump (paths or opened dumps).
+
+    ``mapping`` (a mapping file, docs/mapping.md) renames, transforms, ignores and sets
+    tolerances before the automatic pairing; ``use_tables=False`` leaves the name tables out.
+    """
     ref = reference if isinstance(reference, Dump) else open_dump(reference)
     try:
         cand = candidate if isinstance(candidate, Dump) else open_dump(candidate)
         try:
-            return _compare(ref, cand, tolerances or Tolerances(), progress)
+            return _compare(ref, cand, tolerances or Tolerances(), progress, mapping,
+                            use_tables)
         finally:
             if cand is not candidate:
                 cand.close()
@@ -119,8 +128,9 @@ def compare(reference: Dump | str | os.PathLike[str], candidate: Dump | str | os
 
 
 def _compare(ref: Dump, cand: Dump, tolerances: Tolerances,
-             progress: Callable[[int, int], None] | None) -> Comparison:
-    alignment: Alignment = align(ref, cand)
+             progress: Callable[[int, int], None] | None, mapping: MappingFile | None,
+             use_tables: bool) -> Comparison:
+    alignment: Alignment = align(ref, cand, mapping=mapping, use_tables=use_tables)
     measured: list[PairResult] = []
     unmeasurable: list[PairResult] = []
     total = len(alignment.pairs)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from ..errors import LockstepError, MissingExtraError, UsageError
 from .base import Engine
+from .hf_rope import watch_rope
 
 if TYPE_CHECKING:
     from ..capture.recorder import Recorder
@@ -139,7 +140,13 @@ class HFEngine(Engine):
         return {**super().meta(), "model": str(self.source), "dtype": self.dtype,
                 "compute_dtype": self.dtype, "device": self.device,
                 "architecture": type(self.model).__name__ if self.model is not None else None,
-                "vocab_size": getattr(config, "vocab_size", None)}
+                "vocab_size": getattr(config, "vocab_size", None),
+                "n_heads": getattr(config, "num_attention_heads", None),
+                "n_kv_heads": getattr(config, "num_key_value_heads", None),
+                "head_dim": getattr(config, "head_dim", None) or (
+                    config.hidden_size // config.num_attention_heads
+                    if config is not None and getattr(config, "num_attention_heads", None)
+                    else None)}
 
     def generate(self, rec: Recorder, prompt_ids: Sequence[int], decode: int, *,
                  forced: Sequence[int] | None = None) -> list[int]:
@@ -151,7 +158,7 @@ class HFEngine(Engine):
         ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=self.device)
         chosen: list[int] = []
         past = None
-        with torch.no_grad():
+        with torch.no_grad(), watch_rope(rec, self.model):
             for step in range(decode + 1):
                 rec.capture("input_ids", ids, role="input")
                 out = self.model(input_ids=ids, past_key_values=past, use_cache=True)

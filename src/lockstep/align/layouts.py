@@ -1,0 +1,104 @@
+"""Finding the layout transform that makes a candidate tensor comparable with a reference one.
+
+Tried only when the two shapes differ (size-1 dims aside) but the elements could be the
+same: a reshape of heads (``(T, H*D)`` vs ``(T, H, D)``), a permutation (``(H, T, D)``), or a
+candidate that holds a block of the reference (``block(16, b)`` of the flattened reference).
+Equal shapes get no automatic transform: a tensor that matches only after one is evidence of
+a layout bug, which is the diagnosis's to say, not the pairing's to hide.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+__all__ = ["Layout", "layout_candidates", "agreement", "squeeze_shape"]
+
+#: cosine similarity at which two tensors are taken to hold the same values (loose enough
+#: for bfloat16 and 4-bit quantization, far above what unrelated tensors reach)
+AGREE_COSINE = 0.9
+
+
+def squeeze_shape(shape: Sequence[int]) -> tuple[int, ...]:
+    """The shape without its size-1 dims: ``(1, 7, 64)`` and ``(7, 64)`` are the same."""
+    return tuple(n for n in shape if n != 1)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A way to compare the two tensors: a transform for either side (None: as is)."""
+
+    ref_transform: str | None = None
+    cand_transform: str | None = None
+    plausible: bool = True  #: the dims line up without looking at values
+
+    @property
+    def label(self) -> str | None:
+        return self.cand_transform or (f"reference {self.ref_transform}"
+                                       if self.ref_transform else None)
+
+
+def _mergeable(a: Sequence[int], b: Sequence[int]) -> bool:
+    """Whether ``a`` and ``b`` split the same elements into runs of consecutive dims that
+    multiply to the same sizes (``(7, 4, 16)`` and ``(7, 64)`` do; ``(4, 7, 16)`` does not)."""
+    i = j = 0
+    pa = pb = 1
+    while i < len(a) or j < len(b):
+        if pa <= pb and i < len(a):
+            pa *= a[i]
+            i += 1
+        elif j < len(b):
+            pb *= b[j]
+            j += 1
+        else:
+            return False
+        if max(pa, pb) % min(pa, pb):
+            return False  # a dim straddles a boundary of the other shape
+        if pa == pb:
+            pa = pb = 1
+    return pa == pb == 1
+
+
+def layout_candidates(ref_shape: Sequence[int], cand_shape: Sequence[int]) -> list[Layout]:
+    """Transforms that could make the candidate comparable, most natural first; [] when
+    nothing can (different element counts that are not a block)."""
+    r, c = squeeze_shape(ref_shape), squeeze_shape(cand_shape)
+    if r == c:
+        return [Layout()]
+    nr, nc = math.prod(r), math.prod(c)
+    out: list[Layout] = []
+    if nr == nc:
+        target = ", ".join(map(str, r)) or "1"
+        if _mergeable(r, c):
+            out.append(Layout(cand_transform=f"reshape({target})"))
+        if 1 < len(c) <= 4:
+            for perm in itertools.permutations(range(len(c))):
+                if list(perm) == sorted(perm):
+                    continue
+                shape = [c[p] for p in perm]
+                spec = (f"squeeze|permute({', '.join(map(str, perm))})"
+                        + ("" if tuple(shape) == r else f"|reshape({target})"))
+                out.append(Layout(cand_transform=spec, plausible=_mergeable(r, shape)))
+        return sorted(out, key=lambda lay: not lay.plausible)
+    if nc < nr and nr % nc == 0 and len(c) == 1 and nr // nc <= 4096:
+        out += [Layout(ref_transform=f"block({nc}, {b})", plausible=False)
+                for b in range(nr // nc)]
+    return out
+
+
+def agreement(ref: np.ndarray, cand: np.ndarray) -> float:
+    """Cosine similarity of two same-sized tensors (flattened); -1 when it cannot be taken."""
+    if ref.size != cand.size or ref.size == 0:
+        return -1.0
+    a = ref.reshape(-1).astype(np.float64)
+    b = cand.reshape(-1).astype(np.float64)
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        return -1.0
+    na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
+    if na == 0.0 or nb == 0.0:
+        return 1.0 if na == nb else 0.0
+    return float(a @ b) / (na * nb)

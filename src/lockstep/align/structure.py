@@ -1,0 +1,311 @@
+"""Structural auto-alignment: pairing records whose names no table knows.
+
+Per-layer records are grouped into *templates*: the name with its layer index taken out
+(``trunk.{}.sa.qp``), each template holding one instance per step, layer and call. Templates
+are paired once, for every layer and step at the same time, by an order-preserving alignment
+(the two engines compute a layer's ops in the same order) scored by:
+
+- shapes: the tensors must hold the same elements, as is or after a layout transform;
+- values: where some instance agrees (cosine >= 0.9) under the best layout, strong evidence;
+  only a few instances are read, from early layers and steps where no bug has struck yet;
+- names: shared name tokens (``q_norm`` and ``q_norm``), a tie-breaker.
+
+Because templates are paired across all layers at once, a divergence in layer 1 does not
+disturb the pairing there: the same template pair is known from layer 0 and step 0. What is
+left is tried as a fused tensor (QKV, gate-up: a slice of the candidate per reference
+template) or as blocks of a reference tensor. Every pair carries a confidence and its
+evidence.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+
+from ..store.reader import Dump, Record
+from .layouts import AGREE_COSINE, Layout, agreement, layout_candidates, squeeze_shape
+from .transforms import apply_transform
+
+__all__ = ["Template", "TemplatePair", "templates_of", "pair_templates", "layer_of"]
+
+_LAYER = re.compile(r"(?:^|(?<=[._\-/]))(\d+)(?=$|[._\-/:])")
+_TOKEN = re.compile(r"[a-z]+|\d+")
+_SAMPLES = 3  # instances read per template pair to test values
+
+
+def layer_of(name: str) -> tuple[int | None, str]:
+    """(layer index, template): the first delimited integer in the name is the layer."""
+    m = _LAYER.search(name)
+    if m is None:
+        return None, name
+    return int(m.group(1)), name[:m.start(1)] + "{}" + name[m.end(1):]
+
+
+def _tokens(name: str) -> frozenset[str]:
+    return frozenset(t for t in _TOKEN.findall(name.replace("{}", "").lower()) if t)
+
+
+@dataclass
+class Template:
+    """One name pattern and its instances, keyed by (step, layer, call)."""
+
+    name: str
+    layer_bound: bool
+    rank: float = 0.0  #: typical position within its layer (or the step)
+    instances: dict[tuple[int, int, int], Record] = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return next(iter(self.instances.values())).shape
+
+
+def templates_of(records: Iterable[Record]) -> list[Template]:
+    """The records' templates, ordered by their position within a layer (per-layer ones)
+    or within the step (the rest)."""
+    by_name: dict[str, Template] = {}
+    first_seq: dict[tuple[int, int], int] = {}  # (step, layer) -> first seq seen
+    step_first: dict[int, int] = {}
+    records = list(records)
+    for r in records:
+        layer, name = layer_of(r.name)
+        step_first.setdefault(r.step, r.seq)
+        if layer is not None:
+            first_seq.setdefault((r.step, layer), r.seq)
+        t = by_name.setdefault(name, Template(name, layer is not None))
+        t.instances.setdefault((r.step, -1 if layer is None else layer, r.call), r)
+    for t in by_name.values():
+        key = min(t.instances)
+        r = t.instances[key]
+        base = first_seq[(key[0], key[1])] if t.layer_bound else step_first[key[0]]
+        t.rank = r.seq - base
+    return sorted(by_name.values(), key=lambda t: (t.layer_bound, t.rank))
+
+
+@dataclass(frozen=True)
+class TemplatePair:
+    """Two templates paired, the layout that compares them, and why."""
+
+    ref: Template
+    cand: Template
+    layout: Layout
+    confidence: float
+    evidence: str
+
+
+Reader = Callable[[Dump, Record], np.ndarray]
+
+
+class _Scorer:
+    """Scores of template pairs, reading a few instances' values (cached)."""
+
+    def __init__(self, ref: Dump, cand: Dump, read: Reader) -> None:
+        self.ref, self.cand, self.read = ref, cand, read
+
+    def shared_keys(self, a: Template, b: Template) -> list[tuple[int, int, int]]:
+        keys = sorted(set(a.instances) & set(b.instances))
+        if len(keys) <= _SAMPLES:
+            return keys
+        return [keys[0], keys[1], keys[len(keys) // 2]]
+
+    def evaluate(self, a: Template, b: Template) -> tuple[Layout, int, int] | None:
+        """(best layout, instances agreeing, instances tried), or None when no layout fits."""
+        keys = self.shared_keys(a, b)
+        if not keys:
+            return None
+        r0, c0 = a.instances[keys[0]], b.instances[keys[0]]
+        layouts = layout_candidates(r0.shape, c0.shape)
+        if not layouts:
+            return None
+        if not (r0.has_data and c0.has_data):
+            return (layouts[0], 0, 0) if layouts[0].plausible else None
+        best: tuple[float, Layout, int] | None = None
+        for lay in layouts:
+            agree, total_cos = 0, 0.0
+            for key in keys:
+                r, c = a.instances[key], b.instances[key]
+                if r.shape != r0.shape or c.shape != c0.shape:
+                    continue
+                try:
+                    cos = agreement(
+                        apply_transform(lay.ref_transform, self.read(self.ref, r), self.ref.meta),
+                        apply_transform(lay.cand_transform, self.read(self.cand, c),
+                                        self.cand.meta))
+                except Exception:  # a layout that does not apply to this instance
+                    cos = -1.0
+                agree += cos >= AGREE_COSINE
+                total_cos += max(cos, 0.0)
+            if best is None or (agree, total_cos) > (best[2], best[0]):
+                best = (total_cos, lay, agree)
+        assert best is not None
+        if best[2] == 0 and not layouts[0].plausible:
+            return None  # an implausible layout needs values to vouch for it
+        return (best[1] if best[2] else layouts[0]), best[2], len(keys)
+
+
+def _score(scorer: _Scorer, a: Template, b: Template, need_values: bool
+           ) -> tuple[float, TemplatePair] | None:
+    if a.layer_bound != b.layer_bound:
+        return None
+    found = scorer.evaluate(a, b)
+    if found is None:
+        return None
+    layout, agree, tried = found
+    if need_values and not agree:
+        return None
+    ta, tb = _tokens(a.name), _tokens(b.name)
+    name_sim = len(ta & tb) / len(ta | tb) if ta | tb else 0.0
+    score = 1.0 + 3.0 * (agree / tried if tried else 0.0) + 0.5 * name_sim
+    shape = "x".join(map(str, squeeze_shape(a.shape))) or "scalar"
+    parts = [f"shape {shape}" + (f" via {layout.label}" if layout.label else "")]
+    if tried:
+        parts.append(f"values agree in {agree}/{tried} instances read")
+    if name_sim:
+        parts.append(f"name tokens {name_sim:.0%} shared")
+    confidence = 0.95 if agree else (0.6 if layout.plausible else 0.3)
+    return score, TemplatePair(a, b, layout, confidence, "; ".join(parts))
+
+
+def _align_ordered(ref: Sequence[Template], cand: Sequence[Template],
+                   score: Callable[[Template, Template], tuple[float, TemplatePair] | None]
+                   ) -> list[TemplatePair]:
+    """Order-preserving alignment maximising the total score (an LCS with weights)."""
+    n, m = len(ref), len(cand)
+    table = np.zeros((n + 1, m + 1))
+    cells: dict[tuple[int, int], tuple[float, TemplatePair]] = {}
+    for i in range(n):
+        for j in range(m):
+            hit = score(ref[i], cand[j])
+            if hit is not None:
+                cells[(i, j)] = hit
+    for i in range(n - 1, -1, -1):
+        for j in range(m - 1, -1, -1):
+            best = max(table[i + 1, j], table[i, j + 1])
+            hit = cells.get((i, j))
+            if hit is not None:
+                best = max(best, hit[0] + table[i + 1, j + 1])
+            table[i, j] = best
+    out: list[TemplatePair] = []
+    i = j = 0
+    while i < n and j < m:
+        hit = cells.get((i, j))
+        if hit is not None and table[i, j] == hit[0] + table[i + 1, j + 1]:
+            out.append(hit[1])
+            i, j = i + 1, j + 1
+        elif table[i, j] == table[i + 1, j]:
+            i += 1
+        else:
+            j += 1
+    return out
+
+
+def _ambiguity(pairs: list[TemplatePair], ref: Sequence[Template],
+               cand: Sequence[Template]) -> list[TemplatePair]:
+    """Lower the confidence of shape-only pairs whose shape other templates share too."""
+    out = []
+    for p in pairs:
+        if p.confidence < 0.9:
+            shape = squeeze_shape(p.ref.shape)
+            rivals = sum(squeeze_shape(t.shape) == shape for t in ref if t is not p.ref)
+            rivals += sum(squeeze_shape(t.shape) == squeeze_shape(p.cand.shape)
+                          for t in cand if t is not p.cand)
+            if rivals:
+                p = TemplatePair(p.ref, p.cand, p.layout, min(p.confidence, 0.5),
+                                 p.evidence + f"; by order among {rivals + 2} same-shaped "
+                                              "tensors (low confidence)")
+        out.append(p)
+    return out
+
+
+def _fused(scorer: _Scorer, ref: list[Template], cand: list[Template]) -> list[TemplatePair]:
+    """A leftover candidate template whose last dim is the sum of consecutive leftover
+    reference templates' last dims (fused QKV, gate-up): one slice per reference."""
+    out: list[TemplatePair] = []
+    for c in cand:
+        cs = squeeze_shape(c.shape)
+        if not c.layer_bound or len(cs) < 1:
+            continue
+        for k in (3, 2):
+            for start in range(len(ref) - k + 1):
+                group = ref[start:start + k]
+                shapes = [squeeze_shape(t.shape) for t in group]
+                if any(t.name in {p.ref.name for p in out} for t in group):
+                    continue
+                if any(s[:-1] != cs[:-1] or not s for s in shapes):
+                    continue
+                if sum(s[-1] for s in shapes) != cs[-1]:
+                    continue
+                offset, made = 0, []
+                for t, s in zip(group, shapes):
+                    lay = Layout(cand_transform=f"squeeze|slice(-1, {offset}, {offset + s[-1]})")
+                    offset += s[-1]
+                    made.append(TemplatePair(t, c, lay, 0.8,
+                                             f"fused: {c.name} holds {len(group)} tensors "
+                                             f"along its last dim ({cs[-1]} = "
+                                             f"{' + '.join(str(s[-1]) for s in shapes)})"))
+                out += made
+                break
+            else:
+                continue
+            break
+    return out
+
+
+def _blocks(scorer: _Scorer, ref: list[Template], cand: list[Template],
+            taken: set[str]) -> list[TemplatePair]:
+    """Leftover 1-D candidate templates that hold one block of a reference tensor: the block
+    is found by values where they agree, else from the trailing number of the name."""
+    out: list[TemplatePair] = []
+    for c in cand:
+        if c.name in taken or len(squeeze_shape(c.shape)) != 1:
+            continue
+        best: tuple[float, TemplatePair] | None = None
+        for r in ref:
+            hit = _score(scorer, r, c, need_values=False)
+            trailing = re.search(r"(\d+)\D*$", c.name.replace("{}", ""))
+            if hit is None and trailing is not None:
+                size = squeeze_shape(c.shape)[0]
+                keys = scorer.shared_keys(r, c)
+                if keys and (r.instances[keys[0]].numel % size == 0
+                             and size * (int(trailing.group(1)) + 1)
+                             <= r.instances[keys[0]].numel):
+                    ta, tb = _tokens(r.name), _tokens(c.name)
+                    sim = len(ta & tb) / len(ta | tb)
+                    lay = Layout(ref_transform=f"block({size}, {trailing.group(1)})")
+                    hit = (0.5 + sim, TemplatePair(
+                        r, c, lay, 0.4, f"block {trailing.group(1)} of {size} elements, by its "
+                                        f"name; name tokens {sim:.0%} shared (low confidence)"))
+            if hit is not None and hit[1].layout.ref_transform and (
+                    best is None or hit[0] > best[0]):
+                best = hit
+        if best is not None and best[0] > 0.5:
+            out.append(best[1])
+    return out
+
+
+def pair_templates(ref: Dump, cand: Dump, ref_records: Sequence[Record],
+                   cand_records: Sequence[Record], read: Reader, *,
+                   need_values: bool = False) -> list[TemplatePair]:
+    """Pair the templates of the given (so far unpaired) records.
+
+    ``need_values`` accepts a pair only where values agree somewhere (used after name tables
+    paired the rest, when what is left often has no counterpart at all)."""
+    scorer = _Scorer(ref, cand, read)
+    rt, ct = templates_of(ref_records), templates_of(cand_records)
+    pairs: list[TemplatePair] = []
+    for bound in (False, True):
+        a = [t for t in rt if t.layer_bound == bound]
+        b = [t for t in ct if t.layer_bound == bound]
+        found = _align_ordered(a, b, lambda x, y: _score(scorer, x, y, need_values))
+        pairs += _ambiguity(found, a, b)
+    used_ref = {p.ref.name for p in pairs}
+    used_cand = {p.cand.name for p in pairs}
+    left_ref = [t for t in rt if t.name not in used_ref]
+    left_cand = [t for t in ct if t.name not in used_cand]
+    fused = _fused(scorer, left_ref, left_cand)
+    pairs += fused
+    used_cand |= {p.cand.name for p in fused}
+    pairs += _blocks(scorer, rt, left_cand, used_cand)
+    return pairs
