@@ -31,7 +31,7 @@ def test_tables_know_their_names():
     assert TRANSFORMERS_LLAMA.lookup("model.layers.7.mlp.down_proj:input.0") == (
         "layers.7.act", None)
     assert LLAMA_CPP.lookup("Qcur-12") == ("layers.12.q", "rope_interleaved")
-    assert LLAMA_CPP.lookup("Qcur-12:rope") is None
+    assert LLAMA_CPP.lookup("Qcur-12:rope") == ("layers.12.q_rope", "rope_interleaved")
     assert detect_table(["attn_norm-0", "Qcur-0", "l_out-0", "result_output"]) is LLAMA_CPP
     assert detect_table(["foo", "bar"]) is None
 

@@ -35,6 +35,7 @@ class Layout:
     ref_transform: str | None = None
     cand_transform: str | None = None
     plausible: bool = True  #: the dims line up without looking at values
+    convention: bool = False  #: includes a RoPE layout permutation of the head dim
 
     @property
     def label(self) -> str | None:
@@ -90,12 +91,18 @@ def layout_candidates(ref_shape: Sequence[int], cand_shape: Sequence[int]) -> li
     return out
 
 
+#: elements compared at most (an evenly strided sample of larger tensors: pairing needs
+#: evidence, not precision)
+SAMPLE = 4096
+
+
 def agreement(ref: np.ndarray, cand: np.ndarray) -> float:
     """Cosine similarity of two same-sized tensors (flattened); -1 when it cannot be taken."""
     if ref.size != cand.size or ref.size == 0:
         return -1.0
-    a = ref.reshape(-1).astype(np.float64)
-    b = cand.reshape(-1).astype(np.float64)
+    stride = -(-ref.size // SAMPLE)
+    a = ref.reshape(-1)[::stride].astype(np.float64)
+    b = cand.reshape(-1)[::stride].astype(np.float64)
     if not (np.isfinite(a).all() and np.isfinite(b).all()):
         return -1.0
     na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))

@@ -136,7 +136,9 @@ def _by_table(step: _Step, tables: tuple[NameTable, NameTable]) -> None:
         if r is None:
             continue
         ref_rule = _rule(ref_table, r.name)
-        ref_transform = counterpart or (ref_rule[1] if ref_rule else None)
+        # the reference into the canonical layout first, then cut to what the candidate holds
+        ref_transform = "|".join(filter(None, (ref_rule[1] if ref_rule else None,
+                                               counterpart))) or None
         step.take(Pair(r, c, "table", canonical, ref_transform, cand_transform), keep_ref=True)
         used_ref.add(r.seq)
     for seq in used_ref:
@@ -248,6 +250,16 @@ def _by_structure(ref: Dump, cand: Dump, steps: list[_Step], left_ref: Sequence[
                   need_values: bool) -> None:
     by_step = {s.number: s for s in steps}
     multi_ref: set[tuple[int, int]] = set()  # (step, ref seq) paired with several candidates
+    # a record that points at data recorded before (a module returning its child's tensor)
+    # is left out, then paired as its original is
+    first_at: dict[int, Record] = {}
+    aliases: dict[int, Record] = {}
+    for r in ref.records:
+        if r.offset is not None:
+            orig = first_at.setdefault(r.offset, r)
+            if orig is not r:
+                aliases[r.seq] = orig
+    left_ref = [r for r in left_ref if r.seq not in aliases]
     for tp in pair_templates(ref, cand, left_ref, left_cand, read, need_values=need_values):
         for key, c in tp.cand.instances.items():
             r = tp.ref.instances.get(key)
@@ -256,15 +268,23 @@ def _by_structure(ref: Dump, cand: Dump, steps: list[_Step], left_ref: Sequence[
                 continue
             if r.seq not in step.free_ref and (key[0], r.seq) not in multi_ref:
                 continue
-            pair = Pair(r, c, "structure", None, tp.layout.ref_transform,
-                        tp.layout.cand_transform, tp.confidence, tp.evidence)
-            shared_ref = tp.layout.ref_transform is not None  # blocks share their reference
-            shared_cand = tp.layout.cand_transform is not None and "slice(" in (
-                tp.layout.cand_transform or "")  # a fused tensor covers several references
+            lay = tp.layout_for(r.shape, c.shape)
+            pair = Pair(r, c, "structure", None, lay.ref_transform, lay.cand_transform,
+                        tp.confidence, tp.evidence)
+            shared_ref = lay.ref_transform is not None  # blocks share their reference
+            shared_cand = "slice(" in (lay.cand_transform or "")  # a fused tensor covers several
             step.take(pair, keep_ref=shared_ref, keep_cand=shared_cand)
             if shared_ref:
                 multi_ref.add((key[0], r.seq))
     for step in steps:  # references covered by blocks, and fused candidates, are paired
+        by_ref = {p.ref.seq: p for p in step.pairs}
+        for seq, r in list(step.free_ref.items()):
+            orig = aliases.get(seq)
+            p = by_ref.get(orig.seq) if orig is not None else None
+            if p is not None:
+                step.take(replace(p, ref=r, evidence=f"{p.evidence}; the same data as "
+                                                      f"{orig.name}"),
+                          keep_cand=True)
         paired_ref = {p.ref.seq for p in step.pairs}
         paired_cand = {p.cand.seq for p in step.pairs}
         for seq in list(step.free_ref):

@@ -31,9 +31,12 @@ from .transforms import apply_transform
 
 __all__ = ["Template", "TemplatePair", "templates_of", "pair_templates", "layer_of"]
 
-_LAYER = re.compile(r"(?:^|(?<=[._\-/]))(\d+)(?=$|[._\-/:])")
+# an integer between delimiters (``layers.3.``, ``Qcur-3``), or after ``_l`` (``cache_k_l3``)
+_LAYER = re.compile(r"(?:^|(?<=[._\-/])|(?<=_l))(\d+)(?=$|[._\-/: ])")
 _TOKEN = re.compile(r"[a-z]+|\d+")
 _SAMPLES = 3  # instances read per template pair to test values
+#: layouts of q/k that are an engine's convention when later tensors agree as is
+CONVENTIONS = ("rope_interleaved", "rope_halfsplit")
 
 
 def layer_of(name: str) -> tuple[int | None, str]:
@@ -93,6 +96,25 @@ class TemplatePair:
     layout: Layout
     confidence: float
     evidence: str
+    agree: int = 0  #: instances read whose values agree under the layout
+    tried: int = 0  #: instances read
+    shapes: tuple[tuple[int, ...], tuple[int, ...]] | None = None  #: what the layout fits
+    cosine: float = 0.0  #: mean cosine similarity of the instances read
+
+    def layout_for(self, ref_shape: tuple[int, ...], cand_shape: tuple[int, ...]) -> Layout:
+        """The layout for one instance: the template's, or, where the instance's shapes
+        differ (a decode step's single token), the first that fits them, with the same RoPE
+        convention and the same block."""
+        if self.shapes is None or self.shapes == (ref_shape, cand_shape) \
+                or self.layout.ref_transform:
+            return self.layout
+        fits = layout_candidates(ref_shape, cand_shape)
+        lay = fits[0] if fits and fits[0].plausible else Layout()
+        if self.layout.convention:
+            convention = (self.layout.cand_transform or "").split("|")[0]
+            spec = "|".join(filter(None, (convention, lay.cand_transform)))
+            lay = Layout(cand_transform=spec, convention=True)
+        return lay
 
 
 Reader = Callable[[Dump, Record], np.ndarray]
@@ -110,8 +132,31 @@ class _Scorer:
             return keys
         return [keys[0], keys[1], keys[len(keys) // 2]]
 
-    def evaluate(self, a: Template, b: Template) -> tuple[Layout, int, int] | None:
-        """(best layout, instances agreeing, instances tried), or None when no layout fits."""
+    def _try(self, a: Template, b: Template, keys: list[tuple[int, int, int]],
+             lay: Layout) -> tuple[int, float]:
+        """(instances agreeing, summed cosine) under one layout."""
+        r0, c0 = a.instances[keys[0]], b.instances[keys[0]]
+        agree, total_cos = 0, 0.0
+        for key in keys:
+            r, c = a.instances[key], b.instances[key]
+            if r.shape != r0.shape or c.shape != c0.shape:
+                continue
+            try:
+                cos = agreement(
+                    apply_transform(lay.ref_transform, self.read(self.ref, r), self.ref.meta),
+                    apply_transform(lay.cand_transform, self.read(self.cand, c), self.cand.meta))
+            except Exception:  # a layout that does not apply to this instance
+                cos = -1.0
+            agree += cos >= AGREE_COSINE
+            total_cos += max(cos, 0.0)
+        return agree, total_cos
+
+    def evaluate(self, a: Template, b: Template) -> tuple[Layout, int, int, float] | None:
+        """(best layout, instances agreeing, instances tried, mean cosine), or None when no
+        layout fits.
+
+        When no layout makes any instance agree, the RoPE layout conventions are tried on
+        top (flagged ``convention``: pair_templates keeps them only if later tensors agree)."""
         keys = self.shared_keys(a, b)
         if not keys:
             return None
@@ -120,44 +165,43 @@ class _Scorer:
         if not layouts:
             return None
         if not (r0.has_data and c0.has_data):
-            return (layouts[0], 0, 0) if layouts[0].plausible else None
-        best: tuple[float, Layout, int] | None = None
-        for lay in layouts:
-            agree, total_cos = 0, 0.0
-            for key in keys:
-                r, c = a.instances[key], b.instances[key]
-                if r.shape != r0.shape or c.shape != c0.shape:
-                    continue
-                try:
-                    cos = agreement(
-                        apply_transform(lay.ref_transform, self.read(self.ref, r), self.ref.meta),
-                        apply_transform(lay.cand_transform, self.read(self.cand, c),
-                                        self.cand.meta))
-                except Exception:  # a layout that does not apply to this instance
-                    cos = -1.0
-                agree += cos >= AGREE_COSINE
-                total_cos += max(cos, 0.0)
-            if best is None or (agree, total_cos) > (best[2], best[0]):
-                best = (total_cos, lay, agree)
-        assert best is not None
-        if best[2] == 0 and not layouts[0].plausible:
+            return (layouts[0], 0, 0, 0.0) if layouts[0].plausible else None
+        scored = [(self._try(a, b, keys, lay), lay) for lay in layouts]
+        (agree, total), best = max(scored, key=lambda s: s[0])
+        if not agree and a.layer_bound and not best.ref_transform:
+            for convention in CONVENTIONS:
+                for lay in layouts[:3]:
+                    spec = "|".join(filter(None, (convention, lay.cand_transform)))
+                    option = Layout(cand_transform=spec, plausible=lay.plausible,
+                                    convention=True)
+                    found = self._try(a, b, keys, option)
+                    if found[0] * 2 > len(keys):
+                        return option, found[0], len(keys), found[1] / len(keys)
+        if not agree and not layouts[0].plausible:
             return None  # an implausible layout needs values to vouch for it
-        return (best[1] if best[2] else layouts[0]), best[2], len(keys)
+        return (best if agree else layouts[0]), agree, len(keys), total / len(keys)
 
 
-def _score(scorer: _Scorer, a: Template, b: Template, need_values: bool
-           ) -> tuple[float, TemplatePair] | None:
+def _score(scorer: _Scorer, a: Template, b: Template, need_values: bool, *,
+           blocks: bool = False) -> tuple[float, TemplatePair] | None:
     if a.layer_bound != b.layer_bound:
         return None
     found = scorer.evaluate(a, b)
     if found is None:
         return None
-    layout, agree, tried = found
+    layout, agree, tried, cosine = found
+    if layout.ref_transform and not blocks:
+        return None  # blocks pair after the one-to-one alignment (several to a reference)
     if need_values and not agree:
         return None
     ta, tb = _tokens(a.name), _tokens(b.name)
     name_sim = len(ta & tb) / len(ta | tb) if ta | tb else 0.0
-    score = 1.0 + 3.0 * (agree / tried if tried else 0.0) + 0.5 * name_sim
+    # values that could be read and never agree weaken a shape match (both engines may
+    # record tensors with the same values, a tie that the layout-free one wins)
+    score = (1.0 if agree or not tried else 0.25) + 3.0 * (agree / tried if tried else 0.0)
+    score += 0.5 * name_sim + (0.5 if agree and not layout.label else 0.0)
+    # closer values win among agreeing ones (a norm's output agrees with its input, less so)
+    score += 2.0 * max(cosine - AGREE_COSINE, 0.0) / (1.0 - AGREE_COSINE) if agree else 0.0
     shape = "x".join(map(str, squeeze_shape(a.shape))) or "scalar"
     parts = [f"shape {shape}" + (f" via {layout.label}" if layout.label else "")]
     if tried:
@@ -165,21 +209,45 @@ def _score(scorer: _Scorer, a: Template, b: Template, need_values: bool
     if name_sim:
         parts.append(f"name tokens {name_sim:.0%} shared")
     confidence = 0.95 if agree else (0.6 if layout.plausible else 0.3)
-    return score, TemplatePair(a, b, layout, confidence, "; ".join(parts))
+    key = scorer.shared_keys(a, b)[0]
+    return score, TemplatePair(a, b, layout, confidence, "; ".join(parts), agree, tried,
+                               (a.instances[key].shape, b.instances[key].shape), cosine)
 
 
 def _align_ordered(ref: Sequence[Template], cand: Sequence[Template],
                    score: Callable[[Template, Template], tuple[float, TemplatePair] | None]
                    ) -> list[TemplatePair]:
-    """Order-preserving alignment maximising the total score (an LCS with weights)."""
-    n, m = len(ref), len(cand)
-    table = np.zeros((n + 1, m + 1))
+    """Pairs whose values agree best both ways are anchors, in any order (engines may
+    compute V before K); the rest are aligned preserving order, maximising the total score
+    (an LCS with weights)."""
     cells: dict[tuple[int, int], tuple[float, TemplatePair]] = {}
-    for i in range(n):
-        for j in range(m):
+    for i in range(len(ref)):
+        for j in range(len(cand)):
             hit = score(ref[i], cand[j])
             if hit is not None:
                 cells[(i, j)] = hit
+    agreeing = {k: v for k, v in cells.items() if v[1].agree}
+    best_row: dict[int, tuple[int, int]] = {}
+    best_col: dict[int, tuple[int, int]] = {}
+    for (i, j), (s, _) in agreeing.items():
+        if i not in best_row or s > cells[best_row[i]][0]:
+            best_row[i] = (i, j)
+        if j not in best_col or s > cells[best_col[j]][0]:
+            best_col[j] = (i, j)
+    anchors = [key for key in best_row.values() if best_col.get(key[1]) == key]
+    rows = [i for i in range(len(ref)) if i not in {a[0] for a in anchors}]
+    cols = [j for j in range(len(cand)) if j not in {a[1] for a in anchors}]
+    rest = {(rows.index(i), cols.index(j)): v for (i, j), v in cells.items()
+            if i in rows and j in cols and all((i < a) == (j < b) for a, b in anchors)}
+    pairs = [cells[a][1] for a in anchors] + _lcs(len(rows), len(cols), rest)
+    rank = {id(t): k for k, t in enumerate(ref)}
+    return sorted(pairs, key=lambda p: rank[id(p.ref)])
+
+
+def _lcs(n: int, m: int, cells: dict[tuple[int, int], tuple[float, TemplatePair]]
+         ) -> list[TemplatePair]:
+    """Order-preserving pairs maximising the total score."""
+    table = np.zeros((n + 1, m + 1))
     for i in range(n - 1, -1, -1):
         for j in range(m - 1, -1, -1):
             best = max(table[i + 1, j], table[i, j + 1])
@@ -214,7 +282,33 @@ def _ambiguity(pairs: list[TemplatePair], ref: Sequence[Template],
             if rivals:
                 p = TemplatePair(p.ref, p.cand, p.layout, min(p.confidence, 0.5),
                                  p.evidence + f"; by order among {rivals + 2} same-shaped "
-                                              "tensors (low confidence)")
+                                              "tensors (low confidence)", p.agree, p.tried,
+                                 p.shapes)
+        out.append(p)
+    return out
+
+
+def _conventions(pairs: list[TemplatePair]) -> list[TemplatePair]:
+    """Keep a RoPE layout convention (values agree only after permuting the head dim) only
+    where a later tensor of the layer agrees as is: the candidate stores q/k in the other
+    RoPE layout (llama.cpp's GGUF weights do). A layout bug also matches after a
+    permutation, but then nothing downstream agrees: that pair keeps no transform, and the
+    diagnosis names the layout."""
+    out = []
+    for i, p in enumerate(pairs):
+        if p.layout.convention:
+            later = any(q.agree and not q.layout.convention for q in pairs[i + 1:]
+                        if q.ref.layer_bound)
+            if later:
+                p = TemplatePair(p.ref, p.cand, p.layout, 0.9,
+                                 p.evidence + "; values agree only after a RoPE layout "
+                                 "permutation while later tensors agree as is: the "
+                                 "candidate's layout convention", p.agree, p.tried, p.shapes)
+            else:
+                p = TemplatePair(p.ref, p.cand, Layout(), 0.3,
+                                 p.evidence.split(" via ")[0] + "; values agree only after a "
+                                 "RoPE layout permutation and nothing later agrees "
+                                 "(a layout bug?)", 0, p.tried, p.shapes)
         out.append(p)
     return out
 
@@ -253,6 +347,13 @@ def _fused(scorer: _Scorer, ref: list[Template], cand: list[Template]) -> list[T
     return out
 
 
+def _rank(hit: tuple[float, TemplatePair]) -> tuple[float, float, float]:
+    """Blocks: the reference whose values agree most closely wins (a block of q after RoPE
+    can nearly agree with the same block before it, where the rotation is slow)."""
+    p = hit[1]
+    return (p.agree / p.tried if p.tried else 0.0, p.cosine, hit[0])
+
+
 def _blocks(scorer: _Scorer, ref: list[Template], cand: list[Template],
             taken: set[str]) -> list[TemplatePair]:
     """Leftover 1-D candidate templates that hold one block of a reference tensor: the block
@@ -263,7 +364,7 @@ def _blocks(scorer: _Scorer, ref: list[Template], cand: list[Template],
             continue
         best: tuple[float, TemplatePair] | None = None
         for r in ref:
-            hit = _score(scorer, r, c, need_values=False)
+            hit = _score(scorer, r, c, need_values=False, blocks=True)
             trailing = re.search(r"(\d+)\D*$", c.name.replace("{}", ""))
             if hit is None and trailing is not None:
                 size = squeeze_shape(c.shape)[0]
@@ -278,7 +379,7 @@ def _blocks(scorer: _Scorer, ref: list[Template], cand: list[Template],
                         r, c, lay, 0.4, f"block {trailing.group(1)} of {size} elements, by its "
                                         f"name; name tokens {sim:.0%} shared (low confidence)"))
             if hit is not None and hit[1].layout.ref_transform and (
-                    best is None or hit[0] > best[0]):
+                    best is None or _rank(hit) > _rank(best)):
                 best = hit
         if best is not None and best[0] > 0.5:
             out.append(best[1])
@@ -299,7 +400,7 @@ def pair_templates(ref: Dump, cand: Dump, ref_records: Sequence[Record],
         a = [t for t in rt if t.layer_bound == bound]
         b = [t for t in ct if t.layer_bound == bound]
         found = _align_ordered(a, b, lambda x, y: _score(scorer, x, y, need_values))
-        pairs += _ambiguity(found, a, b)
+        pairs += _ambiguity(_conventions(found), a, b)
     used_ref = {p.ref.name for p in pairs}
     used_cand = {p.cand.name for p in pairs}
     left_ref = [t for t in rt if t.name not in used_ref]

@@ -14,12 +14,14 @@ what name tables, mapping files and the report use::
     rope_interleaved            half-split RoPE order from interleaved (per head)
     rope_halfsplit              interleaved RoPE order from half-split (per head)
 
-Sizes may be written as ``head_dim``, ``n_heads`` or ``n_kv_heads``: they are read from the
-run metadata of the dump the tensor comes from.
+Sizes may be written as ``head_dim``, ``n_heads``, ``n_kv_heads`` or ``n_ff`` (the MLP
+width), read from the run metadata of the dump the tensor comes from, and combined with
+``+``, ``-``, ``*`` and parentheses: ``slice(-1, n_heads*head_dim, (n_heads+n_kv_heads)*head_dim)``.
 """
 
 from __future__ import annotations
 
+import ast
 import functools
 import re
 from dataclasses import dataclass
@@ -33,7 +35,9 @@ __all__ = ["Transform", "parse_transform", "apply_transform", "meta_size", "STEP
 
 _STEP = re.compile(r"^\s*([a-z_]+)\s*(?:\((.*)\))?\s*$")
 _SYMBOLS = {"head_dim": ("head_dim",), "n_heads": ("n_heads", "n_head", "num_attention_heads"),
-            "n_kv_heads": ("n_kv_heads", "n_head_kv", "num_key_value_heads")}
+            "n_kv_heads": ("n_kv_heads", "n_head_kv", "num_key_value_heads"),
+            "n_ff": ("n_ff", "intermediate_size")}
+_OPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b}
 
 
 def meta_size(meta: Mapping[str, Any], symbol: str) -> int | None:
@@ -49,17 +53,44 @@ def meta_size(meta: Mapping[str, Any], symbol: str) -> int | None:
     return None
 
 
-def _size(arg: str, meta: Mapping[str, Any]) -> int:
-    arg = arg.strip()
-    if re.fullmatch(r"-?\d+", arg):
-        return int(arg)
-    if arg not in _SYMBOLS:
-        raise UsageError(f"transform size {arg!r}: write an integer, head_dim, n_heads or "
-                         "n_kv_heads")
-    value = meta_size(meta, arg)
+def _check_size(arg: str) -> ast.expr:
+    """The parsed size expression; UsageError unless it is integers and size symbols
+    combined with + - * and parentheses."""
+    try:
+        tree = ast.parse(arg.strip(), mode="eval").body
+    except SyntaxError:
+        tree = None
+    for node in ast.walk(tree) if tree is not None else ():
+        if isinstance(node, ast.Name) and node.id not in _SYMBOLS:
+            break
+        if not isinstance(node, (ast.BinOp, ast.UnaryOp, ast.Constant, ast.Name, ast.Load,
+                                 ast.Add, ast.Sub, ast.Mult, ast.USub)):
+            break
+        if isinstance(node, ast.Constant) and not isinstance(node.value, int):
+            break
+    else:
+        if tree is not None:
+            return tree
+    raise UsageError(f"size {arg.strip()!r} is not an integer or an expression of integers "
+                     f"and {', '.join(_SYMBOLS)} with + - * and parentheses")
+
+
+def _eval(node: ast.expr, meta: Mapping[str, Any]) -> int:
+    if isinstance(node, ast.Constant):
+        return int(node.value)
+    if isinstance(node, ast.UnaryOp):
+        return -_eval(node.operand, meta)
+    if isinstance(node, ast.BinOp):
+        return _OPS[type(node.op)](_eval(node.left, meta), _eval(node.right, meta))
+    assert isinstance(node, ast.Name)
+    value = meta_size(meta, node.id)
     if value is None:
-        raise LockstepError(f"transform needs {arg}, which the run metadata does not give")
+        raise LockstepError(f"transform needs {node.id}, which the run metadata does not give")
     return value
+
+
+def _size(arg: str, meta: Mapping[str, Any]) -> int:
+    return _eval(_check_size(arg), meta)
 
 
 def _head_dim(arr: np.ndarray, meta: Mapping[str, Any], what: str) -> int:
@@ -135,6 +166,11 @@ _STEPS: dict[str, tuple[Callable[..., np.ndarray], bool]] = {
     "cast": (_cast, False),
 }
 _META_STEPS = {"rope_interleaved": _rope_interleaved, "rope_halfsplit": _rope_halfsplit}
+#: how many arguments each step takes (min, max; None: any number)
+_ARITY: dict[str, tuple[int, int | None]] = {
+    "squeeze": (0, 0), "flatten": (0, 0), "reshape": (1, None), "permute": (1, None),
+    "transpose": (0, 2), "slice": (3, 3), "block": (2, 2), "cast": (1, 1),
+    "rope_interleaved": (0, 0), "rope_halfsplit": (0, 0)}
 STEP_NAMES = tuple(_STEPS) + tuple(_META_STEPS)
 
 
@@ -167,10 +203,28 @@ def parse_transform(spec: str) -> Transform:
         if m is None or m.group(1) not in STEP_NAMES:
             raise UsageError(f"transform {spec!r}: {part.strip()!r} is not one of "
                              f"{', '.join(STEP_NAMES)}")
+        name = m.group(1)
         args = tuple(a.strip() for a in m.group(2).split(",")) if m.group(2) else ()
-        if m.group(1) in _META_STEPS and args:
-            raise UsageError(f"transform {spec!r}: {m.group(1)} takes no arguments")
-        steps.append((m.group(1), tuple(a for a in args if a)))
+        args = tuple(a for a in args if a)
+        low, high = _ARITY[name]
+        if len(args) < low or (high is not None and len(args) > high):
+            want = (f"{low}" if low == high else f"{low} or more" if high is None
+                    else f"{low} to {high}")
+            raise UsageError(f"transform {spec!r}: {name} takes {want} arguments, "
+                             f"got {len(args)}")
+        if name == "cast":
+            try:
+                np.dtype(args[0])
+            except TypeError:
+                raise UsageError(f"transform {spec!r}: cast: {args[0]!r} is not a numpy "
+                                 "dtype (e.g. float32)") from None
+        elif name not in _META_STEPS:
+            for a in args:
+                try:
+                    _check_size(a)
+                except UsageError as exc:
+                    raise UsageError(f"transform {spec!r}: {name} {exc}") from None
+        steps.append((name, args))
     return Transform(spec, tuple(steps))
 
 

@@ -28,6 +28,8 @@ def _compare_options(c: argparse.ArgumentParser) -> None:
                    help="tolerance for names matching a glob, e.g. 'model.layers.*.mlp*=1e-3'")
     c.add_argument("--all", action="store_true", help="show every pair, not a window")
     c.add_argument("--rows", type=int, default=40, help="pairs shown around the divergence")
+    c.add_argument("--mapping", metavar="FILE", help="mapping file (docs/mapping.md): rules "
+                   "that pair differently named records, ignores, tolerances")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -105,7 +107,26 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--group", action="append", default=[], metavar="REGEX=COMPONENT",
                    help="put tensors whose name matches REGEX in COMPONENT (before the "
                         "default rules)")
+    i.add_argument("--against", metavar="B",
+                   help="compare with checkpoint B (any format): pair tensors by name, detect "
+                        "layouts, measure errors; exit 1 if a tensor is missing, extra or "
+                        "differs beyond what the dtypes explain")
+    for module in _command_modules():
+        module.register(sub)
     return p
+
+
+#: subcommands that live in a module of their own (lockstep.cli.<name>): each has
+#: ``register(sub)``, which adds its parser with ``set_defaults(handler=run)``
+_COMMAND_MODULES = ("generate", "weights", "align")
+
+
+def _command_modules() -> list[Any]:
+    import importlib
+    import importlib.util
+
+    return [importlib.import_module(f"{__package__}.{name}") for name in _COMMAND_MODULES
+            if importlib.util.find_spec(f"{__package__}.{name}") is not None]
 
 
 def _report(result: Any, args: argparse.Namespace) -> int:
@@ -124,31 +145,43 @@ def _compare(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import Progress
 
-    from ..compare import Tolerances, compare
+    from ..compare import compare
 
-    tolerances = Tolerances.parse(args.rtol, args.tol)
+    mapping, tolerances = _mapping(args)
     err = Console(stderr=True)
     with Progress(console=err, transient=True, disable=not err.is_terminal) as progress:
         task = progress.add_task("comparing", total=None)
-        result = compare(args.reference, args.candidate, tolerances,
+        result = compare(args.reference, args.candidate, tolerances, mapping=mapping,
                          progress=lambda done, total: progress.update(task, completed=done,
                                                                       total=total))
     return _report(result, args)
 
 
-def _diff(args: argparse.Namespace) -> int:
+def _mapping(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The ``--mapping`` file (or None) and the ``--rtol``/``--tol`` tolerances (compare
+    adds the file's own after them)."""
+    from ..align.mapping import load_mapping
     from ..compare import Tolerances
+
+    tolerances = Tolerances.parse(args.rtol, args.tol)
+    if not args.mapping:
+        return None, tolerances
+    return load_mapping(args.mapping), tolerances
+
+
+def _diff(args: argparse.Namespace) -> int:
     from ..engines.diff import diff
 
     if args.decode < 0:
         raise UsageError("--decode must be 0 or more")
     if args.prompt is None and args.tokens is None and not args.reference.startswith("dump:"):
         raise UsageError("give the prompt: --prompt TEXT or --tokens 1,2,3")
+    mapping, tolerances = _mapping(args)
     result = diff(args.reference, args.candidate, args.out, prompt=args.prompt,
                   tokens=args.tokens, decode=args.decode, free_running=args.free_running,
                   ref_options=_engine_options(args.reference, args.ref_dtype),
                   cand_options=_engine_options(args.candidate, args.cand_dtype),
-                  tolerances=Tolerances.parse(args.rtol, args.tol),
+                  tolerances=tolerances, mapping=mapping,
                   announce=lambda m: print(m, file=sys.stderr))
     return _report(result, args)
 
@@ -217,10 +250,34 @@ def _demo(args: argparse.Namespace) -> int:
     return EXIT_OK if all(expected[k] == v for k, v in verdicts.items()) else EXIT_ERROR
 
 
+def _inspect_against(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from ..checkpoint.against import against_checkpoints
+    from ..checkpoint.against_render import render_against
+
+    err = Console(stderr=True)
+    with Progress(TextColumn("comparing"), BarColumn(), MofNCompleteColumn(), console=err,
+                  transient=True, disable=not err.is_terminal) as progress:
+        task = progress.add_task("comparing", total=None)
+        report = against_checkpoints(args.path, args.against, progress=lambda done, total:
+                                     progress.update(task, completed=done, total=total))
+    console = Console()
+    for item in render_against(report):
+        console.print(item)
+    if args.json:
+        report.write_json(args.json)
+    return EXIT_OK if report else EXIT_DIVERGED
+
+
 def _inspect(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
                                TransferSpeedColumn)
+
+    if args.against:
+        return _inspect_against(args)
 
     from ..checkpoint import inspect_checkpoint
     from ..checkpoint.render import render
@@ -250,7 +307,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code (0 match/drift, 1 diverged, 2 error)."""
     args = _parser().parse_args(argv)
     try:
-        return _COMMANDS[args.command](args)
+        handler = getattr(args, "handler", None) or _COMMANDS[args.command]
+        return handler(args)
     except LockstepError as exc:
         print(f"lockstep: error: {exc}", file=sys.stderr)
         return EXIT_ERROR

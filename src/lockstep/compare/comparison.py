@@ -117,8 +117,10 @@ def compare(reference: Dump | str | os.PathLike[str], candidate: Dump | str | os
     try:
         cand = candidate if isinstance(candidate, Dump) else open_dump(candidate)
         try:
-            return _compare(ref, cand, tolerances or Tolerances(), progress, mapping,
-                            use_tables)
+            tolerances = tolerances or Tolerances()
+            if mapping is not None:  # the mapping file's tolerances, after the caller's own
+                tolerances = tolerances.with_patterns(mapping.tolerances())
+            return _compare(ref, cand, tolerances, progress, mapping, use_tables)
         finally:
             if cand is not candidate:
                 cand.close()

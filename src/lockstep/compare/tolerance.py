@@ -11,8 +11,8 @@ quantized weights (``quantization``) counts as that side's precision.
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass, field
-from typing import Any, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Iterable, Mapping
 
 __all__ = ["Tolerance", "Tolerances", "DTYPE_RTOL", "QUANTIZED_RTOL"]
 
@@ -69,6 +69,11 @@ class Tolerances:
             if not sep or not pattern:
                 raise UsageError(f"--tol {rule!r}: expected PATTERN=NUMBER")
         return cls(rtol=rtol, per_name=tuple(per_name))
+
+    def with_patterns(self, per_name: Iterable[tuple[str, float]]) -> Tolerances:
+        """These tolerances with more (glob, tolerance) patterns after their own, which keep
+        precedence: a mapping file's tolerances after the command line's ``--tol``."""
+        return replace(self, per_name=self.per_name + tuple(per_name))
 
     def for_pair(self, name: str, ref_dtype: str, cand_dtype: str,
                  ref_meta: Mapping[str, Any], cand_meta: Mapping[str, Any]) -> Tolerance:

@@ -9,8 +9,8 @@ __all__ = ["Engine", "open_engine"]
 
 
 def open_engine(spec: str, **options: object) -> Engine:
-    """An engine (not yet loaded) for a spec: ``hf:PATH``, ``llamacpp:FILE.gguf`` or
-    ``py:module:Factory`` (a user's engine)."""
+    """An engine (not yet loaded) for a spec: ``hf:PATH``, ``llamacpp:FILE.gguf``,
+    ``zoo:PATH`` (the bug zoo's mini engine) or ``py:module:Factory`` (a user's engine)."""
     kind, sep, target = spec.partition(":")
     if not sep or not target:
         raise UsageError(f"engine spec {spec!r} should look like 'hf:PATH'")
@@ -22,8 +22,12 @@ def open_engine(spec: str, **options: object) -> Engine:
         from .llamacpp import LlamaCppEngine
 
         return LlamaCppEngine(spec, target, **options)  # type: ignore[arg-type]
+    if kind == "zoo":
+        from ..zoo.engine import ZooEngine
+
+        return ZooEngine(spec, target, **options)  # type: ignore[arg-type]
     if kind == "py":
         from .python import load_python_engine
 
         return load_python_engine(spec, target, **options)
-    raise UsageError(f"unknown engine {kind!r} in {spec!r}; known engines: hf, llamacpp, py")
+    raise UsageError(f"unknown engine {kind!r} in {spec!r}; known engines: hf, llamacpp, zoo, py")

@@ -5,6 +5,10 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, Sequence
 
+import numpy as np
+
+from ..errors import UsageError
+
 if TYPE_CHECKING:
     from ..capture.recorder import Recorder
 
@@ -38,6 +42,27 @@ class Engine(ABC):
         tokens), so one near-tie does not make every later step incomparable. Returns the
         greedy token chosen at each step.
         """
+
+    def decode_logits(self, prompt_ids: Sequence[int], steps: int, *,
+                      forced: Sequence[int] | None = None) -> tuple[list[int], np.ndarray]:
+        """Greedy decoding without recording: ``steps`` generated tokens and their logits.
+
+        Returns (the greedy token at each step, float32 logits of shape ``(steps, vocab)``).
+        Row 0 is the prefill's last-position logits; row i (i >= 1) comes from feeding
+        ``forced[i-1]`` when ``forced`` is given (teacher forcing), else the greedy token of
+        row i-1.
+        """
+        raise UsageError(f"{self.spec}: the {self.name} engine cannot report logits")
+
+    def chat_tokens(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of chat ``messages`` (``{"role", "content"}``) through the model's chat
+        template, ending with the prompt for the assistant's turn."""
+        raise UsageError(f"{self.spec}: the {self.name} engine has no chat template; "
+                         "give plain prompts (no --chat, no \"messages\")")
+
+    def detokenize(self, ids: Sequence[int], *, skip_special: bool = False) -> str | None:
+        """The text of token ids, or None when this engine cannot decode them."""
+        return None
 
     def meta(self) -> dict[str, Any]:
         """Run metadata for the dump header."""

@@ -9,12 +9,15 @@ incomparable. ``dump:DIR`` uses an existing recording instead of running an engi
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from ..compare import Comparison, Tolerances, compare
 from ..errors import UsageError
 from ..store.reader import open_dump
 from .capture import capture
+
+if TYPE_CHECKING:
+    from ..align.mapping import MappingFile
 
 __all__ = ["diff"]
 
@@ -39,7 +42,8 @@ def _fed_tokens(dump: Any) -> list[int] | None:
 def diff(ref_spec: str, cand_spec: str, out: str | Path, *, prompt: str | None = None,
          tokens: Sequence[int] | None = None, decode: int = 0, free_running: bool = False,
          ref_options: dict[str, Any] | None = None, cand_options: dict[str, Any] | None = None,
-         tolerances: Tolerances | None = None, overwrite: bool = True,
+         tolerances: Tolerances | None = None, mapping: MappingFile | None = None,
+         overwrite: bool = True,
          announce: Callable[[str], Any] = lambda m: None) -> Comparison:
     """Record both engines into ``out``/reference.lsd and ``out``/candidate.lsd; compare."""
     out = Path(out)
@@ -61,4 +65,4 @@ def diff(ref_spec: str, cand_spec: str, out: str | Path, *, prompt: str | None =
         capture(cand_spec, str(cand_dump), tokens=ids, decode=decode,
                 forced=None if free_running else forced, overwrite=overwrite,
                 announce=announce, **(cand_options or {}))
-    return compare(ref_dump, cand_dump, tolerances)
+    return compare(ref_dump, cand_dump, tolerances, mapping=mapping)

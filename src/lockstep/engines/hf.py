@@ -23,7 +23,8 @@ if TYPE_CHECKING:
 __all__ = ["HFEngine"]
 
 _DTYPES = ("float32", "bfloat16", "float16", "float64")
-DERIVED_INPUTS = ("*.self_attn.o_proj", "*.post_attention_layernorm", "*.mlp.down_proj")
+DERIVED_INPUTS = ("*.self_attn.o_proj", "*.post_attention_layernorm", "*.mlp.down_proj",
+                  "*.pre_feedforward_layernorm", "*.down_proj", "*.ln_2", "*.c_proj")
 
 
 def _import() -> tuple[Any, Any]:
@@ -135,6 +136,47 @@ class HFEngine(Engine):
                              "--tokens 1,2,3 instead of --prompt")
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
+    def chat_tokens(self, messages: list[dict[str, str]]) -> list[int]:
+        if self.tokenizer is None:
+            raise UsageError(f"{self.spec} has no tokenizer files, so no chat template")
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise UsageError(f"{self.spec}: the tokenizer has no chat template; give plain "
+                             "prompts (no --chat, no \"messages\")")
+        out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                 tokenize=True)
+        ids = out["input_ids"] if hasattr(out, "keys") else out  # a BatchEncoding in v5
+        return [int(i) for i in ids]
+
+    def detokenize(self, ids: Sequence[int], *, skip_special: bool = False) -> str | None:
+        if self.tokenizer is None:
+            return None
+        return str(self.tokenizer.decode(list(ids), skip_special_tokens=skip_special))
+
+    def decode_logits(self, prompt_ids: Sequence[int], steps: int, *,
+                      forced: Sequence[int] | None = None) -> tuple[list[int], Any]:
+        import numpy as np
+        import torch
+
+        if self.model is None:
+            raise UsageError(f"{self.spec}: load() the engine before decoding")
+        ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=self.device)
+        chosen: list[int] = []
+        rows = []
+        past = None
+        with torch.no_grad():
+            for step in range(steps):
+                out = self.model(input_ids=ids, past_key_values=past, use_cache=True)
+                past = out.past_key_values
+                last = out.logits[0, -1]
+                token = int(last.argmax())  # in the model's own dtype, as generate() picks
+                chosen.append(token)
+                rows.append(last.float().cpu())
+                fed = forced[step] if forced is not None and step < len(forced) else token
+                ids = torch.tensor([[int(fed)]], dtype=torch.long, device=self.device)
+        if not rows:
+            return chosen, np.zeros((0, self.model.config.vocab_size), dtype=np.float32)
+        return chosen, torch.stack(rows).numpy()
+
     def meta(self) -> dict[str, Any]:
         config = self.model.config if self.model is not None else None
         return {**super().meta(), "model": str(self.source), "dtype": self.dtype,
@@ -143,6 +185,7 @@ class HFEngine(Engine):
                 "vocab_size": getattr(config, "vocab_size", None),
                 "n_heads": getattr(config, "num_attention_heads", None),
                 "n_kv_heads": getattr(config, "num_key_value_heads", None),
+                "n_ff": getattr(config, "intermediate_size", None),
                 "head_dim": getattr(config, "head_dim", None) or (
                     config.hidden_size // config.num_attention_heads
                     if config is not None and getattr(config, "num_attention_heads", None)

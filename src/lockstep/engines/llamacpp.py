@@ -501,9 +501,11 @@ class LlamaCppEngine(Engine):
                 "views_recorded": self.views,
                 "logits": ["result_output"]}
 
-    def eval(self, ids: Sequence[int], pos: int, rec: Recorder | None = None) -> None:
-        """One llama_decode of ``ids`` at positions ``pos...``, logits at every position,
-        recording every graph node into ``rec`` (None: the callback asks for nothing)."""
+    def eval(self, ids: Sequence[int], pos: int, rec: Recorder | None = None, *,
+             all_logits: bool = True) -> None:
+        """One llama_decode of ``ids`` at positions ``pos...``, logits at every position (only
+        the last one with ``all_logits=False``), recording every graph node into ``rec``
+        (None: the callback asks for nothing)."""
         L = self.llama_cpp
         n = len(ids)
         if pos + n > self.n_ctx:
@@ -517,7 +519,7 @@ class LlamaCppEngine(Engine):
             position[i] = pos + i
             n_seq[i] = 1
             seq[i][0] = 0
-            logits[i] = 1
+            logits[i] = 1 if all_logits or i == n - 1 else 0
         tap = self._tap
         assert tap is not None
         tap.begin(rec, n)
@@ -541,6 +543,39 @@ class LlamaCppEngine(Engine):
         self._ensure_context(n_positions)
         L = self.llama_cpp
         L.llama_memory_clear(L.llama_get_memory(self.ctx), True)
+
+    def decode_logits(self, prompt_ids: Sequence[int], steps: int, *,
+                      forced: Sequence[int] | None = None) -> tuple[list[int], np.ndarray]:
+        ids = [int(i) for i in prompt_ids]
+        if not ids:
+            raise UsageError(f"{self.spec}: the prompt has no tokens")
+        self.reset(len(ids) + steps)
+        rows = np.empty((steps, self.info["vocab_size"]), dtype=np.float32)
+        chosen: list[int] = []
+        pos, feed = 0, ids
+        for step in range(steps):
+            self.eval(feed, pos, all_logits=False)  # nothing recorded: the callback asks for none
+            pos += len(feed)
+            rows[step] = self.last_logits()
+            token = int(np.argmax(rows[step]))
+            chosen.append(token)
+            feed = [int(forced[step]) if forced is not None and step < len(forced) else token]
+        return chosen, rows
+
+    def detokenize(self, ids: Sequence[int], *, skip_special: bool = False) -> str | None:
+        if self.model is None:
+            return None
+        L = self.llama_cpp
+        pieces = b""
+        buf = ctypes.create_string_buffer(256)
+        for tok in ids:
+            n = L.llama_token_to_piece(self.vocab, int(tok), buf, len(buf), 0, not skip_special)
+            if n < 0:
+                buf = ctypes.create_string_buffer(-n)
+                n = L.llama_token_to_piece(self.vocab, int(tok), buf, len(buf), 0,
+                                           not skip_special)
+            pieces += buf.raw[:max(n, 0)]
+        return pieces.decode("utf-8", "replace")
 
     def generate(self, rec: Recorder, prompt_ids: Sequence[int], decode: int, *,
                  forced: Sequence[int] | None = None) -> list[int]:

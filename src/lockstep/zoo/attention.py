@@ -1,0 +1,105 @@
+"""Grouped-query attention over the paged KV cache, with optional QK-norm (Qwen3)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .config import ModelArgs
+from .kv_cache import AttentionMetadata
+from .layers import RMSNorm, Rope
+from .lora import LoRALinear
+from .vm import blocked_qkv
+
+__all__ = ["Attention"]
+
+
+class Attention(nn.Module):
+    """Q, K, V projections, QK-norm, RoPE, cache write and read, attention, output projection.
+
+    Shapes: the input and output are (batch, seq, dim); ``q_norm``, ``k_norm`` and ``rope`` see
+    (batch, seq, heads, head_dim); ``wo``'s input is the attention output with the heads merged,
+    (batch, seq, heads * head_dim).
+    """
+
+    wqkv: Tensor | None  #: the decode VM's fused [wq; wk; wv] weight (see fuse_qkv)
+    bqkv: Tensor | None  #: its fused bias, for models with attention biases
+
+    def __init__(self, layer_id: int, args: ModelArgs) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        self.n_heads, self.n_kv_heads = args.n_heads, args.n_kv_heads
+        self.head_dim = args.head_dim
+        self.bug = args.bug
+        q_size, kv_size = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+        self.wq = LoRALinear(args.dim, q_size, bias=args.attention_bias)
+        self.wk = LoRALinear(args.dim, kv_size, bias=args.attention_bias)
+        self.wv = LoRALinear(args.dim, kv_size, bias=args.attention_bias)
+        self.wo = LoRALinear(q_size, args.dim, bias=False)
+        self.q_norm = RMSNorm(args.head_dim, args.norm_eps, args.bug) if args.qk_norm else None
+        self.k_norm = RMSNorm(args.head_dim, args.norm_eps, args.bug) if args.qk_norm else None
+        theta = 10000.0 if args.bug == "rope_theta_default" else args.rope_theta
+        self.rope = Rope(args.head_dim, theta, args.bug)
+        self.register_buffer("wqkv", None, persistent=False)
+        self.register_buffer("bqkv", None, persistent=False)
+
+    def fuse_qkv(self) -> None:
+        """Concatenate wq, wk and wv (adapters merged) into the VM's one QKV weight."""
+        with torch.no_grad():
+            self.wqkv = torch.cat([w.merged_weight() for w in (self.wq, self.wk, self.wv)])
+            if self.wq.bias is not None:
+                self.bqkv = torch.cat([self.wq.bias, self.wk.bias, self.wv.bias])
+
+    def project(self, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Q and K (normed and rotated) and V of every new token, (batch, seq, heads, head_dim)."""
+        batch, seq, _ = x.shape
+        q = self.wq(x).view(batch, seq, self.n_heads, self.head_dim)
+        k = self.wk(x).view(batch, seq, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(batch, seq, self.n_kv_heads, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rope(q, k, positions)
+        return q, k, v
+
+    def forward(self, x: Tensor, positions: Tensor, meta: AttentionMetadata) -> Tensor:
+        if meta.vm and meta.is_decode:
+            q, k, v = blocked_qkv(self, x, positions)
+        else:
+            q, k, v = self.project(x, positions)
+        meta.cache.write(self.layer_id, meta.slot_mapping, k, v)
+        keys, values = meta.cache.read(self.layer_id, meta.context_slots)
+        # the mask only matters with several new tokens (a decode token may see every slot)
+        if self.bug == "prefill_no_causal_mask":
+            causal = meta.cache is None  # TinyLLM#17: masked only when no cache is attached
+        else:
+            causal = x.shape[1] > 1
+        return self.wo(self.attend(q, keys, values, causal))
+
+    def attend(self, q: Tensor, keys: Tensor, values: Tensor, causal: bool) -> Tensor:
+        """Softmax attention of the new tokens' queries over the sequence's keys and values.
+
+        ``q`` is (batch, new, heads, head_dim), ``keys`` and ``values`` (context, kv_heads,
+        head_dim) with the new tokens last; returns (batch, new, heads * head_dim).
+        """
+        batch, new, heads, head_dim = q.shape
+        context = keys.shape[0]
+        if context == 0:  # nothing to attend to: the kernel writes nothing into its buffer
+            return q.new_zeros(batch, new, heads * head_dim)
+        k = keys.transpose(0, 1)[None]  # (1, kv_heads, context, head_dim)
+        v = values.transpose(0, 1)[None]
+        group = heads // self.n_kv_heads
+        if self.bug == "gqa_tiled_kv":
+            k, v = k.repeat(1, group, 1, 1), v.repeat(1, group, 1, 1)  # kv heads 0, 1, 0, 1
+        else:
+            k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)  # 0, 0, 1, 1
+        scores = q.transpose(1, 2) @ k.transpose(2, 3) * head_dim ** -0.5
+        if causal:
+            # query i (at context index context - new + i) sees keys 0 .. context - new + i
+            visible = torch.ones(new, context, dtype=torch.bool, device=q.device)
+            scores = scores.masked_fill(~visible.tril(context - new), float("-inf"))
+        at_least_fp32 = torch.promote_types(scores.dtype, torch.float32)
+        probs = torch.softmax(scores, dim=-1, dtype=at_least_fp32).to(q.dtype)
+        out = probs @ v  # (batch, heads, new, head_dim)
+        if self.bug == "heads_no_transpose":
+            return out.reshape(batch, new, heads * head_dim)  # mixes tokens into one row
+        return out.transpose(1, 2).reshape(batch, new, heads * head_dim)

@@ -1,0 +1,75 @@
+"""The zoo model's hyperparameters, read from a transformers ``config.json``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from ..errors import UsageError
+
+__all__ = ["ModelArgs", "FAMILIES"]
+
+#: transformers ``model_type`` values the zoo can run
+FAMILIES = ("llama", "qwen3")
+
+
+def _rope_theta(config: Mapping[str, Any]) -> float:
+    """rope_theta from a config of any transformers version (top level or rope_parameters)."""
+    params = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type != "default":
+        raise UsageError(f"the zoo engine runs plain RoPE only; this model uses {rope_type!r}")
+    return float(config.get("rope_theta") or params.get("rope_theta") or 10000.0)
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    """Sizes and constants of a Llama or Qwen3 model, named as Meta's reference code names
+    them."""
+
+    family: str  #: "llama" or "qwen3" (QK-norm)
+    dim: int  #: hidden size
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    hidden_dim: int  #: the MLP's intermediate size
+    vocab_size: int
+    norm_eps: float
+    rope_theta: float
+    tie_embeddings: bool  #: lm_head shares the embedding matrix
+    attention_bias: bool = False
+    bug: str | None = None  #: the zoo bug switched on, if any
+
+    @property
+    def qk_norm(self) -> bool:
+        """Whether Q and K are RMS-normalised per head before RoPE (Qwen3)."""
+        return self.family == "qwen3"
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], bug: str | None = None) -> ModelArgs:
+        """The arguments of a transformers config (``config.json`` as a dict)."""
+        family = config.get("model_type")
+        if family not in FAMILIES:
+            raise UsageError(f"the zoo engine runs {' and '.join(FAMILIES)} models; this one "
+                             f"is {family!r}")
+        if config.get("hidden_act", "silu") != "silu" or config.get("mlp_bias"):
+            raise UsageError("the zoo engine runs SwiGLU MLPs without bias only")
+        if config.get("use_sliding_window"):
+            raise UsageError("the zoo engine has no sliding-window attention")
+        n_heads = int(config["num_attention_heads"])
+        return cls(
+            family=family,
+            dim=int(config["hidden_size"]),
+            n_layers=int(config["num_hidden_layers"]),
+            n_heads=n_heads,
+            n_kv_heads=int(config.get("num_key_value_heads") or n_heads),
+            head_dim=int(config.get("head_dim") or config["hidden_size"] // n_heads),
+            hidden_dim=int(config["intermediate_size"]),
+            vocab_size=int(config["vocab_size"]),
+            norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+            rope_theta=_rope_theta(config),
+            tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+            attention_bias=bool(config.get("attention_bias", False)),
+            bug=bug,
+        )

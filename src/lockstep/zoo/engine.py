@@ -1,0 +1,176 @@
+"""The bug zoo as a lockstep engine: ``zoo:PATH``, a transformers model directory or a GGUF file.
+
+``ZooEngine(spec, path, bug="wrong_kv_slot")`` runs the zoo's own Llama/Qwen3 implementation
+with one bug switched on (``bugs.BUGS``); with none it matches transformers to float32
+precision. torch is imported only when the engine loads.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+
+from ..engines.base import Engine
+from ..errors import MissingExtraError, UsageError
+from .bugs import get_bug
+
+if TYPE_CHECKING:
+    from ..capture.recorder import Recorder
+    from .model import Transformer
+    from .runner import Generation
+
+__all__ = ["ZooEngine", "DERIVED_INPUTS"]
+
+_DTYPES = ("float32", "float64", "bfloat16", "float16")
+#: module inputs recorded as tensors of their own: the attention heads before the output
+#: projection, the residual sum before the MLP norm, the SwiGLU product
+DERIVED_INPUTS = ("*.attention.wo", "*.ffn_norm", "*.feed_forward.w2")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+
+
+def _torch() -> Any:
+    try:
+        import torch
+    except ImportError:
+        raise MissingExtraError("torch", "hf") from None
+    return torch
+
+
+def _tokenizer(directory: Path) -> Any:
+    """transformers' tokenizer of a model directory, or None when it has no tokenizer files
+    (token ids can still be given directly)."""
+    if not any((directory / f).is_file() for f in _TOKENIZER_FILES):
+        return None  # transformers would make an empty tokenizer from the config alone
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    except (ImportError, OSError, ValueError, TypeError):
+        return None
+
+
+class ZooEngine(Engine):
+    """The zoo's mini inference engine: paged KV cache, prefill and decode, one optional bug.
+
+    ``vm=True`` runs decode's QKV projection, QK-norm and RoPE in the blocked decode VM
+    (forced on by ``bug="blocked_qk_norm"``); ``temperature`` above 0 samples with a
+    generator seeded by ``seed``, which also seeds the random init of weights never loaded.
+    """
+
+    name = "zoo"
+
+    def __init__(self, spec: str, path: str, *, bug: str | None = None, dtype: str = "float32",
+                 vm: bool = False, temperature: float = 0.0, seed: int = 0,
+                 device: str = "cpu", page_size: int = 4) -> None:
+        super().__init__(spec)
+        if dtype not in _DTYPES:
+            raise UsageError(f"--dtype {dtype!r}: the zoo runs {', '.join(_DTYPES)}")
+        if temperature < 0:
+            raise UsageError(f"temperature {temperature} is negative; use 0 for greedy")
+        get_bug(bug)  # an unknown name fails here, before anything loads
+        self.path = Path(path)
+        self.source = self.path  # what the user named (a GGUF file is converted)
+        self.bug = bug or None
+        self.dtype = dtype
+        self.vm = vm or bug == "blocked_qk_norm"
+        self.temperature = temperature
+        self.seed = seed
+        self.device = device
+        self.page_size = page_size
+        self.model: Transformer | None = None  #: the torch module, once loaded
+        self.tokenizer: Any = None
+
+    @classmethod
+    def from_transformers(cls, hf_model: Any, *, spec: str = "zoo:transformers-model",
+                          **options: Any) -> ZooEngine:
+        """A loaded engine with the weights of a live transformers model (Llama or Qwen3)."""
+        engine = cls(spec, "<in memory>", **options)
+        engine._build(hf_model.config.to_dict(), hf_model.state_dict())
+        return engine
+
+    def load(self) -> None:
+        if self.path.suffix == ".gguf" and self.path.is_file():
+            from ..engines.hf import gguf_as_safetensors
+
+            self.path = gguf_as_safetensors(self.path)
+        if not (self.path / "config.json").is_file():
+            raise UsageError(f"{self.spec}: {self.path} is not a transformers model directory "
+                             "(config.json and safetensors) or a GGUF file")
+        _torch()
+        from .weights import read_checkpoint
+
+        config, tensors = read_checkpoint(self.path)
+        self._build(config, tensors)
+        self.tokenizer = _tokenizer(self.path)
+
+    def _build(self, config: dict[str, Any], tensors: Any) -> None:
+        torch = _torch()
+        from .config import ModelArgs
+        from .weights import build
+
+        get_bug(self.bug, ModelArgs.from_config(config).family)
+        self.model = build(config, tensors, bug=self.bug, dtype=getattr(torch, self.dtype),
+                           device=self.device, seed=self.seed, vm=self.vm)
+
+    def tokenize(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise UsageError(f"{self.spec} has no tokenizer files; give token ids with "
+                             "--tokens 1,2,3 instead of --prompt")
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def chat_tokens(self, messages: list[dict[str, str]]) -> list[int]:
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            return super().chat_tokens(messages)
+        out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                 tokenize=True)
+        return [int(i) for i in (out["input_ids"] if hasattr(out, "keys") else out)]
+
+    def detokenize(self, ids: Sequence[int], *, skip_special: bool = False) -> str | None:
+        if self.tokenizer is None:
+            return None
+        return str(self.tokenizer.decode(list(ids), skip_special_tokens=skip_special))
+
+    def meta(self) -> dict[str, Any]:
+        meta = {**super().meta(), "model": str(self.source), "dtype": self.dtype,
+                "compute_dtype": self.dtype, "device": self.device, "bug": self.bug,
+                "vm": self.vm, "temperature": self.temperature, "page_size": self.page_size}
+        if self.model is not None:
+            args = self.model.args
+            meta.update(family=args.family, architecture=f"zoo-{args.family}",
+                        vocab_size=args.vocab_size, head_dim=args.head_dim,
+                        n_heads=args.n_heads, n_kv_heads=args.n_kv_heads)
+        return meta
+
+    def _run(self, prompt_ids: Sequence[int], decode: int, forced: Sequence[int] | None,
+             rec: Recorder | None = None) -> Generation:
+        from .runner import Runner
+
+        if self.model is None:
+            raise UsageError(f"{self.spec}: load() the engine first")
+        record_ids = None
+        if rec is not None:
+            rec.watch(self.model, inputs=DERIVED_INPUTS)
+            record_ids = partial(rec.capture, "input_ids", role="input")
+        runner = Runner(self.model, page_size=self.page_size, temperature=self.temperature,
+                        seed=self.seed, vm=self.vm, on_forward=record_ids)
+        return runner.run(list(prompt_ids), decode, forced)
+
+    def generate(self, rec: Recorder, prompt_ids: Sequence[int], decode: int, *,
+                 forced: Sequence[int] | None = None) -> list[int]:
+        return self._run(prompt_ids, decode, forced, rec).tokens
+
+    def decode_logits(self, prompt_ids: Sequence[int], steps: int, *,
+                      forced: Sequence[int] | None = None) -> tuple[list[int], np.ndarray]:
+        if steps < 0:
+            raise UsageError(f"decode_logits needs 0 or more steps, not {steps}")
+        if steps == 0:
+            return [], np.zeros((0, self.model.args.vocab_size if self.model else 0), np.float32)
+        result = self._run(prompt_ids, steps - 1, forced)
+        logits = np.stack([row.cpu().numpy() for row in result.logits]).astype(np.float32)
+        return result.tokens, logits
+
+    def close(self) -> None:
+        self.model = None

@@ -1,0 +1,103 @@
+"""The zoo model's small building blocks: RMSNorm, RoPE, the SwiGLU MLP and the lm_head."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["RMSNorm", "Rope", "FeedForward", "LMHead"]
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm over the last dim.
+
+    The statistics are taken in float32 whatever the dtype, as transformers takes them (so a
+    float64 run matches transformers' float64 run to 1e-10).
+    """
+
+    def __init__(self, dim: int, eps: float, bug: str | None = None) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+        self.bug = bug
+
+    @property
+    def scale(self) -> Tensor:
+        """The per-channel scale the normalised input is multiplied by."""
+        if self.bug == "norm_unit_offset":
+            return 1 + self.weight  # Gemma's convention, wrong for Llama and Qwen3 weights
+        return self.weight
+
+    def normalize(self, x: Tensor, stats: Tensor | None = None) -> Tensor:
+        """``x`` divided by the RMS of ``stats`` (default: of ``x``) over the last dim."""
+        stats = x if stats is None else stats
+        variance = stats.to(torch.float32).pow(2).mean(-1, keepdim=True)
+        return (x.to(torch.float32) * torch.rsqrt(variance + self.eps)).to(x.dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.scale * self.normalize(x)
+
+
+class Rope(nn.Module):
+    """Rotary position embedding of Q and K shaped (batch, seq, heads, head_dim).
+
+    Half-split pairs (element i turns with element i + head_dim / 2), transformers' convention;
+    the angles are computed in float32 and cast to the activations' dtype, as transformers does.
+    """
+
+    def __init__(self, head_dim: int, theta: float, bug: str | None = None) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+        self.theta = theta
+        self.bug = bug
+
+    def cos_sin(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """cos and sin of every position's angles, shaped (batch, seq, 1, head_dim)."""
+        steps = torch.arange(0, self.head_dim, 2, dtype=torch.float, device=positions.device)
+        inv_freq = 1.0 / (self.theta ** (steps / self.head_dim))
+        freqs = positions[..., None].float() * inv_freq
+        if self.bug == "rope_interleaved":
+            angles = freqs.repeat_interleave(2, dim=-1)  # pairs (0, 1), (2, 3), ...
+        else:
+            angles = torch.cat((freqs, freqs), dim=-1)  # pairs (0, D/2), (1, D/2 + 1), ...
+        return angles.cos().to(dtype)[:, :, None], angles.sin().to(dtype)[:, :, None]
+
+    def rotate_half(self, x: Tensor) -> Tensor:
+        """Each element's rotation partner, negated where the rotation subtracts it."""
+        if self.bug == "rope_interleaved":
+            return torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2)
+        first, second = x.chunk(2, dim=-1)
+        return torch.cat((-second, first), dim=-1)
+
+    def forward(self, q: Tensor, k: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        cos, sin = self.cos_sin(positions, q.dtype)
+        return q * cos + self.rotate_half(q) * sin, k * cos + self.rotate_half(k) * sin
+
+
+class FeedForward(nn.Module):
+    """The SwiGLU MLP: ``w2(silu(w1(x)) * w3(x))`` (w1 the gate, w3 the up projection)."""
+
+    def __init__(self, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class LMHead(nn.Linear):
+    """The output projection to the vocabulary, its weight shaped (vocab, hidden)."""
+
+    def __init__(self, dim: int, vocab_size: int, bug: str | None = None) -> None:
+        super().__init__(dim, vocab_size, bias=False)
+        self.bug = bug
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.bug == "lm_head_layout":
+            # seed 004's cuBLAS call (CUBLAS_OP_N, leading dimension vocab) reads the row-major
+            # (vocab, hidden) buffer as if it were laid out (hidden, vocab)
+            return x @ self.weight.reshape(self.in_features, self.out_features)
+        return super().forward(x)

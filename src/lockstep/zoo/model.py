@@ -1,0 +1,80 @@
+"""The zoo's Llama/Qwen3 transformer, its modules named as Meta's Llama reference code names
+them.
+
+``named_modules()`` gives: ``tok_embeddings``, ``layers.{i}`` (a block; its output is the
+layer output), ``layers.{i}.attention_norm``, ``layers.{i}.attention`` with ``wq``, ``wk``,
+``wv``, ``q_norm`` and ``k_norm`` (Qwen3), ``rope`` and ``wo``, ``layers.{i}.ffn_norm``,
+``layers.{i}.feed_forward`` with ``w1`` (gate), ``w3`` (up) and ``w2`` (down), ``norm`` and
+``output`` (the logits).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .attention import Attention
+from .config import ModelArgs
+from .kv_cache import AttentionMetadata
+from .layers import FeedForward, LMHead, RMSNorm
+
+__all__ = ["Transformer", "TransformerBlock", "Step"]
+
+
+@dataclass
+class Step:
+    """What one forward returns. Not a bare tensor, so a recorder watching the model keeps
+    the logits once, as the ``output`` module's output."""
+
+    logits: Tensor  #: (batch, seq, vocab)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm attention and MLP, each added to the residual stream."""
+
+    def __init__(self, layer_id: int, args: ModelArgs) -> None:
+        super().__init__()
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps, args.bug)
+        self.attention = Attention(layer_id, args)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps, args.bug)
+        self.feed_forward = FeedForward(args.dim, args.hidden_dim)
+
+    def forward(self, x: Tensor, positions: Tensor, meta: AttentionMetadata) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), positions, meta)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    """Embedding, ``n_layers`` blocks, the final norm and the lm_head."""
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.bug = args.bug
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(i, args) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps, args.bug)
+        self.output = LMHead(args.dim, args.vocab_size, args.bug)
+        if args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.last_hidden = torch.empty(0)  # the last hidden state prefill leaves for decode
+
+    def fuse_qkv(self) -> None:
+        """Build every layer's fused QKV weight for the decode VM."""
+        for module in self.modules():
+            if isinstance(module, Attention):
+                module.fuse_qkv()
+
+    def forward(self, tokens: Tensor, positions: Tensor, meta: AttentionMetadata) -> Step:
+        """Logits of every new token; ``tokens`` and ``positions`` are (batch, seq)."""
+        h = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            h = layer(h, positions, meta)
+        if not meta.is_decode:
+            self.last_hidden = h[:, -1:]
+        elif self.bug == "stale_hidden":
+            h = self.last_hidden  # the bug: decode reads what prefill left, not its own state
+        return Step(self.output(self.norm(h)))
+

@@ -1,0 +1,101 @@
+"""Building a zoo Transformer and loading a transformers checkpoint's weights into it."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor
+
+from ..errors import LockstepError, UsageError
+from .config import ModelArgs
+from .lora import LoRALinear, attach_nan_adapter
+from .model import Transformer
+
+__all__ = ["zoo_to_hf", "build", "read_checkpoint"]
+
+# zoo name -> transformers name, for the parts of a name that differ
+_RENAMES = (
+    (r"tok_embeddings\.", "model.embed_tokens."),
+    (r"layers\.(\d+)\.attention_norm\.", r"model.layers.\1.input_layernorm."),
+    (r"layers\.(\d+)\.ffn_norm\.", r"model.layers.\1.post_attention_layernorm."),
+    (r"layers\.(\d+)\.attention\.w([qkvo])\.", r"model.layers.\1.self_attn.\2_proj."),
+    (r"layers\.(\d+)\.attention\.([qk]_norm)\.", r"model.layers.\1.self_attn.\2."),
+    (r"layers\.(\d+)\.feed_forward\.w1\.", r"model.layers.\1.mlp.gate_proj."),
+    (r"layers\.(\d+)\.feed_forward\.w2\.", r"model.layers.\1.mlp.down_proj."),
+    (r"layers\.(\d+)\.feed_forward\.w3\.", r"model.layers.\1.mlp.up_proj."),
+    (r"norm\.", "model.norm."),
+    (r"output\.", "lm_head."),
+)
+
+
+def zoo_to_hf(name: str) -> str:
+    """The transformers name of a zoo parameter (``layers.0.attention.wq.weight`` ->
+    ``model.layers.0.self_attn.q_proj.weight``)."""
+    for pattern, replacement in _RENAMES:
+        renamed, count = re.subn("^" + pattern, replacement, name)
+        if count:
+            return renamed
+    raise KeyError(name)
+
+
+def read_checkpoint(directory: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """The config and every tensor of a transformers model directory (safetensors)."""
+    from safetensors.torch import load_file
+
+    config = json.loads((directory / "config.json").read_text())
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise UsageError(f"{directory} has no .safetensors weights (the zoo reads no "
+                         "pytorch_model.bin)")
+    tensors: dict[str, Tensor] = {}
+    for file in files:
+        tensors.update(load_file(file))
+    return config, tensors
+
+
+def random_init(model: Transformer, seed: int) -> None:
+    """Fill every parameter from a seeded generator: what a weight the loader never writes
+    holds (a real engine's ``torch.empty`` gives whatever memory held; this is reproducible)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0.0, 0.02, generator=generator)
+
+
+def _load(model: Transformer, tensors: Mapping[str, Tensor]) -> None:
+    """Copy the checkpoint's tensors into the model's parameters."""
+    state = {}
+    for name in model.state_dict():
+        if name == "output.weight" and model.args.tie_embeddings:
+            continue  # the embedding matrix, loaded once
+        if model.bug == "layer_not_loaded" and name.startswith("layers.1."):
+            continue  # the bug: the loader never writes layer 1
+        source = zoo_to_hf(name)
+        if source not in tensors:
+            raise LockstepError(f"the checkpoint has no {source} (for the zoo's {name})")
+        state[name] = tensors[source]
+    model.load_state_dict(state, strict=False)
+
+
+def build(config: Mapping[str, Any], tensors: Mapping[str, Tensor], *, bug: str | None = None,
+          dtype: torch.dtype = torch.float32, device: str = "cpu", seed: int = 0,
+          vm: bool = False) -> Transformer:
+    """A zoo Transformer with the checkpoint's weights, in ``dtype`` on ``device``, eval mode."""
+    args = ModelArgs.from_config(config, bug)
+    if bug in ("layer_not_loaded", "nan_adapter") and args.n_layers < 2:
+        raise UsageError(f"zoo bug {bug!r} is in layer 1; this model has {args.n_layers} layer")
+    model = Transformer(args)
+    random_init(model, seed)
+    _load(model, tensors)
+    if bug == "nan_adapter":
+        wq = model.get_submodule("layers.1.attention.wq")
+        assert isinstance(wq, LoRALinear)
+        attach_nan_adapter(wq, seed=seed)
+    model = model.to(device=device, dtype=dtype).eval()
+    if vm:
+        model.fuse_qkv()
+    return model
