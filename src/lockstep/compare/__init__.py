@@ -1,9 +1,10 @@
 """Comparison: pure metrics, dtype-aware tolerances, and the match/drift/diverged verdict."""
 
 from .comparison import Comparison, DumpSummary, compare
+from .diagnosis import Diagnosis, diagnose
 from .metrics import TensorMetrics, TopK, tensor_metrics
 from .tolerance import Tolerances
 from .verdict import PairResult
 
 __all__ = ["Comparison", "DumpSummary", "compare", "TensorMetrics", "TopK", "tensor_metrics",
-           "Tolerances", "PairResult"]
+           "Tolerances", "PairResult", "Diagnosis", "diagnose"]

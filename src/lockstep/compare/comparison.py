@@ -15,6 +15,7 @@ from ..align.pairing import Alignment, Pair, align
 from ..align.transforms import apply_transform
 from ..store.dtypes import FLOAT_KINDS
 from ..store.reader import Dump, Record, open_dump
+from .diagnosis import Diagnosis, diagnose_safely
 from .metrics import ShapeMismatch, TensorMetrics, tensor_metrics
 from .tolerance import Tolerance, Tolerances
 from .verdict import PairResult, decide, inherited_errors
@@ -55,6 +56,7 @@ class Comparison:
     cand_only: tuple[Record, ...]
     reference: DumpSummary
     candidate: DumpSummary
+    diagnosis: Diagnosis | None = None  #: what kind of problem it is (diverged only)
 
     def __bool__(self) -> bool:
         return self.verdict != "diverged"
@@ -146,7 +148,9 @@ def _compare(ref: Dump, cand: Dump, tolerances: Tolerances,
                             noise=tol.noise,
                             error=error, metrics=metrics, note=note,
                             canonical=pair.canonical,
-                            transform=pair.cand_transform or pair.ref_transform)
+                            transform=pair.cand_transform or pair.ref_transform,
+                            ref_transform=pair.ref_transform,
+                            cand_transform=pair.cand_transform)
         (unmeasurable if math.isnan(error) else measured).append(result)
         if progress is not None:
             progress(i + 1, total)
@@ -156,6 +160,9 @@ def _compare(ref: Dump, cand: Dump, tolerances: Tolerances,
     measured = [replace(p, inherited=h) for p, h in zip(measured, inherited)]
     verdict, first = decide(measured)
     results = sorted(measured + unmeasurable, key=lambda p: (p.step, p.ref_seq))
-    return Comparison(verdict=verdict, first_divergence=first, results=tuple(results),
-                      ref_only=alignment.ref_only, cand_only=alignment.cand_only,
-                      reference=DumpSummary.of(ref), candidate=DumpSummary.of(cand))
+    comparison = Comparison(verdict=verdict, first_divergence=first, results=tuple(results),
+                            ref_only=alignment.ref_only, cand_only=alignment.cand_only,
+                            reference=DumpSummary.of(ref), candidate=DumpSummary.of(cand))
+    if verdict == "diverged":  # beside the first divergence: what kind of problem it is
+        comparison = replace(comparison, diagnosis=diagnose_safely(comparison, ref, cand))
+    return comparison

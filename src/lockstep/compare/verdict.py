@@ -46,6 +46,8 @@ class PairResult:
     inherited: float = 0.0  #: largest error this pair inherited (see module docstring)
     canonical: str | None = None  #: canonical op name, when a name table paired them
     transform: str | None = None  #: layout transform applied before comparing, if any
+    ref_transform: str | None = None  #: the transform applied to the reference's tensor
+    cand_transform: str | None = None  #: and to the candidate's
 
     @property
     def over(self) -> bool:

@@ -88,6 +88,7 @@ def report_dict(c: Comparison) -> dict[str, Any]:
         "lockstep_version": __version__,
         "verdict": c.verdict,
         "first_divergence": pair_dict(c.first_divergence) if c.first_divergence else None,
+        "diagnosis": c.diagnosis.as_dict() if c.diagnosis is not None else None,
         "reference_dump": _side(c.reference),
         "candidate_dump": _side(c.candidate),
         "summary": {

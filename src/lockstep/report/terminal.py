@@ -13,6 +13,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ..compare.comparison import Comparison, DumpSummary
+from ..compare.diagnosis import Diagnosis
 from ..compare.verdict import PairResult
 from .json_report import status
 
@@ -97,6 +98,22 @@ def _divergence(p: PairResult) -> Table:
     return grid
 
 
+def _diagnosis(d: Diagnosis) -> Panel:
+    """What kind of problem the divergence is: the title, the evidence, what to check."""
+    body: list[Any] = [Text.assemble((d.kind.upper(), "bold magenta"), "  ", (d.title, "bold"))]
+    for heading, lines, marks in (("evidence", d.evidence, ["-"] * len(d.evidence)),
+                                  ("what to check", d.checks,
+                                   [f"{i}." for i in range(1, len(d.checks) + 1)])):
+        if lines:
+            grid = Table.grid(padding=(0, 1))  # a hanging indent for wrapped lines
+            grid.add_column(justify="right")
+            grid.add_column()
+            for mark, line in zip(marks, lines):
+                grid.add_row(mark, line)
+            body += [Text(""), Text(heading, style="bold underline"), grid]
+    return Panel(Group(*body), title="diagnosis", expand=False)
+
+
 def _error_path(c: Comparison) -> Table:
     """Where the error enters, how large it gets, and the final hidden state's cosine."""
     grid = Table.grid(padding=(0, 2))
@@ -144,6 +161,8 @@ class ComparisonReport:
             body += [Text(""), Text("first divergence", style="bold underline"),
                      _divergence(c.first_divergence)]
         yield Panel(Group(*body), title="lockstep compare", expand=False)
+        if c.diagnosis is not None:
+            yield _diagnosis(c.diagnosis)
         yield self._steps_table()
         yield self._pairs_table()
         yield from self._unpaired()

@@ -1,0 +1,279 @@
+"""The case being diagnosed: the first divergence, its neighbours, and what each pair holds.
+
+A ``Case`` reads a pair's two tensors back from the dumps (each at most once), finds the pairs
+around the first divergence by the op they hold (``Role``: a canonical name from the pairing,
+a name table, or a guess from the recorded names) and judges whether an explanation accounts
+for the divergence.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+
+from ..align.tables import TABLES
+from ..align.transforms import apply_transform, meta_size
+from ..errors import LockstepError
+from ..store.reader import Dump, Record
+from . import evidence as ev
+from .verdict import DRIFT_FACTOR, JUMP_FACTOR, PairResult
+
+if TYPE_CHECKING:
+    from .comparison import Comparison
+
+__all__ = ["Case", "Role", "role_of", "label", "fmt", "pct", "input_sentence", "NORMS",
+           "ATTN_OUT", "ROPE_TABLES"]
+
+#: ops (canonical, after ``layers.N.``) that are norms, attention outputs, RoPE tables
+NORMS = ("q_norm", "k_norm", "attn_norm", "mlp_norm", "final_norm")
+ATTN_OUT = ("attn_probs", "attn_heads", "attn", "attn_out")
+ROPE_TABLES = ("rope_cos", "rope_sin")  # the RoPE tables of this step's positions
+_INPUT_OF: dict[str, tuple[str, ...]] = {
+    "embed": ("input_ids",), "q": ("attn_norm",), "k": ("attn_norm",), "v": ("attn_norm",),
+    "q_norm": ("q",), "k_norm": ("k",), "q_rope": ("q_norm", "q"), "k_rope": ("k_norm", "k"),
+    "attn_heads": ("v", "k_rope", "k"), "attn": ("v", "k_rope", "k"),
+    "attn_out": ("attn_heads", "v"), "attn_residual": ("attn_out",),
+    "mlp_norm": ("attn_residual", "attn_out"), "gate": ("mlp_norm",), "up": ("mlp_norm",),
+    "gate_act": ("gate",), "act": ("gate_act", "up", "gate"), "down": ("act", "up"),
+    "mlp_out": ("down", "act"), "mlp": ("act", "up"), "out": ("mlp_out", "down", "mlp"),
+    "logits": ("final_norm",),
+}
+
+
+def fmt(x: float) -> str:
+    """A number in a few characters."""
+    if math.isnan(x):
+        return "n/a"
+    if math.isinf(x):
+        return "inf"
+    if x == 0:
+        return "0"
+    return f"{x:.4g}" if 1e-3 <= abs(x) < 1e5 else f"{x:.2e}"
+
+
+def pct(part: float, whole: float) -> str:
+    """``part`` as a percentage of ``whole``."""
+    return f"{100.0 * part / whole:.3g}%" if whole else "0%"
+
+
+# -- what each pair is ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Role:
+    """What op a pair holds: its layer (None outside the layers) and canonical op name."""
+
+    layer: int | None
+    op: str  #: "q", "q_rope", "attn_heads", "logits", ...; "" when unknown
+
+
+_CANON = re.compile(r"(?:layers\.(\d+)\.)?(.+)")
+_LAYER = re.compile(r"(?:^|[^a-z])(?:layers?|blk)[._\-]?(\d+)|-(\d+)(?::|$)")
+
+
+def _from_canonical(canonical: str) -> Role:
+    m = _CANON.fullmatch(canonical)
+    assert m is not None
+    op = "embed" if m.group(2) == "tok_embed" else m.group(2)
+    return Role(int(m.group(1)) if m.group(1) else None, op)
+
+
+def _guess(name: str) -> Role:
+    """The op a recorded name stands for when no name table knows it."""
+    n = name.lower()
+    words = set(re.findall(r"[a-z]+", n))
+    m = _LAYER.search(n)
+    layer = int(m.group(1) or m.group(2)) if m else None
+    qkv = next((op for op, keys in (("q", {"q", "query", "xq", "wq"}),
+                                    ("k", {"k", "key", "xk", "wk"}),
+                                    ("v", {"v", "value", "xv", "wv"})) if words & keys), None)
+    op = ""
+    if "input_ids" in n or "token_ids" in n:
+        op = "input_ids"
+    elif re.search(r"position|(?<![a-z])pos(?![a-z])", n):
+        op = "positions"
+    elif ("rotary" in words and "emb" in words) or words & {"cos", "sin", "freqs"}:
+        op = "rope_sin" if "sin" in words or n.endswith(":1") else "rope_cos"
+    elif qkv in ("q", "k") and words & {"rope", "rotary", "rot"}:
+        op = f"{qkv}_rope"
+    elif qkv in ("q", "k") and words & {"norm", "layernorm"}:
+        op = f"{qkv}_norm"
+    elif "logits" in words or {"lm", "head"} <= words:
+        op = "logits"
+    elif words & {"embed", "embedding", "embeddings", "embd", "wte"}:
+        op = "embed"
+    elif qkv is not None:
+        op = qkv
+    elif words & {"norm", "layernorm", "rmsnorm"}:
+        op = "final_norm" if layer is None else "attn_norm"
+    elif {"o", "proj"} <= words:
+        op = "attn_out"
+    elif words & {"attn", "attention"}:
+        op = "attn"
+    return Role(layer, op)
+
+
+def role_of(p: PairResult) -> Role:
+    """The pair's op: its canonical name, a name table's, or a guess from the names."""
+    if p.canonical:
+        return _from_canonical(p.canonical)
+    for name in (p.ref_name, p.cand_name):
+        for table in TABLES:
+            hit = table.lookup(name)
+            if hit is not None:
+                return _from_canonical(hit[0])
+    role = _guess(p.ref_name)
+    return role if role.op else _guess(p.cand_name)
+
+
+def label(p: PairResult) -> str:
+    """The pair as a person reads it: its name (both names when they differ)."""
+    name = p.ref_name or '"" (root)'
+    return name if p.ref_name == p.cand_name else f"{name} ~ {p.cand_name}"
+
+
+# -- the case being diagnosed -----------------------------------------------------------------
+class Case:
+    """The first divergence, its neighbours, and the two dumps to read them from."""
+
+    def __init__(self, comparison: Comparison, ref: Dump, cand: Dump) -> None:
+        first = comparison.first_divergence
+        assert first is not None
+        self.first = first
+        self.ref, self.cand = ref, cand
+        self.results = comparison.results
+        self.step = [p for p in comparison.results if p.step == first.step]
+        self._roles: dict[int, Role] = {}
+        self._arrays: dict[tuple[int, int, int], tuple[np.ndarray, np.ndarray] | None] = {}
+        self._seqs: dict[int, dict[int, Record]] = {}
+        self._names: dict[tuple[int, str, int], PairResult] | None = None
+
+    # reading
+    def _record(self, dump: Dump, seq: int) -> Record | None:
+        recs = dump.records
+        if 0 <= seq < len(recs) and recs[seq].seq == seq:
+            return recs[seq]
+        index = self._seqs.setdefault(id(dump), {r.seq: r for r in recs})
+        return index.get(seq)
+
+    def read(self, dump: Dump, rec: Record | None, transform: str | None) -> np.ndarray | None:
+        """One side's tensor in the compared layout (None without data or on a bad layout)."""
+        if rec is None or not rec.has_data:
+            return None
+        try:
+            return np.asarray(apply_transform(transform, dump.read(rec), dump.meta),
+                              dtype=np.float64)
+        except LockstepError:
+            return None
+
+    def arrays(self, p: PairResult) -> tuple[np.ndarray, np.ndarray] | None:
+        """(reference, candidate) of a pair, as compared."""
+        key = (p.step, p.ref_seq, p.cand_seq)
+        if key not in self._arrays:
+            r = self.read(self.ref, self._record(self.ref, p.ref_seq), p.ref_transform)
+            c = self.read(self.cand, self._record(self.cand, p.cand_seq), p.cand_transform)
+            self._arrays[key] = None if r is None or c is None else (r, c)
+        return self._arrays[key]
+
+    def ref_record(self, p: PairResult) -> Record | None:
+        """The reference's record of a pair."""
+        return self._record(self.ref, p.ref_seq)
+
+    def cand_record(self, p: PairResult) -> Record | None:
+        """The candidate's record of a pair."""
+        return self._record(self.cand, p.cand_seq)
+
+    # finding neighbours
+    def role(self, p: PairResult) -> Role:
+        """The op a pair holds (see ``role_of``), worked out once."""
+        key = id(p)
+        if key not in self._roles:
+            self._roles[key] = role_of(p)
+        return self._roles[key]
+
+    def find(self, ops: Sequence[str], layer: int | None, *, step: int | None = None,
+             before: bool = True) -> PairResult | None:
+        """The last pair of ``step`` (the first divergence's) holding one of ``ops`` (in
+        preference order) at ``layer``, captured before the first divergence."""
+        step = self.first.step if step is None else step
+        pairs = self.step if step == self.first.step else [p for p in self.results
+                                                           if p.step == step]
+        for op in ops:
+            hits = [p for p in pairs if self.role(p).op == op and self.role(p).layer == layer
+                    and not math.isnan(p.error)
+                    and (not before or step != self.first.step
+                         or p.ref_seq < self.first.ref_seq)]
+            if hits:
+                return hits[-1]
+        return None
+
+    def same_name(self, p: PairResult, step: int) -> PairResult | None:
+        """The pair of the same names and call at another step."""
+        if self._names is None:
+            self._names = {(q.step, q.ref_name, q.call): q for q in self.results}
+        q = self._names.get((step, p.ref_name, p.call))
+        return q if q is not None and q.cand_name == p.cand_name else None
+
+    def input_of(self, p: PairResult) -> PairResult | None:
+        """The pair holding the op's input (by its role), else the pair captured just before."""
+        role = self.role(p)
+        hit = None
+        if role.op == "attn_norm":
+            hit = (self.find(("out",), role.layer - 1) if role.layer else None) or \
+                self.find(("embed",), None)
+        elif role.op == "final_norm":
+            layers = [self.role(q).layer for q in self.step if self.role(q).op == "out"]
+            known = [x for x in layers if x is not None]
+            hit = self.find(("out",), max(known)) if known else None
+        elif role.op in _INPUT_OF:
+            ops = _INPUT_OF[role.op]
+            hit = self.find(ops, role.layer) or (self.find(ops, None) if role.layer is not None
+                                                 else None)
+        if hit is not None:
+            return hit
+        earlier = [q for q in self.step if q.ref_seq < p.ref_seq and not math.isnan(q.error)]
+        return earlier[-1] if earlier else None
+
+    # judging
+    def good(self, p: PairResult | None = None) -> float:
+        """The error below which an explanation accounts for the divergence."""
+        p = p or self.first
+        return max(DRIFT_FACTOR * p.noise, 2.0 * p.inherited, 1e-6)
+
+    def explains(self, err: float) -> bool:
+        """An explanation leaving this error accounts for the first divergence's."""
+        return err <= self.good() and err * JUMP_FACTOR <= self.first.error
+
+    @staticmethod
+    def agrees(p: PairResult) -> bool:
+        """The pair is within what precision explains."""
+        return not math.isnan(p.error) and p.error <= max(DRIFT_FACTOR * p.noise, p.tol)
+
+    @property
+    def prefill_ok(self) -> bool:
+        """Every pair of step 0 (the prefill) agrees."""
+        return all(self.agrees(p) for p in self.results if p.step == 0 and
+                   not math.isnan(p.error))
+
+    def meta(self, symbol: str) -> int | None:
+        """A model size from either run's metadata (``head_dim``, ``n_heads``, ...)."""
+        return meta_size(self.cand.meta, symbol) or meta_size(self.ref.meta, symbol)
+
+    def head_dim(self, r: np.ndarray | None = None) -> int | None:
+        """head_dim from the metadata, else the last dim of a per-head tensor."""
+        d = self.meta("head_dim")
+        if d is None and r is not None and self.role(self.first).op in (
+                "q_norm", "k_norm", "q_rope", "k_rope") and ev.squeeze(r).ndim >= 2:
+            d = int(ev.squeeze(r).shape[-1])
+        return d
+
+
+def input_sentence(case: Case, p: PairResult) -> tuple[str, PairResult | None]:
+    """A sentence on the input of ``p`` (whether it agrees), and that input's pair."""
+    inp = case.input_of(p)
+    if inp is None:
+        return "no input of it was captured", None
+    state = "agrees" if case.agrees(inp) else "already differs"
+    return f"its input {label(inp)} {state} (relative L2 {fmt(inp.error)})", inp

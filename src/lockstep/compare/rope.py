@@ -1,0 +1,152 @@
+"""RoPE read back from the dumps: q/k before and after it as (positions, heads, head_dim),
+the pair convention and base the rotation fits, and the ``rope`` diagnosis (the divergence
+appears at RoPE: another pair convention, another base, other positions)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from . import evidence as ev
+from .case import ROPE_TABLES, Case, fmt, label
+from .diagnosis import Diagnosis, make
+from .verdict import PairResult
+
+__all__ = ["rope", "pre_rope", "before_after", "rope_views", "pairing_of"]
+
+
+def pre_rope(case: Case) -> PairResult | None:
+    """The q or k before RoPE of the first divergence's layer (after QK-norm if any)."""
+    role = case.role(case.first)
+    return case.find((role.op[0] + "_norm", role.op[0]), role.layer)
+
+
+def before_after(pre: PairResult, post: PairResult) -> str:
+    """The sentence: before RoPE agrees, after RoPE does not."""
+    return (f"before RoPE, {label(pre)} agrees (relative L2 {fmt(pre.error)}); after RoPE, "
+            f"{label(post)} does not ({fmt(post.error)})")
+
+
+def _heads(a: np.ndarray, head_dim: int, rows: int) -> np.ndarray | None:
+    """``a`` as (rows, heads, head_dim), from (rows, H*D), (rows, H, D) or (H, rows, D)."""
+    s = ev.squeeze(a)
+    if s.size % (head_dim * rows):
+        return None
+    if s.ndim == 3 and s.shape[1] == rows and s.shape[0] != rows:
+        s = s.transpose(1, 0, 2)
+    return s.reshape(rows, -1, head_dim)
+
+
+def rope_views(case: Case, pre: PairResult
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int] | None:
+    """(x, reference, candidate) as (positions, heads, head_dim), x the reference's input to
+    RoPE, and head_dim; None when the shapes do not allow it."""
+    xa, arrays = case.arrays(pre), case.arrays(case.first)
+    d = case.head_dim(arrays[0] if arrays is not None else None)
+    if xa is None or arrays is None or not d or d % 2:
+        return None
+    x0 = ev.squeeze(xa[0])
+    rows = x0.shape[0] if x0.ndim == 3 or (x0.ndim == 2 and x0.shape[-1] != d) else 1
+    x, r, c = (_heads(a, d, rows) for a in (xa[0], *arrays))
+    if x is None or r is None or c is None or not x.shape == r.shape == c.shape:
+        return None
+    return x, r, c, d
+
+
+def pairing_of(x: np.ndarray, y: np.ndarray) -> str | None:
+    """The pair convention under which ``y`` is a rotation of ``x`` ("halfsplit" or
+    "interleaved"), or None."""
+    fits = {p: ev.rotation(x, y, p)[1] for p in ("halfsplit", "interleaved")}
+    best = min(fits, key=lambda p: fits[p])
+    return best if fits[best] <= 1e-3 else None
+
+
+def rope(case: Case) -> Diagnosis | None:
+    """The divergence appears at RoPE at prefill (q/k before it agree): the pair convention,
+    the base (from q/k or from the cos/sin tables), the positions."""
+    f = case.first
+    role = case.role(f)
+    if role.op not in ("q_rope", "k_rope", "positions", *ROPE_TABLES):
+        return None
+    pre = pre_rope(case) if role.op in ("q_rope", "k_rope") else None
+    if pre is not None and not case.agrees(pre):
+        return None
+    evidence: list[str] = [before_after(pre, f)] if pre is not None else []
+    detail: dict[str, Any] = {}
+    title = f"the divergence appears at RoPE ({label(f)}, step {f.step})"
+    arrays = case.arrays(f)
+    if role.op == "positions" and arrays is not None:
+        rp, cp = (a.reshape(-1)[:16].astype(int).tolist() for a in arrays)
+        title = f"the positions fed at step {f.step} differ"
+        evidence.append(f"positions: reference {rp}, candidate {cp}")
+        detail.update(reference_positions=rp, candidate_positions=cp)
+    elif role.op in ROPE_TABLES and arrays is not None:
+        kind = role.op[5:]
+        r, c = (ev.squeeze(a) for a in arrays)
+        if r.ndim == 2 and len(r) > 1:
+            base_r, base_c = ev.table_base(r[1], kind), ev.table_base(c[1], kind)
+            if base_r and base_c:
+                detail.update(reference_base=base_r, candidate_base=base_c)
+                evidence.append(f"the {kind} tables' rows for position 1 give a RoPE base of "
+                                f"{base_c:.6g} (candidate) and {base_r:.6g} (reference)")
+                if abs(base_c / base_r - 1) > 1e-2:
+                    detail["cause"] = "base"
+                    title = (f"RoPE base {base_c:.4g} where the reference uses {base_r:.4g} "
+                             "(rope_theta)")
+    elif pre is not None:
+        views = rope_views(case, pre)
+        if views is not None:
+            title = _rope_tests(case, *views, evidence, detail) or title
+    checks = ["the RoPE pair convention: interleaved (2i, 2i+1; GGUF, Meta) vs half-split "
+              "(i, i+head_dim/2; transformers), and Q/K weights permuted by a conversion",
+              "the RoPE base (rope_theta) and scaling (rope_scaling, partial rotary dims)",
+              "the positions fed to RoPE at prefill: 0..T-1",
+              "the cos/sin cache: computed in float32, for enough positions, indexed by "
+              "position"]
+    if detail.get("cause") == "base":
+        checks.insert(0, checks.pop(1))
+    elif role.op == "positions":
+        checks.insert(0, checks.pop(2))
+    return make("rope", title, checks, evidence, **detail)
+
+
+def _rope_tests(case: Case, x: np.ndarray, r: np.ndarray, c: np.ndarray, d: int,
+                evidence: list[str], detail: dict[str, Any]) -> str | None:
+    """Position 0's signature, the other pair convention, another base; a title if found."""
+    rows = len(x)
+    if rows > 1:
+        errs = ev.index_errors(r, c, axis=0)
+        if errs[0] <= case.good() and np.all(errs[1:] > case.good()):
+            evidence.append(f"position 0 agrees (relative L2 {fmt(float(errs[0]))}), later "
+                            f"positions do not (up to {fmt(float(errs[1:].max()))}): "
+                            "RoPE's signature, position 0 is not rotated")
+    pairing = pairing_of(x, r)
+    if pairing is None:
+        return None
+    other = "interleaved" if pairing == "halfsplit" else "halfsplit"
+    angles = ev.rotation(x, r, pairing)[0]
+    swapped = ev.rel_error(c, ev.rotate(x, angles, other))
+    names = {"halfsplit": f"half-split pairs (i, i+{d // 2})",
+             "interleaved": "interleaved pairs (2i, 2i+1)"}
+    if case.explains(swapped):
+        detail.update(cause="pairing", reference_pairing=pairing, candidate_pairing=other,
+                      error_after=swapped)
+        evidence.append(f"rotating the reference's input by the reference's angles over "
+                        f"{names[other]} reproduces the candidate: relative L2 {fmt(swapped)}")
+        return f"RoPE rotates {names[other]} where the reference rotates {names[pairing]}"
+    cand_angles, residual = ev.rotation(x, c, pairing)
+    if rows < 2 or residual > 1e-3:
+        return None
+    base_r, base_c = ev.rope_base(angles[1], d), ev.rope_base(cand_angles[1], d)
+    if not base_r or not base_c or abs(base_c / base_r - 1) < 1e-2:
+        return None
+    after = ev.rel_error(c, ev.rotate(x, ev.rope_angles(np.arange(rows), base_c, d), pairing))
+    if not case.explains(after):
+        return None
+    detail.update(cause="base", reference_base=base_r, candidate_base=base_c,
+                  error_after=after)
+    evidence.append(f"the candidate's rotation at position 1 fits a RoPE base of "
+                    f"{base_c:.6g} (the reference's: {base_r:.6g}); with that base the "
+                    f"reference's input reproduces the candidate: relative L2 {fmt(after)}")
+    return f"RoPE base {base_c:.4g} where the reference uses {base_r:.4g} (rope_theta)"
