@@ -3,13 +3,19 @@
 ``inspect_checkpoint(path)`` reads a safetensors file, a directory of shards, a PEFT adapter
 directory, a GGUF file or a PyTorch ``.bin``/``.pt`` and returns per-tensor statistics
 grouped by component (embeddings, attention, mlp, ...); a tensor holding any NaN or Inf is bad.
+``against_checkpoints(a, b)`` pairs two checkpoints' tensors (layouts undone) and
+``check_loaded(model, path)`` a live model's parameters with its checkpoint's.
 """
 
 from __future__ import annotations
 
+from .against import AgainstReport, against_checkpoints
 from .components import DEFAULT_RULES, ComponentRules
 from .doctor import InspectReport, inspect_checkpoint
+from .loaded import LoadCheck, check_loaded
+from .placement import PlacementMap, placement_map
 from .tensors import CheckpointError, TensorReport
 
 __all__ = ["inspect_checkpoint", "InspectReport", "TensorReport", "CheckpointError",
-           "ComponentRules", "DEFAULT_RULES"]
+           "ComponentRules", "DEFAULT_RULES", "against_checkpoints", "AgainstReport",
+           "check_loaded", "LoadCheck", "placement_map", "PlacementMap"]

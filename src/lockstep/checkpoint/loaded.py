@@ -1,0 +1,263 @@
+"""A live model against the checkpoint it should hold: which parameters loaded, which did not.
+
+Parameters and persistent buffers are paired with the checkpoint's tensors through the
+weight-name tables (so a transformers model pairs with its GGUF file, Q/K row order undone),
+one checkpoint tensor in memory at a time. A parameter is *equal* when it holds the
+checkpoint's values rounded to its own dtype (within one unit in the last place); one that
+differs and looks like a default initialisation (a norm weight of all ones, a bias of zeros,
+or values with an init's spread and no correlation with the checkpoint) is a *fresh init*:
+its weights were never loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import MissingExtraError
+from .against import Heads, config_heads, heads_of, match_layout, pair_errors, read_array
+from .placement import PlacementMap, placement_map
+from .sources import open_checkpoint
+from .tensors import TensorSource
+from .weight_names import canonical_weight, layer_index
+
+__all__ = ["ParamCheck", "LayerSummary", "LoadCheck", "check_loaded", "STATUSES"]
+
+#: every status a parameter can get, problems after "equal"
+STATUSES = ("equal", "different", "fresh init", "shape", "not materialized",
+            "missing from checkpoint", "missing from model")
+
+_LAYER = re.compile(r"^(.*?(?:^|\.)(?:layers|layer|h|blocks|block)\.\d+)\.")
+
+
+@dataclass(frozen=True)
+class ParamCheck:
+    """One parameter or buffer of the model (or a checkpoint tensor the model lacks)."""
+
+    name: str  #: the model's name for it (the checkpoint's when the model lacks it)
+    checkpoint_name: str | None  #: None: missing from the checkpoint
+    status: str  #: one of STATUSES
+    layer: str  #: the layer it belongs to ("model.layers.3"), else its module's name
+    dtype: str | None = None  #: the model's dtype ("float32"); None if missing from the model
+    shape: tuple[int, ...] | None = None
+    checkpoint_dtype: str | None = None  #: "F32", "Q4_1", "bfloat16", ...
+    transform: str = ""  #: layout that brought the checkpoint's tensor to the model's
+    max_abs: float | None = None
+    rel_l2: float | None = None
+    note: str = ""  #: why it looks like a fresh init, or what else is known
+    constant: bool = False  #: the checkpoint's tensor is one repeated value (all ones...)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "checkpoint_name": self.checkpoint_name,
+                "status": self.status, "layer": self.layer, "dtype": self.dtype,
+                "shape": None if self.shape is None else list(self.shape),
+                "checkpoint_dtype": self.checkpoint_dtype, "transform": self.transform,
+                "max_abs": _num(self.max_abs), "rel_l2": _num(self.rel_l2), "note": self.note}
+
+
+@dataclass(frozen=True)
+class LayerSummary:
+    """One layer's (or top-level module's) tensors: how many of each status, and a verdict."""
+
+    layer: str
+    tensors: int
+    counts: dict[str, int] = field(default_factory=dict)  #: status -> tensors
+    verdict: str = "loaded"  #: "loaded", "not loaded", "partly loaded", "differs", "missing"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"layer": self.layer, "tensors": self.tensors, "counts": self.counts,
+                "verdict": self.verdict}
+
+
+@dataclass(frozen=True)
+class LoadCheck:
+    """The model against its checkpoint; truthy when every tensor is equal."""
+
+    checkpoint: str
+    kind: str
+    params: tuple[ParamCheck, ...]
+    layers: tuple[LayerSummary, ...]
+    placement: PlacementMap
+
+    def __bool__(self) -> bool:
+        return all(p.status == "equal" for p in self.params)
+
+    @property
+    def problems(self) -> list[ParamCheck]:
+        return [p for p in self.params if p.status != "equal"]
+
+    @property
+    def not_loaded(self) -> list[str]:
+        """Layers whose weights (some or all) were not loaded."""
+        return [s.layer for s in self.layers if s.verdict in ("not loaded", "partly loaded")]
+
+    def to_json(self) -> dict[str, Any]:
+        counts = Counter(p.status for p in self.params)
+        return {"checkpoint": self.checkpoint, "kind": self.kind, "passed": bool(self),
+                "summary": {"tensors": len(self.params),
+                            **{s: counts.get(s, 0) for s in STATUSES}},
+                "not_loaded": self.not_loaded,
+                "layers": [s.to_json() for s in self.layers],
+                "problems": [p.to_json() for p in self.problems],
+                "params": [p.to_json() for p in self.params],
+                "placement": self.placement.to_json()}
+
+    def write_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_json(), indent=1) + "\n", encoding="utf-8")
+
+
+def _num(x: float | None) -> float | str | None:
+    return x if x is None or math.isfinite(x) else str(x)
+
+
+def _layer_of(name: str) -> str:
+    m = _LAYER.match(name)
+    return m.group(1) if m else (name.rpartition(".")[0] or name)
+
+
+def _cast_equal(x: np.ndarray, p: np.ndarray, eps: float, tiny: float) -> bool:
+    """``p`` is ``x`` rounded to a dtype of machine epsilon ``eps`` (NaN equals NaN)."""
+    d = np.abs(p.astype(np.float64) - x)
+    ok = (d <= eps * np.abs(x) + tiny) | (p == x) | (np.isnan(p) & np.isnan(x))
+    return bool(ok.all())
+
+
+def _init_stds(shape: tuple[int, ...], init_range: float | None) -> list[tuple[str, float]]:
+    out = [(f"normal(0, {init_range:g})", init_range)] if init_range else []
+    out.append(("normal(0, 0.02)", 0.02))
+    if len(shape) == 2 and shape[1]:
+        out.append(("torch's uniform(±1/sqrt(fan_in))", 1 / math.sqrt(3 * shape[1])))
+        out.append(("normal(0, 1/sqrt(fan_in))", 1 / math.sqrt(shape[1])))
+        out.append(("torch's Embedding normal(0, 1)", 1.0))
+    return out
+
+
+def _fresh_init(p: np.ndarray, x: np.ndarray, init_range: float | None) -> str:
+    """Why ``p`` looks like a default initialisation rather than the checkpoint's ``x``."""
+    if p.size == 0:
+        return ""
+    if np.all(p == 1.0) and not np.all(x == 1.0):
+        return "all ones: a norm's init"
+    if np.all(p == 0.0) and not np.all(x == 0.0):
+        return "all zeros: a bias's init"
+    pf, xf = p.reshape(-1).astype(np.float64), x.reshape(-1).astype(np.float64)
+    if p.size < 64 or not (np.isfinite(pf).all() and np.isfinite(xf).all()):
+        return ""
+    std, xstd = float(pf.std()), float(xf.std())
+    if std == 0.0:
+        return ""
+    corr = float(((pf - pf.mean()) * (xf - xf.mean())).mean() / (std * xstd)) if xstd else 0.0
+    noise = 4 / math.sqrt(p.size)
+    if abs(corr) > max(0.1, noise) or abs(float(pf.mean())) > 0.1 * std + noise * std:
+        return ""
+    for label, s in _init_stds(p.shape, init_range):
+        if abs(std / s - 1) < 0.15:
+            return f"std {std:.3g} ~ {label} init, uncorrelated (r={corr:.2f})"
+    return ""
+
+
+def _compare(torch: Any, name: str, t: Any, src: TensorSource, arr: np.ndarray, key: str,
+             heads: Heads, layer: str, init_range: float | None, tied: bool) -> ParamCheck:
+    base = ParamCheck(name, src.name, "not materialized", layer,
+                      str(t.dtype).removeprefix("torch."), tuple(t.shape), src.dtype,
+                      note="the checkpoint's token embedding (tied lm_head)" if tied else "")
+    if t.device.type == "meta":
+        return base
+    cpu = t.detach().to("cpu")
+    wide = torch.float64 if cpu.dtype == torch.float64 else torch.float32
+    p = cpu.to(wide).numpy()
+    fin = torch.finfo(cpu.dtype) if cpu.is_floating_point() else None
+    eps, tiny = (float(fin.eps), float(fin.tiny)) if fin else (0.0, 0.0)
+    found = match_layout(arr, p, key, heads, lambda x, b: (
+        True, 0.0) if _cast_equal(x, b, eps, tiny) else (False, pair_errors(b, x)[1]))
+    if found is None:
+        return replace(base, status="shape", note=f"checkpoint shape {list(src.shape)}")
+    transform, _, x, equal = found
+    constant = bool(x.size) and bool(np.all(x.reshape(-1) == x.reshape(-1)[0]))
+    if equal:
+        return replace(base, status="equal", transform=transform, constant=constant)
+    max_abs, rel = pair_errors(p, x)
+    why = _fresh_init(p, x, init_range)
+    return replace(base, status="fresh init" if why else "different", transform=transform,
+                   max_abs=max_abs, rel_l2=rel, constant=constant, note=why or base.note)
+
+
+def _verdict(checks: list[ParamCheck]) -> str:
+    counts = Counter(c.status for c in checks)
+    if counts["equal"] == len(checks):
+        return "loaded"
+    if counts["missing from checkpoint"] == len(checks):
+        return "missing from checkpoint"
+    if counts["missing from model"] == len(checks):
+        return "missing from model"
+    unloaded = counts["fresh init"] + counts["not materialized"]
+    informative = sum(1 for c in checks if c.status == "equal" and not c.constant)
+    if unloaded and not informative:
+        return "not loaded"
+    return "partly loaded" if unloaded else "differs"
+
+
+def _summaries(checks: list[ParamCheck]) -> tuple[LayerSummary, ...]:
+    groups: dict[str, list[ParamCheck]] = {}
+    for c in checks:
+        groups.setdefault(c.layer, []).append(c)
+    return tuple(LayerSummary(layer, len(items), dict(Counter(c.status for c in items)),
+                              _verdict(items)) for layer, items in groups.items())
+
+
+def check_loaded(model: Any, checkpoint: str | Path, *, heads: Heads | None = None) -> LoadCheck:
+    """Compare a torch ``nn.Module``'s parameters and buffers with the checkpoint at
+    ``checkpoint`` (any format ``lockstep inspect`` reads), and map where they are placed.
+
+    Raises CheckpointError (a LockstepError) for a missing, corrupt or truncated checkpoint.
+    """
+    try:
+        import torch
+    except ImportError:
+        raise MissingExtraError("torch", "torch") from None
+    ckpt = open_checkpoint(checkpoint)
+    config = getattr(model, "config", None)
+    as_dict = config.to_dict() if hasattr(config, "to_dict") else {}
+    init_range = as_dict.get("initializer_range") if isinstance(
+        as_dict.get("initializer_range"), float) else None
+    geometry = (heads or Heads()).merged(config_heads(as_dict)).merged(heads_of(ckpt))
+    state = model.state_dict(keep_vars=True)
+    sources: dict[str, TensorSource] = {}
+    for src in ckpt.tensors():
+        sources.setdefault(canonical_weight(src.name)[0], src)
+    users: dict[str, list[tuple[str, bool]]] = {}
+    layers = {name: _layer_of(name) for name in state}
+    by_index = {layer_index(canonical_weight(n)[0]): layers[n] for n in state}
+    checks: list[ParamCheck] = []
+    for name, t in state.items():
+        key = canonical_weight(name)[0]
+        if key in sources:
+            users.setdefault(key, []).append((name, False))
+        elif key == "lm_head.weight" and "embed.weight" in sources:
+            users.setdefault("embed.weight", []).append((name, True))
+        else:
+            checks.append(ParamCheck(name, None, "missing from checkpoint", layers[name],
+                                     str(t.dtype).removeprefix("torch."), tuple(t.shape)))
+    for key, src in sources.items():
+        if key not in users:
+            layer = by_index.get(layer_index(key)) if layer_index(key) is not None else None
+            checks.append(ParamCheck(src.name, src.name, "missing from model",
+                                     layer or _layer_of(src.name), checkpoint_dtype=src.dtype,
+                                     shape=src.shape))
+            continue
+        arr = read_array(src)
+        for name, tied in users[key]:
+            checks.append(_compare(torch, name, state[name], src, arr, key, geometry,
+                                   layers[name], init_range, tied))
+        del arr
+    order = {name: i for i, name in enumerate(state)}
+    checks.sort(key=lambda c: order.get(c.name, len(order)))
+    return LoadCheck(str(ckpt.path), ckpt.kind, tuple(checks), _summaries(checks),
+                     placement_map(model))
