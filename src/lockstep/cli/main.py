@@ -118,7 +118,7 @@ def _parser() -> argparse.ArgumentParser:
 
 #: subcommands that live in a module of their own (lockstep.cli.<name>): each has
 #: ``register(sub)``, which adds its parser with ``set_defaults(handler=run)``
-_COMMAND_MODULES = ("generate", "weights", "align")
+_COMMAND_MODULES = ("generate", "weights", "align", "zoo")
 
 
 def _command_modules() -> list[Any]:
@@ -246,7 +246,7 @@ def _demo(args: argparse.Namespace) -> int:
     from ..demo import run_demo
 
     verdicts = run_demo(args.out, show=Console().print)
-    expected = {"bfloat16": "drift", "broken": "diverged", "llamacpp": "drift"}
+    expected = {"zoo": "ok", "bfloat16": "drift", "broken": "diverged", "llamacpp": "drift"}
     return EXIT_OK if all(expected[k] == v for k, v in verdicts.items()) else EXIT_ERROR
 
 

@@ -38,6 +38,7 @@ def _import() -> tuple[Any, Any]:
         import transformers
     except ImportError:
         raise MissingExtraError("transformers", "hf") from None
+    transformers.utils.logging.disable_progress_bar()  # lockstep shows its own progress
     return torch, transformers
 
 

@@ -1,0 +1,38 @@
+"""``lockstep zoo``: run the bug zoo and print where lockstep localized each bug."""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from typing import Any
+
+__all__ = ["register", "run"]
+
+
+def register(sub: Any) -> None:
+    z = sub.add_parser("zoo", help="run every bug of the zoo's mini engine against "
+                                   "transformers and score lockstep's localization",
+                       description="Run the bug zoo (docs/zoo.md): a tiny Llama and Qwen3, "
+                                   "each bug switched on in turn, compared with transformers.")
+    z.add_argument("--bug", action="append", metavar="NAME", help="only this bug (repeatable)")
+    z.add_argument("--family", action="append", choices=("llama", "qwen3"),
+                   help="only this model family (repeatable)")
+    z.add_argument("--out", help="keep the dumps here (default: a temporary directory)")
+    z.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from ..report.zoo_table import ZooTable
+    from ..zoo.bugs import get_bug
+    from ..zoo.score import FAMILIES, run_zoo
+
+    for name in args.bug or ():
+        get_bug(name)  # an unknown name is a one-line error before anything runs
+    err = Console(stderr=True)
+    with tempfile.TemporaryDirectory() as tmp, err.status("running the zoo") as status:
+        score = run_zoo(args.out or tmp, families=args.family or FAMILIES, bugs=args.bug,
+                        progress=lambda m: status.update(f"zoo: {m}"))
+    Console().print(ZooTable(score))
+    return 0 if score else 1

@@ -1,0 +1,41 @@
+"""The zoo's score as a table: every bug, where lockstep localized it, and its diagnosis."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console, ConsoleOptions, RenderResult
+from rich.table import Table
+from rich.text import Text
+
+__all__ = ["ZooTable"]
+
+
+class ZooTable:
+    """A renderable of a ``lockstep.zoo.score.ZooScore``."""
+
+    def __init__(self, score: Any) -> None:
+        self.score = score
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        table = Table(title="the bug zoo: the mini engine against transformers, one bug at a "
+                            "time", title_justify="left", show_lines=False)
+        for col in ("", "bug", "lockstep found", "class", "diagnosis"):
+            table.add_column(col, overflow="fold")
+        for r in self.score.results:
+            mark = Text("ok", style="green") if r.ok else Text("MISS", style="bold red")
+            found = f"step {r.step} {r.tensor}" if r.step is not None else r.verdict
+            if not r.localized:
+                found += f"\n(expected step {r.bug.step} {r.bug.tensor})"
+            kind = r.diagnosis or "-"
+            if not r.classified:
+                kind += f"\n(expected {r.bug.diagnosis})"
+            table.add_row(mark, f"{r.bug.name}\n[dim]{r.family}[/]", found, kind, r.title or "-")
+        yield table
+        controls = ", ".join(f"{c.family} {c.dtype}: {c.verdict}" for c in self.score.controls)
+        total = len(self.score.results)
+        style = "bold green" if self.score else "bold red"
+        yield Text.assemble((f"{self.score.passed} of {total} bugs localized to their step "
+                             f"and tensor with the right diagnosis", style),
+                            f"; bug-free controls: {controls or 'not run'}; "
+                            f"{self.score.seconds:.1f} s")
