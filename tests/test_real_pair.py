@@ -101,3 +101,26 @@ def test_transformers_bfloat16_drifts_from_float32(reference, model, tmp_path):
     assert result.verdict == "drift", result.first_divergence
     assert result.candidate.meta["dtype"] == "bfloat16"
     assert 1e-3 < max(p.error for p in result.results) < 0.1
+
+
+def test_llamacpp_graph_pairs_by_structure_alone(reference, capsys):
+    """With the name tables switched off, structural auto-alignment finds the pairs the
+    tables give for at least 90% of the layer tensors (the Q/K RoPE layout included)."""
+    from lockstep.align.pairing import align
+    from lockstep.store import open_dump
+
+    with open_dump(reference / "reference.lsd") as r, \
+            open_dump(reference / "candidate.lsd") as c:
+        by_table = {(p.ref.step, p.ref.name, p.ref.call): (p.cand.name, p.cand_transform)
+                    for p in align(r, c).pairs
+                    if p.how == "table" and (p.canonical or "").startswith("layers.")}
+        alone = align(r, c, use_tables=False)
+    found = {(p.ref.step, p.ref.name, p.ref.call): p.cand.name for p in alone.pairs}
+    agree = sum(found.get(k) == v[0] for k, v in by_table.items())
+    with capsys.disabled():
+        print(f"\nllama.cpp vs transformers, tables off: {agree} of {len(by_table)} layer "
+              f"pairs found by structure alone ({agree / len(by_table):.1%})")
+    assert len(by_table) >= 30 * 13 * 5
+    assert agree >= 0.9 * len(by_table)
+    qk = [p for p in alone.pairs if p.cand.name.startswith(("Qcur-", "Kcur-"))]
+    assert qk and all((p.cand_transform or "").startswith("rope_interleaved") for p in qk)

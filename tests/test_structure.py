@@ -105,8 +105,13 @@ def test_names_no_table_knows_pair_by_structure(runs, tmp_path, source):
     with lockstep.open_dump(runs / "ref.lsd") as r, lockstep.open_dump(cand) as c:
         result = align(r, c)
         layer_pairs = [p for p in result.pairs if p.ref.name.startswith("model.layers.")]
-        expected = sum(1 for rec in r.records
-                       if rec.name.startswith("model.layers.") and truth(r, rec.name))
+        firsts = {}
+        for rec in r.records:
+            firsts.setdefault(rec.offset, rec.seq)
+        expected = sum(1 for rec in r.records if rec.name.startswith("model.layers.")
+                       and truth(r, rec.name) and firsts[rec.offset] == rec.seq)
+        assert result.aliased > 0
+        assert not [x for x in result.ref_only if x.name.startswith("model.layers.")]
         wrong = [(p.ref.name, p.cand.name) for p in result.pairs
                  if truth(r, p.ref.name) != p.cand.name]
         assert not wrong
@@ -244,3 +249,40 @@ def test_layout_candidates():
     assert layout_candidates((7, 64), (7, 65)) == []
     blocks = layout_candidates((1, 1, 64), (16,))
     assert [b.ref_transform for b in blocks] == [f"block(16, {i})" for i in range(4)]
+
+
+@pytest.mark.parametrize("bug", [None, "layer_not_loaded"])
+def test_llama_reference_names_pair_through_tables_and_by_structure_alone(tmp_path, bug):
+    """The zoo records with the Llama reference code's names: paired with transformers by
+    the name tables, and by structural auto-alignment alone with the tables switched off,
+    with a bug in layer 1 and without."""
+    from lockstep.zoo.engine import ZooEngine
+    from lockstep.zoo.score import FORCED, PROMPT as ZOO_PROMPT, tiny_model
+
+    model = tiny_model("llama", tmp_path / "llama")
+    hf = HFEngine(f"hf:{model}", str(model))
+    hf.load()
+    zoo = ZooEngine(f"zoo:{model}", str(model), bug=bug)
+    zoo.load()
+    for engine, name in ((hf, "ref.lsd"), (zoo, "cand.lsd")):
+        with lockstep.record(tmp_path / name, meta=engine.meta()) as rec:
+            engine.generate(rec, ZOO_PROMPT, len(FORCED), forced=FORCED)
+    with lockstep.open_dump(tmp_path / "ref.lsd") as r, \
+            lockstep.open_dump(tmp_path / "cand.lsd") as c:
+        tables = align(r, c)
+        structural = align(r, c, use_tables=False)
+    seen: set[int] = set()
+    layer_records = []  # every layer tensor the zoo recorded (not the repeats of one)
+    for x in c.records:
+        if x.name.startswith("layers.") and x.offset not in seen:
+            layer_records.append(x)
+        seen.add(x.offset)
+    by_table = {(p.ref.step, p.ref.name): p.cand.name for p in tables.pairs
+                if p.cand.name.startswith("layers.")}
+    assert tables.tables == ("transformers-llama", "llama-reference")
+    assert {p.cand.seq for p in tables.pairs} >= {x.seq for x in layer_records}
+    assert len(by_table) >= len(layer_records)
+    by_structure = {(p.ref.step, p.ref.name): p.cand.name for p in structural.pairs}
+    wrong = {k: (v, by_structure.get(k)) for k, v in by_table.items()
+             if by_structure.get(k) != v}
+    assert not wrong

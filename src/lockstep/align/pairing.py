@@ -66,6 +66,7 @@ class Alignment:
     cand_only: tuple[Record, ...]
     tables: tuple[str, str] | None = None  #: the name tables used (reference, candidate)
     ignored: int = 0  #: records left out by the mapping file
+    aliased: int = 0  #: unpaired records that repeat another record's data (not listed)
 
     @property
     def low_confidence(self) -> tuple[Pair, ...]:
@@ -236,13 +237,41 @@ def align(ref: Dump, cand: Dump, *, use_tables: bool = True,
     if left_ref and left_cand:
         _by_structure(ref, cand, steps, left_ref, left_cand, read,
                       need_values=tables is not None)
+    aliased = _drop_aliases(ref, cand, steps)
     chosen: dict = {}
     pairs = [_fit_layout(ref, cand, p, read, chosen) for s in steps for p in s.pairs]
     pairs.sort(key=lambda p: (p.ref.step, p.ref.seq, p.cand.seq))
     ref_only = sorted((r for s in steps for r in s.free_ref.values()), key=lambda r: r.seq)
     cand_only = sorted((c for s in steps for c in s.free_cand.values()), key=lambda c: c.seq)
     return Alignment(tuple(pairs), tuple(ref_only), tuple(cand_only),
-                     (tables[0].name, tables[1].name) if tables else None, ignored)
+                     (tables[0].name, tables[1].name) if tables else None, ignored, aliased)
+
+
+def _aliases(dump: Dump) -> dict[int, Record]:
+    """Records whose data is an earlier record's (a module returning its child's tensor,
+    recorded again as a pointer), by seq, with that earlier record."""
+    first_at: dict[int, Record] = {}
+    out: dict[int, Record] = {}
+    for r in dump.records:
+        if r.offset is not None:
+            orig = first_at.setdefault(r.offset, r)
+            if orig is not r:
+                out[r.seq] = orig
+    return out
+
+
+def _drop_aliases(ref: Dump, cand: Dump, steps: list[_Step]) -> int:
+    """Unpaired aliases are the same data as a record already there: set aside, not listed
+    as unpaired. Returns how many."""
+    dropped = 0
+    for dump, side in ((ref, "free_ref"), (cand, "free_cand")):
+        aliases = _aliases(dump)
+        for step in steps:
+            free = getattr(step, side)
+            for seq in [s for s in free if s in aliases]:
+                del free[seq]
+                dropped += 1
+    return dropped
 
 
 def _by_structure(ref: Dump, cand: Dump, steps: list[_Step], left_ref: Sequence[Record],
@@ -250,16 +279,10 @@ def _by_structure(ref: Dump, cand: Dump, steps: list[_Step], left_ref: Sequence[
                   need_values: bool) -> None:
     by_step = {s.number: s for s in steps}
     multi_ref: set[tuple[int, int]] = set()  # (step, ref seq) paired with several candidates
-    # a record that points at data recorded before (a module returning its child's tensor)
-    # is left out, then paired as its original is
-    first_at: dict[int, Record] = {}
-    aliases: dict[int, Record] = {}
-    for r in ref.records:
-        if r.offset is not None:
-            orig = first_at.setdefault(r.offset, r)
-            if orig is not r:
-                aliases[r.seq] = orig
-    left_ref = [r for r in left_ref if r.seq not in aliases]
+    # records that point at data recorded before are paired as their originals are
+    ref_aliases, cand_aliases = _aliases(ref), _aliases(cand)
+    left_ref = [r for r in left_ref if r.seq not in ref_aliases]
+    left_cand = [c for c in left_cand if c.seq not in cand_aliases]
     for tp in pair_templates(ref, cand, left_ref, left_cand, read, need_values=need_values):
         for key, c in tp.cand.instances.items():
             r = tp.ref.instances.get(key)
@@ -277,14 +300,6 @@ def _by_structure(ref: Dump, cand: Dump, steps: list[_Step], left_ref: Sequence[
             if shared_ref:
                 multi_ref.add((key[0], r.seq))
     for step in steps:  # references covered by blocks, and fused candidates, are paired
-        by_ref = {p.ref.seq: p for p in step.pairs}
-        for seq, r in list(step.free_ref.items()):
-            orig = aliases.get(seq)
-            p = by_ref.get(orig.seq) if orig is not None else None
-            if p is not None:
-                step.take(replace(p, ref=r, evidence=f"{p.evidence}; the same data as "
-                                                      f"{orig.name}"),
-                          keep_cand=True)
         paired_ref = {p.ref.seq for p in step.pairs}
         paired_cand = {p.cand.seq for p in step.pairs}
         for seq in list(step.free_ref):
