@@ -59,6 +59,11 @@ def _parser() -> argparse.ArgumentParser:
                     help="let the candidate feed its own tokens (default: the reference's)")
     df.add_argument("--ref-dtype", default="float32", help="dtype of an hf: reference")
     df.add_argument("--cand-dtype", default="float32", help="dtype of an hf: candidate")
+    df.add_argument("--ref-opt", action="append", default=[], metavar="KEY=VALUE",
+                    help="an engine option for the reference (repeatable)")
+    df.add_argument("--cand-opt", action="append", default=[], metavar="KEY=VALUE",
+                    help="an engine option for the candidate, e.g. bug=wrong_kv_slot for "
+                         "zoo: (repeatable)")
     df.add_argument("--out", default="lockstep-diff", help="where both dumps are kept")
     _compare_options(df)
 
@@ -72,6 +77,8 @@ def _parser() -> argparse.ArgumentParser:
     cap.add_argument("--decode", type=int, default=0, metavar="N", help="greedy decode steps")
     cap.add_argument("--out", required=True, help="dump directory to create")
     cap.add_argument("--dtype", default="float32", help="float32, bfloat16, float16, float64")
+    cap.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
+                     help="an engine option, e.g. bug=wrong_kv_slot for zoo: (repeatable)")
     cap.add_argument("--device", default="cpu")
     cap.add_argument("--stats-only", action="store_true", help="keep statistics, not data")
     cap.add_argument("--overwrite", action="store_true", help="replace an existing dump")
@@ -179,15 +186,33 @@ def _diff(args: argparse.Namespace) -> int:
     mapping, tolerances = _mapping(args)
     result = diff(args.reference, args.candidate, args.out, prompt=args.prompt,
                   tokens=args.tokens, decode=args.decode, free_running=args.free_running,
-                  ref_options=_engine_options(args.reference, args.ref_dtype),
-                  cand_options=_engine_options(args.candidate, args.cand_dtype),
+                  ref_options=_engine_options(args.reference, args.ref_dtype, args.ref_opt),
+                  cand_options=_engine_options(args.candidate, args.cand_dtype,
+                                               args.cand_opt),
                   tolerances=tolerances, mapping=mapping,
                   announce=lambda m: print(m, file=sys.stderr))
     return _report(result, args)
 
 
-def _engine_options(spec: str, dtype: str) -> dict[str, Any]:
-    return {"dtype": dtype} if spec.startswith("hf:") else {}
+def _engine_options(spec: str, dtype: str, opts: Sequence[str] = ()) -> dict[str, Any]:
+    """Options for the engine a spec names: ``dtype`` for those that take one, then each
+    ``KEY=VALUE`` (numbers, true/false and none read as such)."""
+    out: dict[str, Any] = {"dtype": dtype} if spec.startswith(("hf:", "zoo:")) else {}
+    for opt in opts:
+        key, sep, text = opt.partition("=")
+        if not sep or not key.isidentifier():
+            raise UsageError(f"engine option {opt!r} should look like KEY=VALUE, e.g. "
+                             "bug=wrong_kv_slot")
+        value: Any = {"true": True, "false": False, "none": None}.get(text.lower(), text)
+        if isinstance(value, str):
+            for kind in (int, float):
+                try:
+                    value = kind(text)
+                    break
+                except ValueError:
+                    pass
+        out[key] = value
+    return out
 
 
 def _capture(args: argparse.Namespace) -> int:
@@ -195,9 +220,11 @@ def _capture(args: argparse.Namespace) -> int:
 
     if args.decode < 0:
         raise UsageError("--decode must be 0 or more")
+    options = _engine_options(args.engine, args.dtype, args.opt)
+    options.setdefault("dtype", args.dtype)
     capture(args.engine, args.out, prompt=args.prompt, tokens=args.tokens, decode=args.decode,
-            dtype=args.dtype, device=args.device, data=not args.stats_only,
-            overwrite=args.overwrite, announce=lambda m: print(m, file=sys.stderr))
+            device=args.device, data=not args.stats_only, overwrite=args.overwrite,
+            announce=lambda m: print(m, file=sys.stderr), **options)
     return EXIT_OK
 
 
