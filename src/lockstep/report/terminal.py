@@ -77,6 +77,10 @@ def _divergence(p: PairResult) -> Table:
     grid.add_row("candidate", p.cand_name or '"" (root)')
     grid.add_row("shapes", f"{list(p.ref_shape)} {p.ref_dtype} vs {list(p.cand_shape)} "
                            f"{p.cand_dtype}")
+    layout = [f"{side} {spec}" for side, spec in (("reference", p.ref_transform),
+                                                  ("candidate", p.cand_transform)) if spec]
+    if layout:
+        grid.add_row("compared as", "; ".join(layout) + f" (paired by {p.how})")
     grid.add_row("error", f"relative L2 {fmt(p.error)} (tolerance {fmt(p.tol)}, "
                           f"noise allowance {fmt(p.noise)})")
     grow = "from zero" if math.isinf(p.growth) else f"{fmt(p.growth)}x"
