@@ -20,6 +20,7 @@ from ..align.transforms import apply_transform, meta_size
 from ..errors import LockstepError
 from ..store.reader import Dump, Record
 from . import evidence as ev
+from .numbers import fmt
 from .verdict import DRIFT_FACTOR, JUMP_FACTOR, PairResult
 
 if TYPE_CHECKING:
@@ -42,17 +43,6 @@ _INPUT_OF: dict[str, tuple[str, ...]] = {
     "mlp_out": ("down", "act"), "mlp": ("act", "up"), "out": ("mlp_out", "down", "mlp"),
     "logits": ("final_norm",),
 }
-
-
-def fmt(x: float) -> str:
-    """A number in a few characters."""
-    if math.isnan(x):
-        return "n/a"
-    if math.isinf(x):
-        return "inf"
-    if x == 0:
-        return "0"
-    return f"{x:.4g}" if 1e-3 <= abs(x) < 1e5 else f"{x:.2e}"
 
 
 def pct(part: float, whole: float) -> str:

@@ -14,6 +14,7 @@ from rich.text import Text
 
 from ..compare.comparison import Comparison, DumpSummary
 from ..compare.diagnosis import Diagnosis
+from ..compare.numbers import fmt
 from ..compare.verdict import PairResult
 from .json_report import status
 
@@ -28,19 +29,6 @@ _VERDICT_TEXT = {
 }
 _STATUS_STYLE = {"match": "green", "drift": "yellow", "jump": "bold red",
                  "inherited": "red", "incomparable": "magenta"}
-
-
-def fmt(x: float) -> str:
-    """A number in at most 9 characters."""
-    if math.isnan(x):
-        return "n/a"
-    if math.isinf(x):
-        return "inf"
-    if x == 0:
-        return "0"
-    if 1e-3 <= abs(x) < 1e4:
-        return f"{x:.4g}"
-    return f"{x:.2e}"
 
 
 def _side(label: str, s: DumpSummary) -> Text:

@@ -1,0 +1,20 @@
+"""Numbers as the reports write them (terminal, diagnosis sentences)."""
+
+from __future__ import annotations
+
+import math
+
+__all__ = ["fmt"]
+
+
+def fmt(x: float) -> str:
+    """A number in at most 9 characters."""
+    if math.isnan(x):
+        return "n/a"
+    if math.isinf(x):
+        return "inf"
+    if x == 0:
+        return "0"
+    if 1e-3 <= abs(x) < 1e4:
+        return f"{x:.4g}"
+    return f"{x:.2e}"
