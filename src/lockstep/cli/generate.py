@@ -1,0 +1,113 @@
+"""``lockstep generate``: greedy decoding on a reference and a candidate engine, compared token
+by token (a thin shell over ``lockstep.generation.check_generation``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from ..errors import UsageError
+
+__all__ = ["register", "run"]
+
+EXIT_OK, EXIT_FAILED = 0, 1
+
+
+def _ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"token ids must be integers, got {text!r}") from None
+
+
+def register(sub: Any) -> None:
+    """Add the ``generate`` subcommand."""
+    from ..generation.metrics import MAX_KL, NEAR_TIE
+
+    g = sub.add_parser(
+        "generate", help="greedy-decode on both engines: token splits, near-ties, KL, garbage",
+        description="Greedy decoding on both engines, free-running and teacher-forced (the "
+                    "candidate fed the reference's tokens); at a real split (not a near-tie) "
+                    "or a KL over the limit the tensors are recorded and compared there. Exit "
+                    "code: 0 no real split, no KL over the limit and no garbage, 1 otherwise, "
+                    "2 error.")
+    g.add_argument("reference", help="engine spec: hf:DIR, hf:FILE.gguf, llamacpp:FILE.gguf, "
+                                     "zoo:PATH, py:module:Factory")
+    g.add_argument("candidate", help="engine spec, as for the reference")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompts", metavar="FILE", help="one prompt per line (.txt), or JSONL "
+                     "with {\"prompt\": ...} or {\"messages\": [...]} per line (.jsonl)")
+    src.add_argument("--prompt", metavar="TEXT", help="one prompt (tokenized by the reference)")
+    src.add_argument("--tokens", type=_ids, metavar="IDS", help="prompt token ids, e.g. 1,2,3")
+    g.add_argument("--max-new-tokens", type=int, default=16, metavar="N",
+                   help="greedy tokens per prompt (default 16)")
+    g.add_argument("--chat", action="store_true",
+                   help="apply the reference tokenizer's chat template to text prompts")
+    g.add_argument("--ref-dtype", metavar="DTYPE",
+                   help="dtype of the reference: float32 (default for hf:), bfloat16, ...")
+    g.add_argument("--cand-dtype", metavar="DTYPE",
+                   help="dtype of the candidate: float32 (default for hf:), bfloat16, ...")
+    g.add_argument("--top-k", type=int, default=5, metavar="K",
+                   help="top-k for overlap and closeness (default 5)")
+    g.add_argument("--near-tie", type=float, default=NEAR_TIE, metavar="X",
+                   help="a split where each side prefers its own token by at most X nats "
+                        f"(log-probability = logit units) is a near-tie (default {NEAR_TIE})")
+    g.add_argument("--max-kl", type=float, default=MAX_KL, metavar="X",
+                   help="a prompt whose mean KL(reference || candidate) is above X nats "
+                        f"diverges, even where the top tokens agree (default {MAX_KL})")
+    g.add_argument("--no-localize", action="store_true",
+                   help="do not record and compare tensors where a prompt diverges")
+    g.add_argument("--out", default="lockstep-generate", metavar="DIR",
+                   help="where the dumps of diverging prompts go (default lockstep-generate/)")
+    g.add_argument("--json", metavar="FILE", help="also write the JSON report")
+    g.add_argument("--rows", type=int, default=12, metavar="N",
+                   help="rows of each detail table and of the tensor comparison (default 12)")
+    g.set_defaults(handler=run)
+
+
+def _options(spec: str, dtype: str | None) -> dict[str, Any]:
+    if spec.startswith("hf:"):
+        return {"dtype": dtype or "float32"}
+    return {"dtype": dtype} if dtype else {}
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the check, print the report; 0 pass, 1 a real split, a KL over the limit or
+    garbage."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from ..generation import Prompt, check_generation, load_prompts
+    from ..generation.json_out import write_generation_json
+    from ..generation.render import GenerationReport
+
+    if args.tokens is not None:
+        if args.chat:
+            raise UsageError("--chat applies a chat template to text; it cannot go with --tokens")
+        if not args.tokens:
+            raise UsageError("--tokens needs at least one token id, e.g. --tokens 1,2,3")
+        prompts = [Prompt(tokens=tuple(args.tokens))]
+    elif args.prompt is not None:
+        prompts = [Prompt(text=args.prompt, chat=args.chat)]
+    else:
+        prompts = load_prompts(args.prompts, chat=args.chat)
+    err = Console(stderr=True)
+    announce = (lambda m: err.print(m, highlight=False)) if err.is_terminal else \
+        (lambda m: print(m, file=sys.stderr))
+    with Progress(TextColumn("decoding"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("prompts"), console=err, transient=True,
+                  disable=not err.is_terminal) as progress:
+        task = progress.add_task("decoding", total=len(prompts))
+        result = check_generation(
+            args.reference, args.candidate, prompts, max_new_tokens=args.max_new_tokens,
+            top_k=args.top_k, near_tie=args.near_tie, max_kl=args.max_kl,
+            localize=not args.no_localize,
+            out=args.out, ref_options=_options(args.reference, args.ref_dtype),
+            cand_options=_options(args.candidate, args.cand_dtype),
+            progress=lambda done, total: progress.update(task, completed=done, total=total),
+            announce=announce)
+    Console().print(GenerationReport(result, rows=args.rows))
+    if args.json:
+        write_generation_json(result, args.json)
+    return EXIT_OK if result else EXIT_FAILED
