@@ -120,6 +120,11 @@ def _rule(table: NameTable, name: str) -> tuple[str, str | None, str | None] | N
     return (hit[0], hit[1], None) if hit else None
 
 
+def _canonical(table: NameTable, name: str) -> str | None:
+    hit = _rule(table, name)
+    return hit[0] if hit else None
+
+
 def _by_table(step: _Step, tables: tuple[NameTable, NameTable]) -> None:
     ref_table, cand_table = tables
     by_canon: dict[tuple[str, int], Record] = {}
@@ -240,6 +245,9 @@ def align(ref: Dump, cand: Dump, *, use_tables: bool = True,
     aliased = _drop_aliases(ref, cand, steps)
     chosen: dict = {}
     pairs = [_fit_layout(ref, cand, p, read, chosen) for s in steps for p in s.pairs]
+    if tables is not None:  # pairs found by other passes get their canonical name too
+        pairs = [p if p.canonical else replace(p, canonical=_canonical(tables[0], p.ref.name))
+                 for p in pairs]
     pairs.sort(key=lambda p: (p.ref.step, p.ref.seq, p.cand.seq))
     ref_only = sorted((r for s in steps for r in s.free_ref.values()), key=lambda r: r.seq)
     cand_only = sorted((c for s in steps for c in s.free_cand.values()), key=lambda c: c.seq)

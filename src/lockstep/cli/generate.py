@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 from ..errors import UsageError
+from .options import engine_options
 
 __all__ = ["register", "run"]
 
@@ -48,6 +49,11 @@ def register(sub: Any) -> None:
                    help="dtype of the reference: float32 (default for hf:), bfloat16, ...")
     g.add_argument("--cand-dtype", metavar="DTYPE",
                    help="dtype of the candidate: float32 (default for hf:), bfloat16, ...")
+    g.add_argument("--ref-opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="an engine option for the reference (repeatable)")
+    g.add_argument("--cand-opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="an engine option for the candidate, e.g. bug=wrong_kv_slot for zoo: "
+                        "(repeatable)")
     g.add_argument("--top-k", type=int, default=5, metavar="K",
                    help="top-k for overlap and closeness (default 5)")
     g.add_argument("--near-tie", type=float, default=NEAR_TIE, metavar="X",
@@ -103,8 +109,11 @@ def run(args: argparse.Namespace) -> int:
             args.reference, args.candidate, prompts, max_new_tokens=args.max_new_tokens,
             top_k=args.top_k, near_tie=args.near_tie, max_kl=args.max_kl,
             localize=not args.no_localize,
-            out=args.out, ref_options=_options(args.reference, args.ref_dtype),
-            cand_options=_options(args.candidate, args.cand_dtype),
+            out=args.out,
+            ref_options={**_options(args.reference, args.ref_dtype),
+                         **engine_options("", "", args.ref_opt)},
+            cand_options={**_options(args.candidate, args.cand_dtype),
+                          **engine_options("", "", args.cand_opt)},
             progress=lambda done, total: progress.update(task, completed=done, total=total),
             announce=announce)
     Console().print(GenerationReport(result, rows=args.rows))

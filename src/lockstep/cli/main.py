@@ -8,6 +8,7 @@ from typing import Any, Sequence
 
 from .._version import __version__
 from ..errors import LockstepError, UsageError
+from .options import engine_options as _engine_options
 
 __all__ = ["main"]
 
@@ -192,27 +193,6 @@ def _diff(args: argparse.Namespace) -> int:
                   tolerances=tolerances, mapping=mapping,
                   announce=lambda m: print(m, file=sys.stderr))
     return _report(result, args)
-
-
-def _engine_options(spec: str, dtype: str, opts: Sequence[str] = ()) -> dict[str, Any]:
-    """Options for the engine a spec names: ``dtype`` for those that take one, then each
-    ``KEY=VALUE`` (numbers, true/false and none read as such)."""
-    out: dict[str, Any] = {"dtype": dtype} if spec.startswith(("hf:", "zoo:")) else {}
-    for opt in opts:
-        key, sep, text = opt.partition("=")
-        if not sep or not key.isidentifier():
-            raise UsageError(f"engine option {opt!r} should look like KEY=VALUE, e.g. "
-                             "bug=wrong_kv_slot")
-        value: Any = {"true": True, "false": False, "none": None}.get(text.lower(), text)
-        if isinstance(value, str):
-            for kind in (int, float):
-                try:
-                    value = kind(text)
-                    break
-                except ValueError:
-                    pass
-        out[key] = value
-    return out
 
 
 def _capture(args: argparse.Namespace) -> int:

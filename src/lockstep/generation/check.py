@@ -20,6 +20,7 @@ import numpy as np
 
 from ..engines import Engine, open_engine
 from ..errors import LockstepError, UsageError
+from .decode_check import check_decode
 from .metrics import MAX_KL, NEAR_TIE
 from .prompts import Prompt, as_prompts
 from .result import (GenerationResult, Localization, PromptResult, Settings, Side, Timing,
@@ -89,6 +90,13 @@ def _run_prompt(index: int, prompt: Prompt, ids: list[int], ref: Engine, cand: E
                             cand_tokens=cand_tokens, cand_logits=cand_logits,
                             forced_tokens=forced_tokens, forced_logits=forced_logits,
                             texts=_texts(ref, ref_tokens, cand_tokens), settings=settings)
+    if steps >= 2:  # the first decode step against the candidate's own prefill of it
+        _, own = clock.decode(cand, list(ids) + ref_tokens[:1], 1)
+        full = str(cand.meta().get("compute_dtype") or cand.meta().get("dtype")) in (
+            "float32", "float64")
+        check = check_decode(own[0], forced_logits[1], prefill_kl=result.steps[0].kl,
+                             full_precision=full)
+        result = replace(result, decode_check=check)
     parted = [s for s in (result.free.split, *result.steps) if s is not None and s.kind != "same"]
     wanted = {t for s in parted for t in (s.ref_token, s.cand_token)}
     pieces = {t: text for t in sorted(wanted) if (text := ref.detokenize([t])) is not None}
@@ -105,7 +113,8 @@ def _localize(result: PromptResult, ref_spec: str, cand_spec: str, out: Path,
     step = result.diverged_step
     assert step is not None
     where = out / f"prompt-{result.index + 1}"
-    why = "splits" if step == result.split_step else "goes over the KL limit"
+    why = ("splits" if step == result.split_step else "goes over the KL limit"
+           if step == result.kl_step else "decodes unlike its own prefill")
     announce(f"lockstep: prompt {result.index + 1} {why} at step {step}: recording both "
              f"engines up to it into {where}")
     try:

@@ -85,7 +85,10 @@ def _prompt(p: PromptResult) -> dict[str, Any]:
             "garbage": [_flag(f) for f in p.garbage],
             "candidate_flags": [_flag(f) for f in p.candidate_flags],
             "reference_flags": [_flag(f) for f in p.reference_flags],
-            "localization": _localization(p.localization)}
+            "localization": _localization(p.localization),
+            "decode_check": None if p.decode_check is None else {
+                "kl": p.decode_check.kl, "limit": p.decode_check.limit,
+                "prefill_kl": p.decode_check.prefill_kl, "broken": p.decode_check.broken}}
 
 
 def generation_dict(result: GenerationResult) -> dict[str, Any]:

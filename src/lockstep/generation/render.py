@@ -120,6 +120,12 @@ def _prompt_detail(p: PromptResult, rows: int, limit: float) -> RenderResult:
     if p.kl_step is not None:
         body.append(Text(f"KL         mean {fmt(p.summary.kl.mean)} nats is over the limit "
                          f"({fmt(limit)}), first over it at step {p.kl_step}", style="bold red"))
+    check = p.decode_check
+    if check is not None and check.broken:
+        body.append(Text(f"decode     step 1 differs from the candidate's own prefill of the "
+                         f"same tokens by KL {fmt(check.kl)} nats (limit {fmt(check.limit)}): "
+                         "a decode-only bug (KV cache, position or the token fed)",
+                         style="bold red"))
     if p.summary.off_argmax:
         body.append(Text(f"sampling   at {p.summary.off_argmax} steps the candidate's token is "
                          "not the top of its own logits: check the logits-to-token step "

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
+from .decode_check import DecodeCheck
 from .garbage import GarbageFlag, candidate_only, detect
 from .metrics import (MAX_KL, NEAR_TIE, KLStats, StepCompare, StepSummary, compare_step,
                       compare_steps, summarize)
@@ -83,6 +84,7 @@ class PromptResult:
     candidate_flags: tuple[GarbageFlag, ...]  #: symptoms in the candidate's output
     localization: Localization | None = None
     pieces: Mapping[int, str] = field(default_factory=dict)  #: text of the tokens at splits
+    decode_check: DecodeCheck | None = None  #: decode step 1 against the candidate's prefill
 
     @property
     def garbage(self) -> tuple[GarbageFlag, ...]:
@@ -99,8 +101,10 @@ class PromptResult:
 
     @property
     def diverged_step(self) -> int | None:
-        """The first step showing a bug: a real split, or a step over the KL limit."""
-        found = [s for s in (self.split_step, self.kl_step) if s is not None]
+        """The first step showing a bug: a real split, a step over the KL limit, or decode
+        step 1 unlike the candidate's own prefill."""
+        broken = 1 if self.decode_check is not None and self.decode_check.broken else None
+        found = [s for s in (self.split_step, self.kl_step, broken) if s is not None]
         return min(found) if found else None
 
     @property

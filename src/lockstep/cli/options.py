@@ -1,0 +1,30 @@
+"""Engine options from the command line: ``--ref-opt``, ``--cand-opt``, ``--opt``."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from ..errors import UsageError
+
+__all__ = ["engine_options"]
+
+
+def engine_options(spec: str, dtype: str, opts: Sequence[str] = ()) -> dict[str, Any]:
+    """Options for the engine a spec names: ``dtype`` for those that take one, then each
+    ``KEY=VALUE`` (numbers, true/false and none read as such)."""
+    out: dict[str, Any] = {"dtype": dtype} if spec.startswith(("hf:", "zoo:")) else {}
+    for opt in opts:
+        key, sep, text = opt.partition("=")
+        if not sep or not key.isidentifier():
+            raise UsageError(f"engine option {opt!r} should look like KEY=VALUE, e.g. "
+                             "bug=wrong_kv_slot")
+        value: Any = {"true": True, "false": False, "none": None}.get(text.lower(), text)
+        if isinstance(value, str):
+            for kind in (int, float):
+                try:
+                    value = kind(text)
+                    break
+                except ValueError:
+                    pass
+        out[key] = value
+    return out
