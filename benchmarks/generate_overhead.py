@@ -95,6 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  teacher-forced      near-ties {s.near_ties}, real splits {s.splits} (near-tie: "
           f"both sides within {cfg.near_tie} nats); prompts with a mean KL over {cfg.max_kl}: "
           f"{sum(p.kl_step is not None for p in result.prompts)}")
+    checks = [p.decode_check for p in result.prompts if p.decode_check is not None]
+    if checks:
+        print(f"  decode check        decode step 1 vs the candidate's own prefill: KL max "
+              f"{max(c.kl for c in checks):.2e} nats, broken in "
+              f"{sum(c.broken for c in checks)} of {len(checks)} prompts")
     print("  per prompt          free-running split, same top, near-ties, real splits, "
           "KL mean/max, garbage")
     for p in result.prompts:
