@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -87,9 +88,11 @@ def main() -> None:
                 result = align(r, c, use_tables=tables)
                 dt = time.perf_counter() - t0
                 right = sum(_same_op(p.ref.name, p.cand.name) for p in result.pairs)
+                passes = Counter(p.how for p in result.pairs)
                 print(f"{label:40s} {dt * 1000:7.1f} ms  {len(result.pairs)} pairs, "
                       f"{right} correct, {len(result.ref_only)} reference and "
-                      f"{len(result.cand_only)} candidate records unpaired")
+                      f"{len(result.cand_only)} candidate records unpaired; paired by "
+                      f"{dict(passes)}")
 
 
 def _same_op(ref_name: str, cand_name: str) -> bool:

@@ -73,6 +73,7 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(args.keep or tmp) / "bench.safetensors"
+        path.parent.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         size = write_file(path, int(args.gb * 1e9))
         print(f"wrote {path} ({size / 1e6:.0f} MB of data) in {time.perf_counter() - t0:.1f} s")
