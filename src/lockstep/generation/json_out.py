@@ -6,13 +6,11 @@ Plain dicts of JSON types; non-finite numbers are written as the strings "inf", 
 
 from __future__ import annotations
 
-import json
-import math
 import os
 from typing import Any
 
 from .._version import __version__
-from ..report.json_report import pair_dict, report_dict
+from ..report.json_report import json_number, pair_dict, report_dict, write_json_file
 from .garbage import GarbageFlag
 from .metrics import KLStats, StepCompare, StepSummary
 from .result import FreeRun, GenerationResult, Localization, PromptResult
@@ -22,34 +20,28 @@ __all__ = ["GENERATE_SCHEMA_VERSION", "generation_dict", "write_generation_json"
 GENERATE_SCHEMA_VERSION = 1
 
 
-def _num(x: float) -> float | str:
-    if math.isnan(x):
-        return "nan"
-    if math.isinf(x):
-        return "inf" if x > 0 else "-inf"
-    return x
-
-
 def _kl(k: KLStats) -> dict[str, Any]:
-    return {"count": k.count, "nonfinite": k.nonfinite, "mean": _num(k.mean),
-            "median": _num(k.median), "p99": _num(k.p99), "max": _num(k.max)}
+    return {"count": k.count, "nonfinite": k.nonfinite, "mean": json_number(k.mean),
+            "median": json_number(k.median), "p99": json_number(k.p99), "max": json_number(k.max)}
 
 
 def _summary(s: StepSummary) -> dict[str, Any]:
     return {"steps": s.steps, "same_top": s.same_top, "same_top_rate": s.same_top_rate,
             "near_ties": s.near_ties, "splits": s.splits, "first_split": s.first_split,
-            "not_close": s.not_close, "off_argmax": s.off_argmax, "top_k_overlap": _num(s.overlap), "kl": _kl(s.kl),
-            "dp_mean": _num(s.dp_mean), "dp_rms": _num(s.dp_rms)}
+            "not_close": s.not_close, "off_argmax": s.off_argmax,
+            "top_k_overlap": json_number(s.overlap), "kl": _kl(s.kl),
+            "dp_mean": json_number(s.dp_mean), "dp_rms": json_number(s.dp_rms)}
 
 
 def _step(s: StepCompare) -> dict[str, Any]:
     return {"step": s.step, "reference_token": s.ref_token, "candidate_token": s.cand_token,
-            "kind": s.kind, "reference_margin": _num(s.ref_margin),
-            "candidate_margin": _num(s.cand_margin), "reference_gap": _num(s.ref_gap),
-            "candidate_gap": _num(s.cand_gap), "kl": _num(s.kl), "top_k_overlap": s.overlap,
+            "kind": s.kind, "reference_margin": json_number(s.ref_margin),
+            "candidate_margin": json_number(s.cand_margin), "reference_gap": json_number(s.ref_gap),
+            "candidate_gap": json_number(s.cand_gap), "kl": json_number(s.kl),
+            "top_k_overlap": s.overlap,
             "reference_in_candidate_top_k": s.ref_in_cand_top_k,
             "candidate_in_reference_top_k": s.cand_in_ref_top_k,
-            "reference_prob": _num(s.ref_prob), "candidate_prob": _num(s.cand_prob)}
+            "reference_prob": json_number(s.ref_prob), "candidate_prob": json_number(s.cand_prob)}
 
 
 def _free(f: FreeRun) -> dict[str, Any]:
@@ -118,9 +110,5 @@ def generation_dict(result: GenerationResult) -> dict[str, Any]:
 
 
 def write_generation_json(result: GenerationResult, path: str | os.PathLike[str]) -> None:
-    """Write the report, atomically (a reader never sees half a file)."""
-    tmp = f"{os.fspath(path)}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(generation_dict(result), f, indent=1, default=str)
-        f.write("\n")
-    os.replace(tmp, path)
+    """Write the report, atomically."""
+    write_json_file(generation_dict(result), path)

@@ -14,12 +14,13 @@ from ..compare.metrics import TensorMetrics
 from ..compare.verdict import DRIFT_FACTOR, PairResult
 from ..store.reader import Record
 
-__all__ = ["SCHEMA_VERSION", "report_dict", "write_json"]
+__all__ = ["SCHEMA_VERSION", "report_dict", "write_json", "json_number", "write_json_file"]
 
 SCHEMA_VERSION = 1
 
 
-def _num(x: float) -> float | str:
+def json_number(x: float) -> float | str:
+    """A float for JSON; NaN and infinities as the strings "nan", "inf", "-inf"."""
     if math.isnan(x):
         return "nan"
     if math.isinf(x):
@@ -31,10 +32,11 @@ def _metrics(m: TensorMetrics | None) -> dict[str, Any] | None:
     if m is None:
         return None
     out: dict[str, Any] = {
-        "max_abs": _num(m.max_abs), "mean_abs": _num(m.mean_abs), "rel_l2": _num(m.rel_l2),
-        "cosine": _num(m.cosine), "ref_nan": m.ref_nan, "ref_inf": m.ref_inf,
+        "max_abs": json_number(m.max_abs), "mean_abs": json_number(m.mean_abs),
+        "rel_l2": json_number(m.rel_l2), "cosine": json_number(m.cosine), "ref_nan": m.ref_nan,
+        "ref_inf": m.ref_inf,
         "cand_nan": m.cand_nan, "cand_inf": m.cand_inf, "worst_index": list(m.worst_index),
-        "worst_ref": _num(m.worst_ref), "worst_cand": _num(m.worst_cand),
+        "worst_ref": json_number(m.worst_ref), "worst_cand": json_number(m.worst_cand),
         "mismatched": m.mismatched, "numel": m.numel,
     }
     if m.topk is not None:
@@ -51,9 +53,9 @@ def pair_dict(p: PairResult) -> dict[str, Any]:
         "paired_by": p.how, "canonical": p.canonical, "transform": p.transform,
         "reference_shape": list(p.ref_shape),
         "candidate_shape": list(p.cand_shape), "reference_dtype": p.ref_dtype,
-        "candidate_dtype": p.cand_dtype, "error": _num(p.error), "tolerance": p.tol,
-        "noise_tolerance": p.noise, "inherited_error": _num(p.inherited),
-        "growth": _num(p.growth), "status": status(p), "note": p.note,
+        "candidate_dtype": p.cand_dtype, "error": json_number(p.error), "tolerance": p.tol,
+        "noise_tolerance": p.noise, "inherited_error": json_number(p.inherited),
+        "growth": json_number(p.growth), "status": status(p), "note": p.note,
         "metrics": _metrics(p.metrics),
     }
 
@@ -105,10 +107,15 @@ def report_dict(c: Comparison) -> dict[str, Any]:
     }
 
 
-def write_json(c: Comparison, path: str | os.PathLike[str]) -> None:
-    """Write the report, atomically (a reader never sees half a file)."""
+def write_json_file(obj: Any, path: str | os.PathLike[str]) -> None:
+    """Write a JSON object atomically (a reader never sees half a file)."""
     tmp = f"{os.fspath(path)}.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(report_dict(c), f, indent=1, default=str)
+        json.dump(obj, f, indent=1, default=str)
         f.write("\n")
     os.replace(tmp, path)
+
+
+def write_json(c: Comparison, path: str | os.PathLike[str]) -> None:
+    """Write the report, atomically."""
+    write_json_file(report_dict(c), path)
