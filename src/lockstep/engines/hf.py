@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from ..errors import LockstepError, MissingExtraError, UsageError
-from .base import Engine
+from .tokenizer import TransformersTokenizerEngine
 from .hf_rope import watch_rope
 
 if TYPE_CHECKING:
@@ -90,7 +90,7 @@ def _save_plain(model: Any, directory: Path) -> None:
     save_file(state, directory / "model.safetensors", metadata={"format": "pt"})
 
 
-class HFEngine(Engine):
+class HFEngine(TransformersTokenizerEngine):
     """A transformers causal LM loaded from a local directory, greedy decoding with KV cache."""
 
     name = "transformers"
@@ -130,28 +130,6 @@ class HFEngine(Engine):
                 self.path, local_files_only=True)
         except (OSError, ValueError, TypeError):
             self.tokenizer = None  # token ids can still be given directly
-
-    def tokenize(self, text: str) -> list[int]:
-        if self.tokenizer is None:
-            raise UsageError(f"{self.spec} has no tokenizer files; give token ids with "
-                             "--tokens 1,2,3 instead of --prompt")
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    def chat_tokens(self, messages: list[dict[str, str]]) -> list[int]:
-        if self.tokenizer is None:
-            raise UsageError(f"{self.spec} has no tokenizer files, so no chat template")
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise UsageError(f"{self.spec}: the tokenizer has no chat template; give plain "
-                             "prompts (no --chat, no \"messages\")")
-        out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                 tokenize=True)
-        ids = out["input_ids"] if hasattr(out, "keys") else out  # a BatchEncoding in v5
-        return [int(i) for i in ids]
-
-    def detokenize(self, ids: Sequence[int], *, skip_special: bool = False) -> str | None:
-        if self.tokenizer is None:
-            return None
-        return str(self.tokenizer.decode(list(ids), skip_special_tokens=skip_special))
 
     def decode_logits(self, prompt_ids: Sequence[int], steps: int, *,
                       forced: Sequence[int] | None = None) -> tuple[list[int], Any]:

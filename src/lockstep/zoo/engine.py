@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from ..engines.base import Engine
+from ..engines.tokenizer import TransformersTokenizerEngine
 from ..errors import MissingExtraError, UsageError
 from .bugs import get_bug
 
@@ -52,7 +52,7 @@ def _tokenizer(directory: Path) -> Any:
         return None
 
 
-class ZooEngine(Engine):
+class ZooEngine(TransformersTokenizerEngine):
     """The zoo's mini inference engine: paged KV cache, prefill and decode, one optional bug.
 
     ``vm=True`` runs decode's QKV projection, QK-norm and RoPE in the blocked decode VM
@@ -114,24 +114,6 @@ class ZooEngine(Engine):
         get_bug(self.bug, ModelArgs.from_config(config).family)
         self.model = build(config, tensors, bug=self.bug, dtype=getattr(torch, self.dtype),
                            device=self.device, seed=self.seed, vm=self.vm)
-
-    def tokenize(self, text: str) -> list[int]:
-        if self.tokenizer is None:
-            raise UsageError(f"{self.spec} has no tokenizer files; give token ids with "
-                             "--tokens 1,2,3 instead of --prompt")
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    def chat_tokens(self, messages: list[dict[str, str]]) -> list[int]:
-        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
-            return super().chat_tokens(messages)
-        out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                 tokenize=True)
-        return [int(i) for i in (out["input_ids"] if hasattr(out, "keys") else out)]
-
-    def detokenize(self, ids: Sequence[int], *, skip_special: bool = False) -> str | None:
-        if self.tokenizer is None:
-            return None
-        return str(self.tokenizer.decode(list(ids), skip_special_tokens=skip_special))
 
     def meta(self) -> dict[str, Any]:
         meta = {**super().meta(), "model": str(self.source), "dtype": self.dtype,
