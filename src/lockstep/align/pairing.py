@@ -237,12 +237,15 @@ def align(ref: Dump, cand: Dump, *, use_tables: bool = True,
         if step.free_cand:
             _by_normalized(step)
     read = _reader()
-    left_ref = [r for s in steps for r in s.free_ref.values()]
-    left_cand = [c for s in steps for c in s.free_cand.values()]
+    # records that repeat an earlier record's data take no part in the structural pass and
+    # are set aside when nothing paired them
+    repeats = _repeats(ref), _repeats(cand)
+    left_ref = [r for s in steps for r in s.free_ref.values() if r.seq not in repeats[0]]
+    left_cand = [c for s in steps for c in s.free_cand.values() if c.seq not in repeats[1]]
     if left_ref and left_cand:
         _by_structure(ref, cand, steps, left_ref, left_cand, read,
                       need_values=tables is not None)
-    aliased = _drop_aliases(ref, cand, steps)
+    aliased = _drop_repeats(steps, *repeats)
     chosen: dict = {}
     pairs = [_fit_layout(ref, cand, p, read, chosen) for s in steps for p in s.pairs]
     if tables is not None:  # pairs found by other passes get their canonical name too
@@ -255,28 +258,26 @@ def align(ref: Dump, cand: Dump, *, use_tables: bool = True,
                      (tables[0].name, tables[1].name) if tables else None, ignored, aliased)
 
 
-def _aliases(dump: Dump) -> dict[int, Record]:
-    """Records whose data is an earlier record's (a module returning its child's tensor,
-    recorded again as a pointer), by seq, with that earlier record."""
-    first_at: dict[int, Record] = {}
-    out: dict[int, Record] = {}
+def _repeats(dump: Dump) -> set[int]:
+    """Seqs of the records whose data is an earlier record's (a module returning its child's
+    tensor, recorded again as a pointer)."""
+    seen: set[int] = set()
+    out: set[int] = set()
     for r in dump.records:
         if r.offset is not None:
-            orig = first_at.setdefault(r.offset, r)
-            if orig is not r:
-                out[r.seq] = orig
+            if r.offset in seen:
+                out.add(r.seq)
+            seen.add(r.offset)
     return out
 
 
-def _drop_aliases(ref: Dump, cand: Dump, steps: list[_Step]) -> int:
-    """Unpaired aliases are the same data as a record already there: set aside, not listed
+def _drop_repeats(steps: list[_Step], ref_repeats: set[int], cand_repeats: set[int]) -> int:
+    """Unpaired repeats are the same data as a record already there: set aside, not listed
     as unpaired. Returns how many."""
     dropped = 0
-    for dump, side in ((ref, "free_ref"), (cand, "free_cand")):
-        aliases = _aliases(dump)
-        for step in steps:
-            free = getattr(step, side)
-            for seq in [s for s in free if s in aliases]:
+    for step in steps:
+        for free, repeats in ((step.free_ref, ref_repeats), (step.free_cand, cand_repeats)):
+            for seq in [s for s in free if s in repeats]:
                 del free[seq]
                 dropped += 1
     return dropped
@@ -287,10 +288,6 @@ def _by_structure(ref: Dump, cand: Dump, steps: list[_Step], left_ref: Sequence[
                   need_values: bool) -> None:
     by_step = {s.number: s for s in steps}
     multi_ref: set[tuple[int, int]] = set()  # (step, ref seq) paired with several candidates
-    # records that point at data recorded before are paired as their originals are
-    ref_aliases, cand_aliases = _aliases(ref), _aliases(cand)
-    left_ref = [r for r in left_ref if r.seq not in ref_aliases]
-    left_cand = [c for c in left_cand if c.seq not in cand_aliases]
     for tp in pair_templates(ref, cand, left_ref, left_cand, read, need_values=need_values):
         for key, c in tp.cand.instances.items():
             r = tp.ref.instances.get(key)

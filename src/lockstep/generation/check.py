@@ -92,8 +92,8 @@ def _run_prompt(index: int, prompt: Prompt, ids: list[int], ref: Engine, cand: E
                             texts=_texts(ref, ref_tokens, cand_tokens), settings=settings)
     if steps >= 2:  # the first decode step against the candidate's own prefill of it
         _, own = clock.decode(cand, list(ids) + ref_tokens[:1], 1)
-        full = str(cand.meta().get("compute_dtype") or cand.meta().get("dtype")) in (
-            "float32", "float64")
+        meta = cand.meta()
+        full = str(meta.get("compute_dtype") or meta.get("dtype")) in ("float32", "float64")
         check = check_decode(own[0], forced_logits[1], prefill_kl=result.steps[0].kl,
                              full_precision=full)
         result = replace(result, decode_check=check)
