@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 import lockstep
+from lockstep.engines.hf import forward_step
 
 PROMPT = [3, 17, 42, 7, 99, 5, 64]
 
@@ -43,12 +44,11 @@ def greedy(model: Any, path: Any, *, decode: int = 3, position_shift: int = 0,
     with lockstep.record(path, meta={"engine": "test"}) as rec, torch.no_grad():
         rec.watch(model)
         ids = torch.tensor([PROMPT])
-        out = model(input_ids=ids, use_cache=True)
+        out, cache = forward_step(model, ids, None)
         for step in range(1, decode + 1):
             token = int(out.logits[0, -1].float().argmax())
             chosen.append(token)
             fed = forced[step - 1] if forced else token
             pos = torch.tensor([[len(PROMPT) + step - 1 + position_shift]])
-            out = model(input_ids=torch.tensor([[fed]]), position_ids=pos,
-                        past_key_values=out.past_key_values, use_cache=True)
+            out, cache = forward_step(model, torch.tensor([[fed]]), cache, position_ids=pos)
     return chosen

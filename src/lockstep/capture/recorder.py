@@ -78,6 +78,8 @@ class Recorder:
         self._undo: list[Callable[[], None]] = []
         self._closed = False
         self.traced: list[Any] = []  #: TraceInfo of every function traced
+        #: called with the new step each time one opens (a worker process tells its parent)
+        self.on_step: Callable[[int], Any] | None = None
 
     # -- steps -------------------------------------------------------------------------------
     # A step ends when a top-level call of a watched root returns; the next capture (or root
@@ -99,6 +101,8 @@ class Recorder:
         if step != self.step:
             self.step = step
             self._calls.clear()
+            if self.on_step is not None:
+                self.on_step(step)
         self._seen.clear()
         self._advance = False
 

@@ -101,6 +101,10 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the real SmolLM2 model: fp32 vs bf16, a broken layer, "
                                     "llama.cpp")
     d.add_argument("--out", default="demo-out", help="where the demo's dumps go")
+    d.add_argument("--skip", action="append", metavar="SECTION",
+                   help="leave a section out: zoo, reference, llamacpp, bfloat16, broken")
+    d.add_argument("--llamacpp-opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option for the demo's llama.cpp engine (repeatable)")
 
     s = sub.add_parser("show", help="list the records of a dump")
     s.add_argument("dump")
@@ -126,7 +130,7 @@ def _parser() -> argparse.ArgumentParser:
 
 #: subcommands that live in a module of their own (lockstep.cli.<name>): each has
 #: ``register(sub)``, which adds its parser with ``set_defaults(handler=run)``
-_COMMAND_MODULES = ("generate", "weights", "align", "zoo")
+_COMMAND_MODULES = ("generate", "weights", "align", "zoo", "doctor")
 
 
 def _command_modules() -> list[Any]:
@@ -201,9 +205,10 @@ def _capture(args: argparse.Namespace) -> int:
     if args.decode < 0:
         raise UsageError("--decode must be 0 or more")
     options = _engine_options(args.engine, args.dtype, args.opt)
-    options.setdefault("dtype", args.dtype)
+    if args.engine.startswith(("hf:", "zoo:")):
+        options.setdefault("device", args.device)  # the engines that run on a torch device
     capture(args.engine, args.out, prompt=args.prompt, tokens=args.tokens, decode=args.decode,
-            device=args.device, data=not args.stats_only, overwrite=args.overwrite,
+            data=not args.stats_only, overwrite=args.overwrite,
             announce=lambda m: print(m, file=sys.stderr), **options)
     return EXIT_OK
 
@@ -252,9 +257,18 @@ def _demo(args: argparse.Namespace) -> int:
 
     from ..demo import run_demo
 
-    verdicts = run_demo(args.out, show=Console().print)
-    expected = {"zoo": "ok", "bfloat16": "drift", "broken": "diverged", "llamacpp": "drift"}
-    return EXIT_OK if all(expected[k] == v for k, v in verdicts.items()) else EXIT_ERROR
+    from ..demo import EXPECTED
+
+    console = Console()
+    verdicts = run_demo(args.out, show=console.print, skip=args.skip or (),
+                        llamacpp_options=_engine_options("llamacpp:", "", args.llamacpp_opt))
+    wrong = {k: v for k, v in verdicts.items() if v not in (EXPECTED[k], "skipped")}
+    if wrong:
+        console.print("[bold red]lockstep demo: these sections did not end as expected:[/] "
+                      + ", ".join(f"{k} ({v}, expected {EXPECTED[k]})"
+                                  for k, v in wrong.items()), highlight=False)
+        return EXIT_ERROR
+    return EXIT_OK
 
 
 def _inspect_against(args: argparse.Namespace) -> int:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Any, Sequence
+import os
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
@@ -21,6 +22,8 @@ class Engine(ABC):
 
     #: the engine's name in dump metadata ("transformers", "llama.cpp", ...)
     name = "engine"
+    #: native code that can die of a signal: ``open_engine`` runs it in its own process
+    native = False
 
     def __init__(self, spec: str) -> None:
         self.spec = spec
@@ -42,6 +45,23 @@ class Engine(ABC):
         tokens), so one near-tie does not make every later step incomparable. Returns the
         greedy token chosen at each step.
         """
+
+    def record_run(self, out: str | os.PathLike[str], meta: dict[str, Any],
+                   prompt_ids: Sequence[int], decode: int, *,
+                   forced: Sequence[int] | None = None, data: bool = True,
+                   overwrite: bool = False,
+                   on_step: Callable[[int], Any] | None = None) -> list[int]:
+        """Record ``generate`` into a new dump at ``out`` with ``meta`` in its header, and the
+        greedy tokens as ``generated_token_ids``; ``on_step`` hears each step as it opens."""
+        from ..capture.recorder import record
+
+        with record(out, meta=meta, data=data, overwrite=overwrite) as rec:
+            if on_step is not None:
+                on_step(rec.step)
+                rec.on_step = on_step
+            chosen = self.generate(rec, prompt_ids, decode, forced=forced)
+            rec.add_meta(generated_token_ids=chosen)
+        return chosen
 
     def decode_logits(self, prompt_ids: Sequence[int], steps: int, *,
                       forced: Sequence[int] | None = None) -> tuple[list[int], np.ndarray]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
-from ..capture.recorder import record
 from ..errors import UsageError
 from . import open_engine
 
@@ -24,10 +23,9 @@ def capture(spec: str, out: str, *, prompt: str | None = None,
         if not ids:
             raise UsageError("the prompt has no tokens; give a non-empty --prompt or --tokens")
         meta = {**engine.meta(), "prompt": prompt, "prompt_token_ids": ids, "decode": decode}
-        with record(out, meta=meta, data=data, overwrite=overwrite) as rec:
-            announce(f"lockstep: recording {len(ids)} prompt tokens + {decode} decode steps "
-                     f"into {out}")
-            chosen = engine.generate(rec, ids, decode, forced=forced)
-            rec.add_meta(generated_token_ids=chosen)
+        announce(f"lockstep: recording {len(ids)} prompt tokens + {decode} decode steps "
+                 f"into {out}")
+        chosen = engine.record_run(out, meta, ids, decode, forced=forced, data=data,
+                                   overwrite=overwrite)
     announce(f"lockstep: done, greedy tokens {chosen}")
     return chosen

@@ -10,8 +10,10 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from ..errors import LockstepError, MissingExtraError, UsageError
 from .tokenizer import TransformersTokenizerEngine
@@ -20,7 +22,7 @@ from .hf_rope import watch_rope
 if TYPE_CHECKING:
     from ..capture.recorder import Recorder
 
-__all__ = ["HFEngine"]
+__all__ = ["HFEngine", "forward_step"]
 
 _DTYPES = ("float32", "bfloat16", "float16", "float64")
 DERIVED_INPUTS = ("*.self_attn.o_proj", "*.post_attention_layernorm", "*.mlp.down_proj",
@@ -42,6 +44,24 @@ def _import() -> tuple[Any, Any]:
     return torch, transformers
 
 
+def forward_step(model: Any, ids: Any, cache: Any, **kwargs: Any) -> tuple[Any, Any]:
+    """One forward with a KV cache: (the output, the cache for the next step). transformers
+    5 names the cache ``cache`` (``past_key_values`` still works there, with a deprecation
+    warning on every run); 4.x names it ``past_key_values``. The name is read off the model's
+    signature, so neither prints a warning."""
+    key = _CACHE_KWARG.get(type(model))
+    if key is None:
+        import inspect
+
+        params = inspect.signature(type(model).forward).parameters
+        key = _CACHE_KWARG[type(model)] = "cache" if "cache" in params else "past_key_values"
+    out = model(input_ids=ids, use_cache=True, **{key: cache}, **kwargs)
+    return out, (out["cache"] if key == "cache" else out["past_key_values"])
+
+
+_CACHE_KWARG: dict[type, str] = {}
+
+
 def cache_dir() -> Path:
     """Where converted models are kept."""
     return Path(os.environ.get("LOCKSTEP_CACHE") or Path.home() / ".cache" / "lockstep")
@@ -55,11 +75,15 @@ def gguf_as_safetensors(gguf: Path) -> Path:
     if (target / "config.json").is_file():
         return target
     torch, transformers = _import()
+    print(f"lockstep: converting {gguf.name} to float32 through transformers, once (cached in "
+          f"{target.parent})", file=sys.stderr)
     try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, dtype=torch.float32, local_files_only=True)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, local_files_only=True)
+        # transformers draws its own tqdm bar here, outside its progress-bar switch
+        with _env(TQDM_DISABLE="1"):
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                gguf.parent, gguf_file=gguf.name, dtype=torch.float32, local_files_only=True)
+            tokenizer = transformers.AutoTokenizer.from_pretrained(
+                gguf.parent, gguf_file=gguf.name, local_files_only=True)
     except ImportError as exc:
         raise LockstepError(f"loading {gguf.name} through transformers needs the gguf extra: "
                             f"pip install 'lockstep[gguf]' ({exc})") from None
@@ -72,6 +96,20 @@ def gguf_as_safetensors(gguf: Path) -> Path:
     tokenizer.save_pretrained(tmp)
     tmp.replace(target) if not target.exists() else shutil.rmtree(tmp)
     return target
+
+
+@contextmanager
+def _env(**values: str) -> Iterator[None]:
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _save_plain(model: Any, directory: Path) -> None:
@@ -144,8 +182,7 @@ class HFEngine(TransformersTokenizerEngine):
         past = None
         with torch.no_grad():
             for step in range(steps):
-                out = self.model(input_ids=ids, past_key_values=past, use_cache=True)
-                past = out.past_key_values
+                out, past = forward_step(self.model, ids, past)
                 last = out.logits[0, -1]
                 token = int(last.argmax())  # in the model's own dtype, as generate() picks
                 chosen.append(token)
@@ -183,8 +220,7 @@ class HFEngine(TransformersTokenizerEngine):
         with torch.no_grad(), watch_rope(rec, self.model):
             for step in range(decode + 1):
                 rec.capture("input_ids", ids, role="input")
-                out = self.model(input_ids=ids, past_key_values=past, use_cache=True)
-                past = out.past_key_values
+                out, past = forward_step(self.model, ids, past)
                 token = int(out.logits[0, -1].float().argmax())
                 chosen.append(token)
                 fed = forced[step] if forced is not None and step < len(forced) else token

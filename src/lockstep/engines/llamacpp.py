@@ -36,6 +36,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import signal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -183,6 +184,7 @@ class _GraphTap:
         self.extra_fields = False
         self.selected: Callable[[str], bool] | None = None
         self.views = False  # record pure view nodes too (see LlamaCppEngine)
+        self.crash_step: int | None = None  # for tests: die of SIGSEGV in this step's graph
         self._reset()
         self.c_callback = llama_cpp.ggml_backend_sched_eval_callback(self._make())
 
@@ -266,6 +268,8 @@ class _GraphTap:
                         self.checked = True
                     index = self.index
                     self.index = index + 1
+                    if index == 8 and self.crash_step == rec.step:
+                        os.kill(os.getpid(), signal.SIGSEGV)  # inside llama_decode's graph
                     name = string_at(t + _NAME_OFFSET).decode("utf-8", "replace") \
                         or f"node-{index}"
                     seen = self.seen.get(name, 0)
@@ -346,10 +350,16 @@ class LlamaCppEngine(Engine):
     """A GGUF model run by llama.cpp on the CPU (or offloaded with ``n_gpu_layers``)."""
 
     name = "llama.cpp"
+    native = True
 
     def __init__(self, spec: str, path: str, *, n_threads: int | None = None,
-                 n_gpu_layers: int = 0, verbose: bool = False, views: bool = False) -> None:
+                 n_gpu_layers: int = 0, verbose: bool = False, views: bool = False,
+                 test_crash_at_step: int | None = None) -> None:
         super().__init__(spec)
+        #: for tests of crash handling: the process kills itself with SIGSEGV from inside the
+        #: graph callback (native frames on the stack) while recording this step
+        self.test_crash_at_step = None if test_crash_at_step is None \
+            else int(test_crash_at_step)
         self.path = Path(path)
         self.n_threads = int(n_threads) if n_threads else _usable_cpus()
         self.n_gpu_layers = int(n_gpu_layers)
@@ -464,6 +474,7 @@ class LlamaCppEngine(Engine):
         assert self.lib is not None
         tap = _GraphTap(L, self.lib)
         tap.views = self.views
+        tap.crash_step = self.test_crash_at_step
         tap.n_embd = self.info["n_embd"]
         self.ctx = L.llama_init_from_model(self.model, self.context_params(n_ctx,
                                                                            tap.c_callback))

@@ -48,14 +48,6 @@ class _Clock:
         return [int(t) for t in tokens], logits
 
 
-def _open(spec: str, options: dict[str, Any]) -> Engine:
-    try:
-        return open_engine(spec, **options)
-    except TypeError:
-        raise UsageError(f"{spec} takes no options {sorted(options)} (a dtype is for hf: "
-                         "engines)") from None
-
-
 def _prompt_ids(engine: Engine, prompt: Prompt, index: int) -> list[int]:
     """The reference's token ids for a prompt (chat template applied when asked)."""
     if prompt.tokens is not None:
@@ -156,8 +148,8 @@ def check_generation(reference: str, candidate: str, prompts: Sequence[Prompt | 
     ref_options, cand_options = dict(ref_options or {}), dict(cand_options or {})
     start = time.perf_counter()
     clock = _Clock()
-    ref = _open(reference, ref_options)
-    cand = _open(candidate, cand_options)
+    ref = open_engine(reference, **ref_options)
+    cand = open_engine(candidate, **cand_options)
     results: list[PromptResult] = []
     try:
         announce(f"lockstep: loading {reference}")

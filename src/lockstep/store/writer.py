@@ -17,7 +17,8 @@ from typing import Any
 from ..errors import UsageError
 from .dtypes import lookup
 
-__all__ = ["DumpWriter", "FORMAT_NAME", "FORMAT_VERSION", "INDEX_FILE", "DATA_FILE"]
+__all__ = ["DumpWriter", "FORMAT_NAME", "FORMAT_VERSION", "INDEX_FILE", "DATA_FILE",
+           "append_meta"]
 
 FORMAT_NAME = "lockstep-dump"
 FORMAT_VERSION = 1
@@ -159,3 +160,26 @@ class DumpWriter:
         self.flush(sync=self.durable)
         self._data.close()
         self._index.close()
+
+
+def append_meta(path: str | os.PathLike[str], **meta: Any) -> bool:
+    """Add a meta line to a dump whose writer is gone (a crashed process): after its last
+    whole line, dropping a torn one; never after an end line. Returns False (and writes
+    nothing) when there is no dump with a header there."""
+    index = Path(path) / INDEX_FILE
+    try:
+        f = open(index, "r+b")
+    except FileNotFoundError:
+        return False
+    with f:
+        raw = f.read()
+        keep = raw.rfind(b"\n") + 1
+        if keep == 0:
+            return False  # not even the header was written whole
+        last = raw[:keep - 1].rsplit(b"\n", 1)[-1]
+        if b'"type":"end"' in last:
+            return False  # a finished dump is never appended to
+        f.seek(keep)
+        f.truncate()
+        f.write((_ENCODE({"type": "meta", "meta": meta}) + "\n").encode())
+    return True
