@@ -140,3 +140,14 @@ def test_demo_goes_on_past_a_crashed_section(gguf, tmp_path):
     assert "llamacpp (failed, expected drift)" in out
     assert "Traceback" not in got.stderr
     assert "Warning" not in got.stderr and "Warning" not in got.stdout
+
+
+def test_generate_with_a_crashing_candidate_is_one_line(gguf, tmp_path):
+    got = lockstep_cli("generate", f"llamacpp:{gguf}", f"llamacpp:{gguf}", "--prompt", PROMPT,
+                       "--max-new-tokens", "3", "--cand-opt", "test_crash_at_step=1",
+                       "--out", str(tmp_path / "g"))
+    assert got.returncode == 2, got.stdout[-2000:] + got.stderr[-2000:]
+    assert "Traceback" not in got.stderr
+    errors = [ln for ln in got.stderr.splitlines() if ln.startswith("lockstep: error:")]
+    assert len(errors) == 1
+    assert errors[0].startswith("lockstep: error: llama.cpp crashed (SIGSEGV) while decoding")

@@ -151,10 +151,14 @@ def amx_instructions(library: str | os.PathLike[str], timeout: float = 120.0) ->
 def _cpu_libraries(package_file: str | None) -> list[Path]:
     if not package_file:
         return []
+    import hashlib
+
     libdir = Path(package_file).parent / "lib"
-    real = {p.resolve(): p for p in sorted(libdir.glob("*ggml-cpu*"), key=lambda p: len(p.name))
-            if p.is_file()}  # the shortest name of each file (libggml-cpu.so, not .so.0.25.3)
-    return sorted(real.values())
+    unique: dict[str, Path] = {}  # a wheel holds copies, not links: libggml-cpu.so, .so.0, ...
+    for path in sorted(libdir.glob("*ggml-cpu*"), key=lambda p: (len(p.name), p.name)):
+        if path.is_file():
+            unique.setdefault(hashlib.sha256(path.read_bytes()).hexdigest(), path)
+    return sorted(unique.values())
 
 
 def _llama_cpp() -> dict[str, Any]:

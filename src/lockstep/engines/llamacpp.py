@@ -357,7 +357,8 @@ class LlamaCppEngine(Engine):
                  test_crash_at_step: int | None = None) -> None:
         super().__init__(spec)
         #: for tests of crash handling: the process kills itself with SIGSEGV from inside the
-        #: graph callback (native frames on the stack) while recording this step
+        #: graph callback (native frames on the stack) while recording this step, or before
+        #: this step's eval in ``decode_logits``
         self.test_crash_at_step = None if test_crash_at_step is None \
             else int(test_crash_at_step)
         self.path = Path(path)
@@ -565,6 +566,8 @@ class LlamaCppEngine(Engine):
         chosen: list[int] = []
         pos, feed = 0, ids
         for step in range(steps):
+            if step == self.test_crash_at_step:
+                os.kill(os.getpid(), signal.SIGSEGV)  # for tests: the worker dies mid-decode
             self.eval(feed, pos, all_logits=False)  # nothing recorded: the callback asks for none
             pos += len(feed)
             rows[step] = self.last_logits()
