@@ -130,7 +130,7 @@ def _parser() -> argparse.ArgumentParser:
 
 #: subcommands that live in a module of their own (lockstep.cli.<name>): each has
 #: ``register(sub)``, which adds its parser with ``set_defaults(handler=run)``
-_COMMAND_MODULES = ("generate", "weights", "align", "zoo", "doctor")
+_COMMAND_MODULES = ("generate", "weights", "align", "zoo", "doctor", "bench")
 
 
 def _command_modules() -> list[Any]:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 import os
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+import time
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -13,7 +14,19 @@ from ..errors import UsageError
 if TYPE_CHECKING:
     from ..capture.recorder import Recorder
 
-__all__ = ["Engine"]
+__all__ = ["Engine", "timed_steps"]
+
+
+def timed_steps(steps: Iterable[Any]) -> list[float]:
+    """Seconds each item of a greedy-decoding generator took (each item is yielded once its
+    step's token is known): the step times, prefill first."""
+    times: list[float] = []
+    t0 = time.perf_counter()
+    for _ in steps:
+        t1 = time.perf_counter()
+        times.append(t1 - t0)
+        t0 = t1
+    return times
 
 
 class Engine(ABC):
@@ -73,6 +86,30 @@ class Engine(ABC):
         row i-1.
         """
         raise UsageError(f"{self.spec}: the {self.name} engine cannot report logits")
+
+    def step_times(self, prompt_ids: Sequence[int], steps: int) -> list[float]:
+        """Seconds of each greedy step, the prefill first (``steps`` >= 1), for benchmarks.
+
+        This default estimates them from two ``decode_logits`` calls (one step, then
+        ``steps``): the prefill, then the mean decode step repeated. Engines that can time
+        each step override it."""
+        t0 = time.perf_counter()
+        self.decode_logits(prompt_ids, 1)
+        prefill = time.perf_counter() - t0
+        if steps <= 1:
+            return [prefill]
+        t0 = time.perf_counter()
+        self.decode_logits(prompt_ids, steps)
+        per_step = max(time.perf_counter() - t0 - prefill, 0.0) / (steps - 1)
+        return [prefill] + [per_step] * (steps - 1)
+
+    def torch_module(self) -> Any:
+        """The root ``torch.nn.Module`` the engine runs, where there is one (module timing)."""
+        return None
+
+    def max_positions(self) -> int | None:
+        """How many positions the model takes (its trained context), where known."""
+        return None
 
     def chat_tokens(self, messages: list[dict[str, str]]) -> list[int]:
         """Token ids of chat ``messages`` (``{"role", "content"}``) through the model's chat

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from ..errors import LockstepError, MissingExtraError, UsageError
+from .base import timed_steps
 from .tokenizer import TransformersTokenizerEngine
 from .hf_rope import watch_rope
 
@@ -78,8 +79,7 @@ def gguf_as_safetensors(gguf: Path) -> Path:
     print(f"lockstep: converting {gguf.name} to float32 through transformers, once (cached in "
           f"{target.parent})", file=sys.stderr)
     try:
-        # transformers draws its own tqdm bar here, outside its progress-bar switch
-        with _env(TQDM_DISABLE="1"):
+        with _quiet_gguf_conversion():
             model = transformers.AutoModelForCausalLM.from_pretrained(
                 gguf.parent, gguf_file=gguf.name, dtype=torch.float32, local_files_only=True)
             tokenizer = transformers.AutoTokenizer.from_pretrained(
@@ -99,17 +99,27 @@ def gguf_as_safetensors(gguf: Path) -> Path:
 
 
 @contextmanager
-def _env(**values: str) -> Iterator[None]:
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
+def _quiet_gguf_conversion() -> Iterator[None]:
+    """transformers draws a tqdm bar of its own while it dequantizes a GGUF file, outside its
+    progress-bar switch (``disable_progress_bar`` does not reach it) and past tqdm's
+    ``TQDM_DISABLE``, which tqdm reads once at import. We cannot change that code, so the
+    module's ``tqdm`` name is pointed at a disabled bar for the conversion, and restored."""
+    import functools
+    import importlib
+
+    try:
+        module = importlib.import_module("transformers.modeling_gguf_pytorch_utils")
+    except ImportError:
+        module = None
+    bar = getattr(module, "tqdm", None)
+    if bar is None:
+        yield
+        return
+    module.tqdm = functools.partial(bar, disable=True)  # type: ignore[union-attr]
     try:
         yield
     finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        module.tqdm = bar  # type: ignore[union-attr]
 
 
 def _save_plain(model: Any, directory: Path) -> None:
@@ -169,29 +179,48 @@ class HFEngine(TransformersTokenizerEngine):
         except (OSError, ValueError, TypeError):
             self.tokenizer = None  # token ids can still be given directly
 
-    def decode_logits(self, prompt_ids: Sequence[int], steps: int, *,
-                      forced: Sequence[int] | None = None) -> tuple[list[int], Any]:
-        import numpy as np
+    def _greedy(self, prompt_ids: Sequence[int], steps: int,
+                forced: Sequence[int] | None) -> Iterator[tuple[int, Any]]:
+        """Greedy decoding with the KV cache: yields (token, last-position logits) per step."""
         import torch
 
         if self.model is None:
             raise UsageError(f"{self.spec}: load() the engine before decoding")
         ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=self.device)
-        chosen: list[int] = []
-        rows = []
         past = None
         with torch.no_grad():
             for step in range(steps):
                 out, past = forward_step(self.model, ids, past)
                 last = out.logits[0, -1]
                 token = int(last.argmax())  # in the model's own dtype, as generate() picks
-                chosen.append(token)
-                rows.append(last.float().cpu())
+                yield token, last
                 fed = forced[step] if forced is not None and step < len(forced) else token
                 ids = torch.tensor([[int(fed)]], dtype=torch.long, device=self.device)
+
+    def decode_logits(self, prompt_ids: Sequence[int], steps: int, *,
+                      forced: Sequence[int] | None = None) -> tuple[list[int], Any]:
+        import numpy as np
+        import torch
+
+        chosen: list[int] = []
+        rows = []
+        for token, last in self._greedy(prompt_ids, steps, forced):
+            chosen.append(token)
+            rows.append(last.float().cpu())
         if not rows:
             return chosen, np.zeros((0, self.model.config.vocab_size), dtype=np.float32)
         return chosen, torch.stack(rows).numpy()
+
+    def step_times(self, prompt_ids: Sequence[int], steps: int) -> list[float]:
+        return timed_steps(self._greedy(prompt_ids, steps, None))
+
+    def torch_module(self) -> Any:
+        return self.model
+
+    def max_positions(self) -> int | None:
+        config = getattr(self.model, "config", None)
+        n = getattr(config, "max_position_embeddings", None)
+        return int(n) if n else None
 
     def meta(self) -> dict[str, Any]:
         config = self.model.config if self.model is not None else None

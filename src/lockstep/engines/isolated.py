@@ -32,7 +32,7 @@ from .worker import Channel
 if TYPE_CHECKING:
     from ..capture.recorder import Recorder
 
-__all__ = ["EngineCrashed", "IsolatedEngine", "describe_exit"]
+__all__ = ["EngineCrashed", "IsolatedEngine", "describe_exit", "open_isolated"]
 
 
 class EngineCrashed(LockstepError):
@@ -215,6 +215,26 @@ class IsolatedEngine(Engine):
         assert rows is not None
         return [int(t) for t in reply["chosen"]], rows
 
+    def step_times(self, prompt_ids: Sequence[int], steps: int) -> list[float]:
+        reply, _ = self._call({"op": "step_times", "ids": [int(i) for i in prompt_ids],
+                               "steps": int(steps)}, "timing")
+        return [float(t) for t in reply["times"]]
+
+    def max_positions(self) -> int | None:
+        return self._call({"op": "max_positions"}, "reading its context")[0]["n"]
+
+    def peak_memory(self) -> dict[str, Any]:
+        """The engine's process's peak memory (see ``bench.memory``)."""
+        return dict(self._call({"op": "peak_memory"}, "reading its memory")[0]["memory"])
+
+    def module_times(self, prompt_ids: Sequence[int], steps: int, *, iters: int,
+                     warmup: int) -> dict[str, Any]:
+        """``bench.modules.module_times`` run in the engine's process."""
+        reply, _ = self._call({"op": "module_times", "ids": [int(i) for i in prompt_ids],
+                               "steps": int(steps), "iters": int(iters),
+                               "warmup": int(warmup)}, "timing its modules")
+        return dict(reply["modules"])
+
     def generate(self, rec: Recorder, prompt_ids: Sequence[int], decode: int, *,
                  forced: Sequence[int] | None = None) -> list[int]:
         raise UsageError(f"{self.spec}: the {self.name} engine runs in its own process and "
@@ -245,3 +265,12 @@ def _note_crash(dump: str, note: str) -> bool:
         return append_meta(dump, crashed=note)
     except OSError:
         return False
+
+
+def open_isolated(spec: str, **options: Any) -> IsolatedEngine:
+    """Any engine (not only a native one) in a process of its own: for benchmarks, where
+    each engine's peak memory is its own process's and neither slows the other."""
+    from . import open_engine
+
+    engine = open_engine(spec, isolate=False, **options)
+    return engine if isinstance(engine, IsolatedEngine) else IsolatedEngine(engine, options)

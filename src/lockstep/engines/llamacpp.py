@@ -38,12 +38,12 @@ import logging
 import os
 import signal
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 
 from ..errors import LockstepError, MissingExtraError, UsageError
-from .base import Engine
+from .base import Engine, timed_steps
 
 if TYPE_CHECKING:
     from ..capture.recorder import Recorder
@@ -425,6 +425,8 @@ class LlamaCppEngine(Engine):
             "n_layer": int(L.llama_model_n_layer(m)), "n_embd": n_embd, "n_head": n_head,
             "n_head_kv": int(L.llama_model_n_head_kv(m)),
             "head_dim": n_embd // n_head if n_head else None,
+            "n_ctx_train": int(L.llama_model_n_ctx_train(m))
+            if hasattr(L, "llama_model_n_ctx_train") else None,
         }
 
     def close(self) -> None:
@@ -556,25 +558,38 @@ class LlamaCppEngine(Engine):
         L = self.llama_cpp
         L.llama_memory_clear(L.llama_get_memory(self.ctx), True)
 
-    def decode_logits(self, prompt_ids: Sequence[int], steps: int, *,
-                      forced: Sequence[int] | None = None) -> tuple[list[int], np.ndarray]:
+    def _greedy(self, prompt_ids: Sequence[int], steps: int,
+                forced: Sequence[int] | None) -> Iterator[tuple[int, np.ndarray]]:
+        """Greedy decoding, nothing recorded: yields (token, last-position logits) per step."""
         ids = [int(i) for i in prompt_ids]
         if not ids:
             raise UsageError(f"{self.spec}: the prompt has no tokens")
         self.reset(len(ids) + steps)
-        rows = np.empty((steps, self.info["vocab_size"]), dtype=np.float32)
-        chosen: list[int] = []
         pos, feed = 0, ids
         for step in range(steps):
             if step == self.test_crash_at_step:
                 os.kill(os.getpid(), signal.SIGSEGV)  # for tests: the worker dies mid-decode
             self.eval(feed, pos, all_logits=False)  # nothing recorded: the callback asks for none
             pos += len(feed)
-            rows[step] = self.last_logits()
-            token = int(np.argmax(rows[step]))
-            chosen.append(token)
+            row = self.last_logits()
+            token = int(np.argmax(row))
+            yield token, row
             feed = [int(forced[step]) if forced is not None and step < len(forced) else token]
+
+    def decode_logits(self, prompt_ids: Sequence[int], steps: int, *,
+                      forced: Sequence[int] | None = None) -> tuple[list[int], np.ndarray]:
+        rows = np.empty((steps, self.info["vocab_size"]), dtype=np.float32)
+        chosen: list[int] = []
+        for step, (token, row) in enumerate(self._greedy(prompt_ids, steps, forced)):
+            rows[step] = row
+            chosen.append(token)
         return chosen, rows
+
+    def step_times(self, prompt_ids: Sequence[int], steps: int) -> list[float]:
+        return timed_steps(self._greedy(prompt_ids, steps, None))
+
+    def max_positions(self) -> int | None:
+        return self.info.get("n_ctx_train")
 
     def detokenize(self, ids: Sequence[int], *, skip_special: bool = False) -> str | None:
         if self.model is None:

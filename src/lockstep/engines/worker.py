@@ -111,6 +111,19 @@ def _handle(engine: Any, op: str, msg: dict[str, Any],
                                    overwrite=msg["overwrite"],
                                    on_step=lambda step: chan.send({"step": step}))
         return {"chosen": chosen}, None
+    if op == "step_times":
+        return {"times": engine.step_times(msg["ids"], msg["steps"])}, None
+    if op == "max_positions":
+        return {"n": engine.max_positions()}, None
+    if op == "peak_memory":
+        from ..bench.memory import peak_memory
+
+        return {"memory": peak_memory()}, None
+    if op == "module_times":
+        from ..bench.modules import module_times
+
+        return {"modules": module_times(engine, msg["ids"], msg["steps"], iters=msg["iters"],
+                                        warmup=msg["warmup"])}, None
     raise ValueError(f"unknown worker command {op!r}")
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from time import perf_counter
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
@@ -127,18 +128,27 @@ class ZooEngine(TransformersTokenizerEngine):
         return meta
 
     def _run(self, prompt_ids: Sequence[int], decode: int, forced: Sequence[int] | None,
-             rec: Recorder | None = None) -> Generation:
+             rec: Recorder | None = None,
+             on_forward: Callable[[Any], None] | None = None) -> Generation:
         from .runner import Runner
 
         if self.model is None:
             raise UsageError(f"{self.spec}: load() the engine first")
-        record_ids = None
         if rec is not None:
             rec.watch(self.model, inputs=DERIVED_INPUTS)
-            record_ids = partial(rec.capture, "input_ids", role="input")
+            on_forward = partial(rec.capture, "input_ids", role="input")
         runner = Runner(self.model, page_size=self.page_size, temperature=self.temperature,
-                        seed=self.seed, vm=self.vm, on_forward=record_ids)
+                        seed=self.seed, vm=self.vm, on_forward=on_forward)
         return runner.run(list(prompt_ids), decode, forced)
+
+    def step_times(self, prompt_ids: Sequence[int], steps: int) -> list[float]:
+        ticks: list[float] = []  # when each forward starts
+        self._run(prompt_ids, steps - 1, None, on_forward=lambda _: ticks.append(perf_counter()))
+        ticks.append(perf_counter())
+        return [b - a for a, b in zip(ticks, ticks[1:])]
+
+    def torch_module(self) -> Any:
+        return self.model
 
     def generate(self, rec: Recorder, prompt_ids: Sequence[int], decode: int, *,
                  forced: Sequence[int] | None = None) -> list[int]:

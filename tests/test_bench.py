@@ -1,0 +1,152 @@
+"""lockstep bench: the statistics, and real runs of transformers against the zoo's engine
+(and llama.cpp) on tiny models, each engine in its own process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from lockstep.bench import ratio, summarize
+from lockstep.bench.modules import kind_of
+from lockstep.bench.run import prompt_of_length
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from lockstep.bench.run import run_bench  # noqa: E402
+
+
+def test_summary_figures_and_interval():
+    s = summarize([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0])
+    assert s.median == 5.5 and s.n == 10
+    assert s.p10 == pytest.approx(1.9) and s.p90 == pytest.approx(9.1)
+    assert s.low <= s.median <= s.high and s.low >= 1.0 and s.high <= 10.0
+    assert s.noisy  # a spread this wide is noise, not a measurement
+
+
+def test_steady_samples_are_not_noisy_and_the_ratio_has_its_interval():
+    rng = np.random.default_rng(1)
+    ref = 10.0 + rng.normal(0, 0.05, 200)
+    cand = 20.0 + rng.normal(0, 0.1, 200)
+    assert not summarize(ref).noisy
+    r = ratio(cand, ref)
+    assert r.low < 2.0 < r.high and r.high - r.low < 0.05
+    same = ratio(ref, ref)
+    assert same.value == 1.0 and same.low <= 1.0 <= same.high
+
+
+def test_module_kinds_from_names_and_classes():
+    assert kind_of("model.layers.3.self_attn", "LlamaAttention") == "attention"
+    assert kind_of("model.layers.3.self_attn.q_norm", "Qwen3RMSNorm") == "norm"
+    assert kind_of("layers.1.feed_forward", "FeedForward") == "mlp"
+    assert kind_of("model.layers.0.mlp.experts", "Qwen3MoeExperts") == "moe"
+    assert kind_of("lm_head", "Linear") == "lm_head"
+    assert kind_of("model.embed_tokens", "Embedding") == "embedding"
+    assert kind_of("model.layers.0.self_attn.q_proj", "Linear") is None
+
+
+def test_prompt_of_length_repeats_real_tokens():
+    assert prompt_of_length([5, 6, 7], 7) == [5, 6, 7, 5, 6, 7, 5]
+
+
+def _save_tiny(directory: Path) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(
+        vocab_size=320, hidden_size=128, intermediate_size=176, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+    )).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return _save_tiny(tmp_path_factory.mktemp("bench") / "llama")
+
+
+def test_bench_transformers_against_the_zoo(tiny):
+    seen: list[str] = []
+    result = run_bench(f"hf:{tiny}", f"zoo:{tiny}", [3, 17, 42, 7, 99], lengths=(16, 64, 200),
+                       max_new_tokens=4, warmup=1, iters=4, modules=True,
+                       progress=lambda done, total, what: seen.append(what))
+    names = [f.name for f in result.figures]
+    assert names == ["time to first token, 16 tokens", "prompt tokens/s, 16 tokens",
+                     "time to first token, 64 tokens", "prompt tokens/s, 64 tokens",
+                     "decode ms/token", "decode tokens/s"]
+    assert result.skipped == {"TTFT at 200 tokens": f"hf:{tiny} takes 128 positions"}
+    for f in result.figures:
+        assert f.reference.n == f.candidate.n == 4
+        assert f.reference.median > 0 and f.candidate.median > 0
+        assert f.ratio.low <= f.ratio.value <= f.ratio.high
+    ttft = {f.name: f for f in result.figures}
+    # a 64-token prefill does more work than a 16-token one, on both engines
+    assert ttft["prompt tokens/s, 64 tokens"].reference.median > 0
+    assert "measuring" in seen and "warming up" in seen
+    for side in ("reference", "candidate"):
+        mem = result.memory[side]
+        assert mem["rss_bytes"] > 50 * 2**20  # torch alone is more than that
+        m = result.modules[side]
+        assert m["available"] and m["clock"] == "perf_counter"
+        assert {"attention", "mlp", "norm", "embedding"} <= set(m["by_kind"])
+        rows = sum(m["by_kind"].values()) + m["outside_modules_ms"]
+        assert rows == pytest.approx(m["hooked_ms"], rel=1e-9)  # one run's rows add up
+        assert 0 < m["in_modules_ms"] <= m["hooked_ms"]
+        assert m["in_modules_ms"] > 0.5 * m["hooked_ms"]  # most of a step is in the model
+        assert any(key.startswith("1:") for key in m["by_layer"])  # layer 1's modules
+    assert result.meta["reference"]["engine"] == "transformers"
+    assert result.meta["candidate"]["engine"] == "zoo"
+    json.dumps(result.to_json())  # plain data all through
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "lockstep.cli.main", *args],
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def test_bench_cli_json_and_plot(tiny, tmp_path):
+    got = _cli("bench", f"hf:{tiny}", f"zoo:{tiny}", "--tokens", "3,17,42", "--lengths", "8,32",
+               "--max-new-tokens", "3", "--warmup", "1", "--iters", "3", "--modules",
+               "--json", str(tmp_path / "b.json"), "--plot", str(tmp_path / "m.svg"))
+    assert got.returncode == 0, got.stderr
+    text = " ".join(got.stdout.split())
+    assert "time to first token, 32 tokens" in text
+    assert "cand/ref" in text and "the timing's own overhead is" in text
+    data: dict[str, Any] = json.loads((tmp_path / "b.json").read_text())
+    assert data["settings"]["iters"] == 3 and len(data["figures"]) == 6
+    assert data["figures"][0]["reference"]["ci"][0] <= data["figures"][0]["reference"]["median"]
+    svg = ET.parse(tmp_path / "m.svg").getroot()
+    assert svg.tag.endswith("svg")
+    titles = [t.text for t in svg.iter("{http://www.w3.org/2000/svg}title")]
+    assert any(t.startswith("reference attention:") for t in titles)
+    assert any(t.startswith("candidate mlp:") for t in titles)
+
+
+def test_bench_usage_errors_are_one_line(tiny):
+    got = _cli("bench", f"hf:{tiny}", f"zoo:{tiny}", "--tokens", "3", "--plot", "x.svg")
+    assert got.returncode == 2 and "add --modules" in got.stderr
+    got = _cli("bench", f"hf:{tiny}", f"zoo:{tiny}", "--tokens", "3", "--iters", "1")
+    assert got.returncode == 2 and "--iters must be at least 2" in got.stderr
+    assert "Traceback" not in got.stderr
+
+
+def test_llamacpp_module_times_say_why_not(tmp_path):
+    pytest.importorskip("llama_cpp")
+    from lockstep.demo import find_smollm2
+
+    gguf = find_smollm2()
+    result = run_bench(f"llamacpp:{gguf}", f"llamacpp:{gguf}", [504, 3575, 282], lengths=(8,),
+                       max_new_tokens=2, warmup=0, iters=2, modules=True)
+    m = result.modules["reference"]
+    assert not m["available"] and "whole-eval timings only" in m["why"]
+    assert result.figures[0].reference.median > 0
+    assert result.memory["candidate"]["rss_bytes"] > 0
