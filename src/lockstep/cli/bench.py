@@ -6,16 +6,11 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .options import engine_options
+from .options import engine_options, int_list
 
 __all__ = ["register", "run"]
 
 
-def _ints(text: str) -> list[int]:
-    try:
-        return [int(t) for t in text.replace(",", " ").split()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected integers, got {text!r}") from None
 
 
 def register(sub: Any) -> None:
@@ -30,8 +25,8 @@ def register(sub: Any) -> None:
     src.add_argument("--prompt", metavar="TEXT", help="prompt text (tokenized by the reference)")
     src.add_argument("--prompts", metavar="FILE", help="prompts file (.txt or JSONL, as for "
                                                        "generate), their tokens one after another")
-    src.add_argument("--tokens", type=_ints, metavar="IDS", help="prompt token ids, e.g. 1,2,3")
-    b.add_argument("--lengths", type=_ints, default=[32, 128, 512], metavar="N,N,...",
+    src.add_argument("--tokens", type=int_list, metavar="IDS", help="prompt token ids, e.g. 1,2,3")
+    b.add_argument("--lengths", type=int_list, default=[32, 128, 512], metavar="N,N,...",
                    help="prompt lengths for time to first token (default 32,128,512; the "
                         "prompt's tokens are repeated to each length)")
     b.add_argument("--max-new-tokens", type=int, default=32, metavar="N",

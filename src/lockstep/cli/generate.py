@@ -8,18 +8,11 @@ import sys
 from typing import Any
 
 from ..errors import UsageError
-from .options import engine_options
+from .options import engine_options, int_list
 
 __all__ = ["register", "run"]
 
 EXIT_OK, EXIT_FAILED = 0, 1
-
-
-def _ids(text: str) -> list[int]:
-    try:
-        return [int(t) for t in text.replace(",", " ").split()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"token ids must be integers, got {text!r}") from None
 
 
 def register(sub: Any) -> None:
@@ -40,7 +33,7 @@ def register(sub: Any) -> None:
     src.add_argument("--prompts", metavar="FILE", help="one prompt per line (.txt), or JSONL "
                      "with {\"prompt\": ...} or {\"messages\": [...]} per line (.jsonl)")
     src.add_argument("--prompt", metavar="TEXT", help="one prompt (tokenized by the reference)")
-    src.add_argument("--tokens", type=_ids, metavar="IDS", help="prompt token ids, e.g. 1,2,3")
+    src.add_argument("--tokens", type=int_list, metavar="IDS", help="prompt token ids, e.g. 1,2,3")
     g.add_argument("--max-new-tokens", type=int, default=16, metavar="N",
                    help="greedy tokens per prompt (default 16)")
     g.add_argument("--chat", action="store_true",

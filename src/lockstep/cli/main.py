@@ -9,17 +9,13 @@ from typing import Any, Sequence
 from .._version import __version__
 from ..errors import LockstepError, UsageError
 from .options import engine_options as _engine_options
+from .options import int_list
 
 __all__ = ["main"]
 
 EXIT_OK, EXIT_DIVERGED, EXIT_ERROR = 0, 1, 2
 
 
-def _tokens(text: str) -> list[int]:
-    try:
-        return [int(t) for t in text.replace(",", " ").split()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"token ids must be integers, got {text!r}") from None
 
 
 def _compare_options(c: argparse.ArgumentParser) -> None:
@@ -54,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     df.add_argument("candidate", help="engine spec, as for the reference")
     src = df.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="prompt text (tokenized by the reference)")
-    src.add_argument("--tokens", type=_tokens, help="prompt token ids, e.g. 1,2,3")
+    src.add_argument("--tokens", type=int_list, help="prompt token ids, e.g. 1,2,3")
     df.add_argument("--decode", type=int, default=0, metavar="N", help="greedy decode steps")
     df.add_argument("--free-running", action="store_true",
                     help="let the candidate feed its own tokens (default: the reference's)")
@@ -74,7 +70,7 @@ def _parser() -> argparse.ArgumentParser:
                                     "py:module:Factory")
     src = cap.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text (the model's tokenizer is used)")
-    src.add_argument("--tokens", type=_tokens, help="prompt token ids, e.g. 1,2,3")
+    src.add_argument("--tokens", type=int_list, help="prompt token ids, e.g. 1,2,3")
     cap.add_argument("--decode", type=int, default=0, metavar="N", help="greedy decode steps")
     cap.add_argument("--out", required=True, help="dump directory to create")
     cap.add_argument("--dtype", default="float32", help="float32, bfloat16, float16, float64")

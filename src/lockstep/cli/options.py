@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 from typing import Any, Sequence
 
 from ..errors import UsageError
 
-__all__ = ["engine_options"]
+__all__ = ["engine_options", "int_list"]
 
 
 def engine_options(spec: str, dtype: str, opts: Sequence[str] = ()) -> dict[str, Any]:
@@ -28,3 +29,11 @@ def engine_options(spec: str, dtype: str, opts: Sequence[str] = ()) -> dict[str,
                     pass
         out[key] = value
     return out
+
+
+def int_list(text: str) -> list[int]:
+    """``1,2,3`` or ``1 2 3`` as integers (token ids, prompt lengths), for argparse."""
+    try:
+        return [int(t) for t in text.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers, e.g. 1,2,3, got {text!r}") from None
