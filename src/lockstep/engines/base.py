@@ -62,13 +62,14 @@ class Engine(ABC):
     def record_run(self, out: str | os.PathLike[str], meta: dict[str, Any],
                    prompt_ids: Sequence[int], decode: int, *,
                    forced: Sequence[int] | None = None, data: bool = True,
-                   overwrite: bool = False,
+                   overwrite: bool = False, include: Sequence[str] | None = None,
                    on_step: Callable[[int], Any] | None = None) -> list[int]:
         """Record ``generate`` into a new dump at ``out`` with ``meta`` in its header, and the
-        greedy tokens as ``generated_token_ids``; ``on_step`` hears each step as it opens."""
+        greedy tokens as ``generated_token_ids``; ``on_step`` hears each step as it opens;
+        ``include``: only the records whose names match these globs."""
         from ..capture.recorder import record
 
-        with record(out, meta=meta, data=data, overwrite=overwrite) as rec:
+        with record(out, meta=meta, data=data, overwrite=overwrite, include=include) as rec:
             if on_step is not None:
                 on_step(rec.step)
                 rec.on_step = on_step

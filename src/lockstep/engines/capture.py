@@ -13,9 +13,11 @@ __all__ = ["capture"]
 def capture(spec: str, out: str, *, prompt: str | None = None,
             tokens: Sequence[int] | None = None, decode: int = 0,
             forced: Sequence[int] | None = None, data: bool = True, overwrite: bool = False,
+            include: Sequence[str] | None = None,
             announce: Callable[[str], Any] = lambda m: None, **engine_options: Any) -> list[int]:
     """Load the engine, record prefill and ``decode`` greedy steps into ``out``; returns the
-    greedy token chosen at each step."""
+    greedy token chosen at each step. ``include``: only records whose names match these
+    globs (``input_ids`` always)."""
     engine = open_engine(spec, **engine_options)
     announce(f"lockstep: loading {spec}")
     with engine:
@@ -26,6 +28,7 @@ def capture(spec: str, out: str, *, prompt: str | None = None,
         announce(f"lockstep: recording {len(ids)} prompt tokens + {decode} decode steps "
                  f"into {out}")
         chosen = engine.record_run(out, meta, ids, decode, forced=forced, data=data,
-                                   overwrite=overwrite)
+                                   overwrite=overwrite,
+                                   include=None if include is None else [*include, "input_ids"])
     announce(f"lockstep: done, greedy tokens {chosen}")
     return chosen
