@@ -246,9 +246,9 @@ def coverage_of(pairs: Iterable[tuple[Record, Record, str | None]],
     layers = tuple(_count(k, v) for k, v in _grouped(everything, layer_of).items())
 
     # the logits and the final norm, at each step the reference records them
-    for what, words, pick in (("logits", "the logits", ref.logits),
-                              ("final_norm", "the final norm",
-                               lambda r: ref.role(r.name).op == "final_norm")):
+    for what, words, verb, pick in (("logits", "the logits", "were", ref.logits),
+                                    ("final_norm", "the final norm", "was",
+                                     lambda r: ref.role(r.name).op == "final_norm")):
         by_step = _grouped(ref.where(pick), lambda r: r.step)
         missed = {s: v for s, v in by_step.items() if all(x[1] != PAIRED for x in v)}
         names = sorted({x[0].name for v in by_step.values() for x in v})
@@ -256,7 +256,7 @@ def coverage_of(pairs: Iterable[tuple[Record, Record, str | None]],
             decisive.append(f"{words} ({', '.join(names)}): compared at "
                             f"{len(by_step) - len(missed)} of {len(by_step)} steps")
         if missed:
-            gaps.append(suggest.gap(what, f"{words} ({', '.join(names)}) were not compared "
+            gaps.append(suggest.gap(what, f"{words} ({', '.join(names)}) {verb} not compared "
                                           f"{at_steps(missed)}",
                                     [x for v in missed.values() for x in v]))
     # a candidate's logits at a step where the reference recorded none to compare them with
