@@ -71,6 +71,8 @@ def layout_candidates(ref_shape: Sequence[int], cand_shape: Sequence[int]) -> li
     if r == c:
         return [Layout()]
     nr, nc = math.prod(r), math.prod(c)
+    if nr == 0 or nc == 0:  # an empty tensor holds no layout to find
+        return []
     out: list[Layout] = []
     if nr == nc:
         target = ", ".join(map(str, r)) or "1"

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Iterable, NamedTuple, Sequence
 if TYPE_CHECKING:
     from .pairing import Alignment
 
-__all__ = ["mapping_text", "glob_escape"]
+__all__ = ["mapping_text", "rules_text", "glob_escape"]
 
 _NUMBER = re.compile(r"(\d+)")
 
@@ -144,6 +144,35 @@ def _ignore_list(key: str, names: list[str]) -> list[str]:
     return lines + ["]"]
 
 
+def _groups(entries: Iterable[_Entry]) -> list[list[_Entry]]:
+    """Entries alike but for their numbers, together."""
+    groups: dict[tuple[str | None, ...], list[_Entry]] = {}
+    for e in entries:
+        key = (_skeleton(e.cand), _skeleton(e.ref), _skeleton(e.cand_transform),
+               _skeleton(e.ref_transform))
+        groups.setdefault(key, []).append(e)
+    return list(groups.values())
+
+
+def _rule_lines(rule: _Rule, comment: str) -> list[str]:
+    lines = ["[[rule]]", f"# {comment}", f"cand = {_toml_string(rule.cand)}",
+             f"ref = {_toml_string(rule.ref)}"]
+    if rule.transform:
+        lines.append(f"transform = {_toml_string(rule.transform)}")
+    if rule.ref_transform:
+        lines.append(f"ref_transform = {_toml_string(rule.ref_transform)}")
+    return lines
+
+
+def rules_text(pairs: Iterable[tuple[str, str, str | None, str | None]],
+               comment: str = "suggested") -> str:
+    """``[[rule]]`` tables that would pair each (candidate name, reference name, candidate
+    transform, reference transform), names alike but for their numbers as one rule."""
+    entries = {p: _Entry(*p, "suggestion", None, 1.0) for p in pairs}
+    rules = [r for group in _groups(entries.values()) for r in _generalise(group)]
+    return "\n\n".join("\n".join(_rule_lines(r, comment)) for r in rules)
+
+
 def mapping_text(alignment: Alignment, *, reference: str | None = None,
                  candidate: str | None = None) -> str:
     """A TOML mapping file (docs/mapping.md) that reproduces ``alignment``'s pairs whose
@@ -158,11 +187,6 @@ def mapping_text(alignment: Alignment, *, reference: str | None = None,
         seen = entries.get(key)
         if seen is None or confidence < seen.confidence:
             entries[key] = _Entry(*key, p.how, p.canonical, confidence)
-    groups: dict[tuple[str | None, ...], list[_Entry]] = {}
-    for e in entries.values():
-        key = (_skeleton(e.cand), _skeleton(e.ref), _skeleton(e.cand_transform),
-               _skeleton(e.ref_transform))
-        groups.setdefault(key, []).append(e)
     lines = ["# lockstep mapping file (docs/mapping.md), written by `lockstep align --write`."]
     if reference or candidate:
         lines += [f"# reference: {reference or '?'}", f"# candidate: {candidate or '?'}"]
@@ -174,14 +198,9 @@ def mapping_text(alignment: Alignment, *, reference: str | None = None,
         "# [tolerances]",
         "# \"model.layers.*.mlp.*\" = 1e-3    # glob on reference names = relative L2 error",
     ]
-    for group in groups.values():
+    for group in _groups(entries.values()):
         for rule in _generalise(group):
-            lines += ["", "[[rule]]", f"# paired by {rule.comment}",
-                      f"cand = {_toml_string(rule.cand)}", f"ref = {_toml_string(rule.ref)}"]
-            if rule.transform:
-                lines.append(f"transform = {_toml_string(rule.transform)}")
-            if rule.ref_transform:
-                lines.append(f"ref_transform = {_toml_string(rule.ref_transform)}")
+            lines += ["", *_rule_lines(rule, f"paired by {rule.comment}")]
     lines += ["", "[ignore]",
               "# records nothing paired: uncomment a glob to leave its records out"]
     lines += _ignore_list("ref", [r.name for r in alignment.ref_only])

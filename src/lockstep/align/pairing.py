@@ -92,9 +92,18 @@ class _Step:
 
 
 def _by_name(step: _Step) -> None:
-    by_name = {(c.name, c.call): c for c in step.free_cand.values()}
+    """The same name and call; among ranks (docs/format.md) the same rank first, else the
+    first free record of that name, so each record is paired once."""
+    by_rank: dict[tuple[str, int, object], Record] = {}
+    by_name: dict[tuple[str, int], list[Record]] = {}
+    for c in step.free_cand.values():
+        by_rank.setdefault((c.name, c.call, c.extra.get("rank")), c)
+        by_name.setdefault((c.name, c.call), []).append(c)
     for r in list(step.free_ref.values()):
-        c = by_name.get((r.name, r.call))
+        c = by_rank.get((r.name, r.call, r.extra.get("rank")))
+        if c is None or c.seq not in step.free_cand:
+            c = next((x for x in by_name.get((r.name, r.call), ())
+                      if x.seq in step.free_cand), None)
         if c is not None:
             step.take(Pair(r, c, "name"))
 

@@ -13,7 +13,9 @@ from .options import int_list
 
 __all__ = ["main"]
 
-EXIT_OK, EXIT_DIVERGED, EXIT_ERROR = 0, 1, 2
+EXIT_OK, EXIT_DIVERGED, EXIT_ERROR, EXIT_INCOMPLETE = 0, 1, 2, 3
+_VERDICT_EXIT = {"match": EXIT_OK, "drift": EXIT_OK, "diverged": EXIT_DIVERGED,
+                 "incomplete": EXIT_INCOMPLETE}
 
 
 
@@ -38,13 +40,15 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     c = sub.add_parser("compare", help="compare a candidate dump with a reference dump",
-                       description="Exit code: 0 match or drift, 1 diverged, 2 error.")
+                       description="Exit code: 0 match or drift, 1 diverged, 2 error, 3 incomplete "
+                                   "(a decisive record was not compared).")
     c.add_argument("reference", help="reference dump directory")
     c.add_argument("candidate", help="candidate dump directory")
     _compare_options(c)
 
     df = sub.add_parser("diff", help="run a reference and a candidate engine, then compare",
-                        description="Exit code: 0 match or drift, 1 diverged, 2 error.")
+                        description="Exit code: 0 match or drift, 1 diverged, 2 error, 3 incomplete "
+                                   "(a decisive record was not compared).")
     df.add_argument("reference", help="engine spec: hf:DIR, hf:FILE.gguf, llamacpp:FILE.gguf, "
                                       "py:module:Factory, dump:DIR")
     df.add_argument("candidate", help="engine spec, as for the reference")
@@ -146,7 +150,7 @@ def _report(result: Any, args: argparse.Namespace) -> int:
     Console().print(ComparisonReport(result, rows=0 if args.all else args.rows))
     if args.json:
         write_json(result, args.json)
-    return EXIT_DIVERGED if result.verdict == "diverged" else EXIT_OK
+    return _VERDICT_EXIT[result.verdict]
 
 
 def _compare(args: argparse.Namespace) -> int:
@@ -321,7 +325,7 @@ _COMMANDS = {"compare": _compare, "diff": _diff, "demo": _demo, "capture": _capt
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the exit code (0 match/drift, 1 diverged, 2 error)."""
+    """Entry point; returns the exit code (0 match/drift, 1 diverged, 2 error, 3 incomplete)."""
     args = _parser().parse_args(argv)
     try:
         handler = getattr(args, "handler", None) or _COMMANDS[args.command]

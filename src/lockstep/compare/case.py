@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
@@ -26,7 +26,7 @@ from .verdict import DRIFT_FACTOR, JUMP_FACTOR, PairResult
 if TYPE_CHECKING:
     from .comparison import Comparison
 
-__all__ = ["Case", "Role", "role_of", "label", "fmt", "pct", "input_sentence", "NORMS",
+__all__ = ["Case", "Role", "role_of", "role_of_name", "is_logits", "label", "fmt", "pct", "input_sentence", "NORMS",
            "ATTN_OUT", "ROPE_TABLES"]
 
 #: ops (canonical, after ``layers.N.``) that are norms, attention outputs, RoPE tables
@@ -59,6 +59,7 @@ class Role:
     op: str  #: "q", "q_rope", "attn_heads", "logits", ...; "" when unknown
 
 
+_LOGIT_NAMES = re.compile(r"(^|[.:])(logits|lm_head|result_output|output_logits)$")
 _CANON = re.compile(r"(?:layers\.(\d+)\.)?(.+)")
 _LAYER = re.compile(r"(?:^|[^a-z])(?:layers?|blk)[._\-]?(\d+)|-(\d+)(?::|$)")
 
@@ -105,17 +106,36 @@ def _guess(name: str) -> Role:
     return Role(layer, op)
 
 
+def _table_role(name: str) -> Role | None:
+    for table in TABLES:
+        hit = table.lookup(name)
+        if hit is not None:
+            return _from_canonical(hit[0])
+    return None
+
+
+def role_of_name(name: str) -> Role:
+    """The op one recorded name stands for: a name table's, else a guess."""
+    return _table_role(name) or _guess(name)
+
+
 def role_of(p: PairResult) -> Role:
     """The pair's op: its canonical name, a name table's, or a guess from the names."""
     if p.canonical:
         return _from_canonical(p.canonical)
     for name in (p.ref_name, p.cand_name):
-        for table in TABLES:
-            hit = table.lookup(name)
-            if hit is not None:
-                return _from_canonical(hit[0])
+        role = _table_role(name)
+        if role is not None:
+            return role
     role = _guess(p.ref_name)
     return role if role.op else _guess(p.cand_name)
+
+
+def is_logits(record: Record | str, meta: Mapping[str, Any]) -> bool:
+    """Logit-like: named like logits (``lm_head``, ``:logits``, ``result_output``), or named
+    in the run metadata's ``logits`` list."""
+    name = record if isinstance(record, str) else record.name
+    return bool(_LOGIT_NAMES.search(name)) or name in meta.get("logits", ())
 
 
 def label(p: PairResult) -> str:
@@ -134,6 +154,7 @@ class Case:
         self.first = first
         self.ref, self.cand = ref, cand
         self.results = comparison.results
+        self.tokens = comparison.tokens  #: the chosen tokens of both runs (compare.tokens)
         self.step = [p for p in comparison.results if p.step == first.step]
         self._roles: dict[int, Role] = {}
         self._arrays: dict[tuple[int, int, int], tuple[np.ndarray, np.ndarray] | None] = {}

@@ -7,16 +7,20 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from ..align.pairing import Alignment, Pair, align
 from ..align.transforms import apply_transform
+from ..errors import LockstepError
 from ..store.dtypes import FLOAT_KINDS
 from ..store.reader import Dump, Record, open_dump
+from .case import is_logits, role_of
+from .coverage import Coverage, coverage_of
 from .diagnosis import Diagnosis, diagnose_safely
 from .metrics import ShapeMismatch, TensorMetrics, tensor_metrics
+from .sampling import sampling_diagnosis
+from .tokens import TokenCheck, check_tokens
 from .tolerance import Tolerance, Tolerances
 from .verdict import PairResult, decide, inherited_errors
 
@@ -24,9 +28,6 @@ if TYPE_CHECKING:
     from ..align.mapping import MappingFile
 
 __all__ = ["Comparison", "DumpSummary", "compare", "is_logits"]
-
-_LOGIT_NAMES = re.compile(r"(^|[.:])(logits|lm_head|result_output|output_logits)$")
-
 
 @dataclass(frozen=True)
 class DumpSummary:
@@ -49,7 +50,7 @@ class DumpSummary:
 class Comparison:
     """The result of comparing a candidate dump with a reference dump. Truthy unless diverged."""
 
-    verdict: str  #: "match", "drift" or "diverged"
+    verdict: str  #: "match", "drift", "diverged" or "incomplete" (compare.coverage)
     first_divergence: PairResult | None
     results: tuple[PairResult, ...]  #: every compared pair, in step and capture order
     ref_only: tuple[Record, ...]  #: reference records with no candidate partner
@@ -57,19 +58,16 @@ class Comparison:
     reference: DumpSummary
     candidate: DumpSummary
     diagnosis: Diagnosis | None = None  #: what kind of problem it is (diverged only)
+    coverage: Coverage | None = None  #: what was compared, and the decisive gaps
+    tokens: TokenCheck | None = None  #: the chosen tokens of both runs
 
     def __bool__(self) -> bool:
-        return self.verdict != "diverged"
+        """True for match and drift: the comparison could tell, and found no bug."""
+        return self.verdict in ("match", "drift")
 
     @property
     def steps(self) -> tuple[int, ...]:
         return tuple(sorted({r.step for r in self.results}))
-
-
-def is_logits(record: Record, meta: Mapping[str, Any]) -> bool:
-    """Logit-like: named like logits (``lm_head``, ``:logits``, ``result_output``), or named
-    in the run metadata's ``logits`` list."""
-    return bool(_LOGIT_NAMES.search(record.name)) or record.name in meta.get("logits", ())
 
 
 def _stats_error(ref: Dump, cand: Dump, r: Record, c: Record) -> float:
@@ -91,8 +89,12 @@ def _measure(ref: Dump, cand: Dump, pair: Pair, tol: Tolerance) -> tuple[float, 
     if not (r.has_data and c.has_data):
         return _stats_error(ref, cand, r, c), None, "statistics only (no data recorded)"
     try:
-        m = tensor_metrics(apply_transform(pair.ref_transform, ref.read(r), ref.meta),
-                           apply_transform(pair.cand_transform, cand.read(c), cand.meta),
+        ref_arr = apply_transform(pair.ref_transform, ref.read(r), ref.meta)
+        cand_arr = apply_transform(pair.cand_transform, cand.read(c), cand.meta)
+    except LockstepError as exc:  # a layout learnt elsewhere that does not fit this pair
+        return math.nan, None, f"the layout transform does not fit: {exc}"
+    try:
+        m = tensor_metrics(ref_arr, cand_arr,
                            logits=is_logits(r, ref.meta) or is_logits(c, cand.meta))
     except ShapeMismatch as exc:
         return math.nan, None, str(exc)
@@ -137,6 +139,7 @@ def _compare(ref: Dump, cand: Dump, tolerances: Tolerances,
     alignment: Alignment = align(ref, cand, mapping=mapping, use_tables=use_tables)
     measured: list[PairResult] = []
     unmeasurable: list[PairResult] = []
+    covered: list[tuple[Record, Record, str | None]] = []
     total = len(alignment.pairs)
     for i, pair in enumerate(alignment.pairs):
         r, c = pair.ref, pair.cand
@@ -152,6 +155,7 @@ def _compare(ref: Dump, cand: Dump, tolerances: Tolerances,
                             ref_transform=pair.ref_transform,
                             cand_transform=pair.cand_transform)
         (unmeasurable if math.isnan(error) else measured).append(result)
+        covered.append((r, c, (note or "incomparable") if math.isnan(error) else None))
         if progress is not None:
             progress(i + 1, total)
     measured.sort(key=lambda p: (p.step, p.ref_seq))
@@ -160,9 +164,26 @@ def _compare(ref: Dump, cand: Dump, tolerances: Tolerances,
     measured = [replace(p, inherited=h) for p, h in zip(measured, inherited)]
     verdict, first = decide(measured)
     results = sorted(measured + unmeasurable, key=lambda p: (p.step, p.ref_seq))
+    tokens = check_tokens(ref, cand)
+    token_step = tokens.first_problem
+    # a greedy token off the candidate's own argmax, or tokens that differ while every
+    # tensor matches: the tokens diverged where the tensors did not
+    by_tokens = verdict != "diverged" and token_step is not None and (
+        bool(tokens.off_argmax) or verdict == "match")
+    if by_tokens:
+        verdict = "diverged"
+        first = next((p for p in measured if p.step == token_step and role_of(p).op == "logits"),
+                     None)
+    coverage = coverage_of(covered, alignment.ref_only, alignment.cand_only, ref.meta,
+                           cand.meta)
+    if verdict != "diverged" and not coverage.complete:  # a divergence found still wins
+        verdict = "incomplete"
     comparison = Comparison(verdict=verdict, first_divergence=first, results=tuple(results),
                             ref_only=alignment.ref_only, cand_only=alignment.cand_only,
-                            reference=DumpSummary.of(ref), candidate=DumpSummary.of(cand))
-    if verdict == "diverged":  # beside the first divergence: what kind of problem it is
+                            reference=DumpSummary.of(ref), candidate=DumpSummary.of(cand),
+                            coverage=coverage, tokens=tokens)
+    if by_tokens and first is None:  # no logits pair to point at: the tokens alone
+        comparison = replace(comparison, diagnosis=sampling_diagnosis(tokens, token_step))
+    elif verdict == "diverged":  # beside the first divergence: what kind of problem it is
         comparison = replace(comparison, diagnosis=diagnose_safely(comparison, ref, cand))
     return comparison

@@ -4,6 +4,8 @@ Read from the dumps themselves, beside the first divergence: a handful of tensor
 that diverged, its inputs, the same tensor at the previous step) and the errors every pair
 already has. The most specific explanation wins; the tests run in this order:
 
+0. ``sampling``: the logits agree, the token does not: the candidate's chosen token is not
+   the argmax of its own logits, or the two sides chose different tokens.
 1. ``nan``: NaN/Inf appear at this tensor on one side only.
 2. ``zeros``: the candidate is all zeros (or largely) where the reference is not.
 3. ``stale``: the candidate equals its own value at the previous step; the reference moved.
@@ -18,9 +20,10 @@ already has. The most specific explanation wins; the tests run in this order:
 9. ``rope``: q/k before RoPE agree, after RoPE they do not.
 10. ``op``: the fallback: an op's output differs while its input agrees.
 
-The tests live beside this module: ``signatures`` (1-5, read off the diverging tensor),
-``stages`` (6-8 and 10, by where it sits) and ``rope`` (9), all working on a ``case.Case``
-with the numpy tests of ``evidence``.
+The tests live beside this module: ``sampling`` (0, read off the chosen tokens, see
+``tokens``), ``signatures`` (1-5, read off the diverging tensor), ``stages`` (6-8 and 10, by
+where it sits) and ``rope`` (9), all working on a ``case.Case`` with the numpy tests of
+``evidence``.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ if TYPE_CHECKING:
 __all__ = ["Diagnosis", "KINDS", "diagnose", "diagnose_safely", "make"]
 
 #: every kind, in the order the tests run (see the module docstring)
-KINDS = ("nan", "zeros", "stale", "layout", "blocked_norm", "embedding", "decode", "logits",
+KINDS = ("sampling", "nan", "zeros", "stale", "layout", "blocked_norm", "embedding", "decode", "logits",
          "rope", "op")
 
 
@@ -90,11 +93,11 @@ def diagnose(comparison: Comparison, ref: Dump, cand: Dump) -> Diagnosis | None:
     if comparison.verdict != "diverged" or comparison.first_divergence is None:
         return None
     # the tests build Diagnosis records from this module, so they are imported here
-    from . import rope, signatures, stages
+    from . import rope, sampling, signatures, stages
     from .case import Case
 
     case = Case(comparison, ref, cand)
-    for rule in (signatures.nan, signatures.zeros, signatures.stale, signatures.layout,
+    for rule in (sampling.sampling, signatures.nan, signatures.zeros, signatures.stale, signatures.layout,
                  signatures.blocked_norm, stages.embedding, stages.decode, stages.logits,
                  rope.rope):
         found = rule(case)

@@ -91,6 +91,8 @@ def report_dict(c: Comparison) -> dict[str, Any]:
         "verdict": c.verdict,
         "first_divergence": pair_dict(c.first_divergence) if c.first_divergence else None,
         "diagnosis": c.diagnosis.as_dict() if c.diagnosis is not None else None,
+        "coverage": c.coverage.as_dict() if c.coverage is not None else None,
+        "tokens": c.tokens.as_dict() if c.tokens is not None else None,
         "reference_dump": _side(c.reference),
         "candidate_dump": _side(c.candidate),
         "summary": {

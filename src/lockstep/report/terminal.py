@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 from rich.console import Console, ConsoleOptions, Group, RenderResult
 from rich.panel import Panel
@@ -13,6 +13,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ..compare.comparison import Comparison, DumpSummary
+from ..compare.coverage import Gap
 from ..compare.diagnosis import Diagnosis
 from ..compare.numbers import fmt
 from ..compare.verdict import PairResult
@@ -20,12 +21,14 @@ from .json_report import status
 
 __all__ = ["ComparisonReport"]
 
-_VERDICT_STYLE = {"match": "bold green", "drift": "bold yellow", "diverged": "bold red"}
+_VERDICT_STYLE = {"match": "bold green", "drift": "bold yellow", "diverged": "bold red",
+                  "incomplete": "bold magenta"}
 _VERDICT_TEXT = {
     "match": "every paired tensor agrees within tolerance",
     "drift": "errors stay bounded and grow smoothly (precision or quantization noise); "
              "top-1 tokens agree",
     "diverged": "an error is introduced at one tensor, far above what it inherited",
+    "incomplete": "what decides the verdict was not all compared: lockstep cannot tell",
 }
 _STATUS_STYLE = {"match": "green", "drift": "yellow", "jump": "bold red",
                  "inherited": "red", "incomparable": "magenta"}
@@ -90,6 +93,26 @@ def _divergence(p: PairResult) -> Table:
     return grid
 
 
+def _gaps(gaps: Sequence[Gap], verdict: str) -> Group:
+    """Why the verdict is incomplete: what went uncompared, the closest candidate records,
+    and the mapping-file rules that would pair them."""
+    head = ("not compared" if verdict == "incomplete" else
+            "also not compared (the divergence wins)")
+    body: list[Any] = [Text(head, style="bold underline")]
+    for gap in gaps:
+        body.append(Text.assemble(("- ", "bold magenta"), gap.reason))
+        if gap.records:
+            body.append(Text(f"    uncompared: {', '.join(gap.records)}"))
+        for near in gap.closest:
+            body.append(Text(f"    closest unpaired candidate record for {near.reference}: "
+                             f"{near.candidate} {list(near.shape)}"))
+        if gap.rule:
+            body.append(Text("    a mapping-file rule that would pair them (--mapping FILE):"))
+            body.append(Text("\n".join(f"      {line}" for line in gap.rule.splitlines()),
+                             style="cyan"))
+    return Group(*body)
+
+
 def _diagnosis(d: Diagnosis) -> Panel:
     """What kind of problem the divergence is: the title, the evidence, what to check."""
     body: list[Any] = [Text.assemble((d.kind.upper(), "bold magenta"), "  ", (d.title, "bold"))]
@@ -149,6 +172,8 @@ class ComparisonReport:
         body: list[Any] = [verdict]
         if c.verdict != "match":
             body.append(_error_path(c))
+        if c.coverage is not None and c.coverage.gaps:
+            body += [Text(""), _gaps(c.coverage.gaps, c.verdict)]
         if c.first_divergence is not None:
             body += [Text(""), Text("first divergence", style="bold underline"),
                      _divergence(c.first_divergence)]

@@ -1,0 +1,121 @@
+"""The tokens: what each side chose, and whether a greedy candidate chose the argmax of its own
+logits.
+
+Engines record the tokens they were fed as ``input_ids`` records (compared like any tensor)
+and the tokens they chose as ``generated_token_ids`` in the dump's metadata (docs/format.md).
+Two facts decide the verdict beside the tensors: a greedy candidate whose chosen token is not
+the argmax of its own logits at that step has a broken logits-to-token step (``diverged``, a
+``sampling`` diagnosis), and chosen tokens that differ between the two sides while every
+tensor matches are never a match.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+
+from ..store.reader import Dump, Record
+from .case import is_logits, role_of_name
+
+__all__ = ["OffArgmax", "TokenCheck", "check_tokens", "chosen_tokens"]
+
+#: a chosen token whose logit is this close to the maximum (relative) is a tie, not a bug
+_TIE = 1e-6
+
+
+@dataclass(frozen=True)
+class OffArgmax:
+    """A step where the candidate's chosen token is not the argmax of its own logits."""
+
+    step: int
+    chosen: int
+    argmax: int
+    gap: float  #: the argmax's logit minus the chosen token's (inf: chosen outside the vocab)
+    logits: str  #: the candidate record the logits were read from
+
+
+@dataclass(frozen=True)
+class TokenCheck:
+    """Each side's chosen tokens, where they first differ, and the candidate's off-argmax
+    steps."""
+
+    reference: tuple[int, ...] | None  #: the reference's generated_token_ids
+    candidate: tuple[int, ...] | None
+    split: int | None  #: the first step where the two sides chose different tokens
+    off_argmax: tuple[OffArgmax, ...]
+
+    @property
+    def first_problem(self) -> int | None:
+        """The first step at which the tokens tell of a problem."""
+        steps = [o.step for o in self.off_argmax] + ([self.split] if self.split is not None
+                                                     else [])
+        return min(steps, default=None)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"reference": list(self.reference) if self.reference is not None else None,
+                "candidate": list(self.candidate) if self.candidate is not None else None,
+                "split": self.split,
+                "off_argmax": [{"step": o.step, "chosen": o.chosen, "argmax": o.argmax,
+                                "gap": o.gap if np.isfinite(o.gap) else "inf",
+                                "logits": o.logits} for o in self.off_argmax]}
+
+
+def chosen_tokens(meta: Mapping[str, Any]) -> tuple[int, ...] | None:
+    """The ``generated_token_ids`` of a run's metadata, when it holds a list of ints."""
+    ids = meta.get("generated_token_ids")
+    if not isinstance(ids, (list, tuple)) or not all(
+            isinstance(t, int) and not isinstance(t, bool) for t in ids):
+        return None
+    return tuple(ids)
+
+
+def _greedy(meta: Mapping[str, Any]) -> bool:
+    """The run decoded greedily (no temperature above 0, no sampling switched on)."""
+    temperature = meta.get("temperature")
+    if isinstance(temperature, (int, float)) and temperature > 0:
+        return False
+    return not meta.get("do_sample")
+
+
+def _logits_record(dump: Dump, step: int) -> Record | None:
+    for rec in dump.in_step(step):
+        if rec.has_data and rec.shape and (is_logits(rec, dump.meta)
+                                           or role_of_name(rec.name).op == "logits"):
+            return rec
+    return None
+
+
+def _off_argmax(dump: Dump, step: int, chosen: int) -> OffArgmax | None:
+    rec = _logits_record(dump, step)
+    if rec is None:
+        return None
+    row = np.asarray(dump.read(rec), dtype=np.float64).reshape(-1, rec.shape[-1])[-1]
+    if row.size == 0:
+        return None
+    row = np.where(np.isnan(row), -np.inf, row)
+    best = int(np.argmax(row))
+    if not 0 <= chosen < row.size:
+        return OffArgmax(step, chosen, best, float("inf"), rec.name)
+    gap = float(row[best] - row[chosen])
+    if gap <= _TIE * max(1.0, abs(float(row[best]))):
+        return None
+    return OffArgmax(step, chosen, best, gap, rec.name)
+
+
+def check_tokens(ref: Dump, cand: Dump) -> TokenCheck:
+    """The tokens of the two runs (see the module docstring)."""
+    ref_tokens, cand_tokens = chosen_tokens(ref.meta), chosen_tokens(cand.meta)
+    split = None
+    if ref_tokens is not None and cand_tokens is not None:
+        split = next((i for i, (a, b) in enumerate(zip(ref_tokens, cand_tokens)) if a != b),
+                     None)
+    off: list[OffArgmax] = []
+    if cand_tokens is not None and _greedy(cand.meta):
+        steps = set(cand.steps)
+        for step, token in enumerate(cand_tokens):
+            found = _off_argmax(cand, step, token) if step in steps else None
+            if found is not None:
+                off.append(found)
+    return TokenCheck(ref_tokens, cand_tokens, split, tuple(off))
