@@ -16,11 +16,19 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["Layout", "layout_candidates", "agreement", "squeeze_shape"]
+from ..store.dtypes import FLOAT_KINDS
+from ..store.reader import Record
+
+__all__ = ["same_kind", "Layout", "layout_candidates", "agreement", "squeeze_shape"]
 
 #: cosine similarity at which two tensors are taken to hold the same values (loose enough
 #: for bfloat16 and 4-bit quantization, far above what unrelated tensors reach)
 AGREE_COSINE = 0.9
+
+
+def same_kind(a: Record, b: Record) -> bool:
+    """Both float, or both not: integer ids and positions never pair with float tensors."""
+    return (a.dtype in FLOAT_KINDS) == (b.dtype in FLOAT_KINDS)
 
 
 def squeeze_shape(shape: Sequence[int]) -> tuple[int, ...]:

@@ -29,6 +29,7 @@ from .layouts import Layout, agreement, layout_candidates, squeeze_shape
 from .structure import pair_templates
 from .tables import NameTable, detect_table
 from .transforms import apply_transform
+from .verify import check_pairs
 
 if TYPE_CHECKING:
     from .mapping import MappingFile
@@ -143,19 +144,27 @@ def _by_table(step: _Step, tables: tuple[NameTable, NameTable]) -> None:
             by_canon.setdefault((hit[0], r.call), r)
     used_ref: set[int] = set()
     for c in list(step.free_cand.values()):
-        hit = _rule(cand_table, c.name)
-        if hit is None:
-            continue
-        canonical, cand_transform, counterpart = hit
-        r = by_canon.get((canonical, c.call))
-        if r is None:
-            continue
-        ref_rule = _rule(ref_table, r.name)
-        # the reference into the canonical layout first, then cut to what the candidate holds
-        ref_transform = "|".join(filter(None, (ref_rule[1] if ref_rule else None,
-                                               counterpart))) or None
-        step.take(Pair(r, c, "table", canonical, ref_transform, cand_transform), keep_ref=True)
-        used_ref.add(r.seq)
+        # a fused record (qkv_proj) is split by several rules, one pair per part
+        hits = cand_table.lookup_all(c.name) if hasattr(cand_table, "lookup_all") else []
+        if not hits:
+            hit = _rule(cand_table, c.name)
+            hits = [hit] if hit is not None else []
+        seen: set[str] = set()
+        for canonical, cand_transform, counterpart in hits:
+            r = by_canon.get((canonical, c.call))
+            if r is None or canonical in seen:
+                continue
+            seen.add(canonical)
+            ref_rule = _rule(ref_table, r.name)
+            # the reference into the canonical layout first, then cut to what the candidate
+            # holds
+            ref_transform = "|".join(filter(None, (ref_rule[1] if ref_rule else None,
+                                                   counterpart))) or None
+            step.take(Pair(r, c, "table", canonical, ref_transform, cand_transform),
+                      keep_ref=True, keep_cand=True)
+            used_ref.add(r.seq)
+        if seen:
+            step.free_cand.pop(c.seq, None)
     for seq in used_ref:
         step.free_ref.pop(seq, None)
 
@@ -257,12 +266,16 @@ def align(ref: Dump, cand: Dump, *, use_tables: bool = True,
     aliased = _drop_repeats(steps, *repeats)
     chosen: dict = {}
     pairs = [_fit_layout(ref, cand, p, read, chosen) for s in steps for p in s.pairs]
+    # every pair checked by its values: wrong pairs re-paired or let go (align.verify)
+    pairs, ref_left, cand_left = check_pairs(
+        ref, cand, pairs, [r for s in steps for r in s.free_ref.values()],
+        [c for s in steps for c in s.free_cand.values()], read)
     if tables is not None:  # pairs found by other passes get their canonical name too
         pairs = [p if p.canonical else replace(p, canonical=_canonical(tables[0], p.ref.name))
                  for p in pairs]
     pairs.sort(key=lambda p: (p.ref.step, p.ref.seq, p.cand.seq))
-    ref_only = sorted((r for s in steps for r in s.free_ref.values()), key=lambda r: r.seq)
-    cand_only = sorted((c for s in steps for c in s.free_cand.values()), key=lambda c: c.seq)
+    ref_only = sorted(ref_left, key=lambda r: r.seq)
+    cand_only = sorted(cand_left, key=lambda c: c.seq)
     return Alignment(tuple(pairs), tuple(ref_only), tuple(cand_only),
                      (tables[0].name, tables[1].name) if tables else None, ignored, aliased)
 

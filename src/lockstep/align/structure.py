@@ -26,7 +26,8 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from ..store.reader import Dump, Record
-from .layouts import AGREE_COSINE, Layout, agreement, layout_candidates, squeeze_shape
+from .layouts import (AGREE_COSINE, Layout, agreement, layout_candidates, same_kind,
+                      squeeze_shape)
 from .transforms import apply_transform
 
 __all__ = ["Template", "TemplatePair", "templates_of", "pair_templates", "layer_of"]
@@ -186,6 +187,8 @@ def _score(scorer: _Scorer, a: Template, b: Template, need_values: bool, *,
            blocks: bool = False) -> tuple[float, TemplatePair] | None:
     if a.layer_bound != b.layer_bound:
         return None
+    if not same_kind(next(iter(a.instances.values())), next(iter(b.instances.values()))):
+        return None  # integer ids or positions never pair with float tensors
     found = scorer.evaluate(a, b)
     if found is None:
         return None
