@@ -127,3 +127,59 @@ def test_nano_vllm_bug_free_from_the_command_line(tmp_path, references):
     done = _cli("compare", ref, tmp_path / "cand.lsd", "--json", tmp_path / "r.json")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "MATCH" in done.stdout
+
+
+# -- a module-less decode VM: probes with its own tags, QK-norm in 16-element blocks ---------
+
+BLOCK_RULES = """\
+# docs/mapping.md's rule for 16-element blocks: every block pairs with its slice
+[[rule]]
+cand = 'L(\\d+)\\.qn\\.b(\\d+)'
+ref = "model.layers.{1}.self_attn.q_norm"
+ref_transform = "block(16, {2})"
+
+[[rule]]
+cand = 'L(\\d+)\\.kn\\.b(\\d+)'
+ref = "model.layers.{1}.self_attn.k_norm"
+ref_transform = "block(16, {2})"
+"""
+
+
+def decode_vm(model: Path, out: Path, tokens: list[int], bug: str | None = None) -> list[int]:
+    from engines.decode_vm import DecodeVM
+
+    vm = DecodeVM(model, bug=bug)
+    with lockstep.record(out, meta={"engine": "decode-vm"}) as rec:
+        chosen = vm.generate(rec, PROMPT, DECODE, forced=tokens[:DECODE])
+        rec.add_meta(generated_token_ids=chosen)
+    return chosen
+
+
+@pytest.mark.parametrize("mapped", [False, True], ids=["no-mapping", "mapping"])
+@pytest.mark.parametrize("bug", [None, "blocked_qk_norm"])
+def test_decode_vm(tmp_path, references, bug, mapped):
+    from lockstep.align.mapping import load_mapping
+
+    model, ref, tokens = references["qwen3"]
+    decode_vm(model, tmp_path / "vm.lsd", tokens, bug=bug)
+    mapping = None
+    if mapped:
+        (tmp_path / "vm.toml").write_text(BLOCK_RULES)
+        mapping = load_mapping(tmp_path / "vm.toml")
+    result = lockstep.compare(ref, tmp_path / "vm.lsd", mapping=mapping)
+    blocks = [p for p in result.results if p.step == 1 and ".qn.b" in p.cand_name
+              and p.cand_name.startswith("L0.")]
+    assert {p.ref_name for p in blocks} == {"model.layers.0.self_attn.q_norm"}
+    if bug is None or mapped:  # (with the bug and no mapping, the blocks exist only where
+        # the bug is, and values alone place 10 of the 16: a known limit)
+        assert len(blocks) == 16  # every block of layer 0's q norm (4 heads of 64)
+        assert all(p.ref_transform == f"block(16, {p.cand_name.rsplit('.b', 1)[1]})"
+                   for p in blocks)
+        assert not [c for c in result.cand_only if ".b" in c.name]
+    if bug is None:
+        assert result.verdict == "match", (result.first_divergence, result.coverage)
+    else:
+        first = result.first_divergence
+        assert result.verdict == "diverged"
+        assert (first.step, first.ref_name) == (1, "model.layers.0.self_attn.q_norm")
+        assert result.diagnosis.kind == "blocked_norm"

@@ -110,16 +110,22 @@ def _by_name(step: _Step) -> None:
 
 
 def _by_mapping(step: _Step, mapping: MappingFile) -> None:
+    """Every candidate record a rule matches is paired: several with one reference record
+    (its blocks, or repeated calls where the reference has one), one with several."""
     by_name = {(r.name, r.call): r for r in step.ref}
+    used: set[int] = set()
     for c in list(step.free_cand.values()):
         hits = mapping.lookup(c.name)
         for hit in hits:
-            r = by_name.get((hit.ref_name, c.call))
-            if r is not None and r.seq in step.free_ref:
+            r = by_name.get((hit.ref_name, c.call)) or by_name.get((hit.ref_name, 0))
+            if r is not None and (r.seq in step.free_ref or r.seq in used):
                 step.take(Pair(r, c, "mapping", None, hit.ref_transform, hit.cand_transform),
-                          keep_cand=True)
+                          keep_ref=True, keep_cand=True)
+                used.add(r.seq)
         if hits:
             step.free_cand.pop(c.seq, None)
+    for seq in used:
+        step.free_ref.pop(seq, None)
 
 
 def _rule(table: NameTable, name: str) -> tuple[str, str | None, str | None] | None:

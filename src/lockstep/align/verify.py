@@ -24,7 +24,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from ..store.reader import Dump, Record
-from .layouts import SAMPLE, layout_candidates, same_kind
+from .layouts import layout_candidates, relative_error, same_kind
 from .structure import layer_of
 from .transforms import apply_transform
 
@@ -34,6 +34,8 @@ __all__ = ["check_pairs", "same_kind", "pair_error"]
 SUSPECT = 0.2
 #: ... when a later pair of its step agrees this many times better
 RECOVERY = 50.0
+#: an alternative must agree this closely (relative L2; bfloat16 noise passes)
+AGREE = 0.05
 _PROBE_LAYERS = 1  # layers read per template, at the first step
 
 Reader = Callable[[Dump, Record], np.ndarray]
@@ -50,16 +52,7 @@ def pair_error(ref: Dump, cand: Dump, r: Record, c: Record, ref_transform: str |
         b = apply_transform(cand_transform, read(cand, c), merged_meta(ref, cand))
     except Exception:  # a transform that does not fit this pair
         return math.nan
-    if a.size != b.size or a.size == 0:
-        return math.nan
-    stride = -(-a.size // SAMPLE)  # an evenly strided sample: pairing needs evidence only
-    a64 = a.reshape(-1)[::stride].astype(np.float64)
-    b64 = b.reshape(-1)[::stride].astype(np.float64)
-    if not (np.isfinite(a64).all() and np.isfinite(b64).all()):
-        return math.nan
-    scale = float(np.linalg.norm(a64))
-    diff = float(np.linalg.norm(a64 - b64))
-    return diff / scale if scale else (0.0 if diff == 0.0 else math.inf)
+    return relative_error(a, b)
 
 
 def merged_meta(ref: Dump, cand: Dump) -> Mapping[str, object]:
@@ -187,7 +180,7 @@ def _alternative(ref: Dump, cand: Dump, probe: object, error: float, pairs: Sequ
                              read)
             if not math.isnan(err) and (best is None or err < best[2]):
                 best = (c, transform, err)
-    if best is None or best[2] * RECOVERY >= error:
+    if best is None or best[2] * RECOVERY >= error or best[2] > AGREE:
         return None
     return best
 
@@ -205,7 +198,7 @@ def _agrees_elsewhere(ref: Dump, cand: Dump, probe: object, error: float,
             if lay.ref_transform:
                 continue
             err = pair_error(ref, cand, r, c, None, lay.cand_transform, read)
-            if not math.isnan(err) and err * RECOVERY < error:
+            if not math.isnan(err) and err * RECOVERY < error and err <= AGREE:
                 return True
     return False
 
