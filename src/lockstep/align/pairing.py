@@ -13,7 +13,9 @@ Passes, each on what the previous ones left:
    index, order, shapes, values and name tokens. After the name tables paired the two dumps,
    only pairs whose values agree somewhere are taken from it.
 
-Any pair whose shapes differ gets a layout transform (align.layouts) when one fits.
+Any pair whose shapes differ gets a layout transform (align.layouts) when one fits. Then every
+pair is checked by its values (align.verify): a wrong pair is re-paired, not reported as a
+divergence.
 """
 
 from __future__ import annotations
