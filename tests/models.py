@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,6 +28,25 @@ def tiny(family: str, seed: int = 0) -> Any:
     else:
         raise ValueError(family)
     return model.eval()
+
+
+def save_tiny(family: str, directory: Path) -> Path:
+    """A 2-layer random transformers model saved as a real model directory."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    config: dict[str, Any] = dict(
+        vocab_size=320, hidden_size=128, intermediate_size=176, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    model: Any
+    if family == "llama":  # tied lm_head, Llama 3's rope_theta
+        config.update(rope_theta=500000.0, tie_word_embeddings=True)
+        model = LlamaForCausalLM(LlamaConfig(**config))
+    else:  # head_dim 64: a head is four 16-element VM blocks
+        config.update(rope_theta=1000000.0, head_dim=64)
+        model = Qwen3ForCausalLM(Qwen3Config(**config))
+    model.save_pretrained(directory)
+    return directory
 
 
 def variant(model: Any, dtype: torch.dtype | None = None) -> Any:

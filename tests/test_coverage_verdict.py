@@ -155,9 +155,11 @@ def test_candidate_only_extras_do_not_make_it_incomplete(ref, tmp_path):
 
 
 def test_a_transform_that_does_not_fit_makes_that_pair_incomparable(ref, tmp_path):
-    """The candidate keeps the last position's logits only: the block learnt at prefill (the
-    7th of 7 rows) does not fit a decode step's single row. Those pairs are incomparable, with
-    the reason; everything else is compared; the logits being decisive, it is incomplete."""
+    """The candidate keeps the last position's logits only. Paired automatically, the last
+    row is compared at every step (the whole tensor at decode); a mapping rule whose block
+    (the 7th of 7 rows) does not fit a decode step's single row makes those pairs
+    incomparable, with the reason; everything else is compared; the logits being decisive,
+    it is incomplete."""
     def last_row(rec, arr):
         if rec.name == ":logits":
             return None
@@ -166,7 +168,13 @@ def test_a_transform_that_does_not_fit_makes_that_pair_incomparable(ref, tmp_pat
         return [(rec.name, arr, {})]
 
     cand = rewrite(ref, tmp_path / "cand", last_row)
-    res = cli("compare", str(ref), str(cand), "--json", str(tmp_path / "r.json"))
+    auto = lockstep.compare(ref, cand)
+    assert auto.verdict == "match"
+    assert [p.error for p in auto.results if p.cand_name == "logits"] == [0.0] * 4
+    (tmp_path / "m.toml").write_text(
+        "[[rule]]\ncand = 'logits'\nref = 'lm_head'\nref_transform = 'block(160, 6)'\n")
+    res = cli("compare", str(ref), str(cand), "--json", str(tmp_path / "r.json"),
+              "--mapping", str(tmp_path / "m.toml"))
     assert res.returncode == 3, res.stdout + res.stderr
     assert "Traceback" not in res.stderr
     report = json.loads((tmp_path / "r.json").read_text())

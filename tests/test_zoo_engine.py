@@ -16,6 +16,7 @@ from lockstep.engines import open_engine
 from lockstep.engines.capture import capture
 from lockstep.errors import UsageError
 from lockstep.zoo import BUGS, DIAGNOSES, ZooEngine
+from models import save_tiny
 
 PROMPT = [3, 17, 42, 7, 99, 5, 64, 11, 200]  # 9 tokens: prefill spans three KV pages of 4
 DECODE = 3
@@ -33,29 +34,10 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def _save_tiny(family: str, directory: Path) -> Path:
-    """A 2-layer random transformers model saved as a real model directory."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
-
-    torch.manual_seed(0)
-    config: dict[str, Any] = dict(
-        vocab_size=320, hidden_size=128, intermediate_size=176, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    model: Any
-    if family == "llama":  # tied lm_head, Llama 3's rope_theta
-        config.update(rope_theta=500000.0, tie_word_embeddings=True)
-        model = LlamaForCausalLM(LlamaConfig(**config))
-    else:  # head_dim 64: a head is four 16-element VM blocks
-        config.update(rope_theta=1000000.0, head_dim=64)
-        model = Qwen3ForCausalLM(Qwen3Config(**config))
-    model.save_pretrained(directory)
-    return directory
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("zoo-models")
-    return {family: _save_tiny(family, root / family) for family in FAMILIES}
+    return {family: save_tiny(family, root / family) for family in FAMILIES}
 
 
 # zoo name -> transformers name, for the comparison with transformers

@@ -16,11 +16,19 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["Layout", "layout_candidates", "agreement", "squeeze_shape"]
+from ..store.dtypes import FLOAT_KINDS
+from ..store.reader import Record
+
+__all__ = ["same_kind", "relative_error", "Layout", "layout_candidates", "agreement", "squeeze_shape"]
 
 #: cosine similarity at which two tensors are taken to hold the same values (loose enough
 #: for bfloat16 and 4-bit quantization, far above what unrelated tensors reach)
 AGREE_COSINE = 0.9
+
+
+def same_kind(a: Record, b: Record) -> bool:
+    """Both float, or both not: integer ids and positions never pair with float tensors."""
+    return (a.dtype in FLOAT_KINDS) == (b.dtype in FLOAT_KINDS)
 
 
 def squeeze_shape(shape: Sequence[int]) -> tuple[int, ...]:
@@ -111,3 +119,17 @@ def agreement(ref: np.ndarray, cand: np.ndarray) -> float:
     if na == 0.0 or nb == 0.0:
         return 1.0 if na == nb else 0.0
     return float(a @ b) / (na * nb)
+
+
+def relative_error(ref: np.ndarray, cand: np.ndarray) -> float:
+    """Relative L2 error of two same-sized tensors on an evenly strided sample (nan when it
+    cannot be taken): unlike the cosine, it tells a tensor from a scaled copy of it."""
+    if ref.size != cand.size or ref.size == 0:
+        return math.nan
+    stride = -(-ref.size // SAMPLE)
+    a = ref.reshape(-1)[::stride].astype(np.float64)
+    b = cand.reshape(-1)[::stride].astype(np.float64)
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        return math.nan
+    scale, diff = float(np.linalg.norm(a)), float(np.linalg.norm(a - b))
+    return diff / scale if scale else (0.0 if diff == 0.0 else math.inf)

@@ -13,7 +13,9 @@ Passes, each on what the previous ones left:
    index, order, shapes, values and name tokens. After the name tables paired the two dumps,
    only pairs whose values agree somewhere are taken from it.
 
-Any pair whose shapes differ gets a layout transform (align.layouts) when one fits.
+Any pair whose shapes differ gets a layout transform (align.layouts) when one fits. Then every
+pair is checked by its values (align.verify): a wrong pair is re-paired, not reported as a
+divergence.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from .layouts import Layout, agreement, layout_candidates, squeeze_shape
 from .structure import pair_templates
 from .tables import NameTable, detect_table
 from .transforms import apply_transform
+from .verify import check_pairs
 
 if TYPE_CHECKING:
     from .mapping import MappingFile
@@ -109,16 +112,22 @@ def _by_name(step: _Step) -> None:
 
 
 def _by_mapping(step: _Step, mapping: MappingFile) -> None:
+    """Every candidate record a rule matches is paired: several with one reference record
+    (its blocks, or repeated calls where the reference has one), one with several."""
     by_name = {(r.name, r.call): r for r in step.ref}
+    used: set[int] = set()
     for c in list(step.free_cand.values()):
         hits = mapping.lookup(c.name)
         for hit in hits:
-            r = by_name.get((hit.ref_name, c.call))
-            if r is not None and r.seq in step.free_ref:
+            r = by_name.get((hit.ref_name, c.call)) or by_name.get((hit.ref_name, 0))
+            if r is not None and (r.seq in step.free_ref or r.seq in used):
                 step.take(Pair(r, c, "mapping", None, hit.ref_transform, hit.cand_transform),
-                          keep_cand=True)
+                          keep_ref=True, keep_cand=True)
+                used.add(r.seq)
         if hits:
             step.free_cand.pop(c.seq, None)
+    for seq in used:
+        step.free_ref.pop(seq, None)
 
 
 def _rule(table: NameTable, name: str) -> tuple[str, str | None, str | None] | None:
@@ -143,19 +152,27 @@ def _by_table(step: _Step, tables: tuple[NameTable, NameTable]) -> None:
             by_canon.setdefault((hit[0], r.call), r)
     used_ref: set[int] = set()
     for c in list(step.free_cand.values()):
-        hit = _rule(cand_table, c.name)
-        if hit is None:
-            continue
-        canonical, cand_transform, counterpart = hit
-        r = by_canon.get((canonical, c.call))
-        if r is None:
-            continue
-        ref_rule = _rule(ref_table, r.name)
-        # the reference into the canonical layout first, then cut to what the candidate holds
-        ref_transform = "|".join(filter(None, (ref_rule[1] if ref_rule else None,
-                                               counterpart))) or None
-        step.take(Pair(r, c, "table", canonical, ref_transform, cand_transform), keep_ref=True)
-        used_ref.add(r.seq)
+        # a fused record (qkv_proj) is split by several rules, one pair per part
+        hits = cand_table.lookup_all(c.name) if hasattr(cand_table, "lookup_all") else []
+        if not hits:
+            hit = _rule(cand_table, c.name)
+            hits = [hit] if hit is not None else []
+        seen: set[str] = set()
+        for canonical, cand_transform, counterpart in hits:
+            r = by_canon.get((canonical, c.call))
+            if r is None or canonical in seen:
+                continue
+            seen.add(canonical)
+            ref_rule = _rule(ref_table, r.name)
+            # the reference into the canonical layout first, then cut to what the candidate
+            # holds
+            ref_transform = "|".join(filter(None, (ref_rule[1] if ref_rule else None,
+                                                   counterpart))) or None
+            step.take(Pair(r, c, "table", canonical, ref_transform, cand_transform),
+                      keep_ref=True, keep_cand=True)
+            used_ref.add(r.seq)
+        if seen:
+            step.free_cand.pop(c.seq, None)
     for seq in used_ref:
         step.free_ref.pop(seq, None)
 
@@ -257,12 +274,16 @@ def align(ref: Dump, cand: Dump, *, use_tables: bool = True,
     aliased = _drop_repeats(steps, *repeats)
     chosen: dict = {}
     pairs = [_fit_layout(ref, cand, p, read, chosen) for s in steps for p in s.pairs]
+    # every pair checked by its values: wrong pairs re-paired or let go (align.verify)
+    pairs, ref_left, cand_left = check_pairs(
+        ref, cand, pairs, [r for s in steps for r in s.free_ref.values()],
+        [c for s in steps for c in s.free_cand.values()], read)
     if tables is not None:  # pairs found by other passes get their canonical name too
         pairs = [p if p.canonical else replace(p, canonical=_canonical(tables[0], p.ref.name))
                  for p in pairs]
     pairs.sort(key=lambda p: (p.ref.step, p.ref.seq, p.cand.seq))
-    ref_only = sorted((r for s in steps for r in s.free_ref.values()), key=lambda r: r.seq)
-    cand_only = sorted((c for s in steps for c in s.free_cand.values()), key=lambda c: c.seq)
+    ref_only = sorted(ref_left, key=lambda r: r.seq)
+    cand_only = sorted(cand_left, key=lambda c: c.seq)
     return Alignment(tuple(pairs), tuple(ref_only), tuple(cand_only),
                      (tables[0].name, tables[1].name) if tables else None, ignored, aliased)
 

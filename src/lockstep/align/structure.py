@@ -19,6 +19,7 @@ evidence.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
@@ -26,15 +27,18 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from ..store.reader import Dump, Record
-from .layouts import AGREE_COSINE, Layout, agreement, layout_candidates, squeeze_shape
+from .layouts import (AGREE_COSINE, Layout, agreement, layout_candidates, relative_error,
+                      same_kind, squeeze_shape)
 from .transforms import apply_transform
 
 __all__ = ["Template", "TemplatePair", "templates_of", "pair_templates", "layer_of"]
 
-# an integer between delimiters (``layers.3.``, ``Qcur-3``), or after ``_l`` (``cache_k_l3``)
-_LAYER = re.compile(r"(?:^|(?<=[._\-/])|(?<=_l))(\d+)(?=$|[._\-/: ])")
+# an integer between delimiters (``layers.3.``, ``Qcur-3``), after ``_l`` (``cache_k_l3``), or
+# after one letter that starts the name (``L3.qkv``, a VM's own tags)
+_LAYER = re.compile(r"(?:^|(?<=[._\-/])|(?<=_l)|(?<=^[A-Za-z]))(\d+)(?=$|[._\-/: ])")
 _TOKEN = re.compile(r"[a-z]+|\d+")
 _SAMPLES = 3  # instances read per template pair to test values
+_FUSED_AGREE = 0.05  # a fused tensor's part agrees with its reference this closely
 #: layouts of q/k that are an engine's convention when later tensors agree as is
 CONVENTIONS = ("rope_interleaved", "rope_halfsplit")
 
@@ -105,6 +109,8 @@ class TemplatePair:
         """The layout for one instance: the template's, or, where the instance's shapes
         differ (a decode step's single token), the first that fits them, with the same RoPE
         convention and the same block."""
+        if self.layout.ref_transform and squeeze_shape(ref_shape) == squeeze_shape(cand_shape):
+            return Layout()  # the whole tensor where the template held a part (one token)
         if self.shapes is None or self.shapes == (ref_shape, cand_shape) \
                 or self.layout.ref_transform:
             return self.layout
@@ -151,6 +157,28 @@ class _Scorer:
             total_cos += max(cos, 0.0)
         return agree, total_cos
 
+    def readable(self, p: TemplatePair) -> bool:
+        keys = self.shared_keys(p.ref, p.cand)
+        return bool(keys) and p.ref.instances[keys[0]].has_data \
+            and p.cand.instances[keys[0]].has_data
+
+    def error(self, p: TemplatePair) -> float:
+        """Relative error of a template pair's first shared instance (inf: none to read)."""
+        keys = self.shared_keys(p.ref, p.cand)
+        if not keys:
+            return math.inf
+        r, c = p.ref.instances[keys[0]], p.cand.instances[keys[0]]
+        if not (r.has_data and c.has_data):
+            return math.inf
+        try:
+            err = relative_error(
+                apply_transform(p.layout.ref_transform, self.read(self.ref, r), self.ref.meta),
+                apply_transform(p.layout.cand_transform, self.read(self.cand, c),
+                                self.cand.meta))
+        except Exception:  # a layout that does not apply to this instance
+            return math.inf
+        return math.inf if math.isnan(err) else err
+
     def evaluate(self, a: Template, b: Template) -> tuple[Layout, int, int, float] | None:
         """(best layout, instances agreeing, instances tried, mean cosine), or None when no
         layout fits.
@@ -186,6 +214,8 @@ def _score(scorer: _Scorer, a: Template, b: Template, need_values: bool, *,
            blocks: bool = False) -> tuple[float, TemplatePair] | None:
     if a.layer_bound != b.layer_bound:
         return None
+    if not same_kind(next(iter(a.instances.values())), next(iter(b.instances.values()))):
+        return None  # integer ids or positions never pair with float tensors
     found = scorer.evaluate(a, b)
     if found is None:
         return None
@@ -322,8 +352,8 @@ def _fused(scorer: _Scorer, ref: list[Template], cand: list[Template]) -> list[T
         if not c.layer_bound or len(cs) < 1:
             continue
         for k in (3, 2):
-            for start in range(len(ref) - k + 1):
-                group = ref[start:start + k]
+            # consecutive leftovers, or with one between (silu(gate) between gate and up)
+            for group in _windows(ref, k):
                 shapes = [squeeze_shape(t.shape) for t in group]
                 if any(t.name in {p.ref.name for p in out} for t in group):
                     continue
@@ -339,6 +369,8 @@ def _fused(scorer: _Scorer, ref: list[Template], cand: list[Template]) -> list[T
                                              f"fused: {c.name} holds {len(group)} tensors "
                                              f"along its last dim ({cs[-1]} = "
                                              f"{' + '.join(str(s[-1]) for s in shapes)})"))
+                if any(scorer.error(p) > _FUSED_AGREE for p in made if scorer.readable(p)):
+                    continue  # values decide: these references are not this tensor's parts
                 out += made
                 break
             else:
@@ -347,11 +379,23 @@ def _fused(scorer: _Scorer, ref: list[Template], cand: list[Template]) -> list[T
     return out
 
 
-def _rank(hit: tuple[float, TemplatePair]) -> tuple[float, float, float]:
+def _windows(items: list[Template], k: int) -> Iterable[list[Template]]:
+    """Groups of ``k`` items in order, spanning at most ``k + 1`` places."""
+    for start in range(len(items) - k + 1):
+        yield items[start:start + k]
+    for start in range(len(items) - k):
+        span = items[start:start + k + 1]
+        for skip in range(1, k):
+            yield span[:skip] + span[skip + 1:]
+
+
+def _rank(scorer: _Scorer, hit: tuple[float, TemplatePair]) -> tuple[float, ...]:
     """Blocks: the reference whose values agree most closely wins (a block of q after RoPE
-    can nearly agree with the same block before it, where the rotation is slow)."""
+    can nearly agree with the same block before it, where the rotation is slow; q before its
+    norm agrees in direction with q after it, not in scale)."""
     p = hit[1]
-    return (p.agree / p.tried if p.tried else 0.0, p.cosine, hit[0])
+    return (p.agree / p.tried if p.tried else 0.0, round(p.cosine, 4), -scorer.error(p),
+            hit[0])
 
 
 def _blocks(scorer: _Scorer, ref: list[Template], cand: list[Template],
@@ -379,7 +423,7 @@ def _blocks(scorer: _Scorer, ref: list[Template], cand: list[Template],
                         r, c, lay, 0.4, f"block {trailing.group(1)} of {size} elements, by its "
                                         f"name; name tokens {sim:.0%} shared (low confidence)"))
             if hit is not None and hit[1].layout.ref_transform and (
-                    best is None or _rank(hit) > _rank(best)):
+                    best is None or _rank(scorer, hit) > _rank(scorer, best)):
                 best = hit
         if best is not None and best[0] > 0.5:
             out.append(best[1])

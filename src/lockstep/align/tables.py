@@ -58,7 +58,7 @@ from typing import Any, Iterable, Mapping, NamedTuple
 
 __all__ = ["Rule", "NameTable", "TABLES", "detect_table", "TRANSFORMERS_LLAMA",
            "TRANSFORMERS_PHI3", "TRANSFORMERS_GEMMA", "TRANSFORMERS_GPT2", "LLAMA_CPP",
-           "LLAMA_REFERENCE"]
+           "LLAMA_REFERENCE", "VLLM"]
 
 Hit = tuple[str, "str | None", "str | None"]  # (canonical, transform, counterpart transform)
 
@@ -74,6 +74,9 @@ class Rule:
     #: side's own transform: "block(16, {1})" pairs a 16-element block with the whole tensor
     counterpart_transform: str | None = None
     alias: bool = False  #: repeats a tensor an earlier record holds under the same name
+    #: added to the layer (the first group): a fused-residual norm's residual output is the
+    #: previous layer's output
+    shift: int = 0
 
     def match(self, recorded: str) -> Hit | None:
         """(canonical, transform, counterpart transform) if the rule knows the name."""
@@ -81,6 +84,10 @@ class Rule:
         if m is None:
             return None
         groups = m.groups()
+        if self.shift:
+            if int(groups[0]) + self.shift < 0:
+                return None
+            groups = (str(int(groups[0]) + self.shift), *groups[1:])
         counterpart = self.counterpart_transform
         return (self.canonical.format(*groups), self.transform,
                 counterpart.format(*groups) if counterpart else None)
@@ -133,6 +140,7 @@ class _Op(NamedTuple):
     transform: str | None = None
     alias: bool = False
     counterpart: str | None = None
+    shift: int = 0
 
 
 def _pattern(text: str) -> str:
@@ -143,7 +151,7 @@ def _layer(prefix: str, ops: Iterable[_Op]) -> tuple[Rule, ...]:
     """Rules for the ops of layer ``(\\d+)`` under ``prefix`` (a plain dotted name)."""
     head = _pattern(prefix) + r"\.(\d+)"
     return tuple(Rule(re.compile(head + (r"\." + _pattern(o.suffix) if o.suffix else "")),
-                      "layers.{0}." + o.op, o.transform, o.counterpart, o.alias)
+                      "layers.{0}." + o.op, o.transform, o.counterpart, o.alias, o.shift)
                  for o in ops)
 
 
@@ -284,9 +292,55 @@ LLAMA_REFERENCE = NameTable("llama-reference", _top(
     _Op("ffn_norm:input.0", "attn_residual"), _Op("ffn_norm", "mlp_norm"),
     *_under("feed_forward", "", _META_FFN), *_HF_LAYER_OUT)))
 
+# vLLM and SGLang (vllm/model_executor/models/llama.py, qwen3.py; sglang/srt/models/qwen3.py)
+# and engines written after them (nano-vLLM): the same module names as transformers, but
+# fused qkv_proj (q, k, v rows stacked) and gate_up_proj (gate, then up), act_fn is
+# SiluAndMul (the down projection's input), norms add the residual and return
+# (normed, residual sum), layers return (mlp output, residual), linear layers return
+# (output, bias) in vLLM and SGLang, the rotary module returns (q, k), attention is a module
+# of its own, and the logits come from logits_processor (or an lm_head call) outside forward
+_QKV_SPLIT = (("q", "0", "n_heads*head_dim"),
+              ("k", "n_heads*head_dim", "(n_heads+n_kv_heads)*head_dim"),
+              ("v", "(n_heads+n_kv_heads)*head_dim", "(n_heads+2*n_kv_heads)*head_dim"))
+_GATE_UP_SPLIT = (("gate", "0", "n_ff"), ("up", "n_ff", "2*n_ff"))
+
+
+def _linear(suffix: str, op: str, transform: str | None = None) -> tuple[_Op, ...]:
+    """A linear layer's output, plain or as the first of vLLM's (output, bias)."""
+    return (_Op(suffix, op, transform), _Op(suffix + ":0", op, transform))
+
+
+def _split(suffix: str, parts: tuple[tuple[str, str, str], ...]) -> tuple[_Op, ...]:
+    return tuple(op for name, start, stop in parts
+                 for op in _linear(suffix, name, f"squeeze|slice(-1, {start}, {stop})"))
+
+
+def _fused_norm(suffix: str, op: str) -> tuple[_Op, ...]:
+    """A norm that adds the residual first: plain (no residual yet), or (normed, sum)."""
+    return (_Op(suffix, op), _Op(suffix + ":0", op))
+
+
+_ENGINE_LAYER = (
+    *_fused_norm("input_layernorm", "attn_norm"),
+    _Op("input_layernorm:1", "out", shift=-1),  # the residual sum: the previous layer's out
+    *_split("self_attn.qkv_proj", _QKV_SPLIT), *_HF_QK_NORM,
+    _Op("self_attn.rotary_emb:0", "q_rope"), _Op("self_attn.rotary_emb:1", "k_rope"),
+    _Op("self_attn.attn", "attn_heads"), *_linear("self_attn.o_proj", "attn_out"),
+    _Op("self_attn", "attn_out", alias=True),
+    *_fused_norm("post_attention_layernorm", "mlp_norm"),
+    _Op("post_attention_layernorm:1", "attn_residual"),
+    *_split("mlp.gate_up_proj", _GATE_UP_SPLIT), _Op("mlp.act_fn", "act"),
+    *_linear("mlp.down_proj", "down"), _Op("mlp", "mlp_out", alias=True),
+    _Op(":0", "mlp_out", alias=True), _Op(":1", "attn_residual", alias=True),
+)
+VLLM = NameTable("vllm-sglang", _top(
+    ("input_ids", "input_ids"), ("model.embed_tokens", "embed"), ("model.norm", "final_norm"),
+    ("model.norm:0", "final_norm"), ("logits_processor", "logits"), ("lm_head", "logits"),
+) + _layer("model.layers", _ENGINE_LAYER))
+
 #: in order of preference when two tables know as many of a dump's names
 TABLES: tuple[NameTable, ...] = (TRANSFORMERS_LLAMA, TRANSFORMERS_PHI3, TRANSFORMERS_GEMMA,
-                                 TRANSFORMERS_GPT2, LLAMA_CPP, LLAMA_REFERENCE)
+                                 TRANSFORMERS_GPT2, LLAMA_CPP, LLAMA_REFERENCE, VLLM)
 
 
 def detect_table(names: Iterable[str], meta: Mapping[str, Any] | None = None) -> NameTable | None:

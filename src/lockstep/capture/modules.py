@@ -33,17 +33,17 @@ def watch_module(rec: Recorder, root: Any, *, prefix: str, inputs: bool | Sequen
                              output: Any) -> None:
             named = {str(i): a for i, a in enumerate(args)}
             named.update(kwargs)
-            rec.capture(name, {"input": named}, role="input")
-            rec.capture(name, output, role="output")
+            rec.capture(name, {"input": named}, role="input", opens_step=False)
+            rec.capture(name, output, role="output", opens_step=False)
 
         def hook(module: Any, args: tuple[Any, ...], output: Any) -> None:
-            rec.capture(name, output, role="output")
+            rec.capture(name, output, role="output", opens_step=False)
 
         return hook_with_inputs if with_inputs else hook
 
     # The root's pre-hook opens the step before any child records; its exit hook runs even
     # when forward raises (always_call), so the step depth never goes stale.
-    handles.append(root.register_forward_pre_hook(lambda m, a: rec._root_enter()))
+    handles.append(root.register_forward_pre_hook(lambda m, a: rec._root_enter(m)))
     for name, module in root.named_modules():
         full = _join(prefix, name)
         if selected(full):

@@ -70,7 +70,7 @@ def _auto_watch(rec: Recorder, classes: tuple[type, ...]) -> Any:
         roots += 1
         watched.update(id(m) for m in module.modules())
         rec.watch(module, prefix=prefix)
-        rec._root_enter()  # its own pre-hook was registered too late for this call
+        rec._root_enter(module)  # its own pre-hook was registered too late for this call
 
     return torch.nn.modules.module.register_module_forward_pre_hook(pre_hook)
 

@@ -75,6 +75,7 @@ class Recorder:
         self._calls: dict[str, int] = defaultdict(int)
         self._seen: dict[int, tuple[Any, Any, Any]] = {}  # id -> (weakref, version, HostTensor)
         self._depth = 0  # watched roots currently inside their forward
+        self._step_root: int | None = None  # id of the root whose calls start steps
         self._undo: list[Callable[[], None]] = []
         self._closed = False
         self.traced: list[Any] = []  #: TraceInfo of every function traced
@@ -106,8 +107,12 @@ class Recorder:
         self._seen.clear()
         self._advance = False
 
-    def _root_enter(self) -> None:
-        if self._depth == 0 and self._advance:
+    def _root_enter(self, root: Any = None) -> None:
+        # the first watched root called starts the steps; another root (a sampler, a
+        # separate lm_head) called between two of its calls records into the step it follows
+        if self._step_root is None:
+            self._step_root = id(root)
+        if self._depth == 0 and self._advance and id(root) == self._step_root:
             self._open_step(self.step + 1)
         self._depth += 1
 
@@ -118,13 +123,19 @@ class Recorder:
             self._advance = True
 
     # -- capture -----------------------------------------------------------------------------
-    def capture(self, name: str, value: Any, *, role: str | None = None, **extra: Any) -> None:
+    def capture(self, name: str, value: Any, *, role: str | None = None,
+                opens_step: bool = True, **extra: Any) -> None:
         """Record every tensor in ``value`` as ``name`` (or ``name:field`` for nested ones).
 
-        ``extra`` fields (JSON values, e.g. ``op="rope"``) are stored in each record."""
+        ``extra`` fields (JSON values, e.g. ``op="rope"``) are stored in each record.
+        ``opens_step=False`` keeps a capture made after a step's root call returned in that
+        step (the hooks of watched modules called outside the root pass it)."""
         if self._closed:
             raise UsageError(f"cannot record {name!r}: the recording at {self.path} is closed")
-        if self._advance and self._depth == 0:
+        # a capture after a step's root returned opens the next step (inputs probed before
+        # a call), but a watched module's there (``opens_step=False``: compute_logits, a
+        # sampler) belongs to the step it follows
+        if self._advance and self._depth == 0 and opens_step:
             self._open_step(self.step + 1)
         for suffix, tensor in leaves(value):
             full = f"{name}:{suffix}" if suffix else name

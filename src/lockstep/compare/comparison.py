@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from ..align.pairing import Alignment, Pair, align
 from ..align.transforms import apply_transform
+from ..align.verify import merged_meta
 from ..errors import LockstepError
 from ..store.dtypes import FLOAT_KINDS
 from ..store.reader import Dump, Record, open_dump
@@ -90,7 +91,7 @@ def _measure(ref: Dump, cand: Dump, pair: Pair, tol: Tolerance) -> tuple[float, 
         return _stats_error(ref, cand, r, c), None, "statistics only (no data recorded)"
     try:
         ref_arr = apply_transform(pair.ref_transform, ref.read(r), ref.meta)
-        cand_arr = apply_transform(pair.cand_transform, cand.read(c), cand.meta)
+        cand_arr = apply_transform(pair.cand_transform, cand.read(c), merged_meta(ref, cand))
     except LockstepError as exc:  # a layout learnt elsewhere that does not fit this pair
         return math.nan, None, f"the layout transform does not fit: {exc}"
     try:

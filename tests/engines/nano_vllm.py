@@ -1,0 +1,356 @@
+"""A nano-vLLM-style engine for Qwen3 and Llama, written for lockstep's acceptance tests.
+
+It has the shapes real engines have and transformers does not: flat ``(tokens, hidden)``
+activations (no batch dim), a fused ``qkv_proj`` (q, k, v rows stacked) and ``gate_up_proj``
+(gate then up), an RMSNorm with the residual add fused in that returns
+``(normed, residual)``, a paged KV cache written by slot mapping, ``compute_logits()``
+called outside ``forward`` (the lm_head keeps only each sequence's last position at
+prefill), and a ``Sampler`` module. Module names follow vLLM's model files.
+
+Bugs, one switch each (``bug=``): ``decode_position`` (a decode token's position one too
+far), ``kv_slot`` (decode writes K/V one slot past its own), ``swapped_args`` (the model
+called as ``model(positions, input_ids)``), ``layer_not_loaded`` (layer 1 keeps random
+weights), ``greedy_temperature`` (the sampler draws at temperature 1 when greedy was asked).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+import lockstep
+
+BUGS = ("decode_position", "kv_slot", "swapped_args", "layer_not_loaded", "greedy_temperature")
+BLOCK_SIZE = 4  # KV cache slots per block
+
+
+@dataclass
+class Context:
+    """What one forward needs beyond ids and positions (vLLM keeps it in a global)."""
+
+    is_prefill: bool = True
+    slot_mapping: Tensor | None = None  # (tokens,): where each token's K/V is written
+    block_table: Tensor | None = None  # (blocks,): the sequence's cache blocks
+    context_len: int = 0  # tokens in the cache, this one included (decode)
+
+
+_CONTEXT = Context()
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm; with ``residual`` it adds it first and returns ``(normed, residual sum)``."""
+
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def _norm(self, x: Tensor) -> Tensor:
+        var = x.float().pow(2).mean(-1, keepdim=True)
+        return (x.float() * torch.rsqrt(var + self.eps)).to(x.dtype) * self.weight
+
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Any:
+        if residual is None:
+            return self._norm(x)
+        x = x + residual
+        return self._norm(x), x
+
+
+class RotaryEmbedding(nn.Module):
+    """Half-split RoPE on (tokens, heads, head_dim) q and k, by position."""
+
+    def __init__(self, head_dim: int, base: float) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+        inv = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+        self.register_buffer("inv_freq", inv, persistent=False)
+
+    def _rotate(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        half = self.head_dim // 2
+        x1, x2 = x[..., :half], x[..., half:]
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), -1).to(x.dtype)
+
+    def forward(self, positions: Tensor, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        freqs = positions.float()[:, None] * self.inv_freq[None]
+        cos, sin = freqs.cos()[:, None].to(q.dtype), freqs.sin()[:, None].to(q.dtype)
+        return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+
+
+class Attention(nn.Module):
+    """Writes K/V into the paged cache by slot, then attends: prefill over its own tokens
+    (causal), decode over the sequence's blocks."""
+
+    def __init__(self, n_heads: int, n_kv_heads: int, head_dim: int, bug: str | None) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.scale = head_dim ** -0.5
+        self.k_cache = self.v_cache = torch.empty(0)
+        self.bug = bug
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        ctx = _CONTEXT
+        slots = ctx.slot_mapping
+        self.k_cache.view(-1, self.n_kv_heads, self.head_dim)[slots] = k
+        self.v_cache.view(-1, self.n_kv_heads, self.head_dim)[slots] = v
+        if ctx.is_prefill:
+            keys, values, causal = k, v, True
+        else:  # the sequence's cached tokens, block by block
+            keys = self.k_cache[ctx.block_table].reshape(-1, self.n_kv_heads,
+                                                         self.head_dim)[:ctx.context_len]
+            values = self.v_cache[ctx.block_table].reshape(-1, self.n_kv_heads,
+                                                           self.head_dim)[:ctx.context_len]
+            causal = False
+        groups = self.n_heads // self.n_kv_heads
+        keys = keys.repeat_interleave(groups, dim=1)
+        values = values.repeat_interleave(groups, dim=1)
+        out = F.scaled_dot_product_attention(q.transpose(0, 1), keys.transpose(0, 1),
+                                             values.transpose(0, 1), is_causal=causal,
+                                             scale=self.scale)
+        return out.transpose(0, 1)  # (tokens, heads, head_dim)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: Any, qk_norm: bool, bug: str | None) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
+        self.q_size, self.kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size,
+                                  bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if qk_norm else None
+        self.rotary_emb = RotaryEmbedding(self.head_dim, cfg.rope_theta)
+        self.attn = Attention(self.n_heads, self.n_kv_heads, self.head_dim, bug)
+
+    def forward(self, positions: Tensor, x: Tensor) -> Tensor:
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], -1)
+        q = q.view(-1, self.n_heads, self.head_dim)
+        k = k.view(-1, self.n_kv_heads, self.head_dim)
+        v = v.view(-1, self.n_kv_heads, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary_emb(positions, q, k)
+        return self.o_proj(self.attn(q, k, v).flatten(1, -1))
+
+
+class SiluAndMul(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = x.chunk(2, -1)
+        return F.silu(gate) * up
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: Any) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.act_fn = SiluAndMul()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: Any, qk_norm: bool, bug: str | None) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = SelfAttention(cfg, qk_norm, bug)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, positions: Tensor, hidden: Tensor,
+                residual: Tensor | None) -> tuple[Tensor, Tensor]:
+        if residual is None:
+            residual = hidden
+            hidden = self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class Model(nn.Module):
+    def __init__(self, cfg: Any, qk_norm: bool, bug: str | None) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, qk_norm, bug)
+                                    for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, input_ids: Tensor, positions: Tensor) -> Tensor:
+        hidden, residual = self.embed_tokens(input_ids), None
+        for layer in self.layers:
+            hidden, residual = layer(positions, hidden, residual)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+
+class LMHead(nn.Module):
+    """At prefill, only each sequence's last position is turned into logits."""
+
+    def __init__(self, cfg: Any) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if _CONTEXT.is_prefill:
+            x = x[-1:]
+        return F.linear(x, self.weight)
+
+
+class ForCausalLM(nn.Module):
+    """``forward`` gives hidden states; ``compute_logits`` is a call of its own."""
+
+    packed = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+              "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+
+    def __init__(self, cfg: Any, qk_norm: bool, bug: str | None) -> None:
+        super().__init__()
+        self.model = Model(cfg, qk_norm, bug)
+        self.lm_head = LMHead(cfg)
+
+    def forward(self, input_ids: Tensor, positions: Tensor) -> Tensor:
+        return self.model(input_ids, positions)
+
+    def compute_logits(self, hidden: Tensor) -> Tensor:
+        return self.lm_head(hidden)
+
+
+class Sampler(nn.Module):
+    """Greedy at temperature 0, else a draw from softmax(logits / temperature)."""
+
+    def __init__(self, bug: str | None) -> None:
+        super().__init__()
+        self.bug = bug
+        self.generator = torch.Generator().manual_seed(1)
+
+    def forward(self, logits: Tensor, temperature: float) -> Tensor:
+        if temperature == 0 and self.bug != "greedy_temperature":
+            return logits.argmax(-1)
+        probs = torch.softmax(logits.float() / max(temperature, 1.0), -1)
+        return torch.multinomial(probs, 1, generator=self.generator)[:, 0]
+
+
+def _config(directory: Path) -> Any:
+    raw = json.loads((directory / "config.json").read_text())
+    cfg = type("Config", (), {})()
+    for key, value in raw.items():
+        setattr(cfg, key, value)
+    cfg.head_dim = raw.get("head_dim") or raw["hidden_size"] // raw["num_attention_heads"]
+    cfg.attention_bias = raw.get("attention_bias", False)
+    cfg.rope_theta = raw.get("rope_theta") or (raw.get("rope_parameters") or {}).get(
+        "rope_theta", 10000.0)
+    return cfg
+
+
+def _load(model: ForCausalLM, directory: Path, tied: bool, bug: str | None) -> None:
+    """transformers' tensors into the fused parameters, as vLLM's loader packs them."""
+    params = dict(model.named_parameters())
+    weights = load_file(str(directory / "model.safetensors"))
+    if tied and "lm_head.weight" not in weights:
+        weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            if bug == "layer_not_loaded" and name.startswith("model.layers.1."):
+                continue  # the loader skips a layer: its random init stays
+            for part, (fused, index) in ForCausalLM.packed.items():
+                if f".{part}." in name:
+                    target = params[name.replace(part, fused)]
+                    sizes = _part_sizes(model, fused)
+                    start = sum(sizes[:index])
+                    target[start:start + sizes[index]] = tensor
+                    break
+            else:
+                params[name].copy_(tensor)
+
+
+def _part_sizes(model: ForCausalLM, fused: str) -> list[int]:
+    attn = model.model.layers[0].self_attn
+    if fused == "qkv_proj":
+        return [attn.q_size, attn.kv_size, attn.kv_size]
+    half = model.model.layers[0].mlp.down_proj.in_features
+    return [half, half]
+
+
+@dataclass
+class Sequence_:
+    token_ids: list[int]
+    block_table: list[int] = field(default_factory=list)
+
+
+class LLM:
+    """The engine: a model runner with a paged KV cache, prefill then decode, one sequence."""
+
+    def __init__(self, directory: str | Path, *, bug: str | None = None,
+                 dtype: torch.dtype = torch.float32, num_blocks: int = 64) -> None:
+        if bug is not None and bug not in BUGS:
+            raise ValueError(f"unknown bug {bug!r}")
+        directory = Path(directory)
+        cfg = _config(directory)
+        self.bug = bug
+        arch = cfg.architectures[0]
+        torch.manual_seed(1234)  # the random init a skipped layer keeps
+        self.model = ForCausalLM(cfg, qk_norm=arch.startswith("Qwen3"), bug=bug)
+        for p in self.model.parameters():
+            nn.init.normal_(p, std=0.2)
+        _load(self.model, directory, bool(getattr(cfg, "tie_word_embeddings", False)), bug)
+        self.model.to(dtype).eval()
+        self.sampler = Sampler(bug)
+        shape = (num_blocks, BLOCK_SIZE, cfg.num_key_value_heads, cfg.head_dim)
+        for layer in self.model.model.layers:
+            layer.self_attn.attn.k_cache = torch.zeros(shape, dtype=dtype)
+            layer.self_attn.attn.v_cache = torch.zeros(shape, dtype=dtype)
+        self.free_blocks = list(range(num_blocks))[::-1]
+        self.meta = {"engine": "nano-vllm-test", "architecture": arch,
+                     "n_heads": cfg.num_attention_heads, "n_kv_heads": cfg.num_key_value_heads,
+                     "head_dim": cfg.head_dim, "vocab_size": cfg.vocab_size}
+
+    def _slot(self, seq: Sequence_, position: int) -> int:
+        while len(seq.block_table) * BLOCK_SIZE <= position:
+            seq.block_table.append(self.free_blocks.pop())
+        return seq.block_table[position // BLOCK_SIZE] * BLOCK_SIZE + position % BLOCK_SIZE
+
+    def _run(self, seq: Sequence_, ids: list[int], positions: list[int], slots: list[int],
+             prefill: bool, temperature: float) -> int:
+        global _CONTEXT
+        _CONTEXT = Context(prefill, torch.tensor(slots), torch.tensor(seq.block_table),
+                           len(seq.token_ids))
+        input_ids, pos = torch.tensor(ids), torch.tensor(positions)
+        lockstep.probe("input_ids", input_ids)  # what users probe: the step's inputs
+        lockstep.probe("positions", pos)
+        with torch.no_grad():
+            if self.bug == "swapped_args":
+                hidden = self.model(pos, input_ids)
+            else:
+                hidden = self.model(input_ids, pos)
+            logits = self.model.compute_logits(hidden)
+            return int(self.sampler(logits, temperature)[-1])
+
+    def generate(self, prompt: Sequence[int], decode: int, *,
+                 forced: Sequence[int] | None = None, temperature: float = 0.0) -> list[int]:
+        """Prefill, then ``decode`` steps; each step's chosen token (the next one fed is
+        ``forced[i]`` when given: the reference's tokens)."""
+        seq = Sequence_(list(prompt))
+        n = len(prompt)
+        slots = [self._slot(seq, i) for i in range(n)]
+        chosen = [self._run(seq, list(prompt), list(range(n)), slots, True, temperature)]
+        for i in range(decode):
+            fed = forced[i] if forced is not None and i < len(forced) else chosen[-1]
+            seq.token_ids.append(fed)
+            position = len(seq.token_ids) - 1
+            slot = self._slot(seq, position)
+            if self.bug == "decode_position":
+                position += 1
+            if self.bug == "kv_slot":
+                slot += 1
+            chosen.append(self._run(seq, [fed], [position], [slot], False, temperature))
+        return chosen

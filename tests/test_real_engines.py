@@ -1,0 +1,185 @@
+"""Engines shaped like the ones users write, against transformers, with no mapping file.
+
+The engines live in tests/engines/: small, readable PyTorch (or numpy) code written for these
+tests, each with the shapes real engines have (flat activations, fused projections, norms
+that add the residual, logits outside forward, a sampler, probes with their own names).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import lockstep
+from engines.nano_vllm import LLM
+from lockstep.engines.capture import capture
+from models import save_tiny
+
+PROMPT = [3, 17, 42, 7, 99, 5, 64, 11, 200]  # 9 tokens: prefill spans three KV blocks of 4
+DECODE = 3
+FAMILIES = ["qwen3", "llama"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path, list]]:
+    """Per family: the saved model, transformers' dump of it and the tokens it chose."""
+    root = tmp_path_factory.mktemp("real-engines")
+    out = {}
+    for family in FAMILIES:
+        model = save_tiny(family, root / family)
+        ref = root / f"ref-{family}.lsd"
+        tokens = capture(f"hf:{model}", str(ref), tokens=PROMPT, decode=DECODE)
+        out[family] = (model, ref, tokens)
+    return out
+
+
+def nano_vllm(model: Path, out: Path, tokens: list[int], bug: str | None = None) -> list[int]:
+    """Record the nano-vLLM engine the way a user would: watch the model and the sampler,
+    feed the reference's tokens."""
+    llm = LLM(model, bug=bug)
+    with lockstep.record(out, meta=llm.meta) as rec:
+        rec.watch(llm.model)
+        rec.watch(llm.sampler)
+        chosen = llm.generate(PROMPT, DECODE, forced=tokens[:DECODE])
+        rec.add_meta(generated_token_ids=chosen)
+    return chosen
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_nano_vllm_bug_free_matches(tmp_path, references, family):
+    model, ref, tokens = references[family]
+    assert nano_vllm(model, tmp_path / "cand.lsd", tokens) == tokens
+    result = lockstep.compare(ref, tmp_path / "cand.lsd")
+    assert result.verdict == "match", (result.first_divergence, result.coverage)
+    with lockstep.open_dump(tmp_path / "cand.lsd") as cand:
+        assert cand.steps == [0, 1, 2, 3]  # compute_logits and the sampler stay in their step
+    by_ref = {(p.step, p.ref_name): p for p in result.results}
+    # the fused-residual norm's two outputs, each with its own reference record
+    assert by_ref[(0, "model.layers.0.post_attention_layernorm")].cand_name == \
+        "model.layers.0.post_attention_layernorm:0"
+    assert by_ref[(0, "model.layers.0.post_attention_layernorm:input.0")].cand_name == \
+        "model.layers.0.post_attention_layernorm:1"
+    # SiluAndMul is the down projection's input, not transformers' act_fn (silu(gate) alone)
+    assert by_ref[(0, "model.layers.0.mlp.down_proj:input.0")].cand_name == \
+        "model.layers.0.mlp.act_fn"
+    assert (0, "model.layers.0.mlp.act_fn") not in by_ref
+    # the fused projections, one part each; the residual is the previous layer's output
+    for op in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj",
+               "mlp.up_proj"):
+        pair = by_ref[(1, f"model.layers.1.{op}")]
+        assert pair.cand_name.endswith(("qkv_proj", "gate_up_proj")) and pair.error < 1e-5
+    assert by_ref[(2, "model.layers.0")].cand_name == "model.layers.1.input_layernorm:1"
+    # the logits: the last position at prefill, in the step they belong to
+    assert by_ref[(0, "lm_head")].cand_name == "lm_head" and by_ref[(0, "lm_head")].error < 1e-5
+    # an int64 positions probe pairs with no float tensor
+    assert all(p.cand_name != "positions" for p in result.results)
+    assert all(p.error < 1e-4 for p in result.results)
+
+
+# bug -> (step, canonical op of the first divergence, diagnosis)
+NANO_BUGS = {
+    "decode_position": (1, "layers.0.q_rope", "decode"),
+    "kv_slot": (1, "layers.0.attn_heads", "decode"),
+    "swapped_args": (0, "embed", "embedding"),
+    "layer_not_loaded": (0, "layers.1.attn_norm", "op"),
+    "greedy_temperature": (0, "logits", "sampling"),
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("bug", sorted(NANO_BUGS))
+def test_nano_vllm_bug_localized(tmp_path, references, family, bug):
+    model, ref, tokens = references[family]
+    nano_vllm(model, tmp_path / "cand.lsd", tokens, bug=bug)
+    result = lockstep.compare(ref, tmp_path / "cand.lsd")
+    step, canonical, kind = NANO_BUGS[bug]
+    first = result.first_divergence
+    assert result.verdict == "diverged"
+    assert first is not None and (first.step, first.canonical) == (step, canonical), first
+    assert result.diagnosis is not None and result.diagnosis.kind == kind, result.diagnosis
+
+
+def _cli(*args: Any) -> Any:
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(Path(lockstep.__file__).parents[1]), os.environ.get("PYTHONPATH", "")]))
+    return subprocess.run([sys.executable, "-m", "lockstep.cli.main", *map(str, args)],
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_nano_vllm_bug_free_from_the_command_line(tmp_path, references):
+    model, ref, tokens = references["qwen3"]
+    nano_vllm(model, tmp_path / "cand.lsd", tokens)
+    done = _cli("compare", ref, tmp_path / "cand.lsd", "--json", tmp_path / "r.json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "MATCH" in done.stdout
+
+
+# -- a module-less decode VM: probes with its own tags, QK-norm in 16-element blocks ---------
+
+BLOCK_RULES = """\
+# docs/mapping.md's rule for 16-element blocks: every block pairs with its slice
+[[rule]]
+cand = 'L(\\d+)\\.qn\\.b(\\d+)'
+ref = "model.layers.{1}.self_attn.q_norm"
+ref_transform = "block(16, {2})"
+
+[[rule]]
+cand = 'L(\\d+)\\.kn\\.b(\\d+)'
+ref = "model.layers.{1}.self_attn.k_norm"
+ref_transform = "block(16, {2})"
+"""
+
+
+def decode_vm(model: Path, out: Path, tokens: list[int], bug: str | None = None) -> list[int]:
+    from engines.decode_vm import DecodeVM
+
+    vm = DecodeVM(model, bug=bug)
+    with lockstep.record(out, meta={"engine": "decode-vm"}) as rec:
+        chosen = vm.generate(rec, PROMPT, DECODE, forced=tokens[:DECODE])
+        rec.add_meta(generated_token_ids=chosen)
+    return chosen
+
+
+@pytest.mark.parametrize("mapped", [False, True], ids=["no-mapping", "mapping"])
+@pytest.mark.parametrize("bug", [None, "blocked_qk_norm"])
+def test_decode_vm(tmp_path, references, bug, mapped):
+    from lockstep.align.mapping import load_mapping
+
+    model, ref, tokens = references["qwen3"]
+    decode_vm(model, tmp_path / "vm.lsd", tokens, bug=bug)
+    mapping = None
+    if mapped:
+        (tmp_path / "vm.toml").write_text(BLOCK_RULES)
+        mapping = load_mapping(tmp_path / "vm.toml")
+    result = lockstep.compare(ref, tmp_path / "vm.lsd", mapping=mapping)
+    blocks = [p for p in result.results if p.step == 1 and ".qn.b" in p.cand_name
+              and p.cand_name.startswith("L0.")]
+    assert {p.ref_name for p in blocks} == {"model.layers.0.self_attn.q_norm"}
+    if bug is None or mapped:  # (with the bug and no mapping, the blocks exist only where
+        # the bug is, and values alone place 10 of the 16: a known limit)
+        assert len(blocks) == 16  # every block of layer 0's q norm (4 heads of 64)
+        assert all(p.ref_transform == f"block(16, {p.cand_name.rsplit('.b', 1)[1]})"
+                   for p in blocks)
+        assert not [c for c in result.cand_only if ".b" in c.name]
+    if bug is None:
+        assert result.verdict == "match", (result.first_divergence, result.coverage)
+    else:
+        first = result.first_divergence
+        assert result.verdict == "diverged"
+        assert (first.step, first.ref_name) == (1, "model.layers.0.self_attn.q_norm")
+        assert result.diagnosis.kind == "blocked_norm"
