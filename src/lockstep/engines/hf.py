@@ -50,17 +50,23 @@ def forward_step(model: Any, ids: Any, cache: Any, **kwargs: Any) -> tuple[Any, 
     5 names the cache ``cache`` (``past_key_values`` still works there, with a deprecation
     warning on every run); 4.x names it ``past_key_values``. The name is read off the model's
     signature, so neither prints a warning."""
-    key = _CACHE_KWARG.get(type(model))
-    if key is None:
-        import inspect
-
-        params = inspect.signature(type(model).forward).parameters
-        key = _CACHE_KWARG[type(model)] = "cache" if "cache" in params else "past_key_values"
+    key = "cache" if _takes(model, "cache") else "past_key_values"
     out = model(input_ids=ids, use_cache=True, **{key: cache}, **kwargs)
     return out, (out["cache"] if key == "cache" else out["past_key_values"])
 
 
-_CACHE_KWARG: dict[type, str] = {}
+_PARAMS: dict[type, frozenset[str]] = {}
+
+
+def _takes(model: Any, name: str) -> bool:
+    """Whether the model's ``forward`` has a parameter called ``name``."""
+    params = _PARAMS.get(type(model))
+    if params is None:
+        import inspect
+
+        params = _PARAMS[type(model)] = frozenset(
+            inspect.signature(type(model).forward).parameters)
+    return name in params
 
 
 def cache_dir() -> Path:
@@ -188,9 +194,11 @@ class HFEngine(TransformersTokenizerEngine):
             raise UsageError(f"{self.spec}: load() the engine before decoding")
         ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=self.device)
         past = None
+        # only the last position's logits, as transformers' generate() computes them
+        last_only = {"logits_to_keep": 1} if _takes(self.model, "logits_to_keep") else {}
         with torch.no_grad():
             for step in range(steps):
-                out, past = forward_step(self.model, ids, past)
+                out, past = forward_step(self.model, ids, past, **last_only)
                 last = out.logits[0, -1]
                 token = int(last.argmax())  # in the model's own dtype, as generate() picks
                 yield token, last
