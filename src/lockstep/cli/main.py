@@ -66,7 +66,23 @@ def _parser() -> argparse.ArgumentParser:
                     help="an engine option for the candidate, e.g. bug=wrong_kv_slot for "
                          "zoo: (repeatable)")
     df.add_argument("--out", default="lockstep-diff", help="where both dumps are kept")
+    df.add_argument("--no-replay", action="store_true",
+                    help="do not re-run the reference's ops on the candidate's inputs (the "
+                         "dual test) around the divergence")
     _compare_options(df)
+
+    rp = sub.add_parser("replay", help="the dual test on dumps recorded earlier: re-run the "
+                                       "reference engine's ops on the candidate's inputs",
+                        description="Exit codes as for compare.")
+    rp.add_argument("engine", help="the reference engine spec the reference dump came from "
+                                   "(hf:..., zoo:..., py:...)")
+    rp.add_argument("reference", help="reference dump directory")
+    rp.add_argument("candidate", help="candidate dump directory")
+    rp.add_argument("--at", metavar="NAME", help="replay this reference record's op (default: "
+                                                 "the first divergence)")
+    rp.add_argument("--ref-dtype", default="float32", help="dtype of an hf:/zoo: engine")
+    rp.add_argument("--ref-opt", action="append", default=[], metavar="KEY=VALUE")
+    _compare_options(rp)
 
     cap = sub.add_parser("capture", help="run an engine on a prompt and record it",
                          description="Records the prefill as step 0 and N greedy decode steps.")
@@ -194,8 +210,21 @@ def _diff(args: argparse.Namespace) -> int:
                   ref_options=_engine_options(args.reference, args.ref_dtype, args.ref_opt),
                   cand_options=_engine_options(args.candidate, args.cand_dtype,
                                                args.cand_opt),
-                  tolerances=tolerances, mapping=mapping,
+                  tolerances=tolerances, mapping=mapping, replay=not args.no_replay,
                   announce=lambda m: print(m, file=sys.stderr))
+    return _report(result, args)
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from ..compare import compare
+    from ..engines.diff import replay_diff
+
+    mapping, tolerances = _mapping(args)
+    result = compare(args.reference, args.candidate, tolerances, mapping=mapping)
+    result = replay_diff(args.engine, result,
+                         _engine_options(args.engine, args.ref_dtype, args.ref_opt),
+                         tolerances=tolerances, mapping=mapping, at=args.at,
+                         announce=lambda m: print(m, file=sys.stderr))
     return _report(result, args)
 
 
@@ -320,7 +349,7 @@ def _inspect(args: argparse.Namespace) -> int:
     return EXIT_DIVERGED if report.bad else EXIT_OK
 
 
-_COMMANDS = {"compare": _compare, "diff": _diff, "demo": _demo, "capture": _capture, "run": _run, "show": _show,
+_COMMANDS = {"compare": _compare, "diff": _diff, "replay": _replay, "demo": _demo, "capture": _capture, "run": _run, "show": _show,
              "inspect": _inspect}
 
 

@@ -61,6 +61,7 @@ class Comparison:
     diagnosis: Diagnosis | None = None  #: what kind of problem it is (diverged only)
     coverage: Coverage | None = None  #: what was compared, and the decisive gaps
     tokens: TokenCheck | None = None  #: the chosen tokens of both runs
+    replay: Any = None  #: lockstep.replay.Replay: the dual test around the divergence, if run
 
     def __bool__(self) -> bool:
         """True for match and drift: the comparison could tell, and found no bug."""
@@ -112,11 +113,14 @@ def _measure(ref: Dump, cand: Dump, pair: Pair, tol: Tolerance) -> tuple[float, 
 def compare(reference: Dump | str | os.PathLike[str], candidate: Dump | str | os.PathLike[str],
             tolerances: Tolerances | None = None, *,
             progress: Callable[[int, int], None] | None = None,
-            mapping: MappingFile | None = None, use_tables: bool = True) -> Comparison:
+            mapping: MappingFile | None = None, use_tables: bool = True,
+            cand_precision: str | None = None) -> Comparison:
     """Compare a candidate dump against a reference dump (paths or opened dumps).
 
     ``mapping`` (a mapping file, docs/mapping.md) renames, transforms, ignores and sets
     tolerances before the automatic pairing; ``use_tables=False`` leaves the name tables out.
+    ``cand_precision``: the candidate computes in this dtype (as its ``compute_dtype``
+    metadata would say): a precision measured by replay, not declared by the dump.
     """
     ref = reference if isinstance(reference, Dump) else open_dump(reference)
     try:
@@ -125,7 +129,8 @@ def compare(reference: Dump | str | os.PathLike[str], candidate: Dump | str | os
             tolerances = tolerances or Tolerances()
             if mapping is not None:  # the mapping file's tolerances, after the caller's own
                 tolerances = tolerances.with_patterns(mapping.tolerances())
-            return _compare(ref, cand, tolerances, progress, mapping, use_tables)
+            return _compare(ref, cand, tolerances, progress, mapping, use_tables,
+                            cand_precision)
         finally:
             if cand is not candidate:
                 cand.close()
@@ -136,15 +141,17 @@ def compare(reference: Dump | str | os.PathLike[str], candidate: Dump | str | os
 
 def _compare(ref: Dump, cand: Dump, tolerances: Tolerances,
              progress: Callable[[int, int], None] | None, mapping: MappingFile | None,
-             use_tables: bool) -> Comparison:
+             use_tables: bool, cand_precision: str | None = None) -> Comparison:
     alignment: Alignment = align(ref, cand, mapping=mapping, use_tables=use_tables)
+    cand_tol_meta = cand.meta if cand_precision is None else \
+        {**cand.meta, "compute_dtype": cand_precision}
     measured: list[PairResult] = []
     unmeasurable: list[PairResult] = []
     covered: list[tuple[Record, Record, str | None]] = []
     total = len(alignment.pairs)
     for i, pair in enumerate(alignment.pairs):
         r, c = pair.ref, pair.cand
-        tol = tolerances.for_pair(r.name, r.dtype, c.dtype, ref.meta, cand.meta)
+        tol = tolerances.for_pair(r.name, r.dtype, c.dtype, ref.meta, cand_tol_meta)
         error, metrics, note = _measure(ref, cand, pair, tol)
         result = PairResult(step=r.step, ref_name=r.name, cand_name=c.name, ref_seq=r.seq,
                             cand_seq=c.seq, call=r.call, how=pair.how, ref_shape=r.shape,

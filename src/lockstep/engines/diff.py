@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 from ..compare import Comparison, Tolerances, compare
 from ..errors import UsageError
 from ..store.reader import open_dump
+from . import open_engine
 from .capture import capture
 
 if TYPE_CHECKING:
@@ -43,9 +44,11 @@ def diff(ref_spec: str, cand_spec: str, out: str | Path, *, prompt: str | None =
          tokens: Sequence[int] | None = None, decode: int = 0, free_running: bool = False,
          ref_options: dict[str, Any] | None = None, cand_options: dict[str, Any] | None = None,
          tolerances: Tolerances | None = None, mapping: MappingFile | None = None,
-         overwrite: bool = True,
+         overwrite: bool = True, replay: bool = True,
          announce: Callable[[str], Any] = lambda m: None) -> Comparison:
-    """Record both engines into ``out``/reference.lsd and ``out``/candidate.lsd; compare."""
+    """Record both engines into ``out``/reference.lsd and ``out``/candidate.lsd; compare.
+    With ``replay``, a reference engine with a module tree re-runs its ops around the
+    divergence on the candidate's inputs (``lockstep.replay``)."""
     out = Path(out)
     ref_dump = _existing(ref_spec)
     if ref_dump is None:
@@ -65,4 +68,46 @@ def diff(ref_spec: str, cand_spec: str, out: str | Path, *, prompt: str | None =
         capture(cand_spec, str(cand_dump), tokens=ids, decode=decode,
                 forced=None if free_running else forced, overwrite=overwrite,
                 announce=announce, **(cand_options or {}))
-    return compare(ref_dump, cand_dump, tolerances, mapping=mapping)
+    result = compare(ref_dump, cand_dump, tolerances, mapping=mapping)
+    if replay and _existing(ref_spec) is None:
+        result = replay_diff(ref_spec, result, ref_options or {}, tolerances=tolerances,
+                             mapping=mapping, announce=announce)
+    return result
+
+
+def replay_diff(ref_spec: str, result: Comparison, ref_options: dict[str, Any], *,
+                tolerances: Tolerances | None = None, mapping: MappingFile | None = None,
+                at: str | None = None,
+                announce: Callable[[str], Any] = lambda m: None) -> Comparison:
+    """The dual test around ``result``'s divergence (or the first pair over tolerance, or the
+    pair whose reference record is ``at``), run with the reference engine ``ref_spec``
+    loaded again; when the first op's error is explained by a lower precision, the dumps are
+    compared again with the candidate taken to compute in it. Returns the comparison with
+    its ``replay``."""
+    from dataclasses import replace
+
+    from ..replay import replay_comparison
+
+    targets = [p for p in result.results if p.ref_name == at] if at else None
+    if at and not targets:
+        raise UsageError(f"--at {at!r}: no compared pair has that reference name")
+    if result.verdict == "match" and not at:
+        return result
+    engine = open_engine(ref_spec, **ref_options)
+    if engine.native:
+        return result
+    with open_dump(result.reference.path) as ref:
+        ids = ref.meta.get("prompt_token_ids")
+        forced = ref.meta.get("generated_token_ids") or _fed_tokens(ref)
+    if not ids:
+        return result
+    announce(f"lockstep: replaying the reference's ops around the divergence ({ref_spec})")
+    with engine:
+        if engine.torch_module() is None:
+            return result
+        replayed = replay_comparison(engine, result, ids, forced,
+                                     at=targets[0] if targets else None)
+    if replayed.precision is not None and result.verdict == "diverged":
+        result = compare(result.reference.path, result.candidate.path, tolerances,
+                         mapping=mapping, cand_precision=replayed.precision)
+    return replace(result, replay=replayed)

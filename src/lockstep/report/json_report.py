@@ -93,6 +93,7 @@ def report_dict(c: Comparison) -> dict[str, Any]:
         "diagnosis": c.diagnosis.as_dict() if c.diagnosis is not None else None,
         "coverage": c.coverage.as_dict() if c.coverage is not None else None,
         "tokens": c.tokens.as_dict() if c.tokens is not None else None,
+        "replay": _numbers(c.replay.to_json()) if c.replay is not None else None,
         "reference_dump": _side(c.reference),
         "candidate_dump": _side(c.candidate),
         "summary": {
@@ -107,6 +108,17 @@ def report_dict(c: Comparison) -> dict[str, Any]:
         "reference_only": [_record(r) for r in c.ref_only],
         "candidate_only": [_record(r) for r in c.cand_only],
     }
+
+
+def _numbers(obj: Any) -> Any:
+    """``obj`` with every float made JSON-safe (``json_number``), all through."""
+    if isinstance(obj, float):
+        return json_number(obj)
+    if isinstance(obj, dict):
+        return {k: _numbers(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_numbers(v) for v in obj]
+    return obj
 
 
 def write_json_file(obj: Any, path: str | os.PathLike[str]) -> None:

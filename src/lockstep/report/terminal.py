@@ -129,6 +129,36 @@ def _diagnosis(d: Diagnosis) -> Panel:
     return Panel(Group(*body), title="diagnosis", expand=False)
 
 
+def _replay(replay: Any) -> Panel:
+    """The dual test: each replayed op's error, introduced here or inherited."""
+    body: list[Any] = []
+    if replay.precision:
+        body.append(Text(f"the first op's error is what {replay.precision} operands give: the "
+                         f"candidate was compared as computing in {replay.precision} "
+                         "(measured by replay, not declared)", style="bold"))
+    table = Table(box=None, padding=(0, 1))
+    for col in ("step", "op (reference)", "error", "introduced here", "inherited input",
+                "bf16/fp16 give", ""):
+        table.add_column(col, justify="left" if col.startswith("op") or not col else "right",
+                         no_wrap=col.startswith("op"))
+    for op in replay.ops:
+        if op.introduced is None:
+            table.add_row(str(op.step), op.reference, fmt(op.total), "-", "-", "-",
+                          f"not replayed: {op.note}")
+            continue
+        rounding = "/".join(fmt(op.rounding[d]) if d in op.rounding else "-"
+                              for d in ("bfloat16", "float16"))
+        where = op.where or ""
+        if op.explained_by:
+            where += f", {op.explained_by} rounding"
+        table.add_row(str(op.step), op.reference, fmt(op.total), fmt(op.introduced),
+                      fmt(op.inherited), rounding, where)
+    body.append(table)
+    body.append(Text(f"the reference's ops re-run on the candidate's recorded inputs "
+                     f"({replay.seconds:.2f} s)", style="dim"))
+    return Panel(Group(*body), title="replay (the dual test)", expand=False)
+
+
 def _error_path(c: Comparison) -> Table:
     """Where the error enters, how large it gets, and the final hidden state's cosine."""
     grid = Table.grid(padding=(0, 2))
@@ -180,6 +210,8 @@ class ComparisonReport:
         yield Panel(Group(*body), title="lockstep compare", expand=False)
         if c.diagnosis is not None:
             yield _diagnosis(c.diagnosis)
+        if c.replay is not None and c.replay.ops:
+            yield _replay(c.replay)
         yield self._steps_table()
         yield self._pairs_table()
         yield from self._unpaired()
