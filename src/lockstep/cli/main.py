@@ -9,7 +9,7 @@ from typing import Any, Sequence
 from .._version import __version__
 from ..errors import LockstepError, UsageError
 from .options import engine_options as _engine_options
-from .options import int_list
+from .options import add_weight_mapping, int_list, weight_rename
 
 __all__ = ["main"]
 
@@ -123,6 +123,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="compare with checkpoint B (any format): pair tensors by name, detect "
                         "layouts, measure errors; exit 1 if a tensor is missing, extra or "
                         "differs beyond what the dtypes explain")
+    add_weight_mapping(i)
     for module in _command_modules():
         module.register(sub)
     return p
@@ -283,7 +284,8 @@ def _inspect_against(args: argparse.Namespace) -> int:
                   transient=True, disable=not err.is_terminal) as progress:
         task = progress.add_task("comparing", total=None)
         report = against_checkpoints(args.path, args.against, progress=lambda done, total:
-                                     progress.update(task, completed=done, total=total))
+                                     progress.update(task, completed=done, total=total),
+                                     rename=weight_rename(args.mapping))
     console = Console()
     for item in render_against(report):
         console.print(item)
