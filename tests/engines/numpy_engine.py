@@ -5,6 +5,8 @@ every op is numpy, and each intermediate tensor is appended to a dump with locks
 ``DumpWriter`` (docs/format.md) under the engine's own names (``emb``, ``l0.q``,
 ``l0.attn``, ..., ``logits``) with the step it belongs to: 0 for the prefill, then one per
 decoded token. Activations are flat ``(tokens, features)``; the logits are every position's.
+With ``heads_first``, each layer also records the attention output per head the way its
+kernel holds it: ``(heads, tokens, head_dim)`` at prefill, ``(heads, head_dim)`` at decode.
 
 Bugs (``bug=``): ``transposed_lm_head`` reads the row-major ``[vocab, hidden]`` lm_head as
 if it were ``[hidden, vocab]`` (a GEMM transpose flag left off); ``rope_base`` reads only the
@@ -40,7 +42,8 @@ def _softmax(x: np.ndarray) -> np.ndarray:
 
 
 class NumpyLlama:
-    def __init__(self, directory: str | Path, *, bug: str | None = None) -> None:
+    def __init__(self, directory: str | Path, *, bug: str | None = None,
+                 heads_first: bool = False) -> None:
         if bug is not None and bug not in BUGS:
             raise ValueError(f"unknown bug {bug!r}; one of {BUGS}")
         directory = Path(directory)
@@ -48,6 +51,7 @@ class NumpyLlama:
         self.w = {k: v.astype(np.float32) for k, v in
                   load_file(str(directory / "model.safetensors")).items()}
         self.bug = bug
+        self.heads_first = heads_first
         self.layers = cfg["num_hidden_layers"]
         self.h, self.kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
         self.d = cfg.get("head_dim") or cfg["hidden_size"] // self.h
@@ -95,8 +99,10 @@ class NumpyLlama:
         total = keys.shape[0]
         future = np.arange(total)[None, :] > (total - n + np.arange(n))[:, None]
         scores = np.where(future[None], -np.inf, scores)
-        o = np.einsum("hts,shd->thd", _softmax(scores), values).reshape(n, self.h * self.d)
-        o = self._put(f"{t}.attn", o.astype(np.float32))
+        o = np.einsum("hts,shd->thd", _softmax(scores), values).astype(np.float32)
+        if self.heads_first:  # the kernel's own layout: (heads, tokens, dim), (heads, dim)
+            self._put(f"{t}.attn_heads", o.transpose(1, 0, 2) if n > 1 else o[0])
+        o = self._put(f"{t}.attn", o.reshape(n, self.h * self.d))
         x = x + self._put(f"{t}.o", o @ w["self_attn.o_proj.weight"].T)
         h = self._put(f"{t}.norm2", _rms(x, w["post_attention_layernorm.weight"], self.eps))
         gate = self._put(f"{t}.gate", h @ w["mlp.gate_proj.weight"].T)
