@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 import lockstep
 from lockstep.align.mapping import load_mapping
@@ -26,12 +25,7 @@ PROMPT = [3, 17, 42, 7, 99, 5, 64, 11, 200]
 DECODE = 3
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cli(*args: Any) -> subprocess.CompletedProcess[str]:
