@@ -92,6 +92,9 @@ def _parser() -> argparse.ArgumentParser:
                         "module the program calls)")
     r.add_argument("--trace", action="append", default=[], metavar="pkg.mod:func",
                    help="record arguments and results of this function")
+    r.add_argument("--step-at", action="append", default=[], metavar="pkg.mod:func",
+                   help="each call of this function starts a step (engines with no module "
+                        "tree: the function that runs one forward)")
     r.add_argument("--include", action="append", metavar="GLOB", help="record only these names")
     r.add_argument("--exclude", action="append", metavar="GLOB", help="do not record these")
     r.add_argument("--stats-only", action="store_true", help="keep statistics, not data")
@@ -220,7 +223,7 @@ def _run(args: argparse.Namespace) -> int:
     program = args.program[1:] if args.program[:1] == ["--"] else args.program
     return run_program(program, args.out, watch=args.watch, trace=args.trace,
                        include=args.include, exclude=args.exclude, data=not args.stats_only,
-                       overwrite=args.overwrite,
+                       overwrite=args.overwrite, step_at=args.step_at,
                        announce=lambda m: print(m, file=sys.stderr))
 
 
