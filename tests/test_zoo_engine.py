@@ -24,14 +24,7 @@ FORCED = [5, 77, 150]  # fed at the decode steps of the bug tests (a random mode
 FAMILIES = ["llama", "qwen3"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and OpenMP's spinning threads stall on a busy
-    machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

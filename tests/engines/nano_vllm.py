@@ -10,7 +10,8 @@ prefill), and a ``Sampler`` module. Module names follow vLLM's model files.
 Bugs, one switch each (``bug=``): ``decode_position`` (a decode token's position one too
 far), ``kv_slot`` (decode writes K/V one slot past its own), ``swapped_args`` (the model
 called as ``model(positions, input_ids)``), ``layer_not_loaded`` (layer 1 keeps random
-weights), ``greedy_temperature`` (the sampler draws at temperature 1 when greedy was asked).
+weights), ``greedy_temperature`` (the sampler draws at temperature 1 when greedy was asked),
+``swapped_kv_rows`` (the loader packs v_proj where k_proj goes in ``qkv_proj``, and k where v).
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from torch import Tensor, nn
 
 import lockstep
 
-BUGS = ("decode_position", "kv_slot", "swapped_args", "layer_not_loaded", "greedy_temperature")
+BUGS = ("decode_position", "kv_slot", "swapped_args", "layer_not_loaded", "greedy_temperature",
+        "swapped_kv_rows")
 BLOCK_SIZE = 4  # KV cache slots per block
 
 
@@ -264,6 +266,8 @@ def _load(model: ForCausalLM, directory: Path, tied: bool, bug: str | None) -> N
                 continue  # the loader skips a layer: its random init stays
             for part, (fused, index) in ForCausalLM.packed.items():
                 if f".{part}." in name:
+                    if bug == "swapped_kv_rows" and fused == "qkv_proj" and index:
+                        index = 3 - index
                     target = params[name.replace(part, fused)]
                     sizes = _part_sizes(model, fused)
                     start = sum(sizes[:index])

@@ -4,7 +4,10 @@ Pairs whose names differ become ``[[rule]]`` tables. Names that differ only in t
 (layer, expert, block) become one rule when every number of the reference name (and of the
 transforms) is one of the candidate name's: ``trunk.3.sa.qp`` -> ``model.layers.3...q_proj``
 for every layer is ``cand = 'trunk\\.(\\d+)\\.sa\\.qp'``, ``ref = "model.layers.{1}..."``.
-Unpaired names are listed as commented-out ``ignore`` globs.
+Unpaired names are listed as commented-out ``ignore`` globs. A pair of names whose layout
+differs between steps (a prefill tensor permuted, its one-token decode tensor reshaped) gets
+a rule without transforms: a rule's transform applies at every step, while a pair without one
+gets the layout that fits it at each step (align.layouts).
 """
 
 from __future__ import annotations
@@ -173,6 +176,23 @@ def rules_text(pairs: Iterable[tuple[str, str, str | None, str | None]],
     return "\n\n".join("\n".join(_rule_lines(r, comment)) for r in rules)
 
 
+def _one_layout_per_name(entries: dict[tuple[str, str, str | None, str | None], _Entry]
+                         ) -> dict[tuple[str, str, str | None, str | None], _Entry]:
+    """Entries of one (candidate, reference) name pair whose transforms differ between steps
+    as one entry without transforms (each step's layout is then found by its shapes)."""
+    by_names: dict[tuple[str, str], list[_Entry]] = {}
+    for e in entries.values():
+        by_names.setdefault((e.cand, e.ref), []).append(e)
+    out = {}
+    for (cand, ref), group in by_names.items():
+        if len(group) > 1:
+            low = min(group, key=lambda e: e.confidence)
+            group = [low._replace(cand_transform=None, ref_transform=None,
+                                  how=f"{low.how}, its layout found at each step")]
+        out.update({(e.cand, e.ref, e.cand_transform, e.ref_transform): e for e in group})
+    return out
+
+
 def mapping_text(alignment: Alignment, *, reference: str | None = None,
                  candidate: str | None = None) -> str:
     """A TOML mapping file (docs/mapping.md) that reproduces ``alignment``'s pairs whose
@@ -187,6 +207,7 @@ def mapping_text(alignment: Alignment, *, reference: str | None = None,
         seen = entries.get(key)
         if seen is None or confidence < seen.confidence:
             entries[key] = _Entry(*key, p.how, p.canonical, confidence)
+    entries = _one_layout_per_name(entries)
     lines = ["# lockstep mapping file (docs/mapping.md), written by `lockstep align --write`."]
     if reference or candidate:
         lines += [f"# reference: {reference or '?'}", f"# candidate: {candidate or '?'}"]

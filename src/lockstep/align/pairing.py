@@ -10,8 +10,9 @@ Passes, each on what the previous ones left:
 4. ``normalized``: the same name after wrapper prefixes (``module.``, ``_orig_mod.``) are
    dropped and case folded;
 5. ``structure``: structural auto-alignment (align.structure) of what is left, by layer
-   index, order, shapes, values and name tokens. After the name tables paired the two dumps,
-   only pairs whose values agree somewhere are taken from it.
+   index, order, shapes, values and name tokens. After the name tables or a mapping file's
+   rules paired the two dumps, only pairs whose values agree somewhere are taken from it
+   (what a mapping leaves unpaired stays unpaired, and is listed, unless its values pair it).
 
 Any pair whose shapes differ gets a layout transform (align.layouts) when one fits. Then every
 pair is checked by its values (align.verify): a wrong pair is re-paired, not reported as a
@@ -270,7 +271,7 @@ def align(ref: Dump, cand: Dump, *, use_tables: bool = True,
     left_cand = [c for s in steps for c in s.free_cand.values() if c.seq not in repeats[1]]
     if left_ref and left_cand:
         _by_structure(ref, cand, steps, left_ref, left_cand, read,
-                      need_values=tables is not None)
+                      need_values=tables is not None or bool(mapping and mapping.rules))
     aliased = _drop_repeats(steps, *repeats)
     chosen: dict = {}
     pairs = [_fit_layout(ref, cand, p, read, chosen) for s in steps for p in s.pairs]

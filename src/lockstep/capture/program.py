@@ -75,11 +75,30 @@ def _auto_watch(rec: Recorder, classes: tuple[type, ...]) -> Any:
     return torch.nn.modules.module.register_module_forward_pre_hook(pre_hook)
 
 
+def _say_empty(rec: Recorder, announce: Any) -> None:
+    """Warn about each traced function that ran and recorded nothing, in the output and in
+    the dump's meta."""
+    empty = rec.traced_empty()
+    for info in empty:
+        assert info.counts is not None
+        announce(f"lockstep: warning: {info.spec} ran {info.counts['calls']} times and recorded "
+                 "no tensor: its arguments and return value hold none (None, dataclasses, "
+                 "numbers); trace the functions that take or return the tensors, or "
+                 "lockstep.probe them inside it")
+    if empty:
+        rec.add_meta(traced_without_tensors=[info.spec for info in empty])
+
+
 def run_program(argv: Sequence[str], out: str, *, watch: Sequence[str] = (),
                 trace: Sequence[str] = (), include: Sequence[str] | None = None,
                 exclude: Sequence[str] | None = None, data: bool = True,
-                overwrite: bool = False, announce: Any = print) -> int:
-    """Run a Python program under a recording; returns its exit code."""
+                overwrite: bool = False, announce: Any = print,
+                step_at: Sequence[str] = ()) -> int:
+    """Run a Python program under a recording; returns its exit code.
+
+    ``step_at``: functions ("pkg.mod:func") each call of which starts a step. A traced
+    function that ran and recorded no tensor is announced as a warning and listed in the
+    dump's meta (``traced_without_tensors``)."""
     kind, target, program_argv = split_command(argv)
     meta = {"engine": "python", "program": " ".join(argv)}
     saved_argv, saved_path = sys.argv[:], sys.path[:]
@@ -94,6 +113,10 @@ def run_program(argv: Sequence[str], out: str, *, watch: Sequence[str] = (),
             sys.path.insert(0, os.getcwd())
         hook = None
         try:
+            for spec in step_at:
+                info = rec.step_at(spec)
+                announce(f"lockstep: a step starts at each call of {spec} "
+                         f"({info.file}:{info.line})")
             for spec in trace:
                 announce(f"lockstep: {rec.trace(spec)}")
             hook = _auto_watch(rec, _watch_classes(watch))
@@ -109,4 +132,5 @@ def run_program(argv: Sequence[str], out: str, *, watch: Sequence[str] = (),
             if hook is not None:
                 hook.remove()
             sys.argv, sys.path[:] = saved_argv, saved_path
+            _say_empty(rec, announce)
     return code

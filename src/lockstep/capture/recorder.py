@@ -70,7 +70,7 @@ class Recorder:
         self._sink = Sink(DumpWriter(path, header, overwrite=overwrite), keep_data=data,
                           keep_stats=stats, max_pending_bytes=max_pending_bytes)
         self.selected = _Patterns(include, exclude)
-        self.step = 0  #: the step that captures go to now
+        self.current_step = 0  #: the step that captures go to now
         self._advance = False  # the step ended: the next capture or root call opens a new one
         self._calls: dict[str, int] = defaultdict(int)
         self._seen: dict[int, tuple[Any, Any, Any]] = {}  # id -> (weakref, version, HostTensor)
@@ -92,15 +92,35 @@ class Recorder:
         Everything captured so far is flushed to disk first.
         """
         self.flush()
-        new = self.step + 1 if step is None else int(step)
-        if new < self.step:
-            raise UsageError(f"steps only go forward: asked for step {new} after step {self.step}")
+        new = self.current_step + 1 if step is None else int(step)
+        if new < self.current_step:
+            raise UsageError(f"steps only go forward: asked for step {new} after step "
+                             f"{self.current_step}")
         self._open_step(new)
-        return self.step
+        return self.current_step
+
+    def step(self) -> int:
+        """Start a step: the first call (before anything is recorded) starts step 0, each
+        later call the next step. For engines with no watched module tree, call it at the
+        start of every forward (prefill, then each decode step); ``lockstep run --step-at
+        pkg.mod:func`` calls it at each call of ``func``. Returns the step now open."""
+        if self._calls or self._advance:  # the current step holds records
+            return self.next_step()
+        self.flush()
+        return self.current_step
+
+    def step_at(self, spec: str) -> Any:
+        """Start a step (``step``) at each call of the function ``"pkg.mod:func"``, patched
+        wherever it was imported by name. Returns a TraceInfo."""
+        from .tracing import step_at
+
+        info, undo = step_at(self, spec)
+        self._undo.append(undo)
+        return info
 
     def _open_step(self, step: int) -> None:
-        if step != self.step:
-            self.step = step
+        if step != self.current_step:
+            self.current_step = step
             self._calls.clear()
             if self.on_step is not None:
                 self.on_step(step)
@@ -113,7 +133,7 @@ class Recorder:
         if self._step_root is None:
             self._step_root = id(root)
         if self._depth == 0 and self._advance and id(root) == self._step_root:
-            self._open_step(self.step + 1)
+            self._open_step(self.current_step + 1)
         self._depth += 1
 
     def _root_exit(self) -> None:
@@ -136,7 +156,7 @@ class Recorder:
         # a call), but a watched module's there (``opens_step=False``: compute_logits, a
         # sampler) belongs to the step it follows
         if self._advance and self._depth == 0 and opens_step:
-            self._open_step(self.step + 1)
+            self._open_step(self.current_step + 1)
         for suffix, tensor in leaves(value):
             full = f"{name}:{suffix}" if suffix else name
             call = self._calls[full]
@@ -150,13 +170,13 @@ class Recorder:
             if version is not None:
                 seen = self._seen.get(id(tensor))
                 if seen is not None and seen[0]() is tensor and seen[1] == version:
-                    self._sink.put(full, self.step, call, seen[2], alias=True, role=role,
-                                   **extra)
+                    self._sink.put(full, self.current_step, call, seen[2], alias=True,
+                                   role=role, **extra)
                     continue
             host = to_host(tensor, copy=not self._sink.direct)
             if version is not None:
                 self._seen[id(tensor)] = (weakref.ref(tensor), version, host)
-            self._sink.put(full, self.step, call, host, role=role, **extra)
+            self._sink.put(full, self.current_step, call, host, role=role, **extra)
 
     def watch(self, module: Any, *, prefix: str = "", inputs: bool | Sequence[str] = False,
               include: Sequence[str] | None = None,
@@ -186,6 +206,13 @@ class Recorder:
         self.traced.append(info)
         self._sink.meta(traced=[t.as_dict() for t in self.traced])
         return info
+
+    def traced_empty(self) -> list[Any]:
+        """The traced functions that were called and recorded no tensor; the dump's
+        ``traced`` meta is brought up to date with every traced function's counts."""
+        if self.traced and not self._closed:
+            self._sink.meta(traced=[t.as_dict() for t in self.traced])
+        return [t for t in self.traced if t.empty]
 
     def add_meta(self, **meta: Any) -> None:
         """Add run metadata (engine, model, dtype, prompt_token_ids, ...) to the dump."""

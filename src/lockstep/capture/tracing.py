@@ -12,7 +12,7 @@ import functools
 import importlib
 import inspect
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..errors import UsageError
@@ -20,7 +20,7 @@ from ..errors import UsageError
 if TYPE_CHECKING:
     from .recorder import Recorder
 
-__all__ = ["TraceInfo", "trace_function", "resolve"]
+__all__ = ["TraceInfo", "trace_function", "step_at", "patch_function", "resolve"]
 
 
 @dataclass(frozen=True)
@@ -32,10 +32,20 @@ class TraceInfo:
     file: str  #: source file of the traced code: check it is the copy you are editing
     line: int
     patched: tuple[str, ...] = field(default=())  #: every "module.attr" that now calls the tracer
+    #: {"calls", "tensors"}: how often the traced function ran and the tensors it gave
+    counts: dict[str, int] | None = field(default=None, compare=False)
+
+    @property
+    def empty(self) -> bool:
+        """Called, yet not one tensor among its arguments or results."""
+        return bool(self.counts) and self.counts["calls"] > 0 and not self.counts["tensors"]
 
     def as_dict(self) -> dict[str, Any]:
-        return {"spec": self.spec, "name": self.name, "file": self.file, "line": self.line,
-                "patched": list(self.patched)}
+        out = {"spec": self.spec, "name": self.name, "file": self.file, "line": self.line,
+               "patched": list(self.patched)}
+        if self.counts is not None:
+            out.update(self.counts)
+        return out
 
     def __str__(self) -> str:
         return (f"tracing {self.spec} from {self.file}:{self.line} "
@@ -82,34 +92,72 @@ def _unwrap(raw: Any) -> tuple[Callable[..., Any], Callable[[Any], Any]]:
 
 def trace_function(rec: Recorder, spec: str, *,
                    name: str | None = None) -> tuple[TraceInfo, Callable[[], None]]:
-    """Patch the function named by ``spec`` to record its tensor arguments and results."""
+    """Patch the function named by ``spec`` to record its tensor arguments and results.
+
+    ``TraceInfo.counts`` says how often it was called and how many tensors it gave: a
+    function that takes and returns no tensors (dataclasses, None) records nothing."""
+    from .tensors import leaves
+
+    counts = {"calls": 0, "tensors": 0}
+
+    def wrap(func: Callable[..., Any], record_name: str) -> Callable[..., Any]:
+        try:
+            signature: inspect.Signature | None = inspect.signature(func)
+        except (TypeError, ValueError):
+            signature = None
+
+        @functools.wraps(func)
+        def traced(*args: Any, **kwargs: Any) -> Any:
+            named: dict[str, Any]
+            try:
+                bound = signature.bind(*args, **kwargs) if signature else None
+            except TypeError:
+                bound = None
+            if bound is not None:
+                named = dict(bound.arguments)
+            else:
+                named = {str(i): a for i, a in enumerate(args)}
+                named.update(kwargs)
+            named.pop("self", None)
+            named.pop("cls", None)
+            counts["calls"] += 1
+            counts["tensors"] += sum(1 for _ in leaves(named))
+            rec.capture(record_name, {"arg": named}, role="arg")
+            result = func(*args, **kwargs)
+            counts["tensors"] += sum(1 for _ in leaves(result))
+            rec.capture(record_name, result, role="return")
+            return result
+
+        return traced
+
+    info, undo = patch_function(spec, wrap, name=name)
+    return replace(info, counts=counts), undo
+
+
+def step_at(rec: Recorder, spec: str) -> tuple[TraceInfo, Callable[[], None]]:
+    """Patch the function named by ``spec`` so that each call starts a step
+    (``Recorder.step``): the first call step 0, each later call the next step."""
+
+    def wrap(func: Callable[..., Any], record_name: str) -> Callable[..., Any]:
+        @functools.wraps(func)
+        def stepping(*args: Any, **kwargs: Any) -> Any:
+            rec.step()
+            return func(*args, **kwargs)
+
+        return stepping
+
+    return patch_function(spec, wrap)
+
+
+def patch_function(spec: str, wrap: Callable[[Callable[..., Any], str], Callable[..., Any]], *,
+                   name: str | None = None) -> tuple[TraceInfo, Callable[[], None]]:
+    """Replace the function named by ``spec`` with ``wrap(function, record name)`` at its
+    definition and in every module that imported it by name."""
     owner, attr, raw, module_name = resolve(spec)
     func, rewrap = _unwrap(raw)
     qual = getattr(func, "__qualname__", attr)
     record_name = name or f"{getattr(func, '__module__', module_name)}.{qual}"
-    try:
-        signature: inspect.Signature | None = inspect.signature(func)
-    except (TypeError, ValueError):
-        signature = None
-
-    @functools.wraps(func)
-    def traced(*args: Any, **kwargs: Any) -> Any:
-        named: dict[str, Any]
-        try:
-            bound = signature.bind(*args, **kwargs) if signature else None
-        except TypeError:
-            bound = None
-        if bound is not None:
-            named = dict(bound.arguments)
-        else:
-            named = {str(i): a for i, a in enumerate(args)}
-            named.update(kwargs)
-        named.pop("self", None)
-        named.pop("cls", None)
-        rec.capture(record_name, {"arg": named}, role="arg")
-        result = func(*args, **kwargs)
-        rec.capture(record_name, result, role="return")
-        return result
+    traced = wrap(func, record_name)
 
     replacement = rewrap(traced)
     restores: list[tuple[Any, str, Any]] = [(owner, attr, raw)]

@@ -20,8 +20,10 @@ from typing import Any, Callable, Iterator, Optional, Tuple
 
 import numpy as np
 
+from .fused import fuse_parts
 from .sources import Checkpoint, open_checkpoint
 from .tensors import TensorSource
+from .weight_mapping import Rename
 from .weight_names import ROPE_ROWS, canonical_weight, role
 
 __all__ = ["Heads", "heads_of", "config_heads", "error_budget", "layouts", "match_layout",
@@ -301,11 +303,13 @@ class AgainstReport:
         Path(path).write_text(json.dumps(self.to_json(), indent=1) + "\n", encoding="utf-8")
 
 
-def _keyed(ckpt: Checkpoint) -> dict[str, TensorSource]:
+def _keyed(ckpt: Checkpoint, rename: Rename | None, side: str) -> dict[str, TensorSource]:
     out: dict[str, TensorSource] = {}
     for src in ckpt.tensors():
-        key, _ = canonical_weight(src.name)
-        out.setdefault(key, src)  # a duplicate under a second wrapper name: the first wins
+        name = src.name if rename is None else rename(src.name, side)
+        if name is not None:
+            key, _ = canonical_weight(name)
+            out.setdefault(key, src)  # a duplicate under a second wrapper name: the first wins
     return out
 
 
@@ -351,16 +355,23 @@ def _compare(key: str, sa: TensorSource, sb: TensorSource, tied: bool,
 
 
 def against_checkpoints(path_a: str | Path, path_b: str | Path, *, heads: Heads | None = None,
-                        progress: Progress | None = None) -> AgainstReport:
+                        progress: Progress | None = None,
+                        rename: Rename | None = None) -> AgainstReport:
     """Pair every tensor of A with B's, find the layout, measure the error after it.
 
     ``heads`` overrides the head counts read from GGUF metadata or a config.json beside the
     weights (they locate the Q/K row permutation; without them common head sizes are tried).
+    A fused tensor of one side (``qkv_proj``, ``gate_up_proj``) pairs with the other side's
+    parts stacked by rows. ``rename(name, side)`` renames A's names (side "cand") to B's,
+    or leaves a tensor out (None): a mapping file's rules (checkpoint/weight_mapping.py).
     Raises CheckpointError (a LockstepError) for a missing, corrupt or truncated checkpoint.
     """
     ckpt_a, ckpt_b = open_checkpoint(path_a), open_checkpoint(path_b)
     geometry = (heads or Heads()).merged(heads_of(ckpt_a)).merged(heads_of(ckpt_b))
-    plan = list(_plan(_keyed(ckpt_a), _keyed(ckpt_b)))
+    keyed_a, keyed_b = _keyed(ckpt_a, rename, "cand"), _keyed(ckpt_b, rename, "ref")
+    fuse_parts(keyed_b, list(keyed_a))
+    fuse_parts(keyed_a, list(keyed_b))
+    plan = list(_plan(keyed_a, keyed_b))
     results = []
     for i, (key, sa, sb, tied) in enumerate(plan):
         if sa is None or sb is None:

@@ -23,9 +23,11 @@ import numpy as np
 
 from ..errors import MissingExtraError
 from .against import Heads, config_heads, heads_of, match_layout, pair_errors, read_array
+from .fused import fuse_parts, part_errors
 from .placement import PlacementMap, placement_map
 from .sources import open_checkpoint
 from .tensors import TensorSource
+from .weight_mapping import Rename
 from .weight_names import canonical_weight, layer_index
 
 __all__ = ["ParamCheck", "LayerSummary", "LoadCheck", "check_loaded", "STATUSES"]
@@ -212,9 +214,27 @@ def _summaries(checks: list[ParamCheck]) -> tuple[LayerSummary, ...]:
                               _verdict(items)) for layer, items in groups.items())
 
 
-def check_loaded(model: Any, checkpoint: str | Path, *, heads: Heads | None = None) -> LoadCheck:
+def _fused_note(check: ParamCheck, t: Any, arr: np.ndarray, parts: list) -> ParamCheck:
+    """Name the parts of a fused parameter that differ (its other parts are equal)."""
+    if check.status == "equal" or check.transform or t.device.type == "meta":
+        return check
+    p = t.detach().to("cpu").float().numpy()
+    errors = part_errors(p, arr, parts)
+    bad = [f"{name} (rel L2 {err:.3g})" for name, err in errors if not err <= 1e-6]
+    good = [name for name, err in errors if err <= 1e-6]
+    note = f"rows of {', '.join(bad)} differ" + (f"; {', '.join(good)} equal" if good else "")
+    return replace(check, note="; ".join(filter(None, (check.note, note))))
+
+
+def check_loaded(model: Any, checkpoint: str | Path, *, heads: Heads | None = None,
+                 rename: Rename | None = None) -> LoadCheck:
     """Compare a torch ``nn.Module``'s parameters and buffers with the checkpoint at
     ``checkpoint`` (any format ``lockstep inspect`` reads), and map where they are placed.
+
+    Fused parameters (``qkv_proj``, ``gate_up_proj``) pair with their parts stacked by rows.
+    ``rename(name, side)`` gives the checkpoint's name for a model name (side "cand") and
+    keeps a checkpoint name (side "ref"), or None to leave the tensor out (a mapping file's
+    rules and ignore globs: checkpoint/weight_mapping.py).
 
     Raises CheckpointError (a LockstepError) for a missing, corrupt or truncated checkpoint.
     """
@@ -229,15 +249,21 @@ def check_loaded(model: Any, checkpoint: str | Path, *, heads: Heads | None = No
         as_dict.get("initializer_range"), float) else None
     geometry = (heads or Heads()).merged(config_heads(as_dict)).merged(heads_of(ckpt))
     state = model.state_dict(keep_vars=True)
+    if rename is not None:
+        state = {name: t for name, t in state.items() if rename(name, "cand") is not None}
+    keys = {name: canonical_weight(name if rename is None else rename(name, "cand") or "")[0]
+            for name in state}
     sources: dict[str, TensorSource] = {}
     for src in ckpt.tensors():
-        sources.setdefault(canonical_weight(src.name)[0], src)
+        if rename is None or rename(src.name, "ref") is not None:
+            sources.setdefault(canonical_weight(src.name)[0], src)
+    fused = fuse_parts(sources, keys.values())
     users: dict[str, list[tuple[str, bool]]] = {}
     layers = {name: _layer_of(name) for name in state}
-    by_index = {layer_index(canonical_weight(n)[0]): layers[n] for n in state}
+    by_index = {layer_index(keys[n]): layers[n] for n in state}
     checks: list[ParamCheck] = []
     for name, t in state.items():
-        key = canonical_weight(name)[0]
+        key = keys[name]
         if key in sources:
             users.setdefault(key, []).append((name, False))
         elif key == "lm_head.weight" and "embed.weight" in sources:
@@ -254,8 +280,11 @@ def check_loaded(model: Any, checkpoint: str | Path, *, heads: Heads | None = No
             continue
         arr = read_array(src)
         for name, tied in users[key]:
-            checks.append(_compare(torch, name, state[name], src, arr, key, geometry,
-                                   layers[name], init_range, tied))
+            check = _compare(torch, name, state[name], src, arr, key, geometry,
+                             layers[name], init_range, tied)
+            if key in fused:
+                check = _fused_note(check, state[name], arr, fused[key])
+            checks.append(check)
         del arr
     order = {name: i for i, name in enumerate(state)}
     checks.sort(key=lambda c: order.get(c.name, len(order)))

@@ -9,6 +9,8 @@ Canonical names are ``embed``, ``layers.N.<op>`` (``attn_norm``, ``q``, ``k``, `
 GGUF's ``blk.3.attn_q.weight``, transformers' ``model.layers.3.self_attn.q_proj.weight`` and
 Meta's ``layers.3.attention.wq.weight``; Meta's ``feed_forward.w1``/``w3``/``w2`` are
 ``gate``/``up``/``down``, and ``output.weight`` is the lm_head in both GGUF and Meta files.
+The fused ``qkv`` and ``gate_up`` (vLLM's ``qkv_proj`` and ``gate_up_proj``) pair with their
+parts stacked by rows (checkpoint/fused.py).
 
 Wrapper prefixes (``base_model.model.`` from PEFT,
 ``module.`` from DDP, ``_orig_mod.`` from torch.compile) and PEFT's ``.base_layer`` are
@@ -21,10 +23,13 @@ import re
 from dataclasses import dataclass
 
 __all__ = ["WeightTable", "TABLES", "WRAPPERS", "unwrap", "canonical_weight", "layer_index",
-           "ROPE_ROWS", "role"]
+           "ROPE_ROWS", "FUSED", "role"]
 
 #: prefixes that wrappers put before the wrapped model's own names
 WRAPPERS = ("base_model.model.", "module.", "_orig_mod.")
+
+#: fused roles (vLLM, SGLang, Phi-3): the parts stacked by rows, in order (checkpoint/fused.py)
+FUSED = {"qkv": ("q", "k", "v"), "gate_up": ("gate", "up")}
 
 #: canonical roles whose rows llama.cpp's and Meta's layouts order differently (RoPE pairs)
 ROPE_ROWS = frozenset({"q", "k"})
@@ -69,6 +74,7 @@ TRANSFORMERS = WeightTable.build("transformers", r"(?:model\.)?layers\.(\d+)", {
     "self_attn.v_proj": "v", "self_attn.o_proj": "o", "self_attn.q_norm": "q_norm",
     "self_attn.k_norm": "k_norm", "post_attention_layernorm": "mlp_norm",
     "mlp.gate_proj": "gate", "mlp.up_proj": "up", "mlp.down_proj": "down",
+    "self_attn.qkv_proj": "qkv", "mlp.gate_up_proj": "gate_up",
 }, {"model.embed_tokens": "embed", "embed_tokens": "embed", "model.norm": "final_norm",
     "lm_head": "lm_head"})
 

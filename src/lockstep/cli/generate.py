@@ -60,6 +60,9 @@ def register(sub: Any) -> None:
     g.add_argument("--out", default="lockstep-generate", metavar="DIR",
                    help="where the dumps of diverging prompts go (default lockstep-generate/)")
     g.add_argument("--json", metavar="FILE", help="also write the JSON report")
+    g.add_argument("--mapping", metavar="FILE",
+                   help="mapping file (docs/mapping.md) for the tensors compared where a "
+                        "prompt diverges")
     g.add_argument("--rows", type=int, default=12, metavar="N",
                    help="rows of each detail table and of the tensor comparison (default 12)")
     g.set_defaults(handler=run)
@@ -81,6 +84,11 @@ def run(args: argparse.Namespace) -> int:
     from ..generation.json_out import write_generation_json
     from ..generation.render import GenerationReport
 
+    mapping = None
+    if args.mapping:  # a bad file is said before any engine loads
+        from ..align.mapping import load_mapping
+
+        mapping = load_mapping(args.mapping)
     if args.tokens is not None:
         if args.chat:
             raise UsageError("--chat applies a chat template to text; it cannot go with --tokens")
@@ -108,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
             cand_options={**_options(args.candidate, args.cand_dtype),
                           **engine_options("", "", args.cand_opt)},
             progress=lambda done, total: progress.update(task, completed=done, total=total),
-            announce=announce)
+            announce=announce, mapping=mapping)
     Console().print(GenerationReport(result, rows=args.rows))
     if args.json:
         write_generation_json(result, args.json)

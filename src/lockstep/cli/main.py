@@ -9,7 +9,7 @@ from typing import Any, Sequence
 from .._version import __version__
 from ..errors import LockstepError, UsageError
 from .options import engine_options as _engine_options
-from .options import int_list
+from .options import add_weight_mapping, int_list, weight_rename
 
 __all__ = ["main"]
 
@@ -108,6 +108,9 @@ def _parser() -> argparse.ArgumentParser:
                         "module the program calls)")
     r.add_argument("--trace", action="append", default=[], metavar="pkg.mod:func",
                    help="record arguments and results of this function")
+    r.add_argument("--step-at", action="append", default=[], metavar="pkg.mod:func",
+                   help="each call of this function starts a step (engines with no module "
+                        "tree: the function that runs one forward)")
     r.add_argument("--include", action="append", metavar="GLOB", help="record only these names")
     r.add_argument("--exclude", action="append", metavar="GLOB", help="do not record these")
     r.add_argument("--stats-only", action="store_true", help="keep statistics, not data")
@@ -139,6 +142,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="compare with checkpoint B (any format): pair tensors by name, detect "
                         "layouts, measure errors; exit 1 if a tensor is missing, extra or "
                         "differs beyond what the dtypes explain")
+    add_weight_mapping(i)
     for module in _command_modules():
         module.register(sub)
     return p
@@ -248,7 +252,7 @@ def _run(args: argparse.Namespace) -> int:
     program = args.program[1:] if args.program[:1] == ["--"] else args.program
     return run_program(program, args.out, watch=args.watch, trace=args.trace,
                        include=args.include, exclude=args.exclude, data=not args.stats_only,
-                       overwrite=args.overwrite,
+                       overwrite=args.overwrite, step_at=args.step_at,
                        announce=lambda m: print(m, file=sys.stderr))
 
 
@@ -312,7 +316,8 @@ def _inspect_against(args: argparse.Namespace) -> int:
                   transient=True, disable=not err.is_terminal) as progress:
         task = progress.add_task("comparing", total=None)
         report = against_checkpoints(args.path, args.against, progress=lambda done, total:
-                                     progress.update(task, completed=done, total=total))
+                                     progress.update(task, completed=done, total=total),
+                                     rename=weight_rename(args.mapping))
     console = Console()
     for item in render_against(report):
         console.print(item)

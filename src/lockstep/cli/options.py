@@ -7,7 +7,7 @@ from typing import Any, Sequence
 
 from ..errors import UsageError
 
-__all__ = ["engine_options", "int_list"]
+__all__ = ["engine_options", "int_list", "add_weight_mapping", "weight_rename"]
 
 
 def engine_options(spec: str, dtype: str, opts: Sequence[str] = ()) -> dict[str, Any]:
@@ -37,3 +37,21 @@ def int_list(text: str) -> list[int]:
         return [int(t) for t in text.replace(",", " ").split()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected integers, e.g. 1,2,3, got {text!r}") from None
+
+
+def add_weight_mapping(parser: Any) -> None:
+    """``--mapping FILE`` for the commands that pair weights (weights, inspect --against)."""
+    parser.add_argument("--mapping", metavar="FILE",
+                        help="mapping file (docs/mapping.md): rules whose cand regex matches "
+                             "the model's (or A's) tensor names and whose ref template is the "
+                             "checkpoint's name; ignore globs leave tensors out")
+
+
+def weight_rename(path: str | None) -> Any:
+    """The renaming a ``--mapping`` file gives weight names, or None without one."""
+    if not path:
+        return None
+    from ..align.mapping import load_mapping
+    from ..checkpoint.weight_mapping import weight_renamer
+
+    return weight_renamer(load_mapping(path))

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import MissingExtraError, UsageError
+from .options import add_weight_mapping, weight_rename
 
 __all__ = ["register", "run", "render_check"]
 
@@ -32,6 +33,7 @@ def register(sub: Any) -> None:
     w.add_argument("--json", metavar="FILE", help="also write the full report as JSON")
     w.add_argument("--rows", type=int, default=40, metavar="N",
                    help="tensors shown that are not equal (default 40; all in --json)")
+    add_weight_mapping(w)
     w.set_defaults(handler=run)
 
 
@@ -110,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
     from ..checkpoint.loaded import check_loaded
     from ..engines import open_engine
 
+    rename = weight_rename(args.mapping)  # a bad mapping file: before the model loads
     if not Path(args.checkpoint).exists():  # before a model load that may take minutes
         raise UsageError(f"{args.checkpoint}: no such file or directory (the checkpoint to "
                          "check the model against)")
@@ -128,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
                              f"check (its .model is {type(model).__name__}); weights needs an "
                              "engine whose .model is a torch nn.Module after load(): hf:, or "
                              "a py: engine that sets self.model")
-        check = check_loaded(model, args.checkpoint)
+        check = check_loaded(model, args.checkpoint, rename=rename)
     finally:
         engine.close()
     console = Console()

@@ -71,7 +71,7 @@ class Engine(ABC):
 
         with record(out, meta=meta, data=data, overwrite=overwrite, include=include) as rec:
             if on_step is not None:
-                on_step(rec.step)
+                on_step(rec.current_step)
                 rec.on_step = on_step
             chosen = self.generate(rec, prompt_ids, decode, forced=forced)
             rec.add_meta(generated_token_ids=chosen)

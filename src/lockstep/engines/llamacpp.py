@@ -268,7 +268,7 @@ class _GraphTap:
                         self.checked = True
                     index = self.index
                     self.index = index + 1
-                    if self.crash_step is not None and index == 8 and rec.step == self.crash_step:
+                    if self.crash_step is not None and index == 8 and rec.current_step == self.crash_step:
                         os.kill(os.getpid(), signal.SIGSEGV)  # inside llama_decode's graph
                     name = string_at(t + _NAME_OFFSET).decode("utf-8", "replace") \
                         or f"node-{index}"

@@ -97,7 +97,7 @@ def _run_prompt(index: int, prompt: Prompt, ids: list[int], ref: Engine, cand: E
 
 def _localize(result: PromptResult, ref_spec: str, cand_spec: str, out: Path,
               ref_options: dict[str, Any], cand_options: dict[str, Any],
-              announce: Callable[[str], Any]) -> PromptResult:
+              announce: Callable[[str], Any], mapping: Any = None) -> PromptResult:
     """Record both engines up to the prompt's first real split (or first step over the KL
     limit) and compare their tensors."""
     from ..engines.diff import diff
@@ -111,7 +111,8 @@ def _localize(result: PromptResult, ref_spec: str, cand_spec: str, out: Path,
              f"engines up to it into {where}")
     try:
         comparison = diff(ref_spec, cand_spec, where, tokens=list(result.prompt_ids),
-                          decode=step, ref_options=ref_options, cand_options=cand_options)
+                          decode=step, ref_options=ref_options, cand_options=cand_options,
+                          mapping=mapping)
     except LockstepError as exc:  # the token-level result stands; say why there is no more
         return replace(result, localization=Localization(step, str(where), None, str(exc)))
     return replace(result, localization=Localization(step, str(where), comparison))
@@ -123,7 +124,8 @@ def check_generation(reference: str, candidate: str, prompts: Sequence[Prompt | 
                      ref_options: dict[str, Any] | None = None,
                      cand_options: dict[str, Any] | None = None,
                      progress: Callable[[int, int], Any] | None = None,
-                     announce: Callable[[str], Any] = lambda m: None) -> GenerationResult:
+                     announce: Callable[[str], Any] = lambda m: None,
+                     mapping: Any = None) -> GenerationResult:
     """Greedy-decode ``max_new_tokens`` tokens of each prompt on both engines and compare.
 
     ``reference`` and ``candidate`` are engine specs (``hf:DIR``, ``llamacpp:FILE.gguf``, ...);
@@ -133,7 +135,8 @@ def check_generation(reference: str, candidate: str, prompts: Sequence[Prompt | 
     a near-tie; a prompt whose mean KL(reference || candidate) is above ``max_kl`` nats
     diverges even where the top tokens agree. With ``localize``, each prompt's first real
     split (or first step over ``max_kl``) is recorded under ``out`` and its tensors compared.
-    ``progress(done, total)`` is called after each prompt.
+    ``progress(done, total)`` is called after each prompt. ``mapping`` (a MappingFile) pairs
+    the tensors compared where a prompt diverges.
     """
     if max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
@@ -169,7 +172,8 @@ def check_generation(reference: str, candidate: str, prompts: Sequence[Prompt | 
     t0 = time.perf_counter()
     if localize:
         results = [_localize(r, reference, candidate, Path(out), ref_options, cand_options,
-                             announce) if r.diverged_step is not None else r for r in results]
+                             announce, mapping) if r.diverged_step is not None else r
+                   for r in results]
     localize_s = time.perf_counter() - t0
     timing = Timing(load_s=load_s, reference_s=clock.seconds.get(id(ref), 0.0),
                     candidate_s=clock.seconds.get(id(cand), 0.0), localize_s=localize_s,
