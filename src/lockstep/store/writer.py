@@ -10,42 +10,21 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
+from .claim import DATA_FILE, FORMAT_NAME, INDEX_FILE, claim_dump_dir
 from .dtypes import lookup
 
 __all__ = ["DumpWriter", "FORMAT_NAME", "FORMAT_VERSION", "INDEX_FILE", "DATA_FILE",
            "append_meta"]
 
-FORMAT_NAME = "lockstep-dump"
 FORMAT_VERSION = 1
-INDEX_FILE = "index.jsonl"
-DATA_FILE = "data.bin"
 _ALIGN = 64  # data offsets are 64-byte aligned, so memory-mapped arrays are aligned too
 _ZEROS = bytes(_ALIGN)
 _ENCODE = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
 _TEXT = json.encoder.encode_basestring_ascii  # what _ENCODE does to a str, minus the checks
-
-
-def _prepare_dir(path: Path, overwrite: bool) -> None:
-    if path.exists():
-        if not path.is_dir():
-            raise UsageError(f"{path} exists and is not a directory; choose another dump path")
-        if any(path.iterdir()):
-            if not overwrite:
-                raise UsageError(
-                    f"{path} already exists and is not empty; choose a new dump path "
-                    "or pass overwrite=True (--overwrite)"
-                )
-            if not (path / INDEX_FILE).exists():
-                raise UsageError(
-                    f"{path} is not a lockstep dump, so it is not overwritten; choose another path"
-                )
-            shutil.rmtree(path)
-    path.mkdir(parents=True, exist_ok=True)
 
 
 class DumpWriter:
@@ -57,9 +36,10 @@ class DumpWriter:
         # A killed process loses nothing the OS has; fsync at close only guards against the
         # machine itself going down, and costs a disk round trip per dump.
         self.durable = durable
-        _prepare_dir(self.path, overwrite)
-        self._data = open(self.path / DATA_FILE, "wb", buffering=0)  # straight to the OS
-        self._index = open(self.path / INDEX_FILE, "w", encoding="utf-8", newline="\n")
+        # created (or an old dump truncated) and locked until close: see store/claim.py
+        index_fd, data_fd = claim_dump_dir(self.path, overwrite)
+        self._data = os.fdopen(data_fd, "wb", buffering=0)  # straight to the OS
+        self._index = os.fdopen(index_fd, "w", encoding="utf-8", newline="\n")
         self._offset = 0
         self._seq = 0
         self._lines: list[str] = []
