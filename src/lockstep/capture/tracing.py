@@ -106,9 +106,9 @@ def trace_function(rec: Recorder, spec: str, *,
             named.update(kwargs)
         named.pop("self", None)
         named.pop("cls", None)
-        rec.capture(record_name, {"arg": named}, role="arg")
+        rec.capture(record_name, {"arg": named}, role="arg", strict=False)
         result = func(*args, **kwargs)
-        rec.capture(record_name, result, role="return")
+        rec.capture(record_name, result, role="return", strict=False)
         return result
 
     replacement = rewrap(traced)

@@ -92,11 +92,18 @@ def _stats_with_nonfinite(values: np.ndarray) -> dict[str, Any]:
         return {"min": None, "max": None, "mean": None, "std": None, "abs_max": None,
                 "nan": nan, "inf": inf, "zero": zero}
     lo, hi = float(finite.min()), float(finite.max())
+    # values near the float64 limit overflow a plain sum: scale them into range first
+    scale = max(abs(lo), abs(hi))
+    scale = scale if scale > 1e150 else 1.0
+    with np.errstate(all="ignore"):
+        scaled = finite if scale == 1.0 else finite / np.float64(scale)
+        mean = float(np.mean(scaled, dtype=np.float64)) * scale
+        std = float(np.std(scaled, dtype=np.float64)) * scale
     return {
         "min": clean_float(lo),
         "max": clean_float(hi),
-        "mean": clean_float(np.mean(finite, dtype=np.float64)),
-        "std": clean_float(np.std(finite, dtype=np.float64)),
+        "mean": clean_float(mean),
+        "std": clean_float(std),
         "abs_max": clean_float(max(abs(lo), abs(hi))),
         "nan": nan,
         "inf": inf,

@@ -18,13 +18,38 @@ from .claim import DATA_FILE, FORMAT_NAME, INDEX_FILE, claim_dump_dir
 from .dtypes import lookup
 
 __all__ = ["DumpWriter", "FORMAT_NAME", "FORMAT_VERSION", "INDEX_FILE", "DATA_FILE",
-           "append_meta"]
+           "append_meta", "check_name", "check_meta"]
 
 FORMAT_VERSION = 1
 _ALIGN = 64  # data offsets are 64-byte aligned, so memory-mapped arrays are aligned too
 _ZEROS = bytes(_ALIGN)
 _ENCODE = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
 _TEXT = json.encoder.encode_basestring_ascii  # what _ENCODE does to a str, minus the checks
+
+
+def check_name(name: Any) -> None:
+    """Refuse a record name a dump cannot hold: not a string, or not encodable as UTF-8 (a
+    lone surrogate such as ``"\\ud800"``: JSON could escape it, but no reader could print it)."""
+    if type(name) is not str:
+        raise UsageError(f"a record name must be a string, got {type(name).__name__} "
+                         f"{name!r:.80}")
+    if not name.isascii():
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise UsageError(f"cannot record {name!r:.200}: the name holds a lone surrogate "
+                             f"({name[exc.start]!r} at {exc.start}), which is not text; "
+                             "name it with valid Unicode") from None
+
+
+def check_meta(meta: dict[str, Any]) -> None:
+    try:
+        json.dumps(meta, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise UsageError(f"cannot store metadata {sorted(meta)!r:.200}: it holds a lone "
+                         f"surrogate (at {exc.start} of its JSON), which is not text") from None
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"cannot store metadata {sorted(meta)!r:.200}: {exc}") from None
 
 
 class DumpWriter:
@@ -36,6 +61,7 @@ class DumpWriter:
         # A killed process loses nothing the OS has; fsync at close only guards against the
         # machine itself going down, and costs a disk round trip per dump.
         self.durable = durable
+        check_meta(meta or {})
         # created (or an old dump truncated) and locked until close: see store/claim.py
         index_fd, data_fd = claim_dump_dir(self.path, overwrite)
         self._data = os.fdopen(data_fd, "wb", buffering=0)  # straight to the OS
@@ -66,6 +92,7 @@ class DumpWriter:
 
         ``at`` points the record at data already written at that offset (the same tensor
         recorded under a second name: a parent module returning its child's output)."""
+        check_name(name)
         dt = lookup(dtype)
         if dt is None:
             raise UsageError(f"cannot store dtype {dtype!r} for {name!r}")
@@ -75,7 +102,9 @@ class DumpWriter:
         nbytes *= dt.itemsize
         offset: int | None = None
         if data is not None:
-            view = memoryview(data).cast("B")
+            view = memoryview(data)
+            # (cast refuses a view with a 0 in its shape: an empty (3, 0) tensor)
+            view = view.cast("B") if view.nbytes else memoryview(b"")
             if view.nbytes != nbytes:
                 raise ValueError(f"{name}: {view.nbytes} bytes given for {dtype}{list(shape)}")
             pad = -self._offset % _ALIGN
@@ -112,6 +141,7 @@ class DumpWriter:
 
     def add_meta(self, **meta: Any) -> None:
         """Append run metadata; later values win over earlier ones and the header's."""
+        check_meta(meta)
         self._line({"type": "meta", "meta": meta})
 
     def flush(self, *, sync: bool = False) -> None:
