@@ -286,7 +286,7 @@ def _inspect(args: argparse.Namespace) -> int:
         console.print(item)
     if args.json:
         report.write_json(args.json)
-    return EXIT_DIVERGED if report.bad else EXIT_OK
+    return EXIT_DIVERGED if report.bad or report.unreadable else EXIT_OK
 
 
 _COMMANDS = {"compare": _compare, "diff": _diff, "demo": _demo, "capture": _capture, "run": _run,
