@@ -223,3 +223,24 @@ def test_tensor_names_print_as_text(tmp_path):
     assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
     for name in MARKUP:
         assert name in res.stdout
+
+
+def test_weights_report_prints_names_as_text(tmp_path):
+    import io
+
+    from rich.console import Console
+
+    from lockstep.checkpoint import check_loaded
+    from lockstep.cli.weights import render_check
+
+    model = torch.nn.Sequential()
+    model.add_module("[/]", torch.nn.Linear(2, 2))
+    model.add_module("[bold]b", torch.nn.Linear(2, 2))
+    save_file({k: v.detach() + 1 for k, v in model.state_dict().items()},
+              tmp_path / "c.safetensors")
+    check = check_loaded(model, tmp_path / "c.safetensors")
+    console = Console(file=io.StringIO(), width=200)
+    for item in render_check(check):
+        console.print(item)
+    out = console.file.getvalue()
+    assert "[/].weight" in out and "[bold]b.weight" in out

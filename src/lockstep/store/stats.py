@@ -22,6 +22,7 @@ def clean_float(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
 
+_HUGE = 1e150  # beyond this a float64 square overflows
 _BLOCK = 1 << 15  # elements per float64 block of the variance pass (256 KiB: stays in cache)
 
 
@@ -43,6 +44,8 @@ def array_stats(values: np.ndarray) -> dict[str, Any]:
     if not math.isfinite(rough):
         return _stats_with_nonfinite(flat)  # rare: NaN or Inf present (or the sum overflowed)
     lo, hi = float(flat.min()), float(flat.max())
+    if max(abs(lo), abs(hi)) > _HUGE:  # float64 squares would overflow: sums scaled instead
+        return _stats_with_nonfinite(flat)
     zero = int(np.count_nonzero(flat == 0))
     if lo == hi:
         mean, var = lo, 0.0
@@ -94,7 +97,7 @@ def _stats_with_nonfinite(values: np.ndarray) -> dict[str, Any]:
     lo, hi = float(finite.min()), float(finite.max())
     # values near the float64 limit overflow a plain sum: scale them into range first
     scale = max(abs(lo), abs(hi))
-    scale = scale if scale > 1e150 else 1.0
+    scale = scale if scale > _HUGE else 1.0
     with np.errstate(all="ignore"):
         scaled = finite if scale == 1.0 else finite / np.float64(scale)
         mean = float(np.mean(scaled, dtype=np.float64)) * scale
