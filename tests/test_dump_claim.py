@@ -163,3 +163,24 @@ def test_cli_run_into_an_unwritable_path_is_one_line(tmp_path):
     assert res.returncode == 2, res.stderr
     assert res.stderr.startswith("lockstep: error: cannot create the dump")
     assert len(res.stderr.splitlines()) == 1 and "Traceback" not in res.stderr
+
+
+def test_a_disk_that_refuses_writes_is_one_line_exit_2(tmp_path):
+    prog = tmp_path / "prog.py"
+    prog.write_text("import numpy as np, lockstep\n"
+                    "for i in range(40):\n"
+                    "    lockstep.probe(f'x{i}', np.zeros(256, np.float32))\n")
+    out = tmp_path / "d"
+    limited = ("import resource, signal, sys\n"
+               "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+               "resource.setrlimit(resource.RLIMIT_FSIZE, (8192, 8192))\n"
+               "from lockstep.cli.main import main\n"
+               f"sys.exit(main(['run', '--out', {str(out)!r}, '--', 'python', {str(prog)!r}]))\n")
+    res = subprocess.run([sys.executable, "-c", limited], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 2, res.stderr
+    assert len(res.stderr.splitlines()) == 1 and "Traceback" not in res.stderr
+    assert res.stderr.startswith(f"lockstep: error: cannot write the dump {out}: File too "
+                                 "large")
+    with open_dump(out) as dump:  # what was written before is kept, and why it ends there
+        assert len(dump) >= 1 and "File too large" in dump.error

@@ -244,3 +244,19 @@ def test_weights_report_prints_names_as_text(tmp_path):
         console.print(item)
     out = console.file.getvalue()
     assert "[/].weight" in out and "[bold]b.weight" in out
+
+
+def test_against_reports_an_unreadable_tensor_and_compares_the_rest(tmp_path):
+    raw = torch.arange(4, dtype=torch.uint8)
+    torch.save({"a": torch.ones(4), "b": raw.view(torch.bits8),
+                "c": torch.zeros(1).expand(2 ** 20)}, tmp_path / "x.bin")
+    save_file({"a": torch.ones(4), "b": torch.zeros(4, dtype=torch.uint8),
+               "c": torch.zeros(2 ** 20)}, tmp_path / "y.safetensors")
+    res = inspect(str(tmp_path / "x.bin"), "--against", str(tmp_path / "y.safetensors"),
+                  "--json", str(tmp_path / "r.json"))
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+    pairs = {p["key"]: p for p in json.loads((tmp_path / "r.json").read_text())["pairs"]}
+    assert pairs["a"]["status"] == "ok"
+    assert pairs["b"]["status"] == "unreadable" and "bits8" in pairs["b"]["note"]
+    assert pairs["c"]["status"] == "unreadable" and "stride 0" in pairs["c"]["note"]
+    assert "unreadable" in res.stdout

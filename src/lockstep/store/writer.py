@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..errors import UsageError
+from ..errors import DumpWriteError, UsageError
 from .claim import DATA_FILE, FORMAT_NAME, INDEX_FILE, claim_dump_dir
 from .dtypes import lookup
 
@@ -133,11 +133,18 @@ class DumpWriter:
     def _write_all(self, parts: list[Any], total: int) -> None:
         """One system call for padding and data, however large (a partial write goes on)."""
         fd = self._data.fileno()
-        done = os.writev(fd, parts)
-        if done < total:
-            rest = b"".join(bytes(memoryview(p).cast("B")) for p in parts)[done:]
-            while rest:
-                rest = rest[os.write(fd, rest):]
+        try:
+            done = os.writev(fd, parts)
+            if done < total:
+                rest = b"".join(bytes(memoryview(p).cast("B")) for p in parts)[done:]
+                while rest:
+                    rest = rest[os.write(fd, rest):]
+        except OSError as exc:
+            raise self._refused(exc) from None
+
+    def _refused(self, exc: OSError) -> DumpWriteError:
+        return DumpWriteError(f"cannot write the dump {self.path}: {exc.strerror or exc}; "
+                              "the records written before are kept")
 
     def add_meta(self, **meta: Any) -> None:
         """Append run metadata; later values win over earlier ones and the header's."""
@@ -146,13 +153,17 @@ class DumpWriter:
 
     def flush(self, *, sync: bool = False) -> None:
         """Push data, then index, to the OS (and to the disk when ``sync``)."""
-        if sync:
-            os.fsync(self._data.fileno())
-        self._index.write("".join(self._lines))
-        self._lines.clear()
-        self._index.flush()
-        if sync:
-            os.fsync(self._index.fileno())
+        try:
+            if sync:
+                os.fsync(self._data.fileno())
+            self._index.write("".join(self._lines))
+            self._lines.clear()
+            self._index.flush()
+            if sync:
+                os.fsync(self._index.fileno())
+        except OSError as exc:
+            self._lines.clear()
+            raise self._refused(exc) from None
 
     def close(self, error: str | None = None) -> None:
         """Write the end line that marks the dump complete, and close the files.
@@ -167,9 +178,14 @@ class DumpWriter:
         if error is not None:
             end["error"] = error
         self._line(end)
-        self.flush(sync=self.durable)
-        self._data.close()
-        self._index.close()
+        try:
+            self.flush(sync=self.durable)
+        finally:  # the files (and the lock) are released even when the disk refused
+            for f in (self._data, self._index):
+                try:
+                    f.close()
+                except OSError:
+                    pass
 
 
 def append_meta(path: str | os.PathLike[str], **meta: Any) -> bool:
