@@ -260,3 +260,21 @@ def test_against_reports_an_unreadable_tensor_and_compares_the_rest(tmp_path):
     assert pairs["b"]["status"] == "unreadable" and "bits8" in pairs["b"]["note"]
     assert pairs["c"]["status"] == "unreadable" and "stride 0" in pairs["c"]["note"]
     assert "unreadable" in res.stdout
+
+
+@pytest.mark.parametrize("looped", ["adapter_config.json", "adapter_model.safetensors"])
+def test_a_symlink_loop_in_a_checkpoint_directory(tmp_path, looped):
+    # found by benchmarks/fuzz_inputs.py --cases 1000 --seed 1 (cases 372, 635)
+    root = tmp_path / "adapter"
+    root.mkdir()
+    (root / "adapter_config.json").write_text(json.dumps({"r": 2}))
+    save_file({"a.lora_A.weight": torch.ones(2, 2)}, root / "adapter_model.safetensors")
+    (root / looped).unlink()
+    (root / looped).symlink_to(looped)
+    one_line(inspect(str(root)), "loops")
+
+
+def test_a_shard_name_with_a_lone_surrogate(tmp_path):
+    # found by benchmarks/fuzz_inputs.py --cases 1000 --seed 1 (case 93)
+    root = _shards(tmp_path / "c", '{"weight_map": {"a": "s1.safetensors", "b": "x\\ud800"}}')
+    one_line(inspect(str(root)), "not a valid file name")

@@ -65,7 +65,11 @@ def inside(root: Path, path: Path) -> Path:
     (or a Hugging Face cache's blobs); returns it."""
     st = _stat(path, follow=False, missing="is missing")
     if stat.S_ISLNK(st.st_mode):
-        if not any(path.resolve().is_relative_to(r) for r in _roots(root)):
+        try:
+            target = path.resolve()
+        except (RuntimeError, OSError):  # Python 3.11 raises RuntimeError for a loop
+            raise CheckpointError(path, "is a symbolic link that loops; refused") from None
+        if not any(target.is_relative_to(r) for r in _roots(root)):
             raise CheckpointError(path, "is a symbolic link that leads out of the checkpoint "
                                         "directory; refused (inspect the file itself if "
                                         "you mean it)")
@@ -79,6 +83,11 @@ def member(root: Path, name: Any, where: Path) -> Path:
     if not isinstance(name, str) or not name:
         raise CheckpointError(where, f"a shard name must be a non-empty string, got "
                                      f"{type(name).__name__}")
+    try:
+        os.fsencode(name)
+    except UnicodeEncodeError:  # a lone surrogate: no file can have that name
+        raise CheckpointError(where, f"shard name {name[:200]!r} is not a valid file "
+                                     "name") from None
     parts = PurePosixPath(name.replace("\\", "/")).parts
     if os.path.isabs(name) or name.startswith(("/", "\\")) or ".." in parts or "\0" in name:
         raise CheckpointError(where, f"shard {name[:200]!r} is outside the checkpoint "
