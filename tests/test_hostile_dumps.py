@@ -174,3 +174,15 @@ def test_a_fifo_in_place_of_a_file_is_refused_at_once(tmp_path):
     os.mkfifo(d / "index.jsonl")
     res = lockstep("show", str(d))
     assert res.returncode == 2 and b"not a regular file" in res.stderr
+
+
+def test_a_report_file_that_cannot_be_written_is_a_user_error(tmp_path):
+    from safetensors.numpy import save_file
+
+    save_file({"a": np.ones(2, np.float32)}, str(tmp_path / "a.safetensors"))
+    res = subprocess.run([*CLI, "inspect", str(tmp_path / "a.safetensors"), "--json",
+                          str(tmp_path / "no" / "such" / "r.json")], capture_output=True,
+                         text=True, timeout=60)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr == f"lockstep: error: {tmp_path / 'no' / 'such' / 'r.json'}: No such " \
+                         "file or directory\n"

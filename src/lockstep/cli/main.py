@@ -316,17 +316,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         _say("lockstep: interrupted")
         return 130
-    except Exception as exc:  # a bug of ours: one line, the traceback behind --debug
-        if getattr(args, "debug", False):
-            import traceback
+    except OSError as exc:
+        if exc.filename is None:  # no file the user named: ours to explain
+            return _internal(exc, args)
+        _say(f"lockstep: error: {exc.filename}: {exc.strerror or exc}")  # --json DIR/x, ...
+        return EXIT_ERROR
+    except Exception as exc:
+        return _internal(exc, args)
 
-            traceback.print_exc()
-        first = (str(exc).strip().splitlines() or [""])[0][:300]
-        _say(f"lockstep: internal error: {type(exc).__name__}: {first}; this is a bug in "
-             "lockstep, please report it with the output of `lockstep doctor`"
-             + ("" if getattr(args, "debug", False) else
-                " (run again with `lockstep --debug ...` for the traceback)"))
-        return EXIT_INTERNAL
+
+def _internal(exc: Exception, args: Any) -> int:
+    """A bug of ours: one line, the traceback behind --debug."""
+    debug = getattr(args, "debug", False)
+    if debug:
+        import traceback
+
+        traceback.print_exception(exc)
+    first = (str(exc).strip().splitlines() or [""])[0][:300]
+    _say(f"lockstep: internal error: {type(exc).__name__}: {first}; this is a bug in "
+         "lockstep, please report it with the output of `lockstep doctor`"
+         + ("" if debug else " (run again with `lockstep --debug ...` for the traceback)"))
+    return EXIT_INTERNAL
 
 
 if __name__ == "__main__":
