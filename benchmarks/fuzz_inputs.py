@@ -332,7 +332,8 @@ def make_case(n: int, seed: int, bases: dict[str, Path], root: Path) -> Case:
                 continue
             name = r.choice(list(MUTATIONS))
             done.append(MUTATIONS[name](r, case))
-        except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+        except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError,
+                RecursionError) as exc:
             # an earlier mutation left nothing this one can work on: the case goes on as is
             done.append(f"(mutation skipped: {type(exc).__name__})")
     if kind == "dump":
@@ -366,8 +367,8 @@ class Result:
         return self.code in OK_CODES and not self.traceback
 
 
-def run_case(case: Case, timeout: float) -> Result:
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "COLUMNS": "120",
+def run_case(case: Case, timeout: float, src: Path = ROOT / "src") -> Result:
+    env = {**os.environ, "PYTHONPATH": str(src), "COLUMNS": "120",
            "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
     argv = [sys.executable, "-c", _RUNNER, *case.argv]
     start = time.monotonic()
@@ -412,13 +413,16 @@ def fuzz(cases: int, seed: int = 0, jobs: int = 2, timeout: float = 20.0,
     own = root is None
     root = Path(tempfile.mkdtemp(prefix="lockstep-fuzz-")) if root is None else root
     try:
+        # the code under test, copied: edits to the checkout during a long run do not leak in
+        src = root / "src"
+        shutil.copytree(ROOT / "src", src, ignore=shutil.ignore_patterns("__pycache__"))
         bases = make_bases(root / "bases")
         work = root / "cases"
         work.mkdir()
         made = [make_case(n, seed, bases, work) for n in range(cases)]
         results: list[Result] = []
         with ThreadPoolExecutor(max_workers=jobs) as pool:
-            for i, res in enumerate(pool.map(lambda c: run_case(c, timeout), made)):
+            for i, res in enumerate(pool.map(lambda c: run_case(c, timeout, src), made)):
                 results.append(res)
                 if progress is not None:
                     progress(i + 1)
