@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import warnings
 from collections import Counter
 
@@ -20,7 +21,9 @@ from lockstep.display import safe  # noqa: E402
 from lockstep.errors import DumpError, UsageError  # noqa: E402
 from lockstep.store import DTYPES, DumpWriter, array_stats, open_dump  # noqa: E402
 
-SETTINGS = settings(max_examples=60, deadline=None,
+# LOCKSTEP_HYPOTHESIS_EXAMPLES=1000 for a long run (60 in the normal suite)
+SETTINGS = settings(max_examples=int(os.environ.get("LOCKSTEP_HYPOTHESIS_EXAMPLES", "60")),
+                    deadline=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture,
                                            HealthCheck.too_slow])
 NAMES = st.text(st.characters(exclude_categories=["Cs"]), max_size=12)
