@@ -184,3 +184,17 @@ def test_a_disk_that_refuses_writes_is_one_line_exit_2(tmp_path):
                                  "large")
     with open_dump(out) as dump:  # what was written before is kept, and why it ends there
         assert len(dump) >= 1 and "File too large" in dump.error
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_fifo_in_place_of_the_index_never_blocks(tmp_path, overwrite):
+    d = tmp_path / "d"
+    d.mkdir()
+    os.mkfifo(d / "index.jsonl")
+    code = ("import sys\nfrom lockstep.store import DumpWriter\nfrom lockstep.errors import "
+            f"UsageError\ntry:\n    DumpWriter({str(d)!r}, overwrite={overwrite})\n"
+            "except UsageError as exc:\n    print(exc)\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=30)
+    assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr
+    assert ("not a regular file" if overwrite else "already exists") in res.stdout

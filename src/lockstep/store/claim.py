@@ -62,7 +62,8 @@ def _lock(fd: int, path: Path) -> None:
 def _not_busy(path: Path) -> None:
     """Raise the "another process is recording" error if a writer holds the index now."""
     try:
-        probe = os.open(path / INDEX_FILE, os.O_RDONLY | _NOFOLLOW)
+        # (non-blocking: a FIFO in its place must not wait for a writer)
+        probe = os.open(path / INDEX_FILE, os.O_RDONLY | os.O_NONBLOCK | _NOFOLLOW)
     except FileNotFoundError:
         return
     except OSError as exc:
