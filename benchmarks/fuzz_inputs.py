@@ -1,6 +1,7 @@
 """Seeded random corruptions of dumps and checkpoints, each run through the real CLI.
 
     python benchmarks/fuzz_inputs.py --cases 1000 [--seed 0] [--jobs 2] [--timeout 20]
+    python benchmarks/fuzz_inputs.py --seed 2 --only 1011 2132   # cases that failed, again
 
 Every case copies a good dump or checkpoint (a dump with several dtypes and a stats-only
 record, a safetensors file, a sharded directory, a PEFT adapter, a torch .bin, a GGUF), breaks
@@ -407,9 +408,10 @@ _RUNNER = (
 
 
 def fuzz(cases: int, seed: int = 0, jobs: int = 2, timeout: float = 20.0,
-         root: Path | None = None, progress: Callable[[int], None] | None = None
-         ) -> list[Result]:
-    """Make and run ``cases`` cases; every Result, in case order."""
+         root: Path | None = None, progress: Callable[[int], None] | None = None,
+         only: list[int] | None = None) -> list[Result]:
+    """Make and run ``cases`` cases (or the case numbers in ``only``: each case depends on
+    the seed and its number alone); every Result, in case order."""
     own = root is None
     root = Path(tempfile.mkdtemp(prefix="lockstep-fuzz-")) if root is None else root
     try:
@@ -419,7 +421,7 @@ def fuzz(cases: int, seed: int = 0, jobs: int = 2, timeout: float = 20.0,
         bases = make_bases(root / "bases")
         work = root / "cases"
         work.mkdir()
-        made = [make_case(n, seed, bases, work) for n in range(cases)]
+        made = [make_case(n, seed, bases, work) for n in (only or range(cases))]
         results: list[Result] = []
         with ThreadPoolExecutor(max_workers=jobs) as pool:
             for i, res in enumerate(pool.map(lambda c: run_case(c, timeout, src), made)):
@@ -455,9 +457,13 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--jobs", type=int, default=2, help="cases run at once")
     ap.add_argument("--timeout", type=float, default=20.0, help="seconds before a case hangs")
+    ap.add_argument("--only", type=int, nargs="+", metavar="N",
+                    help="run just these case numbers (of this seed): a failure again")
     args = ap.parse_args()
+    if args.only:
+        args.cases = len(args.only)
     start = time.monotonic()
-    results = fuzz(args.cases, args.seed, args.jobs, args.timeout,
+    results = fuzz(args.cases, args.seed, args.jobs, args.timeout, only=args.only,
                    progress=lambda i: print(f"\r{i}/{args.cases}", end="", file=sys.stderr,
                                             flush=True))
     print(file=sys.stderr)
@@ -465,7 +471,8 @@ def main() -> int:
         if not r.ok:
             print(f"FAILED case {r.case.n} ({r.case.what}): lockstep {' '.join(r.case.argv)}"
                   f" -> {r.code}\n{r.stderr.strip()[-2000:]}\n")
-    print(f"command: python benchmarks/fuzz_inputs.py --cases {args.cases} --seed {args.seed} "
+    which = f"--only {' '.join(map(str, args.only))}" if args.only else f"--cases {args.cases}"
+    print(f"command: python benchmarks/fuzz_inputs.py {which} --seed {args.seed} "
           f"--jobs {args.jobs} --timeout {args.timeout:g}")
     print(tally(results, args.timeout))
     print(f"wall time: {time.monotonic() - start:.0f} s")

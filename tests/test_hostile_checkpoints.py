@@ -279,3 +279,11 @@ def test_a_shard_name_with_a_lone_surrogate(tmp_path):
     # found by benchmarks/fuzz_inputs.py --cases 1000 --seed 1 (case 93)
     root = _shards(tmp_path / "c", '{"weight_map": {"a": "s1.safetensors", "b": "x\\ud800"}}')
     one_line(inspect(str(root)), "not a valid file name")
+
+
+@pytest.mark.parametrize("dtype", [{}, [], ["F32"]])
+def test_a_header_dtype_that_is_not_a_string(tmp_path, dtype):
+    # found by benchmarks/fuzz_inputs.py --cases 3000 --seed 2 (cases 1011, 2132)
+    header = json.dumps({"a": {"dtype": dtype, "shape": [1], "data_offsets": [0, 4]}})
+    path = _raw_safetensors(tmp_path / "m.safetensors", header.encode(), b"\0" * 4)
+    one_line(inspect(str(path)), "unknown dtype")

@@ -94,7 +94,7 @@ class SafetensorsFile:
         if not isinstance(info, dict):
             raise self._fail("corrupt header: entry is not an object", name)
         dtype = info.get("dtype")
-        if dtype not in SAFETENSORS_DTYPES:
+        if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
             raise self._fail(f"unknown dtype {str(dtype)[:40]!r} (known: "
                              f"{', '.join(SAFETENSORS_DTYPES)})", name)
         shape = info.get("shape")
