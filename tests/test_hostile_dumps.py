@@ -186,3 +186,13 @@ def test_a_report_file_that_cannot_be_written_is_a_user_error(tmp_path):
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert res.stderr == f"lockstep: error: {tmp_path / 'no' / 'such' / 'r.json'}: No such " \
                          "file or directory\n"
+
+
+@pytest.mark.parametrize("step", [2 ** 63, 2 ** 70, 10 ** 300])
+def test_a_huge_step_is_listed(tmp_path, step):
+    # found by benchmarks/fuzz_inputs.py --cases 1000 --seed 3 (cases 843, 937): the steps
+    # line built range(0, step), an OverflowError (or, for 2**40, a list of 2**40 ints)
+    path = _dump(tmp_path / "d", [HEADER, _tensor(), _tensor(step=step, seq=1)])
+    res = lockstep("show", str(path), "--step", "0")
+    assert res.returncode == 0, res.stderr.decode()
+    assert f"steps0,{step}," in "".join(res.stdout.decode().split())  # (a long line wraps)

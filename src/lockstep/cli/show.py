@@ -42,7 +42,7 @@ def _number(value: Any) -> str:
 def _steps(steps: list[int]) -> str:
     if not steps:
         return "none"
-    if steps == list(range(steps[0], steps[-1] + 1)):
+    if steps[-1] - steps[0] == len(steps) - 1:  # sorted and distinct: contiguous
         return f"{steps[0]}-{steps[-1]}" if len(steps) > 1 else str(steps[0])
     return ", ".join(map(str, steps[:20])) + (" ..." if len(steps) > 20 else "")
 
