@@ -6,7 +6,7 @@ with code 2; any other exception is a bug in lockstep and keeps its traceback.
 
 from __future__ import annotations
 
-__all__ = ["LockstepError", "DumpError", "UsageError", "MissingExtraError"]
+__all__ = ["LockstepError", "DumpError", "DumpWriteError", "UsageError", "MissingExtraError"]
 
 
 class LockstepError(Exception):
@@ -21,6 +21,11 @@ class DumpError(LockstepError):
         super().__init__(f"{where}: {message}")
         self.path = path
         self.record = record
+
+
+class DumpWriteError(LockstepError):
+    """The system refused to write a dump (disk full, a file size limit, an I/O error); what
+    was written before stays readable."""
 
 
 class UsageError(LockstepError):

@@ -33,11 +33,11 @@ def watch_module(rec: Recorder, root: Any, *, prefix: str, inputs: bool | Sequen
                              output: Any) -> None:
             named = {str(i): a for i, a in enumerate(args)}
             named.update(kwargs)
-            rec.capture(name, {"input": named}, role="input", opens_step=False)
-            rec.capture(name, output, role="output", opens_step=False)
+            rec.capture(name, {"input": named}, role="input", opens_step=False, strict=False)
+            rec.capture(name, output, role="output", opens_step=False, strict=False)
 
         def hook(module: Any, args: tuple[Any, ...], output: Any) -> None:
-            rec.capture(name, output, role="output", opens_step=False)
+            rec.capture(name, output, role="output", opens_step=False, strict=False)
 
         return hook_with_inputs if with_inputs else hook
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import fnmatch
 import os
 import platform
+import sys
 import time
 import weakref
 from collections import defaultdict
@@ -17,13 +18,20 @@ from typing import Any, Callable, Iterator, Sequence
 
 from .._version import __version__
 from ..errors import UsageError
-from ..store.writer import DumpWriter
+from ..display import safe
+from ..store.writer import DumpWriter, check_name
 from .sink import Sink
-from .tensors import leaves, to_host
+from .tensors import Unrecordable, leaves, to_host
 
 __all__ = ["Recorder", "record", "probe", "active"]
 
 _ACTIVE: Recorder | None = None
+_SKIPPED_KEPT = 50  # distinct skipped records listed in the dump's metadata
+
+
+def _warn(line: str) -> None:
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def active() -> Recorder | None:
@@ -39,7 +47,7 @@ def probe(name: str, value: Any) -> Any:
     """
     rec = _ACTIVE
     if rec is not None and rec.selected(name):
-        rec.capture(name, value, role="probe")
+        rec.capture(name, value, role="probe", strict=False)
     return value
 
 
@@ -79,6 +87,10 @@ class Recorder:
         self._undo: list[Callable[[], None]] = []
         self._closed = False
         self.traced: list[Any] = []  #: TraceInfo of every function traced
+        #: records skipped because a dump cannot hold them (first few, distinct names)
+        self.skipped: list[dict[str, Any]] = []
+        self.skipped_count = 0
+        self._warned = False
         #: called with the new step each time one opens (a worker process tells its parent)
         self.on_step: Callable[[int], Any] | None = None
 
@@ -143,11 +155,15 @@ class Recorder:
             self._advance = True
 
     # -- capture -----------------------------------------------------------------------------
-    def capture(self, name: str, value: Any, *, role: str | None = None,
+    def capture(self, name: str, value: Any, *, role: str | None = None, strict: bool = True,
                 opens_step: bool = True, **extra: Any) -> None:
         """Record every tensor in ``value`` as ``name`` (or ``name:field`` for nested ones).
 
-        ``extra`` fields (JSON values, e.g. ``op="rope"``) are stored in each record.
+        ``extra`` fields (JSON values, e.g. ``op="rope"``) are stored in each record. A tensor
+        a dump cannot hold (an unknown dtype, a meta-device tensor, a name that is not text)
+        raises a UsageError naming the record; with ``strict=False`` (hooks, traces and
+        probes: the recorded program must never fail because of the recorder) it is skipped
+        instead, noted in the dump's ``skipped`` metadata and reported once on stderr.
         ``opens_step=False`` keeps a capture made after a step's root call returned in that
         step (the hooks of watched modules called outside the root pass it)."""
         if self._closed:
@@ -157,8 +173,17 @@ class Recorder:
         # sampler) belongs to the step it follows
         if self._advance and self._depth == 0 and opens_step:
             self._open_step(self.current_step + 1)
+        try:
+            check_name(name)
+        except UsageError as exc:
+            return self._refuse(name, str(exc), strict)
         for suffix, tensor in leaves(value):
             full = f"{name}:{suffix}" if suffix else name
+            try:
+                check_name(full)  # a dict key of the output may be the one that is not text
+            except UsageError as exc:
+                self._refuse(full, str(exc), strict)
+                continue
             call = self._calls[full]
             self._calls[full] = call + 1
             # A parent module often returns its child's output object itself (mlp returns
@@ -173,10 +198,39 @@ class Recorder:
                     self._sink.put(full, self.current_step, call, seen[2], alias=True,
                                    role=role, **extra)
                     continue
-            host = to_host(tensor, copy=not self._sink.direct)
+            try:
+                host = to_host(tensor, copy=not self._sink.direct)
+            except Unrecordable as exc:
+                self._refuse(full, f"cannot record {full!r}: {exc}", strict)
+                continue
+            except Exception as exc:  # whatever a tensor subclass raises on its way to the host
+                if strict:
+                    raise
+                self._refuse(full, f"cannot record {full!r}: {type(exc).__name__}: {exc}",
+                             strict)
+                continue
             if version is not None:
                 self._seen[id(tensor)] = (weakref.ref(tensor), version, host)
             self._sink.put(full, self.current_step, call, host, role=role, **extra)
+
+    def _refuse(self, name: str, why: str, strict: bool) -> None:
+        """A record that cannot be made: raise, or (not strict) skip it, note it in the dump
+        and say so once."""
+        if strict:
+            raise UsageError(why)
+        self.skipped_count += 1
+        if len(self.skipped) < _SKIPPED_KEPT and all(s["name"] != safe(name, 200)
+                                                     for s in self.skipped):
+            self.skipped.append({"name": safe(name, 200), "step": self.current_step,
+                                 "why": safe(why, 300)})
+            self._sink.meta(skipped=self._skipped_meta())
+        if not self._warned:
+            self._warned = True
+            _warn(f"lockstep: warning: {safe(why, 300)}; skipped (each record skipped is "
+                  f"listed in the dump's 'skipped' metadata of {safe(self.path)})")
+
+    def _skipped_meta(self) -> dict[str, Any]:
+        return {"count": self.skipped_count, "records": list(self.skipped)}
 
     def watch(self, module: Any, *, prefix: str = "", inputs: bool | Sequence[str] = False,
               include: Sequence[str] | None = None,
@@ -232,6 +286,8 @@ class Recorder:
             _ACTIVE = None
         while self._undo:
             self._undo.pop()()
+        if self.skipped_count:
+            self._sink.meta(skipped=self._skipped_meta())  # the final count
         self._sink.close(error=error)
 
 

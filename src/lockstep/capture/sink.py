@@ -14,6 +14,7 @@ import queue
 import threading
 from typing import Any
 
+from ..errors import LockstepError
 from ..store.writer import DumpWriter
 from .tensors import HostTensor
 
@@ -45,6 +46,8 @@ class Sink:
     def _raise_if_failed(self) -> None:
         if self._error is not None:
             err, self._error = self._error, None
+            if isinstance(err, LockstepError):  # the disk refused: one line, not a bug
+                raise err
             raise RuntimeError(f"lockstep could not write the dump: {err}") from err
 
     def put(self, name: str, step: int, call: int, tensor: HostTensor, *, alias: bool = False,

@@ -14,9 +14,10 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from ..store.dtypes import DTYPES
 from ..store.stats import array_stats
 
-__all__ = ["HostTensor", "to_host", "leaves", "is_tensor"]
+__all__ = ["HostTensor", "to_host", "leaves", "is_tensor", "Unrecordable"]
 
 _NUMPY_NAMES = {
     "float64": "float64", "float32": "float32", "float16": "float16", "int64": "int64",
@@ -27,6 +28,10 @@ _NUMPY_BY_DTYPE = {np.dtype(k): v for k, v in _NUMPY_NAMES.items()}
 # torch dtypes without a same-size numpy twin are reinterpreted as unsigned ints of their size
 _TORCH_BITCAST = {"bfloat16": "int16", "float8_e4m3fn": "uint8", "float8_e5m2": "uint8",
                   "bool": "uint8"}
+
+
+class Unrecordable(Exception):
+    """A value a dump cannot hold; the message says why (the caller names the record)."""
 
 
 def _torch() -> Any:
@@ -78,6 +83,8 @@ class HostTensor:
     def buffer(self) -> memoryview:
         """The raw bytes, in the stored dtype's layout."""
         self.ready()
+        if self.nbytes == 0:  # memoryview cannot cast a view with a 0 in its shape
+            return memoryview(b"")
         if isinstance(self.host, np.ndarray):
             return memoryview(np.ascontiguousarray(self.host).data).cast("B")
         host = self.host
@@ -127,7 +134,12 @@ def to_host(value: Any, *, copy: bool = True) -> HostTensor:
     if isinstance(value, np.ndarray):
         name = _NUMPY_BY_DTYPE.get(value.dtype)  # (dtype.name is slow: this is per capture)
         if name is None:
-            raise TypeError(f"numpy dtype {value.dtype} cannot be recorded")
+            native = value.dtype.newbyteorder("=") if value.dtype.byteorder in "<>" else None
+            name = _NUMPY_BY_DTYPE.get(native) if native is not None else None
+            if name is None:
+                raise Unrecordable(f"numpy dtype {value.dtype} is not one a dump stores "
+                                   "(docs/format.md, Dtypes)")
+            value = value.astype(native)  # big-endian: stored little-endian, as always
         if not copy:
             host = np.ascontiguousarray(value)
             # a fresh copy is ours; a bounds check (not exact overlap solving) says which
@@ -137,6 +149,11 @@ def to_host(value: Any, *, copy: bool = True) -> HostTensor:
     torch = _torch()
     t = value.detach()
     dtype = str(t.dtype).removeprefix("torch.")
+    if dtype not in DTYPES:
+        raise Unrecordable(f"dtype {dtype} is not one a dump stores (docs/format.md, Dtypes); "
+                           "convert it first, e.g. .float()")
+    if t.device.type == "meta":
+        raise Unrecordable("a meta-device tensor has no data")
     if t.is_sparse or t.layout != torch.strided:
         t = t.to_dense()
     if t.device.type == "cpu":

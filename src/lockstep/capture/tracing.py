@@ -122,10 +122,10 @@ def trace_function(rec: Recorder, spec: str, *,
             named.pop("cls", None)
             counts["calls"] += 1
             counts["tensors"] += sum(1 for _ in leaves(named))
-            rec.capture(record_name, {"arg": named}, role="arg")
+            rec.capture(record_name, {"arg": named}, role="arg", strict=False)
             result = func(*args, **kwargs)
             counts["tensors"] += sum(1 for _ in leaves(result))
-            rec.capture(record_name, result, role="return")
+            rec.capture(record_name, result, role="return", strict=False)
             return result
 
         return traced

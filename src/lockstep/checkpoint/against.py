@@ -22,7 +22,8 @@ import numpy as np
 
 from .fused import fuse_parts
 from .sources import Checkpoint, open_checkpoint
-from .tensors import TensorSource
+from .paths import read_json
+from .tensors import CheckpointError, TensorSource, UnreadableTensor
 from .weight_mapping import Rename
 from .weight_names import ROPE_ROWS, canonical_weight, role
 
@@ -111,9 +112,11 @@ def heads_of(ckpt: Checkpoint) -> Heads:
                       _int(meta.get(f"{arch}.attention.key_length")))
     folder = ckpt.path if ckpt.path.is_dir() else ckpt.path.parent
     for name in ("config.json", "params.json"):
+        if not (folder / name).exists():
+            continue
         try:
-            config = json.loads((folder / name).read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            config = read_json(folder / name, folder)
+        except CheckpointError:  # unreadable: the head counts come from elsewhere
             continue
         heads = heads.merged(config_heads(config))
     return heads
@@ -230,7 +233,8 @@ class PairResult:
     dtype_b: str | None
     shape_a: tuple[int, ...] | None
     shape_b: tuple[int, ...] | None
-    #: "ok", "mismatch" (error beyond budget), "shape", "missing" (B only), "extra" (A only)
+    #: "ok", "mismatch" (error beyond budget), "shape", "unreadable" (a side's dtype or
+    #: layout cannot be read; see ``note``), "missing" (B only), "extra" (A only)
     status: str
     transform: str = ""  #: what brought A into B's layout: "", "transpose", "rope_unpermute", ...
     head_dim: int | None = None  #: for a Q/K row permutation
@@ -238,6 +242,7 @@ class PairResult:
     max_abs: float | None = None
     rel_l2: float | None = None
     budget: float | None = None  #: the relative L2 error the two dtypes explain
+    note: str = ""  #: why a tensor is "unreadable"
 
     @property
     def ok(self) -> bool:
@@ -250,7 +255,7 @@ class PairResult:
                 "shape_b": None if self.shape_b is None else list(self.shape_b),
                 "status": self.status, "transform": self.transform, "head_dim": self.head_dim,
                 "tied": self.tied, "max_abs": _num(self.max_abs), "rel_l2": _num(self.rel_l2),
-                "budget": self.budget}
+                "budget": self.budget, **({"note": self.note} if self.note else {})}
 
 
 @dataclass(frozen=True)
@@ -339,7 +344,15 @@ def _compare(key: str, sa: TensorSource, sb: TensorSource, tied: bool,
                       tied=tied, budget=budget)
     if not layouts(key, sa.shape, sb.shape, heads):
         return base
-    arr_a, arr_b = read_array(sa), read_array(sb)
+    try:
+        for side, src in (("A", sa), ("B", sb)):
+            if src.repeat > 1:
+                raise UnreadableTensor(side, f"expanded from {src.nbytes:,} stored bytes to "
+                                             f"{math.prod(src.shape):,} elements (stride 0); "
+                                             "not compared", tensor=src.name)
+        arr_a, arr_b = read_array(sa), read_array(sb)
+    except UnreadableTensor as exc:
+        return replace(base, status="unreadable", note=f"{exc.tensor}: {exc.reason}")
     errors: dict[int, tuple[float, float]] = {}  # by id(x): x stays alive while it matters
 
     def judge(x: np.ndarray, b: np.ndarray) -> tuple[bool, float]:

@@ -36,6 +36,8 @@ def render_against(report: AgainstReport, *, rows: int = 40) -> list[Any]:
     from rich.table import Table
     from rich.text import Text
 
+    from ..display import text
+
     counts = Counter(p.status for p in report.pairs)
     bad = [p for p in report.pairs if not p.ok]
     verdict = ("PASS  every tensor pairs, errors within what the dtypes explain" if report
@@ -43,9 +45,10 @@ def render_against(report: AgainstReport, *, rows: int = 40) -> list[Any]:
                     "beyond what the dtypes explain")
     out: list[Any] = [
         Text(verdict, style="bold green" if report else "bold red"),
-        Text(f"A: {report.path_a} ({report.kind_a})\nB: {report.path_b} ({report.kind_b})"),
+        text(f"A: {report.path_a} ({report.kind_a})\nB: {report.path_b} ({report.kind_b})"),
         Text(f"{len(report.pairs)} tensors: " + ", ".join(
-            f"{counts[s]} {s}" for s in ("ok", "mismatch", "shape", "missing", "extra")
+            f"{counts[s]} {s}" for s in ("ok", "mismatch", "shape", "unreadable", "missing",
+                                         "extra")
             if counts[s]) + "  (missing: only in B; extra: only in A)"),
     ]
     h = report.heads
@@ -57,7 +60,7 @@ def render_against(report: AgainstReport, *, rows: int = 40) -> list[Any]:
                 "budget", "layouts"):
         table.add_column(col, justify="right" if col in ("tensors", "failed") else "left")
     for r in report.by_dtype():
-        table.add_row(r["dtype_a"], r["dtype_b"], str(r["tensors"]), str(r["failed"]),
+        table.add_row(text(r["dtype_a"]), text(r["dtype_b"]), str(r["tensors"]), str(r["failed"]),
                       _fmt(r["max_rel_l2"]), _fmt(r["max_abs"]), _fmt(r["budget"]),
                       ", ".join(f"{k} {v}" for k, v in r["transforms"].items()),
                       style="red" if r["failed"] else None)
@@ -69,7 +72,7 @@ def render_against(report: AgainstReport, *, rows: int = 40) -> list[Any]:
                         + (f" (head_dim {head_dim})" if head_dim else "")))
     for p in report.pairs:
         if p.tied:
-            out.append(Text(f"tied lm_head: {p.name_a} ~ {p.name_b} (the side without an "
+            out.append(text(f"tied lm_head: {p.name_a} ~ {p.name_b} (the side without an "
                             "lm_head uses its token embedding)"))
     if bad:
         problems = Table(title="tensors that do not pair or differ"
@@ -79,9 +82,9 @@ def render_against(report: AgainstReport, *, rows: int = 40) -> list[Any]:
         for col in ("status", "A", "B", "layout", "rel L2", "budget"):
             problems.add_column(col)
         for p in bad[:rows]:
-            problems.add_row(p.key, p.status,
-                             f"{p.dtype_a} {_shape(p.shape_a)}" if p.name_a else "-",
-                             f"{p.dtype_b} {_shape(p.shape_b)}" if p.name_b else "-",
+            problems.add_row(text(p.key), text(p.status + (f": {p.note}" if p.note else "")),
+                             text(f"{p.dtype_a} {_shape(p.shape_a)}") if p.name_a else "-",
+                             text(f"{p.dtype_b} {_shape(p.shape_b)}") if p.name_b else "-",
                              _transform(p) or "-", _fmt(p.rel_l2), _fmt(p.budget),
                              style="red")
         out.append(problems)

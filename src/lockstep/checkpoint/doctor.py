@@ -10,7 +10,7 @@ from typing import Any, Callable, Iterable
 
 from .components import COMPONENTS, ComponentRules
 from .sources import open_checkpoint
-from .tensors import TensorReport, chunked_stats
+from .tensors import TensorReport, UnreadableTensor, chunked_stats, scaled_counts
 
 __all__ = ["InspectReport", "inspect_checkpoint"]
 
@@ -30,6 +30,10 @@ class InspectReport:
     @property
     def bad(self) -> list[TensorReport]:
         return [t for t in self.tensors if t.bad]
+
+    @property
+    def unreadable(self) -> list[TensorReport]:
+        return [t for t in self.tensors if t.unreadable is not None]
 
     def components(self) -> list[dict[str, Any]]:
         """One row per component present: tensors, elements, bad tensors, NaN and Inf counts."""
@@ -57,6 +61,8 @@ class InspectReport:
             "components": self.components(),
             "bad_tensors": [{"name": t.name, "component": t.component, "nan": t.stats["nan"],
                              "inf": t.stats["inf"]} for t in self.bad],
+            "unreadable_tensors": [{"name": t.name, "dtype": t.dtype, "why": t.unreadable}
+                                   for t in self.unreadable],
             "tensors": [t.to_json() for t in self.tensors],
         }
 
@@ -79,9 +85,12 @@ def inspect_checkpoint(path: str | Path, *, groups: Iterable[str | tuple[str, st
     done_bytes = 0
     reports = []
     for i, src in enumerate(sources):
-        stats = chunked_stats(src.chunks())
+        try:
+            stats, why = scaled_counts(chunked_stats(src.chunks()), src.repeat), None
+        except UnreadableTensor as exc:  # reported, and the others are read
+            stats, why = {}, exc.reason
         reports.append(TensorReport(src.name, src.dtype, src.shape, rules.component(src.name),
-                                    stats))
+                                    stats, why))
         done_bytes += src.nbytes
         if progress is not None:
             progress(i + 1, len(sources), done_bytes, total_bytes)

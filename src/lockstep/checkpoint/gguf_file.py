@@ -54,6 +54,9 @@ class GGUFFile:
         data = t.data
         plain = qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16,
                           gguf.GGMLQuantizationType.F64)
+        if data.size == 0:  # ne[0] = 0: nothing to read (and no row length to reshape by)
+            yield np.empty(0, dtype=np.float32)
+            return
         rows = data.reshape(-1, data.shape[-1]) if data.ndim > 1 else data.reshape(1, -1)
         for lo in range(0, rows.shape[0], _ROWS):
             part = rows[lo:lo + _ROWS]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..display import safe, text
 from .doctor import InspectReport
 
 __all__ = ["render"]
@@ -16,23 +17,25 @@ def _fmt(x: Any) -> str:
 def render(report: InspectReport) -> list[Any]:
     """Renderables: a header line, the component table, and the bad tensors (if any)."""
     from rich.table import Table
-    from rich.text import Text
 
     out: list[Any] = []
     n_bad = len(report.bad)
-    out.append(Text(f"{report.path}: {report.kind}, {len(report.tensors)} tensors, "
-                    f"{sum(t.elements for t in report.tensors):,} elements, "
-                    f"{n_bad} bad", style="bold red" if n_bad else "bold"))
+    unreadable = report.unreadable
+    out.append(text(f"{report.path}: {report.kind}, {len(report.tensors)} tensors, "
+                    f"{sum(t.elements for t in report.tensors):,} elements, {n_bad} bad"
+                    + (f", {len(unreadable)} not readable" if unreadable else ""),
+                    style="bold red" if n_bad or unreadable else "bold"))
     if report.adapter:
         a = report.adapter
-        out.append(Text(f"adapter: r={a.get('r')} lora_alpha={a.get('lora_alpha')} "
-                        f"target_modules={a.get('target_modules')}"))
+        out.append(text(f"adapter: r={safe(a.get('r'), 40)} lora_alpha="
+                        f"{safe(a.get('lora_alpha'), 40)} target_modules="
+                        f"{safe(a.get('target_modules'), 500)}"))
     table = Table(title="by component")
     for col in ("component", "tensors", "elements", "bad tensors", "NaN", "Inf"):
         table.add_column(col, justify="left" if col == "component" else "right")
     for row in report.components():
         style = "red" if row["bad_tensors"] else None
-        table.add_row(row["component"], str(row["tensors"]), f"{row['elements']:,}",
+        table.add_row(text(row["component"]), str(row["tensors"]), f"{row['elements']:,}",
                       str(row["bad_tensors"]), str(row["nan"]), str(row["inf"]), style=style)
     out.append(table)
     if n_bad:
@@ -41,7 +44,16 @@ def render(report: InspectReport) -> list[Any]:
             bad.add_column(col)
         for t in report.bad:
             s = t.stats
-            bad.add_row(t.name, t.component, t.dtype, "x".join(map(str, t.shape)),
+            bad.add_row(text(t.name), text(t.component), text(t.dtype),
+                        "x".join(map(str, t.shape)),
                         str(s["nan"]), str(s["inf"]), _fmt(s["min"]), _fmt(s["max"]))
         out.append(bad)
+    if unreadable:
+        table = Table(title="tensors not readable (the others were read)")
+        for col in ("name", "dtype", "shape", "why"):
+            table.add_column(col)
+        for t in unreadable:
+            table.add_row(text(t.name), text(t.dtype), "x".join(map(str, t.shape)),
+                          text(f"not readable: {t.unreadable}"), style="red")
+        out.append(table)
     return out

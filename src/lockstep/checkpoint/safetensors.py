@@ -9,7 +9,6 @@ whatever the file's size.
 
 from __future__ import annotations
 
-import json
 import math
 import mmap
 import os
@@ -20,7 +19,9 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from ..jsontext import JSONTextError, loads
 from ..store.dtypes import DTYPES, to_float
+from ..store.shapes import shape_problem
 from .tensors import CheckpointError, TensorSource
 
 __all__ = ["SAFETENSORS_DTYPES", "SafetensorsFile", "CHUNK_ELEMENTS"]
@@ -67,9 +68,9 @@ class SafetensorsFile:
                 raise self._fail(f"header length {n} is over the {MAX_HEADER}-byte limit")
             raw = f.read(n)
         try:
-            header = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise self._fail(f"corrupt header: not valid JSON ({exc})") from None
+            header = loads(raw)
+        except JSONTextError as exc:
+            raise self._fail(f"corrupt header: {exc}") from None
         if not isinstance(header, dict):
             raise self._fail("corrupt header: the JSON is not an object")
         self.data_start = 8 + n
@@ -93,18 +94,21 @@ class SafetensorsFile:
         if not isinstance(info, dict):
             raise self._fail("corrupt header: entry is not an object", name)
         dtype = info.get("dtype")
-        if dtype not in SAFETENSORS_DTYPES:
-            raise self._fail(f"unknown dtype {dtype!r} (known: "
+        if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
+            raise self._fail(f"unknown dtype {str(dtype)[:40]!r} (known: "
                              f"{', '.join(SAFETENSORS_DTYPES)})", name)
         shape = info.get("shape")
         if (not isinstance(shape, list) or len(shape) > 16
                 or not all(type(d) is int and d >= 0 for d in shape)):
-            raise self._fail(f"absurd shape {shape!r}: want up to 16 non-negative integers",
-                             name)
+            raise self._fail(f"absurd shape {str(shape)[:80]}: want up to 16 non-negative "
+                             "integers", name)
+        problem = shape_problem(shape)
+        if problem is not None:
+            raise self._fail(problem, name)
         offsets = info.get("data_offsets")
         if (not isinstance(offsets, list) or len(offsets) != 2
                 or not all(type(o) is int for o in offsets)):
-            raise self._fail(f"corrupt data_offsets {offsets!r}", name)
+            raise self._fail(f"corrupt data_offsets {str(offsets)[:80]}", name)
         begin, stop = offsets
         if not 0 <= begin <= stop:
             raise self._fail(f"data_offsets [{begin}, {stop}] are out of order", name)

@@ -11,7 +11,8 @@ import numpy as np
 from ..errors import LockstepError
 from ..store.stats import array_stats
 
-__all__ = ["CheckpointError", "TensorSource", "TensorReport", "chunked_stats"]
+__all__ = ["CheckpointError", "UnreadableTensor", "TensorSource", "TensorReport",
+           "chunked_stats", "scaled_counts"]
 
 
 class CheckpointError(LockstepError):
@@ -22,17 +23,34 @@ class CheckpointError(LockstepError):
         super().__init__(f"{where}: {message}")
         self.path = path
         self.tensor = tensor
+        self.reason = message  #: what is wrong, without the path
+
+
+class UnreadableTensor(CheckpointError):
+    """One tensor that cannot be read (its dtype, its layout); the others still can."""
 
 
 @dataclass
 class TensorSource:
-    """A tensor not read yet: ``chunks()`` yields its elements as float arrays, in order."""
+    """A tensor not read yet: ``chunks()`` yields its elements as float arrays, in order
+    (or raises UnreadableTensor)."""
 
     name: str
     dtype: str  #: the file's own spelling (safetensors "BF16", GGUF "Q4_1", torch "bfloat16")
     shape: tuple[int, ...]
     nbytes: int  #: bytes it takes in the file
     chunks: Callable[[], Iterator[np.ndarray]]
+    #: each element ``chunks`` yields stands for this many of the tensor's (an expanded,
+    #: stride-0 tensor is read once per stored element)
+    repeat: int = 1
+
+
+def scaled_counts(stats: dict[str, Any], repeat: int) -> dict[str, Any]:
+    """Statistics of a tensor whose every element repeats ``repeat`` times: the counts grow,
+    min, max, mean and std stay."""
+    if repeat == 1:
+        return stats
+    return {**stats, **{k: stats[k] * repeat for k in ("nan", "inf", "zero")}}
 
 
 @dataclass
@@ -44,6 +62,7 @@ class TensorReport:
     shape: tuple[int, ...]
     component: str
     stats: dict[str, Any] = field(default_factory=dict)
+    unreadable: str | None = None  #: why it could not be read (then ``stats`` is empty)
 
     @property
     def elements(self) -> int:
@@ -55,8 +74,11 @@ class TensorReport:
         return bool(self.stats.get("nan") or self.stats.get("inf"))
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape),
-                "component": self.component, "bad": self.bad, "stats": self.stats}
+        out = {"name": self.name, "dtype": self.dtype, "shape": list(self.shape),
+               "component": self.component, "bad": self.bad, "stats": self.stats}
+        if self.unreadable is not None:
+            out["unreadable"] = self.unreadable
+        return out
 
 
 def chunked_stats(chunks: Iterator[np.ndarray]) -> dict[str, Any]:

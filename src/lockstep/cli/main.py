@@ -13,7 +13,7 @@ from .options import add_weight_mapping, int_list, weight_rename
 
 __all__ = ["main"]
 
-EXIT_OK, EXIT_DIVERGED, EXIT_ERROR, EXIT_INCOMPLETE = 0, 1, 2, 3
+EXIT_OK, EXIT_DIVERGED, EXIT_ERROR, EXIT_INCOMPLETE, EXIT_INTERNAL = 0, 1, 2, 3, 4
 _VERDICT_EXIT = {"match": EXIT_OK, "drift": EXIT_OK, "diverged": EXIT_DIVERGED,
                  "incomplete": EXIT_INCOMPLETE}
 
@@ -37,6 +37,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Run an inference engine beside a trusted reference and find the first "
                     "operation where they part.")
     p.add_argument("--version", action="version", version=f"lockstep {__version__}")
+    p.add_argument("--debug", action="store_true",
+                   help="print the traceback of an internal error (a bug in lockstep)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     c = sub.add_parser("compare", help="compare a candidate dump with a reference dump",
@@ -125,10 +127,6 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--llamacpp-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="an option for the demo's llama.cpp engine (repeatable)")
 
-    s = sub.add_parser("show", help="list the records of a dump")
-    s.add_argument("dump")
-    s.add_argument("--step", type=int, help="only this step")
-
     i = sub.add_parser("inspect", help="check a checkpoint's weights for NaN and Inf",
                        description="Reads a .safetensors file, a directory of shards, a PEFT "
                                    "adapter directory, a .gguf or a .bin/.pt. Exit code: 0 "
@@ -150,7 +148,7 @@ def _parser() -> argparse.ArgumentParser:
 
 #: subcommands that live in a module of their own (lockstep.cli.<name>): each has
 #: ``register(sub)``, which adds its parser with ``set_defaults(handler=run)``
-_COMMAND_MODULES = ("generate", "weights", "align", "zoo", "doctor", "bench")
+_COMMAND_MODULES = ("show", "generate", "weights", "align", "zoo", "doctor", "bench")
 
 
 def _command_modules() -> list[Any]:
@@ -256,35 +254,6 @@ def _run(args: argparse.Namespace) -> int:
                        announce=lambda m: print(m, file=sys.stderr))
 
 
-def _show(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
-    from ..report.terminal import fmt
-    from ..store import open_dump
-
-    with open_dump(args.dump) as dump:
-        console = Console()
-        state = "complete" if dump.complete else "INCOMPLETE (writer stopped before closing)"
-        console.print(f"{dump.path}: {len(dump.records)} records, steps {dump.steps}, {state}")
-        for key, value in sorted(dump.meta.items()):
-            console.print(f"  {key}: {value}", highlight=False)
-        table = Table()
-        for col in ("step", "seq", "name", "dtype", "shape", "min", "max", "mean", "nan/inf"):
-            table.add_column(col)
-        for rec in dump.records:
-            if args.step is not None and rec.step != args.step:
-                continue
-            st = dump.stats(rec) if rec.has_data or rec.stats else {}
-            nums = [fmt(st[k]) if isinstance(st.get(k), (int, float)) else "-"
-                    for k in ("min", "max", "mean")]
-            table.add_row(str(rec.step), str(rec.seq), rec.name or '""', rec.dtype,
-                          "x".join(map(str, rec.shape)), *nums,
-                          f"{st.get('nan', '-')}/{st.get('inf', '-')}")
-        console.print(table)
-    return EXIT_OK
-
-
 def _demo(args: argparse.Namespace) -> int:
     from rich.console import Console
 
@@ -351,25 +320,59 @@ def _inspect(args: argparse.Namespace) -> int:
         console.print(item)
     if args.json:
         report.write_json(args.json)
-    return EXIT_DIVERGED if report.bad else EXIT_OK
+    return EXIT_DIVERGED if report.bad or report.unreadable else EXIT_OK
 
 
-_COMMANDS = {"compare": _compare, "diff": _diff, "replay": _replay, "demo": _demo, "capture": _capture, "run": _run, "show": _show,
+_COMMANDS = {"compare": _compare, "diff": _diff, "replay": _replay, "demo": _demo,
+             "capture": _capture, "run": _run,
              "inspect": _inspect}
 
 
+def _say(line: str) -> None:
+    """One line on stderr, whatever it holds (a path with undecodable bytes included)."""
+    data = (line + "\n").encode(sys.stderr.encoding or "utf-8", "backslashreplace")
+    sys.stderr.flush()
+    sys.stderr.buffer.write(data) if hasattr(sys.stderr, "buffer") else \
+        sys.stderr.write(data.decode(sys.stderr.encoding or "utf-8"))
+    sys.stderr.flush()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the exit code (0 match/drift, 1 diverged, 2 error, 3 incomplete)."""
-    args = _parser().parse_args(argv)
+    """Entry point; returns the exit code: 0 match/drift (or success), 1 diverged (or, for
+    inspect/weights/generate, problems found), 2 a user error, 3 incomplete, 4 an internal
+    error (a bug)."""
+    args = None
     try:
+        args = _parser().parse_args(argv)
         handler = getattr(args, "handler", None) or _COMMANDS[args.command]
         return handler(args)
     except LockstepError as exc:
-        print(f"lockstep: error: {exc}", file=sys.stderr)
+        _say(f"lockstep: error: {exc}")
         return EXIT_ERROR
     except KeyboardInterrupt:
-        print("lockstep: interrupted", file=sys.stderr)
+        _say("lockstep: interrupted")
         return 130
+    except OSError as exc:
+        if exc.filename is None:  # no file the user named: ours to explain
+            return _internal(exc, args)
+        _say(f"lockstep: error: {exc.filename}: {exc.strerror or exc}")  # --json DIR/x, ...
+        return EXIT_ERROR
+    except Exception as exc:
+        return _internal(exc, args)
+
+
+def _internal(exc: Exception, args: Any) -> int:
+    """A bug of ours: one line, the traceback behind --debug."""
+    debug = getattr(args, "debug", False)
+    if debug:
+        import traceback
+
+        traceback.print_exception(exc)
+    first = (str(exc).strip().splitlines() or [""])[0][:300]
+    _say(f"lockstep: internal error: {type(exc).__name__}: {first}; this is a bug in "
+         "lockstep, please report it with the output of `lockstep doctor`"
+         + ("" if debug else " (run again with `lockstep --debug ...` for the traceback)"))
+    return EXIT_INTERNAL
 
 
 if __name__ == "__main__":

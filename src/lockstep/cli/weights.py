@@ -46,6 +46,8 @@ def render_check(check: Any, *, rows: int = 40) -> list[Any]:
     from rich.table import Table
     from rich.text import Text
 
+    from ..display import safe, text
+
     problems = check.problems
     placement = check.placement
     if check and placement:
@@ -54,11 +56,11 @@ def render_check(check: Any, *, rows: int = 40) -> list[Any]:
     else:
         words = [f"{len(problems)} of {len(check.params)} tensors not equal"] if problems else []
         if check.not_loaded:
-            words.append("not loaded: " + ", ".join(check.not_loaded))
+            words.append("not loaded: " + safe(", ".join(check.not_loaded)))
         if not placement:
             words.append(f"{len(placement.outliers)} modules placed apart from the rest")
         verdict = Text("FAIL  " + "; ".join(words), style="bold red")
-    out: list[Any] = [verdict, Text(f"checkpoint: {check.checkpoint} ({check.kind})")]
+    out: list[Any] = [verdict, text(f"checkpoint: {check.checkpoint} ({check.kind})")]
     if problems:
         table = Table(title="tensors not equal to the checkpoint"
                       + (f" (first {rows} of {len(problems)})" if len(problems) > rows else ""))
@@ -67,9 +69,9 @@ def render_check(check: Any, *, rows: int = 40) -> list[Any]:
         table.add_column("rel L2")
         table.add_column("status", min_width=20)
         for p in problems[:rows]:
-            table.add_row(p.name, f"{p.dtype or '-'} ({p.checkpoint_dtype or '-'}"
-                          + (f", {p.transform})" if p.transform else ")"), _fmt(p.rel_l2),
-                          p.status + (f": {p.note}" if p.note else ""),
+            table.add_row(text(p.name), text(f"{p.dtype or '-'} ({p.checkpoint_dtype or '-'}"
+                                             + (f", {p.transform})" if p.transform else ")")),
+                          _fmt(p.rel_l2), text(p.status + (f": {p.note}" if p.note else "")),
                           style="red" if p.status != "different" else "yellow")
         out.append(table)
     layers = Table(title="by layer")
@@ -79,7 +81,7 @@ def render_check(check: Any, *, rows: int = 40) -> list[Any]:
     for s in check.layers:
         if s.verdict != "loaded":
             other = ", ".join(f"{n} {k}" for k, n in s.counts.items() if k != "equal")
-            layers.add_row(s.layer, str(s.tensors), str(s.counts.get("equal", 0)), other,
+            layers.add_row(text(s.layer), str(s.tensors), str(s.counts.get("equal", 0)), other,
                            s.verdict, style="red")
     if loaded:  # one row for all the layers that are fine
         n = sum(s.tensors for s in loaded)
@@ -99,7 +101,7 @@ def render_check(check: Any, *, rows: int = 40) -> list[Any]:
         for col in ("module", "device", "dtype", "parameters", "why"):
             table.add_column(col)
         for m in placement.outliers[:rows]:
-            table.add_row(m.name or "(root)", m.device, m.dtype, f"{m.params:,}", m.outlier,
+            table.add_row(text(m.name or "(root)"), m.device, m.dtype, f"{m.params:,}", m.outlier,
                           style="red")
         out.append(table)
     return out

@@ -6,7 +6,6 @@ Everything in a dump is validated before it is used, so a corrupt or hostile dum
 
 from __future__ import annotations
 
-import json
 import math
 import mmap
 import os
@@ -17,13 +16,14 @@ from typing import Any, Iterator
 import numpy as np
 
 from ..errors import DumpError
+from ..jsontext import JSONTextError, loads
 from .dtypes import lookup, to_float
+from .shapes import shape_problem
 from .stats import array_stats
 from .writer import DATA_FILE, FORMAT_NAME, FORMAT_VERSION, INDEX_FILE
 
 __all__ = ["Record", "Dump", "open_dump"]
 
-_MAX_ELEMENTS = 1 << 40  # a shape claiming more elements than this is corrupt
 
 
 @dataclass(frozen=True)
@@ -59,26 +59,37 @@ def _int(obj: dict[str, Any], key: str, where: str, *, optional: bool = False) -
     if value is None and optional:
         return None
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ValueError(f"field {key!r} must be a non-negative integer, got {value!r}{where}")
+        raise ValueError(f"field {key!r} must be a non-negative integer, got "
+                         f"{_brief(value)}{where}")
     return value
+
+
+def _brief(value: Any, limit: int = 80) -> str:
+    """``repr(value)``, cut to ``limit`` characters (values from a hostile file can be huge)."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int too long to print
+        return f"<{type(value).__name__} too large to show>"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _parse_record(obj: dict[str, Any], data_size: int) -> Record:
     name = obj.get("name")
     if not isinstance(name, str) or not name and name != "":
-        raise ValueError(f"field 'name' must be a string, got {name!r}")
+        raise ValueError(f"field 'name' must be a string, got {_brief(name)}")
     dtype = obj.get("dtype")
     dt = lookup(dtype) if isinstance(dtype, str) else None
     if dt is None:
-        raise ValueError(f"unknown dtype {dtype!r} for {name!r}")
+        raise ValueError(f"unknown dtype {_brief(dtype)} for {_brief(name)}")
     shape = obj.get("shape")
     if not isinstance(shape, list) or not all(
         isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape
     ):
-        raise ValueError(f"shape must be a list of non-negative integers, got {shape!r}")
+        raise ValueError(f"shape must be a list of non-negative integers, got {_brief(shape)}")
+    problem = shape_problem(shape)
+    if problem is not None:
+        raise ValueError(f"{problem} for {_brief(name)}")
     numel = math.prod(shape)
-    if numel > _MAX_ELEMENTS:
-        raise ValueError(f"absurd shape {shape} for {name!r}")
     step = _int(obj, "step", "")
     seq = _int(obj, "seq", "")
     call = _int(obj, "call", "", optional=True) or 0
@@ -95,6 +106,9 @@ def _parse_record(obj: dict[str, Any], data_size: int) -> Record:
                 f"data of {name!r} at offset {offset}+{expected} runs past the end of "
                 f"{DATA_FILE} ({data_size} bytes): the data file is truncated or the offset wrong"
             )
+    rank = obj.get("rank")
+    if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool)):
+        raise ValueError(f"field 'rank' must be an integer or null, got {_brief(rank)}")
     stats = obj.get("stats")
     if stats is not None and not isinstance(stats, dict):
         raise ValueError(f"stats must be an object or null, got {type(stats).__name__}")
@@ -171,7 +185,10 @@ class Dump:
 
     def close(self) -> None:
         if self._map is not None:
-            self._map.close()
+            try:
+                self._map.close()
+            except BufferError:  # an array read from it is still alive: the GC closes it
+                pass
             self._map = None
         if self._file is not None:
             self._file.close()
@@ -193,16 +210,21 @@ class Dump:
 def open_dump(path: str | os.PathLike[str]) -> Dump:
     """Open a dump directory (or its index.jsonl) for reading; raises DumpError when unreadable."""
     path = Path(path)
-    if path.name == INDEX_FILE:
+    named_index = path.name == INDEX_FILE  # the user named the index itself: a link is fine
+    if named_index:
         path = path.parent
     index_path = path / INDEX_FILE
     if not path.exists():
         raise DumpError(path, "no such dump (the directory does not exist)")
-    if not index_path.is_file():
+    if not index_path.exists() and not index_path.is_symlink():
         raise DumpError(path, f"not a lockstep dump: {INDEX_FILE} is missing")
     data_path = path / DATA_FILE
-    if data_path.exists() and not data_path.is_file():
-        raise DumpError(path, f"{DATA_FILE} is not a regular file")
+    for file in (index_path, data_path):
+        if file.is_symlink() and not (named_index and file == index_path):
+            raise DumpError(path, f"{file.name} is a symbolic link; lockstep reads only the "
+                            "dump's own files (open the link's target itself)")
+        if file.exists() and not file.is_file():
+            raise DumpError(path, f"{file.name} is not a regular file")
     data_size = data_path.stat().st_size if data_path.exists() else 0
     try:
         text = index_path.read_bytes()
@@ -224,9 +246,9 @@ def open_dump(path: str | os.PathLike[str]) -> Dump:
         if end is not None:
             raise DumpError(path, f"{where}: content after the end line")
         try:
-            obj = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-            raise DumpError(path, f"{where} is not valid JSON ({exc})") from None
+            obj = loads(line)
+        except JSONTextError as exc:
+            raise DumpError(path, f"{where} is {exc}") from None
         if not isinstance(obj, dict):
             raise DumpError(path, f"{where} is not a JSON object")
         kind = obj.get("type")
@@ -236,7 +258,7 @@ def open_dump(path: str | os.PathLike[str]) -> Dump:
             version = obj.get("version")
             if not isinstance(version, int) or isinstance(version, bool) or version < 1:
                 raise DumpError(path, f"{where}: the header's version must be a positive "
-                                f"integer, got {version!r}")
+                                f"integer, got {_brief(version)}")
             if version > FORMAT_VERSION:
                 raise DumpError(path, f"dump format version {version} is newer than this "
                                 f"lockstep reads ({FORMAT_VERSION}); upgrade lockstep")
@@ -249,7 +271,9 @@ def open_dump(path: str | os.PathLike[str]) -> Dump:
             try:
                 rec = _parse_record(obj, data_size)
             except ValueError as exc:
-                raise DumpError(path, f"{where}: {exc}", record=obj.get("seq")) from None
+                seq = obj.get("seq")
+                raise DumpError(path, f"{where}: {exc}", record=seq if type(seq) is int and
+                                len(str(seq)) < 20 else None) from None
             if rec.seq in seqs:
                 raise DumpError(path, f"{where}: seq {rec.seq} is used twice", record=rec.seq)
             seqs.add(rec.seq)
@@ -268,10 +292,10 @@ def open_dump(path: str | os.PathLike[str]) -> Dump:
             end = obj
             count = obj.get("records")
             if count is not None and count != len(records):
-                raise DumpError(path, f"{where}: the end line says {count} records but the "
+                raise DumpError(path, f"{where}: the end line says {_brief(count)} records but the "
                                 f"index has {len(records)}; the index is damaged")
         else:
-            raise DumpError(path, f"{where}: unknown line type {kind!r}")
+            raise DumpError(path, f"{where}: unknown line type {_brief(kind)}")
     if header is None:
         raise DumpError(path, f"{INDEX_FILE} is empty: the writer died before writing anything")
     if torn.strip() and end is not None:

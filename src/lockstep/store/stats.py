@@ -22,6 +22,7 @@ def clean_float(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
 
+_HUGE = 1e150  # beyond this a float64 square overflows
 _BLOCK = 1 << 15  # elements per float64 block of the variance pass (256 KiB: stays in cache)
 
 
@@ -43,6 +44,8 @@ def array_stats(values: np.ndarray) -> dict[str, Any]:
     if not math.isfinite(rough):
         return _stats_with_nonfinite(flat)  # rare: NaN or Inf present (or the sum overflowed)
     lo, hi = float(flat.min()), float(flat.max())
+    if max(abs(lo), abs(hi)) > _HUGE:  # float64 squares would overflow: sums scaled instead
+        return _stats_with_nonfinite(flat)
     zero = int(np.count_nonzero(flat == 0))
     if lo == hi:
         mean, var = lo, 0.0
@@ -92,11 +95,18 @@ def _stats_with_nonfinite(values: np.ndarray) -> dict[str, Any]:
         return {"min": None, "max": None, "mean": None, "std": None, "abs_max": None,
                 "nan": nan, "inf": inf, "zero": zero}
     lo, hi = float(finite.min()), float(finite.max())
+    # values near the float64 limit overflow a plain sum: scale them into range first
+    scale = max(abs(lo), abs(hi))
+    scale = scale if scale > _HUGE else 1.0
+    with np.errstate(all="ignore"):
+        scaled = finite if scale == 1.0 else finite / np.float64(scale)
+        mean = float(np.mean(scaled, dtype=np.float64)) * scale
+        std = float(np.std(scaled, dtype=np.float64)) * scale
     return {
         "min": clean_float(lo),
         "max": clean_float(hi),
-        "mean": clean_float(np.mean(finite, dtype=np.float64)),
-        "std": clean_float(np.std(finite, dtype=np.float64)),
+        "mean": clean_float(mean),
+        "std": clean_float(std),
         "abs_max": clean_float(max(abs(lo), abs(hi))),
         "nan": nan,
         "inf": inf,

@@ -10,42 +10,46 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
-from ..errors import UsageError
+from ..errors import DumpWriteError, UsageError
+from .claim import DATA_FILE, FORMAT_NAME, INDEX_FILE, claim_dump_dir
 from .dtypes import lookup
 
 __all__ = ["DumpWriter", "FORMAT_NAME", "FORMAT_VERSION", "INDEX_FILE", "DATA_FILE",
-           "append_meta"]
+           "append_meta", "check_name", "check_meta"]
 
-FORMAT_NAME = "lockstep-dump"
 FORMAT_VERSION = 1
-INDEX_FILE = "index.jsonl"
-DATA_FILE = "data.bin"
 _ALIGN = 64  # data offsets are 64-byte aligned, so memory-mapped arrays are aligned too
 _ZEROS = bytes(_ALIGN)
 _ENCODE = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
 _TEXT = json.encoder.encode_basestring_ascii  # what _ENCODE does to a str, minus the checks
 
 
-def _prepare_dir(path: Path, overwrite: bool) -> None:
-    if path.exists():
-        if not path.is_dir():
-            raise UsageError(f"{path} exists and is not a directory; choose another dump path")
-        if any(path.iterdir()):
-            if not overwrite:
-                raise UsageError(
-                    f"{path} already exists and is not empty; choose a new dump path "
-                    "or pass overwrite=True (--overwrite)"
-                )
-            if not (path / INDEX_FILE).exists():
-                raise UsageError(
-                    f"{path} is not a lockstep dump, so it is not overwritten; choose another path"
-                )
-            shutil.rmtree(path)
-    path.mkdir(parents=True, exist_ok=True)
+def check_name(name: Any) -> None:
+    """Refuse a record name a dump cannot hold: not a string, or not encodable as UTF-8 (a
+    lone surrogate such as ``"\\ud800"``: JSON could escape it, but no reader could print it)."""
+    if type(name) is not str:
+        raise UsageError(f"a record name must be a string, got {type(name).__name__} "
+                         f"{name!r:.80}")
+    if not name.isascii():
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise UsageError(f"cannot record {name!r:.200}: the name holds a lone surrogate "
+                             f"({name[exc.start]!r} at {exc.start}), which is not text; "
+                             "name it with valid Unicode") from None
+
+
+def check_meta(meta: dict[str, Any]) -> None:
+    try:
+        json.dumps(meta, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise UsageError(f"cannot store metadata {sorted(meta)!r:.200}: it holds a lone "
+                         f"surrogate (at {exc.start} of its JSON), which is not text") from None
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"cannot store metadata {sorted(meta)!r:.200}: {exc}") from None
 
 
 class DumpWriter:
@@ -57,9 +61,11 @@ class DumpWriter:
         # A killed process loses nothing the OS has; fsync at close only guards against the
         # machine itself going down, and costs a disk round trip per dump.
         self.durable = durable
-        _prepare_dir(self.path, overwrite)
-        self._data = open(self.path / DATA_FILE, "wb", buffering=0)  # straight to the OS
-        self._index = open(self.path / INDEX_FILE, "w", encoding="utf-8", newline="\n")
+        check_meta(meta or {})
+        # created (or an old dump truncated) and locked until close: see store/claim.py
+        index_fd, data_fd = claim_dump_dir(self.path, overwrite)
+        self._data = os.fdopen(data_fd, "wb", buffering=0)  # straight to the OS
+        self._index = os.fdopen(index_fd, "w", encoding="utf-8", newline="\n")
         self._offset = 0
         self._seq = 0
         self._lines: list[str] = []
@@ -86,6 +92,7 @@ class DumpWriter:
 
         ``at`` points the record at data already written at that offset (the same tensor
         recorded under a second name: a parent module returning its child's output)."""
+        check_name(name)
         dt = lookup(dtype)
         if dt is None:
             raise UsageError(f"cannot store dtype {dtype!r} for {name!r}")
@@ -95,7 +102,9 @@ class DumpWriter:
         nbytes *= dt.itemsize
         offset: int | None = None
         if data is not None:
-            view = memoryview(data).cast("B")
+            view = memoryview(data)
+            # (cast refuses a view with a 0 in its shape: an empty (3, 0) tensor)
+            view = view.cast("B") if view.nbytes else memoryview(b"")
             if view.nbytes != nbytes:
                 raise ValueError(f"{name}: {view.nbytes} bytes given for {dtype}{list(shape)}")
             pad = -self._offset % _ALIGN
@@ -124,25 +133,37 @@ class DumpWriter:
     def _write_all(self, parts: list[Any], total: int) -> None:
         """One system call for padding and data, however large (a partial write goes on)."""
         fd = self._data.fileno()
-        done = os.writev(fd, parts)
-        if done < total:
-            rest = b"".join(bytes(memoryview(p).cast("B")) for p in parts)[done:]
-            while rest:
-                rest = rest[os.write(fd, rest):]
+        try:
+            done = os.writev(fd, parts)
+            if done < total:
+                rest = b"".join(bytes(memoryview(p).cast("B")) for p in parts)[done:]
+                while rest:
+                    rest = rest[os.write(fd, rest):]
+        except OSError as exc:
+            raise self._refused(exc) from None
+
+    def _refused(self, exc: OSError) -> DumpWriteError:
+        return DumpWriteError(f"cannot write the dump {self.path}: {exc.strerror or exc}; "
+                              "the records written before are kept")
 
     def add_meta(self, **meta: Any) -> None:
         """Append run metadata; later values win over earlier ones and the header's."""
+        check_meta(meta)
         self._line({"type": "meta", "meta": meta})
 
     def flush(self, *, sync: bool = False) -> None:
         """Push data, then index, to the OS (and to the disk when ``sync``)."""
-        if sync:
-            os.fsync(self._data.fileno())
-        self._index.write("".join(self._lines))
-        self._lines.clear()
-        self._index.flush()
-        if sync:
-            os.fsync(self._index.fileno())
+        try:
+            if sync:
+                os.fsync(self._data.fileno())
+            self._index.write("".join(self._lines))
+            self._lines.clear()
+            self._index.flush()
+            if sync:
+                os.fsync(self._index.fileno())
+        except OSError as exc:
+            self._lines.clear()
+            raise self._refused(exc) from None
 
     def close(self, error: str | None = None) -> None:
         """Write the end line that marks the dump complete, and close the files.
@@ -157,9 +178,14 @@ class DumpWriter:
         if error is not None:
             end["error"] = error
         self._line(end)
-        self.flush(sync=self.durable)
-        self._data.close()
-        self._index.close()
+        try:
+            self.flush(sync=self.durable)
+        finally:  # the files (and the lock) are released even when the disk refused
+            for f in (self._data, self._index):
+                try:
+                    f.close()
+                except OSError:
+                    pass
 
 
 def append_meta(path: str | os.PathLike[str], **meta: Any) -> bool:
