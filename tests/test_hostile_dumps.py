@@ -196,3 +196,27 @@ def test_a_huge_step_is_listed(tmp_path, step):
     res = lockstep("show", str(path), "--step", "0")
     assert res.returncode == 0, res.stderr.decode()
     assert f"steps0,{step}," in "".join(res.stdout.decode().split())  # (a long line wraps)
+
+
+def test_compare_prints_markup_like_names_as_text(tmp_path):
+    """Names are data: a record named ``[/]`` (rich's closing tag) and one named
+    ``[bold]x`` are printed as written, and the comparison's own exit code stands."""
+    import os
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    import lockstep
+
+    for side, scale in (("ref", 1.0), ("cand", 2.0)):
+        with lockstep.record(tmp_path / f"{side}.lsd") as rec:
+            rec.capture("[/]", np.ones(8, np.float32))
+            rec.capture("[bold]x", np.full(8, scale, np.float32))
+    got = subprocess.run([sys.executable, "-m", "lockstep.cli.main", "compare",
+                          str(tmp_path / "ref.lsd"), str(tmp_path / "cand.lsd"), "--all"],
+                         capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "COLUMNS": "200"})
+    assert got.returncode in (1, 3), got.stdout + got.stderr
+    assert "internal error" not in got.stderr and "Traceback" not in got.stderr
+    assert "[bold]x" in got.stdout and "[/]" in got.stdout

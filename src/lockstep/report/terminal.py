@@ -16,6 +16,7 @@ from ..compare.comparison import Comparison, DumpSummary
 from ..compare.coverage import Gap
 from ..compare.diagnosis import Diagnosis
 from ..compare.numbers import fmt
+from ..display import text as _text
 from ..compare.verdict import PairResult
 from .json_report import status
 
@@ -33,6 +34,11 @@ _VERDICT_TEXT = {
 _STATUS_STYLE = {"match": "green", "drift": "yellow", "jump": "bold red",
                  "inherited": "red", "incomparable": "magenta"}
 
+
+
+def _row(table: Table, *cells: Any, **options: Any) -> None:
+    """A row whose text cells are data (names from a dump), never markup."""
+    table.add_row(*(_text(c) if isinstance(c, str) else c for c in cells), **options)
 
 def _side(label: str, s: DumpSummary) -> Text:
     meta = s.meta
@@ -63,33 +69,33 @@ def _divergence(p: PairResult) -> Table:
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="bold")
     grid.add_column()
-    grid.add_row("step", str(p.step))
-    grid.add_row("reference", p.ref_name or '"" (root)')
-    grid.add_row("candidate", p.cand_name or '"" (root)')
-    grid.add_row("shapes", f"{list(p.ref_shape)} {p.ref_dtype} vs {list(p.cand_shape)} "
+    _row(grid, "step", str(p.step))
+    _row(grid, "reference", p.ref_name or '"" (root)')
+    _row(grid, "candidate", p.cand_name or '"" (root)')
+    _row(grid, "shapes", f"{list(p.ref_shape)} {p.ref_dtype} vs {list(p.cand_shape)} "
                            f"{p.cand_dtype}")
     layout = [f"{side} {spec}" for side, spec in (("reference", p.ref_transform),
                                                   ("candidate", p.cand_transform)) if spec]
     if layout:
-        grid.add_row("compared as", "; ".join(layout) + f" (paired by {p.how})")
-    grid.add_row("error", f"relative L2 {fmt(p.error)} (tolerance {fmt(p.tol)}, "
+        _row(grid, "compared as", "; ".join(layout) + f" (paired by {p.how})")
+    _row(grid, "error", f"relative L2 {fmt(p.error)} (tolerance {fmt(p.tol)}, "
                           f"noise allowance {fmt(p.noise)})")
     grow = "from zero" if math.isinf(p.growth) else f"{fmt(p.growth)}x"
-    grid.add_row("introduced", f"inherited error {fmt(p.inherited)}, grew {grow} here")
+    _row(grid, "introduced", f"inherited error {fmt(p.inherited)}, grew {grow} here")
     m = p.metrics
     if m is not None:
-        grid.add_row("worst element", f"index {list(m.worst_index)}: reference "
+        _row(grid, "worst element", f"index {list(m.worst_index)}: reference "
                                       f"{fmt(m.worst_ref)}, candidate {fmt(m.worst_cand)}")
-        grid.add_row("max / mean abs", f"{fmt(m.max_abs)} / {fmt(m.mean_abs)}, cosine "
+        _row(grid, "max / mean abs", f"{fmt(m.max_abs)} / {fmt(m.mean_abs)}, cosine "
                                        f"{m.cosine:.6f}")
         if m.ref_nan or m.cand_nan or m.ref_inf or m.cand_inf:
-            grid.add_row("NaN / Inf", f"reference {m.ref_nan} / {m.ref_inf}, candidate "
+            _row(grid, "NaN / Inf", f"reference {m.ref_nan} / {m.ref_inf}, candidate "
                                       f"{m.cand_nan} / {m.cand_inf}")
         if m.topk is not None:
-            grid.add_row("top-1", f"{m.topk.agree}/{m.topk.rows} positions agree "
+            _row(grid, "top-1", f"{m.topk.agree}/{m.topk.rows} positions agree "
                                   f"({m.topk.near_ties} near-ties)")
     if p.note:
-        grid.add_row("note", p.note)
+        _row(grid, "note", p.note)
     return grid
 
 
@@ -124,7 +130,7 @@ def _diagnosis(d: Diagnosis) -> Panel:
             grid.add_column(justify="right")
             grid.add_column()
             for mark, line in zip(marks, lines):
-                grid.add_row(mark, line)
+                _row(grid, mark, line)
             body += [Text(""), Text(heading, style="bold underline"), grid]
     return Panel(Group(*body), title="diagnosis", expand=False)
 
@@ -143,7 +149,7 @@ def _replay(replay: Any) -> Panel:
                          no_wrap=col.startswith("op"))
     for op in replay.ops:
         if op.introduced is None:
-            table.add_row(str(op.step), op.reference, fmt(op.total), "-", "-", "-",
+            _row(table, str(op.step), op.reference, fmt(op.total), "-", "-", "-",
                           f"not replayed: {op.note}")
             continue
         rounding = "/".join(fmt(op.rounding[d]) if d in op.rounding else "-"
@@ -151,7 +157,7 @@ def _replay(replay: Any) -> Panel:
         where = op.where or ""
         if op.explained_by:
             where += f", {op.explained_by} rounding"
-        table.add_row(str(op.step), op.reference, fmt(op.total), fmt(op.introduced),
+        _row(table, str(op.step), op.reference, fmt(op.total), fmt(op.introduced),
                       fmt(op.inherited), rounding, where)
     body.append(table)
     body.append(Text(f"the reference's ops re-run on the candidate's recorded inputs "
@@ -167,17 +173,17 @@ def _error_path(c: Comparison) -> Table:
     measured = [p for p in c.results if not math.isnan(p.error)]
     entry = next((p for p in measured if p.over), None)
     if entry is not None:
-        grid.add_row("error enters", f"step {entry.step}, {_name(entry)}: relative L2 "
+        _row(grid, "error enters", f"step {entry.step}, {_name(entry)}: relative L2 "
                                      f"{fmt(entry.error)} (tolerance {fmt(entry.tol)})")
     worst = max(measured, key=lambda p: p.error, default=None)
     if worst is not None:
-        grid.add_row("largest error", f"step {worst.step}, {_name(worst)}: {fmt(worst.error)}")
+        _row(grid, "largest error", f"step {worst.step}, {_name(worst)}: {fmt(worst.error)}")
     finals = [p for p in measured if p.metrics is not None and
               (p.canonical == "final_norm" or p.ref_name == "model.norm")]
     if finals:
         low = min(finals, key=lambda p: p.metrics.cosine if p.metrics else 1.0)
         assert low.metrics is not None
-        grid.add_row("final hidden", f"cosine at least {low.metrics.cosine:.5f} over "
+        _row(grid, "final hidden", f"cosine at least {low.metrics.cosine:.5f} over "
                                      f"{len(finals)} steps")
     return grid
 
@@ -229,7 +235,7 @@ class ComparisonReport:
             top = [p.metrics.topk for p in pairs if p.metrics and p.metrics.topk]
             top1 = (f"{sum(t.agree for t in top)}/{sum(t.rows for t in top)}"
                     if top else "")
-            table.add_row(str(step), str(len(pairs)), str(sum(p.over for p in pairs)),
+            _row(table, str(step), str(len(pairs)), str(sum(p.over for p in pairs)),
                           fmt(worst.error), _name(worst), top1)
         return table
 
@@ -260,7 +266,7 @@ class ComparisonReport:
             st = status(p)
             m = p.metrics
             style = "reverse bold red" if p is c.first_divergence else None
-            table.add_row(str(p.step), _name(p), "x".join(map(str, p.ref_shape)), fmt(p.error),
+            _row(table, str(p.step), _name(p), "x".join(map(str, p.ref_shape)), fmt(p.error),
                           fmt(m.max_abs) if m else "", f"{m.cosine:.5f}" if m else "",
                           Text(st if not p.note else f"{st}: {p.note}",
                                style=_STATUS_STYLE[st]), style=style)
