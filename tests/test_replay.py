@@ -122,3 +122,16 @@ def test_replay_command_on_recorded_dumps(llama, tmp_path):
     assert "replay (the dual test)" in got.stdout
     bad = cli("--at", "no.such.record")
     assert bad.returncode == 2 and "no compared pair has that reference name" in bad.stderr
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_whole_model_in_lower_precision_still_drifts_and_replay_never_aborts(llama, tmp_path,
+                                                                             dtype):
+    """The first pairs over tolerance include the rotary embedding (called with positions):
+    replay says it cannot run it alone, and goes on."""
+    result = diff(f"hf:{llama}", f"hf:{llama}", tmp_path, tokens=TOKENS, decode=2,
+                  cand_options={"dtype": dtype})
+    assert result.verdict == "drift"
+    notes = [op.note for op in result.replay.ops if op.note]
+    assert any("not its input alone" in n for n in notes), notes
+    assert any(op.where is not None for op in result.replay.ops)

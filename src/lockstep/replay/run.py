@@ -123,16 +123,21 @@ class _Tap:
         self.step = step
         self.calls = -1
         self.seen: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self.extra: dict[str, str] = {}  #: module -> why its call is not one input alone
         self.handles = [root.register_forward_pre_hook(self._count)]
         for name, module in modules.items():
-            self.handles.append(module.register_forward_hook(self._keep(name)))
+            self.handles.append(module.register_forward_hook(self._keep(name), with_kwargs=True))
 
     def _count(self, module: Any, args: Any) -> None:
         self.calls += 1
 
     def _keep(self, name: str) -> Any:
-        def hook(module: Any, args: Any, output: Any) -> None:
-            if self.calls != self.step or name in self.seen or not args:
+        def hook(module: Any, args: Any, kwargs: Any, output: Any) -> None:
+            if self.calls != self.step or name in self.seen or name in self.extra or not args:
+                return
+            if len(args) != 1 or kwargs:  # rotary embeddings (x, positions=...), masks, ...
+                given = len(args) + len(kwargs)
+                self.extra[name] = f"called with {given} arguments, not its input alone"
                 return
             x = args[0]
             y = output[0] if isinstance(output, (tuple, list)) else output
@@ -244,6 +249,11 @@ def replay_comparison(engine: Any, comparison: Any, prompt_ids: Sequence[int],
         finally:
             tap.close()
         seen = tap.seen
+        for name, why in tap.extra.items():
+            for i, p in enumerate(targets):
+                found = module_of(root, p.ref_name)
+                if found is not None and found[0] == name:
+                    notes[i] = why
     ops: list[ReplayOp] = []
     with open_dump(comparison.reference.path) as ref, open_dump(comparison.candidate.path) as cand:
         for i, p in enumerate(targets):
@@ -269,11 +279,18 @@ def replay_comparison(engine: Any, comparison: Any, prompt_ids: Sequence[int],
                 ops.append(ReplayOp(**base, module=name, note="the output's shape does not fit "
                                                                "the replayed op's"))
                 continue
-            y_replay = run_op(module, x_cand)
-            rounding: dict[str, float] = {}
-            if x_ref.dtype.kind == "f":
-                for dtype in ROUNDINGS:
-                    rounding[dtype] = _rel(run_op(module, x_ref, rounding=dtype), y_ref)
+            try:
+                y_replay = run_op(module, x_cand)
+                rounding: dict[str, float] = {}
+                if x_ref.dtype.kind == "f":
+                    for dtype in ROUNDINGS:
+                        rounding[dtype] = _rel(run_op(module, x_ref, rounding=dtype), y_ref)
+            except Exception as exc:  # an op that will not run alone: said, never fatal
+                first_line = (str(exc).strip().splitlines() or [""])[0][:200]
+                ops.append(ReplayOp(**base, module=name, note=f"could not be re-run alone: "
+                                                               f"{type(exc).__name__}: "
+                                                               f"{first_line}"))
+                continue
             introduced = _rel(y_cand, y_replay)
             # a precision explains only an error the op introduces itself
             explained = next((d for d in sorted(rounding, key=rounding.__getitem__)
