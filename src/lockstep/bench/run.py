@@ -48,10 +48,11 @@ def _tokens_of(engine: IsolatedEngine, prompts: Sequence[Any]) -> list[int]:
     return ids
 
 
-def _fits(engine: IsolatedEngine, n: int) -> str | None:
-    limit = engine.max_positions()
-    if limit is not None and n > limit:
-        return f"{engine.spec} takes {limit} positions"
+def _too_long(limits: dict[str, int | None], specs: dict[str, str], n: int) -> str | None:
+    """Why ``n`` positions do not fit one of the engines, or None."""
+    for side, limit in limits.items():
+        if limit is not None and n > limit:
+            return f"{specs[side]} takes {limit} positions"
     return None
 
 
@@ -81,15 +82,16 @@ def run_bench(reference: str, candidate: str, base_ids: Sequence[int] | None = N
         base = [int(i) for i in base_ids] if base_ids is not None else \
             _tokens_of(sides["reference"], prompts)
         result.settings["prompt_tokens"] = len(base)
+        limits = {side: engine.max_positions() for side, engine in sides.items()}
+        specs = {side: engine.spec for side, engine in sides.items()}
         prompts: dict[int, list[int]] = {}
         for n in lengths:
-            why = _fits(sides["reference"], n) or _fits(sides["candidate"], n)
+            why = _too_long(limits, specs, n)
             if why:
                 result.skipped[f"TTFT at {n} tokens"] = why
             else:
                 prompts[n] = prompt_of_length(base, n)
-        decode_why = _fits(sides["reference"], len(base) + max_new_tokens) or \
-            _fits(sides["candidate"], len(base) + max_new_tokens)
+        decode_why = _too_long(limits, specs, len(base) + max_new_tokens)
         if decode_why:
             result.skipped["decode"] = decode_why
         samples: dict[str, dict[str, list[float]]] = {s: {} for s in sides}

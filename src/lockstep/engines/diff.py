@@ -93,8 +93,8 @@ def replay_diff(ref_spec: str, result: Comparison, ref_options: dict[str, Any], 
         raise UsageError(f"--at {at!r}: no compared pair has that reference name")
     if result.verdict == "match" and not at:
         return result
-    engine = open_engine(ref_spec, **ref_options)
-    if engine.native:
+    engine = open_engine(ref_spec, isolate=False, **ref_options)
+    if engine.native:  # no module tree to replay: never loaded
         return result
     with open_dump(result.reference.path) as ref:
         ids = ref.meta.get("prompt_token_ids")

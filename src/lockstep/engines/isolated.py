@@ -75,6 +75,7 @@ class IsolatedEngine(Engine):
     def __init__(self, engine: Engine, options: dict[str, Any]) -> None:
         super().__init__(engine.spec)
         self.name = engine.name
+        self.native = engine.native
         self.options = options
         self._proc: subprocess.Popen[bytes] | None = None
         self._chan: Channel | None = None

@@ -176,24 +176,23 @@ def _targets(comparison: Any, root: Any, max_ops: int, at: Any = None) -> list[A
     return chosen
 
 
-_BY_SEQ: dict[int, dict[int, Any]] = {}
+class _Dumps:
+    """Both dumps of a comparison, their records by seq, and a pair's two arrays in the
+    reference's layout (as the comparison measured them)."""
+
+    def __init__(self, ref: Dump, cand: Dump) -> None:
+        self.ref, self.cand = ref, cand
+        self.ref_seq = {r.seq: r for r in ref.records}
+        self.cand_seq = {r.seq: r for r in cand.records}
+        self.cand_meta = merged_meta(ref, cand)
+
+    def arrays(self, pair: Any) -> tuple[np.ndarray, np.ndarray]:
+        r, c = self.ref_seq[pair.ref_seq], self.cand_seq[pair.cand_seq]
+        return (apply_transform(pair.ref_transform, self.ref.read(r), self.ref.meta),
+                apply_transform(pair.cand_transform, self.cand.read(c), self.cand_meta))
 
 
-def _record(dump: Dump, seq: int) -> Any:
-    by_seq = _BY_SEQ.get(id(dump))
-    if by_seq is None:
-        by_seq = _BY_SEQ[id(dump)] = {r.seq: r for r in dump.records}
-    return by_seq[seq]
-
-
-def _arrays(ref: Dump, cand: Dump, pair: Any) -> tuple[np.ndarray, np.ndarray]:
-    r = _record(ref, pair.ref_seq)
-    c = _record(cand, pair.cand_seq)
-    return (apply_transform(pair.ref_transform, ref.read(r), ref.meta),
-            apply_transform(pair.cand_transform, cand.read(c), merged_meta(ref, cand)))
-
-
-def _input_pair(comparison: Any, ref: Dump, cand: Dump, target: Any,
+def _input_pair(comparison: Any, dumps: _Dumps, target: Any,
                 x_ref: np.ndarray) -> tuple[Any, np.ndarray] | None:
     """The pair whose reference record holds ``x_ref`` (nearest before the target), and
     its candidate array in the reference's layout, shaped as ``x_ref``."""
@@ -201,7 +200,7 @@ def _input_pair(comparison: Any, ref: Dump, cand: Dump, target: Any,
                if p.step == target.step and p.ref_seq < target.ref_seq and p.metrics is not None]
     for p in sorted(earlier, key=lambda p: -p.ref_seq):
         try:
-            r_arr, c_arr = _arrays(ref, cand, p)
+            r_arr, c_arr = dumps.arrays(p)
         except LockstepError:
             continue
         r_fit = _trailing(r_arr, x_ref)
@@ -256,6 +255,7 @@ def replay_comparison(engine: Any, comparison: Any, prompt_ids: Sequence[int],
                     notes[i] = why
     ops: list[ReplayOp] = []
     with open_dump(comparison.reference.path) as ref, open_dump(comparison.candidate.path) as cand:
+        dumps = _Dumps(ref, cand)
         for i, p in enumerate(targets):
             base = dict(step=p.step, reference=p.ref_name, candidate=p.cand_name, total=p.error)
             if i in notes:
@@ -267,13 +267,13 @@ def replay_comparison(engine: Any, comparison: Any, prompt_ids: Sequence[int],
                                                                "step in the replay"))
                 continue
             x_ref, y_ref = seen[name]
-            found_input = _input_pair(comparison, ref, cand, p, x_ref)
+            found_input = _input_pair(comparison, dumps, p, x_ref)
             if found_input is None:
                 ops.append(ReplayOp(**base, module=name, note="no reference record holds "
                                                                "this op's input"))
                 continue
             in_pair, x_cand = found_input
-            r_arr, c_arr = _arrays(ref, cand, p)
+            _, c_arr = dumps.arrays(p)
             y_cand = _trailing(c_arr, y_ref)
             if y_cand is None:
                 ops.append(ReplayOp(**base, module=name, note="the output's shape does not fit "
@@ -300,8 +300,6 @@ def replay_comparison(engine: Any, comparison: Any, prompt_ids: Sequence[int],
                                 input_candidate=in_pair.cand_name, introduced=introduced,
                                 inherited=_rel(x_cand, x_ref), rounding=rounding,
                                 explained_by=explained))
-    _BY_SEQ.pop(id(ref), None)
-    _BY_SEQ.pop(id(cand), None)
     first = ops[0] if ops else None
     precision = first.explained_by if first is not None and first.introduced is not None \
         and first.where == "introduced" else None
