@@ -67,6 +67,8 @@ def test_one_percent_weight_error_is_introduced_at_its_op(llama, tmp_path):
     assert op.introduced == pytest.approx(first.error, rel=0.05)
     assert op.input_record == "model.layers.0.self_attn.o_proj:input.0"
     assert result.replay.precision is None
+    # the other way: the candidate's own o_proj on the reference's input is 1% off by itself
+    assert op.reverse == pytest.approx(0.01, rel=0.05), op.reverse_note
 
 
 def test_layer0_bug_introduced_there_and_inherited_later(llama, tmp_path):
@@ -79,6 +81,11 @@ def test_layer0_bug_introduced_there_and_inherited_later(llama, tmp_path):
     assert all(op.where == "inherited" for op in later), [
         (op.reference, op.introduced, op.total) for op in later]
     assert any(".layers.1." in op.reference for op in later)
+    # the other way: the candidate's up_proj is wrong on the reference's input too, and its
+    # later ops, fed the reference's inputs, agree with the reference's: only layer 0 is broken
+    assert ops[0].reverse == pytest.approx(0.05, rel=0.05), ops[0].reverse_note
+    assert all(op.reverse is not None and op.reverse < 1e-5 for op in later), [
+        (op.reference, op.reverse, op.reverse_note) for op in later]
 
 
 def test_generate_holds_an_undeclared_float32_engine_to_its_measured_precision(llama):

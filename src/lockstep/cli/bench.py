@@ -19,9 +19,10 @@ def register(sub: Any) -> None:
         description="Each engine runs in its own process; timings are taken inside it, "
                     "interleaved between the two. Medians, p10/p90 and 95%% bootstrap "
                     "intervals; the candidate/reference ratio with its interval. Exit 0.")
-    b.add_argument("reference", help="engine spec: hf:..., llamacpp:..., zoo:..., py:...")
-    b.add_argument("candidate", help="engine spec, as for the reference")
-    src = b.add_mutually_exclusive_group(required=True)
+    b.add_argument("reference", help="engine spec: hf:..., llamacpp:..., zoo:..., py:... "
+                                     "(with --op: the reference's dump, REF.lsd)")
+    b.add_argument("candidate", help="engine spec, as for the reference (with --op: CAND.lsd)")
+    src = b.add_mutually_exclusive_group()
     src.add_argument("--prompt", metavar="TEXT", help="prompt text (tokenized by the reference)")
     src.add_argument("--prompts", metavar="FILE", help="prompts file (.txt or JSONL, as for "
                                                        "generate), their tokens one after another")
@@ -41,6 +42,9 @@ def register(sub: Any) -> None:
     b.add_argument("--ref-opt", action="append", default=[], metavar="KEY=VALUE")
     b.add_argument("--cand-opt", action="append", default=[], metavar="KEY=VALUE")
     b.add_argument("--json", metavar="FILE", help="also write everything as JSON")
+    from .bench_op import add_op_arguments
+
+    add_op_arguments(b)
     b.set_defaults(handler=run)
 
 
@@ -129,6 +133,12 @@ def run(args: argparse.Namespace) -> int:
     from ..bench.run import run_bench
     from ..errors import UsageError
 
+    if args.op:
+        from .bench_op import run_op_bench
+
+        return run_op_bench(args)
+    if args.prompt is None and args.prompts is None and args.tokens is None:
+        raise UsageError("give the prompt: --prompt TEXT, --prompts FILE or --tokens IDS")
     prompts: list[Any] = []
     if args.prompt is not None:
         from ..generation.prompts import as_prompts

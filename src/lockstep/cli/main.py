@@ -84,6 +84,11 @@ def _parser() -> argparse.ArgumentParser:
                                                  "the first divergence)")
     rp.add_argument("--ref-dtype", default="float32", help="dtype of an hf:/zoo: engine")
     rp.add_argument("--ref-opt", action="append", default=[], metavar="KEY=VALUE")
+    rp.add_argument("--cand-engine", metavar="SPEC",
+                    help="also run the candidate's ops on the reference's inputs (the other "
+                         "way), with this engine (zoo:, py:, hf:; its dump's dtype and zoo bug "
+                         "are reused)")
+    rp.add_argument("--cand-opt", action="append", default=[], metavar="KEY=VALUE")
     _compare_options(rp)
 
     cap = sub.add_parser("capture", help="run an engine on a prompt and record it",
@@ -226,6 +231,8 @@ def _replay(args: argparse.Namespace) -> int:
     result = replay_diff(args.engine, result,
                          _engine_options(args.engine, args.ref_dtype, args.ref_opt),
                          tolerances=tolerances, mapping=mapping, at=args.at,
+                         cand_spec=args.cand_engine,
+                         cand_options=_engine_options("", "", args.cand_opt),
                          announce=lambda m: print(m, file=sys.stderr))
     return _report(result, args)
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from ..align.pairing import Alignment, Pair, align
+from ..align.steps import StepMatch, match_steps, restep
 from ..align.transforms import apply_transform
 from ..align.verify import merged_meta
 from ..errors import LockstepError
@@ -62,6 +63,7 @@ class Comparison:
     coverage: Coverage | None = None  #: what was compared, and the decisive gaps
     tokens: TokenCheck | None = None  #: the chosen tokens of both runs
     replay: Any = None  #: lockstep.replay.Replay: the dual test around the divergence, if run
+    step_match: StepMatch | None = None  #: which candidate step was compared as which
 
     def __bool__(self) -> bool:
         """True for match and drift: the comparison could tell, and found no bug."""
@@ -142,6 +144,9 @@ def compare(reference: Dump | str | os.PathLike[str], candidate: Dump | str | os
 def _compare(ref: Dump, cand: Dump, tolerances: Tolerances,
              progress: Callable[[int, int], None] | None, mapping: MappingFile | None,
              use_tables: bool, cand_precision: str | None = None) -> Comparison:
+    step_match = match_steps(ref, cand)
+    recorded = cand
+    cand = restep(cand, step_match)  # candidate steps numbered as the reference steps they are
     alignment: Alignment = align(ref, cand, mapping=mapping, use_tables=use_tables)
     cand_tol_meta = cand.meta if cand_precision is None else \
         {**cand.meta, "compute_dtype": cand_precision}
@@ -188,8 +193,8 @@ def _compare(ref: Dump, cand: Dump, tolerances: Tolerances,
         verdict = "incomplete"
     comparison = Comparison(verdict=verdict, first_divergence=first, results=tuple(results),
                             ref_only=alignment.ref_only, cand_only=alignment.cand_only,
-                            reference=DumpSummary.of(ref), candidate=DumpSummary.of(cand),
-                            coverage=coverage, tokens=tokens)
+                            reference=DumpSummary.of(ref), candidate=DumpSummary.of(recorded),
+                            coverage=coverage, tokens=tokens, step_match=step_match)
     if by_tokens and first is None:  # no logits pair to point at: the tokens alone
         comparison = replace(comparison, diagnosis=sampling_diagnosis(tokens, token_step))
     elif verdict == "diverged":  # beside the first divergence: what kind of problem it is

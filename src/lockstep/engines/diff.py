@@ -16,6 +16,7 @@ from ..errors import UsageError
 from ..store.reader import open_dump
 from . import open_engine
 from .capture import capture
+from .rerun import fed_tokens, options_from_meta
 
 if TYPE_CHECKING:
     from ..align.mapping import MappingFile
@@ -27,17 +28,6 @@ def _existing(spec: str) -> Path | None:
     if spec.startswith("dump:"):
         return Path(spec[len("dump:"):])
     return None
-
-
-def _fed_tokens(dump: Any) -> list[int] | None:
-    """The token fed at each decode step, read from the ``input_ids`` records."""
-    fed = []
-    for step in dump.steps[1:]:
-        rec = dump.get(step, "input_ids")
-        if rec is None or rec.numel != 1:
-            return None
-        fed.append(int(dump.read(rec).reshape(-1)[0]))
-    return fed
 
 
 def diff(ref_spec: str, cand_spec: str, out: str | Path, *, prompt: str | None = None,
@@ -58,7 +48,7 @@ def diff(ref_spec: str, cand_spec: str, out: str | Path, *, prompt: str | None =
     with open_dump(ref_dump) as ref:
         ids = ref.meta.get("prompt_token_ids")
         decode = int(ref.meta.get("decode", max(ref.steps, default=0)))
-        forced = ref.meta.get("generated_token_ids") or _fed_tokens(ref)
+        forced = ref.meta.get("generated_token_ids") or fed_tokens(ref)
     cand_dump = _existing(cand_spec)
     if cand_dump is None:
         if not ids:
@@ -71,19 +61,23 @@ def diff(ref_spec: str, cand_spec: str, out: str | Path, *, prompt: str | None =
     result = compare(ref_dump, cand_dump, tolerances, mapping=mapping)
     if replay and _existing(ref_spec) is None:
         result = replay_diff(ref_spec, result, ref_options or {}, tolerances=tolerances,
-                             mapping=mapping, announce=announce)
+                             mapping=mapping, announce=announce,
+                             cand_spec=None if _existing(cand_spec) else cand_spec,
+                             cand_options=cand_options)
     return result
 
 
 def replay_diff(ref_spec: str, result: Comparison, ref_options: dict[str, Any], *,
                 tolerances: Tolerances | None = None, mapping: MappingFile | None = None,
-                at: str | None = None,
+                at: str | None = None, cand_spec: str | None = None,
+                cand_options: dict[str, Any] | None = None,
                 announce: Callable[[str], Any] = lambda m: None) -> Comparison:
     """The dual test around ``result``'s divergence (or the first pair over tolerance, or the
     pair whose reference record is ``at``), run with the reference engine ``ref_spec``
     loaded again; when the first op's error is explained by a lower precision, the dumps are
-    compared again with the candidate taken to compute in it. Returns the comparison with
-    its ``replay``."""
+    compared again with the candidate taken to compute in it. With ``cand_spec`` (an engine
+    with a module tree: zoo:, py:, hf:), the candidate's ops also run on the reference's
+    inputs (the other way). Returns the comparison with its ``replay``."""
     from dataclasses import replace
 
     from ..replay import replay_comparison
@@ -98,15 +92,31 @@ def replay_diff(ref_spec: str, result: Comparison, ref_options: dict[str, Any], 
         return result
     with open_dump(result.reference.path) as ref:
         ids = ref.meta.get("prompt_token_ids")
-        forced = ref.meta.get("generated_token_ids") or _fed_tokens(ref)
+        forced = ref.meta.get("generated_token_ids") or fed_tokens(ref)
     if not ids:
         return result
+    candidate = None
+    if cand_spec is not None:
+        with open_dump(result.candidate.path) as cand:
+            cand_forced = cand.meta.get("generated_token_ids") or fed_tokens(cand)
+            options = options_from_meta(cand_spec, dict(cand.meta), cand_options)
+        candidate = open_engine(cand_spec, isolate=False, **options)
+        if candidate.native:  # no module tree: never loaded
+            candidate = None
     announce(f"lockstep: replaying the reference's ops around the divergence ({ref_spec})")
     with engine:
         if engine.torch_module() is None:
             return result
-        replayed = replay_comparison(engine, result, ids, forced,
-                                     at=targets[0] if targets else None)
+        if candidate is None:
+            replayed = replay_comparison(engine, result, ids, forced,
+                                         at=targets[0] if targets else None)
+        else:
+            announce(f"lockstep: and the candidate's ops on the reference's inputs "
+                     f"({cand_spec})")
+            with candidate:
+                replayed = replay_comparison(engine, result, ids, forced,
+                                             at=targets[0] if targets else None,
+                                             candidate=candidate, cand_forced=cand_forced)
     if replayed.precision is not None and result.verdict == "diverged":
         result = compare(result.reference.path, result.candidate.path, tolerances,
                          mapping=mapping, cand_precision=replayed.precision)

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import copy
 import re
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["module_of", "why_not_replayable", "run_op", "ROUNDINGS"]
+__all__ = ["module_of", "why_not_replayable", "run_op", "ROUNDINGS", "GGUF_PREFIX",
+           "gguf_rounding_fits", "gguf_weight_types", "Call", "CallTap", "tap_calls"]
 
 #: precisions tried to explain an op's error: its operands (input and weights) rounded to
 #: these, the arithmetic and the result in the reference's own precision
@@ -43,16 +45,61 @@ def why_not_replayable(module: Any) -> str | None:
     return None
 
 
-def _round(t: Any, dtype: str) -> Any:
+#: a GGUF rounding: ``gguf:TYPE`` rounds the weights to that storage type and, for a
+#: quantized type, the input to 8-bit blocks of 32 (Q8_0), as llama.cpp's CPU dot products
+#: quantize their activations (Q8_0/Q8_1 by block; K-quants use blocks of 256, close to it)
+GGUF_PREFIX = "gguf:"
+_PLAIN_GGUF = {"F32": None, "F16": "float16", "BF16": "bfloat16", "F64": None}
+
+
+def _gguf_round(t: Any, qtype: str) -> Any:
+    """``t`` quantized to the GGUF type ``qtype`` and back (rows along its last dim)."""
+    import torch
+    from gguf import GGMLQuantizationType, quants
+
+    kind = GGMLQuantizationType[qtype]
+    arr = t.detach().to("cpu", torch.float32).numpy().reshape(-1, t.shape[-1])
+    back = quants.dequantize(quants.quantize(np.ascontiguousarray(arr), kind), kind)
+    return torch.from_numpy(np.ascontiguousarray(back.reshape(t.shape))).to(t.device, t.dtype)
+
+
+def gguf_rounding_fits(module: Any, qtype: str) -> bool:
+    """Whether ``gguf:qtype`` can round this module: a linear-like weight whose rows are whole
+    blocks of the type (and of Q8_0's 32 for its input), with the type known to ``gguf``."""
+    try:
+        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+    except ImportError:
+        return False
+    weight = getattr(module, "weight", None)
+    if weight is None or getattr(weight, "ndim", 0) != 2 or qtype not in GGMLQuantizationType.__members__:
+        return False
+    if qtype in _PLAIN_GGUF:
+        return True
+    block = GGML_QUANT_SIZES[GGMLQuantizationType[qtype]][0]
+    return weight.shape[-1] % block == 0 and weight.shape[-1] % 32 == 0
+
+
+def _round(t: Any, dtype: str, *, activation: bool = False) -> Any:
     import torch
 
-    return t.to(getattr(torch, dtype)).to(t.dtype) if t.is_floating_point() else t
+    if not t.is_floating_point():
+        return t
+    if dtype.startswith(GGUF_PREFIX):
+        qtype = dtype[len(GGUF_PREFIX):]
+        if qtype in _PLAIN_GGUF:
+            plain = _PLAIN_GGUF[qtype]
+            return t if plain is None else _round(t, plain)
+        if activation:
+            return _gguf_round(t, "Q8_0")
+        return _gguf_round(t, qtype) if t.ndim == 2 else t  # biases and norms stay
+    return t.to(getattr(torch, dtype)).to(t.dtype)
 
 
 def run_op(module: Any, x: np.ndarray, *, rounding: str | None = None) -> np.ndarray:
     """``module(x)`` as float64 numpy (the first output of a tuple). ``rounding``: the
     input and every floating-point parameter rounded to that dtype first (a copy of the
-    module; the arithmetic stays in the module's own dtype)."""
+    module; the arithmetic stays in the module's own dtype), or ``gguf:TYPE`` (see
+    ``GGUF_PREFIX``)."""
     import torch
 
     param = next(iter(module.parameters()), None)
@@ -66,9 +113,123 @@ def run_op(module: Any, x: np.ndarray, *, rounding: str | None = None) -> np.nda
         with torch.no_grad():
             for p in op.parameters():
                 p.copy_(_round(p, rounding))
-        t = _round(t, rounding)
+        t = _round(t, rounding, activation=True)
     with torch.no_grad():
         out = op(t)
     if isinstance(out, (tuple, list)):
         out = out[0]
     return out.detach().to("cpu", torch.float64).numpy()
+
+
+def _detach(value: Any) -> Any:
+    """A tensor cloned off the graph (tuples and lists of tensors too); anything else as is."""
+    if hasattr(value, "detach"):
+        return value.detach().clone()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_detach(v) for v in value)
+    return value
+
+
+@dataclass
+class Call:
+    """One call of a module as it ran: its arguments and its first output (torch, cloned).
+    Its input is the first positional argument, or the first tensor passed by keyword
+    (transformers calls ``self_attn(hidden_states=...)``)."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    output: Any
+
+    @property
+    def input_key(self) -> int | str:
+        """0 for the first positional argument, else the keyword that carries the input."""
+        if self.args:
+            return 0
+        return next(k for k, v in self.kwargs.items() if hasattr(v, "detach"))
+
+    @property
+    def input(self) -> Any:
+        key = self.input_key
+        return self.args[0] if key == 0 else self.kwargs[key]  # type: ignore[index]
+
+    def with_input(self, x: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """Its arguments with the input replaced by ``x``."""
+        key = self.input_key
+        if key == 0:
+            return (x, *self.args[1:]), self.kwargs
+        return self.args, {**self.kwargs, str(key): x}
+
+    @property
+    def single_input(self) -> bool:
+        """Called with its input alone (no positions, masks or cache beside it)."""
+        return len(self.args) == 1 and not self.kwargs
+
+    def numpy_io(self) -> tuple[np.ndarray, np.ndarray]:
+        """Its input and output as numpy (floats as float32)."""
+        x, y = self.input, self.output
+        return (x.float().cpu().numpy() if x.is_floating_point() else x.cpu().numpy(),
+                y.float().cpu().numpy())
+
+
+class CallTap:
+    """The calls of chosen modules at one step (the root module's n-th call), the first call
+    of each: a targeted pass that keeps their inputs and outputs in memory."""
+
+    def __init__(self, root: Any, modules: dict[str, Any], step: int) -> None:
+        self.step = step
+        self.calls = -1
+        self.seen: dict[str, Call] = {}
+        self.handles = [root.register_forward_pre_hook(self._count)]
+        for name, module in modules.items():
+            self.handles.append(module.register_forward_hook(self._keep(name), with_kwargs=True))
+
+    def _count(self, module: Any, args: Any) -> None:
+        self.calls += 1
+
+    def _keep(self, name: str) -> Any:
+        def hook(module: Any, args: Any, kwargs: Any, output: Any) -> None:
+            if self.calls != self.step or name in self.seen:
+                return
+            y = output[0] if isinstance(output, (tuple, list)) else output
+            first = args[0] if args else next((v for v in kwargs.values()
+                                              if hasattr(v, "detach")), None)
+            if hasattr(first, "detach") and hasattr(y, "detach"):
+                self.seen[name] = Call(_detach(tuple(args)), {k: _detach(v) for k, v in
+                                                              kwargs.items()}, _detach(y))
+        return hook
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def tap_calls(engine: Any, modules: dict[str, Any], prompt_ids: Sequence[int], step: int,
+              forced: Sequence[int] | None) -> dict[str, Call]:
+    """Run ``engine`` (loaded, with a module tree) on the prompt to ``step`` and return the
+    chosen modules' calls at that step."""
+    tap = CallTap(engine.torch_module(), modules, step)
+    try:
+        engine.decode_logits(list(prompt_ids), step + 1, forced=forced)
+    finally:
+        tap.close()
+    return tap.seen
+
+
+def gguf_weight_types(*metas: dict[str, Any]) -> dict[str, str]:
+    """Canonical weight name -> GGUF storage type, from the first ``.gguf`` model file the
+    dumps' metadata names (the candidate's first: it is the one that ran quantized); empty
+    when none is named or it cannot be read."""
+    from pathlib import Path
+
+    for meta in metas:
+        model = meta.get("model")
+        if not isinstance(model, str) or not model.endswith(".gguf") or not Path(model).is_file():
+            continue
+        try:
+            from ..checkpoint.gguf_file import GGUFFile
+            from ..checkpoint.weight_names import canonical_weight
+
+            return {canonical_weight(t.name)[0]: t.dtype for t in GGUFFile(model).tensors()}
+        except Exception:  # unreadable or gguf missing: no GGUF rounding, never fatal
+            return {}
+    return {}

@@ -22,7 +22,7 @@ candidate taken to compute in it (``compute_dtype``): measured, not declared.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
 import numpy as np
@@ -31,7 +31,8 @@ from ..align.transforms import apply_transform
 from ..align.verify import merged_meta
 from ..errors import LockstepError
 from ..store.reader import Dump
-from .ops import ROUNDINGS, module_of, run_op, why_not_replayable
+from .ops import (GGUF_PREFIX, ROUNDINGS, gguf_rounding_fits, gguf_weight_types, module_of,
+                  run_op, tap_calls, why_not_replayable)
 
 __all__ = ["ReplayOp", "Replay", "replay_comparison", "EXPLAINED_FACTOR", "INTRODUCED_SHARE"]
 
@@ -53,11 +54,16 @@ class ReplayOp:
     module: str | None = None
     input_record: str | None = None  #: the reference record that holds the op's input
     input_candidate: str | None = None  #: its candidate partner, fed to the reference op
+    input_transform: str | None = None  #: the layout transform between the two inputs
     introduced: float | None = None  #: candidate vs the reference op on the candidate's input
     inherited: float | None = None  #: the candidate's input vs the reference's
     rounding: dict[str, float] = field(default_factory=dict)  #: dtype -> its error here
     explained_by: str | None = None  #: a precision whose rounding explains the error
     note: str | None = None  #: why it was not replayed
+    #: the other way: the candidate's op run on the reference's input, against the reference
+    #: op's output (the candidate's own op, nothing inherited); None when not run
+    reverse: float | None = None
+    reverse_note: str | None = None  #: why the other way was not run
 
     @property
     def where(self) -> str | None:
@@ -73,7 +79,7 @@ class ReplayOp:
                 "input": None if self.input_record is None else
                 {"reference": self.input_record, "candidate": self.input_candidate},
                 "rounding": self.rounding, "explained_by": self.explained_by,
-                "note": self.note}
+                "note": self.note, "reverse": self.reverse, "reverse_note": self.reverse_note}
 
 
 @dataclass
@@ -116,42 +122,6 @@ def _trailing(arr: np.ndarray, like: np.ndarray) -> np.ndarray | None:
     return None
 
 
-class _Tap:
-    """Inputs and outputs of chosen modules at one step (the root's n-th call)."""
-
-    def __init__(self, root: Any, modules: dict[str, Any], step: int) -> None:
-        self.step = step
-        self.calls = -1
-        self.seen: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        self.extra: dict[str, str] = {}  #: module -> why its call is not one input alone
-        self.handles = [root.register_forward_pre_hook(self._count)]
-        for name, module in modules.items():
-            self.handles.append(module.register_forward_hook(self._keep(name), with_kwargs=True))
-
-    def _count(self, module: Any, args: Any) -> None:
-        self.calls += 1
-
-    def _keep(self, name: str) -> Any:
-        def hook(module: Any, args: Any, kwargs: Any, output: Any) -> None:
-            if self.calls != self.step or name in self.seen or name in self.extra or not args:
-                return
-            if len(args) != 1 or kwargs:  # rotary embeddings (x, positions=...), masks, ...
-                given = len(args) + len(kwargs)
-                self.extra[name] = f"called with {given} arguments, not its input alone"
-                return
-            x = args[0]
-            y = output[0] if isinstance(output, (tuple, list)) else output
-            if hasattr(x, "detach") and hasattr(y, "detach"):
-                self.seen[name] = (x.detach().float().cpu().numpy() if x.is_floating_point()
-                                   else x.detach().cpu().numpy(),
-                                   y.detach().float().cpu().numpy())
-        return hook
-
-    def close(self) -> None:
-        for h in self.handles:
-            h.remove()
-
-
 def _targets(comparison: Any, root: Any, max_ops: int, at: Any = None) -> list[Any]:
     """``at``, or the first divergence (or, for drift, the first pair over tolerance), then
     more pairs over tolerance in that step, one per layer, in capture order."""
@@ -192,6 +162,19 @@ class _Dumps:
                 apply_transform(pair.cand_transform, self.cand.read(c), self.cand_meta))
 
 
+def _gguf_rounding(module: Any, name: str, weight_types: dict[str, str]) -> tuple[str, ...]:
+    """``("gguf:TYPE",)`` when the module's weight is stored quantized (or in 16 bits) in the
+    GGUF file a dump names, and that rounding fits it; else ``()``."""
+    if not weight_types:
+        return ()
+    from ..checkpoint.weight_names import canonical_weight
+
+    qtype = weight_types.get(canonical_weight(f"{name}.weight")[0])
+    if qtype is None or qtype in ("F32", "F64") or not gguf_rounding_fits(module, qtype):
+        return ()
+    return (f"{GGUF_PREFIX}{qtype}",)
+
+
 def _input_pair(comparison: Any, dumps: _Dumps, target: Any,
                 x_ref: np.ndarray) -> tuple[Any, np.ndarray] | None:
     """The pair whose reference record holds ``x_ref`` (nearest before the target), and
@@ -215,9 +198,11 @@ def _input_pair(comparison: Any, dumps: _Dumps, target: Any,
 
 def replay_comparison(engine: Any, comparison: Any, prompt_ids: Sequence[int],
                       forced: Sequence[int] | None, *, max_ops: int = 6,
-                      at: Any = None) -> Replay:
+                      at: Any = None, candidate: Any = None,
+                      cand_forced: Sequence[int] | None = None) -> Replay:
     """Replay around ``comparison``'s divergence (or the pair ``at``) with ``engine`` (the
-    reference, loaded, with a torch module tree); see the module docstring."""
+    reference, loaded, with a torch module tree); see the module docstring. ``candidate``: the
+    candidate engine, loaded, with a module tree of its own, to run the other way too."""
     from ..store.reader import open_dump
 
     t0 = time.perf_counter()
@@ -242,13 +227,12 @@ def replay_comparison(engine: Any, comparison: Any, prompt_ids: Sequence[int],
         modules[found[0]] = found[1]
     seen: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     if modules:
-        tap = _Tap(root, modules, step)
-        try:
-            engine.decode_logits(list(prompt_ids), step + 1, forced=forced)
-        finally:
-            tap.close()
-        seen = tap.seen
-        for name, why in tap.extra.items():
+        for name, call in tap_calls(engine, modules, prompt_ids, step, forced).items():
+            if call.single_input:
+                seen[name] = call.numpy_io()
+                continue
+            # rotary embeddings (x, positions=...), masks, ...: not its input alone
+            why = f"called with {len(call.args) + len(call.kwargs)} arguments, not its input alone"
             for i, p in enumerate(targets):
                 found = module_of(root, p.ref_name)
                 if found is not None and found[0] == name:
@@ -256,6 +240,7 @@ def replay_comparison(engine: Any, comparison: Any, prompt_ids: Sequence[int],
     ops: list[ReplayOp] = []
     with open_dump(comparison.reference.path) as ref, open_dump(comparison.candidate.path) as cand:
         dumps = _Dumps(ref, cand)
+        weight_types = gguf_weight_types(dict(cand.meta), dict(ref.meta))
         for i, p in enumerate(targets):
             base = dict(step=p.step, reference=p.ref_name, candidate=p.cand_name, total=p.error)
             if i in notes:
@@ -283,7 +268,7 @@ def replay_comparison(engine: Any, comparison: Any, prompt_ids: Sequence[int],
                 y_replay = run_op(module, x_cand)
                 rounding: dict[str, float] = {}
                 if x_ref.dtype.kind == "f":
-                    for dtype in ROUNDINGS:
+                    for dtype in ROUNDINGS + _gguf_rounding(module, name, weight_types):
                         rounding[dtype] = _rel(run_op(module, x_ref, rounding=dtype), y_ref)
             except Exception as exc:  # an op that will not run alone: said, never fatal
                 first_line = (str(exc).strip().splitlines() or [""])[0][:200]
@@ -297,10 +282,73 @@ def replay_comparison(engine: Any, comparison: Any, prompt_ids: Sequence[int],
                               if introduced <= EXPLAINED_FACTOR * rounding[d]), None) \
                 if introduced >= INTRODUCED_SHARE * p.error else None
             ops.append(ReplayOp(**base, module=name, input_record=in_pair.ref_name,
-                                input_candidate=in_pair.cand_name, introduced=introduced,
+                                input_candidate=in_pair.cand_name,
+                                input_transform=in_pair.transform, introduced=introduced,
                                 inherited=_rel(x_cand, x_ref), rounding=rounding,
                                 explained_by=explained))
+    if candidate is not None:
+        ops = _reverse(candidate, ops, refs_io={n: seen[n] for n in seen},
+                       prompt_ids=prompt_ids, forced=cand_forced, step=step)
     first = ops[0] if ops else None
+    # a float precision is compared again as the candidate's; a GGUF rounding is reported
     precision = first.explained_by if first is not None and first.introduced is not None \
-        and first.where == "introduced" else None
+        and first.where == "introduced" and first.explained_by in ROUNDINGS else None
     return Replay(ops, precision=precision, seconds=time.perf_counter() - t0)
+
+
+def _reverse(candidate: Any, ops: list[ReplayOp], refs_io: dict[str, tuple[np.ndarray, np.ndarray]],
+             prompt_ids: Sequence[int], forced: Sequence[int] | None,
+             step: int) -> list[ReplayOp]:
+    """The other way: each replayed op's candidate module run on the reference's input (the
+    candidate's own call at that step, its input replaced), against the reference op's
+    output. Said, never fatal, where it cannot run."""
+    import torch
+
+    root = candidate.torch_module()
+    if root is None:
+        return ops
+    wanted: dict[str, Any] = {}
+    for op in ops:
+        found = module_of(root, op.candidate) if op.introduced is not None else None
+        if found is not None:
+            wanted[found[0]] = found[1]
+    calls = tap_calls(candidate, wanted, prompt_ids, step, forced) if wanted else {}
+    out: list[ReplayOp] = []
+    for op in ops:
+        if op.introduced is None or op.module not in refs_io:
+            out.append(op)
+            continue
+        found = module_of(root, op.candidate)
+        call = calls.get(found[0]) if found is not None else None
+        if found is None or call is None:
+            why = ("not the output of a module of the candidate" if found is None
+                   else "the candidate's module did not run at that step")
+            out.append(replace(op, reverse_note=why))
+            continue
+        x_ref, y_ref = refs_io[op.module]
+        live = call.input
+        if op.input_transform:
+            out.append(replace(op, reverse_note=f"the inputs' layouts differ "
+                                                f"({op.input_transform})"))
+            continue
+        if x_ref.size != live.numel():
+            out.append(replace(op, reverse_note="its input's size differs from the "
+                                                "reference's"))
+            continue
+        x = torch.from_numpy(np.ascontiguousarray(x_ref)).reshape(live.shape).to(
+            device=live.device, dtype=live.dtype)
+        args, kwargs = call.with_input(x)
+        try:
+            with torch.no_grad():
+                y = found[1](*args, **kwargs)
+        except Exception as exc:  # an op that will not run again: said, never fatal
+            first_line = (str(exc).strip().splitlines() or [""])[0][:200]
+            out.append(replace(op, reverse_note=f"could not be re-run: {type(exc).__name__}: "
+                                                f"{first_line}"))
+            continue
+        y = y[0] if isinstance(y, (tuple, list)) else y
+        y_np = y.detach().to("cpu", torch.float64).numpy()
+        fit = _trailing(y_np, y_ref)
+        out.append(replace(op, reverse=_rel(fit, y_ref)) if fit is not None else
+                   replace(op, reverse_note="its output's shape does not fit the reference's"))
+    return out

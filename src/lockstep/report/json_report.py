@@ -94,6 +94,7 @@ def report_dict(c: Comparison) -> dict[str, Any]:
         "coverage": c.coverage.as_dict() if c.coverage is not None else None,
         "tokens": c.tokens.as_dict() if c.tokens is not None else None,
         "replay": _numbers(c.replay.to_json()) if c.replay is not None else None,
+        "step_match": c.step_match.to_json() if c.step_match is not None else None,
         "reference_dump": _side(c.reference),
         "candidate_dump": _side(c.candidate),
         "summary": {

@@ -143,14 +143,16 @@ def _replay(replay: Any) -> Panel:
                          f"candidate was compared as computing in {replay.precision} "
                          "(measured by replay, not declared)", style="bold"))
     table = Table(box=None, padding=(0, 1))
-    for col in ("step", "op (reference)", "error", "introduced here", "inherited input",
-                "bf16/fp16 give", ""):
+    other_way = any(op.reverse is not None for op in replay.ops)
+    cols = ["step", "op (reference)", "error", "introduced here", "inherited input",
+            "bf16/fp16 give"] + (["cand op on ref input"] if other_way else []) + [""]
+    for col in cols:
         table.add_column(col, justify="left" if col.startswith("op") or not col else "right",
                          no_wrap=col.startswith("op"))
     for op in replay.ops:
         if op.introduced is None:
             _row(table, str(op.step), op.reference, fmt(op.total), "-", "-", "-",
-                          f"not replayed: {op.note}")
+                 *(["-"] if other_way else []), f"not replayed: {op.note}")
             continue
         rounding = "/".join(fmt(op.rounding[d]) if d in op.rounding else "-"
                               for d in ("bfloat16", "float16"))
@@ -158,10 +160,13 @@ def _replay(replay: Any) -> Panel:
         if op.explained_by:
             where += f", {op.explained_by} rounding"
         _row(table, str(op.step), op.reference, fmt(op.total), fmt(op.introduced),
-                      fmt(op.inherited), rounding, where)
+             fmt(op.inherited), rounding,
+             *([fmt(op.reverse) if op.reverse is not None else "-"] if other_way else []),
+             where)
     body.append(table)
-    body.append(Text(f"the reference's ops re-run on the candidate's recorded inputs "
-                     f"({replay.seconds:.2f} s)", style="dim"))
+    body.append(Text(f"the reference's ops re-run on the candidate's recorded inputs"
+                     + (", and the candidate's ops on the reference's" if other_way else "")
+                     + f" ({replay.seconds:.2f} s)", style="dim"))
     return Panel(Group(*body), title="replay (the dual test)", expand=False)
 
 
@@ -208,6 +213,8 @@ class ComparisonReport:
         body: list[Any] = [verdict]
         if c.verdict != "match":
             body.append(_error_path(c))
+        if c.step_match is not None and c.step_match.noteworthy:
+            body += [Text(""), Text(c.step_match.describe())]
         if c.coverage is not None and c.coverage.gaps:
             body += [Text(""), _gaps(c.coverage.gaps, c.verdict)]
         if c.first_divergence is not None:

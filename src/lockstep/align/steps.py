@@ -1,0 +1,156 @@
+"""Which candidate step is which reference step: matched by what each was fed (its token ids,
+and its positions to choose between equal ids), not by call count.
+
+An engine may run a warm-up forward first, record one step more or fewer, or be recorded by a
+loop that started late; counting calls then compares the wrong steps. Each step's fed ids come
+from its integer ``input_ids`` record (or ``tokens``, ``token_ids``, ``ids``, ``inp_tokens``),
+its positions from ``positions``/``position_ids``/``pos``/``inp_pos``. Reference steps are
+matched in order to the next candidate step fed the same ids. That matching is used only when
+it pairs more steps fed alike than matching by index does, so a candidate fed the wrong ids at
+every step (ids and positions swapped) is still compared step by step, and diverges at its
+embedding. Candidate steps that no reference step matches are left out of the comparison and
+listed; reference steps with no candidate step stay unpaired (the coverage then says so).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+__all__ = ["StepMatch", "fed_per_step", "match_steps", "restep", "ID_NAMES", "POSITION_NAMES"]
+
+ID_NAMES = ("input_ids", "tokens", "token_ids", "ids", "inp_tokens")
+POSITION_NAMES = ("positions", "position_ids", "pos", "inp_pos")
+_INT = ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")
+
+Fed = tuple[tuple[int, ...] | None, tuple[int, ...] | None]  # (ids, positions)
+
+
+@dataclass(frozen=True)
+class StepMatch:
+    """The step pairing used, and what it left out."""
+
+    method: str  #: "index" (call count) or "fed" (matched by the ids each step was fed)
+    pairs: tuple[tuple[int, int], ...]  #: (reference step, candidate step)
+    ref_steps: int
+    cand_steps: int
+    cand_left_out: tuple[int, ...] = ()  #: candidate steps no reference step matched
+    ref_unmatched: tuple[int, ...] = ()  #: reference steps with no candidate step
+    why: str = ""
+
+    @property
+    def realigned(self) -> bool:
+        """Some candidate step is compared as another reference step, or left out."""
+        return bool(self.cand_left_out) or any(r != c for r, c in self.pairs)
+
+    @property
+    def noteworthy(self) -> bool:
+        """Worth a line in the report: realigned, or step counts that differ."""
+        return self.realigned or self.ref_steps != self.cand_steps
+
+    def to_json(self) -> dict[str, Any]:
+        return {"method": self.method, "reference_steps": self.ref_steps,
+                "candidate_steps": self.cand_steps,
+                "pairs": [{"reference": r, "candidate": c} for r, c in self.pairs],
+                "candidate_left_out": list(self.cand_left_out),
+                "reference_unmatched": list(self.ref_unmatched), "why": self.why}
+
+    def describe(self) -> str:
+        """One line for the terminal."""
+        counts = f"the reference has {self.ref_steps} steps, the candidate {self.cand_steps}"
+        if not self.realigned:
+            return f"steps: {counts}; matched by index ({self.why})"
+        moved = ", ".join(f"{c}->{r}" for r, c in self.pairs if r != c)
+        parts = [f"steps: {counts}; matched by the ids each was fed"]
+        if moved:
+            parts.append(f"candidate step -> reference step {moved}")
+        if self.cand_left_out:
+            parts.append("candidate steps left out (fed ids the reference never was): "
+                         + ", ".join(map(str, self.cand_left_out)))
+        if self.ref_unmatched:
+            parts.append("reference steps with no candidate step: "
+                         + ", ".join(map(str, self.ref_unmatched)))
+        return "; ".join(parts)
+
+
+def _ints(dump: Any, rec: Any) -> tuple[int, ...] | None:
+    if rec is None or not rec.has_data or rec.dtype not in _INT:
+        return None
+    try:
+        return tuple(int(v) for v in np.asarray(dump.read(rec)).reshape(-1))
+    except Exception:  # an unreadable record tells nothing about the step
+        return None
+
+
+def _find(records: list[Any], names: tuple[str, ...]) -> Any:
+    for r in records:
+        if r.name in names or r.name.rsplit(".", 1)[-1] in names:
+            if r.dtype in _INT:
+                return r
+    return None
+
+
+def fed_per_step(dump: Any) -> dict[int, Fed]:
+    """Each step's fed ids and positions (None where the dump has no such record)."""
+    by_step: dict[int, list[Any]] = {}
+    for r in dump.records:
+        by_step.setdefault(r.step, []).append(r)
+    return {s: (_ints(dump, _find(rs, ID_NAMES)), _ints(dump, _find(rs, POSITION_NAMES)))
+            for s, rs in sorted(by_step.items())}
+
+
+def _index(ref: dict[int, Fed], cand: dict[int, Fed], why: str) -> StepMatch:
+    pairs = tuple((s, s) for s in ref if s in cand)
+    return StepMatch("index", pairs, len(ref), len(cand),
+                     ref_unmatched=tuple(s for s in ref if s not in cand), why=why)
+
+
+def match_steps(ref: Any, cand: Any) -> StepMatch:
+    """Pair the steps of two dumps (see the module docstring)."""
+    ref_fed, cand_fed = fed_per_step(ref), fed_per_step(cand)
+    if not ref_fed or not cand_fed:
+        return _index(ref_fed, cand_fed, "a dump has no steps")
+    if any(ids is None for ids, _ in ref_fed.values()) or \
+            any(ids is None for ids, _ in cand_fed.values()):
+        return _index(ref_fed, cand_fed, "a dump records no fed ids for some step")
+    alike_by_index = sum(1 for s in ref_fed if s in cand_fed and ref_fed[s][0] == cand_fed[s][0])
+    cand_order = list(cand_fed)
+    pairs: list[tuple[int, int]] = []
+    unmatched: list[int] = []
+    j = 0
+    for s, (ids, pos) in ref_fed.items():
+        same = [k for k in range(j, len(cand_order)) if cand_fed[cand_order[k]][0] == ids]
+        if not same:
+            unmatched.append(s)
+            continue
+        # equal ids fed twice (a warm-up with the prompt): the one fed the same positions
+        k = next((k for k in same if pos is not None and cand_fed[cand_order[k]][1] == pos),
+                 same[0])
+        pairs.append((s, cand_order[k]))
+        j = k + 1
+    if len(pairs) <= alike_by_index:
+        why = "each step was fed the same ids" if alike_by_index == len(ref_fed) == len(
+            cand_fed) else "matching by fed ids pairs no more steps"
+        return _index(ref_fed, cand_fed, why)
+    used = {c for _, c in pairs}
+    return StepMatch("fed", tuple(pairs), len(ref_fed), len(cand_fed),
+                     cand_left_out=tuple(c for c in cand_order if c not in used),
+                     ref_unmatched=tuple(unmatched),
+                     why=f"{len(pairs)} steps fed alike, {alike_by_index} by index")
+
+
+def restep(dump: Any, match: StepMatch) -> Any:
+    """A view of the candidate dump with its steps renumbered as the reference steps they
+    match, the steps left out dropped. It shares the dump's mapping: close the dump, not the
+    view."""
+    if not match.realigned:
+        return dump
+    to_ref = {c: r for r, c in match.pairs}
+    view = copy.copy(dump)
+    view.records = [replace(r, step=to_ref[r.step]) for r in dump.records if r.step in to_ref]
+    view._by_key = {r.key: r for r in view.records}
+    view.close = lambda: None  # the dump it views owns the mapping
+    return view
