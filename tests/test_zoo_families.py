@@ -10,13 +10,13 @@ from lockstep.zoo.score import run_zoo
 
 BUGS = ("attn_softcap_missing", "window_all_layers", "embed_scale_twice",
         "query_pre_attn_scalar_ignored", "window_off_by_one", "window_decode_off_by_one",
-        "yarn_mscale_squared")
+        "yarn_mscale_squared", "llama3_rope_ignored")
 
 
 @pytest.fixture(scope="module")
 def titles(tmp_path_factory):
     score = run_zoo(tmp_path_factory.mktemp("families"),
-                    families=("gemma2", "mistral", "qwen3-yarn"), bugs=BUGS, controls=False)
+                    families=("gemma2", "mistral", "qwen3-yarn", "llama3"), bugs=BUGS, controls=False)
     return {r.bug.name: r.title for r in score.results}
 
 
@@ -34,6 +34,11 @@ def test_the_constant_factors_are_named(titles):
     assert "constant factor 11.31 = √hidden (√128)" in titles["embed_scale_twice"]
     assert "1/√24, query_pre_attn_scalar" in titles["query_pre_attn_scalar_ignored"]
     assert "constant factor 1.208" in titles["yarn_mscale_squared"]  # 0.1 ln 8 + 1
+
+
+def test_rope_scaling_left_out_is_not_read_as_another_base(titles):
+    assert ("plain frequencies of base 5e+05 where the reference's are rescaled"
+            in titles["llama3_rope_ignored"])
 
 
 def test_zoo_runs_one_family(tmp_path, capsys):
