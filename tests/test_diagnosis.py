@@ -115,7 +115,7 @@ def run(path: Path, model: Mini, *, bug: str | None = None, decode: int = 2,
         m.layers[1]["down"] *= 1.5
     elif bug == "embed_scale":
         m = Mini()
-        m.embed *= 8.0
+        m.embed *= 3.0  # not √HIDDEN (8), which is the `scale` diagnosis
     base = 10000.0 if bug == "rope_base" else BASE
     chosen: list[int] = []
     stale: dict[int, np.ndarray] = {}
@@ -313,7 +313,7 @@ def test_positions_fed_as_tokens(tmp_path, mini, reference):
 def test_embeddings_differ_while_ids_agree(tmp_path, mini, reference):
     result, d = diagnosed(tmp_path, mini, reference, bug="embed_scale")
     assert result.first_divergence.ref_name == "model.embed_tokens"
-    assert d.kind == "embedding" and d.detail["scale"] == pytest.approx(8.0)
+    assert d.kind == "embedding" and d.detail["scale"] == pytest.approx(3.0)
     assert d.detail["positions_differing"] == list(range(T))
     assert d.title == "the embeddings differ at step 0 while the token ids agree"
 

@@ -7,6 +7,7 @@ import pytest
 
 from lockstep.cli.main import main
 from lockstep.zoo.bugs import BUGS
+from lockstep.zoo.config import FAMILIES
 from lockstep.zoo.score import run_zoo
 
 
@@ -27,16 +28,35 @@ def test_bug_is_localized_and_diagnosed(score, name, family):
 
 
 def test_the_score_counts_every_run(score):
-    assert score.passed == len(score.results) == len(RUNS) == 35
+    assert score.passed == len(score.results) == len(RUNS) == 55
 
 
 def test_no_negative_control_diverges(score):
     assert {(c.family, c.dtype) for c in score.controls} == {
-        (f, d) for f in ("llama", "qwen3") for d in ("float32", "float64", "bfloat16")}
+        (f, d) for f in FAMILIES for d in ("float32", "float64", "bfloat16")}
     verdicts = {(c.family, c.dtype): c.verdict for c in score.controls}
-    assert verdicts[("llama", "float32")] == verdicts[("qwen3", "float64")] == "match"
+    for family in FAMILIES:  # float32 against float32 matches, bfloat16 drifts
+        assert verdicts[(family, "float32")] == verdicts[(family, "float64")] == "match"
+        assert verdicts[(family, "bfloat16")] == "drift"
     assert all(c.ok for c in score.controls)
     assert bool(score)
+
+
+CONDITIONAL = [(b.name, f) for b in BUGS.values() if b.condition for f in b.families]
+
+
+@pytest.mark.parametrize("name,family", CONDITIONAL, ids=[f"{b}-{f}" for b, f in CONDITIONAL])
+def test_a_run_outside_the_condition_does_not_diverge(score, name, family):
+    r = next(r for r in score.results if (r.bug.name, r.family) == (name, family))
+    assert r.outside in ("match", "drift"), r.outside
+
+
+def test_every_family_has_a_bug_from_a_public_thread():
+    public = {f for b in BUGS.values() if b.source.startswith("https://github.com/")
+              for f in b.families}
+    assert public >= set(FAMILIES) - {"qwen3"}
+    threads = [b for b in BUGS.values() if b.source.startswith("https://github.com/")]
+    assert len(threads) == 28
 
 
 def test_seed_001_reads_like_the_story_ended(score):

@@ -290,7 +290,11 @@ LLAMA_REFERENCE = NameTable("llama-reference", _top(
     _Op("attention.rope:0", "q_rope"), _Op("attention.rope:1", "k_rope"),
     _Op("attention.wo:input.0", "attn_heads"), _Op("attention.wo", "attn_out"),
     _Op("ffn_norm:input.0", "attn_residual"), _Op("ffn_norm", "mlp_norm"),
-    *_under("feed_forward", "", _META_FFN), *_HF_LAYER_OUT)))
+    *_under("feed_forward", "", _META_FFN), *_HF_LAYER_OUT,
+    # the zoo's other families: Gemma 2's norms after attention and the MLP, Phi-3's fused
+    # projections
+    _Op("post_attention_norm", "attn_post_norm"), _Op("post_ffn_norm", "mlp_post_norm"),
+    _Op("attention.qkv", "qkv"), _Op("feed_forward.w13", "gate_up"))))
 
 # vLLM and SGLang (vllm/model_executor/models/llama.py, qwen3.py; sglang/srt/models/qwen3.py)
 # and engines written after them (nano-vLLM): the same module names as transformers, but

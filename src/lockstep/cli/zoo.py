@@ -6,16 +6,19 @@ import argparse
 import tempfile
 from typing import Any
 
+from ..zoo.config import FAMILIES
+
 __all__ = ["register", "run"]
 
 
 def register(sub: Any) -> None:
     z = sub.add_parser("zoo", help="run every bug of the zoo's mini engine against "
                                    "transformers and score lockstep's localization",
-                       description="Run the bug zoo (docs/zoo.md): a tiny Llama and Qwen3, "
-                                   "each bug switched on in turn, compared with transformers.")
+                       description="Run the bug zoo (docs/zoo.md): a tiny model of each "
+                                   f"family ({', '.join(FAMILIES)}), each bug switched on in "
+                                   "turn, compared with transformers.")
     z.add_argument("--bug", action="append", metavar="NAME", help="only this bug (repeatable)")
-    z.add_argument("--family", action="append", choices=("llama", "qwen3"),
+    z.add_argument("--family", action="append", choices=FAMILIES,
                    help="only this model family (repeatable)")
     z.add_argument("--out", help="keep the dumps here (default: a temporary directory)")
     z.set_defaults(handler=run)
@@ -26,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..report.zoo_table import ZooTable
     from ..zoo.bugs import get_bug
-    from ..zoo.score import FAMILIES, run_zoo
+    from ..zoo.score import run_zoo
 
     for name in args.bug or ():
         get_bug(name)  # an unknown name is a one-line error before anything runs

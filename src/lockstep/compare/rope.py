@@ -144,6 +144,16 @@ def _rope_tests(case: Case, x: np.ndarray, r: np.ndarray, c: np.ndarray, d: int,
     after = ev.rel_error(c, ev.rotate(x, ev.rope_angles(np.arange(rows), base_c, d), pairing))
     if not case.explains(after):
         return None
+    ref_after = ev.rel_error(r, ev.rotate(x, ev.rope_angles(np.arange(rows), base_r, d),
+                                          pairing))
+    if ref_after > 1e-3:  # no single base gives the reference's frequencies: a rope scaling
+        detail.update(cause="scaling", candidate_base=base_c, error_after=after,
+                      reference_base_error=ref_after)
+        evidence.append(f"the candidate's rotation is plain RoPE with base {base_c:.6g} "
+                        f"(relative L2 {fmt(after)}); no single base reproduces the "
+                        f"reference's (best fit {base_r:.6g}, relative L2 {fmt(ref_after)})")
+        return (f"RoPE turns with the plain frequencies of base {base_c:.4g} where the "
+                "reference's are rescaled (rope_scaling: llama3, YaRN, ...)")
     detail.update(cause="base", reference_base=base_r, candidate_base=base_c,
                   error_after=after)
     evidence.append(f"the candidate's rotation at position 1 fits a RoPE base of "

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 from ..errors import LockstepError, MissingExtraError, UsageError
 from .base import timed_steps
 from .tokenizer import TransformersTokenizerEngine
+from .hf_attention import attention_meta
 from .hf_rope import watch_rope
 
 if TYPE_CHECKING:
@@ -242,7 +243,7 @@ class HFEngine(TransformersTokenizerEngine):
                 "head_dim": getattr(config, "head_dim", None) or (
                     config.hidden_size // config.num_attention_heads
                     if config is not None and getattr(config, "num_attention_heads", None)
-                    else None)}
+                    else None), **attention_meta(config)}
 
     def generate(self, rec: Recorder, prompt_ids: Sequence[int], decode: int, *,
                  forced: Sequence[int] | None = None) -> list[int]:

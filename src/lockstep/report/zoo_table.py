@@ -27,15 +27,19 @@ class ZooTable:
             found = f"step {r.step} {r.tensor}" if r.step is not None else r.verdict
             if not r.localized:
                 found += f"\n(expected step {r.bug.step} {r.bug.tensor})"
+            if r.outside is not None:
+                found += f"\noutside its condition: {r.outside}"
             kind = r.diagnosis or "-"
             if not r.classified:
                 kind += f"\n(expected {r.bug.diagnosis})"
             table.add_row(mark, f"{r.bug.name}\n[dim]{r.family}[/]", found, kind, r.title or "-")
         yield table
+        families = list(dict.fromkeys(r.family for r in self.score.results))
         controls = ", ".join(f"{c.family} {c.dtype}: {c.verdict}" for c in self.score.controls)
         total = len(self.score.results)
         style = "bold green" if self.score else "bold red"
         yield Text.assemble((f"{self.score.passed} of {total} bugs localized to their step "
                              f"and tensor with the right diagnosis", style),
+                            f"; families: {', '.join(families) or 'none'}",
                             f"; bug-free controls: {controls or 'not run'}; "
                             f"{self.score.seconds:.1f} s")

@@ -9,6 +9,7 @@ from .config import ModelArgs
 from .kv_cache import AttentionMetadata
 from .layers import RMSNorm, Rope
 from .lora import LoRALinear
+from .scores import ScoreRules
 from .vm import blocked_qkv
 
 __all__ = ["Attention"]
@@ -32,30 +33,41 @@ class Attention(nn.Module):
         self.head_dim = args.head_dim
         self.bug = args.bug
         q_size, kv_size = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
-        self.wq = LoRALinear(args.dim, q_size, bias=args.attention_bias)
-        self.wk = LoRALinear(args.dim, kv_size, bias=args.attention_bias)
-        self.wv = LoRALinear(args.dim, kv_size, bias=args.attention_bias)
+        self.sizes = (q_size, kv_size, kv_size)
+        if args.extra.fused:  # Phi-3: one qkv projection, split after it
+            self.qkv = LoRALinear(args.dim, q_size + 2 * kv_size, bias=args.attention_bias)
+        else:
+            self.wq = LoRALinear(args.dim, q_size, bias=args.attention_bias)
+            self.wk = LoRALinear(args.dim, kv_size, bias=args.attention_bias)
+            self.wv = LoRALinear(args.dim, kv_size, bias=args.attention_bias)
         self.wo = LoRALinear(q_size, args.dim, bias=False)
         self.q_norm = RMSNorm(args.head_dim, args.norm_eps, args.bug) if args.qk_norm else None
         self.k_norm = RMSNorm(args.head_dim, args.norm_eps, args.bug) if args.qk_norm else None
         theta = 10000.0 if args.bug == "rope_theta_default" else args.rope_theta
-        self.rope = Rope(args.head_dim, theta, args.bug)
+        rotary_dim = None if args.bug == "partial_rotary_full" else args.extra.rotary_dim
+        self.rope = Rope(args.head_dim, theta, args.bug, rotary_dim, args.extra.rope_scaling)
+        self.scores = ScoreRules(layer_id, args)
         self.register_buffer("wqkv", None, persistent=False)
         self.register_buffer("bqkv", None, persistent=False)
 
     def fuse_qkv(self) -> None:
         """Concatenate wq, wk and wv (adapters merged) into the VM's one QKV weight."""
         with torch.no_grad():
-            self.wqkv = torch.cat([w.merged_weight() for w in (self.wq, self.wk, self.wv)])
-            if self.wq.bias is not None:
-                self.bqkv = torch.cat([self.wq.bias, self.wk.bias, self.wv.bias])
+            parts = (self.qkv,) if hasattr(self, "qkv") else (self.wq, self.wk, self.wv)
+            self.wqkv = torch.cat([w.merged_weight() for w in parts])
+            if parts[0].bias is not None:
+                self.bqkv = torch.cat([w.bias for w in parts])
 
     def project(self, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Q and K (normed and rotated) and V of every new token, (batch, seq, heads, head_dim)."""
         batch, seq, _ = x.shape
-        q = self.wq(x).view(batch, seq, self.n_heads, self.head_dim)
-        k = self.wk(x).view(batch, seq, self.n_kv_heads, self.head_dim)
-        v = self.wv(x).view(batch, seq, self.n_kv_heads, self.head_dim)
+        if hasattr(self, "qkv"):
+            q, k, v = self.qkv(x).split(self.sizes, dim=-1)
+        else:
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        q = q.view(batch, seq, self.n_heads, self.head_dim)
+        k = k.view(batch, seq, self.n_kv_heads, self.head_dim)
+        v = v.view(batch, seq, self.n_kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rope(q, k, positions)
@@ -73,9 +85,10 @@ class Attention(nn.Module):
             causal = meta.cache is None  # TinyLLM#17: masked only when no cache is attached
         else:
             causal = x.shape[1] > 1
-        return self.wo(self.attend(q, keys, values, causal))
+        return self.wo(self.attend(q, keys, values, causal, meta.is_decode))
 
-    def attend(self, q: Tensor, keys: Tensor, values: Tensor, causal: bool) -> Tensor:
+    def attend(self, q: Tensor, keys: Tensor, values: Tensor, causal: bool,
+               decode: bool = False) -> Tensor:
         """Softmax attention of the new tokens' queries over the sequence's keys and values.
 
         ``q`` is (batch, new, heads, head_dim), ``keys`` and ``values`` (context, kv_heads,
@@ -92,11 +105,14 @@ class Attention(nn.Module):
             k, v = k.repeat(1, group, 1, 1), v.repeat(1, group, 1, 1)  # kv heads 0, 1, 0, 1
         else:
             k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)  # 0, 0, 1, 1
-        scores = q.transpose(1, 2) @ k.transpose(2, 3) * head_dim ** -0.5
+        scores = self.scores.cap(q.transpose(1, 2) @ k.transpose(2, 3) * self.scores.scale)
         if causal:
             # query i (at context index context - new + i) sees keys 0 .. context - new + i
             visible = torch.ones(new, context, dtype=torch.bool, device=q.device)
             scores = scores.masked_fill(~visible.tril(context - new), float("-inf"))
+        window = self.scores.window(new, context, decode, q.device)
+        if window is not None:
+            scores = scores.masked_fill(~window, float("-inf"))
         at_least_fp32 = torch.promote_types(scores.dtype, torch.float32)
         probs = torch.softmax(scores, dim=-1, dtype=at_least_fp32).to(q.dtype)
         out = probs @ v  # (batch, heads, new, head_dim)

@@ -16,7 +16,7 @@ __all__ = ["Bug", "BUGS", "DIAGNOSES", "get_bug"]
 
 #: the diagnosis classes a bug is expected to be given
 DIAGNOSES = ("embedding", "decode", "rope", "logits", "nan", "zeros", "stale", "layout",
-             "blocked_norm", "op", "sampling")
+             "blocked_norm", "op", "sampling", "softcap", "window", "scale")
 
 _SEED_000 = "seeds/000_bb3755e1f931925d.txt (mini vLLM checklist)"
 _SEED_001 = "seeds/001_c36c40d1cc5e13e0.txt (fused decode VM vs torch)"
@@ -36,6 +36,8 @@ class Bug:
     tensor: str  #: canonical name where it is first seen ("tokens": only the chosen tokens)
     diagnosis: str  #: expected diagnosis class, one of DIAGNOSES
     families: tuple[str, ...] = ("llama", "qwen3")  #: model families it applies to
+    #: when it shows, if not always (e.g. past the window); outside it, a run must not diverge
+    condition: str | None = None
 
     def __post_init__(self) -> None:
         if self.phase not in ("prefill", "decode") or self.diagnosis not in DIAGNOSES:
@@ -124,8 +126,10 @@ _ALL = (
         "prefill", 0, "layers.0.attn_heads", "op"),
 )
 
+from .family_bugs import FAMILY_BUGS  # noqa: E402 (they are Bug records of this module)
+
 #: every bug, by name, in the order of the docs' table
-BUGS: dict[str, Bug] = {bug.name: bug for bug in _ALL}
+BUGS: dict[str, Bug] = {bug.name: bug for bug in _ALL + FAMILY_BUGS}
 
 
 def get_bug(name: str | None, family: str | None = None) -> Bug | None:

@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from ..errors import UsageError
+from .families import NEW_FAMILIES, FamilyArgs, family_args, family_of
 
 __all__ = ["ModelArgs", "FAMILIES"]
 
-#: transformers ``model_type`` values the zoo can run
-FAMILIES = ("llama", "qwen3")
+#: the zoo families it can run (families.py: what each adds)
+FAMILIES = ("llama", "qwen3") + NEW_FAMILIES
 
 
 def _rope_theta(config: Mapping[str, Any]) -> float:
     """rope_theta from a config of any transformers version (top level or rope_parameters)."""
     params = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type != "default":
-        raise UsageError(f"the zoo engine runs plain RoPE only; this model uses {rope_type!r}")
     return float(config.get("rope_theta") or params.get("rope_theta") or 10000.0)
 
 
@@ -27,7 +25,7 @@ class ModelArgs:
     """Sizes and constants of a Llama or Qwen3 model, named as Meta's reference code names
     them."""
 
-    family: str  #: "llama" or "qwen3" (QK-norm)
+    family: str  #: a zoo family, one of FAMILIES
     dim: int  #: hidden size
     n_layers: int
     n_heads: int
@@ -40,36 +38,35 @@ class ModelArgs:
     tie_embeddings: bool  #: lm_head shares the embedding matrix
     attention_bias: bool = False
     bug: str | None = None  #: the zoo bug switched on, if any
+    extra: FamilyArgs = field(default_factory=FamilyArgs)  #: what the family adds
 
     @property
     def qk_norm(self) -> bool:
         """Whether Q and K are RMS-normalised per head before RoPE (Qwen3)."""
-        return self.family == "qwen3"
+        return self.family.startswith("qwen3")
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], bug: str | None = None) -> ModelArgs:
         """The arguments of a transformers config (``config.json`` as a dict)."""
-        family = config.get("model_type")
+        family = family_of(config)
         if family not in FAMILIES:
-            raise UsageError(f"the zoo engine runs {' and '.join(FAMILIES)} models; this one "
-                             f"is {family!r}")
-        if config.get("hidden_act", "silu") != "silu" or config.get("mlp_bias"):
-            raise UsageError("the zoo engine runs SwiGLU MLPs without bias only")
-        if config.get("use_sliding_window"):
-            raise UsageError("the zoo engine has no sliding-window attention")
+            raise UsageError(f"the zoo engine runs {', '.join(FAMILIES)} models; this one "
+                             f"is {config.get('model_type')!r}")
         n_heads = int(config["num_attention_heads"])
+        head_dim = int(config.get("head_dim") or config["hidden_size"] // n_heads)
         return cls(
             family=family,
             dim=int(config["hidden_size"]),
             n_layers=int(config["num_hidden_layers"]),
             n_heads=n_heads,
             n_kv_heads=int(config.get("num_key_value_heads") or n_heads),
-            head_dim=int(config.get("head_dim") or config["hidden_size"] // n_heads),
+            head_dim=head_dim,
             hidden_dim=int(config["intermediate_size"]),
             vocab_size=int(config["vocab_size"]),
             norm_eps=float(config.get("rms_norm_eps", 1e-6)),
             rope_theta=_rope_theta(config),
             tie_embeddings=bool(config.get("tie_word_embeddings", False)),
-            attention_bias=bool(config.get("attention_bias", False)),
+            attention_bias=bool(config.get("attention_bias", family == "qwen2")),
             bug=bug,
+            extra=family_args(config, family, head_dim),
         )

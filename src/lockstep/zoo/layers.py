@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -16,17 +18,20 @@ class RMSNorm(nn.Module):
     float64 run matches transformers' float64 run to 1e-10).
     """
 
-    def __init__(self, dim: int, eps: float, bug: str | None = None) -> None:
+    def __init__(self, dim: int, eps: float, bug: str | None = None, offset: bool = False) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
         self.bug = bug
+        self.offset = offset  #: Gemma's weights hold the scale minus one
 
     @property
     def scale(self) -> Tensor:
         """The per-channel scale the normalised input is multiplied by."""
         if self.bug == "norm_unit_offset":
             return 1 + self.weight  # Gemma's convention, wrong for Llama and Qwen3 weights
+        if self.offset and self.bug != "norm_no_unit_offset":
+            return 1 + self.weight
         return self.weight
 
     def normalize(self, x: Tensor, stats: Tensor | None = None) -> Tensor:
@@ -44,24 +49,37 @@ class Rope(nn.Module):
 
     Half-split pairs (element i turns with element i + head_dim / 2), transformers' convention;
     the angles are computed in float32 and cast to the activations' dtype, as transformers does.
+    With ``rotary_dim`` (partial rotary) only the first ``rotary_dim`` elements of a head turn;
+    ``scaling`` is a ``llama3`` or YaRN rope_parameters dict (rope_scaling.py).
     """
 
-    def __init__(self, head_dim: int, theta: float, bug: str | None = None) -> None:
+    def __init__(self, head_dim: int, theta: float, bug: str | None = None,
+                 rotary_dim: int | None = None, scaling: Any = None) -> None:
         super().__init__()
         self.head_dim = head_dim
         self.theta = theta
         self.bug = bug
+        self.rotary_dim = rotary_dim or head_dim
+        self.scaling = scaling
 
     def cos_sin(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """cos and sin of every position's angles, shaped (batch, seq, 1, head_dim)."""
-        steps = torch.arange(0, self.head_dim, 2, dtype=torch.float, device=positions.device)
-        inv_freq = 1.0 / (self.theta ** (steps / self.head_dim))
+        """cos and sin of every position's angles, shaped (batch, seq, 1, rotary_dim)."""
+        from .rope_scaling import inv_freq as frequencies
+
+        inv_freq, factor = frequencies(self.rotary_dim, self.theta, self.scaling, self.bug,
+                                       positions.device)
+        if self.bug == "partial_rotary_pairs" and self.rotary_dim < self.head_dim:
+            # pie#603: the rotated pairs' frequencies taken over the whole head, and pairs
+            # (i, i + head_dim / 2) over the whole head; the other pairs turn by 0
+            turned = 1.0 / (self.theta ** (torch.arange(0, self.rotary_dim, 2, device=positions.device).float() / self.head_dim))
+            inv_freq = torch.cat((turned, turned.new_zeros((self.head_dim - self.rotary_dim) // 2)))
         freqs = positions[..., None].float() * inv_freq
         if self.bug == "rope_interleaved":
             angles = freqs.repeat_interleave(2, dim=-1)  # pairs (0, 1), (2, 3), ...
         else:
             angles = torch.cat((freqs, freqs), dim=-1)  # pairs (0, D/2), (1, D/2 + 1), ...
-        return angles.cos().to(dtype)[:, :, None], angles.sin().to(dtype)[:, :, None]
+        cos, sin = angles.cos() * factor, angles.sin() * factor
+        return cos.to(dtype)[:, :, None], sin.to(dtype)[:, :, None]
 
     def rotate_half(self, x: Tensor) -> Tensor:
         """Each element's rotation partner, negated where the rotation subtracts it."""
@@ -72,7 +90,13 @@ class Rope(nn.Module):
 
     def forward(self, q: Tensor, k: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
         cos, sin = self.cos_sin(positions, q.dtype)
-        return q * cos + self.rotate_half(q) * sin, k * cos + self.rotate_half(k) * sin
+        width = cos.shape[-1]
+        if width == self.head_dim:
+            return q * cos + self.rotate_half(q) * sin, k * cos + self.rotate_half(k) * sin
+        # partial rotary: the first rotary_dim elements turn, the rest pass through
+        turned = [torch.cat((x[..., :width] * cos + self.rotate_half(x[..., :width]) * sin,
+                             x[..., width:]), dim=-1) for x in (q, k)]
+        return turned[0], turned[1]
 
 
 class FeedForward(nn.Module):
@@ -80,12 +104,13 @@ class FeedForward(nn.Module):
 
     def __init__(self, dim: int, hidden_dim: int) -> None:
         super().__init__()
+        self.act = F.silu  #: the gate's activation (families.py may set tanh GELU)
         self.w1 = nn.Linear(dim, hidden_dim, bias=False)
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(self.act(self.w1(x)) * self.w3(x))
 
 
 class LMHead(nn.Linear):

@@ -18,7 +18,8 @@ from torch import Tensor, nn
 from .attention import Attention
 from .config import ModelArgs
 from .kv_cache import AttentionMetadata
-from .layers import FeedForward, LMHead, RMSNorm
+from .family_layers import embedding, feed_forward, final_softcap
+from .layers import LMHead, RMSNorm
 
 __all__ = ["Transformer", "TransformerBlock", "Step"]
 
@@ -36,14 +37,24 @@ class TransformerBlock(nn.Module):
 
     def __init__(self, layer_id: int, args: ModelArgs) -> None:
         super().__init__()
-        self.attention_norm = RMSNorm(args.dim, args.norm_eps, args.bug)
+        offset = args.extra.norm_offset
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps, args.bug, offset)
         self.attention = Attention(layer_id, args)
-        self.ffn_norm = RMSNorm(args.dim, args.norm_eps, args.bug)
-        self.feed_forward = FeedForward(args.dim, args.hidden_dim)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps, args.bug, offset)
+        self.feed_forward = feed_forward(args)
+        if args.extra.sandwich_norms:  # Gemma 2: the attention and MLP outputs normed too
+            self.post_attention_norm = RMSNorm(args.dim, args.norm_eps, args.bug, offset)
+            self.post_ffn_norm = RMSNorm(args.dim, args.norm_eps, args.bug, offset)
 
     def forward(self, x: Tensor, positions: Tensor, meta: AttentionMetadata) -> Tensor:
-        h = x + self.attention(self.attention_norm(x), positions, meta)
-        return h + self.feed_forward(self.ffn_norm(h))
+        attn = self.attention(self.attention_norm(x), positions, meta)
+        if hasattr(self, "post_attention_norm"):
+            attn = self.post_attention_norm(attn)
+        h = x + attn
+        mlp = self.feed_forward(self.ffn_norm(h))
+        if hasattr(self, "post_ffn_norm"):
+            mlp = self.post_ffn_norm(mlp)
+        return h + mlp
 
 
 class Transformer(nn.Module):
@@ -53,9 +64,9 @@ class Transformer(nn.Module):
         super().__init__()
         self.args = args
         self.bug = args.bug
-        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.tok_embeddings = embedding(args)
         self.layers = nn.ModuleList(TransformerBlock(i, args) for i in range(args.n_layers))
-        self.norm = RMSNorm(args.dim, args.norm_eps, args.bug)
+        self.norm = RMSNorm(args.dim, args.norm_eps, args.bug, args.extra.norm_offset)
         self.output = LMHead(args.dim, args.vocab_size, args.bug)
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
@@ -76,5 +87,5 @@ class Transformer(nn.Module):
             self.last_hidden = h[:, -1:]
         elif self.bug == "stale_hidden":
             h = self.last_hidden  # the bug: decode reads what prefill left, not its own state
-        return Step(self.output(self.norm(h)))
+        return Step(final_softcap(self.args, self.output(self.norm(h))))
 

@@ -20,13 +20,15 @@ import numpy as np
 from ..capture.recorder import record
 from ..compare import Comparison, compare
 from .bugs import BUGS, Bug
+from .config import FAMILIES
+from .families import NEW_FAMILIES, tiny_family_model
 
 __all__ = ["ZooResult", "ControlResult", "ZooScore", "run_zoo", "tiny_model"]
 
 PROMPT = [3, 17, 42, 7, 99, 5, 64, 21, 8]
 FORCED = [5, 77, 150]  #: decode tokens fed to both sides (not an echo of the prompt's end)
-FAMILIES = ("llama", "qwen3")
 CONTROLS = ("float32", "float64", "bfloat16")
+SHORT_PROMPT = PROMPT[:5]  #: with the decode steps, 8 positions: within every window
 
 
 def tiny_model(family: str, directory: Path) -> Path:
@@ -34,6 +36,8 @@ def tiny_model(family: str, directory: Path) -> Path:
 
     Llama: tied lm_head and Llama 3's rope_theta; Qwen3: QK-norm and head_dim 64 (a head is
     four 16-element VM blocks)."""
+    if family in NEW_FAMILIES:
+        return tiny_family_model(family, directory)
     if (directory / "config.json").is_file():
         return directory
     from ..engines.hf import _import
@@ -66,6 +70,8 @@ class ZooResult:
     diagnosis: str | None  #: the diagnosis class given
     title: str | None  #: the diagnosis's one line
     seconds: float
+    #: the verdict of the run outside the bug's condition (None: the bug has none)
+    outside: str | None = None
 
     @property
     def localized(self) -> bool:
@@ -77,7 +83,7 @@ class ZooResult:
 
     @property
     def ok(self) -> bool:
-        return self.localized and self.classified
+        return self.localized and self.classified and self.outside != "diverged"
 
 
 @dataclass(frozen=True)
@@ -107,14 +113,21 @@ class ZooScore:
         return self.passed == len(self.results) and all(c.ok for c in self.controls)
 
 
-def _zoo_run(path: Path, out: Path, *, bug: str | None = None, dtype: str = "float32") -> Any:
+def _zoo_run(path: Path, out: Path, *, bug: str | None = None, dtype: str = "float32",
+             prompt: Sequence[int] = PROMPT) -> Any:
     from .engine import ZooEngine
 
     engine = ZooEngine(f"zoo:{path}", str(path), bug=bug, dtype=dtype)
     engine.load()
-    with record(out, meta={**engine.meta(), "prompt_token_ids": PROMPT}, overwrite=True) as rec:
-        engine.generate(rec, PROMPT, len(FORCED), forced=FORCED)
+    _record(engine, out, prompt)
     return engine
+
+
+def _record(engine: Any, out: Path, prompt: Sequence[int] = PROMPT) -> Path:
+    with record(out, meta={**engine.meta(), "prompt_token_ids": list(prompt)},
+                overwrite=True) as rec:
+        engine.generate(rec, prompt, len(FORCED), forced=FORCED)
+    return out
 
 
 def _token_split(reference: Any, candidate: Any) -> tuple[int | None, bool]:
@@ -159,10 +172,8 @@ def run_zoo(root: str | Path, *, families: Sequence[str] = FAMILIES,
             model_dir = tiny_model(family, root / "models" / family)
             reference = HFEngine(f"hf:{model_dir}", str(model_dir))
             reference.load()
-            ref_dump = root / family / "reference.lsd"
-            with record(ref_dump, meta={**reference.meta(), "prompt_token_ids": PROMPT},
-                        overwrite=True) as rec:
-                reference.generate(rec, PROMPT, len(FORCED), forced=FORCED)
+            ref_dump = _record(reference, root / family / "reference.lsd")
+            short_ref: Path | None = None  # the reference on the short prompt, once needed
             for name in names:
                 bug = BUGS[name]
                 if family not in bug.families:
@@ -180,8 +191,15 @@ def run_zoo(root: str | Path, *, families: Sequence[str] = FAMILIES,
                 else:
                     comparison = compare(ref_dump, root / family / f"{name}.lsd")
                     found, verdict = _localized(comparison), comparison.verdict
+                outside = None
+                if bug.condition is not None:  # outside the condition: must not diverge
+                    short_ref = short_ref or _record(reference, root / family / "short.lsd",
+                                                     SHORT_PROMPT)
+                    short = root / family / f"{name}-short.lsd"
+                    _zoo_run(model_dir, short, bug=name, prompt=SHORT_PROMPT)
+                    outside = compare(short_ref, short).verdict
                 results.append(ZooResult(bug, family, verdict, *found,
-                                         seconds=time.perf_counter() - t0))
+                                         seconds=time.perf_counter() - t0, outside=outside))
             for dtype in CONTROLS if controls else ():
                 progress(f"{family}: bug-free, {dtype}")
                 out = root / family / f"control-{dtype}.lsd"

@@ -12,6 +12,8 @@ from torch import Tensor
 
 from ..errors import LockstepError, UsageError
 from .config import ModelArgs
+from .families import RENAMES
+from .family_loading import after_load, skipped
 from .lora import LoRALinear, attach_nan_adapter
 from .model import Transformer
 
@@ -32,10 +34,10 @@ _RENAMES = (
 )
 
 
-def zoo_to_hf(name: str) -> str:
+def zoo_to_hf(name: str, family: str = "llama") -> str:
     """The transformers name of a zoo parameter (``layers.0.attention.wq.weight`` ->
     ``model.layers.0.self_attn.q_proj.weight``)."""
-    for pattern, replacement in _RENAMES:
+    for pattern, replacement in RENAMES.get(family, ()) + _RENAMES:
         renamed, count = re.subn("^" + pattern, replacement, name)
         if count:
             return renamed
@@ -74,7 +76,9 @@ def _load(model: Transformer, tensors: Mapping[str, Tensor]) -> None:
             continue  # the embedding matrix, loaded once
         if model.bug == "layer_not_loaded" and name.startswith("layers.1."):
             continue  # the bug: the loader never writes layer 1
-        source = zoo_to_hf(name)
+        if skipped(model.bug, name):
+            continue
+        source = zoo_to_hf(name, model.args.family)
         if source not in tensors:
             raise LockstepError(f"the checkpoint has no {source} (for the zoo's {name})")
         state[name] = tensors[source]
@@ -91,6 +95,7 @@ def build(config: Mapping[str, Any], tensors: Mapping[str, Tensor], *, bug: str 
     model = Transformer(args)
     random_init(model, seed)
     _load(model, tensors)
+    after_load(model)
     if bug == "nan_adapter":
         wq = model.get_submodule("layers.1.attention.wq")
         assert isinstance(wq, LoRALinear)

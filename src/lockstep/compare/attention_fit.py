@@ -1,0 +1,141 @@
+"""Attention re-enacted from the reference's own q, k and v, to say what the candidate's
+attention does differently: its soft cap (``softcap``), its sliding window (``window``) or the
+scale of its scores (``scale``).
+
+The reference's metadata names the constants its config sets (``attn_scale``,
+``attn_softcap``, ``sliding_window``, ``sliding_layers``; engines/hf_attention.py). With them
+the reference's attention output is recomputed (it must be reproduced), then each variant
+that changes one thing; a variant that reproduces the candidate is the diagnosis."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from . import evidence as ev
+from .case import Case, fmt, label
+from .diagnosis import Diagnosis, make
+
+__all__ = ["attention", "attend"]
+
+_REPRODUCED = 1e-4  # relative L2 under which the re-enactment reproduces the reference
+
+
+def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, softcap: float | None,
+           window: int | None) -> np.ndarray:
+    """Causal grouped-query attention of the last T of S positions; q is (T, H, D), k and v
+    (S, Hkv, D); a query sees keys j with pos - window < j <= pos. Returns (T, H * D)."""
+    t, heads, d = q.shape
+    s, kv_heads = k.shape[0], k.shape[1]
+    group = heads // kv_heads
+    kk, vv = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)  # (S, H, D)
+    scores = np.einsum("thd,shd->hts", q, kk) * scale
+    if softcap is not None:
+        scores = np.tanh(scores / softcap) * softcap
+    pos = np.arange(s - t, s)[:, None]
+    keys = np.arange(s)[None]
+    visible = keys <= pos
+    if window is not None:
+        visible &= keys > pos - window
+    scores = np.where(visible[None], scores, -np.inf)
+    scores -= scores.max(-1, keepdims=True)
+    probs = np.exp(scores)
+    probs /= probs.sum(-1, keepdims=True)
+    return np.einsum("hts,shd->thd", probs, vv).reshape(t, heads * d)
+
+
+def _inputs(case: Case, layer: int, heads: int, kv_heads: int, d: int
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """The reference's q of this step and k, v of every step up to it."""
+    f = case.first
+    q = case.find(("q_rope",), layer)
+    if q is None or case.arrays(q) is None:
+        return None
+    ks, vs = [], []
+    for step in range(f.step + 1):
+        k, v = case.find(("k_rope",), layer, step=step), case.find(("v",), layer, step=step)
+        ka, va = (case.arrays(k) if k else None), (case.arrays(v) if v else None)
+        if ka is None or va is None:
+            return None
+        ks.append(ka[0].reshape(-1, kv_heads, d))
+        vs.append(va[0].reshape(-1, kv_heads, d))
+    return case.arrays(q)[0].reshape(-1, heads, d), np.concatenate(ks), np.concatenate(vs)
+
+
+def attention(case: Case) -> Diagnosis | None:
+    f = case.first
+    role = case.role(f)
+    meta = case.ref.meta
+    if role.op != "attn_heads" or role.layer is None or not any(
+            k in meta for k in ("attn_scale", "attn_softcap", "sliding_window")):
+        return None
+    heads, kv_heads, d = case.meta("n_heads"), case.meta("n_kv_heads"), case.meta("head_dim")
+    arrays = case.arrays(f)
+    if not heads or not kv_heads or not d or arrays is None:
+        return None
+    inputs = _inputs(case, role.layer, heads, kv_heads, d)
+    if inputs is None:
+        return None
+    layer = role.layer
+    scale = float(meta.get("attn_scale") or d ** -0.5)
+    cap = meta.get("attn_softcap")
+    window = meta.get("sliding_window")
+    sliding = layer in (meta.get("sliding_layers") or ())
+    ref_window = window if sliding else None
+    ref_out, cand_out = (a.reshape(-1, heads * d) for a in arrays)
+    ref_fit = ev.rel_error(ref_out, attend(*inputs, scale, cap, ref_window))
+    if ref_fit > _REPRODUCED:
+        return None
+    keys = inputs[1].shape[0]
+    variants: list[tuple[str, str, dict[str, Any], list[str]]] = []
+    if cap is not None:
+        variants.append(("softcap", f"the attention scores are capped at {cap:g} on one side "
+                         f"only: the reference caps layer {layer}'s scores "
+                         f"(cap·tanh(scores/cap)), the candidate does not",
+                         dict(softcap=None),
+                         ["the soft cap passed to the attention kernel (attn_logit_softcapping"
+                          "): 0 or None disables it; a kernel without soft-cap support "
+                          "silently drops it"]))
+    if abs(scale - d ** -0.5) > 1e-9 * scale:
+        variants.append(("scale", f"the attention scores differ by a constant factor "
+                         f"{d ** -0.5 / scale:.4g}: the candidate scales them by 1/√{d} "
+                         f"(head_dim), the reference by {scale:.4g} "
+                         f"(1/√{1 / scale ** 2:g}, query_pre_attn_scalar)",
+                         dict(scale=d ** -0.5),
+                         ["the scale of the scores: query_pre_attn_scalar where the config "
+                          "sets it, not head_dim"]))
+    if window is not None and sliding:
+        beyond = ["the window's size convention: the reference's query sees window keys, "
+                  "itself included (key j > position - window)",
+                  "whether the window reaches every sliding layer's attention call, in "
+                  "prefill and in decode (a rotating KV cache that keeps window + 1 keys)"]
+        variants.append(("window", f"keys beyond the window are attended: layer {layer}'s "
+                         f"queries see {window + 1} keys where the reference's window is "
+                         f"{window}", dict(window=window + 1), beyond))
+        variants.append(("window", f"keys beyond the window are attended: layer {layer} "
+                         f"attends to the whole history where the reference's window is "
+                         f"{window} keys", dict(window=None), beyond))
+    elif window is not None:
+        variants.append(("window", f"a window of {window} masks keys on layer {layer}, a "
+                         "global layer where the reference attends to every key",
+                         dict(window=window),
+                         ["which layers slide: the config's layer_types (Gemma 2: the even "
+                          "layers), not every layer"]))
+    for kind, title, change, checks in variants:
+        args = {**dict(scale=scale, softcap=cap, window=ref_window), **change}
+        err = ev.rel_error(cand_out, attend(*inputs, **args))
+        if not case.explains(err):
+            continue
+        evidence = [f"attention recomputed from the reference's q, k and v of layer {layer} "
+                    f"({keys} keys) reproduces the reference's {label(f)}: relative L2 "
+                    f"{fmt(ref_fit)}",
+                    f"with {', '.join(f'{k} {v}' for k, v in change.items())} it reproduces "
+                    f"the candidate's: relative L2 {fmt(err)} (unchanged: {fmt(f.error)})"]
+        detail = {k: (None if isinstance(v, float) and math.isnan(v) else v)
+                  for k, v in change.items()}
+        return make(kind, title, checks, evidence, layer=layer, reference_scale=scale,
+                    reference_softcap=cap, reference_window=ref_window, error_after=err,
+                    candidate=detail)
+    return None
