@@ -111,9 +111,9 @@ class Browser:
                     raise
                 return
 
-    def open(self, url: str, *, timeout: float = 30.0) -> Page:
+    def open(self, url: str | None = None, *, timeout: float = 30.0) -> Page:
         """A new tab with the console, the log and the network watched, navigated to
-        ``url`` and loaded (until the page sets ``data-ready`` on its body, or load)."""
+        ``url`` (when given) and drawn (until the page sets ``data-ready`` on its body)."""
         target = self.send("Target.createTarget", {"url": "about:blank"})["targetId"]
         session = self.send("Target.attachToTarget", {"targetId": target,
                                                       "flatten": True})["sessionId"]
@@ -124,7 +124,8 @@ class Browser:
                                                          "height": self.height,
                                                          "deviceScaleFactor": 1,
                                                          "mobile": False})
-        page.navigate(url, timeout=timeout)
+        if url is not None:
+            page.navigate(url, timeout=timeout)
         return page
 
     def close(self) -> None:

@@ -155,3 +155,21 @@ def test_a_name_holding_script_is_text(browser, zoo, tmp_path):
     cells = page.eval(f"[...document.querySelectorAll('#pairs td')]"
                       f".filter(td => td.textContent === {json.dumps(EVIL)}).length")
     assert cells == 2 * len(paired)  # paired by name: the reference and candidate columns
+
+
+def test_inspect_page_highlights_nan_and_inf(browser, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    bad = torch.ones(4, 4)
+    bad[1, 2] = float("nan")
+    save_file({"model.embed_tokens.weight": torch.ones(8, 4), "model.layers.0.mlp.w": bad,
+               "lm_head.weight": torch.full((8, 4), float("inf"))}, str(tmp_path / "m.safetensors"))
+    out = tmp_path / "inspect.html"
+    res = cli("inspect", str(tmp_path / "m.safetensors"), "--html", str(out))
+    assert res.returncode == 1, res.stdout + res.stderr
+    page = browser.open(out.as_uri())
+    assert page.console_errors() == [] and page.requests() == [out.as_uri()]
+    flagged = page.eval("[...document.querySelectorAll('#tensor-table tr.bad')]"
+                        ".map(r => r.children[0].textContent).sort()")
+    assert flagged == ["lm_head.weight", "model.layers.0.mlp.w"]

@@ -123,7 +123,8 @@ def _parser() -> argparse.ArgumentParser:
                                     "llama.cpp")
     d.add_argument("--out", default="demo-out", help="where the demo's dumps go")
     d.add_argument("--skip", action="append", metavar="SECTION",
-                   help="leave a section out: zoo, reference, llamacpp, bfloat16, broken")
+                   help="leave a section out: zoo, reference, llamacpp, bfloat16, broken, "
+                        "generate")
     d.add_argument("--llamacpp-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="an option for the demo's llama.cpp engine (repeatable)")
 
