@@ -15,7 +15,7 @@ from functools import lru_cache
 from importlib import resources
 from typing import Any
 
-from ..json_report import json_number
+from ..json_report import json_number, write_text_file
 
 __all__ = ["KINDS", "render_html", "write_html", "pack", "embed_json"]
 
@@ -87,7 +87,4 @@ def _escape(text: str) -> str:
 def write_html(kind: str, data: Any, path: str | os.PathLike[str], *,
                title: str | None = None) -> None:
     """Write the page, atomically (a reader never sees half a file)."""
-    tmp = f"{os.fspath(path)}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(render_html(kind, data, title=title))
-    os.replace(tmp, path)
+    write_text_file(render_html(kind, data, title=title), path)
