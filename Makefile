@@ -54,7 +54,9 @@ $(STAMP): pyproject.toml Makefile $(LLAMA_CPP_WHEEL)
 demo: setup
 	HF_HUB_OFFLINE=1 $(VENV)/bin/lockstep demo
 
+# the HTML report's tests drive a real headless Chromium: Debian's package, installed if missing
 test: setup
+	sh tools/ensure-chromium
 	HF_HUB_OFFLINE=1 $(VENV)/bin/pytest -q
 
 bench: setup

@@ -62,9 +62,10 @@ class _Sections:
 
 
 #: the demo's sections, in order, and what each should find
-SECTIONS = ("zoo", "reference", "llamacpp", "bfloat16", "broken")
+SECTIONS = ("zoo", "reference", "llamacpp", "bfloat16", "broken", "generate")
 EXPECTED = {"zoo": "ok", "reference": "recorded", "llamacpp": "drift", "bfloat16": "drift",
-            "broken": "diverged"}
+            "broken": "diverged", "generate": "split"}
+GENERATE_BUG = "wrong_decode_token"  #: the zoo bug the generation check finds a split in
 
 
 def run_demo(out_dir: str | Path = "demo-out", *, show: Callable[[Any], None] = print,
@@ -91,13 +92,14 @@ def run_demo(out_dir: str | Path = "demo-out", *, show: Callable[[Any], None] = 
         "bfloat16": lambda: _compare(out, "bfloat16", "the same model in bfloat16", show, rows),
         "broken": lambda: _compare(out, "broken", "layer 12's mlp.down_proj weight scaled by "
                                    "1.5", show, rows),
+        "generate": lambda: _generate(gguf, out, show, rows),
     }
     for name in SECTIONS:
         if name in skip:
             continue
         if name == "reference":
             show("\n[bold]lockstep demo[/] — part 2: the real model")
-        elif name != "zoo" and sections.verdicts.get("reference") != "recorded" \
+        elif name not in ("zoo", "generate") and sections.verdicts.get("reference") != "recorded" \
                 and not ("reference" in skip and ref.is_dir()):
             continue  # nothing to compare against: the reference section said why
         sections.run(name, bodies[name])
@@ -105,13 +107,28 @@ def run_demo(out_dir: str | Path = "demo-out", *, show: Callable[[Any], None] = 
 
 
 def _zoo(out: Path, show: Callable[[Any], None]) -> str:
-    from .report.zoo_table import ZooTable
+    from .report.json_report import report_dict
+    from .report.zoo_table import ZooTable, zoo_dict
     from .zoo.score import run_zoo
 
     show("[bold]lockstep demo[/] — part 1: the bug zoo (lockstep zoo)")
     score = run_zoo(out / "zoo")
     show(ZooTable(score))
+    _html(out / "zoo.html", "zoo", zoo_dict(score), show)
+    blocked = out / "zoo" / "qwen3"
+    if (blocked / "blocked_qk_norm.lsd").is_dir():
+        _html(out / "zoo-blocked_qk_norm.html", "comparison",
+              report_dict(compare(blocked / "reference.lsd", blocked / "blocked_qk_norm.lsd")),
+              show)
     return "ok" if score else "miss"
+
+
+def _html(path: Path, kind: str, data: Any, show: Callable[[Any], None]) -> None:
+    """Write one HTML report of the demo and say where."""
+    from .report.html import write_html
+
+    write_html(kind, data, path)
+    show(f"HTML report: {escape(str(path))}")
 
 
 def _reference(gguf: Path, out: Path, show: Callable[[Any], None], *, keep_bf16: bool,
@@ -142,17 +159,20 @@ def _reference(gguf: Path, out: Path, show: Callable[[Any], None], *, keep_bf16:
 
 
 def _compare(out: Path, name: str, title: str, show: Callable[[Any], None], rows: int) -> str:
+    from .report.json_report import report_dict
     from .report.terminal import ComparisonReport
 
     show(f"\n[bold]candidate: {title}[/]  (lockstep compare {out / 'reference.lsd'} "
          f"{out / (name + '.lsd')})")
     result = compare(out / "reference.lsd", out / f"{name}.lsd")
     show(ComparisonReport(result, rows=rows))
+    _html(out / f"{name}.html", "comparison", report_dict(result), show)
     return result.verdict
 
 
 def _llamacpp(gguf: Path, out: Path, show: Callable[[Any], None], rows: int,
               options: dict[str, Any]) -> str:
+    from .report.json_report import report_dict
     from .report.terminal import ComparisonReport
 
     if importlib.util.find_spec("llama_cpp") is None:
@@ -166,5 +186,26 @@ def _llamacpp(gguf: Path, out: Path, show: Callable[[Any], None], rows: int,
     result = diff(f"dump:{out / 'reference.lsd'}", f"llamacpp:{gguf}", out / "llamacpp",
                   cand_options=options)
     show(ComparisonReport(result, rows=rows))
+    _html(out / "llamacpp.html", "comparison", report_dict(result), show)
     return result.verdict
+
+
+def _generate(gguf: Path, out: Path, show: Callable[[Any], None], rows: int) -> str:
+    """The generation check: transformers against the zoo engine on SmolLM2's weights with
+    a decode bug, the tokens split for real and the tensors are compared there."""
+    from .engines.hf import gguf_as_safetensors
+    from .generation import Prompt, check_generation
+    from .generation.json_out import generation_dict
+    from .generation.render import GenerationReport
+
+    model = gguf_as_safetensors(gguf)
+    show(f"\n[bold]generation check: transformers against the zoo engine with bug "
+         f"{GENERATE_BUG}[/]  (lockstep generate hf:{model.name} zoo:{model.name} --prompt "
+         f"{PROMPT!r} --max-new-tokens {DECODE} --cand-opt bug={GENERATE_BUG})")
+    result = check_generation(f"hf:{model}", f"zoo:{model}", [Prompt(text=PROMPT)],
+                              max_new_tokens=DECODE, out=out / "generate",
+                              cand_options={"bug": GENERATE_BUG})
+    show(GenerationReport(result, rows=rows))
+    _html(out / "generate.html", "generation", generation_dict(result, whole=True), show)
+    return "split" if any(p.split_step is not None for p in result.prompts) else "no split"
 

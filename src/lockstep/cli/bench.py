@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .options import engine_options, int_list
+from .options import add_report_files, engine_options, int_list, write_reports
 
 __all__ = ["register", "run"]
 
@@ -41,7 +41,7 @@ def register(sub: Any) -> None:
     b.add_argument("--cand-dtype", default="float32", help="dtype of an hf:/zoo: candidate")
     b.add_argument("--ref-opt", action="append", default=[], metavar="KEY=VALUE")
     b.add_argument("--cand-opt", action="append", default=[], metavar="KEY=VALUE")
-    b.add_argument("--json", metavar="FILE", help="also write everything as JSON")
+    add_report_files(b, "also write everything as JSON")
     from .bench_op import add_op_arguments
 
     add_op_arguments(b)
@@ -167,10 +167,7 @@ def run(args: argparse.Namespace) -> int:
     console = Console()
     for item in render(result):
         console.print(item)
-    if args.json:
-        from ..report.json_report import write_json_file
-
-        write_json_file(result.to_json(), args.json)
+    write_reports(args, "bench", result.to_json)
     if args.plot:
         from ..bench.svg import module_chart
 

@@ -38,6 +38,10 @@ def run_op_bench(args: argparse.Namespace) -> int:
             options.pop("dtype", None)
         return options
 
+    if getattr(args, "html", None):
+        from ..errors import UsageError
+
+        raise UsageError("--html draws the engine benchmark; for --op write --json")
     err = Console(stderr=True)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   console=err, transient=True, disable=not err.is_terminal) as progress:

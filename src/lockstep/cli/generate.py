@@ -8,7 +8,7 @@ import sys
 from typing import Any
 
 from ..errors import UsageError
-from .options import engine_options, int_list
+from .options import add_report_files, engine_options, int_list, write_reports
 
 __all__ = ["register", "run"]
 
@@ -59,7 +59,7 @@ def register(sub: Any) -> None:
                    help="do not record and compare tensors where a prompt diverges")
     g.add_argument("--out", default="lockstep-generate", metavar="DIR",
                    help="where the dumps of diverging prompts go (default lockstep-generate/)")
-    g.add_argument("--json", metavar="FILE", help="also write the JSON report")
+    add_report_files(g, "also write the JSON report")
     g.add_argument("--mapping", metavar="FILE",
                    help="mapping file (docs/mapping.md) for the tensors compared where a "
                         "prompt diverges")
@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from ..generation import Prompt, check_generation, load_prompts
-    from ..generation.json_out import write_generation_json
+    from ..generation.json_out import generation_dict
     from ..generation.render import GenerationReport
 
     mapping = None
@@ -118,6 +118,6 @@ def run(args: argparse.Namespace) -> int:
             progress=lambda done, total: progress.update(task, completed=done, total=total),
             announce=announce, mapping=mapping)
     Console().print(GenerationReport(result, rows=args.rows))
-    if args.json:
-        write_generation_json(result, args.json)
+    write_reports(args, "generation", lambda: generation_dict(result),
+                  lambda: generation_dict(result, whole=True))
     return EXIT_OK if result else EXIT_FAILED

@@ -9,7 +9,7 @@ from typing import Any, Sequence
 from .._version import __version__
 from ..errors import LockstepError, UsageError
 from .options import engine_options as _engine_options
-from .options import add_weight_mapping, int_list, weight_rename
+from .options import add_report_files, add_weight_mapping, int_list, weight_rename, write_reports
 
 __all__ = ["main"]
 
@@ -21,7 +21,7 @@ _VERDICT_EXIT = {"match": EXIT_OK, "drift": EXIT_OK, "diverged": EXIT_DIVERGED,
 
 
 def _compare_options(c: argparse.ArgumentParser) -> None:
-    c.add_argument("--json", metavar="FILE", help="also write the JSON report (docs/report.md)")
+    add_report_files(c, "also write the JSON report (docs/report.md)")
     c.add_argument("--rtol", type=float, help="one relative-L2 tolerance for every pair")
     c.add_argument("--tol", action="append", metavar="PATTERN=X",
                    help="tolerance for names matching a glob, e.g. 'model.layers.*.mlp*=1e-3'")
@@ -128,7 +128,8 @@ def _parser() -> argparse.ArgumentParser:
                                     "llama.cpp")
     d.add_argument("--out", default="demo-out", help="where the demo's dumps go")
     d.add_argument("--skip", action="append", metavar="SECTION",
-                   help="leave a section out: zoo, reference, llamacpp, bfloat16, broken")
+                   help="leave a section out: zoo, reference, llamacpp, bfloat16, broken, "
+                        "generate")
     d.add_argument("--llamacpp-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="an option for the demo's llama.cpp engine (repeatable)")
 
@@ -137,7 +138,7 @@ def _parser() -> argparse.ArgumentParser:
                                    "adapter directory, a .gguf or a .bin/.pt. Exit code: 0 "
                                    "clean, 1 bad tensors (NaN or Inf), 2 error.")
     i.add_argument("path", help="checkpoint file or directory")
-    i.add_argument("--json", metavar="FILE", help="also write the full report as JSON")
+    add_report_files(i, "also write the full report as JSON")
     i.add_argument("--group", action="append", default=[], metavar="REGEX=COMPONENT",
                    help="put tensors whose name matches REGEX in COMPONENT (before the "
                         "default rules)")
@@ -167,12 +168,11 @@ def _command_modules() -> list[Any]:
 def _report(result: Any, args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from ..report.json_report import write_json
+    from ..report.json_report import report_dict
     from ..report.terminal import ComparisonReport
 
     Console().print(ComparisonReport(result, rows=0 if args.all else args.rows))
-    if args.json:
-        write_json(result, args.json)
+    write_reports(args, "comparison", lambda: report_dict(result))
     return _VERDICT_EXIT[result.verdict]
 
 
@@ -297,8 +297,7 @@ def _inspect_against(args: argparse.Namespace) -> int:
     console = Console()
     for item in render_against(report):
         console.print(item)
-    if args.json:
-        report.write_json(args.json)
+    write_reports(args, "against", report.to_json)
     return EXIT_OK if report else EXIT_DIVERGED
 
 
@@ -325,8 +324,7 @@ def _inspect(args: argparse.Namespace) -> int:
     console = Console()
     for item in render(report):
         console.print(item)
-    if args.json:
-        report.write_json(args.json)
+    write_reports(args, "inspect", report.to_json)
     return EXIT_DIVERGED if report.bad or report.unreadable else EXIT_OK
 
 

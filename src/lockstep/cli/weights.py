@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import MissingExtraError, UsageError
-from .options import add_weight_mapping, weight_rename
+from .options import add_report_files, add_weight_mapping, weight_rename, write_reports
 
 __all__ = ["register", "run", "render_check"]
 
@@ -30,7 +30,7 @@ def register(sub: Any) -> None:
     w.add_argument("checkpoint", help="checkpoint file or directory it should hold")
     w.add_argument("--dtype", default="float32", help="dtype of an hf: model")
     w.add_argument("--device", default="cpu", help="device of an hf: model")
-    w.add_argument("--json", metavar="FILE", help="also write the full report as JSON")
+    add_report_files(w, "also write the full report as JSON")
     w.add_argument("--rows", type=int, default=40, metavar="N",
                    help="tensors shown that are not equal (default 40; all in --json)")
     add_weight_mapping(w)
@@ -139,6 +139,5 @@ def run(args: argparse.Namespace) -> int:
     console = Console()
     for item in render_check(check, rows=args.rows):
         console.print(item)
-    if args.json:
-        check.write_json(args.json)
+    write_reports(args, "weights", check.to_json)
     return EXIT_OK if check and check.placement else EXIT_PROBLEMS

@@ -7,6 +7,7 @@ import tempfile
 from typing import Any
 
 from ..zoo.config import FAMILIES
+from .options import add_report_files, write_reports
 
 __all__ = ["register", "run"]
 
@@ -21,13 +22,14 @@ def register(sub: Any) -> None:
     z.add_argument("--family", action="append", choices=FAMILIES,
                    help="only this model family (repeatable)")
     z.add_argument("--out", help="keep the dumps here (default: a temporary directory)")
+    add_report_files(z, "also write the score as JSON")
     z.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from ..report.zoo_table import ZooTable
+    from ..report.zoo_table import ZooTable, zoo_dict
     from ..zoo.bugs import get_bug
     from ..zoo.score import run_zoo
 
@@ -38,4 +40,5 @@ def run(args: argparse.Namespace) -> int:
         score = run_zoo(args.out or tmp, families=args.family or FAMILIES, bugs=args.bug,
                         progress=lambda m: status.update(f"zoo: {m}"))
     Console().print(ZooTable(score))
+    write_reports(args, "zoo", lambda: zoo_dict(score))
     return 0 if score else 1

@@ -89,8 +89,11 @@ def _run_prompt(index: int, prompt: Prompt, ids: list[int], ref: Engine, cand: E
         check = check_decode(own[0], forced_logits[1], prefill_kl=result.steps[0].kl,
                              full_precision=full)
         result = replace(result, decode_check=check)
-    parted = [s for s in (result.free.split, *result.steps) if s is not None and s.kind != "same"]
-    wanted = {t for s in parted for t in (s.ref_token, s.cand_token)}
+    # the text of every token shown: both outputs, and each step's top-k on either side
+    shown = [s for s in (result.free.split, *result.steps) if s is not None]
+    wanted = {t for s in shown for t in (s.ref_token, s.cand_token)}
+    wanted.update(t for s in shown for t, _ in (*s.ref_top, *s.cand_top))
+    wanted.update(result.free.ref_tokens + result.free.cand_tokens)
     pieces = {t: text for t in sorted(wanted) if (text := ref.detokenize([t])) is not None}
     return replace(result, pieces=pieces)
 

@@ -41,7 +41,9 @@ def _step(s: StepCompare) -> dict[str, Any]:
             "top_k_overlap": s.overlap,
             "reference_in_candidate_top_k": s.ref_in_cand_top_k,
             "candidate_in_reference_top_k": s.cand_in_ref_top_k,
-            "reference_prob": json_number(s.ref_prob), "candidate_prob": json_number(s.cand_prob)}
+            "reference_prob": json_number(s.ref_prob), "candidate_prob": json_number(s.cand_prob),
+            "reference_top_k": [[t, json_number(p)] for t, p in s.ref_top],
+            "candidate_top_k": [[t, json_number(p)] for t, p in s.cand_top]}
 
 
 def _free(f: FreeRun) -> dict[str, Any]:
@@ -55,7 +57,7 @@ def _flag(f: GarbageFlag) -> dict[str, Any]:
     return {"kind": f.kind, "step": f.step, "detail": f.detail}
 
 
-def _localization(loc: Localization | None) -> dict[str, Any] | None:
+def _localization(loc: Localization | None, whole: bool = False) -> dict[str, Any] | None:
     if loc is None:
         return None
     c = loc.comparison
@@ -66,10 +68,11 @@ def _localization(loc: Localization | None) -> dict[str, Any] | None:
     return {"step": loc.step, "out": loc.out, "error": None, "verdict": c.verdict,
             "first_divergence": pair_dict(c.first_divergence) if c.first_divergence else None,
             "summary": full["summary"], "reference_dump": full["reference_dump"]["path"],
-            "candidate_dump": full["candidate_dump"]["path"]}
+            "candidate_dump": full["candidate_dump"]["path"],
+            **({"report": full} if whole else {})}
 
 
-def _prompt(p: PromptResult) -> dict[str, Any]:
+def _prompt(p: PromptResult, whole: bool = False) -> dict[str, Any]:
     return {"index": p.index, **p.prompt.as_dict(), "prompt_token_ids": list(p.prompt_ids),
             "ok": p.ok, "split_step": p.split_step, "kl_step": p.kl_step,
             "diverged_step": p.diverged_step, "free_running": _free(p.free),
@@ -77,14 +80,17 @@ def _prompt(p: PromptResult) -> dict[str, Any]:
             "garbage": [_flag(f) for f in p.garbage],
             "candidate_flags": [_flag(f) for f in p.candidate_flags],
             "reference_flags": [_flag(f) for f in p.reference_flags],
-            "localization": _localization(p.localization),
+            "localization": _localization(p.localization, whole),
+            "pieces": {str(t): text for t, text in sorted(p.pieces.items())},
             "decode_check": None if p.decode_check is None else {
                 "kl": p.decode_check.kl, "limit": p.decode_check.limit,
                 "prefill_kl": p.decode_check.prefill_kl, "broken": p.decode_check.broken}}
 
 
-def generation_dict(result: GenerationResult) -> dict[str, Any]:
-    """The whole check as the documented JSON object."""
+def generation_dict(result: GenerationResult, *, whole: bool = False) -> dict[str, Any]:
+    """The whole check as the documented JSON object; ``whole``: each localization also
+    carries its comparison's full report (``report``: the ``report_dict``), as the HTML
+    report draws it."""
     t = result.timing
     cfg = result.settings
     return {
@@ -105,7 +111,7 @@ def generation_dict(result: GenerationResult) -> dict[str, Any]:
                    "candidate_s": t.candidate_s, "engine_s": t.engine_s,
                    "localize_s": t.localize_s,
                    "total_s": t.total_s, "overhead_s": t.overhead_s},
-        "prompts": [_prompt(p) for p in result.prompts],
+        "prompts": [_prompt(p, whole) for p in result.prompts],
     }
 
 

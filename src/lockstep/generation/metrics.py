@@ -109,6 +109,8 @@ class StepCompare:
     ref_prob: float  #: the reference's probability of its own token
     cand_prob: float  #: the candidate's probability of the reference's token
     kind: str  #: "same" (tokens agree), "near_tie" (both gaps within the threshold), "split"
+    ref_top: tuple[tuple[int, float], ...] = ()  #: the reference's top-k (token, probability)
+    cand_top: tuple[tuple[int, float], ...] = ()  #: the candidate's top-k (token, probability)
 
     @property
     def close(self) -> bool:
@@ -177,7 +179,9 @@ def compare_steps(ref_logits: np.ndarray, cand_logits: np.ndarray, *,
             ref_gap=float(ref_gap[i]), cand_gap=float(cand_gap[i]), kl=float(kl[i]),
             overlap=float(overlap[i]), ref_in_cand_top_k=bool(rt[i] in ck[i]),
             cand_in_ref_top_k=bool(ct[i] in rk[i]), ref_prob=float(np.exp(lp[i, rt[i]])),
-            cand_prob=float(np.exp(lq[i, rt[i]])), kind=kind))
+            cand_prob=float(np.exp(lq[i, rt[i]])), kind=kind,
+            ref_top=tuple((int(t), float(np.exp(lp[i, t]))) for t in rk[i]),
+            cand_top=tuple((int(t), float(np.exp(lq[i, t]))) for t in ck[i])))
     return tuple(out)
 
 

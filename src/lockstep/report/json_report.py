@@ -14,7 +14,8 @@ from ..compare.metrics import TensorMetrics
 from ..compare.verdict import DRIFT_FACTOR, PairResult
 from ..store.reader import Record
 
-__all__ = ["SCHEMA_VERSION", "report_dict", "write_json", "json_number", "write_json_file"]
+__all__ = ["SCHEMA_VERSION", "report_dict", "write_json", "json_number", "write_json_file",
+           "write_text_file"]
 
 SCHEMA_VERSION = 1
 
@@ -122,13 +123,21 @@ def _numbers(obj: Any) -> Any:
     return obj
 
 
+def write_text_file(text: str, path: str | os.PathLike[str]) -> None:
+    """Write ``text`` atomically (a reader never sees half a file); an error names ``path``,
+    the file the user asked for, not the temporary one beside it."""
+    tmp = f"{os.fspath(path)}.tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, os.fspath(path)) from None
+
+
 def write_json_file(obj: Any, path: str | os.PathLike[str]) -> None:
     """Write a JSON object atomically (a reader never sees half a file)."""
-    tmp = f"{os.fspath(path)}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, default=str)
-        f.write("\n")
-    os.replace(tmp, path)
+    write_text_file(json.dumps(obj, indent=1, default=str) + "\n", path)
 
 
 def write_json(c: Comparison, path: str | os.PathLike[str]) -> None:

@@ -20,11 +20,12 @@ from ..display import text as _text
 from ..compare.verdict import PairResult
 from .json_report import status
 
-__all__ = ["ComparisonReport"]
+__all__ = ["ComparisonReport", "VERDICT_TEXT"]
 
 _VERDICT_STYLE = {"match": "bold green", "drift": "bold yellow", "diverged": "bold red",
                   "incomplete": "bold magenta"}
-_VERDICT_TEXT = {
+#: one sentence per verdict, as every face of the report says it
+VERDICT_TEXT = {
     "match": "every paired tensor agrees within tolerance",
     "drift": "errors stay bounded and grow smoothly (precision or quantization noise); "
              "top-1 tokens agree",
@@ -209,7 +210,7 @@ class ComparisonReport:
         yield _side("reference", c.reference)
         yield _side("candidate", c.candidate)
         verdict = Text.assemble((c.verdict.upper(), _VERDICT_STYLE[c.verdict]), "  ",
-                                _VERDICT_TEXT[c.verdict])
+                                VERDICT_TEXT[c.verdict])
         body: list[Any] = [verdict]
         if c.verdict != "match":
             body.append(_error_path(c))

@@ -8,7 +8,7 @@ from rich.console import Console, ConsoleOptions, RenderResult
 from rich.table import Table
 from rich.text import Text
 
-__all__ = ["ZooTable"]
+__all__ = ["ZooTable", "zoo_dict"]
 
 
 class ZooTable:
@@ -43,3 +43,19 @@ class ZooTable:
                             f"; families: {', '.join(families) or 'none'}",
                             f"; bug-free controls: {controls or 'not run'}; "
                             f"{self.score.seconds:.1f} s")
+
+
+def zoo_dict(score: Any) -> dict[str, Any]:
+    """The zoo's score as JSON: every bug, what lockstep found and what was expected."""
+    return {
+        "kind": "zoo", "ok": bool(score), "passed": score.passed, "seconds": score.seconds,
+        "results": [{"bug": r.bug.name, "family": r.family, "ok": r.ok, "verdict": r.verdict,
+                     "step": r.step, "tensor": r.tensor, "diagnosis": r.diagnosis,
+                     "title": r.title, "seconds": r.seconds, "localized": r.localized,
+                     "classified": r.classified,
+                     "expected": {"step": r.bug.step, "tensor": r.bug.tensor,
+                                  "diagnosis": r.bug.diagnosis}}
+                    for r in score.results],
+        "controls": [{"family": c.family, "dtype": c.dtype, "verdict": c.verdict, "ok": c.ok}
+                     for c in score.controls],
+    }
