@@ -27,12 +27,13 @@ def test_bug_is_localized_and_diagnosed(score, name, family):
 
 
 def test_the_score_counts_every_run(score):
-    assert score.passed == len(score.results) == len(RUNS) == 35
+    assert score.passed == len(score.results) == len(RUNS) == 43
 
 
 def test_no_negative_control_diverges(score):
     assert {(c.family, c.dtype) for c in score.controls} == {
-        (f, d) for f in ("llama", "qwen3") for d in ("float32", "float64", "bfloat16")}
+        (f, d) for f in ("llama", "qwen3", "qwen3_moe", "qwen2_moe")
+        for d in ("float32", "float64", "bfloat16")}
     verdicts = {(c.family, c.dtype): c.verdict for c in score.controls}
     assert verdicts[("llama", "float32")] == verdicts[("qwen3", "float64")] == "match"
     assert all(c.ok for c in score.controls)

@@ -273,7 +273,28 @@ LLAMA_CPP = NameTable("llama.cpp", _top(
     ("ffn_inp", "", "attn_residual", None), ("ffn_norm", "", "mlp_norm", None),
     ("ffn_gate", "", "gate", None), ("ffn_up", "", "up", None),
     ("ffn_swiglu", "", "act", None), ("ffn_out", "", "down", None),
-    ("l_out", "", "out", None))), architectures=("llama",))
+    ("l_out", "", "out", None),
+    # MoE (llm_graph_context::build_moe_ffn): ffn_moe_* activations, ffn_shexp the shared
+    # expert's output; ffn_moe_weights_norm when the top-k weights are renormalized
+    ("ffn_moe_logits", "", "router", None), ("ffn_moe_topk", "", "expert_ids", None),
+    ("ffn_moe_weights_norm", "", "expert_weights", None),
+    ("ffn_moe_out", "", "experts_out", None), ("ffn_shexp", "", "shared_expert.out", None),
+    ("ffn_shexp_gate", "", "shared_expert_gate", None))) + tuple(
+    Rule(re.compile(re.escape(name) + _GG), f"layers.{{0}}.{op}", alias=True)
+    for name, op in (("ffn_moe_weights", "expert_weights"),)),
+    architectures=("llama", "qwen3moe", "qwen2moe"))
+
+
+# the zoo's MoE block (zoo/moe.py): transformers' router and grouped experts, Meta's names
+# inside each expert
+_ZOO_MOE = (
+    _Op("gate:0", "router"), _Op("gate:1", "expert_weights"), _Op("gate:2", "expert_ids"),
+    _Op("experts.act_fn", "experts.gate_act"), _Op("experts", "experts_out"),
+    *_under("experts.{E}", "experts.{1}", _META_FFN),
+    *_under("shared_expert", "shared_expert", _META_FFN),
+    _Op("shared_expert", "shared_expert.out"), _Op("shared_expert_gate", "shared_expert_gate"),
+    _Op("", "mlp_out"),
+)
 
 # Meta's Llama reference code (model.py), which lockstep's zoo engine follows name for name;
 # the zoo also records q/k norms in 16-element blocks, each paired with a block of the other
@@ -290,7 +311,8 @@ LLAMA_REFERENCE = NameTable("llama-reference", _top(
     _Op("attention.rope:0", "q_rope"), _Op("attention.rope:1", "k_rope"),
     _Op("attention.wo:input.0", "attn_heads"), _Op("attention.wo", "attn_out"),
     _Op("ffn_norm:input.0", "attn_residual"), _Op("ffn_norm", "mlp_norm"),
-    *_under("feed_forward", "", _META_FFN), *_HF_LAYER_OUT)))
+    *_under("feed_forward", "", _META_FFN), *_under("feed_forward", "", _ZOO_MOE),
+    *_HF_LAYER_OUT)))
 
 # vLLM and SGLang (vllm/model_executor/models/llama.py, qwen3.py; sglang/srt/models/qwen3.py)
 # and engines written after them (nano-vLLM): the same module names as transformers, but

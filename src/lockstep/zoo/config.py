@@ -7,10 +7,12 @@ from typing import Any, Mapping
 
 from ..errors import UsageError
 
-__all__ = ["ModelArgs", "FAMILIES"]
+__all__ = ["ModelArgs", "FAMILIES", "MOE_FAMILIES"]
 
 #: transformers ``model_type`` values the zoo can run
 FAMILIES = ("llama", "qwen3")
+#: the mixture-of-experts families (moe.py; their dense parts read as above)
+MOE_FAMILIES = ("qwen3_moe", "qwen2_moe")
 
 
 def _rope_theta(config: Mapping[str, Any]) -> float:

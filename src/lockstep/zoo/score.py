@@ -20,12 +20,13 @@ import numpy as np
 from ..capture.recorder import record
 from ..compare import Comparison, compare
 from .bugs import BUGS, Bug
+from .config import MOE_FAMILIES
 
 __all__ = ["ZooResult", "ControlResult", "ZooScore", "run_zoo", "tiny_model"]
 
 PROMPT = [3, 17, 42, 7, 99, 5, 64, 21, 8]
 FORCED = [5, 77, 150]  #: decode tokens fed to both sides (not an echo of the prompt's end)
-FAMILIES = ("llama", "qwen3")
+FAMILIES = ("llama", "qwen3", "qwen3_moe", "qwen2_moe")
 CONTROLS = ("float32", "float64", "bfloat16")
 
 
@@ -33,9 +34,13 @@ def tiny_model(family: str, directory: Path) -> Path:
     """A 2-layer random transformers model of the family, saved once as a model directory.
 
     Llama: tied lm_head and Llama 3's rope_theta; Qwen3: QK-norm and head_dim 64 (a head is
-    four 16-element VM blocks)."""
+    four 16-element VM blocks); the MoE families: see ``moe.tiny_moe_model``."""
     if (directory / "config.json").is_file():
         return directory
+    if family in MOE_FAMILIES:
+        from .moe import tiny_moe_model
+
+        return tiny_moe_model(family, directory)
     from ..engines.hf import _import
 
     torch, _ = _import()

@@ -1,0 +1,174 @@
+"""The zoo's MoE family (issue: mixture-of-experts and LoRA adapters): routing bugs get the
+``moe`` diagnosis with the figures a person acts on, a bfloat16 routing flip at a near-tie
+drifts, NaN is named where it first is, and an adapter is counted by the module it adapts."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from lockstep.align.tables import LLAMA_CPP
+from lockstep.capture.recorder import record
+from lockstep.cli.main import main
+from lockstep.compare import compare
+from lockstep.store.reader import open_dump
+from lockstep.zoo.score import run_zoo
+
+MOE_BUGS = ["moe_topk_not_normalized", "moe_softmax_after_topk", "moe_expert_offset",
+            "moe_no_shared_expert", "moe_gate_up_swapped", "moe_capacity_drop",
+            "moe_nan_expert_lora"]
+
+
+@pytest.fixture(scope="module")
+def moe_score(tmp_path_factory):
+    root = tmp_path_factory.mktemp("moe")
+    return root, run_zoo(root, families=("qwen3_moe", "qwen2_moe"), bugs=MOE_BUGS)
+
+
+def _title(score, name):
+    return next(r.title for r in score.results if r.bug.name == name)
+
+
+def test_every_moe_bug_is_localized_with_its_diagnosis(moe_score):
+    _, score = moe_score
+    assert len(score.results) == 8  # the NaN adapter on both families
+    for r in score.results:
+        assert (r.step, r.tensor, r.diagnosis) == (r.bug.step, r.bug.tensor, r.bug.diagnosis), \
+            (r.bug.name, r.family, r.title)
+
+
+def test_moe_titles_say_what_routing_did(moe_score):
+    _, score = moe_score
+    offset = _title(score, "moe_expert_offset")
+    assert "chose experts {" in offset and "instead of {" in offset
+    assert "the expert ids are shifted by one" in offset and "router logits agree" in offset
+    assert "are not renormalized" in _title(score, "moe_topk_not_normalized")
+    assert "softmax after top-k" in _title(score, "moe_softmax_after_topk")
+    assert "expert 3 differs" in _title(score, "moe_gate_up_swapped")
+    assert "shared expert is left out" in _title(score, "moe_no_shared_expert")
+    assert "the experts' sum differs at token" in _title(score, "moe_capacity_drop")
+
+
+def test_nan_lora_on_an_expert_is_named_where_it_first_is(moe_score):
+    _, score = moe_score
+    for r in score.results:
+        if r.bug.name == "moe_nan_expert_lora":
+            assert "at layers.1.feed_forward.experts.5.w2" in r.title, r.title
+            assert "recorded by the candidate only" in r.title
+
+
+def test_bfloat16_router_flips_a_near_tie_and_drifts(moe_score):
+    """The control is real: the bfloat16 run chose other experts for some token than float32
+    transformers did, and that is drift, not a bug."""
+    root, score = moe_score
+    verdicts = {(c.family, c.dtype): c.verdict for c in score.controls}
+    flipped = 0
+    for family in ("qwen3_moe", "qwen2_moe"):
+        assert verdicts[family, "bfloat16"] == "drift"
+        assert verdicts[family, "float32"] == "match"
+        ref, cand = (open_dump(root / family / f) for f in ("reference.lsd",
+                                                           "control-bfloat16.lsd"))
+        ids = {}
+        for dump, side in ((ref, "ref"), (cand, "cand")):
+            for rec in dump.records:
+                if rec.name.endswith("gate:2"):
+                    layer = rec.name.split(".")[-3]
+                    ids[side, rec.step, layer] = np.sort(dump.read(rec), -1)
+        flipped += sum(int((ids[k] != ids[("cand", *k[1:])]).any(-1).sum())
+                       for k in ids if k[0] == "ref")
+    assert flipped > 0
+
+
+def _nan_lora_dumps(tmp_path):
+    """A PEFT-style candidate whose o_proj's lora_B output is NaN (a record the reference does
+    not have), so o_proj, the layer and the final hidden state are NaN too."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 4, 8)).astype(np.float32)
+    paths = []
+    for side in ("ref", "cand"):
+        path = tmp_path / f"{side}.lsd"
+        with record(path, overwrite=True) as rec:
+            rec.capture("input_ids", np.arange(4)[None], role="input")
+            rec.capture("model.embed_tokens", x)
+            rec.capture("model.layers.0.input_layernorm", x * 2)
+            rec.capture("model.layers.0.self_attn.q_proj", x * 3)
+            out = x * 4
+            if side == "cand":
+                rec.capture("model.layers.0.self_attn.o_proj.lora_A.default", x[..., :2])
+                rec.capture("model.layers.0.self_attn.o_proj.lora_B.default",
+                            np.full_like(x, np.nan))
+                out = np.full_like(x, np.nan)
+            rec.capture("model.layers.0.self_attn.o_proj", out)
+            rec.capture("model.norm", out * 0.5)
+        paths.append(path)
+    return paths
+
+
+def test_nan_lora_b_is_named_and_final_cosine_is_not_one(tmp_path, capsys):
+    ref, cand = _nan_lora_dumps(tmp_path)
+    c = compare(ref, cand)
+    assert c.verdict == "diverged" and c.diagnosis is not None and c.diagnosis.kind == "nan"
+    assert "at model.layers.0.self_attn.o_proj.lora_B.default" in c.diagnosis.title
+    assert c.diagnosis.detail["first_nonfinite"] == \
+        "model.layers.0.self_attn.o_proj.lora_B.default"
+    final = next(p for p in c.results if p.ref_name == "model.norm")
+    assert final.metrics is not None and math.isnan(final.metrics.cosine)
+    main(["compare", str(ref), str(cand)])
+    out = capsys.readouterr().out
+    assert "cosine at least 1.0" not in out and "not finite" in out
+
+
+def _deepseek_v2_adapter(directory):
+    """A DeepSeek-V2-Lite-shaped LoRA adapter: layer 0 a dense MLP, layers 1.. MoE with
+    shared and routed experts, MLA attention; NaN in every shared-expert and attention
+    tensor and in layer 0's dense MLP, the routed experts' LoRA clean (seed 003's file)."""
+    from safetensors.numpy import save_file
+
+    tensors = {}
+    pre = "base_model.model.model.layers"
+    attention = ("q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
+    mlp = ("gate_proj", "up_proj", "down_proj")
+    nan = np.full((2, 4), np.nan, np.float32)
+    ok = np.ones((2, 4), np.float32)
+    for layer in range(27):
+        modules = [(f"self_attn.{m}", True) for m in attention]
+        if layer == 0:
+            modules += [(f"mlp.{m}", True) for m in mlp]
+        else:
+            modules += [(f"mlp.shared_experts.{m}", True) for m in mlp]
+            modules += [(f"mlp.experts.{e}.{m}", False) for e in range(2) for m in mlp]
+        for module, bad in modules:
+            for ab in ("lora_A", "lora_B"):
+                tensors[f"{pre}.{layer}.{module}.{ab}.weight"] = nan if bad else ok
+    save_file(tensors, str(directory / "adapter_model.safetensors"))
+    (directory / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": 8, "lora_alpha": 16,
+        "target_modules": ["q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj",
+                           "gate_proj", "up_proj", "down_proj"]}))
+
+
+def test_seed_003_table_comes_out_without_group_rules(tmp_path):
+    _deepseek_v2_adapter(tmp_path)
+    out = tmp_path / "report.json"
+    assert main(["inspect", str(tmp_path), "--json", str(out)]) == 1
+    rows = json.loads(out.read_text())["components"]
+    bad: dict[str, int] = {}
+    for row in rows:
+        bad[row["component"]] = bad.get(row["component"], 0) + row["bad_tensors"]
+    # seed 003: attention 216, dense MLP 6, routed experts 0; its 312 shared-expert tensors
+    # are twice what one LoRA pair per module on 26 MoE layers gives (156)
+    assert bad == {"shared experts": 156, "attention": 216, "mlp": 6, "routed experts": 0}
+    assert {row["adapter"] for row in rows} == {"lora A", "lora B"}
+
+
+def test_llama_cpp_moe_names_have_canonical_names():
+    """The names llama.cpp's build_moe_ffn gives its MoE activations (not run here)."""
+    assert LLAMA_CPP.lookup("ffn_moe_logits-2") == ("layers.2.router", None)
+    assert LLAMA_CPP.lookup("ffn_moe_topk-0") == ("layers.0.expert_ids", None)
+    assert LLAMA_CPP.lookup("ffn_moe_weights_norm-1") == ("layers.1.expert_weights", None)
+    assert LLAMA_CPP.is_alias("ffn_moe_weights-1")
+    assert LLAMA_CPP.lookup("ffn_moe_out-0") == ("layers.0.experts_out", None)
+    assert LLAMA_CPP.lookup("ffn_shexp-3") == ("layers.3.shared_expert.out", None)
