@@ -69,9 +69,10 @@ class InspectReport:
             "tensors": [t.to_json() for t in self.tensors],
         }
 
-    def write_json(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_json(), indent=1, default=str) + "\n",
-                              encoding="utf-8")
+    def write_json(self, path: str | Path, **extra: Any) -> None:
+        """The report as JSON, with ``extra`` keys added."""
+        Path(path).write_text(json.dumps({**self.to_json(), **extra}, indent=1, default=str)
+                              + "\n", encoding="utf-8")
 
 
 def inspect_checkpoint(path: str | Path, *, groups: Iterable[str | tuple[str, str]] = (),
