@@ -44,24 +44,27 @@ def test_steady_samples_are_not_noisy_and_the_ratio_has_its_interval():
 
 
 def test_module_kinds_from_names_and_classes():
-    assert kind_of("model.layers.3.self_attn", "LlamaAttention") == "attention"
-    assert kind_of("model.layers.3.self_attn.q_norm", "Qwen3RMSNorm") == "norm"
-    assert kind_of("layers.1.feed_forward", "FeedForward") == "mlp"
-    assert kind_of("model.layers.0.mlp.experts", "Qwen3MoeExperts") == "experts"
-    assert kind_of("lm_head", "Linear") == "lm_head"
-    assert kind_of("model.embed_tokens", "Embedding") == "embedding"
-    assert kind_of("model.layers.0.self_attn.q_proj", "Linear") is None
-    # a MoE model's classes all say "Moe"; only its MoE block's parts are MoE kinds
-    assert kind_of("model.layers.1.mlp", "Qwen3MoeSparseMoeBlock") == "moe"
-    assert kind_of("model.layers.1.mlp.gate", "Qwen3MoeTopKRouter") == "router"
-    assert kind_of("model.layers.1.mlp.shared_expert", "Qwen2MoeMLP") == "shared_expert"
-    assert kind_of("model.layers.1.mlp.shared_expert_gate", "Linear") == "shared_expert"
-    assert kind_of("model.layers.1.block_sparse_moe.gate", "Linear") == "router"
-    assert kind_of("model.layers.1.self_attn", "Qwen3MoeAttention") == "attention"
-    assert kind_of("model.layers.0.mlp", "Qwen2MoeMLP") == "mlp"  # a dense layer
-    assert kind_of("model.layers.1.input_layernorm", "Qwen3MoeRMSNorm") == "norm"
-    assert kind_of("model.layers.1", "Qwen3MoeDecoderLayer") is None
-    assert kind_of("layers.1.feed_forward", "MoEBlock") == "moe"  # the zoo's
+    cases = {
+        ("model.layers.3.self_attn", "LlamaAttention"): "attention",
+        ("model.layers.3.self_attn.q_norm", "Qwen3RMSNorm"): "norm",
+        ("layers.1.feed_forward", "FeedForward"): "mlp",
+        ("lm_head", "Linear"): "lm_head",
+        ("model.embed_tokens", "Embedding"): "embedding",
+        ("model.layers.0.self_attn.q_proj", "Linear"): None,
+        # a MoE model's classes all say "Moe"; only its MoE block's parts are MoE kinds
+        ("model.layers.0.mlp.experts", "Qwen3MoeExperts"): "experts",
+        ("model.layers.1.mlp", "Qwen3MoeSparseMoeBlock"): "moe",
+        ("model.layers.1.mlp.gate", "Qwen3MoeTopKRouter"): "router",
+        ("model.layers.1.mlp.shared_expert", "Qwen2MoeMLP"): "shared_expert",
+        ("model.layers.1.mlp.shared_expert_gate", "Linear"): "shared_expert",
+        ("model.layers.1.block_sparse_moe.gate", "Linear"): "router",
+        ("model.layers.1.self_attn", "Qwen3MoeAttention"): "attention",
+        ("model.layers.0.mlp", "Qwen2MoeMLP"): "mlp",  # a dense layer
+        ("model.layers.1.input_layernorm", "Qwen3MoeRMSNorm"): "norm",
+        ("model.layers.1", "Qwen3MoeDecoderLayer"): None,
+        ("layers.1.feed_forward", "MoEBlock"): "moe",  # the zoo's
+    }
+    assert {key: kind_of(*key) for key in cases} == cases
 
 
 def test_prompt_of_length_repeats_real_tokens():
