@@ -9,7 +9,6 @@ import math
 import numpy as np
 import pytest
 
-from lockstep.align.tables import LLAMA_CPP
 from lockstep.capture.recorder import record
 from lockstep.cli.main import main
 from lockstep.compare import compare
@@ -118,13 +117,3 @@ def test_nan_lora_b_is_named_and_final_cosine_is_not_one(tmp_path, capsys):
     main(["compare", str(ref), str(cand)])
     out = capsys.readouterr().out
     assert "cosine at least 1.0" not in out and "not finite" in out
-
-
-def test_llama_cpp_moe_names_have_canonical_names():
-    """The names llama.cpp's build_moe_ffn gives its MoE activations (not run here)."""
-    assert LLAMA_CPP.lookup("ffn_moe_logits-2") == ("layers.2.router", None)
-    assert LLAMA_CPP.lookup("ffn_moe_topk-0") == ("layers.0.expert_ids", None)
-    assert LLAMA_CPP.lookup("ffn_moe_weights_norm-1") == ("layers.1.expert_weights", None)
-    assert LLAMA_CPP.is_alias("ffn_moe_weights-1")
-    assert LLAMA_CPP.lookup("ffn_moe_out-0") == ("layers.0.experts_out", None)
-    assert LLAMA_CPP.lookup("ffn_shexp-3") == ("layers.3.shared_expert.out", None)
