@@ -44,13 +44,27 @@ def test_steady_samples_are_not_noisy_and_the_ratio_has_its_interval():
 
 
 def test_module_kinds_from_names_and_classes():
-    assert kind_of("model.layers.3.self_attn", "LlamaAttention") == "attention"
-    assert kind_of("model.layers.3.self_attn.q_norm", "Qwen3RMSNorm") == "norm"
-    assert kind_of("layers.1.feed_forward", "FeedForward") == "mlp"
-    assert kind_of("model.layers.0.mlp.experts", "Qwen3MoeExperts") == "moe"
-    assert kind_of("lm_head", "Linear") == "lm_head"
-    assert kind_of("model.embed_tokens", "Embedding") == "embedding"
-    assert kind_of("model.layers.0.self_attn.q_proj", "Linear") is None
+    cases = {
+        ("model.layers.3.self_attn", "LlamaAttention"): "attention",
+        ("model.layers.3.self_attn.q_norm", "Qwen3RMSNorm"): "norm",
+        ("layers.1.feed_forward", "FeedForward"): "mlp",
+        ("lm_head", "Linear"): "lm_head",
+        ("model.embed_tokens", "Embedding"): "embedding",
+        ("model.layers.0.self_attn.q_proj", "Linear"): None,
+        # a MoE model's classes all say "Moe"; only its MoE block's parts are MoE kinds
+        ("model.layers.0.mlp.experts", "Qwen3MoeExperts"): "experts",
+        ("model.layers.1.mlp", "Qwen3MoeSparseMoeBlock"): "moe",
+        ("model.layers.1.mlp.gate", "Qwen3MoeTopKRouter"): "router",
+        ("model.layers.1.mlp.shared_expert", "Qwen2MoeMLP"): "shared_expert",
+        ("model.layers.1.mlp.shared_expert_gate", "Linear"): "shared_expert",
+        ("model.layers.1.block_sparse_moe.gate", "Linear"): "router",
+        ("model.layers.1.self_attn", "Qwen3MoeAttention"): "attention",
+        ("model.layers.0.mlp", "Qwen2MoeMLP"): "mlp",  # a dense layer
+        ("model.layers.1.input_layernorm", "Qwen3MoeRMSNorm"): "norm",
+        ("model.layers.1", "Qwen3MoeDecoderLayer"): None,
+        ("layers.1.feed_forward", "MoEBlock"): "moe",  # the zoo's
+    }
+    assert {key: kind_of(*key) for key in cases} == cases
 
 
 def test_prompt_of_length_repeats_real_tokens():
@@ -105,6 +119,28 @@ def test_bench_transformers_against_the_zoo(tiny):
     assert result.meta["reference"]["engine"] == "transformers"
     assert result.meta["candidate"]["engine"] == "zoo"
     json.dumps(result.to_json())  # plain data all through
+
+
+def test_bench_modules_shows_moe_latency(tmp_path):
+    """Qwen2-MoE (layer 0 dense, layer 1 routed experts and a shared expert), transformers
+    against the zoo: the MoE block's router, experts, shared expert and own time each a kind."""
+    from lockstep.bench.modules import module_times
+    from lockstep.engines import open_engine
+    from lockstep.zoo.moe import tiny_moe_model
+
+    model = tiny_moe_model("qwen2_moe", tmp_path / "qwen2_moe")
+    moe = ("router", "experts", "shared_expert", "moe")
+    for spec in (f"hf:{model}", f"zoo:{model}"):  # in this process (run_bench's own test
+        engine = open_engine(spec)                # runs them in theirs)
+        engine.load()
+        m = module_times(engine, [3, 17, 42, 7, 99], 2, iters=1, warmup=1)
+        assert m["available"], m
+        assert all(m["by_kind"].get(kind, 0) > 0 for kind in moe), m["by_kind"]
+        assert m["by_kind"].get("mlp", 0) > 0  # layer 0's dense MLP stays mlp
+        assert {f"1:{kind}" for kind in moe} <= set(m["by_layer"])
+        assert not any(f"0:{kind}" in m["by_layer"] for kind in moe)
+        rows = sum(m["by_kind"].values()) + m["outside_modules_ms"]
+        assert rows == pytest.approx(m["hooked_ms"], rel=1e-9)
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:

@@ -56,12 +56,12 @@ def test_adapter_counts_bad_tensors_by_component(tmp_path, capsys):
     assert report["kind"] == "peft adapter"
     assert report["adapter"]["r"] == 8 and report["adapter"]["lora_alpha"] == 16
     assert report["adapter"]["target_modules"] == ["down_proj", "gate_proj", "q_proj", "v_proj"]
-    rows = {r["component"]: r for r in report["components"]}
-    assert set(rows) == {"lora A", "lora B"}
-    assert rows["lora A"] == {"component": "lora A", "tensors": 16, "elements": 16 * 512,
-                              "bad_tensors": 2, "nan": 4, "inf": 2}
-    assert rows["lora B"] == {"component": "lora B", "tensors": 16, "elements": 16 * 512,
-                              "bad_tensors": 3, "nan": 9, "inf": 6}
+    # each LoRA tensor counts with the module it adapts, lora A / B a second dimension
+    rows = {(r["component"], r["adapter"]): r for r in report["components"]}
+    assert set(rows) == {(c, a) for c in ("attention", "mlp") for a in ("lora A", "lora B")}
+    assert {k: (r["tensors"], r["bad_tensors"], r["nan"], r["inf"]) for k, r in rows.items()} == {
+        ("attention", "lora A"): (8, 1, 3, 0), ("mlp", "lora A"): (8, 1, 1, 2),
+        ("attention", "lora B"): (8, 1, 0, 5), ("mlp", "lora B"): (8, 2, 9, 1)}
     assert sorted(b["name"] for b in report["bad_tensors"]) == sorted(poison)
     assert report["summary"] == {"tensors": 32, "elements": 32 * 512, "bad_tensors": 5,
                                  "bytes": 32 * 512 * 4}
@@ -75,9 +75,11 @@ def test_adapter_counts_bad_tensors_by_component(tmp_path, capsys):
     # --group: a user rule before the defaults regroups the down projections
     assert main(["inspect", str(tmp_path / "bad"), "--json", str(out),
                  "--group", r"down_proj\.lora_[AB]=down"]) == 1
-    rows = {r["component"]: r for r in json.loads(out.read_text())["components"]}
-    assert rows["down"]["tensors"] == 8 and rows["down"]["bad_tensors"] == 2
-    assert rows["down"]["nan"] == 3 and rows["down"]["inf"] == 3
+    rows = {(r["component"], r["adapter"]): r
+            for r in json.loads(out.read_text())["components"]}
+    down = [rows["down", "lora A"], rows["down", "lora B"]]
+    assert [(r["tensors"], r["bad_tensors"], r["nan"], r["inf"]) for r in down] == [
+        (4, 1, 1, 2), (4, 1, 2, 1)]
 
     _adapter(tmp_path / "clean", {})
     assert main(["inspect", str(tmp_path / "clean")]) == 0
@@ -103,8 +105,9 @@ def test_default_components():
         "lm_head.weight": "lm_head",
         "output.weight": "lm_head",
         "token_embd.weight": "embeddings",
-        "x.q_proj.lora_A.weight": "lora A",
-        "x.q_proj.lora_B.weight": "lora B",
+        "x.q_proj.lora_A.weight": "attention",
+        "base_model.model.model.layers.1.mlp.shared_experts.up_proj.lora_B.weight":
+            "shared experts",
         "rope_freqs": "other",
     }
     assert {n: rules.component(n) for n in cases} == cases

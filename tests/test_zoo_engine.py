@@ -242,7 +242,7 @@ def test_registry_is_complete():
     for bug in BUGS.values():
         assert bug.diagnosis in DIAGNOSES and bug.step in (0, 1)
         assert bug.description.count(". ") == 0 and bug.description.endswith(".")
-        assert re.fullmatch(r"tokens|input_ids|embed|final_norm|logits|layers\.\d+\.\w+",
+        assert re.fullmatch(r"tokens|input_ids|embed|final_norm|logits|layers\.\d+\.[\w.]+",
                             bug.tensor)
 
 

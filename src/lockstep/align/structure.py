@@ -39,6 +39,7 @@ _LAYER = re.compile(r"(?:^|(?<=[._\-/])|(?<=_l)|(?<=^[A-Za-z]))(\d+)(?=$|[._\-/:
 _TOKEN = re.compile(r"[a-z]+|\d+")
 _SAMPLES = 3  # instances read per template pair to test values
 _FUSED_AGREE = 0.05  # a fused tensor's part agrees with its reference this closely
+_MIN_BLOCK = 8  # elements a block of a reference tensor holds at the least
 #: layouts of q/k that are an engine's convention when later tensors agree as is
 CONVENTIONS = ("rope_interleaved", "rope_halfsplit")
 
@@ -404,7 +405,10 @@ def _blocks(scorer: _Scorer, ref: list[Template], cand: list[Template],
     is found by values where they agree, else from the trailing number of the name."""
     out: list[TemplatePair] = []
     for c in cand:
-        if c.name in taken or len(squeeze_shape(c.shape)) != 1:
+        # a block of a few elements "agrees" by chance (a few sigmoid outputs near 0.5 with
+        # any few positive numbers), so a block holds at least _MIN_BLOCK
+        if c.name in taken or len(squeeze_shape(c.shape)) != 1 \
+                or squeeze_shape(c.shape)[0] < _MIN_BLOCK:
             continue
         best: tuple[float, TemplatePair] | None = None
         for r in ref:

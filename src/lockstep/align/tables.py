@@ -37,7 +37,8 @@ Q/K/V projections' features (transformers' RoPE outputs and Gemma 3's q/k norms 
 | ``layers.N.experts_out`` | the routed experts' weighted sum |
 | ``layers.N.shared_expert.<op>`` | the shared expert's ``gate``, ``gate_act``, ``up``, ``act``, |
 | | ``down`` and ``out`` |
-| ``layers.N.shared_expert_gate`` | the shared expert's sigmoid gate logit |
+| ``layers.N.shared_expert_gate`` | the shared expert's gate logit |
+| ``layers.N.shared_expert_gate_prob`` | its sigmoid (llama.cpp's ``ffn_shexp_gate``) |
 | ``layers.N.mlp_out`` | the MLP block's output (dense: ``down``'s values; MoE: the experts' |
 | | sum plus the shared expert) |
 | ``layers.N.mlp_post_norm`` | the norm of the MLP output (Gemma) |
@@ -58,6 +59,7 @@ from typing import Any, Iterable, Mapping, NamedTuple
 
 __all__ = ["Rule", "NameTable", "TABLES", "detect_table", "TRANSFORMERS_LLAMA",
            "TRANSFORMERS_PHI3", "TRANSFORMERS_GEMMA", "TRANSFORMERS_GPT2", "LLAMA_CPP",
+           "LLAMA_CPP_QWEN_MOE",
            "LLAMA_REFERENCE", "VLLM"]
 
 Hit = tuple[str, "str | None", "str | None"]  # (canonical, transform, counterpart transform)
@@ -259,11 +261,11 @@ TRANSFORMERS_GPT2 = NameTable("transformers-gpt2", _top(
 # RoPE works; "rope_interleaved" undoes that permutation within each head, before and after
 # RoPE. (kq_soft_max-N is left out: its key dim is padded to the context size.)
 _GG = r"-(\d+)"
-LLAMA_CPP = NameTable("llama.cpp", _top(
+_LLAMA_CPP_TOP = _top(
     ("input_ids", "input_ids"), ("embd", "embed"), ("inp_embd", "embed"),
-    ("result_norm", "final_norm"), ("result_output", "logits"),
-) + tuple(Rule(re.compile(re.escape(name) + _GG + suffix), f"layers.{{0}}.{op}", transform)
-          for name, suffix, op, transform in (
+    ("result_norm", "final_norm"), ("result_output", "logits"))
+#: (name, suffix, canonical op, transform) of llama.cpp's per-layer records
+_LLAMA_CPP_LAYER = (
     ("attn_norm", "", "attn_norm", None),
     ("Qcur", "", "q", "rope_interleaved"), ("Kcur", "", "k", "rope_interleaved"),
     ("Vcur", "", "v", None),
@@ -273,7 +275,52 @@ LLAMA_CPP = NameTable("llama.cpp", _top(
     ("ffn_inp", "", "attn_residual", None), ("ffn_norm", "", "mlp_norm", None),
     ("ffn_gate", "", "gate", None), ("ffn_up", "", "up", None),
     ("ffn_swiglu", "", "act", None), ("ffn_out", "", "down", None),
-    ("l_out", "", "out", None))), architectures=("llama",))
+    ("l_out", "", "out", None),
+    # MoE (llm_graph_context::build_moe_ffn): ffn_moe_* activations (ffn_moe_topk is a view
+    # of ffn_moe_argsort, recorded with the engine option views=true), ffn_moe_weights_norm
+    # when the top-k weights are renormalized (then ffn_moe_weights is before, an alias)
+    ("ffn_moe_logits", "", "router", None), ("ffn_moe_topk", "", "expert_ids", None),
+    ("ffn_moe_weights_norm", "", "expert_weights", None),
+    ("ffn_moe_out", "", "experts_out", None))
+_LLAMA_CPP_ALIASES = (("ffn_moe_weights", "expert_weights"),)
+
+
+def _llama_cpp(name: str, layer: Iterable[tuple[str, str, str, str | None]],
+               architectures: tuple[str, ...]) -> NameTable:
+    return NameTable(name, _LLAMA_CPP_TOP + tuple(
+        Rule(re.compile(re.escape(own) + _GG + suffix), f"layers.{{0}}.{op}", transform)
+        for own, suffix, op, transform in layer) + tuple(
+        Rule(re.compile(re.escape(own) + _GG), f"layers.{{0}}.{op}", alias=True)
+        for own, op in _LLAMA_CPP_ALIASES), architectures=architectures)
+
+
+LLAMA_CPP = _llama_cpp("llama.cpp", _LLAMA_CPP_LAYER, ("llama",))
+
+# llama.cpp's Qwen2-MoE and Qwen3-MoE graphs (llm_build_qwen2moe, llm_build_qwen3moe): NEOX
+# RoPE on Q/K weights the conversion left as they are (no rope_interleaved), every layer
+# sparse, so ffn_gate/ffn_up/ffn_swiglu are the shared expert's, ffn_shexp its (ungated)
+# output, ffn_shexp_gate_inp its gate logit, ffn_shexp_gate the logit's sigmoid, and ffn_out
+# the whole MLP's output
+_SHARED = {"ffn_gate": "shared_expert.gate", "ffn_up": "shared_expert.up",
+           "ffn_swiglu": "shared_expert.act", "ffn_out": "mlp_out"}
+LLAMA_CPP_QWEN_MOE = _llama_cpp("llama.cpp-qwen-moe", tuple(
+    (own, suffix, _SHARED.get(own, op), None if own in ("Qcur", "Kcur") else transform)
+    for own, suffix, op, transform in _LLAMA_CPP_LAYER) + (
+    ("ffn_shexp", "", "shared_expert.out", None),
+    ("ffn_shexp_gate_inp", "", "shared_expert_gate", None),
+    ("ffn_shexp_gate", "", "shared_expert_gate_prob", None)), ("qwen2moe", "qwen3moe"))
+
+
+# the zoo's MoE block (zoo/moe.py): transformers' router and grouped experts, Meta's names
+# inside each expert
+_ZOO_MOE = (
+    _Op("gate:0", "router"), _Op("gate:1", "expert_weights"), _Op("gate:2", "expert_ids"),
+    _Op("experts.act_fn", "experts.gate_act"), _Op("experts", "experts_out"),
+    *_under("experts.{E}", "experts.{1}", _META_FFN),
+    *_under("shared_expert", "shared_expert", _META_FFN),
+    _Op("shared_expert", "shared_expert.out"), _Op("shared_expert_gate", "shared_expert_gate"),
+    _Op("", "mlp_out"),
+)
 
 # Meta's Llama reference code (model.py), which lockstep's zoo engine follows name for name;
 # the zoo also records q/k norms in 16-element blocks, each paired with a block of the other
@@ -290,7 +337,8 @@ LLAMA_REFERENCE = NameTable("llama-reference", _top(
     _Op("attention.rope:0", "q_rope"), _Op("attention.rope:1", "k_rope"),
     _Op("attention.wo:input.0", "attn_heads"), _Op("attention.wo", "attn_out"),
     _Op("ffn_norm:input.0", "attn_residual"), _Op("ffn_norm", "mlp_norm"),
-    *_under("feed_forward", "", _META_FFN), *_HF_LAYER_OUT,
+    *_under("feed_forward", "", _META_FFN), *_under("feed_forward", "", _ZOO_MOE),
+    *_HF_LAYER_OUT,
     # the zoo's other families: Gemma 2's norms after attention and the MLP, Phi-3's fused
     # projections
     _Op("post_attention_norm", "attn_post_norm"), _Op("post_ffn_norm", "mlp_post_norm"),
@@ -344,7 +392,8 @@ VLLM = NameTable("vllm-sglang", _top(
 
 #: in order of preference when two tables know as many of a dump's names
 TABLES: tuple[NameTable, ...] = (TRANSFORMERS_LLAMA, TRANSFORMERS_PHI3, TRANSFORMERS_GEMMA,
-                                 TRANSFORMERS_GPT2, LLAMA_CPP, LLAMA_REFERENCE, VLLM)
+                                 TRANSFORMERS_GPT2, LLAMA_CPP, LLAMA_CPP_QWEN_MOE,
+                                 LLAMA_REFERENCE, VLLM)
 
 
 def detect_table(names: Iterable[str], meta: Mapping[str, Any] | None = None) -> NameTable | None:

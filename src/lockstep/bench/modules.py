@@ -1,7 +1,8 @@
 """Time per module, in the engine's own process: forward pre/post hooks on every module of the
 engine's torch module tree, each call's exclusive time (its own time, less its children's)
-grouped by layer and by kind (attention, mlp, moe, norm, embedding, lm_head, rope, the rest)
-and by module class.
+grouped by layer and by kind (attention, mlp, norm, embedding, lm_head, rope; for a
+mixture-of-experts block its router, experts, shared_expert and the block's own time, moe;
+the rest) and by module class.
 
 On CPU the hooks read ``perf_counter``; on CUDA they record events, resolved after the run
 with one synchronize (none per module). The exclusive times of one run add up to the root
@@ -21,7 +22,13 @@ __all__ = ["module_times", "kind_of"]
 
 _LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)(?:\.|$)")
 _KINDS = (  # (kind, class-name pattern, module-name pattern): the first that matches
-    ("moe", r"moe|sparse|experts", r"(^|\.)(experts|block_sparse_moe)$"),
+    # a MoE block's parts before the block: its router (transformers' TopKRouter, the zoo's
+    # Router), its routed experts (all of them, or one), its shared expert(s) and their gate;
+    # "moe" is then the block's own time (top-k, weighting, combining the experts' rows)
+    ("router", r"router", r"(^|\.)(router|(mlp|feed_forward|block_sparse_moe|moe)\.gate)$"),
+    ("experts", r"experts$", r"(^|\.)experts$"),
+    ("shared_expert", None, r"(^|\.)shared_experts?(_gate)?$"),
+    ("moe", r"sparsemoe|moeblock|moelayer|moe$", r"(^|\.)(block_sparse_moe|moe)$"),
     ("attention", r"attention|attn", r"(^|\.)(self_attn|attention|attn)$"),
     ("mlp", r"mlp|feedforward", r"(^|\.)(mlp|feed_forward|ffn)$"),
     ("norm", r"norm", r"norm$"),

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from .components import COMPONENTS, ComponentRules
+from .components import COMPONENTS, ComponentRules, adapter_of
 from .sources import open_checkpoint
 from .tensors import TensorReport, UnreadableTensor, chunked_stats, scaled_counts
 
@@ -36,12 +36,15 @@ class InspectReport:
         return [t for t in self.tensors if t.unreadable is not None]
 
     def components(self) -> list[dict[str, Any]]:
-        """One row per component present: tensors, elements, bad tensors, NaN and Inf counts."""
-        rows: dict[str, dict[str, Any]] = OrderedDict()
+        """One row per component present (and per LoRA matrix, ``adapter``, for an adapter's
+        tensors): tensors, elements, bad tensors, NaN and Inf counts."""
+        rows: dict[tuple[str, str], dict[str, Any]] = OrderedDict()
         for t in self.tensors:
-            row = rows.setdefault(t.component, {"component": t.component, "tensors": 0,
-                                                "elements": 0, "bad_tensors": 0, "nan": 0,
-                                                "inf": 0})
+            key = (t.component, t.adapter or "")
+            row = rows.setdefault(key, {"component": t.component, "tensors": 0,
+                                        "elements": 0, "bad_tensors": 0, "nan": 0, "inf": 0})
+            if t.adapter:
+                row["adapter"] = t.adapter
             row["tensors"] += 1
             row["elements"] += t.elements
             row["bad_tensors"] += int(t.bad)
@@ -49,7 +52,7 @@ class InspectReport:
             row["inf"] += int(t.stats.get("inf") or 0)
         order = {c: i for i, c in enumerate(COMPONENTS)}
         return sorted(rows.values(), key=lambda r: (order.get(r["component"], -1),
-                                                    r["component"]))
+                                                    r["component"], r.get("adapter", "")))
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -66,9 +69,10 @@ class InspectReport:
             "tensors": [t.to_json() for t in self.tensors],
         }
 
-    def write_json(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_json(), indent=1, default=str) + "\n",
-                              encoding="utf-8")
+    def write_json(self, path: str | Path, **extra: Any) -> None:
+        """The report as JSON, with ``extra`` keys added."""
+        Path(path).write_text(json.dumps({**self.to_json(), **extra}, indent=1, default=str)
+                              + "\n", encoding="utf-8")
 
 
 def inspect_checkpoint(path: str | Path, *, groups: Iterable[str | tuple[str, str]] = (),
@@ -90,7 +94,7 @@ def inspect_checkpoint(path: str | Path, *, groups: Iterable[str | tuple[str, st
         except UnreadableTensor as exc:  # reported, and the others are read
             stats, why = {}, exc.reason
         reports.append(TensorReport(src.name, src.dtype, src.shape, rules.component(src.name),
-                                    stats, why))
+                                    stats, why, adapter_of(src.name)))
         done_bytes += src.nbytes
         if progress is not None:
             progress(i + 1, len(sources), done_bytes, total_bytes)

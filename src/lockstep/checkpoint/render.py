@@ -31,12 +31,16 @@ def render(report: InspectReport) -> list[Any]:
                         f"{safe(a.get('lora_alpha'), 40)} target_modules="
                         f"{safe(a.get('target_modules'), 500)}"))
     table = Table(title="by component")
-    for col in ("component", "tensors", "elements", "bad tensors", "NaN", "Inf"):
-        table.add_column(col, justify="left" if col == "component" else "right")
-    for row in report.components():
+    rows = report.components()
+    lora = any("adapter" in row for row in rows)
+    for col in ("component", *(("lora",) if lora else ()), "tensors", "elements",
+                "bad tensors", "NaN", "Inf"):
+        table.add_column(col, justify="left" if col in ("component", "lora") else "right")
+    for row in rows:
         style = "red" if row["bad_tensors"] else None
-        table.add_row(text(row["component"]), str(row["tensors"]), f"{row['elements']:,}",
-                      str(row["bad_tensors"]), str(row["nan"]), str(row["inf"]), style=style)
+        table.add_row(text(row["component"]), *((text(row.get("adapter", "-")),) if lora else ()),
+                      str(row["tensors"]), f"{row['elements']:,}", str(row["bad_tensors"]),
+                      str(row["nan"]), str(row["inf"]), style=style)
     out.append(table)
     if n_bad:
         bad = Table(title="bad tensors (NaN or Inf)")

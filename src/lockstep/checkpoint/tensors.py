@@ -63,6 +63,7 @@ class TensorReport:
     component: str
     stats: dict[str, Any] = field(default_factory=dict)
     unreadable: str | None = None  #: why it could not be read (then ``stats`` is empty)
+    adapter: str | None = None  #: "lora A" or "lora B" for a LoRA tensor
 
     @property
     def elements(self) -> int:
@@ -76,6 +77,8 @@ class TensorReport:
     def to_json(self) -> dict[str, Any]:
         out = {"name": self.name, "dtype": self.dtype, "shape": list(self.shape),
                "component": self.component, "bad": self.bad, "stats": self.stats}
+        if self.adapter is not None:
+            out["adapter"] = self.adapter
         if self.unreadable is not None:
             out["unreadable"] = self.unreadable
         return out

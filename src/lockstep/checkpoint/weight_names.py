@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass
 
 __all__ = ["WeightTable", "TABLES", "WRAPPERS", "unwrap", "canonical_weight", "layer_index",
-           "ROPE_ROWS", "FUSED", "role"]
+           "ROPE_ROWS", "FUSED", "role", "transformers_name"]
 
 #: prefixes that wrappers put before the wrapped model's own names
 WRAPPERS = ("base_model.model.", "module.", "_orig_mod.")
@@ -69,14 +69,17 @@ GGUF = WeightTable.build("gguf", r"blk\.(\d+)", {
     "ffn_norm": "mlp_norm", "ffn_gate": "gate", "ffn_up": "up", "ffn_down": "down",
 }, {"token_embd": "embed", "output_norm": "final_norm", "output": "lm_head"})
 
-TRANSFORMERS = WeightTable.build("transformers", r"(?:model\.)?layers\.(\d+)", {
+_TRANSFORMERS_LAYER = {
     "input_layernorm": "attn_norm", "self_attn.q_proj": "q", "self_attn.k_proj": "k",
     "self_attn.v_proj": "v", "self_attn.o_proj": "o", "self_attn.q_norm": "q_norm",
     "self_attn.k_norm": "k_norm", "post_attention_layernorm": "mlp_norm",
     "mlp.gate_proj": "gate", "mlp.up_proj": "up", "mlp.down_proj": "down",
     "self_attn.qkv_proj": "qkv", "mlp.gate_up_proj": "gate_up",
-}, {"model.embed_tokens": "embed", "embed_tokens": "embed", "model.norm": "final_norm",
-    "lm_head": "lm_head"})
+}
+_TRANSFORMERS_GLOBAL = {"model.embed_tokens": "embed", "embed_tokens": "embed",
+                        "model.norm": "final_norm", "lm_head": "lm_head"}
+TRANSFORMERS = WeightTable.build("transformers", r"(?:model\.)?layers\.(\d+)",
+                                 _TRANSFORMERS_LAYER, _TRANSFORMERS_GLOBAL)
 
 META_LLAMA = WeightTable.build("meta-llama", r"layers\.(\d+)", {
     "attention_norm": "attn_norm", "attention.wq": "q", "attention.wk": "k",
@@ -122,3 +125,18 @@ def role(canonical: str) -> str:
     ``embed.weight``."""
     parts = canonical.split(".")
     return parts[2] if parts[0] == "layers" and len(parts) > 3 else parts[0]
+
+
+_TO_TRANSFORMERS = {**{role: own for own, role in reversed(_TRANSFORMERS_GLOBAL.items())},
+                    **{role: own for own, role in reversed(_TRANSFORMERS_LAYER.items())}}
+
+
+def transformers_name(canonical: str) -> str | None:
+    """The transformers module name of a canonical name without its ``.weight``/``.bias``
+    (``layers.3.q`` is ``model.layers.3.self_attn.q_proj``), or None if it has none."""
+    parts = canonical.split(".")
+    if parts[0] == "layers" and len(parts) == 3 and parts[2] in _TO_TRANSFORMERS:
+        return f"model.layers.{parts[1]}.{_TO_TRANSFORMERS[parts[2]]}"
+    if len(parts) == 1 and parts[0] in _TO_TRANSFORMERS:
+        return _TO_TRANSFORMERS[parts[0]]
+    return None

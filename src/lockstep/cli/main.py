@@ -146,6 +146,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="compare with checkpoint B (any format): pair tensors by name, detect "
                         "layouts, measure errors; exit 1 if a tensor is missing, extra or "
                         "differs beyond what the dtypes explain")
+    i.add_argument("--base", metavar="MODEL",
+                   help="for a PEFT adapter: check its target_modules against the base "
+                        "model's module names (any format); exit 1 for a target that matches "
+                        "nothing or an adapted module the config does not name")
     add_weight_mapping(i)
     for module in _command_modules():
         module.register(sub)
@@ -307,10 +311,18 @@ def _inspect(args: argparse.Namespace) -> int:
                                TransferSpeedColumn)
 
     if args.against:
+        if args.base:
+            raise UsageError("--base and --against are two different checks; give one")
         return _inspect_against(args)
 
     from ..checkpoint import inspect_checkpoint
     from ..checkpoint.render import render
+    from ..display import text
+
+    targets = None
+    if args.base:
+        from ..checkpoint.targets import check_targets
+        targets = check_targets(args.path, args.base)
 
     err = Console(stderr=True)
     with Progress(TextColumn("inspecting"), BarColumn(), DownloadColumn(),
@@ -324,8 +336,12 @@ def _inspect(args: argparse.Namespace) -> int:
     console = Console()
     for item in render(report):
         console.print(item)
-    write_reports(args, "inspect", report.to_json)
-    return EXIT_DIVERGED if report.bad or report.unreadable else EXIT_OK
+    for line, style in targets.lines() if targets is not None else ():
+        console.print(text(line, style=style))
+    write_reports(args, "inspect", lambda: {**report.to_json(), **(
+        {} if targets is None else {"target_modules": targets.to_json()})})
+    return EXIT_DIVERGED if report.bad or report.unreadable or (
+        targets is not None and not targets) else EXIT_OK
 
 
 _COMMANDS = {"compare": _compare, "diff": _diff, "replay": _replay, "demo": _demo,

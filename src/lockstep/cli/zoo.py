@@ -6,7 +6,7 @@ import argparse
 import tempfile
 from typing import Any
 
-from ..zoo.config import FAMILIES
+from ..zoo.config import ZOO_FAMILIES as FAMILIES
 from .options import add_report_files, write_reports
 
 __all__ = ["register", "run"]

@@ -195,8 +195,21 @@ def _compare(ref: Dump, cand: Dump, tolerances: Tolerances,
                             ref_only=alignment.ref_only, cand_only=alignment.cand_only,
                             reference=DumpSummary.of(ref), candidate=DumpSummary.of(recorded),
                             coverage=coverage, tokens=tokens, step_match=step_match)
+    if verdict == "diverged" and not by_tokens and _near_tie_flip(comparison, ref, cand):
+        # a routing choice flipped where the router's logits were nearly tied: precision
+        comparison = replace(comparison, verdict="drift" if coverage.complete else "incomplete",
+                             first_divergence=None)
+        return comparison
     if by_tokens and first is None:  # no logits pair to point at: the tokens alone
         comparison = replace(comparison, diagnosis=sampling_diagnosis(tokens, token_step))
     elif verdict == "diverged":  # beside the first divergence: what kind of problem it is
         comparison = replace(comparison, diagnosis=diagnose_safely(comparison, ref, cand))
     return comparison
+
+
+def _near_tie_flip(comparison: Comparison, ref: Dump, cand: Dump) -> bool:
+    """The first divergence is a MoE routing flip at near-ties (compare.moe)."""
+    from .case import Case
+    from .moe import near_tie_flip
+
+    return near_tie_flip(Case(comparison, ref, cand))

@@ -13,10 +13,13 @@ already has. The most specific explanation wins; the tests run in this order:
    half-split RoPE order of the candidate matches the reference.
 5. ``blocked_norm``: cand/ref is one factor per block of b elements (b < head_dim), the
    factors differ between blocks, or equal rms(head)/rms(block) of the norm's input.
-5a. ``softcap``, ``window``, ``scale`` (attention): attention recomputed from the reference's
+5a. ``moe``: a mixture-of-experts layer: which tokens chose other experts, whether the
+   router logits agree and the weights sum to 1, which experts' rows differ, whether the
+   shared expert is in the sum (``moe``).
+5b. ``softcap``, ``window``, ``scale`` (attention): attention recomputed from the reference's
    q, k, v reproduces the candidate with the soft cap left out, another window, or another
    score scale (``attention_fit``).
-5b. ``scale``: the embedding or q/k after RoPE is the reference's times one constant
+5c. ``scale``: the embedding or q/k after RoPE is the reference's times one constant
    (√hidden, YaRN's attention factor; ``scale``).
 6. ``embedding``: token ids or embeddings differ at prefill.
 7. ``decode``: prefill agrees, a decode step does not: the token fed, its position, or the
@@ -49,8 +52,8 @@ if TYPE_CHECKING:
 __all__ = ["Diagnosis", "KINDS", "diagnose", "diagnose_safely", "make"]
 
 #: every kind, in the order the tests run (see the module docstring)
-KINDS = ("sampling", "nan", "zeros", "stale", "layout", "blocked_norm", "softcap", "window",
-         "scale", "embedding", "decode", "logits", "rope", "op")
+KINDS = ("sampling", "nan", "zeros", "stale", "layout", "blocked_norm", "moe", "softcap",
+         "window", "scale", "embedding", "decode", "logits", "rope", "op")
 
 
 @dataclass(frozen=True)
@@ -98,12 +101,12 @@ def diagnose(comparison: Comparison, ref: Dump, cand: Dump) -> Diagnosis | None:
     if comparison.verdict != "diverged" or comparison.first_divergence is None:
         return None
     # the tests build Diagnosis records from this module, so they are imported here
-    from . import attention_fit, rope, sampling, scale, signatures, stages
+    from . import attention_fit, moe, rope, sampling, scale, signatures, stages
     from .case import Case
 
     case = Case(comparison, ref, cand)
     for rule in (sampling.sampling, signatures.nan, signatures.zeros, signatures.stale, signatures.layout,
-                 signatures.blocked_norm, attention_fit.attention, scale.scale,
+                 signatures.blocked_norm, moe.moe, attention_fit.attention, scale.scale,
                  stages.embedding, stages.decode, stages.logits, rope.rope):
         found = rule(case)
         if found is not None:

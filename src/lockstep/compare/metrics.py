@@ -41,7 +41,8 @@ class TensorMetrics:
     max_abs: float  #: largest |cand - ref| over elements finite on both sides
     mean_abs: float
     rel_l2: float  #: ||cand - ref|| / ||ref||; inf when NaN/Inf differ between the sides
-    cosine: float  #: cosine similarity of the flattened tensors (1.0 when both are zero)
+    cosine: float  #: cosine similarity of the flattened tensors (1.0 when both are zero; NaN
+    #: when NaN/Inf sit where the other side is finite or differs)
     ref_nan: int
     ref_inf: int
     cand_nan: int
@@ -124,7 +125,9 @@ def tensor_metrics(ref: np.ndarray, cand: np.ndarray, *, logits: bool = False) -
         rel = 0.0
     else:
         rel = err_norm / ref_norm if ref_norm > 0 else math.inf
-    if ref_norm == 0.0 and cand_norm == 0.0:
+    if not same_nonfinite:
+        cosine = math.nan  # NaN/Inf on one side: no similarity (never 1.0)
+    elif ref_norm == 0.0 and cand_norm == 0.0:
         cosine = 1.0
     elif ref_norm == 0.0 or cand_norm == 0.0:
         cosine = 0.0

@@ -52,6 +52,14 @@ def nan(case: Case) -> Diagnosis | None:
             big = (p, vr.abs_max)
         if vr.zero and zero is None:
             zero = p
+    origin, bad_inputs = _first_nonfinite(case, cand_side)
+    if origin is not None:
+        evidence.insert(0, f"in capture order the first {side} tensor holding NaN/Inf is "
+                           f"{origin[0]} ({origin[1]} of {origin[2]} elements)"
+                        + ("; the other side records no tensor of that name"
+                           if origin[3] else ""))
+    if bad_inputs:
+        evidence.append("inputs that are not finite: " + ", ".join(bad_inputs))
     checks = []
     dtype = f.cand_dtype if cand_side else f.ref_dtype
     if big is not None:
@@ -67,12 +75,51 @@ def nan(case: Case) -> Diagnosis | None:
                "to memory that moved (tensors moved between devices), a missing synchronisation",
                "a softmax over a fully masked row (all -inf), a log or sqrt of a non-positive "
                "value"]
-    finite = all(not i["nonfinite"] for i in inputs)
-    title = (f"{nf.count} NaN/Inf ({pct(nf.count, nf.numel)}) first appear in the {side} at "
-             f"{label(f)}, step {f.step}" + ("; what was captured before it is finite"
-                                             if inputs and finite else ""))
+    finite = all(not i["nonfinite"] for i in inputs) and origin is None and not bad_inputs
+    if origin is not None:
+        title = (f"NaN/Inf first appear in the {side} at {origin[0]}, step {f.step}"
+                 + (f" ({'recorded by the ' + side + ' only'})" if origin[3] else "")
+                 + f"; the first compared tensor holding them is {label(f)}, {nf.count} "
+                 f"({pct(nf.count, nf.numel)})")
+    else:
+        title = (f"{nf.count} NaN/Inf ({pct(nf.count, nf.numel)}) first appear in the {side} "
+                 f"at {label(f)}, step {f.step}" + ("; what was captured before it is finite"
+                                                    if inputs and finite else ""))
+    if bad_inputs:
+        title += f"; inputs not finite: {', '.join(bad_inputs)}"
     return make("nan", title, checks, evidence, side=side, nan=nf.nan, inf=nf.inf,
-                numel=nf.numel, fraction=nf.fraction, rows=list(nf.rows), inputs=inputs)
+                numel=nf.numel, fraction=nf.fraction, rows=list(nf.rows), inputs=inputs,
+                first_nonfinite=origin[0] if origin else label(f),
+                nonfinite_inputs=bad_inputs)
+
+
+def _first_nonfinite(case: Case, cand_side: bool) -> tuple[tuple[str, int, int, bool] | None,
+                                                           list[str]]:
+    """On the side holding NaN, at the first divergence's step: the first record in capture
+    order that holds NaN/Inf before the diverging one (name, count, size, whether the other
+    side has no record of that name), and the names of input records that are not finite."""
+    f = case.first
+    dump, other = (case.cand, case.ref) if cand_side else (case.ref, case.cand)
+    until = f.cand_seq if cand_side else f.ref_seq
+    other_names = {r.name for r in other.records}
+    origin = None
+    inputs: list[str] = []
+    for rec in dump.records:
+        if rec.step != f.step or not rec.has_data or rec.seq > until:
+            continue
+        if rec.dtype in ("bool", "int8", "int16", "int32", "int64", "uint8"):
+            continue
+        try:
+            nf = ev.nonfinite(dump.read(rec))
+        except (ValueError, TypeError, OSError):
+            continue
+        if not nf.count:
+            continue
+        if rec.extra.get("role") == "input":
+            inputs.append(rec.name)
+        elif origin is None and rec.seq < until:
+            origin = (rec.name, nf.count, nf.numel, rec.name not in other_names)
+    return origin, inputs
 
 
 def zeros(case: Case) -> Diagnosis | None:

@@ -186,7 +186,14 @@ def _error_path(c: Comparison) -> Table:
         _row(grid, "largest error", f"step {worst.step}, {_name(worst)}: {fmt(worst.error)}")
     finals = [p for p in measured if p.metrics is not None and
               (p.canonical == "final_norm" or p.ref_name == "model.norm")]
-    if finals:
+    broken = [p for p in finals if p.metrics is not None and math.isnan(p.metrics.cosine)]
+    if broken:
+        m = broken[0].metrics
+        assert m is not None
+        _row(grid, "final hidden", f"not finite from step {broken[0].step}: reference "
+                                     f"{m.ref_nan + m.ref_inf}, candidate {m.cand_nan + m.cand_inf}"
+                                     f" NaN/Inf of {m.numel} (no cosine)")
+    elif finals:
         low = min(finals, key=lambda p: p.metrics.cosine if p.metrics else 1.0)
         assert low.metrics is not None
         _row(grid, "final hidden", f"cosine at least {low.metrics.cosine:.5f} over "

@@ -16,7 +16,7 @@ __all__ = ["Bug", "BUGS", "DIAGNOSES", "get_bug"]
 
 #: the diagnosis classes a bug is expected to be given
 DIAGNOSES = ("embedding", "decode", "rope", "logits", "nan", "zeros", "stale", "layout",
-             "blocked_norm", "op", "sampling", "softcap", "window", "scale")
+             "blocked_norm", "op", "sampling", "softcap", "window", "scale", "moe")
 
 _SEED_000 = "seeds/000_bb3755e1f931925d.txt (mini vLLM checklist)"
 _SEED_001 = "seeds/001_c36c40d1cc5e13e0.txt (fused decode VM vs torch)"
@@ -126,10 +126,44 @@ _ALL = (
         "prefill", 0, "layers.0.attn_heads", "op"),
 )
 
+_QWEN3_MOE, _QWEN2_MOE, _MOE = ("qwen3_moe",), ("qwen2_moe",), ("qwen3_moe", "qwen2_moe")
+_SEED_002 = "seeds/002_8567fc7f63a3946d.txt (InfiniLM's Qwen3-MoE tests)"
+#: the mixture-of-experts family's bugs (moe.py); Qwen2-MoE's layer 0 is dense
+_MOE_BUGS = (
+    Bug("moe_topk_not_normalized",
+        "The router leaves the top-k weights as softmax gave them where the config asks "
+        "for them to be renormalized to sum to 1 (norm_topk_prob).",
+        _SEED_002, "prefill", 0, "layers.0.expert_weights", "moe", families=_QWEN3_MOE),
+    Bug("moe_softmax_after_topk",
+        "The router takes the top-k logits first and the softmax over those k alone, so the "
+        "weights sum to 1 where the model expects a share of the softmax over every expert.",
+        _SEED_002, "prefill", 0, "layers.1.expert_weights", "moe", families=_QWEN2_MOE),
+    Bug("moe_expert_offset",
+        "The chosen expert ids are off by one (a 1-based index used as 0-based), so every "
+        "token runs the experts next to the ones its router chose.",
+        _SEED_002, "prefill", 0, "layers.0.expert_ids", "moe", families=_QWEN3_MOE),
+    Bug("moe_no_shared_expert",
+        "The shared expert is computed but left out of the sum: the MLP output is the routed "
+        "experts' alone.",
+        _SEED_003, "prefill", 0, "layers.1.mlp_out", "moe", families=_QWEN2_MOE),
+    Bug("moe_gate_up_swapped",
+        "Expert 3 reads its gate and up projections the other way round (the halves of a fused "
+        "gate_up_proj swapped for one expert).",
+        _SEED_003, "prefill", 0, "layers.0.experts.gate_act", "moe", families=_QWEN3_MOE),
+    Bug("moe_capacity_drop",
+        "Each expert takes at most its even share of the (token, expert) rows, and the rows "
+        "past that capacity are dropped: prefill tokens lose an expert's output.",
+        _SEED_002, "prefill", 0, "layers.0.experts_out", "moe", families=_QWEN3_MOE),
+    Bug("moe_nan_expert_lora",
+        "A LoRA adapter on layer 1's expert 5 down projection whose B matrix is all NaN is "
+        "applied at load time.",
+        _SEED_003 + ", bug 5", "prefill", 0, "layers.1.experts_out", "nan", families=_MOE),
+)
+
 from .family_bugs import FAMILY_BUGS  # noqa: E402 (they are Bug records of this module)
 
 #: every bug, by name, in the order of the docs' table
-BUGS: dict[str, Bug] = {bug.name: bug for bug in _ALL + FAMILY_BUGS}
+BUGS: dict[str, Bug] = {bug.name: bug for bug in _ALL + FAMILY_BUGS + _MOE_BUGS}
 
 
 def get_bug(name: str | None, family: str | None = None) -> Bug | None:

@@ -8,10 +8,14 @@ from typing import Any, Mapping
 from ..errors import UsageError
 from .families import NEW_FAMILIES, FamilyArgs, family_args, family_of
 
-__all__ = ["ModelArgs", "FAMILIES"]
+__all__ = ["ModelArgs", "FAMILIES", "MOE_FAMILIES"]
 
-#: the zoo families it can run (families.py: what each adds)
+#: the dense zoo families it can run (families.py: what each adds)
 FAMILIES = ("llama", "qwen3") + NEW_FAMILIES
+#: the mixture-of-experts families (moe.py; their dense parts read as above)
+MOE_FAMILIES = ("qwen3_moe", "qwen2_moe")
+#: every family the zoo scores, dense then MoE
+ZOO_FAMILIES = FAMILIES + MOE_FAMILIES
 
 
 def _rope_theta(config: Mapping[str, Any]) -> float:

@@ -109,12 +109,15 @@ class ZooEngine(TransformersTokenizerEngine):
 
     def _build(self, config: dict[str, Any], tensors: Any) -> None:
         torch = _torch()
-        from .config import ModelArgs
+        from .config import MOE_FAMILIES, ModelArgs
+        from .moe import build_moe
         from .weights import build
 
-        get_bug(self.bug, ModelArgs.from_config(config).family)
-        self.model = build(config, tensors, bug=self.bug, dtype=getattr(torch, self.dtype),
-                           device=self.device, seed=self.seed, vm=self.vm)
+        moe = config.get("model_type") in MOE_FAMILIES
+        get_bug(self.bug, config["model_type"] if moe else ModelArgs.from_config(config).family)
+        self.model = (build_moe if moe else build)(
+            config, tensors, bug=self.bug, dtype=getattr(torch, self.dtype),
+            device=self.device, seed=self.seed, vm=self.vm)
 
     def meta(self) -> dict[str, Any]:
         meta = {**super().meta(), "model": str(self.source), "dtype": self.dtype,

@@ -20,13 +20,14 @@ import numpy as np
 from ..capture.recorder import record
 from ..compare import Comparison, compare
 from .bugs import BUGS, Bug
-from .config import FAMILIES
+from .config import MOE_FAMILIES, ZOO_FAMILIES
 from .families import NEW_FAMILIES, tiny_family_model
 
 __all__ = ["ZooResult", "ControlResult", "ZooScore", "run_zoo", "tiny_model"]
 
 PROMPT = [3, 17, 42, 7, 99, 5, 64, 21, 8]
 FORCED = [5, 77, 150]  #: decode tokens fed to both sides (not an echo of the prompt's end)
+FAMILIES = ZOO_FAMILIES
 CONTROLS = ("float32", "float64", "bfloat16")
 SHORT_PROMPT = PROMPT[:5]  #: with the decode steps, 8 positions: within every window
 
@@ -35,11 +36,16 @@ def tiny_model(family: str, directory: Path) -> Path:
     """A 2-layer random transformers model of the family, saved once as a model directory.
 
     Llama: tied lm_head and Llama 3's rope_theta; Qwen3: QK-norm and head_dim 64 (a head is
-    four 16-element VM blocks)."""
+    four 16-element VM blocks); the new dense families: ``families.tiny_family_model``; the
+    MoE families: ``moe.tiny_moe_model``."""
     if family in NEW_FAMILIES:
         return tiny_family_model(family, directory)
     if (directory / "config.json").is_file():
         return directory
+    if family in MOE_FAMILIES:
+        from .moe import tiny_moe_model
+
+        return tiny_moe_model(family, directory)
     from ..engines.hf import _import
 
     torch, _ = _import()
