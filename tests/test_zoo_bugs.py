@@ -56,7 +56,7 @@ def test_every_family_has_a_bug_from_a_public_thread():
               for f in b.families}
     assert public >= set(FAMILIES) - {"qwen3"}
     threads = [b for b in BUGS.values() if b.source.startswith("https://github.com/")]
-    assert len(threads) == 28
+    assert len(threads) == 30
 
 
 def test_seed_001_reads_like_the_story_ended(score):

@@ -133,11 +133,13 @@ _MOE_BUGS = (
     Bug("moe_topk_not_normalized",
         "The router leaves the top-k weights as softmax gave them where the config asks "
         "for them to be renormalized to sum to 1 (norm_topk_prob).",
-        _SEED_002, "prefill", 0, "layers.0.expert_weights", "moe", families=_QWEN3_MOE),
+        "https://github.com/huggingface/transformers/issues/41151", "prefill", 0,
+        "layers.0.expert_weights", "moe", families=_QWEN3_MOE),
     Bug("moe_softmax_after_topk",
         "The router takes the top-k logits first and the softmax over those k alone, so the "
         "weights sum to 1 where the model expects a share of the softmax over every expert.",
-        _SEED_002, "prefill", 0, "layers.1.expert_weights", "moe", families=_QWEN2_MOE),
+        "https://github.com/QwenLM/Qwen3/issues/687", "prefill", 0, "layers.1.expert_weights",
+        "moe", families=_QWEN2_MOE),
     Bug("moe_expert_offset",
         "The chosen expert ids are off by one (a 1-based index used as 0-based), so every "
         "token runs the experts next to the ones its router chose.",
