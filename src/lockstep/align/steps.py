@@ -4,8 +4,12 @@ and its positions to choose between equal ids), not by call count.
 An engine may run a warm-up forward first, record one step more or fewer, or be recorded by a
 loop that started late; counting calls then compares the wrong steps. Each step's fed ids come
 from its integer ``input_ids`` record (or ``tokens``, ``token_ids``, ``ids``, ``inp_tokens``),
-its positions from ``positions``/``position_ids``/``pos``/``inp_pos``. Reference steps are
-matched in order to the next candidate step fed the same ids. That matching is used only when
+its positions from ``positions``/``position_ids``/``pos``/``inp_pos``. A step is known by its
+history: its ids with every id fed before it in the same sequence (a decode step attends to
+all of them; a sequence starts at position 0, or where no positions are recorded, at a step
+fed several ids). Reference steps are matched in order to the next candidate step with the
+same history, so a candidate fed a wrong token at one decode step is not realigned onto a
+later step that happens to be fed the reference's token. That matching is used only when
 it pairs more steps fed alike than matching by index does, so a candidate fed the wrong ids at
 every step (ids and positions swapped) is still compared step by step, and diverges at its
 embedding. Candidate steps that no reference step matches are left out of the comparison and
@@ -102,6 +106,23 @@ def fed_per_step(dump: Any) -> dict[int, Fed]:
             for s, rs in sorted(by_step.items())}
 
 
+def _histories(fed: dict[int, Fed]) -> dict[int, tuple[int, ...] | None]:
+    """Each step's ids with those fed before it in the same sequence: a decode step is known
+    by everything it attends to, not by its one token. A sequence starts at position 0 (or,
+    with no positions recorded, at a step fed several ids: a prefill)."""
+    out: dict[int, tuple[int, ...] | None] = {}
+    history: tuple[int, ...] = ()
+    for step, (ids, pos) in fed.items():
+        if ids is None:
+            out[step] = None
+            history = ()
+            continue
+        starts = pos[0] == 0 if pos else (len(ids) > 1 or not history)
+        history = ids if starts else history + ids
+        out[step] = history
+    return out
+
+
 def _index(ref: dict[int, Fed], cand: dict[int, Fed], why: str) -> StepMatch:
     pairs = tuple((s, s) for s in ref if s in cand)
     return StepMatch("index", pairs, len(ref), len(cand),
@@ -116,13 +137,14 @@ def match_steps(ref: Any, cand: Any) -> StepMatch:
     if any(ids is None for ids, _ in ref_fed.values()) or \
             any(ids is None for ids, _ in cand_fed.values()):
         return _index(ref_fed, cand_fed, "a dump records no fed ids for some step")
-    alike_by_index = sum(1 for s in ref_fed if s in cand_fed and ref_fed[s][0] == cand_fed[s][0])
+    ref_hist, cand_hist = _histories(ref_fed), _histories(cand_fed)
+    alike_by_index = sum(1 for s in ref_fed if s in cand_fed and ref_hist[s] == cand_hist[s])
     cand_order = list(cand_fed)
     pairs: list[tuple[int, int]] = []
     unmatched: list[int] = []
     j = 0
-    for s, (ids, pos) in ref_fed.items():
-        same = [k for k in range(j, len(cand_order)) if cand_fed[cand_order[k]][0] == ids]
+    for s, (_, pos) in ref_fed.items():
+        same = [k for k in range(j, len(cand_order)) if cand_hist[cand_order[k]] == ref_hist[s]]
         if not same:
             unmatched.append(s)
             continue
