@@ -85,10 +85,11 @@ def write_pair(folder: str, size_bytes: float) -> tuple[str, str, int, int]:
 _CHILD = """
 import json, sys, time
 import lockstep
-t = time.perf_counter()
+t, cpu = time.perf_counter(), time.process_time()
 c = lockstep.compare(sys.argv[1], sys.argv[2])
-dt = time.perf_counter() - t
-print(json.dumps({"seconds": dt, "verdict": c.verdict, "pairs": len(c.results)}))
+dt, dcpu = time.perf_counter() - t, time.process_time() - cpu
+print(json.dumps({"seconds": dt, "cpu_seconds": dcpu, "verdict": c.verdict,
+                  "pairs": len(c.results)}))
 """
 
 
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"the largest pair needs {need / 1e9:.1f} GB and the disk has "
                  f"{free / 1e9:.1f} GB free")
     print(f"python {sys.version.split()[0]}, numpy {np.__version__}, {os.cpu_count()} CPUs, "
-          f"{os.sched_getaffinity(0).__len__()} usable")
+          f"{len(os.sched_getaffinity(0))} usable; load average {os.getloadavg()[0]:.1f}")
     figures = []
     for size in sizes:
         tmp = tempfile.mkdtemp(prefix="lockstep-cmp-", dir=args.tmp)
@@ -162,10 +163,11 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         mbs = 2 * data / r["seconds"] / 1e6
+        cpu_mbs = 2 * data / r["cpu_seconds"] / 1e6
         anon = r.get("peak_RssAnon", 0) / 1024
         fig = {"gb_per_dump": data / 1e9, "tokens": tokens, "records": len(records()),
                "largest_tensor_mb": 4 * tokens * VOCAB / 1e6, "compare_s": r["seconds"],
-               "mb_per_s": mbs, "verdict": r["verdict"], "pairs": r["pairs"],
+               "mb_per_s": mbs, "cpu_s": r["cpu_seconds"], "mb_per_cpu_s": cpu_mbs, "verdict": r["verdict"], "pairs": r["pairs"],
                "peak_anon_mb": anon, "peak_file_mb": r.get("peak_RssFile", 0) / 1024,
                "peak_rss_mb": r.get("peak_VmHWM", 0) / 1024, "write_s": made}
         figures.append(fig)
@@ -174,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  compare {r['seconds']:.2f} s -> {mbs:.0f} MB/s of dump data "
               f"(target >= {TARGET_MBS:.0f}: {'ok' if mbs >= TARGET_MBS else 'BELOW TARGET'}); "
               f"verdict {r['verdict']}, {r['pairs']} pairs")
+        print(f"  CPU time {r['cpu_seconds']:.2f} s (all threads) -> {cpu_mbs:.0f} MB per CPU "
+              "second (what a busy machine's other processes do not change)")
         print(f"  peak RSS {fig['peak_rss_mb']:.0f} MB: anonymous {anon:.0f} MB (target < "
               f"{TARGET_ANON_MB:.0f}: {'ok' if anon < TARGET_ANON_MB else 'ABOVE TARGET'}), "
               f"file-mapped {fig['peak_file_mb']:.0f} MB")

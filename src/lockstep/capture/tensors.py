@@ -160,6 +160,8 @@ def to_host(value: Any, *, copy: bool = True) -> HostTensor:
         raise Unrecordable("a meta-device tensor has no data")
     if t.layout is not torch.strided:
         t = t.to_dense()
+    if t.is_neg():  # a lazily negated view: its memory holds the values unnegated
+        t = t.resolve_neg()
     if t.is_cpu:
         host = t.contiguous()
         owned = host.data_ptr() != t.data_ptr() or host.numel() == 0
