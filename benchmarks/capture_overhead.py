@@ -13,16 +13,38 @@ runs a prefill (batch 1, float32, sdpa, eval, no_grad) on CPU, three ways:
 
 The three run interleaved, ``--repeats`` times each after ``--warmup`` rounds, each recording
 into a new directory under a temporary folder (deleted between repeats, outside the timed
-region). Medians are printed, and the ratios lockstep/plain and lockstep/hf-debugger.
+region). Medians are printed, and the ratios lockstep/plain and lockstep/hf-debugger; the
+ratio is also given as the median of each round's own recorded/plain ratio, which a shared
+machine's slow spells disturb less.
+
+Where the extra time goes is measured in the same rounds, by two more runs:
+
+* hooks:        the same forward with a no-op forward hook on every module: torch's hook
+                dispatch alone;
+* open_close:   a recording that opens, installs its hooks and closes, with no forward;
+* instrumented: a recording whose writer times its own parts: the data handed to the OS
+                (``DumpWriter._write_all``: the one copy, into the page cache), the copies
+                into its staging buffer, and the index (its lines formed, and written at
+                the end of the step).
+
+What is left of recorded - plain is the Python run per capture (the recorder's own code).
+The CPU model, the core count and torch's thread count are printed with the figures.
+
+On a busy shared machine elapsed times swing by several times from one forward to the next;
+``--clock cpu`` times the CPU time of the thread that runs the forward instead, with torch
+on that one thread, which other processes disturb far less (the kernel's copy into the page
+cache is that thread's system time, so it counts).
 
     .venv/bin/python benchmarks/capture_overhead.py                # the full 135M shape
     .venv/bin/python benchmarks/capture_overhead.py --layers 2 --repeats 3   # quick check
+    .venv/bin/python benchmarks/capture_overhead.py --clock cpu --repeats 9 --no-hf  # busy machine
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shutil
@@ -37,7 +59,7 @@ import torch
 import lockstep
 from _timing import dir_stats, settle
 
-TARGET_RATIO = 1.25
+TARGET_RATIO = 1.10
 
 
 def smollm2_135m_config(layers: int) -> Any:
@@ -59,6 +81,63 @@ def build_model(layers: int) -> Any:
     return model
 
 
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+class PartTimer:
+    """Wraps DumpWriter's parts with timers while a recording is instrumented. Each part's
+    time is its own: a part called inside another (the stage written out by a flush) is
+    taken out of the outer one."""
+
+    PARTS = {"write": ("_write_all",), "stage copy": ("_put_data",),
+             "index": ("_tensor_line", "flush")}
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
+        from lockstep.store.writer import DumpWriter
+
+        self.clock = clock
+        self.cls = DumpWriter
+        self.totals = {part: 0.0 for part in self.PARTS}
+        self.saved: dict[str, Any] = {}
+        self.inner: list[float] = []  # per open timed call: time spent in nested timed calls
+
+    def __enter__(self) -> PartTimer:
+        for part, names in self.PARTS.items():
+            for name in names:
+                orig = getattr(self.cls, name, None)
+                if orig is not None:  # (an older lockstep may lack a part)
+                    self.saved[name] = orig
+                    setattr(self.cls, name, self._timed(part, orig))
+        return self
+
+    def _timed(self, part: str, orig: Callable[..., Any]) -> Callable[..., Any]:
+        totals, inner, clock = self.totals, self.inner, self.clock
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            inner.append(0.0)
+            t = clock()
+            try:
+                return orig(*args, **kwargs)
+            finally:
+                dt = clock() - t
+                totals[part] += dt - inner.pop()
+                if inner:
+                    inner[-1] += dt
+        return timed
+
+    def __exit__(self, *exc: object) -> None:
+        for name, orig in self.saved.items():
+            setattr(self.cls, name, orig)
+
+
 def mib(n: float) -> str:
     return f"{n / (1 << 20):.1f} MiB"
 
@@ -74,6 +153,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=32, help="prefill length (default 32)")
     ap.add_argument("--layers", type=int, default=30, help="decoder layers (default 30)")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers' debugger")
+    ap.add_argument("--no-stats", action="store_true", help="skip the stats=True phase")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="wall: elapsed time (default); cpu: the CPU time of the thread that "
+                    "runs the forward, with torch on that one thread (--threads 1): what "
+                    "recording costs, undisturbed by other processes of a busy machine")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's "
+                    "own choice)")
     ap.add_argument("--tmp", default=None, help="folder for the temporary dumps (default: "
                     "the system's temp folder)")
     ap.add_argument("--json", metavar="FILE", help="also write the figures to FILE")
@@ -91,9 +177,20 @@ def main(argv: list[str] | None = None) -> int:
     build_s = time.perf_counter() - t0
     print(f"model: Llama, SmolLM2-135M shape, {args.layers} layers, {n_params / 1e6:.1f}M params, "
           f"float32, attn={model.config._attn_implementation}; built in {build_s:.1f} s")
+    if args.clock == "cpu":  # all the work on the timed thread: its CPU time is the cost
+        if args.threads > 1:
+            ap.error("--clock cpu times one thread: use it with --threads 1")
+        args.threads = 1
+        args.no_stats = True  # (stats=True computes them on a writer thread: not timed here)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    clock = time.thread_time if args.clock == "cpu" else time.perf_counter
     print(f"input: batch 1, {args.tokens} tokens; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; lockstep {lockstep.__version__}; "
           f"python {platform.python_version()}")
+    print(f"machine: {cpu_model()}, {os.cpu_count()} cores, "
+          f"{len(os.sched_getaffinity(0))} usable; load average "
+          f"{', '.join(f'{x:.1f}' for x in os.getloadavg())} at the start")
 
     tmp = tempfile.mkdtemp(prefix="lockstep-bench-", dir=args.tmp)
     last: dict[str, str] = {}  # kind -> the last output folder, kept for the size figures
@@ -109,42 +206,57 @@ def main(argv: list[str] | None = None) -> int:
         return path
 
     def plain() -> float:
-        t = time.perf_counter()
+        t = clock()
         model(ids)
-        return time.perf_counter() - t
+        return clock() - t
 
-    def with_lockstep() -> float:
-        path = new_dir("lockstep") + ".lsd"
-        last["lockstep"] = path
-        t = time.perf_counter()
-        with lockstep.record(path) as rec:
+    def recorded(kind: str, *, forward: bool = True, stats: bool = False) -> float:
+        path = new_dir(kind) + ".lsd"
+        last[kind] = path  # so that new_dir removes it: dirty pages left behind throttle
+        t = clock()
+        with lockstep.record(path, stats=stats) as rec:
             rec.watch(model)
-            model(ids)
-        return time.perf_counter() - t
+            if forward:
+                model(ids)
+        return clock() - t
 
-    def with_lockstep_stats() -> float:
-        path = new_dir("stats") + ".lsd"
-        last["stats"] = path  # so that new_dir removes it: dirty pages left behind throttle
-        t = time.perf_counter()
-        with lockstep.record(path, stats=True) as rec:
-            rec.watch(model)
-            model(ids)
-        return time.perf_counter() - t
+    def with_hooks() -> float:
+        handles = [m.register_forward_hook(lambda m, a, o: None) for m in model.modules()]
+        t = clock()
+        model(ids)
+        dt = clock() - t
+        for h in handles:
+            h.remove()
+        return dt
+
+    parts: dict[str, list[float]] = {k: [] for k in PartTimer.PARTS}
+
+    def instrumented() -> float:
+        with PartTimer(clock) as timer:
+            dt = recorded("instrumented")
+        for k, v in timer.totals.items():
+            parts[k].append(v)
+        return dt
 
     def with_hf() -> float:
         path = new_dir("hf")
-        t = time.perf_counter()
+        t = clock()
         with model_addition_debugger_context(model, debug_path=path, do_prune_layers=True,
                                              use_repr=False):
             model(ids)
-        return time.perf_counter() - t
+        return clock() - t
 
-    runs: dict[str, Callable[[], float]] = {"plain": plain, "lockstep": with_lockstep}
+    runs: dict[str, Callable[[], float]] = {
+        "plain": plain, "lockstep": lambda: recorded("lockstep"), "hooks": with_hooks,
+        "instrumented": instrumented, "open_close": lambda: recorded("empty", forward=False)}
     if not args.no_hf:
         runs["hf_debugger"] = with_hf
     # stored statistics in a second phase of their own: the writer thread's late page-cache
     # writes would slow the runs interleaved with them
-    phases = [runs, {"plain_stats": plain, "lockstep_stats": with_lockstep_stats}]
+    phases = [runs]
+    if not args.no_stats:
+        phases.append({"plain_stats": plain,
+                       "lockstep_stats": lambda: recorded("stats", stats=True)})
     times: dict[str, list[float]] = {k: [] for phase in phases for k in phase}
     t0 = time.perf_counter()
     try:
@@ -152,6 +264,9 @@ def main(argv: list[str] | None = None) -> int:
             settle_s = settle(plain)
             for phase in phases:
                 for i in range(args.warmup + args.repeats):
+                    if i == args.warmup:  # the parts of the timed rounds only
+                        for v in parts.values():
+                            v.clear()
                     for kind, fn in phase.items():  # interleaved: drift hits them alike
                         dt = fn()
                         if i >= args.warmup:
@@ -177,27 +292,51 @@ def main(argv: list[str] | None = None) -> int:
     if settle_s is None or spread > 1.5:
         print(f"\nWARNING: the machine is noisy (plain forward {ms(min(times['plain'])).strip()}"
               f" to {ms(max(times['plain'])).strip()}); the figures may not be comparable")
-    print(f"\nmedian of {args.repeats} (after {args.warmup} warmup), min in brackets:")
+    print(f"\n{'CPU time of the forward thread' if args.clock == 'cpu' else 'wall time'}: "
+          f"median of {args.repeats} (after {args.warmup} warmup), min in brackets:")
     print(f"  plain forward        {ms(med['plain'])}   [{ms(lo['plain']).strip()}]")
     print(f"  lockstep record      {ms(med['lockstep'])}   [{ms(lo['lockstep']).strip()}]"
           f"   {n_records} records, dump {mib(dump_bytes)} on disk "
           f"({mib(data_bytes)} tensor data), complete={complete}")
     verdict = "ok" if ratio <= TARGET_RATIO else "ABOVE TARGET"
     print(f"  ratio lockstep/plain {ratio:8.3f}      (target <= {TARGET_RATIO}: {verdict})")
-    ratio_stats = med["lockstep_stats"] / med["plain_stats"]
-    print(f"  lockstep, stats=True {ms(med['lockstep_stats'])}   "
-          f"[{ms(lo['lockstep_stats']).strip()}]   (statistics stored while recording)")
-    print(f"  ratio stats=True/plain {ratio_stats:6.3f}      (its own phase; plain "
-          f"{ms(med['plain_stats']).strip()} there)")
+    round_ratios = sorted(r / p for r, p in zip(times["lockstep"], times["plain"]))
+    paired = statistics.median(round_ratios)
+    print(f"  ratio, median of the {len(round_ratios)} rounds' own {paired:6.3f}      (range "
+          f"{round_ratios[0]:.3f}-{round_ratios[-1]:.3f})")
+    # where recorded - plain goes: each part's median over the timed rounds
+    extra = med["lockstep"] - med["plain"]
+    split = {"hook dispatch (torch)": med["hooks"] - med["plain"],
+             "open, watch, close (once per recording)": med["open_close"]}
+    split.update({f"{k} ({what})": statistics.median(parts[k]) for k, what in (
+        ("write", "data handed to the OS: the copy into the page cache"),
+        ("stage copy", "small records copied into the staging buffer"),
+        ("index", "lines formed, and written at the step's end"))})
+    split["Python per capture, and the cache misses the copies cause the forward (the rest)"] = \
+        extra - sum(split.values())
+    print(f"\nwhere the {extra * 1e3:.1f} ms go (medians; {n_records} records):")
+    for k, v in split.items():
+        print(f"  {v * 1e3:7.2f} ms  {v / n_records * 1e6:6.1f} us/record  {k}")
+    print(f"  (the instrumented recording took {ms(med['instrumented']).strip()}: its timers "
+          "cost a little)")
+    ratio_stats = math.nan
+    if not args.no_stats:
+        ratio_stats = med["lockstep_stats"] / med["plain_stats"]
+        print(f"\n  lockstep, stats=True {ms(med['lockstep_stats'])}   "
+              f"[{ms(lo['lockstep_stats']).strip()}]   (statistics stored while recording)")
+        print(f"  ratio stats=True/plain {ratio_stats:6.3f}      (its own phase; plain "
+              f"{ms(med['plain_stats']).strip()} there)")
     figures: dict[str, Any] = {
         "layers": args.layers, "tokens": args.tokens, "repeats": args.repeats,
         "warmup": args.warmup, "params": n_params, "threads": torch.get_num_threads(),
-        "torch": torch.__version__, "lockstep": lockstep.__version__,
+        "torch": torch.__version__, "clock": args.clock, "lockstep": lockstep.__version__,
         "plain_spread": spread, "settled": settle_s is not None,
         "plain_ms": med["plain"] * 1e3, "lockstep_ms": med["lockstep"] * 1e3,
         "plain_min_ms": lo["plain"] * 1e3, "lockstep_min_ms": lo["lockstep"] * 1e3,
         "ratio_lockstep_plain": ratio, "target_ratio": TARGET_RATIO,
-        "lockstep_stats_ms": med["lockstep_stats"] * 1e3,
+        "ratio_median_of_rounds": paired, "cpu": cpu_model(), "cores": os.cpu_count(),
+        "split_ms": {k: v * 1e3 for k, v in split.items()},
+        "lockstep_stats_ms": med.get("lockstep_stats", math.nan) * 1e3,
         "ratio_stats_plain": ratio_stats,
         "lockstep_records": n_records, "lockstep_dump_bytes": dump_bytes,
         "lockstep_data_bytes": data_bytes,

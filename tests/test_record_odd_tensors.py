@@ -122,3 +122,19 @@ def test_lockstep_run_of_a_model_returning_an_empty_slice(tmp_path):
     assert "shape (3, 0)" in res.stdout and "Traceback" not in res.stderr
     with open_dump(tmp_path / "d") as dump:
         assert dump.get(0, "").shape == (3, 0)
+
+
+def test_bytes_are_taken_as_the_tensor_means_them(tmp_path):
+    """The recorder reads a CPU tensor's memory directly: a lazily negated view, a slice
+    with a storage offset, a transposed (non-contiguous) view and 2-byte and bool dtypes all
+    read back as their values."""
+    x = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    cases = {"neg": torch._neg_view(x), "offset": x[1:], "transposed": x.t(),
+             "bf16": x.to(torch.bfloat16), "bool": x > 5, "half": x.half()[:, 1:]}
+    with lockstep.record(tmp_path / "d") as rec:
+        for name, t in cases.items():
+            rec.capture(name, t)
+    with open_dump(tmp_path / "d") as dump:
+        for rec in dump:
+            want = cases[rec.name].resolve_neg().float().numpy()
+            assert np.array_equal(dump.read(rec), want), rec.name

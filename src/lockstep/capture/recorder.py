@@ -29,6 +29,16 @@ _ACTIVE: Recorder | None = None
 _SKIPPED_KEPT = 50  # distinct skipped records listed in the dump's metadata
 
 
+def _tensor_type() -> Any:
+    """torch.Tensor, or a type nothing is when torch was never imported."""
+    torch = sys.modules.get("torch")
+    return torch.Tensor if torch is not None else _NoTensor
+
+
+class _NoTensor:
+    pass
+
+
 def _warn(line: str) -> None:
     sys.stderr.write(line + "\n")
     sys.stderr.flush()
@@ -81,6 +91,7 @@ class Recorder:
         self.current_step = 0  #: the step that captures go to now
         self._advance = False  # the step ended: the next capture or root call opens a new one
         self._calls: dict[str, int] = defaultdict(int)
+        self._names: set[str] = set()  # record names already checked
         self._seen: dict[int, tuple[Any, Any, Any]] = {}  # id -> (weakref, version, HostTensor)
         self._depth = 0  # watched roots currently inside their forward
         self._step_root: int | None = None  # id of the root whose calls start steps
@@ -173,45 +184,56 @@ class Recorder:
         # sampler) belongs to the step it follows
         if self._advance and self._depth == 0 and opens_step:
             self._open_step(self.current_step + 1)
-        try:
-            check_name(name)
-        except UsageError as exc:
-            return self._refuse(name, str(exc), strict)
+        if name not in self._names:  # names are checked once: this runs per capture
+            try:
+                check_name(name)
+            except UsageError as exc:
+                return self._refuse(name, str(exc), strict)
+            self._names.add(name)
+        if type(value) is _tensor_type():  # the common case: one bare tensor, no walk
+            self._capture_one(name, value, role, strict, extra)
+            return
         for suffix, tensor in leaves(value):
             full = f"{name}:{suffix}" if suffix else name
-            try:
-                check_name(full)  # a dict key of the output may be the one that is not text
-            except UsageError as exc:
-                self._refuse(full, str(exc), strict)
-                continue
-            call = self._calls[full]
-            self._calls[full] = call + 1
-            # A parent module often returns its child's output object itself (mlp returns
-            # down_proj's tensor): record it again as a pointer to the data already written.
-            # Identity plus the in-place version counter, never the data address: freed
-            # buffers are reused by later tensors.
-            # (numpy arrays have no version counter: never aliased)
-            version = getattr(tensor, "_version", None)
-            if version is not None:
-                seen = self._seen.get(id(tensor))
-                if seen is not None and seen[0]() is tensor and seen[1] == version:
-                    self._sink.put(full, self.current_step, call, seen[2], alias=True,
-                                   role=role, **extra)
+            if full not in self._names:
+                try:
+                    check_name(full)  # a dict key of the output may be the one that is not text
+                except UsageError as exc:
+                    self._refuse(full, str(exc), strict)
                     continue
-            try:
-                host = to_host(tensor, copy=not self._sink.direct)
-            except Unrecordable as exc:
-                self._refuse(full, f"cannot record {full!r}: {exc}", strict)
-                continue
-            except Exception as exc:  # whatever a tensor subclass raises on its way to the host
-                if strict:
-                    raise
-                self._refuse(full, f"cannot record {full!r}: {type(exc).__name__}: {exc}",
-                             strict)
-                continue
-            if version is not None:
-                self._seen[id(tensor)] = (weakref.ref(tensor), version, host)
-            self._sink.put(full, self.current_step, call, host, role=role, **extra)
+                self._names.add(full)
+            self._capture_one(full, tensor, role, strict, extra)
+
+    def _capture_one(self, full: str, tensor: Any, role: str | None, strict: bool,
+                     extra: dict[str, Any]) -> None:
+        call = self._calls[full]
+        self._calls[full] = call + 1
+        # A parent module often returns its child's output object itself (mlp returns
+        # down_proj's tensor): record it again as a pointer to the data already written.
+        # Identity plus the in-place version counter, never the data address: freed
+        # buffers are reused by later tensors.
+        # (numpy arrays have no version counter: never aliased)
+        version = getattr(tensor, "_version", None)
+        if version is not None:
+            seen = self._seen.get(id(tensor))
+            if seen is not None and seen[0]() is tensor and seen[1] == version:
+                self._sink.put(full, self.current_step, call, seen[2], alias=True,
+                               role=role, **extra)
+                return
+        try:
+            host = to_host(tensor, copy=not self._sink.direct)
+        except Unrecordable as exc:
+            self._refuse(full, f"cannot record {full!r}: {exc}", strict)
+            return
+        except Exception as exc:  # whatever a tensor subclass raises on its way to the host
+            if strict:
+                raise
+            self._refuse(full, f"cannot record {full!r}: {type(exc).__name__}: {exc}",
+                         strict)
+            return
+        if version is not None:
+            self._seen[id(tensor)] = (weakref.ref(tensor), version, host)
+        self._sink.put(full, self.current_step, call, host, role=role, **extra)
 
     def _refuse(self, name: str, why: str, strict: bool) -> None:
         """A record that cannot be made: raise, or (not strict) skip it, note it in the dump

@@ -1,8 +1,9 @@
 """Where captures go: straight into the dump when that is cheapest, else a writer thread.
 
 A capture of host memory, with statistics left to the reader and nothing queued before it,
-is written on the engine's thread at once: one copy, into the OS's page cache, and no copy the
-engine could overwrite first. Everything else (a GPU tensor still in flight, statistics to
+is written on the engine's thread at once: one copy, into the OS's page cache (or, under
+64 KiB, into the writer's staging buffer: store/writer.py), and nothing left that the engine
+could overwrite first. Everything else (a GPU tensor still in flight, statistics to
 compute) is copied now and queued; one thread waits for each copy to land, computes its
 statistics and appends it to the dump, in capture order. Memory held by queued copies is
 bounded: a capture waits when more than ``max_pending_bytes`` are still queued.

@@ -1,6 +1,8 @@
 """Comparing two dumps: pair, measure each pair from the memory-mapped data, decide.
 
-Only the two tensors of the pair being measured are in memory at any time.
+Only the two tensors of the pair being measured are in memory at any time: each pair is
+read where it lies in the mapped dumps, measured in chunks (compare.metrics), and its pages
+are unmapped again before the next.
 """
 
 from __future__ import annotations
@@ -102,6 +104,9 @@ def _measure(ref: Dump, cand: Dump, pair: Pair, tol: Tolerance) -> tuple[float, 
                            logits=is_logits(r, ref.meta) or is_logits(c, cand.meta))
     except ShapeMismatch as exc:
         return math.nan, None, str(exc)
+    finally:  # measured: its pages need not stay in this process
+        ref.release(r)
+        cand.release(c)
     exact = tol.noise == 0.0 or (r.dtype not in FLOAT_KINDS and c.dtype not in FLOAT_KINDS)
     if math.isinf(m.rel_l2):
         error = math.inf

@@ -84,7 +84,7 @@ def lookup(name: str) -> DType | None:
 def to_float(raw: np.ndarray, dtype: str) -> np.ndarray:
     """Convert raw stored elements of ``dtype`` to a float array for comparison.
 
-    float64 stays float64; integers wider than 16 bits become float64 (exact: float32 holds
+    float32 and float64 are returned as they are (read-only when ``raw`` is); integers wider than 16 bits become float64 (exact: float32 holds
     integers only up to 2**24); everything else becomes float32.
     """
     if dtype == "bfloat16":
@@ -93,6 +93,7 @@ def to_float(raw: np.ndarray, dtype: str) -> np.ndarray:
         return _E4M3FN[raw]
     if dtype == "float8_e5m2":
         return _E5M2[raw]
+    # (a float32 or float64 dump is read where it lies: no copy of a memory-mapped tensor)
     if dtype in ("float64", "int64", "uint64", "int32", "uint32"):
-        return raw.astype(np.float64)
-    return raw.astype(np.float32)
+        return raw.astype(np.float64, copy=False)
+    return raw.astype(np.float32, copy=False)

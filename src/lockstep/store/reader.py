@@ -170,6 +170,18 @@ class Dump:
         arr = np.frombuffer(self._map, dtype=dt.storage, count=record.numel, offset=record.offset)
         return arr.reshape(record.shape)
 
+    def release(self, record: Record) -> None:
+        """Unmap the pages of ``record``'s data from this process (they stay in the OS's page
+        cache, and a later read maps them again): a pass over a dump larger than memory
+        keeps only the tensors it is working on resident."""
+        if self._map is None or not record.offset or not record.nbytes:
+            return
+        start = record.offset - record.offset % mmap.PAGESIZE
+        try:
+            self._map.madvise(mmap.MADV_DONTNEED, start, record.offset + record.nbytes - start)
+        except (OSError, AttributeError, ValueError):  # a platform without it: keep the pages
+            pass
+
     def stats(self, record: Record) -> dict[str, Any]:
         """The record's statistics: as stored, or computed from its data when not stored."""
         if record.stats is not None:

@@ -1,9 +1,11 @@
 """Append-only writer of a dump directory (the format is in docs/format.md).
 
-Data bytes go straight to the OS (one ``writev`` per record, no user-space buffer) before the
-index line that points to them is even formed, and index lines are held until ``flush``, so
-a process killed at any moment leaves a dump whose every index line points at bytes the OS
-has.
+A record of ``STAGE_LIMIT`` bytes or more goes straight to the OS (one ``writev``, no copy in
+user space); a smaller one is copied into a staging buffer that goes out in one ``writev``
+when it fills, when a large record follows it, and at every ``flush``: a system call costs
+as much as copying tens of kilobytes. Index lines are held until ``flush`` and written after
+the data they point to, so a process killed at any moment leaves a dump whose every index
+line points at bytes the OS has.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ __all__ = ["DumpWriter", "FORMAT_NAME", "FORMAT_VERSION", "INDEX_FILE", "DATA_FI
            "append_meta", "check_name", "check_meta"]
 
 FORMAT_VERSION = 1
+#: records smaller than this are staged and written together; larger ones go out alone
+STAGE_LIMIT = 64 << 10
+_STAGE_SIZE = 1 << 20
 _ALIGN = 64  # data offsets are 64-byte aligned, so memory-mapped arrays are aligned too
 _ZEROS = bytes(_ALIGN)
 _ENCODE = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
@@ -66,9 +71,17 @@ class DumpWriter:
         index_fd, data_fd = claim_dump_dir(self.path, overwrite)
         self._data = os.fdopen(data_fd, "wb", buffering=0)  # straight to the OS
         self._index = os.fdopen(index_fd, "w", encoding="utf-8", newline="\n")
-        self._offset = 0
+        self._offset = 0  # where the next record's data goes (staged bytes included)
+        self._stage = memoryview(bytearray(_STAGE_SIZE))
+        self._staged = 0  # bytes in the stage, not yet handed to the OS
         self._seq = 0
         self._lines: list[str] = []
+        self._out = 0  # bytes of data.bin handed to the OS
+        self._records = 0  # tensor lines written or held (a refused write drops some)
+        # (index in self._lines, end of its data) of held lines whose data may be staged
+        self._unsure: list[tuple[int, int]] = []
+        self._heads: dict[str, str] = {}  # name -> the start of its tensor lines
+        self._forms: dict[tuple[str, tuple[int, ...]], str] = {}  # (dtype, shape) -> its part
         self._closed = False
         header = {"type": "header", "format": FORMAT_NAME, "version": FORMAT_VERSION,
                   "meta": meta or {}}
@@ -78,7 +91,7 @@ class DumpWriter:
     @property
     def records(self) -> int:
         """How many tensor records have been written."""
-        return self._seq
+        return self._records
 
     def _line(self, obj: dict[str, Any]) -> None:
         # Held until flush: the index file must never reach the OS ahead of the data it
@@ -108,37 +121,98 @@ class DumpWriter:
             if view.nbytes != nbytes:
                 raise ValueError(f"{name}: {view.nbytes} bytes given for {dtype}{list(shape)}")
             pad = -self._offset % _ALIGN
-            self._write_all([_ZEROS[:pad], view] if pad else [view], pad + nbytes)
             offset = self._offset + pad
+            self._put_data(view, pad, nbytes)
             self._offset = offset + nbytes
         elif at is not None:
             offset = at
-        # the line json.dumps would give (same keys, order, separators), built directly:
-        # this runs once per captured tensor, on the engine's thread
-        enc, text = _ENCODE, _TEXT
-        line = (f'{{"type":"tensor","name":{text(name)},"step":{int(step)},"seq":{self._seq},'
-                f'"call":{int(call)},"dtype":{text(dtype)},'
-                f'"shape":[{",".join(str(int(n)) for n in shape)}],'
-                f'"offset":{"null" if offset is None else offset},'
-                f'"nbytes":{"null" if offset is None else nbytes},'
-                f'"stats":{"null" if stats is None else enc(stats)}')
-        for key, value in extra.items():
-            if value is not None:
-                line += f",{text(key)}:{text(value) if type(value) is str else enc(value)}"
-        self._lines.append(line + "}\n")
+        self._lines.append(self._tensor_line(name, step, call, dtype, shape, offset,
+                                             nbytes, stats, extra))
+        if offset is not None and offset + nbytes > self._out:
+            self._unsure.append((len(self._lines) - 1, offset + nbytes))
+        self._records += 1
         self._seq += 1
         self.last_offset = offset
         return self._seq - 1
+
+    def _tensor_line(self, name: str, step: int, call: int, dtype: str, shape: tuple[int, ...],
+                     offset: int | None, nbytes: int, stats: dict[str, Any] | None,
+                     extra: dict[str, Any]) -> str:
+        """The line json.dumps would give (same keys, order, separators), built from pieces
+        cached per name and per dtype and shape: this runs once per captured tensor, on the
+        engine's thread."""
+        head = self._heads.get(name)
+        if head is None:
+            head = self._heads[name] = f'{{"type":"tensor","name":{_TEXT(name)},"step":'
+        key = (dtype, tuple(shape))
+        form = self._forms.get(key)
+        if form is None:
+            form = self._forms[key] = (f',"dtype":{_TEXT(dtype)},"shape":['
+                                       f'{",".join(str(int(n)) for n in shape)}],"offset":')
+        if offset is None:
+            tail = ',"nbytes":null,"stats":'
+        else:
+            tail = f',"nbytes":{nbytes},"stats":'
+        line = (f'{head}{int(step)},"seq":{self._seq},"call":{int(call)}{form}'
+                f'{"null" if offset is None else offset}{tail}'
+                f'{"null" if stats is None else _ENCODE(stats)}')
+        for key_, value in extra.items():
+            if value is not None:
+                line += f",{_TEXT(key_)}:{_TEXT(value) if type(value) is str else _ENCODE(value)}"
+        return line + "}\n"
+
+    def _put_data(self, view: memoryview, pad: int, nbytes: int) -> None:
+        """Append ``pad`` zero bytes and the data: into the stage, or out with what it holds."""
+        staged = self._staged
+        if nbytes < STAGE_LIMIT:
+            if staged + pad + nbytes > _STAGE_SIZE:
+                self._drain()
+                staged = 0
+            stage = self._stage
+            if pad:
+                stage[staged:staged + pad] = _ZEROS[:pad]
+            stage[staged + pad:staged + pad + nbytes] = view
+            self._staged = staged + pad + nbytes
+            return
+        parts = [self._stage[:staged]] if staged else []
+        if pad:
+            parts.append(_ZEROS[:pad])
+        parts.append(view)
+        self._hand_over(parts, staged + pad + nbytes)
+
+    def _drain(self) -> None:
+        """Hand the staged bytes to the OS."""
+        if self._staged:
+            self._hand_over([self._stage[:self._staged]], self._staged)
+
+    def _hand_over(self, parts: list[Any], total: int) -> None:
+        """Write the stage (and what follows it); when the OS refuses, the held index lines
+        from the first whose data did not all reach it on are dropped."""
+        self._staged = 0  # (emptied even when the write fails: never written twice)
+        try:
+            self._write_all(parts, total)
+        except DumpWriteError:
+            cut = next((i for i, end in self._unsure if end > self._out), None)
+            if cut is not None:
+                self._records -= sum(1 for line in self._lines[cut:]
+                                     if line.startswith('{"type":"tensor"'))
+                del self._lines[cut:]
+            raise
+        finally:
+            self._unsure.clear()
 
     def _write_all(self, parts: list[Any], total: int) -> None:
         """One system call for padding and data, however large (a partial write goes on)."""
         fd = self._data.fileno()
         try:
             done = os.writev(fd, parts)
+            self._out += done
             if done < total:
                 rest = b"".join(bytes(memoryview(p).cast("B")) for p in parts)[done:]
                 while rest:
-                    rest = rest[os.write(fd, rest):]
+                    done = os.write(fd, rest)
+                    self._out += done
+                    rest = rest[done:]
         except OSError as exc:
             raise self._refused(exc) from None
 
@@ -154,6 +228,7 @@ class DumpWriter:
     def flush(self, *, sync: bool = False) -> None:
         """Push data, then index, to the OS (and to the disk when ``sync``)."""
         try:
+            self._drain()
             if sync:
                 os.fsync(self._data.fileno())
             self._index.write("".join(self._lines))
@@ -174,12 +249,20 @@ class DumpWriter:
         if self._closed:
             return
         self._closed = True
-        end: dict[str, Any] = {"type": "end", "records": self._seq}
+        refused: DumpWriteError | None = None
+        try:  # the staged records first: the end line counts those that reached the OS
+            self._drain()
+        except DumpWriteError as exc:
+            refused = exc
+            error = str(exc) if error is None else f"{error}; then {exc}"
+        end: dict[str, Any] = {"type": "end", "records": self._records}
         if error is not None:
             end["error"] = error
         self._line(end)
         try:
             self.flush(sync=self.durable)
+            if refused is not None:
+                raise refused
         finally:  # the files (and the lock) are released even when the disk refused
             for f in (self._data, self._index):
                 try:
