@@ -178,7 +178,7 @@ def _recorded_input(dump: Any, step: int, before_seq: int, x: Any) -> tuple[str,
         same = np.array_equal(arr, live) if live.dtype.kind in "iub" else _rel(arr, live) <= _SAME
         if not same:
             continue
-        t = torch.from_numpy(np.ascontiguousarray(arr)).to(device=x.device, dtype=x.dtype)
+        t = torch.from_numpy(np.array(arr, order="C")).to(device=x.device, dtype=x.dtype)
         return rec.name, t
     return None
 

@@ -105,7 +105,7 @@ def run_op(module: Any, x: np.ndarray, *, rounding: str | None = None) -> np.nda
     param = next(iter(module.parameters()), None)
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None else torch.float32
-    t = torch.from_numpy(np.ascontiguousarray(x))
+    t = torch.from_numpy(np.array(x, order="C"))  # a copy: dump reads are read-only views
     t = t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device=device)
     op = module
     if rounding is not None:

@@ -335,7 +335,7 @@ def _reverse(candidate: Any, ops: list[ReplayOp], refs_io: dict[str, tuple[np.nd
             out.append(replace(op, reverse_note="its input's size differs from the "
                                                 "reference's"))
             continue
-        x = torch.from_numpy(np.ascontiguousarray(x_ref)).reshape(live.shape).to(
+        x = torch.from_numpy(np.array(x_ref, order="C")).reshape(live.shape).to(
             device=live.device, dtype=live.dtype)
         args, kwargs = call.with_input(x)
         try:
