@@ -31,8 +31,9 @@ def whole_float64(ref: np.ndarray, cand: np.ndarray, logits: bool) -> dict:
            "mismatched": int(np.count_nonzero(diff)) + (0 if same else int((~both).sum())),
            "nan": (int(np.isnan(r).sum()), int(np.isnan(c).sum())),
            "inf": (int(np.isinf(r).sum()), int(np.isinf(c).sum())), "worst": worst,
-           "cosine": 1.0 if nr == nc == 0 else 0.0 if 0 in (nr, nc) else
-           float(np.dot(r0, c0)) / (nr * nc)}
+           # NaN/Inf on one side only: no similarity, never 1.0
+           "cosine": math.nan if not same else 1.0 if nr == nc == 0 else 0.0 if 0 in (nr, nc)
+           else float(np.dot(r0, c0)) / (nr * nc)}
     if logits:
         v = ref.shape[-1]
         rr, cc = r.reshape(-1, v), c.reshape(-1, v)
@@ -60,7 +61,10 @@ def check(ref: np.ndarray, cand: np.ndarray, chunk: int, logits: bool = False) -
     for key in ("max_abs", "mean_abs", "rel_l2"):
         got = getattr(m, key)
         assert got == want[key] or math.isclose(got, want[key], rel_tol=1e-5, abs_tol=1e-30), key
-    assert math.isclose(m.cosine, want["cosine"], rel_tol=0, abs_tol=1e-6)
+    if math.isnan(want["cosine"]):
+        assert math.isnan(m.cosine)
+    else:
+        assert math.isclose(m.cosine, want["cosine"], rel_tol=0, abs_tol=1e-6)
     if logits:
         assert (m.topk.agree, m.topk.near_ties, m.topk.first_disagreement) == want["topk"]
 
