@@ -116,8 +116,9 @@ def check_pairs(ref: Dump, cand: Dump, pairs: list, ref_free: list[Record],
     paired_cand = {p.cand.seq for p in out}
     ref_left = list(ref_free) + [p.ref for p in given if p.ref.seq not in paired_ref]
     cand_left = list(cand_free) + [p.cand for p in given if p.cand.seq not in paired_cand]
-    ref_left = list({r.seq: r for r in ref_left}.values())
-    cand_left = list({c.seq: c for c in cand_left}.values())
+    # a moved pair may take a record that was free (another call of its module)
+    ref_left = list({r.seq: r for r in ref_left if r.seq not in paired_ref}.values())
+    cand_left = list({c.seq: c for c in cand_left if c.seq not in paired_cand}.values())
     out, ref_left, cand_left = _free_pairs(ref, cand, out, ref_left, cand_left, read, first,
                                            {p.cand.seq for k in suspects for p in groups[k]})
     return out, ref_left, cand_left
@@ -215,16 +216,18 @@ def _index(records: Iterable[Record]) -> dict[tuple[str, int, int | None, int], 
 def _move(group: Sequence, model: Record, transform: str | None,
           index: Mapping[tuple[str, int, int | None, int], Record]) -> list:
     """The group's pairs with their candidate replaced by ``model``'s template at the same
-    step, layer offset and call."""
+    step, layer offset and call offset (another call of the same module: a norm called once
+    for the residual sum and once for the normed output)."""
     probe = group[0]
     m_layer, m_tmpl = _template(model)
     r_layer0 = _template(probe.ref)[0]
     offset = (m_layer - r_layer0) if m_layer is not None and r_layer0 is not None else None
+    calls = model.call - probe.cand.call
     out = []
     for p in group:
         layer = _template(p.ref)[0]
         c_layer = layer + offset if offset is not None and layer is not None else m_layer
-        c = index.get((m_tmpl, p.ref.step, c_layer, p.cand.call))
+        c = index.get((m_tmpl, p.ref.step, c_layer, p.cand.call + calls))
         if c is not None:
             out.append(replace(p, cand=c, cand_transform=transform, how=p.how + "+values",
                                evidence=(p.evidence + "; " if p.evidence else "")
