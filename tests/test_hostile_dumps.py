@@ -97,6 +97,15 @@ def test_a_lone_surrogate_written_by_another_writer_is_shown_escaped(tmp_path):
     res = lockstep("show", str(path))
     assert res.returncode == 0, res.stderr.decode()
     assert "n\\ud800" in res.stdout.decode()
+    # compare lists it as unpaired against another dump (the fuzz's case 7946: exit 4 before)
+    m = '{"type":"tensor","name":"m","step":0,"seq":0,"dtype":"float32","shape":[1],' \
+        '"offset":0,"nbytes":4}'
+    both = _dump(tmp_path / "b", [HEADER, m, '{"type":"tensor","name":"n\\ud800","step":0,'
+                                             '"seq":1,"dtype":"float32","shape":[2],'
+                                             '"offset":4,"nbytes":8}'])
+    res = lockstep("compare", str(both), str(_dump(tmp_path / "o", [HEADER, m])))
+    assert res.returncode in (0, 1, 3), res.stderr.decode()
+    assert "n\\ud800" in res.stdout.decode() and "internal error" not in res.stderr.decode()
 
 
 def test_nan_and_inf_data_print_no_warnings(tmp_path):

@@ -358,11 +358,22 @@ def _say(line: str) -> None:
     sys.stderr.flush()
 
 
+def _escape_unencodable() -> None:
+    """Text the terminal cannot encode (a lone surrogate in a record's name: valid JSON) is
+    printed escaped (``\\ud800``) wherever a report shows it, rather than ending the command."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]
+        except (AttributeError, ValueError, OSError):  # not a text stream we may reconfigure
+            pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code: 0 match/drift (or success), 1 diverged (or, for
     inspect/weights/generate, problems found), 2 a user error, 3 incomplete, 4 an internal
     error (a bug)."""
     args = None
+    _escape_unencodable()
     try:
         args = _parser().parse_args(argv)
         handler = getattr(args, "handler", None) or _COMMANDS[args.command]
