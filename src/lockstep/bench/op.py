@@ -29,6 +29,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ..errors import UsageError
+from ..replay.run import rel_l2
 from .stats import Ratio, Summary, ratio, summarize
 
 __all__ = ["OpSide", "OpBench", "bench_op"]
@@ -74,12 +75,6 @@ class OpBench:
                 "same_input_error": self.same_input_error, "pair_error": self.pair_error,
                 "ratio": None if self.ratio is None else self.ratio.to_json(),
                 "settings": self.settings, "notes": self.notes}
-
-
-def _rel(a: np.ndarray, b: np.ndarray) -> float:
-    a64, b64 = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
-    den, num = float(np.linalg.norm(b64)), float(np.linalg.norm(a64 - b64))
-    return num / den if den else (0.0 if num == 0 else float("inf"))
 
 
 @dataclass(frozen=True)
@@ -139,7 +134,7 @@ def _find_pair(comparison: Any, ref: Any, cand: Any, name: str, cand_name: str |
     if by_structure is not None:
         return _Pair(r.step, r.name, by_structure.name, r.seq, by_structure.seq, float("nan"))
     x = ref.read(r)
-    found = [(_rel(cand.read(c), x.reshape(-1)), c) for c in cand.records
+    found = [(rel_l2(cand.read(c), x.reshape(-1)), c) for c in cand.records
              if c.step == r.step and c.has_data and c.numel == r.numel
              and (cand_name is None or _base(c.name) == _base(cand_name))]
     low = min((e for e, _ in found), default=None)
@@ -175,7 +170,7 @@ def _recorded_input(dump: Any, step: int, before_seq: int, x: Any) -> tuple[str,
                 or not rec.has_data:
             continue
         arr = dump.read(rec).reshape(live.shape)  # floats; integer ids exactly
-        same = np.array_equal(arr, live) if live.dtype.kind in "iub" else _rel(arr, live) <= _SAME
+        same = np.array_equal(arr, live) if live.dtype.kind in "iub" else rel_l2(arr, live) <= _SAME
         if not same:
             continue
         t = torch.from_numpy(np.array(arr, order="C")).to(device=x.device, dtype=x.dtype)
@@ -266,7 +261,7 @@ def bench_op(reference: str, candidate: str, name: str, *, cand_name: str | None
                 first = got[1]
             out = _np(_call(module, call, first))
             recorded = dump.read(next(r for r in dump.records if r.seq == seq))
-            reproduces = _rel(out, recorded.reshape(out.shape)) if recorded.size == out.size \
+            reproduces = rel_l2(out, recorded.reshape(out.shape)) if recorded.size == out.size \
                 else None
         sides.append(OpSide(spec, rec_name, module_name, type(module).__name__,
                             None if got is None else got[0], reproduces))
@@ -277,7 +272,7 @@ def bench_op(reference: str, candidate: str, name: str, *, cand_name: str | None
         shared = r_first.reshape(c_first.shape).to(device=c_first.device, dtype=c_first.dtype)
         r_out, c_out = _np(_call(r_mod, r_call, r_first)), _np(_call(c_mod, c_call, shared))
         if r_out.size == c_out.size:
-            same = _rel(c_out.reshape(r_out.shape), r_out)
+            same = rel_l2(c_out.reshape(r_out.shape), r_out)
     else:
         notes.append("the two ops take inputs of different sizes: no same-input error")
     samples: list[list[float]] = [[], []]

@@ -99,7 +99,8 @@ class Replay:
                 "seconds": self.seconds}
 
 
-def _rel(a: np.ndarray, b: np.ndarray) -> float:
+def rel_l2(a: np.ndarray, b: np.ndarray) -> float:
+    """Relative L2 error of ``a`` against ``b``, in float64 (0 for two zero tensors)."""
     a64, b64 = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
     den = float(np.linalg.norm(b64))
     num = float(np.linalg.norm(a64 - b64))
@@ -189,7 +190,7 @@ def _input_pair(comparison: Any, dumps: _Dumps, target: Any,
         r_fit = _trailing(r_arr, x_ref)
         if r_fit is None or r_fit.dtype.kind != x_ref.dtype.kind and x_ref.dtype.kind in "iu":
             continue
-        if _rel(r_fit, x_ref) <= _SAME:
+        if rel_l2(r_fit, x_ref) <= _SAME:
             c_fit = _trailing(c_arr, x_ref)
             if c_fit is not None:
                 return p, c_fit.astype(x_ref.dtype)
@@ -269,14 +270,14 @@ def replay_comparison(engine: Any, comparison: Any, prompt_ids: Sequence[int],
                 rounding: dict[str, float] = {}
                 if x_ref.dtype.kind == "f":
                     for dtype in ROUNDINGS + _gguf_rounding(module, name, weight_types):
-                        rounding[dtype] = _rel(run_op(module, x_ref, rounding=dtype), y_ref)
+                        rounding[dtype] = rel_l2(run_op(module, x_ref, rounding=dtype), y_ref)
             except Exception as exc:  # an op that will not run alone: said, never fatal
                 first_line = (str(exc).strip().splitlines() or [""])[0][:200]
                 ops.append(ReplayOp(**base, module=name, note=f"could not be re-run alone: "
                                                                f"{type(exc).__name__}: "
                                                                f"{first_line}"))
                 continue
-            introduced = _rel(y_cand, y_replay)
+            introduced = rel_l2(y_cand, y_replay)
             # a precision explains only an error the op introduces itself
             explained = next((d for d in sorted(rounding, key=rounding.__getitem__)
                               if introduced <= EXPLAINED_FACTOR * rounding[d]), None) \
@@ -284,7 +285,7 @@ def replay_comparison(engine: Any, comparison: Any, prompt_ids: Sequence[int],
             ops.append(ReplayOp(**base, module=name, input_record=in_pair.ref_name,
                                 input_candidate=in_pair.cand_name,
                                 input_transform=in_pair.transform, introduced=introduced,
-                                inherited=_rel(x_cand, x_ref), rounding=rounding,
+                                inherited=rel_l2(x_cand, x_ref), rounding=rounding,
                                 explained_by=explained))
     if candidate is not None:
         ops = _reverse(candidate, ops, refs_io={n: seen[n] for n in seen},
@@ -349,6 +350,6 @@ def _reverse(candidate: Any, ops: list[ReplayOp], refs_io: dict[str, tuple[np.nd
         y = y[0] if isinstance(y, (tuple, list)) else y
         y_np = y.detach().to("cpu", torch.float64).numpy()
         fit = _trailing(y_np, y_ref)
-        out.append(replace(op, reverse=_rel(fit, y_ref)) if fit is not None else
+        out.append(replace(op, reverse=rel_l2(fit, y_ref)) if fit is not None else
                    replace(op, reverse_note="its output's shape does not fit the reference's"))
     return out
