@@ -28,7 +28,7 @@ def test_bug_is_localized_and_diagnosed(score, name, family):
 
 
 def test_the_score_counts_every_run(score):
-    assert score.passed == len(score.results) == len(RUNS) == 63
+    assert score.passed == len(score.results) == len(RUNS) == 65
 
 
 def test_no_negative_control_diverges(score):
@@ -56,7 +56,7 @@ def test_every_family_has_a_bug_from_a_public_thread():
               for f in b.families}
     assert public >= set(FAMILIES) - {"qwen3"}
     threads = [b for b in BUGS.values() if b.source.startswith("https://github.com/")]
-    assert len(threads) == 30
+    assert len(threads) == 32
 
 
 def test_seed_001_reads_like_the_story_ended(score):

@@ -41,9 +41,16 @@ class Attention(nn.Module):
             self.wk = LoRALinear(args.dim, kv_size, bias=args.attention_bias)
             self.wv = LoRALinear(args.dim, kv_size, bias=args.attention_bias)
         self.wo = LoRALinear(q_size, args.dim, bias=False)
-        self.q_norm = RMSNorm(args.head_dim, args.norm_eps, args.bug) if args.qk_norm else None
-        self.k_norm = RMSNorm(args.head_dim, args.norm_eps, args.bug) if args.qk_norm else None
+        offset = args.extra.norm_offset  # Gemma 3's q/k norms scale by (1 + w) too
+        self.q_norm = self.k_norm = None
+        if args.qk_norm:
+            self.q_norm = RMSNorm(args.head_dim, args.norm_eps, args.bug, offset)
+            self.k_norm = RMSNorm(args.head_dim, args.norm_eps, args.bug, offset)
         theta = 10000.0 if args.bug == "rope_theta_default" else args.rope_theta
+        local = args.extra.local_rope_theta
+        if local is not None and layer_id in args.extra.sliding_layers and \
+                args.bug != "local_rope_global_theta":
+            theta = local  # Gemma 3's sliding layers (vllm#29111: the global base there)
         rotary_dim = None if args.bug == "partial_rotary_full" else args.extra.rotary_dim
         self.rope = Rope(args.head_dim, theta, args.bug, rotary_dim, args.extra.rope_scaling)
         self.scores = ScoreRules(layer_id, args)

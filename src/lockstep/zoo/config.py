@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from ..errors import UsageError
-from .families import NEW_FAMILIES, FamilyArgs, family_args, family_of
+from .families import NEW_FAMILIES, FamilyArgs, family_args, family_of, rope_parameters
 
 __all__ = ["ModelArgs", "FAMILIES", "MOE_FAMILIES"]
 
@@ -20,7 +20,7 @@ ZOO_FAMILIES = FAMILIES + MOE_FAMILIES
 
 def _rope_theta(config: Mapping[str, Any]) -> float:
     """rope_theta from a config of any transformers version (top level or rope_parameters)."""
-    params = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    params = rope_parameters(config)  # Gemma 3: the global layers'
     return float(config.get("rope_theta") or params.get("rope_theta") or 10000.0)
 
 
@@ -46,8 +46,8 @@ class ModelArgs:
 
     @property
     def qk_norm(self) -> bool:
-        """Whether Q and K are RMS-normalised per head before RoPE (Qwen3)."""
-        return self.family.startswith("qwen3")
+        """Whether Q and K are RMS-normalised per head before RoPE (Qwen3, Gemma 3)."""
+        return self.family.startswith("qwen3") or self.extra.qk_norm
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], bug: str | None = None) -> ModelArgs:

@@ -4,6 +4,7 @@ config, and the tiny random checkpoint of each that the zoo runs.
 | zoo family | transformers model | what it adds |
 |---|---|---|
 | ``gemma2`` | Gemma2ForCausalLM | attention soft cap, √hidden embedding scale, query_pre_attn_scalar, four norms per layer with (1 + w), tanh GELU, a sliding window on even layers, a final logit soft cap |
+| ``gemma3`` | Gemma3ForCausalLM | Gemma 2's block without soft caps, plus per-head q/k norms with (1 + w) and a RoPE base of its own on the sliding layers (``rope_parameters["sliding_attention"]``) |
 | ``mistral`` | MistralForCausalLM | a sliding window on every layer |
 | ``qwen2`` | Qwen2ForCausalLM | q/k/v projection biases |
 | ``phi3`` | Phi3ForCausalLM | fused ``qkv_proj`` and ``gate_up_proj``, partial rotary |
@@ -24,11 +25,10 @@ from typing import Any, Mapping
 from ..errors import UsageError
 
 __all__ = ["FamilyArgs", "family_args", "family_of", "tiny_family_model", "NEW_FAMILIES",
-           "RENAMES"]
+           "RENAMES", "rope_parameters"]
 
 #: zoo family -> (transformers model_type, how its rope is scaled)
-NEW_FAMILIES = ("gemma2", "mistral", "qwen2", "phi3", "llama3", "qwen3-yarn")
-_MODEL_TYPES = {"gemma2": "gemma2", "mistral": "mistral", "qwen2": "qwen2", "phi3": "phi3"}
+NEW_FAMILIES = ("gemma2", "gemma3", "mistral", "qwen2", "phi3", "llama3", "qwen3-yarn")
 
 
 @dataclass(frozen=True)
@@ -47,21 +47,32 @@ class FamilyArgs:
     rotary_dim: int | None = None  #: the rotated width, when not the whole head (partial)
     rope_scaling: Mapping[str, Any] = field(default_factory=dict)  #: llama3 or yarn
     fused: bool = False  #: fused qkv and gate_up projections (Phi-3)
+    qk_norm: bool = False  #: per-head RMS norms of Q and K before RoPE (Gemma 3; Qwen3's own)
+    local_rope_theta: float | None = None  #: the RoPE base of the sliding layers (Gemma 3)
 
 
 def family_of(config: Mapping[str, Any]) -> str:
     """The zoo family of a transformers config."""
     model_type = config.get("model_type")
-    kind = _rope_parameters(config).get("rope_type", _rope_parameters(config).get("type"))
+    kind = rope_parameters(config).get("rope_type", rope_parameters(config).get("type"))
     if model_type == "llama" and kind == "llama3":
         return "llama3"
     if model_type == "qwen3" and kind == "yarn":
         return "qwen3-yarn"
+    if model_type == "gemma3_text":
+        return "gemma3"
     return str(model_type)
 
 
-def _rope_parameters(config: Mapping[str, Any]) -> Mapping[str, Any]:
-    return config.get("rope_parameters") or config.get("rope_scaling") or {}
+def rope_parameters(config: Mapping[str, Any],
+                    layer_type: str = "full_attention") -> Mapping[str, Any]:
+    """The config's RoPE parameters (``rope_parameters``, or ``rope_scaling`` of older
+    transformers); where they are given per layer type (Gemma 3), those of ``layer_type``."""
+    params = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if isinstance(params.get(layer_type), Mapping):
+        return params[layer_type]
+    return params
+
 
 
 def _window_layers(config: Mapping[str, Any], n_layers: int) -> tuple[int, ...]:
@@ -77,7 +88,7 @@ def family_args(config: Mapping[str, Any], family: str, head_dim: int) -> Family
     act = config.get("hidden_activation") or config.get("hidden_act") or "silu"
     if act not in ("silu", "gelu_pytorch_tanh") or config.get("mlp_bias"):
         raise UsageError("the zoo engine runs SwiGLU or tanh-GELU gated MLPs without bias only")
-    rope = dict(_rope_parameters(config))
+    rope = dict(rope_parameters(config))
     kind = rope.get("rope_type", rope.get("type", "default"))
     if kind not in ("default", "llama3", "yarn"):
         raise UsageError(f"the zoo engine runs plain, llama3 and YaRN RoPE; this model uses "
@@ -85,14 +96,15 @@ def family_args(config: Mapping[str, Any], family: str, head_dim: int) -> Family
     window = config.get("sliding_window")
     if family in ("llama", "qwen3", "llama3", "qwen3-yarn", "qwen2", "phi3") and (
             config.get("use_sliding_window") or (family == "phi3" and window)):
-        raise UsageError("the zoo engine has a sliding window for Gemma 2 and Mistral only")
+        raise UsageError("the zoo engine has a sliding window for Gemma 2, Gemma 3 and Mistral "
+                         "only")
     partial = float(rope.get("partial_rotary_factor") or config.get("partial_rotary_factor")
                     or 1.0)
     args: dict[str, Any] = dict(
         act="gelu_tanh" if act == "gelu_pytorch_tanh" else "silu",
         rope_scaling=rope if kind != "default" else {},
         rotary_dim=int(head_dim * partial) if partial < 1 else None)
-    if family == "gemma2":
+    if family in ("gemma2", "gemma3"):
         args.update(
             sliding_window=window, sliding_layers=_window_layers(config, n_layers),
             attn_softcap=config.get("attn_logit_softcapping"),
@@ -100,6 +112,10 @@ def family_args(config: Mapping[str, Any], family: str, head_dim: int) -> Family
             query_scale=float(config["query_pre_attn_scalar"]) ** -0.5,
             embed_scale=math.sqrt(int(config["hidden_size"])), norm_offset=True,
             sandwich_norms=True)
+    if family == "gemma3":
+        local = rope_parameters(config, "sliding_attention")
+        args.update(qk_norm=True, local_rope_theta=float(
+            local.get("rope_theta") or config.get("rope_local_base_freq") or 10000.0))
     elif family == "mistral" and window:
         args.update(sliding_window=int(window), sliding_layers=tuple(range(n_layers)))
     elif family == "phi3":
@@ -119,6 +135,7 @@ RENAMES: dict[str, tuple[tuple[str, str], ...]] = {
         (r"layers\.(\d+)\.feed_forward\.w13\.", r"model.layers.\1.mlp.gate_up_proj."),
     ),
 }
+RENAMES["gemma3"] = RENAMES["gemma2"]
 
 
 # -- the tiny checkpoints --------------------------------------------------------------------
@@ -135,6 +152,15 @@ def _config(family: str) -> Any:
         return tf.Gemma2Config(head_dim=32, query_pre_attn_scalar=24, sliding_window=8,
                                attn_logit_softcapping=1.0, final_logit_softcapping=2.0,
                                initializer_range=0.08, **_SIZES)
+    if family == "gemma3":
+        # layer 0 slides (RoPE base 10000), layer 1 is global (base 1e6), as 5:1 in the real
+        # models; no soft caps (Gemma 3 has none)
+        return tf.Gemma3TextConfig(
+            head_dim=32, query_pre_attn_scalar=24, sliding_window=8,
+            layer_types=["sliding_attention", "full_attention"], initializer_range=0.08,
+            rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                             "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}},
+            **_SIZES)
     if family == "mistral":
         return tf.MistralConfig(sliding_window=8, rope_theta=1000000.0, **_SIZES)
     if family == "qwen2":
@@ -167,7 +193,7 @@ def tiny_family_model(family: str, directory: Path) -> Path:
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "norm" in name:
-                param.normal_(0.0 if family == "gemma2" else 1.0, 0.1)
+                param.normal_(0.0 if family.startswith("gemma") else 1.0, 0.1)
             elif name.endswith(".bias"):
                 param.normal_(0.0, 0.5)
     model.save_pretrained(directory)

@@ -47,6 +47,17 @@ FAMILY_BUGS = (
         "approximation (hidden_activation gelu_pytorch_tanh).",
         _GH + "vllm-project/vllm/issues/3411", "prefill", 0, "layers.0.act", "op",
         families=("gemma2",)),
+    # -- Gemma 3 ------------------------------------------------------------------------------
+    Bug("local_rope_global_theta",
+        "The sliding layers turn RoPE with the global layers' base (1e6) instead of their own "
+        "(rope_parameters['sliding_attention'], 10000).",
+        _GH + "vllm-project/vllm/pull/29111", "prefill", 0, "layers.0.q_rope", "rope",
+        families=("gemma3",)),
+    Bug("norm_offset_twice",
+        "The (1 + w) norm offset is added at run time to weights the converter already stored "
+        "with the + 1, so every norm scales by (2 + w).",
+        _GH + "kekzl/imp/pull/459", "prefill", 0, "layers.0.attn_norm", "op",
+        families=("gemma3",)),
     # -- Mistral ------------------------------------------------------------------------------
     Bug("window_off_by_one",
         "The sliding-window mask lets each query see window + 1 keys (the key just past the "

@@ -30,6 +30,8 @@ class RMSNorm(nn.Module):
         """The per-channel scale the normalised input is multiplied by."""
         if self.bug == "norm_unit_offset":
             return 1 + self.weight  # Gemma's convention, wrong for Llama and Qwen3 weights
+        if self.offset and self.bug == "norm_offset_twice":
+            return 2 + self.weight  # imp#459: the offset added to weights that already hold it
         if self.offset and self.bug != "norm_no_unit_offset":
             return 1 + self.weight
         return self.weight
