@@ -16,18 +16,18 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import LockstepError, UsageError
+from ..errors import UsageError
 from .config import MOE_FAMILIES, ModelArgs
 from .layers import FeedForward
-from .lora import LoRALinear, attach_nan_adapter
+from .lora import LoRALinear
 from .model import Transformer
-from .weights import random_init, zoo_to_hf
+from .weights import assemble, zoo_to_hf
 
 __all__ = ["MOE_FAMILIES", "MoEArgs", "MoEBlock", "build_moe", "tiny_moe_model",
            "SWAPPED_EXPERT", "NAN_EXPERT", "CAPACITY_FACTOR"]
@@ -66,7 +66,8 @@ class MoEArgs(ModelArgs):
         only = set(config.get("mlp_only_layers") or ())
         dense_layers = tuple(i for i in range(base.n_layers) if i in only or (i + 1) % step)
         return cls(**{**base.__dict__, "family": family},
-                   n_experts=int(config.get("num_experts") or config["num_local_experts"]), top_k=int(config["num_experts_per_tok"]),
+                   n_experts=int(config.get("num_experts") or config["num_local_experts"]),
+                   top_k=int(config["num_experts_per_tok"]),
                    norm_topk=bool(config.get("norm_topk_prob", False)),
                    moe_dim=int(config["moe_intermediate_size"]),
                    shared_dim=int(config.get("shared_expert_intermediate_size") or 0),
@@ -203,19 +204,16 @@ def _expert_tensor(tensors: Mapping[str, Tensor], source: str) -> Tensor | None:
     return fused[e, :half] if part == "gate_proj" else fused[e, half:]
 
 
-def _load(model: Transformer, tensors: Mapping[str, Tensor]) -> None:
-    state = {}
-    for name in model.state_dict():
-        if name == "output.weight" and model.args.tie_embeddings:
-            continue
+def _lookup(tensors: Mapping[str, Tensor]) -> Callable[[str], tuple[str, Tensor | None]]:
+    """The checkpoint tensor of a zoo parameter, per-expert or cut from a fused expert stack."""
+    def lookup(name: str) -> tuple[str, Tensor | None]:
         source = _source(name)
         value = tensors.get(source)
         if value is None and ".experts." in source:
             value = _expert_tensor(tensors, source)
-        if value is None:
-            raise LockstepError(f"the checkpoint has no {source} (for the zoo's {name})")
-        state[name] = value
-    model.load_state_dict(state, strict=False)
+        return source, value
+
+    return lookup
 
 
 def build_moe(config: Mapping[str, Any], tensors: Mapping[str, Tensor], *,
@@ -228,17 +226,11 @@ def build_moe(config: Mapping[str, Any], tensors: Mapping[str, Tensor], *,
     model = Transformer(args)
     for i, layer in enumerate(model.layers):
         if i not in args.dense_layers:
-            layer.feed_forward = MoEBlock(args)  # type: ignore[assignment]
-    random_init(model, seed)
-    _load(model, tensors)
-    if bug == "moe_nan_expert_lora":
-        w2 = model.get_submodule(f"layers.1.feed_forward.experts.{NAN_EXPERT}.w2")
-        assert isinstance(w2, LoRALinear)
-        attach_nan_adapter(w2, seed=seed)
-    model = model.to(device=device, dtype=dtype).eval()
-    if vm:
-        model.fuse_qkv()
-    return model
+            layer.feed_forward = MoEBlock(args)
+    nan = f"layers.1.feed_forward.experts.{NAN_EXPERT}.w2" if bug == "moe_nan_expert_lora" \
+        else None
+    return assemble(model, tensors, dtype=dtype, device=device, seed=seed, vm=vm, nan_adapter=nan,
+                    lookup=_lookup(tensors))
 
 
 # -- the tiny models -------------------------------------------------------------------------
@@ -261,8 +253,12 @@ def tiny_moe_model(family: str, directory: Path) -> Path:
     first_k_dense_replace). Both routers hold near-tied expert pairs (see ``_near_ties``)."""
     if (directory / "config.json").is_file():
         return directory
-    from transformers import (Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3MoeConfig,
-                              Qwen3MoeForCausalLM)
+    from transformers import (
+        Qwen2MoeConfig,
+        Qwen2MoeForCausalLM,
+        Qwen3MoeConfig,
+        Qwen3MoeForCausalLM,
+    )
 
     torch.manual_seed(0)
     common: dict[str, Any] = dict(
@@ -270,8 +266,8 @@ def tiny_moe_model(family: str, directory: Path) -> Path:
         num_experts=8, num_experts_per_tok=3, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=128, rope_theta=1000000.0)
     if family == "qwen3_moe":
-        model: Any = Qwen3MoeForCausalLM(Qwen3MoeConfig(head_dim=16, norm_topk_prob=True,
-                                                        **common))
+        model: Any = Qwen3MoeForCausalLM(Qwen3MoeConfig(
+            **{**common, "head_dim": 16, "norm_topk_prob": True}))
     elif family == "qwen2_moe":
         model = Qwen2MoeForCausalLM(Qwen2MoeConfig(
             shared_expert_intermediate_size=48, norm_topk_prob=False, mlp_only_layers=[0],

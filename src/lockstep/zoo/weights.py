@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import Tensor
@@ -17,7 +17,7 @@ from .family_loading import after_load, skipped
 from .lora import LoRALinear, attach_nan_adapter
 from .model import Transformer
 
-__all__ = ["zoo_to_hf", "build", "read_checkpoint"]
+__all__ = ["zoo_to_hf", "build", "assemble", "read_checkpoint"]
 
 # zoo name -> transformers name, for the parts of a name that differ
 _RENAMES = (
@@ -68,8 +68,17 @@ def random_init(model: Transformer, seed: int) -> None:
             param.normal_(0.0, 0.02, generator=generator)
 
 
-def _load(model: Transformer, tensors: Mapping[str, Tensor]) -> None:
-    """Copy the checkpoint's tensors into the model's parameters."""
+#: a zoo parameter's name -> the checkpoint's name for it and its tensor (None: missing)
+Lookup = Callable[[str], "tuple[str, Tensor | None]"]
+
+
+def _load(model: Transformer, tensors: Mapping[str, Tensor], lookup: Lookup | None = None) -> None:
+    """Copy the checkpoint's tensors into the model's parameters (``lookup`` finds each one;
+    by default the transformers name ``zoo_to_hf`` gives)."""
+    def by_name(name: str) -> tuple[str, Tensor | None]:
+        source = zoo_to_hf(name, model.args.family)
+        return source, tensors.get(source)
+
     state = {}
     for name in model.state_dict():
         if name == "output.weight" and model.args.tie_embeddings:
@@ -78,10 +87,10 @@ def _load(model: Transformer, tensors: Mapping[str, Tensor]) -> None:
             continue  # the bug: the loader never writes layer 1
         if skipped(model.bug, name):
             continue
-        source = zoo_to_hf(name, model.args.family)
-        if source not in tensors:
+        source, value = (lookup or by_name)(name)
+        if value is None:
             raise LockstepError(f"the checkpoint has no {source} (for the zoo's {name})")
-        state[name] = tensors[source]
+        state[name] = value
     model.load_state_dict(state, strict=False)
 
 
@@ -92,14 +101,24 @@ def build(config: Mapping[str, Any], tensors: Mapping[str, Tensor], *, bug: str 
     args = ModelArgs.from_config(config, bug)
     if bug in ("layer_not_loaded", "nan_adapter") and args.n_layers < 2:
         raise UsageError(f"zoo bug {bug!r} is in layer 1; this model has {args.n_layers} layer")
-    model = Transformer(args)
+    return assemble(Transformer(args), tensors, dtype=dtype, device=device, seed=seed, vm=vm,
+                    nan_adapter="layers.1.attention.wq" if bug == "nan_adapter" else None)
+
+
+def assemble(model: Transformer, tensors: Mapping[str, Tensor], *, dtype: torch.dtype,
+             device: str, seed: int, vm: bool, nan_adapter: str | None = None,
+             lookup: Lookup | None = None) -> Transformer:
+    """Fill a built model: seeded random init, the checkpoint's weights (with the loader's
+    bugs; ``lookup`` as ``_load`` takes it), a NaN LoRA adapter on the module ``nan_adapter``
+    names, then ``dtype`` on ``device`` in eval mode (and the decode VM's fused QKV weights
+    with ``vm``)."""
     random_init(model, seed)
-    _load(model, tensors)
+    _load(model, tensors, lookup)
     after_load(model)
-    if bug == "nan_adapter":
-        wq = model.get_submodule("layers.1.attention.wq")
-        assert isinstance(wq, LoRALinear)
-        attach_nan_adapter(wq, seed=seed)
+    if nan_adapter is not None:
+        linear = model.get_submodule(nan_adapter)
+        assert isinstance(linear, LoRALinear)
+        attach_nan_adapter(linear, seed=seed)
     model = model.to(device=device, dtype=dtype).eval()
     if vm:
         model.fuse_qkv()
