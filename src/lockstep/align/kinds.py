@@ -58,7 +58,7 @@ import re
 from enum import Enum
 from typing import NamedTuple
 
-__all__ = ["Canonical", "Kind", "check_template", "guess", "kind_of", "named_kind", "parse",
+__all__ = ["FED_NAMES", "Canonical", "Kind", "check_template", "guess", "kind_of", "named_kind", "parse",
            "split_layer"]
 
 
@@ -166,6 +166,9 @@ def check_template(template: str) -> Canonical:
 
 
 # -- names no table knows ---------------------------------------------------------------------
+#: the names engines give the ids and positions fed at a step, whole (align.steps reads them)
+FED_NAMES = {Kind.INPUT_IDS: ("input_ids", "tokens", "token_ids", "ids", "inp_tokens"),
+             Kind.POSITIONS: ("positions", "position_ids", "pos", "inp_pos")}
 #: the last part of a name (after "." or ":") that says what the tensor is in any engine
 _NAMED = {Kind.LOGITS: ("logits", "lm_head", "result_output", "output_logits")}
 _NAMED_RE = {kind: re.compile(r"(^|[.:])(" + "|".join(map(re.escape, words)) + ")$")

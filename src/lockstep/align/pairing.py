@@ -131,16 +131,8 @@ def _by_mapping(step: _Step, mapping: MappingFile) -> None:
         step.free_ref.pop(seq, None)
 
 
-def _rule(table: NameTable, name: str) -> tuple[str, str | None, str | None] | None:
-    lookup_rule = getattr(table, "lookup_rule", None)
-    if lookup_rule is not None:
-        return lookup_rule(name)  # type: ignore[no-any-return]
-    hit = table.lookup(name)
-    return (hit[0], hit[1], None) if hit else None
-
-
 def _canonical(table: NameTable, name: str) -> str | None:
-    hit = _rule(table, name)
+    hit = table.lookup_rule(name)
     return hit[0] if hit else None
 
 
@@ -148,23 +140,20 @@ def _by_table(step: _Step, tables: tuple[NameTable, NameTable]) -> None:
     ref_table, cand_table = tables
     by_canon: dict[tuple[str, int], Record] = {}
     for r in step.free_ref.values():
-        hit = _rule(ref_table, r.name)
+        hit = ref_table.lookup_rule(r.name)
         if hit is not None:
             by_canon.setdefault((hit[0], r.call), r)
     used_ref: set[int] = set()
     for c in list(step.free_cand.values()):
         # a fused record (qkv_proj) is split by several rules, one pair per part
-        hits = cand_table.lookup_all(c.name) if hasattr(cand_table, "lookup_all") else []
-        if not hits:
-            hit = _rule(cand_table, c.name)
-            hits = [hit] if hit is not None else []
+        hits = cand_table.lookup_all(c.name)
         seen: set[str] = set()
         for canonical, cand_transform, counterpart in hits:
             ref = by_canon.get((canonical, c.call))
             if ref is None or canonical in seen:
                 continue
             seen.add(canonical)
-            ref_rule = _rule(ref_table, ref.name)
+            ref_rule = ref_table.lookup_rule(ref.name)
             # the reference into the canonical layout first, then cut to what the candidate
             # holds
             ref_transform = "|".join(filter(None, (ref_rule[1] if ref_rule else None,
