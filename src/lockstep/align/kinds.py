@@ -58,8 +58,8 @@ import re
 from enum import Enum
 from typing import NamedTuple
 
-__all__ = ["FED_NAMES", "Canonical", "Kind", "check_template", "guess", "kind_of", "named_kind", "parse",
-           "split_layer"]
+__all__ = ["Kind", "Canonical", "parse", "split_layer", "kind_of", "check_template", "guess",
+           "named_kind", "FED_NAMES"]
 
 
 class Kind(str, Enum):

@@ -39,7 +39,8 @@ if TYPE_CHECKING:
 
 __all__ = ["Pair", "Alignment", "align", "squeeze_shape", "normalize_name"]
 
-_WRAPPER_PREFIXES = re.compile(r"^(?:(?:module|_orig_mod|base_model\.model|_fsdp_wrapped_module)\.)+")
+_WRAPPER_PREFIXES = re.compile(
+    r"^(?:(?:module|_orig_mod|base_model\.model|_fsdp_wrapped_module)\.)+")
 
 
 def normalize_name(name: str) -> str:
