@@ -14,6 +14,7 @@ from lockstep.align import tables
 from lockstep.align.tables import (LLAMA_CPP, LLAMA_REFERENCE, TRANSFORMERS_GEMMA,
                                    TRANSFORMERS_GPT2, TRANSFORMERS_LLAMA, TRANSFORMERS_PHI3,
                                    NameTable, detect_table)
+from lockstep.align.pairing import align
 from lockstep.align.transforms import apply_transform
 from models import PROMPT
 
@@ -83,12 +84,13 @@ def build(family: str) -> Any:
     return model_cls(config).eval()
 
 
-def record(model: Any, path: Any) -> None:
+def record(model: Any, path: Any, include: list[str] | None = None) -> None:
     """One forward on the prompt, recorded as the transformers engine records it."""
     ids = torch.tensor([PROMPT])
     meta = {"architecture": type(model).__name__, "n_heads": H, "n_kv_heads": KV,
             "head_dim": D}
-    with lockstep.record(path, meta=meta) as rec, torch.no_grad(), watch_rope(rec, model):
+    with lockstep.record(path, meta=meta, include=include) as rec, torch.no_grad(), \
+            watch_rope(rec, model):
         rec.watch(model, inputs=INPUTS)
         lockstep.probe("input_ids", ids)
         model(ids)
@@ -131,6 +133,34 @@ def test_every_record_of_a_real_tiny_model_has_a_canonical_name(family, tmp_path
         assert top == {"input_ids", "tok_embed", "pos_embed", "embed", "final_norm", "logits"}
     else:
         assert top == _TOP
+
+
+def test_the_runs_architecture_breaks_a_tie_when_pairing(tmp_path):
+    """A real Gemma 3 dump recording only the Q/K projections, norms and RoPE: the Llama and the
+    Gemma tables know every name, but only the Gemma table brings the q/k norms'
+    (batch, heads, tokens, head_dim) into the canonical layout. The dump's metadata names
+    the architecture, and pairing takes the Gemma table from it."""
+    record(build("gemma3"), tmp_path / "d",
+           include=[f"*.self_attn.{op}" for op in ("q_proj", "k_proj", "q_norm", "k_norm")])
+    with lockstep.open_dump(tmp_path / "d") as dump:
+        names = [r.name for r in dump.records]
+        assert dump.meta["architecture"] == "Gemma3ForCausalLM"
+        assert detect_table(names) is TRANSFORMERS_LLAMA  # a tie: the first table
+        assert detect_table(names, dump.meta) is TRANSFORMERS_GEMMA
+        alignment = align(dump, dump)
+    assert alignment.tables == (TRANSFORMERS_GEMMA.name, TRANSFORMERS_GEMMA.name)
+    assert {p.canonical for p in alignment.pairs} == {
+        f"layers.{n}.{op}" for n in (0, 1)
+        for op in ("q", "k", "q_norm", "k_norm", "q_rope", "k_rope")}  # RoPE: watch_rope's
+
+
+def test_the_architecture_never_outweighs_names():
+    """An engine written after vLLM reports the transformers class of its model: its own
+    table, knowing more of its names, is taken over the one made for that class."""
+    names = [f"model.layers.{n}.{op}" for n in (0, 1) for op in (
+        "input_layernorm:0", "input_layernorm:1", "self_attn.qkv_proj:0", "self_attn.q_norm",
+        "self_attn.rotary_emb:0", "self_attn.attn", "self_attn.o_proj:0", "mlp.act_fn")]
+    assert detect_table(names, {"architecture": "LlamaForCausalLM"}) is tables.VLLM
 
 
 def test_tables_know_their_names():

@@ -39,7 +39,8 @@ if TYPE_CHECKING:
 
 __all__ = ["Pair", "Alignment", "align", "squeeze_shape", "normalize_name"]
 
-_WRAPPER_PREFIXES = re.compile(r"^(?:(?:module|_orig_mod|base_model\.model|_fsdp_wrapped_module)\.)+")
+_WRAPPER_PREFIXES = re.compile(
+    r"^(?:(?:module|_orig_mod|base_model\.model|_fsdp_wrapped_module)\.)+")
 
 
 def normalize_name(name: str) -> str:
@@ -104,12 +105,12 @@ def _by_name(step: _Step) -> None:
         by_rank.setdefault((c.name, c.call, c.extra.get("rank")), c)
         by_name.setdefault((c.name, c.call), []).append(c)
     for r in list(step.free_ref.values()):
-        c = by_rank.get((r.name, r.call, r.extra.get("rank")))
-        if c is None or c.seq not in step.free_cand:
-            c = next((x for x in by_name.get((r.name, r.call), ())
-                      if x.seq in step.free_cand), None)
-        if c is not None:
-            step.take(Pair(r, c, "name"))
+        found = by_rank.get((r.name, r.call, r.extra.get("rank")))
+        if found is None or found.seq not in step.free_cand:
+            found = next((x for x in by_name.get((r.name, r.call), ())
+                          if x.seq in step.free_cand), None)
+        if found is not None:
+            step.take(Pair(r, found, "name"))
 
 
 def _by_mapping(step: _Step, mapping: MappingFile) -> None:
@@ -131,16 +132,8 @@ def _by_mapping(step: _Step, mapping: MappingFile) -> None:
         step.free_ref.pop(seq, None)
 
 
-def _rule(table: NameTable, name: str) -> tuple[str, str | None, str | None] | None:
-    lookup_rule = getattr(table, "lookup_rule", None)
-    if lookup_rule is not None:
-        return lookup_rule(name)  # type: ignore[no-any-return]
-    hit = table.lookup(name)
-    return (hit[0], hit[1], None) if hit else None
-
-
 def _canonical(table: NameTable, name: str) -> str | None:
-    hit = _rule(table, name)
+    hit = table.lookup_rule(name)
     return hit[0] if hit else None
 
 
@@ -148,30 +141,27 @@ def _by_table(step: _Step, tables: tuple[NameTable, NameTable]) -> None:
     ref_table, cand_table = tables
     by_canon: dict[tuple[str, int], Record] = {}
     for r in step.free_ref.values():
-        hit = _rule(ref_table, r.name)
+        hit = ref_table.lookup_rule(r.name)
         if hit is not None:
             by_canon.setdefault((hit[0], r.call), r)
     used_ref: set[int] = set()
     for c in list(step.free_cand.values()):
         # a fused record (qkv_proj) is split by several rules, one pair per part
-        hits = cand_table.lookup_all(c.name) if hasattr(cand_table, "lookup_all") else []
-        if not hits:
-            hit = _rule(cand_table, c.name)
-            hits = [hit] if hit is not None else []
+        hits = cand_table.lookup_all(c.name)
         seen: set[str] = set()
         for canonical, cand_transform, counterpart in hits:
-            r = by_canon.get((canonical, c.call))
-            if r is None or canonical in seen:
+            ref = by_canon.get((canonical, c.call))
+            if ref is None or canonical in seen:
                 continue
             seen.add(canonical)
-            ref_rule = _rule(ref_table, r.name)
+            ref_rule = ref_table.lookup_rule(ref.name)
             # the reference into the canonical layout first, then cut to what the candidate
             # holds
             ref_transform = "|".join(filter(None, (ref_rule[1] if ref_rule else None,
                                                    counterpart))) or None
-            step.take(Pair(r, c, "table", canonical, ref_transform, cand_transform),
+            step.take(Pair(ref, c, "table", canonical, ref_transform, cand_transform),
                       keep_ref=True, keep_cand=True)
-            used_ref.add(r.seq)
+            used_ref.add(ref.seq)
         if seen:
             step.free_cand.pop(c.seq, None)
     for seq in used_ref:
@@ -183,9 +173,9 @@ def _by_normalized(step: _Step) -> None:
     for c in step.free_cand.values():
         by_norm.setdefault((normalize_name(c.name), c.call), c)
     for r in list(step.free_ref.values()):
-        c = by_norm.pop((normalize_name(r.name), r.call), None)
-        if c is not None:
-            step.take(Pair(r, c, "normalized"))
+        found = by_norm.pop((normalize_name(r.name), r.call), None)
+        if found is not None:
+            step.take(Pair(r, found, "normalized"))
 
 
 def _reader() -> Callable[[Dump, Record], np.ndarray]:
@@ -238,21 +228,21 @@ def align(ref: Dump, cand: Dump, *, use_tables: bool = True,
 
     ``use_tables=False`` leaves out the name tables; ``mapping`` is a loaded mapping file."""
     tables = None
-    if use_tables:
-        ref_table = detect_table(r.name for r in ref.records)
-        cand_table = detect_table(c.name for c in cand.records)
+    if use_tables:  # each side's table, the one made for its architecture first
+        ref_table = detect_table((r.name for r in ref.records), ref.meta)
+        cand_table = detect_table((c.name for c in cand.records), cand.meta)
         if ref_table is not None and cand_table is not None:
             tables = (ref_table, cand_table)
     ignored = 0
     ref_steps: dict[int, list[Record]] = {}
     cand_steps: dict[int, list[Record]] = {}
-    for side, records, steps in (("ref", ref.records, ref_steps),
-                                 ("cand", cand.records, cand_steps)):
+    for side, records, by_step in (("ref", ref.records, ref_steps),
+                                   ("cand", cand.records, cand_steps)):
         for r in records:
             if mapping is not None and mapping.ignored(r.name, side):
                 ignored += 1
                 continue
-            steps.setdefault(r.step, []).append(r)
+            by_step.setdefault(r.step, []).append(r)
     steps = [_Step(s, ref_steps.get(s, []), cand_steps.get(s, []))
              for s in sorted(set(ref_steps) | set(cand_steps))]
     for step in steps:

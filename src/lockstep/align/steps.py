@@ -24,10 +24,12 @@ from typing import Any
 
 import numpy as np
 
+from .kinds import FED_NAMES, Kind
+
 __all__ = ["StepMatch", "fed_per_step", "match_steps", "restep", "ID_NAMES", "POSITION_NAMES"]
 
-ID_NAMES = ("input_ids", "tokens", "token_ids", "ids", "inp_tokens")
-POSITION_NAMES = ("positions", "position_ids", "pos", "inp_pos")
+ID_NAMES = FED_NAMES[Kind.INPUT_IDS]
+POSITION_NAMES = FED_NAMES[Kind.POSITIONS]
 _INT = ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")
 
 Fed = tuple[tuple[int, ...] | None, tuple[int, ...] | None]  # (ids, positions)

@@ -1,4 +1,5 @@
-"""Name tables: each engine's recorded names mapped to one canonical name per transformer op.
+"""Name tables: each engine's recorded names listed against the tensor kind (align.kinds) each
+stands for, as one canonical name per transformer op.
 
 Canonical names (``layers.N.<op>`` for per-layer ops) are what two engines' records are paired
 by when their own names differ. A rule can also name a layout transform (align/transforms.py)
@@ -7,44 +8,8 @@ that op, except that per-head tensors are (batch, tokens, heads, head_dim), the 
 Q/K/V projections' features (transformers' RoPE outputs and Gemma 3's q/k norms are
 (batch, heads, tokens, head_dim) and carry a transform). Size-1 dims never matter.
 
-| canonical | meaning |
-|---|---|
-| ``input_ids`` | token ids fed at this step |
-| ``tok_embed`` | token embedding rows, where they differ from ``embed`` (GPT-2) |
-| ``pos_embed`` | learned position embeddings (GPT-2) |
-| ``embed`` | the hidden state entering the first layer (Gemma: scaled by sqrt(hidden)) |
-| ``rope_cos`` / ``rope_sin`` | the RoPE tables of this step's positions |
-| ``layers.N.attn_norm`` | the norm before attention |
-| ``layers.N.qkv`` | a fused Q/K/V projection (Phi-3 ``qkv_proj``, GPT-2 ``c_attn``) |
-| ``layers.N.q`` / ``.k`` / ``.v`` | Q, K, V projections (before any norm or RoPE) |
-| ``layers.N.q_norm`` / ``.k_norm`` | per-head norms of Q and K (Qwen3, Gemma 3) |
-| ``layers.N.q_rope`` / ``.k_rope`` | Q and K after RoPE |
-| ``layers.N.attn_probs`` | attention probabilities (batch, heads, tokens, keys) |
-| ``layers.N.attn_heads`` | attention output, heads merged, before the output projection |
-| ``layers.N.attn_out`` | after the output projection |
-| ``layers.N.attn_post_norm`` | the norm of the attention output (Gemma) |
-| ``layers.N.attn_residual`` | residual sum before the MLP |
-| ``layers.N.mlp_norm`` | the norm before the MLP |
-| ``layers.N.gate_up`` | a fused gate and up projection (Phi-3 ``gate_up_proj``) |
-| ``layers.N.gate`` / ``.up`` | MLP gate and up projections (GPT-2's ``c_fc`` is ``up``) |
-| ``layers.N.gate_act`` | the activation of the gate alone (silu(gate)) |
-| ``layers.N.act`` | the input of the down projection (SwiGLU: silu(gate) * up) |
-| ``layers.N.down`` | MLP down projection |
-| ``layers.N.router`` | MoE router logits (tokens, experts) |
-| ``layers.N.expert_weights`` / ``.expert_ids`` | the chosen experts' weights and ids |
-| ``layers.N.experts.E.<op>`` | expert E's ``gate``, ``up``, ``act``, ``down`` (its tokens only) |
-| ``layers.N.experts.gate_act`` | silu(gate) of every routed (token, expert) row at once |
-| ``layers.N.experts_out`` | the routed experts' weighted sum |
-| ``layers.N.shared_expert.<op>`` | the shared expert's ``gate``, ``gate_act``, ``up``, ``act``, |
-| | ``down`` and ``out`` |
-| ``layers.N.shared_expert_gate`` | the shared expert's gate logit |
-| ``layers.N.shared_expert_gate_prob`` | its sigmoid (llama.cpp's ``ffn_shexp_gate``) |
-| ``layers.N.mlp_out`` | the MLP block's output (dense: ``down``'s values; MoE: the experts' |
-| | sum plus the shared expert) |
-| ``layers.N.mlp_post_norm`` | the norm of the MLP output (Gemma) |
-| ``layers.N.out`` | layer output (residual sum after the MLP) |
-| ``final_norm`` | the last norm |
-| ``logits`` | the logits |
+The canonical names and what each holds are listed in align/kinds.py; every rule's canonical
+name is checked against ``Kind`` when the rule is made, so a misspelt op fails at import.
 
 Some records repeat a tensor another record of the same dump already holds (an identity
 dropout, a wrapper module's output); their rule is an *alias*: the same canonical name,
@@ -55,12 +20,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Iterable, Mapping, NamedTuple
 
-__all__ = ["Rule", "NameTable", "TABLES", "detect_table", "TRANSFORMERS_LLAMA",
-           "TRANSFORMERS_PHI3", "TRANSFORMERS_GEMMA", "TRANSFORMERS_GPT2", "LLAMA_CPP",
-           "LLAMA_CPP_QWEN_MOE",
-           "LLAMA_REFERENCE", "VLLM"]
+from .kinds import Kind, check_template
+
+__all__ = ["Rule", "NameTable", "TABLES", "detect_table", "table_canonical",
+           "TRANSFORMERS_LLAMA", "TRANSFORMERS_PHI3", "TRANSFORMERS_GEMMA", "TRANSFORMERS_GPT2",
+           "LLAMA_CPP", "LLAMA_CPP_QWEN_MOE", "LLAMA_REFERENCE", "VLLM"]
 
 Hit = tuple[str, "str | None", "str | None"]  # (canonical, transform, counterpart transform)
 
@@ -79,6 +46,14 @@ class Rule:
     #: added to the layer (the first group): a fused-residual norm's residual output is the
     #: previous layer's output
     shift: int = 0
+
+    def __post_init__(self) -> None:
+        check_template(self.canonical)  # a template naming no Kind fails here, at import
+
+    @property
+    def kind(self) -> Kind:
+        """The tensor kind the rule's names stand for."""
+        return check_template(self.canonical).kind
 
     def match(self, recorded: str) -> Hit | None:
         """(canonical, transform, counterpart transform) if the rule knows the name."""
@@ -132,17 +107,28 @@ class NameTable:
     def coverage(self, names: Iterable[str]) -> int:
         return sum(1 for n in names if self.lookup_rule(n) is not None)
 
+    @property
+    def kinds(self) -> frozenset[Kind]:
+        """The tensor kinds the table names."""
+        return frozenset(rule.kind for rule in self.rules)
+
 
 class _Op(NamedTuple):
-    """A per-layer op: the name after the layer's prefix and the canonical op after
-    ``layers.N.``. ``{E}`` in ``suffix`` is an expert index, ``{1}`` in ``op`` its value."""
+    """A per-layer op: the name after the layer's prefix and the kind it holds, in ``scope``
+    (align.kinds). ``{E}`` in ``suffix`` is an expert index, ``{1}`` in ``scope`` its value."""
 
     suffix: str
-    op: str
+    kind: Kind
     transform: str | None = None
     alias: bool = False
     counterpart: str | None = None
     shift: int = 0
+    scope: str = ""
+
+    @property
+    def op(self) -> str:
+        """The canonical name after ``layers.N.``."""
+        return f"{self.scope}.{self.kind.value}" if self.scope else self.kind.value
 
 
 def _pattern(text: str) -> str:
@@ -157,61 +143,62 @@ def _layer(prefix: str, ops: Iterable[_Op]) -> tuple[Rule, ...]:
                  for o in ops)
 
 
-def _top(*items: tuple[str, str] | tuple[str, str, bool]) -> tuple[Rule, ...]:
-    """Rules for whole names (no layer): (name, canonical[, alias])."""
-    return tuple(Rule(re.compile(re.escape(item[0])), item[1],
+def _top(*items: tuple[str, Kind] | tuple[str, Kind, bool]) -> tuple[Rule, ...]:
+    """Rules for whole names (no layer): (name, kind[, alias])."""
+    return tuple(Rule(re.compile(re.escape(item[0])), item[1].value,
                       alias=bool(item[2]) if len(item) > 2 else False) for item in items)
 
 
-def _under(prefix: str, canonical: str, ops: Iterable[_Op]) -> tuple[_Op, ...]:
-    """``ops`` of a submodule: suffixes under ``prefix``, canonical ops under ``canonical``."""
+def _under(prefix: str, scope: str, ops: Iterable[_Op]) -> tuple[_Op, ...]:
+    """``ops`` of a submodule: suffixes under ``prefix``, kinds in ``scope`` (align.kinds)."""
     return tuple(o._replace(suffix=f"{prefix}.{o.suffix}" if o.suffix else prefix,
-                            op=f"{canonical}.{o.op}" if canonical else o.op) for o in ops)
+                            scope=".".join(filter(None, (scope, o.scope)))) for o in ops)
 
 
+K = Kind  # short, for the tables below
 _TOKENS_FIRST = "transpose(-3, -2)"  # (batch, heads, tokens, head_dim): tokens before heads
 
 #: a SwiGLU MLP as transformers names it; as Meta's reference code names it
-_SWIGLU = (_Op("gate_proj", "gate"), _Op("act_fn", "gate_act"), _Op("up_proj", "up"),
-           _Op("down_proj:input.0", "act"), _Op("down_proj", "down"))
-_META_FFN = (_Op("w1", "gate"), _Op("w3", "up"), _Op("w2:input.0", "act"), _Op("w2", "down"))
+_SWIGLU = (_Op("gate_proj", K.GATE), _Op("act_fn", K.GATE_ACT), _Op("up_proj", K.UP),
+           _Op("down_proj:input.0", K.ACT), _Op("down_proj", K.DOWN))
+_META_FFN = (_Op("w1", K.GATE), _Op("w3", K.UP), _Op("w2:input.0", K.ACT), _Op("w2", K.DOWN))
 
 # -- transformers (forward hooks, named as named_modules() names them) --------------------
-_HF_TOP = _top(("input_ids", "input_ids"), ("model.embed_tokens", "embed"),
-               ("model.rotary_emb:0", "rope_cos"), ("model.rotary_emb:1", "rope_sin"),
-               ("model.norm", "final_norm"), ("model:last_hidden_state", "final_norm", True),
-               ("lm_head", "logits"), (":logits", "logits", True))
-_HF_QKV = (_Op("self_attn.q_proj", "q"), _Op("self_attn.k_proj", "k"),
-           _Op("self_attn.v_proj", "v"))
+_HF_TOP = _top(("input_ids", K.INPUT_IDS), ("model.embed_tokens", K.EMBED),
+               ("model.rotary_emb:0", K.ROPE_COS), ("model.rotary_emb:1", K.ROPE_SIN),
+               ("model.norm", K.FINAL_NORM), ("model:last_hidden_state", K.FINAL_NORM, True),
+               ("lm_head", K.LOGITS), (":logits", K.LOGITS, True))
+_HF_QKV = (_Op("self_attn.q_proj", K.Q), _Op("self_attn.k_proj", K.K),
+           _Op("self_attn.v_proj", K.V))
 _HF_ATTENTION = (
-    _Op("input_layernorm", "attn_norm"),
+    _Op("input_layernorm", K.ATTN_NORM),
     # q/k after RoPE, recorded by the transformers engine around apply_rotary_pos_emb
-    _Op("self_attn.rope:0", "q_rope", _TOKENS_FIRST),
-    _Op("self_attn.rope:1", "k_rope", _TOKENS_FIRST),
-    _Op("self_attn:1", "attn_probs"),  # eager attention only; None (unrecorded) with sdpa
-    _Op("self_attn.o_proj:input.0", "attn_heads"), _Op("self_attn.o_proj", "attn_out"),
-    _Op("self_attn:0", "attn_out", alias=True),
+    _Op("self_attn.rope:0", K.Q_ROPE, _TOKENS_FIRST),
+    _Op("self_attn.rope:1", K.K_ROPE, _TOKENS_FIRST),
+    _Op("self_attn:1", K.ATTN_PROBS),  # eager attention only; None (unrecorded) with sdpa
+    _Op("self_attn.o_proj:input.0", K.ATTN_HEADS), _Op("self_attn.o_proj", K.ATTN_OUT),
+    _Op("self_attn:0", K.ATTN_OUT, alias=True),
 )
-_HF_QK_NORM = (_Op("self_attn.q_norm", "q_norm"), _Op("self_attn.k_norm", "k_norm"))
-_HF_PRE_MLP_NORM = (_Op("post_attention_layernorm:input.0", "attn_residual"),
-                    _Op("post_attention_layernorm", "mlp_norm"))
-_HF_MLP = _under("mlp", "", _SWIGLU) + (_Op("mlp", "mlp_out"),)
+_HF_QK_NORM = (_Op("self_attn.q_norm", K.Q_NORM), _Op("self_attn.k_norm", K.K_NORM))
+_HF_PRE_MLP_NORM = (_Op("post_attention_layernorm:input.0", K.ATTN_RESIDUAL),
+                    _Op("post_attention_layernorm", K.MLP_NORM))
+_HF_MLP = _under("mlp", "", _SWIGLU) + (_Op("mlp", K.MLP_OUT),)
 _HF_MOE = (
     # transformers 5: a router module returning (logits, weights, ids), fused experts
-    _Op("mlp.gate:0", "router"), _Op("mlp.gate:1", "expert_weights"),
-    _Op("mlp.gate:2", "expert_ids"), _Op("mlp.experts.act_fn", "experts.gate_act"),
-    _Op("mlp.experts", "experts_out"),
+    _Op("mlp.gate:0", K.ROUTER), _Op("mlp.gate:1", K.EXPERT_WEIGHTS),
+    _Op("mlp.gate:2", K.EXPERT_IDS), _Op("mlp.experts.act_fn", K.GATE_ACT, scope="experts"),
+    _Op("mlp.experts", K.EXPERTS_OUT),
     *_under("mlp.shared_expert", "shared_expert", _SWIGLU),
-    _Op("mlp.shared_expert", "shared_expert.out"),
-    _Op("mlp.shared_expert_gate", "shared_expert_gate"),
+    _Op("mlp.shared_expert", K.OUT, scope="shared_expert"),
+    _Op("mlp.shared_expert_gate", K.SHARED_EXPERT_GATE),
     # transformers 4: the router is a Linear, one module per expert, (hidden, logits) out
-    _Op("mlp.gate", "router"), *_under("mlp.experts.{E}", "experts.{1}", _SWIGLU),
-    _Op("mlp:0", "mlp_out"), _Op("mlp:1", "router", alias=True),
-    _Op("block_sparse_moe.gate", "router"),
+    _Op("mlp.gate", K.ROUTER), *_under("mlp.experts.{E}", "experts.{1}", _SWIGLU),
+    _Op("mlp:0", K.MLP_OUT), _Op("mlp:1", K.ROUTER, alias=True),
+    _Op("block_sparse_moe.gate", K.ROUTER),
     *_under("block_sparse_moe.experts.{E}", "experts.{1}", _META_FFN),
-    _Op("block_sparse_moe:0", "mlp_out"), _Op("block_sparse_moe:1", "router", alias=True),
+    _Op("block_sparse_moe:0", K.MLP_OUT), _Op("block_sparse_moe:1", K.ROUTER, alias=True),
 )
-_HF_LAYER_OUT = (_Op("", "out"),)
+_HF_LAYER_OUT = (_Op("", K.OUT),)
 
 TRANSFORMERS_LLAMA = NameTable("transformers-llama", _HF_TOP + _layer("model.layers", (
     *_HF_QKV, *_HF_QK_NORM, *_HF_ATTENTION, *_HF_PRE_MLP_NORM, *_HF_MLP, *_HF_MOE,
@@ -222,76 +209,73 @@ TRANSFORMERS_LLAMA = NameTable("transformers-llama", _HF_TOP + _layer("model.lay
 # Phi-3: fused QKV and gate-up projections (split rules need size arithmetic the transform
 # language does not have yet), identity dropouts after attention and after the MLP
 TRANSFORMERS_PHI3 = NameTable("transformers-phi3", _HF_TOP + _layer("model.layers", (
-    _Op("self_attn.qkv_proj", "qkv"), *_HF_ATTENTION,
-    _Op("resid_attn_dropout", "attn_out", alias=True), *_HF_PRE_MLP_NORM,
-    _Op("mlp.gate_up_proj", "gate_up"), _Op("mlp.activation_fn", "gate_act"),
-    *_HF_MLP[3:], _Op("resid_mlp_dropout", "mlp_out", alias=True), *_HF_LAYER_OUT)),
+    _Op("self_attn.qkv_proj", K.QKV), *_HF_ATTENTION,
+    _Op("resid_attn_dropout", K.ATTN_OUT, alias=True), *_HF_PRE_MLP_NORM,
+    _Op("mlp.gate_up_proj", K.GATE_UP), _Op("mlp.activation_fn", K.GATE_ACT),
+    *_HF_MLP[3:], _Op("resid_mlp_dropout", K.MLP_OUT, alias=True), *_HF_LAYER_OUT)),
     architectures=("Phi3ForCausalLM",))
 
 # Gemma 2 and 3: norms after attention and after the MLP too, scaled embeddings (in
 # transformers 5 the embedding module scales), Gemma 3's q/k norms on (batch, heads, ...)
 TRANSFORMERS_GEMMA = NameTable("transformers-gemma", _HF_TOP + _layer("model.layers", (
     *_HF_QKV, *(o._replace(transform=_TOKENS_FIRST) for o in _HF_QK_NORM), *_HF_ATTENTION,
-    _Op("post_attention_layernorm:input.0", "attn_out", alias=True),
-    _Op("post_attention_layernorm", "attn_post_norm"),
-    _Op("pre_feedforward_layernorm:input.0", "attn_residual"),
-    _Op("pre_feedforward_layernorm", "mlp_norm"), *_HF_MLP,
-    _Op("post_feedforward_layernorm", "mlp_post_norm"), *_HF_LAYER_OUT)),
+    _Op("post_attention_layernorm:input.0", K.ATTN_OUT, alias=True),
+    _Op("post_attention_layernorm", K.ATTN_POST_NORM),
+    _Op("pre_feedforward_layernorm:input.0", K.ATTN_RESIDUAL),
+    _Op("pre_feedforward_layernorm", K.MLP_NORM), *_HF_MLP,
+    _Op("post_feedforward_layernorm", K.MLP_POST_NORM), *_HF_LAYER_OUT)),
     architectures=("Gemma2ForCausalLM", "Gemma3ForCausalLM"))
 
 # GPT-2: Conv1D projections, a fused QKV (c_attn), a plain GELU MLP (c_fc is "up"),
 # learned position embeddings, identity dropouts
 TRANSFORMERS_GPT2 = NameTable("transformers-gpt2", _top(
-    ("input_ids", "input_ids"), ("transformer.wte", "tok_embed"),
-    ("transformer.wpe", "pos_embed"), ("transformer.drop", "embed"),
-    ("transformer.ln_f", "final_norm"), ("transformer:last_hidden_state", "final_norm", True),
-    ("lm_head", "logits"), (":logits", "logits", True),
+    ("input_ids", K.INPUT_IDS), ("transformer.wte", K.TOK_EMBED),
+    ("transformer.wpe", K.POS_EMBED), ("transformer.drop", K.EMBED),
+    ("transformer.ln_f", K.FINAL_NORM), ("transformer:last_hidden_state", K.FINAL_NORM, True),
+    ("lm_head", K.LOGITS), (":logits", K.LOGITS, True),
 ) + _layer("transformer.h", (
-    _Op("ln_1", "attn_norm"), _Op("attn.c_attn", "qkv"), _Op("attn:1", "attn_probs"),
-    _Op("attn.c_proj:input.0", "attn_heads"), _Op("attn.c_proj", "attn_out"),
-    _Op("attn.resid_dropout", "attn_out", alias=True), _Op("attn:0", "attn_out", alias=True),
-    _Op("ln_2:input.0", "attn_residual"), _Op("ln_2", "mlp_norm"), _Op("mlp.c_fc", "up"),
-    _Op("mlp.act", "act"), _Op("mlp.c_proj:input.0", "act", alias=True),
-    _Op("mlp.c_proj", "down"), _Op("mlp.dropout", "mlp_out"),
-    _Op("mlp", "mlp_out", alias=True), *_HF_LAYER_OUT)),
+    _Op("ln_1", K.ATTN_NORM), _Op("attn.c_attn", K.QKV), _Op("attn:1", K.ATTN_PROBS),
+    _Op("attn.c_proj:input.0", K.ATTN_HEADS), _Op("attn.c_proj", K.ATTN_OUT),
+    _Op("attn.resid_dropout", K.ATTN_OUT, alias=True), _Op("attn:0", K.ATTN_OUT, alias=True),
+    _Op("ln_2:input.0", K.ATTN_RESIDUAL), _Op("ln_2", K.MLP_NORM), _Op("mlp.c_fc", K.UP),
+    _Op("mlp.act", K.ACT), _Op("mlp.c_proj:input.0", K.ACT, alias=True),
+    _Op("mlp.c_proj", K.DOWN), _Op("mlp.dropout", K.MLP_OUT),
+    _Op("mlp", K.MLP_OUT, alias=True), *_HF_LAYER_OUT)),
     architectures=("GPT2LMHeadModel",))
 
 # llama.cpp's graph (llm_build_llama): a name repeated by later ops is recorded as "name:op".
 # Its Q and K weights were permuted by the GGUF conversion so that llama.cpp's interleaved
 # RoPE works; "rope_interleaved" undoes that permutation within each head, before and after
 # RoPE. (kq_soft_max-N is left out: its key dim is padded to the context size.)
-_GG = r"-(\d+)"
 _LLAMA_CPP_TOP = _top(
-    ("input_ids", "input_ids"), ("embd", "embed"), ("inp_embd", "embed"),
-    ("result_norm", "final_norm"), ("result_output", "logits"))
-#: (name, suffix, canonical op, transform) of llama.cpp's per-layer records
+    ("input_ids", K.INPUT_IDS), ("embd", K.EMBED), ("inp_embd", K.EMBED),
+    ("result_norm", K.FINAL_NORM), ("result_output", K.LOGITS))
+#: llama.cpp's per-layer records: "Qcur:rope" is "Qcur-N:rope" in layer N
+_ROPE_INTERLEAVED = "rope_interleaved"
 _LLAMA_CPP_LAYER = (
-    ("attn_norm", "", "attn_norm", None),
-    ("Qcur", "", "q", "rope_interleaved"), ("Kcur", "", "k", "rope_interleaved"),
-    ("Vcur", "", "v", None),
-    ("Qcur", ":rope", "q_rope", "rope_interleaved"),
-    ("Kcur", ":rope", "k_rope", "rope_interleaved"),
-    ("kqv_out", "", "attn_heads", None), ("attn_out", "", "attn_out", None),
-    ("ffn_inp", "", "attn_residual", None), ("ffn_norm", "", "mlp_norm", None),
-    ("ffn_gate", "", "gate", None), ("ffn_up", "", "up", None),
-    ("ffn_swiglu", "", "act", None), ("ffn_out", "", "down", None),
-    ("l_out", "", "out", None),
+    _Op("attn_norm", K.ATTN_NORM),
+    _Op("Qcur", K.Q, _ROPE_INTERLEAVED), _Op("Kcur", K.K, _ROPE_INTERLEAVED), _Op("Vcur", K.V),
+    _Op("Qcur:rope", K.Q_ROPE, _ROPE_INTERLEAVED), _Op("Kcur:rope", K.K_ROPE, _ROPE_INTERLEAVED),
+    _Op("kqv_out", K.ATTN_HEADS), _Op("attn_out", K.ATTN_OUT),
+    _Op("ffn_inp", K.ATTN_RESIDUAL), _Op("ffn_norm", K.MLP_NORM),
+    _Op("ffn_gate", K.GATE), _Op("ffn_up", K.UP), _Op("ffn_swiglu", K.ACT),
+    _Op("ffn_out", K.DOWN), _Op("l_out", K.OUT),
     # MoE (llm_graph_context::build_moe_ffn): ffn_moe_* activations (ffn_moe_topk is a view
     # of ffn_moe_argsort, recorded with the engine option views=true), ffn_moe_weights_norm
     # when the top-k weights are renormalized (then ffn_moe_weights is before, an alias)
-    ("ffn_moe_logits", "", "router", None), ("ffn_moe_topk", "", "expert_ids", None),
-    ("ffn_moe_weights_norm", "", "expert_weights", None),
-    ("ffn_moe_out", "", "experts_out", None))
-_LLAMA_CPP_ALIASES = (("ffn_moe_weights", "expert_weights"),)
+    _Op("ffn_moe_logits", K.ROUTER), _Op("ffn_moe_topk", K.EXPERT_IDS),
+    _Op("ffn_moe_weights_norm", K.EXPERT_WEIGHTS), _Op("ffn_moe_out", K.EXPERTS_OUT))
+_LLAMA_CPP_ALIASES = (_Op("ffn_moe_weights", K.EXPERT_WEIGHTS, alias=True),)
 
 
-def _llama_cpp(name: str, layer: Iterable[tuple[str, str, str, str | None]],
-               architectures: tuple[str, ...]) -> NameTable:
-    return NameTable(name, _LLAMA_CPP_TOP + tuple(
-        Rule(re.compile(re.escape(own) + _GG + suffix), f"layers.{{0}}.{op}", transform)
-        for own, suffix, op, transform in layer) + tuple(
-        Rule(re.compile(re.escape(own) + _GG), f"layers.{{0}}.{op}", alias=True)
-        for own, op in _LLAMA_CPP_ALIASES), architectures=architectures)
+def _llama_cpp(name: str, layer: Iterable[_Op], architectures: tuple[str, ...]) -> NameTable:
+    def rule(o: _Op) -> Rule:
+        own, colon, after = o.suffix.partition(":")
+        return Rule(re.compile(re.escape(own) + r"-(\d+)" + re.escape(colon + after)),
+                    "layers.{0}." + o.op, o.transform, alias=o.alias)
+
+    return NameTable(name, _LLAMA_CPP_TOP + tuple(map(rule, (*layer, *_LLAMA_CPP_ALIASES))),
+                     architectures=architectures)
 
 
 LLAMA_CPP = _llama_cpp("llama.cpp", _LLAMA_CPP_LAYER, ("llama",))
@@ -301,48 +285,51 @@ LLAMA_CPP = _llama_cpp("llama.cpp", _LLAMA_CPP_LAYER, ("llama",))
 # sparse, so ffn_gate/ffn_up/ffn_swiglu are the shared expert's, ffn_shexp its (ungated)
 # output, ffn_shexp_gate_inp its gate logit, ffn_shexp_gate the logit's sigmoid, and ffn_out
 # the whole MLP's output
-_SHARED = {"ffn_gate": "shared_expert.gate", "ffn_up": "shared_expert.up",
-           "ffn_swiglu": "shared_expert.act", "ffn_out": "mlp_out"}
+_SHARED = {"ffn_gate": _Op("", K.GATE, scope="shared_expert"),
+           "ffn_up": _Op("", K.UP, scope="shared_expert"),
+           "ffn_swiglu": _Op("", K.ACT, scope="shared_expert"), "ffn_out": _Op("", K.MLP_OUT)}
 LLAMA_CPP_QWEN_MOE = _llama_cpp("llama.cpp-qwen-moe", tuple(
-    (own, suffix, _SHARED.get(own, op), None if own in ("Qcur", "Kcur") else transform)
-    for own, suffix, op, transform in _LLAMA_CPP_LAYER) + (
-    ("ffn_shexp", "", "shared_expert.out", None),
-    ("ffn_shexp_gate_inp", "", "shared_expert_gate", None),
-    ("ffn_shexp_gate", "", "shared_expert_gate_prob", None)), ("qwen2moe", "qwen3moe"))
+    o._replace(transform=None) if o.transform == _ROPE_INTERLEAVED else
+    o._replace(kind=_SHARED[o.suffix].kind, scope=_SHARED[o.suffix].scope)
+    if o.suffix in _SHARED else o for o in _LLAMA_CPP_LAYER) + (
+    _Op("ffn_shexp", K.OUT, scope="shared_expert"),
+    _Op("ffn_shexp_gate_inp", K.SHARED_EXPERT_GATE),
+    _Op("ffn_shexp_gate", K.SHARED_EXPERT_GATE_PROB)), ("qwen2moe", "qwen3moe"))
 
 
 # the zoo's MoE block (zoo/moe.py): transformers' router and grouped experts, Meta's names
 # inside each expert
 _ZOO_MOE = (
-    _Op("gate:0", "router"), _Op("gate:1", "expert_weights"), _Op("gate:2", "expert_ids"),
-    _Op("experts.act_fn", "experts.gate_act"), _Op("experts", "experts_out"),
+    _Op("gate:0", K.ROUTER), _Op("gate:1", K.EXPERT_WEIGHTS), _Op("gate:2", K.EXPERT_IDS),
+    _Op("experts.act_fn", K.GATE_ACT, scope="experts"), _Op("experts", K.EXPERTS_OUT),
     *_under("experts.{E}", "experts.{1}", _META_FFN),
     *_under("shared_expert", "shared_expert", _META_FFN),
-    _Op("shared_expert", "shared_expert.out"), _Op("shared_expert_gate", "shared_expert_gate"),
-    _Op("", "mlp_out"),
+    _Op("shared_expert", K.OUT, scope="shared_expert"),
+    _Op("shared_expert_gate", K.SHARED_EXPERT_GATE),
+    _Op("", K.MLP_OUT),
 )
 
 # Meta's Llama reference code (model.py), which lockstep's zoo engine follows name for name;
 # the zoo also records q/k norms in 16-element blocks, each paired with a block of the other
 # side's whole norm output
 LLAMA_REFERENCE = NameTable("llama-reference", _top(
-    ("input_ids", "input_ids"), ("tok_embeddings", "embed"), ("norm", "final_norm"),
-    ("output", "logits"),
+    ("input_ids", K.INPUT_IDS), ("tok_embeddings", K.EMBED), ("norm", K.FINAL_NORM),
+    ("output", K.LOGITS),
 ) + _layer("layers", (
-    _Op("attention_norm", "attn_norm"), _Op("attention.wq", "q"), _Op("attention.wk", "k"),
-    _Op("attention.wv", "v"), _Op("attention.q_norm", "q_norm"),
-    _Op("attention.k_norm", "k_norm"),
-    _Op("attention.q_norm.block{E}", "q_norm", counterpart="block(16, {1})"),
-    _Op("attention.k_norm.block{E}", "k_norm", counterpart="block(16, {1})"),
-    _Op("attention.rope:0", "q_rope"), _Op("attention.rope:1", "k_rope"),
-    _Op("attention.wo:input.0", "attn_heads"), _Op("attention.wo", "attn_out"),
-    _Op("ffn_norm:input.0", "attn_residual"), _Op("ffn_norm", "mlp_norm"),
+    _Op("attention_norm", K.ATTN_NORM), _Op("attention.wq", K.Q), _Op("attention.wk", K.K),
+    _Op("attention.wv", K.V), _Op("attention.q_norm", K.Q_NORM),
+    _Op("attention.k_norm", K.K_NORM),
+    _Op("attention.q_norm.block{E}", K.Q_NORM, counterpart="block(16, {1})"),
+    _Op("attention.k_norm.block{E}", K.K_NORM, counterpart="block(16, {1})"),
+    _Op("attention.rope:0", K.Q_ROPE), _Op("attention.rope:1", K.K_ROPE),
+    _Op("attention.wo:input.0", K.ATTN_HEADS), _Op("attention.wo", K.ATTN_OUT),
+    _Op("ffn_norm:input.0", K.ATTN_RESIDUAL), _Op("ffn_norm", K.MLP_NORM),
     *_under("feed_forward", "", _META_FFN), *_under("feed_forward", "", _ZOO_MOE),
     *_HF_LAYER_OUT,
     # the zoo's other families: Gemma 2's norms after attention and the MLP, Phi-3's fused
     # projections
-    _Op("post_attention_norm", "attn_post_norm"), _Op("post_ffn_norm", "mlp_post_norm"),
-    _Op("attention.qkv", "qkv"), _Op("feed_forward.w13", "gate_up"))))
+    _Op("post_attention_norm", K.ATTN_POST_NORM), _Op("post_ffn_norm", K.MLP_POST_NORM),
+    _Op("attention.qkv", K.QKV), _Op("feed_forward.w13", K.GATE_UP))))
 
 # vLLM and SGLang (vllm/model_executor/models/llama.py, qwen3.py; sglang/srt/models/qwen3.py)
 # and engines written after them (nano-vLLM): the same module names as transformers, but
@@ -351,43 +338,43 @@ LLAMA_REFERENCE = NameTable("llama-reference", _top(
 # (normed, residual sum), layers return (mlp output, residual), linear layers return
 # (output, bias) in vLLM and SGLang, the rotary module returns (q, k), attention is a module
 # of its own, and the logits come from logits_processor (or an lm_head call) outside forward
-_QKV_SPLIT = (("q", "0", "n_heads*head_dim"),
-              ("k", "n_heads*head_dim", "(n_heads+n_kv_heads)*head_dim"),
-              ("v", "(n_heads+n_kv_heads)*head_dim", "(n_heads+2*n_kv_heads)*head_dim"))
-_GATE_UP_SPLIT = (("gate", "0", "n_ff"), ("up", "n_ff", "2*n_ff"))
+_QKV_SPLIT = ((K.Q, "0", "n_heads*head_dim"),
+              (K.K, "n_heads*head_dim", "(n_heads+n_kv_heads)*head_dim"),
+              (K.V, "(n_heads+n_kv_heads)*head_dim", "(n_heads+2*n_kv_heads)*head_dim"))
+_GATE_UP_SPLIT = ((K.GATE, "0", "n_ff"), (K.UP, "n_ff", "2*n_ff"))
 
 
-def _linear(suffix: str, op: str, transform: str | None = None) -> tuple[_Op, ...]:
+def _linear(suffix: str, kind: Kind, transform: str | None = None) -> tuple[_Op, ...]:
     """A linear layer's output, plain or as the first of vLLM's (output, bias)."""
-    return (_Op(suffix, op, transform), _Op(suffix + ":0", op, transform))
+    return (_Op(suffix, kind, transform), _Op(suffix + ":0", kind, transform))
 
 
-def _split(suffix: str, parts: tuple[tuple[str, str, str], ...]) -> tuple[_Op, ...]:
-    return tuple(op for name, start, stop in parts
-                 for op in _linear(suffix, name, f"squeeze|slice(-1, {start}, {stop})"))
+def _split(suffix: str, parts: tuple[tuple[Kind, str, str], ...]) -> tuple[_Op, ...]:
+    return tuple(op for kind, start, stop in parts
+                 for op in _linear(suffix, kind, f"squeeze|slice(-1, {start}, {stop})"))
 
 
-def _fused_norm(suffix: str, op: str) -> tuple[_Op, ...]:
+def _fused_norm(suffix: str, kind: Kind) -> tuple[_Op, ...]:
     """A norm that adds the residual first: plain (no residual yet), or (normed, sum)."""
-    return (_Op(suffix, op), _Op(suffix + ":0", op))
+    return (_Op(suffix, kind), _Op(suffix + ":0", kind))
 
 
 _ENGINE_LAYER = (
-    *_fused_norm("input_layernorm", "attn_norm"),
-    _Op("input_layernorm:1", "out", shift=-1),  # the residual sum: the previous layer's out
+    *_fused_norm("input_layernorm", K.ATTN_NORM),
+    _Op("input_layernorm:1", K.OUT, shift=-1),  # the residual sum: the previous layer's out
     *_split("self_attn.qkv_proj", _QKV_SPLIT), *_HF_QK_NORM,
-    _Op("self_attn.rotary_emb:0", "q_rope"), _Op("self_attn.rotary_emb:1", "k_rope"),
-    _Op("self_attn.attn", "attn_heads"), *_linear("self_attn.o_proj", "attn_out"),
-    _Op("self_attn", "attn_out", alias=True),
-    *_fused_norm("post_attention_layernorm", "mlp_norm"),
-    _Op("post_attention_layernorm:1", "attn_residual"),
-    *_split("mlp.gate_up_proj", _GATE_UP_SPLIT), _Op("mlp.act_fn", "act"),
-    *_linear("mlp.down_proj", "down"), _Op("mlp", "mlp_out", alias=True),
-    _Op(":0", "mlp_out", alias=True), _Op(":1", "attn_residual", alias=True),
+    _Op("self_attn.rotary_emb:0", K.Q_ROPE), _Op("self_attn.rotary_emb:1", K.K_ROPE),
+    _Op("self_attn.attn", K.ATTN_HEADS), *_linear("self_attn.o_proj", K.ATTN_OUT),
+    _Op("self_attn", K.ATTN_OUT, alias=True),
+    *_fused_norm("post_attention_layernorm", K.MLP_NORM),
+    _Op("post_attention_layernorm:1", K.ATTN_RESIDUAL),
+    *_split("mlp.gate_up_proj", _GATE_UP_SPLIT), _Op("mlp.act_fn", K.ACT),
+    *_linear("mlp.down_proj", K.DOWN), _Op("mlp", K.MLP_OUT, alias=True),
+    _Op(":0", K.MLP_OUT, alias=True), _Op(":1", K.ATTN_RESIDUAL, alias=True),
 )
 VLLM = NameTable("vllm-sglang", _top(
-    ("input_ids", "input_ids"), ("model.embed_tokens", "embed"), ("model.norm", "final_norm"),
-    ("model.norm:0", "final_norm"), ("logits_processor", "logits"), ("lm_head", "logits"),
+    ("input_ids", K.INPUT_IDS), ("model.embed_tokens", K.EMBED), ("model.norm", K.FINAL_NORM),
+    ("model.norm:0", K.FINAL_NORM), ("logits_processor", K.LOGITS), ("lm_head", K.LOGITS),
 ) + _layer("model.layers", _ENGINE_LAYER))
 
 #: in order of preference when two tables know as many of a dump's names
@@ -397,14 +384,29 @@ TABLES: tuple[NameTable, ...] = (TRANSFORMERS_LLAMA, TRANSFORMERS_PHI3, TRANSFOR
 
 
 def detect_table(names: Iterable[str], meta: Mapping[str, Any] | None = None) -> NameTable | None:
-    """The table for a dump: the one made for the run metadata's ``architecture`` if it knows
-    a quarter of the names, else the one that knows most of them (at least a quarter; the
-    first in ``TABLES`` on a tie), or None."""
+    """The table for a dump: the one that knows most of its names (at least a quarter); among
+    those that know as many, the one made for the run metadata's ``architecture``, else the
+    first in ``TABLES``; or None.
+
+    The architecture only breaks ties: it names the model, not the engine's names (an engine
+    written after vLLM reports the transformers class of the model it runs)."""
     names = list(set(names))
     covered = {t.name: t.coverage(names) for t in TABLES}
+    best = max(covered.values(), default=0)
+    if not best or best * 4 < len(names):
+        return None
+    fitting = [t for t in TABLES if covered[t.name] == best]
     architecture = (meta or {}).get("architecture")
-    fitting = [t for t in TABLES if covered[t.name] and covered[t.name] * 4 >= len(names)]
-    for table in fitting:
-        if architecture and architecture in table.architectures:
-            return table
-    return max(fitting, key=lambda t: covered[t.name], default=None)
+    return next((t for t in fitting if architecture and architecture in t.architectures),
+                fitting[0])
+
+
+@lru_cache(maxsize=8192)
+def table_canonical(recorded: str) -> str | None:
+    """The canonical name the first table (in ``TABLES`` order) that knows a recorded name
+    gives it, or None."""
+    for table in TABLES:
+        hit = table.lookup_rule(recorded)
+        if hit is not None:
+            return hit[0]
+    return None

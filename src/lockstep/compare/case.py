@@ -9,13 +9,14 @@ for the divergence.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
-from ..align.tables import TABLES
+from ..align import kinds
+from ..align.kinds import Kind
+from ..align.tables import table_canonical
 from ..align.transforms import apply_transform, meta_size
 from ..errors import LockstepError
 from ..store.reader import Dump, Record
@@ -59,59 +60,24 @@ class Role:
     op: str  #: "q", "q_rope", "attn_heads", "logits", ...; "" when unknown
 
 
-_LOGIT_NAMES = re.compile(r"(^|[.:])(logits|lm_head|result_output|output_logits)$")
-_CANON = re.compile(r"(?:layers\.(\d+)\.)?(.+)")
-_LAYER = re.compile(r"(?:^|[^a-z])(?:layers?|blk)[._\-]?(\d+)|-(\d+)(?::|$)")
-
-
 def _from_canonical(canonical: str) -> Role:
-    m = _CANON.fullmatch(canonical)
-    assert m is not None
-    op = "embed" if m.group(2) == "tok_embed" else m.group(2)
-    return Role(int(m.group(1)) if m.group(1) else None, op)
+    parts = kinds.parse(canonical)
+    if parts is None:  # a name no Kind stands for (a newer version's): as it reads
+        return Role(*kinds.split_layer(canonical))
+    if parts.kind is Kind.TOK_EMBED and not parts.scope:
+        return Role(parts.layer, Kind.EMBED)
+    return Role(parts.layer, parts.op)
 
 
 def _guess(name: str) -> Role:
-    """The op a recorded name stands for when no name table knows it."""
-    n = name.lower()
-    words = set(re.findall(r"[a-z]+", n))
-    m = _LAYER.search(n)
-    layer = int(m.group(1) or m.group(2)) if m else None
-    qkv = next((op for op, keys in (("q", {"q", "query", "xq", "wq"}),
-                                    ("k", {"k", "key", "xk", "wk"}),
-                                    ("v", {"v", "value", "xv", "wv"})) if words & keys), None)
-    op = ""
-    if "input_ids" in n or "token_ids" in n:
-        op = "input_ids"
-    elif re.search(r"position|(?<![a-z])pos(?![a-z])", n):
-        op = "positions"
-    elif ("rotary" in words and "emb" in words) or words & {"cos", "sin", "freqs"}:
-        op = "rope_sin" if "sin" in words or n.endswith(":1") else "rope_cos"
-    elif qkv in ("q", "k") and words & {"rope", "rotary", "rot"}:
-        op = f"{qkv}_rope"
-    elif qkv in ("q", "k") and words & {"norm", "layernorm"}:
-        op = f"{qkv}_norm"
-    elif "logits" in words or {"lm", "head"} <= words:
-        op = "logits"
-    elif words & {"embed", "embedding", "embeddings", "embd", "wte"}:
-        op = "embed"
-    elif qkv is not None:
-        op = qkv
-    elif words & {"norm", "layernorm", "rmsnorm"}:
-        op = "final_norm" if layer is None else "attn_norm"
-    elif {"o", "proj"} <= words:
-        op = "attn_out"
-    elif words & {"attn", "attention"}:
-        op = "attn"
-    return Role(layer, op)
+    """The op a recorded name stands for when no name table knows it (align.kinds.guess)."""
+    layer, kind = kinds.guess(name)
+    return Role(layer, kind or "")
 
 
 def _table_role(name: str) -> Role | None:
-    for table in TABLES:
-        hit = table.lookup(name)
-        if hit is not None:
-            return _from_canonical(hit[0])
-    return None
+    canonical = table_canonical(name)
+    return None if canonical is None else _from_canonical(canonical)
 
 
 def role_of_name(name: str) -> Role:
@@ -132,10 +98,11 @@ def role_of(p: PairResult) -> Role:
 
 
 def is_logits(record: Record | str, meta: Mapping[str, Any]) -> bool:
-    """Logit-like: named like logits (``lm_head``, ``:logits``, ``result_output``), or named
-    in the run metadata's ``logits`` list."""
+    """Logit-like: named like logits in any engine (``lm_head``, ``:logits``,
+    ``result_output``: align.kinds.named_kind), or named in the run metadata's ``logits``
+    list."""
     name = record if isinstance(record, str) else record.name
-    return bool(_LOGIT_NAMES.search(name)) or name in meta.get("logits", ())
+    return kinds.named_kind(name) is Kind.LOGITS or name in meta.get("logits", ())
 
 
 def label(p: PairResult) -> str:

@@ -12,6 +12,8 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from ..align.kinds import Kind, kind_of
+from ..align.tables import table_canonical
 from ..compare.comparison import Comparison, DumpSummary
 from ..compare.coverage import Gap
 from ..compare.diagnosis import Diagnosis
@@ -184,8 +186,8 @@ def _error_path(c: Comparison) -> Table:
     worst = max(measured, key=lambda p: p.error, default=None)
     if worst is not None:
         _row(grid, "largest error", f"step {worst.step}, {_name(worst)}: {fmt(worst.error)}")
-    finals = [p for p in measured if p.metrics is not None and
-              (p.canonical == "final_norm" or p.ref_name == "model.norm")]
+    finals = [p for p in measured if p.metrics is not None and Kind.FINAL_NORM in (
+              kind_of(p.canonical), kind_of(table_canonical(p.ref_name)))]
     broken = [p for p in finals if p.metrics is not None and math.isnan(p.metrics.cosine)]
     if broken:
         m = broken[0].metrics
