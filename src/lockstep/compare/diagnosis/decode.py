@@ -27,7 +27,7 @@ def _rows_by_position(case: Case, p: PairResult) -> tuple[np.ndarray, list[int]]
     rows: list[np.ndarray] = []
     starts: list[int] = []
     width = None
-    for step in range(0, min(max(case.ref.steps, default=0) + 1, _MAX_STEPS)):
+    for step in range(min(max(case.ref.steps, default=0) + 1, _MAX_STEPS)):
         q = case.same_name(p, step)
         a = case.arrays(q) if q is not None else None
         if a is None:
