@@ -15,8 +15,10 @@ import torch
 from rich.console import Console
 
 import lockstep
-from lockstep.compare import diagnosis as diagnosis_module
-from lockstep.compare.diagnosis import KINDS, Diagnosis
+from lockstep.compare.case import Case
+from lockstep.compare.diagnosis import KINDS, RULES, Diagnosis, diagnose, rule
+from lockstep.compare.diagnosis import registry as rules
+from lockstep.compare.diagnosis import run as diagnosis_module
 from lockstep.report import ComparisonReport, report_dict
 from models import PROMPT as HF_PROMPT
 from models import greedy, tiny, variant
@@ -399,7 +401,6 @@ def test_a_bug_in_the_diagnosis_never_costs_the_comparison(tmp_path, mini, refer
     monkeypatch.setattr(diagnosis_module, "diagnose", broken)
     with pytest.raises(ZeroDivisionError):  # under pytest the error surfaces
         lockstep.compare(reference[0], tmp_path / "cand")
-    monkeypatch.delenv("PYTEST_CURRENT_TEST")
     monkeypatch.delenv("LOCKSTEP_STRICT", raising=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -407,6 +408,42 @@ def test_a_bug_in_the_diagnosis_never_costs_the_comparison(tmp_path, mini, refer
     assert result.verdict == "diverged" and result.diagnosis is None
     assert any("the diagnosis failed (ZeroDivisionError: boom)" in str(w.message)
                for w in caught)
+
+
+
+def test_strict_is_an_explicit_choice(tmp_path, mini, reference, monkeypatch):
+    def broken(*args: Any) -> None:
+        raise ZeroDivisionError("boom")
+
+    run(tmp_path / "cand", mini, bug="weight", forced=reference[1][:-1])
+    monkeypatch.setattr(diagnosis_module, "diagnose", broken)
+    monkeypatch.delenv("LOCKSTEP_STRICT", raising=False)
+    with pytest.raises(ZeroDivisionError):  # asked for, whatever the environment says
+        lockstep.compare(reference[0], tmp_path / "cand", strict=True)
+    monkeypatch.setenv("LOCKSTEP_STRICT", "1")
+    with pytest.warns(RuntimeWarning, match="the diagnosis failed"):
+        result = lockstep.compare(reference[0], tmp_path / "cand", strict=False)
+    assert result.verdict == "diverged" and result.diagnosis is None
+
+
+def test_diagnose_runs_the_rules_it_is_given_in_order(tmp_path, mini, reference):
+    result, d = diagnosed(tmp_path, mini, reference, bug="heads")
+    assert d.kind == "layout"
+    with lockstep.open_dump(reference[0]) as ref, lockstep.open_dump(tmp_path / "cand") as cand:
+        case = Case(result.first_divergence, result.results, ref, cand, tokens=result.tokens)
+        assert diagnose(case) == d  # RULES, the default
+        assert diagnose(case, rules=(rules.op, rules.layout)).kind == "op"
+        assert diagnose(case, rules=(rules.zeros, rules.stale)) is None
+        assert diagnose(case, rules=()) is None
+
+        @rule("zeros")
+        def mislabelled(case: Case) -> Diagnosis | None:
+            return rules.op(case)
+
+        with pytest.raises(AssertionError, match="declares"):
+            diagnose(case, rules=(mislabelled,))
+    assert [r.name for r in RULES][-1] == "op" and set(KINDS) == {
+        k for r in RULES for k in r.kinds}
 
 
 def test_reports_show_the_diagnosis(tmp_path, mini, reference):

@@ -3,8 +3,8 @@
 from .comparison import Comparison, DumpSummary, compare
 from .diagnosis import Diagnosis, diagnose
 from .metrics import TensorMetrics, TopK, tensor_metrics
+from .pair_result import PairResult
 from .tolerance import Tolerances
-from .verdict import PairResult
 
 __all__ = ["Comparison", "DumpSummary", "compare", "TensorMetrics", "TopK", "tensor_metrics",
            "Tolerances", "PairResult", "Diagnosis", "diagnose"]

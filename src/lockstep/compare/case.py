@@ -21,34 +21,14 @@ from ..align.transforms import apply_transform, meta_size
 from ..errors import LockstepError
 from ..store.reader import Dump, Record
 from . import evidence as ev
-from .numbers import fmt
-from .verdict import DRIFT_FACTOR, JUMP_FACTOR, PairResult
+from .formatting import fmt
+from .ops import INPUT_OF
+from .pair_result import DRIFT_FACTOR, JUMP_FACTOR, PairResult
 
 if TYPE_CHECKING:
-    from .comparison import Comparison
+    from .token_check import TokenCheck
 
-__all__ = ["Case", "Role", "role_of", "role_of_name", "is_logits", "label", "fmt", "pct", "input_sentence", "NORMS",
-           "ATTN_OUT", "ROPE_TABLES"]
-
-#: ops (canonical, after ``layers.N.``) that are norms, attention outputs, RoPE tables
-NORMS = ("q_norm", "k_norm", "attn_norm", "mlp_norm", "final_norm")
-ATTN_OUT = ("attn_probs", "attn_heads", "attn", "attn_out")
-ROPE_TABLES = ("rope_cos", "rope_sin")  # the RoPE tables of this step's positions
-_INPUT_OF: dict[str, tuple[str, ...]] = {
-    "embed": ("input_ids",), "q": ("attn_norm",), "k": ("attn_norm",), "v": ("attn_norm",),
-    "q_norm": ("q",), "k_norm": ("k",), "q_rope": ("q_norm", "q"), "k_rope": ("k_norm", "k"),
-    "attn_heads": ("v", "k_rope", "k"), "attn": ("v", "k_rope", "k"),
-    "attn_out": ("attn_heads", "v"), "attn_residual": ("attn_out",),
-    "mlp_norm": ("attn_residual", "attn_out"), "gate": ("mlp_norm",), "up": ("mlp_norm",),
-    "gate_act": ("gate",), "act": ("gate_act", "up", "gate"), "down": ("act", "up"),
-    "mlp_out": ("down", "act"), "mlp": ("act", "up"), "out": ("mlp_out", "down", "mlp"),
-    "logits": ("final_norm",),
-}
-
-
-def pct(part: float, whole: float) -> str:
-    """``part`` as a percentage of ``whole``."""
-    return f"{100.0 * part / whole:.3g}%" if whole else "0%"
+__all__ = ["Case", "Role", "role_of", "role_of_name", "is_logits", "label", "input_sentence"]
 
 
 # -- what each pair is ------------------------------------------------------------------------
@@ -115,14 +95,13 @@ def label(p: PairResult) -> str:
 class Case:
     """The first divergence, its neighbours, and the two dumps to read them from."""
 
-    def __init__(self, comparison: Comparison, ref: Dump, cand: Dump) -> None:
-        first = comparison.first_divergence
-        assert first is not None
-        self.first = first
+    def __init__(self, first: PairResult, results: Sequence[PairResult], ref: Dump, cand: Dump,
+                 tokens: TokenCheck | None = None) -> None:
+        self.first = first  #: the first divergence
         self.ref, self.cand = ref, cand
-        self.results = comparison.results
-        self.tokens = comparison.tokens  #: the chosen tokens of both runs (compare.tokens)
-        self.step = [p for p in comparison.results if p.step == first.step]
+        self.results = results  #: every compared pair, in step and capture order
+        self.tokens = tokens  #: the chosen tokens of both runs (compare.tokens)
+        self.step = [p for p in results if p.step == first.step]
         self._roles: dict[int, Role] = {}
         self._arrays: dict[tuple[int, int, int], tuple[np.ndarray, np.ndarray] | None] = {}
         self._seqs: dict[int, dict[int, Record]] = {}
@@ -205,8 +184,8 @@ class Case:
             layers = [self.role(q).layer for q in self.step if self.role(q).op == "out"]
             known = [x for x in layers if x is not None]
             hit = self.find(("out",), max(known)) if known else None
-        elif role.op in _INPUT_OF:
-            ops = _INPUT_OF[role.op]
+        elif role.op in INPUT_OF:
+            ops = INPUT_OF[role.op]
             hit = self.find(ops, role.layer) or (self.find(ops, None) if role.layer is not None
                                                  else None)
         if hit is not None:
@@ -223,6 +202,13 @@ class Case:
     def explains(self, err: float) -> bool:
         """An explanation leaving this error accounts for the first divergence's."""
         return err <= self.good() and err * JUMP_FACTOR <= self.first.error
+
+    def scale_of(self, arrays: tuple[np.ndarray, np.ndarray] | None) -> float | None:
+        """s when the candidate is s times the reference and that accounts for the divergence."""
+        if arrays is None:
+            return None
+        s, residual = ev.fit_scale(*arrays)
+        return s if self.explains(residual) else None
 
     @staticmethod
     def agrees(p: PairResult) -> bool:

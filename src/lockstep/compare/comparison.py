@@ -19,14 +19,17 @@ from ..align.verify import merged_meta
 from ..errors import LockstepError
 from ..store.dtypes import FLOAT_KINDS
 from ..store.reader import Dump, Record, open_dump
-from .case import is_logits, role_of
+from .case import Case, is_logits, role_of
 from .coverage import Coverage, coverage_of
-from .diagnosis import Diagnosis, diagnose_safely
+from .diagnosis.model import Diagnosis
+from .diagnosis.moe import near_tie_flip
+from .diagnosis.run import diagnose_safely
+from .diagnosis.sampling import sampling_diagnosis
 from .metrics import ShapeMismatch, TensorMetrics, tensor_metrics
-from .sampling import sampling_diagnosis
-from .tokens import TokenCheck, check_tokens
+from .pair_result import PairResult, decide, inherited_errors
+from .token_check import TokenCheck
+from .tokens import check_tokens
 from .tolerance import Tolerance, Tolerances
-from .verdict import PairResult, decide, inherited_errors
 
 if TYPE_CHECKING:
     from ..align.mapping import MappingFile
@@ -89,8 +92,8 @@ def _stats_error(ref: Dump, cand: Dump, r: Record, c: Record) -> float:
     return max(abs(float(cs[k]) - float(rs[k])) for k in keys) / scale
 
 
-def _measure(ref: Dump, cand: Dump, pair: Pair, tol: Tolerance) -> tuple[float, TensorMetrics | None,
-                                                                      str | None]:
+def _measure(ref: Dump, cand: Dump, pair: Pair,
+             tol: Tolerance) -> tuple[float, TensorMetrics | None, str | None]:
     r, c = pair.ref, pair.cand
     if not (r.has_data and c.has_data):
         return _stats_error(ref, cand, r, c), None, "statistics only (no data recorded)"
@@ -121,13 +124,15 @@ def compare(reference: Dump | str | os.PathLike[str], candidate: Dump | str | os
             tolerances: Tolerances | None = None, *,
             progress: Callable[[int, int], None] | None = None,
             mapping: MappingFile | None = None, use_tables: bool = True,
-            cand_precision: str | None = None) -> Comparison:
+            cand_precision: str | None = None, strict: bool | None = None) -> Comparison:
     """Compare a candidate dump against a reference dump (paths or opened dumps).
 
     ``mapping`` (a mapping file, docs/mapping.md) renames, transforms, ignores and sets
     tolerances before the automatic pairing; ``use_tables=False`` leaves the name tables out.
     ``cand_precision``: the candidate computes in this dtype (as its ``compute_dtype``
     metadata would say): a precision measured by replay, not declared by the dump.
+    ``strict``: a bug in the diagnosis raises instead of warning (None: when the
+    ``LOCKSTEP_STRICT`` environment variable is set; the test suite sets it).
     """
     ref = reference if isinstance(reference, Dump) else open_dump(reference)
     try:
@@ -137,7 +142,7 @@ def compare(reference: Dump | str | os.PathLike[str], candidate: Dump | str | os
             if mapping is not None:  # the mapping file's tolerances, after the caller's own
                 tolerances = tolerances.with_patterns(mapping.tolerances())
             return _compare(ref, cand, tolerances, progress, mapping, use_tables,
-                            cand_precision)
+                            cand_precision, strict)
         finally:
             if cand is not candidate:
                 cand.close()
@@ -148,7 +153,8 @@ def compare(reference: Dump | str | os.PathLike[str], candidate: Dump | str | os
 
 def _compare(ref: Dump, cand: Dump, tolerances: Tolerances,
              progress: Callable[[int, int], None] | None, mapping: MappingFile | None,
-             use_tables: bool, cand_precision: str | None = None) -> Comparison:
+             use_tables: bool, cand_precision: str | None = None,
+             strict: bool | None = None) -> Comparison:
     step_match = match_steps(ref, cand)
     recorded = cand
     cand = restep(cand, step_match)  # candidate steps numbered as the reference steps they are
@@ -165,8 +171,8 @@ def _compare(ref: Dump, cand: Dump, tolerances: Tolerances,
         error, metrics, note = _measure(ref, cand, pair, tol)
         result = PairResult(step=r.step, ref_name=r.name, cand_name=c.name, ref_seq=r.seq,
                             cand_seq=c.seq, call=r.call, how=pair.how, ref_shape=r.shape,
-                            cand_shape=c.shape, ref_dtype=r.dtype, cand_dtype=c.dtype, tol=tol.match,
-                            noise=tol.noise,
+                            cand_shape=c.shape, ref_dtype=r.dtype, cand_dtype=c.dtype,
+                            tol=tol.match, noise=tol.noise,
                             error=error, metrics=metrics, note=note,
                             canonical=pair.canonical,
                             transform=pair.cand_transform or pair.ref_transform,
@@ -206,15 +212,21 @@ def _compare(ref: Dump, cand: Dump, tolerances: Tolerances,
                              first_divergence=None)
         return comparison
     if by_tokens and first is None:  # no logits pair to point at: the tokens alone
+        assert token_step is not None  # by_tokens
         comparison = replace(comparison, diagnosis=sampling_diagnosis(tokens, token_step))
-    elif verdict == "diverged":  # beside the first divergence: what kind of problem it is
-        comparison = replace(comparison, diagnosis=diagnose_safely(comparison, ref, cand))
+    elif verdict == "diverged" and first is not None:  # beside it: what kind of problem
+        diagnosis = diagnose_safely(_case(comparison, ref, cand), strict=strict)
+        comparison = replace(comparison, diagnosis=diagnosis)
     return comparison
 
 
-def _near_tie_flip(comparison: Comparison, ref: Dump, cand: Dump) -> bool:
-    """The first divergence is a MoE routing flip at near-ties (compare.moe)."""
-    from .case import Case
-    from .moe import near_tie_flip
+def _case(comparison: Comparison, ref: Dump, cand: Dump) -> Case:
+    """The case the diagnosis reads: the first divergence, every pair, the tokens."""
+    assert comparison.first_divergence is not None
+    return Case(comparison.first_divergence, comparison.results, ref, cand,
+                tokens=comparison.tokens)
 
-    return near_tie_flip(Case(comparison, ref, cand))
+
+def _near_tie_flip(comparison: Comparison, ref: Dump, cand: Dump) -> bool:
+    """The first divergence is a MoE routing flip at near-ties (compare.diagnosis.moe)."""
+    return near_tie_flip(_case(comparison, ref, cand))

@@ -160,8 +160,8 @@ def _count(key: int, states: Sequence[tuple[Record, str, str | None]]) -> Count:
 
 
 def _grouped(states: Iterable[tuple[Record, str, str | None]],
-             key: Any) -> dict[int, list[tuple[Record, str, str | None]]]:
-    out: dict[int, list[tuple[Record, str, str | None]]] = {}
+             key: Any) -> dict[Any, list[tuple[Record, str, str | None]]]:
+    out: dict[Any, list[tuple[Record, str, str | None]]] = {}
     for s in states:
         k = key(s[0])
         if k is not None:
@@ -270,9 +270,9 @@ def coverage_of(pairs: Iterable[tuple[Record, Record, str | None]],
 
     # every layer of the reference, at every step
     layer_states = [s for s in everything if layer_of(s[0]) is not None]
-    by_layer_step = _grouped(layer_states, lambda r: (layer_of(r), r.step))  # type: ignore
+    by_layer_step = _grouped(layer_states, lambda r: (layer_of(r), r.step))
     lost: dict[int, list[int]] = {}
-    for (layer, step), v in by_layer_step.items():  # type: ignore[misc]
+    for (layer, step), v in by_layer_step.items():
         if all(x[1] != PAIRED for x in v):
             lost.setdefault(layer, []).append(step)
     if layers:

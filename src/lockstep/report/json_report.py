@@ -11,7 +11,7 @@ from typing import Any
 from .._version import __version__
 from ..compare.comparison import Comparison, DumpSummary
 from ..compare.metrics import TensorMetrics
-from ..compare.verdict import DRIFT_FACTOR, PairResult
+from ..compare.pair_result import DRIFT_FACTOR, PairResult
 from ..store.reader import Record
 
 __all__ = ["SCHEMA_VERSION", "report_dict", "write_json", "json_number", "write_json_file",

@@ -17,9 +17,9 @@ from ..align.tables import table_canonical
 from ..compare.comparison import Comparison, DumpSummary
 from ..compare.coverage import Gap
 from ..compare.diagnosis import Diagnosis
-from ..compare.numbers import fmt
+from ..compare.formatting import fmt
 from ..display import text as _text
-from ..compare.verdict import PairResult
+from ..compare.pair_result import PairResult
 from .json_report import status
 
 __all__ = ["ComparisonReport", "VERDICT_TEXT"]

@@ -14,9 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from . import evidence as ev
-from .case import Case, fmt, label
-from .diagnosis import Diagnosis, make
+from .. import evidence as ev
+from ..case import Case, label
+from ..formatting import fmt
+from .model import Diagnosis, make, rule
 
 __all__ = ["attention", "attend"]
 
@@ -51,7 +52,8 @@ def _inputs(case: Case, layer: int, heads: int, kv_heads: int, d: int
     """The reference's q of this step and k, v of every step up to it."""
     f = case.first
     q = case.find(("q_rope",), layer)
-    if q is None or case.arrays(q) is None:
+    qa = case.arrays(q) if q is not None else None
+    if qa is None:
         return None
     ks, vs = [], []
     for step in range(f.step + 1):
@@ -61,9 +63,10 @@ def _inputs(case: Case, layer: int, heads: int, kv_heads: int, d: int
             return None
         ks.append(ka[0].reshape(-1, kv_heads, d))
         vs.append(va[0].reshape(-1, kv_heads, d))
-    return case.arrays(q)[0].reshape(-1, heads, d), np.concatenate(ks), np.concatenate(vs)
+    return qa[0].reshape(-1, heads, d), np.concatenate(ks), np.concatenate(vs)
 
 
+@rule("softcap", "window", "scale")
 def attention(case: Case) -> Diagnosis | None:
     f = case.first
     role = case.role(f)

@@ -8,10 +8,12 @@ from typing import Any
 
 import numpy as np
 
-from . import evidence as ev
-from .case import ROPE_TABLES, Case, fmt, label
-from .diagnosis import Diagnosis, make
-from .verdict import PairResult
+from .. import evidence as ev
+from ..case import Case, label
+from ..formatting import fmt
+from ..ops import ROPE_TABLES
+from ..pair_result import PairResult
+from .model import Diagnosis, make, rule
 
 __all__ = ["rope", "pre_rope", "before_after", "rope_views", "pairing_of"]
 
@@ -62,6 +64,7 @@ def pairing_of(x: np.ndarray, y: np.ndarray) -> str | None:
     return best if fits[best] <= 1e-3 else None
 
 
+@rule("rope")
 def rope(case: Case) -> Diagnosis | None:
     """The divergence appears at RoPE at prefill (q/k before it agree): the pair convention,
     the base (from q/k or from the cos/sin tables), the positions."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["fmt"]
+__all__ = ["fmt", "pct"]
 
 
 def fmt(x: float) -> str:
@@ -18,3 +18,8 @@ def fmt(x: float) -> str:
     if 1e-3 <= abs(x) < 1e4:
         return f"{x:.4g}"
     return f"{x:.2e}"
+
+
+def pct(part: float, whole: float) -> str:
+    """``part`` as a percentage of ``whole``."""
+    return f"{100.0 * part / whole:.3g}%" if whole else "0%"

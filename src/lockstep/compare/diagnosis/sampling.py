@@ -5,13 +5,14 @@ token is stored) is wrong, not the model."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from .case import Case, fmt, label
-from .diagnosis import Diagnosis, make
+from ..case import Case, label
+from ..formatting import fmt
+from .model import Diagnosis, make, rule
 
 if TYPE_CHECKING:
-    from .tokens import TokenCheck
+    from ..token_check import TokenCheck
 
 __all__ = ["sampling", "sampling_diagnosis"]
 
@@ -32,7 +33,7 @@ def sampling_diagnosis(tokens: TokenCheck, step: int, logits: str | None = None,
     if logits is not None and error is not None:
         evidence.append(f"the logits agree at step {step} ({logits}: relative L2 "
                         f"{fmt(error)})")
-    detail = {"step": step}
+    detail: dict[str, Any] = {"step": step}
     if off is not None:
         title = (f"at step {step} the candidate chose token {off.chosen}, not the argmax "
                  f"{off.argmax} of its own logits: the logits-to-token step is wrong")
@@ -56,6 +57,7 @@ def sampling_diagnosis(tokens: TokenCheck, step: int, logits: str | None = None,
     return make("sampling", title, _CHECKS, evidence, **detail)
 
 
+@rule("sampling")
 def sampling(case: Case) -> Diagnosis | None:
     """The first divergence is a logits pair that agrees, and the tokens of its step are off
     (see the module docstring)."""

@@ -59,7 +59,7 @@ class PairResult:
         """How many times the inherited error this pair's error is (inf from zero)."""
         if self.error == 0.0:
             return 0.0
-        if self.inherited == 0.0 or math.isinf(self.error) and not math.isinf(self.inherited):
+        if self.inherited == 0.0 or (math.isinf(self.error) and not math.isinf(self.inherited)):
             return math.inf
         return self.error / self.inherited
 

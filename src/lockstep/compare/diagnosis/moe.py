@@ -18,10 +18,11 @@ from typing import Sequence
 
 import numpy as np
 
-from . import evidence as ev
-from .case import Case, fmt
-from .diagnosis import Diagnosis, make
-from .verdict import PairResult
+from .. import evidence as ev
+from ..case import Case
+from ..formatting import fmt
+from ..pair_result import PairResult
+from .model import Diagnosis, make, rule
 
 __all__ = ["MOE_OPS", "Routing", "routing_of", "near_tie_flip", "moe"]
 
@@ -194,6 +195,7 @@ def _token_errors(case: Case, op: str, layer: int) -> list[tuple[int, float]] | 
     return [(t, ev.rel_error(ref[t], cand[t])) for t in range(ref.shape[0])]
 
 
+@rule("moe")
 def moe(case: Case) -> Diagnosis | None:
     """Which tokens chose which experts, the router logits, the weights' sums, the experts."""
     role = case.role(case.first)
@@ -303,8 +305,8 @@ def moe(case: Case) -> Diagnosis | None:
         out, shared = _pair(case, "experts_out", layer), _pair(case, "shared_expert.out", layer)
         block = case.arrays(case.first)
         routed = case.arrays(out) if out is not None else None
-        if block is not None and routed is not None and shared is not None and \
-                case.agrees(out) and case.agrees(shared) and \
+        if block is not None and routed is not None and out is not None and \
+                shared is not None and case.agrees(out) and case.agrees(shared) and \
                 ev.rel_error(routed[0], block[1]) <= max(bad, 1e-5):
             title = ("routing, the routed experts and the shared expert agree, but the MLP "
                      "output is the routed experts' sum alone: the shared expert is left out")

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import math
 
-from . import evidence as ev
-from .case import Case, fmt, label
-from .diagnosis import Diagnosis, make
+from .. import evidence as ev
+from ..case import Case, label
+from ..formatting import fmt
+from .model import Diagnosis, make, rule
 
 __all__ = ["scale", "factor_name"]
 
@@ -25,6 +26,7 @@ def factor_name(factor: float, width: int) -> str | None:
     return None
 
 
+@rule("scale")
 def scale(case: Case) -> Diagnosis | None:
     """cand = s · ref for one s away from 1, the residual within what precision explains."""
     f = case.first

@@ -1,0 +1,72 @@
+"""The diagnosis rules, in the order they run, and the kinds they give.
+
+The most specific explanation wins, so the order matters:
+
+- ``sampling``: the logits agree, the token does not: the candidate's chosen token is not
+  the argmax of its own logits, or the two sides chose different tokens.
+- ``nan``: NaN/Inf appear at this tensor on one side only.
+- ``zeros``: the candidate is all zeros (or largely) where the reference is not.
+- ``stale``: the candidate equals its own value at the previous step; the reference moved.
+- ``layout``: a transpose, a (T, H, D) <-> (H, T, D) reordering or the interleaved <->
+  half-split RoPE order of the candidate matches the reference.
+- ``blocked_norm``: cand/ref is one factor per block of b elements (b < head_dim), the
+  factors differ between blocks, or equal rms(head)/rms(block) of the norm's input.
+- ``moe``: a mixture-of-experts layer: which tokens chose other experts, whether the router
+  logits agree and the weights sum to 1, which experts' rows differ, whether the shared
+  expert is in the sum.
+- ``attention`` (kinds ``softcap``, ``window``, ``scale``): attention recomputed from the
+  reference's q, k, v reproduces the candidate with the soft cap left out, another window,
+  or another score scale.
+- ``scale``: the embedding or q/k after RoPE is the reference's times one constant
+  (√hidden, YaRN's attention factor).
+- ``embedding``: token ids or embeddings differ at prefill.
+- ``decode``: prefill agrees, a decode step does not: the token fed, its position, or the
+  KV cache, by where the divergence is and which of its inputs agree.
+- ``logits``: the final norm agrees, the logits do not.
+- ``rope``: q/k before RoPE agree, after RoPE they do not.
+- ``op``: the fallback: an op's output differs while its input agrees.
+
+Adding a rule: a module beside these holding one ``@rule("kind")`` function, and its line
+here. ``KINDS`` and the zoo's list of diagnoses follow from ``RULES``.
+"""
+
+from __future__ import annotations
+
+from .attention import attention
+from .blocked_norm import blocked_norm
+from .decode import decode
+from .embedding import embedding
+from .layout import layout
+from .logits import logits
+from .model import Rule
+from .moe import moe
+from .nan import nan
+from .op import op
+from .rope import rope
+from .sampling import sampling
+from .scale import scale
+from .stale import stale
+from .zeros import zeros
+
+__all__ = ["RULES", "KINDS"]
+
+#: every rule, in the order they run: the first that gives a Diagnosis wins
+RULES: tuple[Rule, ...] = (
+    sampling,
+    nan,
+    zeros,
+    stale,
+    layout,
+    blocked_norm,
+    moe,
+    attention,
+    scale,
+    embedding,
+    decode,
+    logits,
+    rope,
+    op,
+)
+
+#: every kind of Diagnosis, in the order the rules run
+KINDS: tuple[str, ...] = tuple(dict.fromkeys(kind for r in RULES for kind in r.kinds))
