@@ -177,13 +177,13 @@ class Case:
         """The pair holding the op's input (by its role), else the pair captured just before."""
         role = self.role(p)
         hit = None
-        if role.op == "attn_norm":
-            hit = (self.find(("out",), role.layer - 1) if role.layer else None) or \
-                self.find(("embed",), None)
-        elif role.op == "final_norm":
-            layers = [self.role(q).layer for q in self.step if self.role(q).op == "out"]
+        if role.op == Kind.ATTN_NORM:
+            hit = (self.find((Kind.OUT,), role.layer - 1) if role.layer else None) or \
+                self.find((Kind.EMBED,), None)
+        elif role.op == Kind.FINAL_NORM:
+            layers = [self.role(q).layer for q in self.step if self.role(q).op == Kind.OUT]
             known = [x for x in layers if x is not None]
-            hit = self.find(("out",), max(known)) if known else None
+            hit = self.find((Kind.OUT,), max(known)) if known else None
         elif role.op in INPUT_OF:
             ops = INPUT_OF[role.op]
             hit = self.find(ops, role.layer) or (self.find(ops, None) if role.layer is not None

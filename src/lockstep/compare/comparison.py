@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
+from ..align.kinds import Kind as K
 from ..align.pairing import Alignment, Pair, align
 from ..align.steps import StepMatch, match_steps, restep
 from ..align.transforms import apply_transform
@@ -196,7 +197,7 @@ def _compare(ref: Dump, cand: Dump, tolerances: Tolerances,
         bool(tokens.off_argmax) or verdict == "match")
     if by_tokens:
         verdict = "diverged"
-        first = next((p for p in measured if p.step == token_step and role_of(p).op == "logits"),
+        first = next((p for p in measured if p.step == token_step and role_of(p).op == K.LOGITS),
                      None)
     coverage = coverage_of(covered, alignment.ref_only, alignment.cand_only, ref.meta,
                            cand.meta)

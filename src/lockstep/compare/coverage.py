@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from difflib import SequenceMatcher
 from typing import Any, Iterable, Mapping, Sequence
 
+from ..align.kinds import Kind as K
 from ..align.layouts import layout_candidates, squeeze_shape
 from ..align.mapping_writer import rules_text
 from ..store.reader import Record
@@ -148,7 +149,7 @@ class _Side:
         return self._roles[name]
 
     def logits(self, rec: Record) -> bool:
-        return is_logits(rec, self.meta) or self.role(rec.name).op == "logits"
+        return is_logits(rec, self.meta) or self.role(rec.name).op == K.LOGITS
 
     def where(self, pick: Any) -> list[tuple[Record, str, str | None]]:
         return [s for s in self.state.values() if pick(s[0])]
@@ -248,7 +249,7 @@ def coverage_of(pairs: Iterable[tuple[Record, Record, str | None]],
     # the logits and the final norm, at each step the reference records them
     for what, words, verb, pick in (("logits", "the logits", "were", ref.logits),
                                     ("final_norm", "the final norm", "was",
-                                     lambda r: ref.role(r.name).op == "final_norm")):
+                                     lambda r: ref.role(r.name).op == K.FINAL_NORM)):
         by_step = _grouped(ref.where(pick), lambda r: r.step)
         missed = {s: v for s, v in by_step.items() if all(x[1] != PAIRED for x in v)}
         names = sorted({x[0].name for v in by_step.values() for x in v})

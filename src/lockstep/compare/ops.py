@@ -3,20 +3,22 @@ norms, attention outputs, RoPE tables, and which ops feed each op."""
 
 from __future__ import annotations
 
+from ..align.kinds import Kind as K
+
 __all__ = ["NORMS", "ATTN_OUT", "ROPE_TABLES", "INPUT_OF"]
 
 #: ops that are norms, attention outputs, RoPE tables
-NORMS = ("q_norm", "k_norm", "attn_norm", "mlp_norm", "final_norm")
-ATTN_OUT = ("attn_probs", "attn_heads", "attn", "attn_out")
-ROPE_TABLES = ("rope_cos", "rope_sin")  # the RoPE tables of this step's positions
+NORMS = (K.Q_NORM, K.K_NORM, K.ATTN_NORM, K.MLP_NORM, K.FINAL_NORM)
+ATTN_OUT = (K.ATTN_PROBS, K.ATTN_HEADS, K.ATTN, K.ATTN_OUT)
+ROPE_TABLES = (K.ROPE_COS, K.ROPE_SIN)  # the RoPE tables of this step's positions
 #: the ops an op's input may be, in preference order (same layer)
 INPUT_OF: dict[str, tuple[str, ...]] = {
-    "embed": ("input_ids",), "q": ("attn_norm",), "k": ("attn_norm",), "v": ("attn_norm",),
-    "q_norm": ("q",), "k_norm": ("k",), "q_rope": ("q_norm", "q"), "k_rope": ("k_norm", "k"),
-    "attn_heads": ("v", "k_rope", "k"), "attn": ("v", "k_rope", "k"),
-    "attn_out": ("attn_heads", "v"), "attn_residual": ("attn_out",),
-    "mlp_norm": ("attn_residual", "attn_out"), "gate": ("mlp_norm",), "up": ("mlp_norm",),
-    "gate_act": ("gate",), "act": ("gate_act", "up", "gate"), "down": ("act", "up"),
-    "mlp_out": ("down", "act"), "mlp": ("act", "up"), "out": ("mlp_out", "down", "mlp"),
-    "logits": ("final_norm",),
+    K.EMBED: (K.INPUT_IDS,), K.Q: (K.ATTN_NORM,), K.K: (K.ATTN_NORM,), K.V: (K.ATTN_NORM,),
+    K.Q_NORM: (K.Q,), K.K_NORM: (K.K,), K.Q_ROPE: (K.Q_NORM, K.Q), K.K_ROPE: (K.K_NORM, K.K),
+    K.ATTN_HEADS: (K.V, K.K_ROPE, K.K), K.ATTN: (K.V, K.K_ROPE, K.K),
+    K.ATTN_OUT: (K.ATTN_HEADS, K.V), K.ATTN_RESIDUAL: (K.ATTN_OUT,),
+    K.MLP_NORM: (K.ATTN_RESIDUAL, K.ATTN_OUT), K.GATE: (K.MLP_NORM,), K.UP: (K.MLP_NORM,),
+    K.GATE_ACT: (K.GATE,), K.ACT: (K.GATE_ACT, K.UP, K.GATE), K.DOWN: (K.ACT, K.UP),
+    K.MLP_OUT: (K.DOWN, K.ACT), "mlp": (K.ACT, K.UP), K.OUT: (K.MLP_OUT, K.DOWN, "mlp"),
+    K.LOGITS: (K.FINAL_NORM,),
 }

@@ -15,6 +15,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from ..align.kinds import Kind as K
 from ..store.reader import Dump, Record
 from .case import is_logits, role_of_name
 from .token_check import OffArgmax, TokenCheck
@@ -45,7 +46,7 @@ def _greedy(meta: Mapping[str, Any]) -> bool:
 def _logits_record(dump: Dump, step: int) -> Record | None:
     for rec in dump.in_step(step):
         if rec.has_data and rec.shape and (is_logits(rec, dump.meta)
-                                           or role_of_name(rec.name).op == "logits"):
+                                           or role_of_name(rec.name).op == K.LOGITS):
             return rec
     return None
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from ...align.kinds import Kind as K
 from .. import evidence as ev
 from ..case import Case, label
 from ..formatting import fmt
@@ -51,13 +52,13 @@ def _inputs(case: Case, layer: int, heads: int, kv_heads: int, d: int
             ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """The reference's q of this step and k, v of every step up to it."""
     f = case.first
-    q = case.find(("q_rope",), layer)
+    q = case.find((K.Q_ROPE,), layer)
     qa = case.arrays(q) if q is not None else None
     if qa is None:
         return None
     ks, vs = [], []
     for step in range(f.step + 1):
-        k, v = case.find(("k_rope",), layer, step=step), case.find(("v",), layer, step=step)
+        k, v = case.find((K.K_ROPE,), layer, step=step), case.find((K.V,), layer, step=step)
         ka, va = (case.arrays(k) if k else None), (case.arrays(v) if v else None)
         if ka is None or va is None:
             return None
@@ -71,7 +72,7 @@ def attention(case: Case) -> Diagnosis | None:
     f = case.first
     role = case.role(f)
     meta = case.ref.meta
-    if role.op != "attn_heads" or role.layer is None or not any(
+    if role.op != K.ATTN_HEADS or role.layer is None or not any(
             k in meta for k in ("attn_scale", "attn_softcap", "sliding_window")):
         return None
     heads, kv_heads, d = case.meta("n_heads"), case.meta("n_kv_heads"), case.meta("head_dim")

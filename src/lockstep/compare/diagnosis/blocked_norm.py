@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from ...align.kinds import Kind as K
 from .. import evidence as ev
 from ..case import Case, label
 from ..formatting import fmt
@@ -81,7 +82,7 @@ def blocked_norm(case: Case) -> Diagnosis | None:
         if not varies and (confirmed is None or confirmed > 1e-2):
             continue
         unit = "head" if extent == head_dim else "row"
-        which = "QK-norm" if role.op in ("q_norm", "k_norm") else "RMSNorm"
+        which = "QK-norm" if role.op in (K.Q_NORM, K.K_NORM) else "RMSNorm"
         evidence = [f"candidate/reference is one factor per {bs.block}-element block "
                     f"(residual {fmt(bs.residual)} against an error of {fmt(f.error)})"]
         if varies:

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from ...align.kinds import Kind as K
 from .. import evidence as ev
 from ..case import Case, input_sentence, label
 from ..formatting import fmt
@@ -70,7 +71,7 @@ def _wrong_token(case: Case, ids: PairResult | None, evidence: list[str]) -> Dia
             evidence.append(f"token {ci[-1]} is the one the candidate fed at step "
                             f"{f.step - 1}: the last token was not updated")
     else:
-        emb = f if case.role(f).op == "embed" else case.find(("embed",), None)
+        emb = f if case.role(f).op == K.EMBED else case.find((K.EMBED,), None)
         hit = _lookup_rows(case, emb) if emb is not None else None
         if hit is not None:
             pos, found = hit
@@ -93,7 +94,7 @@ def _position(case: Case, evidence: list[str]) -> Diagnosis:
     detail: dict[str, Any] = {"cause": "position"}
     title = f"decode step {f.step} rotates Q/K for another position than the reference"
     arrays = case.arrays(f)
-    if role.op == "positions" and arrays is not None:
+    if role.op == K.POSITIONS and arrays is not None:
         rp, cp = (int(a.reshape(-1)[-1]) for a in arrays)
         detail.update(reference_position=rp, candidate_position=cp, offset=cp - rp)
         title = (f"decode step {f.step} used position {cp} where the reference used {rp} "
@@ -142,13 +143,13 @@ def decode(case: Case) -> Diagnosis | None:
     step0 = [p for p in case.results if p.step == 0 and not math.isnan(p.error)]
     evidence = [f"prefill (step 0) agrees: largest error {fmt(max(p.error for p in step0))} "
                 f"over {len(step0)} pairs; step {f.step} diverges at {label(f)}"]
-    ids = case.find(("input_ids",), None)
-    if role.op == "input_ids" or (ids is not None and not case.agrees(ids)) or (
-            role.op == "embed" and ids is None):
-        return _wrong_token(case, f if role.op == "input_ids" else ids, evidence)
-    if role.op in ("positions", *ROPE_TABLES):
+    ids = case.find((K.INPUT_IDS,), None)
+    if role.op == K.INPUT_IDS or (ids is not None and not case.agrees(ids)) or (
+            role.op == K.EMBED and ids is None):
+        return _wrong_token(case, f if role.op == K.INPUT_IDS else ids, evidence)
+    if role.op in (K.POSITIONS, *ROPE_TABLES):
         return _position(case, evidence)
-    if role.op in ("q_rope", "k_rope"):
+    if role.op in (K.Q_ROPE, K.K_ROPE):
         pre = pre_rope(case)
         if pre is None or case.agrees(pre):
             return _position(case, evidence)

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from ...align.kinds import Kind as K
 from .. import evidence as ev
 from ..case import Case, label
 from ..formatting import fmt
@@ -20,9 +21,9 @@ def embedding(case: Case) -> Diagnosis | None:
     ids, or embeddings that differ while the ids agree."""
     f = case.first
     role = case.role(f)
-    if role.op not in ("input_ids", "embed") or (f.step > 0 and case.prefill_ok):
+    if role.op not in (K.INPUT_IDS, K.EMBED) or (f.step > 0 and case.prefill_ok):
         return None
-    ids = f if role.op == "input_ids" else case.find(("input_ids",), None)
+    ids = f if role.op == K.INPUT_IDS else case.find((K.INPUT_IDS,), None)
     evidence: list[str] = []
     detail: dict[str, Any] = {}
     id_arrays = case.arrays(ids) if ids is not None and not case.agrees(ids) else None

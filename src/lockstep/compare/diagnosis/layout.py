@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from ...align.kinds import Kind as K
 from .. import evidence as ev
 from ..case import Case, label
 from ..formatting import fmt
@@ -15,7 +16,7 @@ def layout(case: Case) -> Diagnosis | None:
     """The candidate equal to the reference once reordered (evidence.find_layout)."""
     f = case.first
     arrays = case.arrays(f)
-    if arrays is None or case.role(f).op in ("input_ids", "positions"):
+    if arrays is None or case.role(f).op in (K.INPUT_IDS, K.POSITIONS):
         return None
     r, c = arrays
     heads = [h for h in (case.meta("n_heads"), case.meta("n_kv_heads")) if h]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ...align.kinds import Kind as K
 from .. import evidence as ev
 from ..case import Case, label
 from ..formatting import fmt
@@ -15,9 +16,9 @@ __all__ = ["logits"]
 def logits(case: Case) -> Diagnosis | None:
     """The logits differ while the final norm agrees: where the top tokens fall, a scale."""
     f = case.first
-    if case.role(f).op != "logits":
+    if case.role(f).op != K.LOGITS:
         return None
-    norm = case.find(("final_norm",), None)
+    norm = case.find((K.FINAL_NORM,), None)
     if norm is not None and not case.agrees(norm):
         return None
     arrays = case.arrays(f)

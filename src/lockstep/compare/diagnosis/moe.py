@@ -18,6 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ...align.kinds import Kind as K
 from .. import evidence as ev
 from ..case import Case
 from ..formatting import fmt
@@ -27,9 +28,9 @@ from .model import Diagnosis, make, rule
 __all__ = ["MOE_OPS", "Routing", "routing_of", "near_tie_flip", "moe"]
 
 #: canonical ops (after ``layers.N.``) of a MoE layer
-MOE_OPS = ("router", "expert_weights", "expert_ids", "experts.gate_act", "experts_out",
+MOE_OPS = (K.ROUTER, K.EXPERT_WEIGHTS, K.EXPERT_IDS, "experts.gate_act", K.EXPERTS_OUT,
            "shared_expert.out", "shared_expert_gate", "mlp_out")
-_ROUTING_OPS = ("router", "expert_weights", "expert_ids")
+_ROUTING_OPS = (K.ROUTER, K.EXPERT_WEIGHTS, K.EXPERT_IDS)
 _SHIFTS = {1: "shifted by one", -1: "shifted back by one"}
 
 
@@ -114,19 +115,19 @@ def _pair(case: Case, op: str, layer: int) -> PairResult | None:
 
 def routing_of(case: Case, layer: int) -> Routing | None:
     """The layer's routing at the first divergence's step, or None without expert ids."""
-    ids = _pair(case, "expert_ids", layer)
+    ids = _pair(case, K.EXPERT_IDS, layer)
     arrays = case.arrays(ids) if ids is not None else None
     if arrays is None or arrays[0].size != arrays[1].size:
         return None
     k = int(arrays[0].shape[-1])
     ref_ids, cand_ids = (_as_2d(a, k).astype(np.int64) for a in arrays)
     got = {}
-    for op in ("expert_weights", "router"):
+    for op in (K.EXPERT_WEIGHTS, K.ROUTER):
         p = _pair(case, op, layer)
         a = case.arrays(p) if p is not None else None
         got[op] = (None, None) if a is None or a[0].shape != a[1].shape else \
             (_as_2d(a[0]), _as_2d(a[1]))
-    return Routing(layer, ref_ids, cand_ids, *got["expert_weights"], *got["router"])
+    return Routing(layer, ref_ids, cand_ids, *got[K.EXPERT_WEIGHTS], *got[K.ROUTER])
 
 
 def near_tie_flip(case: Case) -> bool:
@@ -136,7 +137,7 @@ def near_tie_flip(case: Case) -> bool:
     if role.op not in _ROUTING_OPS or role.layer is None:
         return False
     routing = routing_of(case, role.layer)
-    router = _pair(case, "router", role.layer)
+    router = _pair(case, K.ROUTER, role.layer)
     if routing is None or router is None or not case.agrees(router):
         return False
     if not all(routing.near_tie(t) for t in routing.flipped):
@@ -248,7 +249,7 @@ def moe(case: Case) -> Diagnosis | None:
         return make("moe", title, checks, evidence, **detail)
 
     # the same experts everywhere: their weights, then the experts themselves
-    if op in ("router", "expert_weights") and r.ref_weights is not None \
+    if op in (K.ROUTER, K.EXPERT_WEIGHTS) and r.ref_weights is not None \
             and r.cand_weights is not None:
         ref_sum, cand_sum = r.ref_weights.sum(-1), r.cand_weights.sum(-1)
         ref_one, cand_one = np.allclose(ref_sum, 1, atol=1e-3), np.allclose(cand_sum, 1, atol=1e-3)
@@ -291,8 +292,8 @@ def moe(case: Case) -> Diagnosis | None:
                        "expert's slice, a fused gate_up_proj split the other way",
                        "the expert's quantization or layout"]
             return make("moe", title, checks, evidence, **detail)
-    rows = _token_errors(case, "experts_out", layer)
-    if op == "experts_out" and rows is not None:
+    rows = _token_errors(case, K.EXPERTS_OUT, layer)
+    if op == K.EXPERTS_OUT and rows is not None:
         off = [t for t, err in rows if err > max(bad, 1e-5)]
         title = (f"routing and every expert's activation agree; the experts' sum differs at "
                  f"token{'s' if len(off) > 1 else ''} {_tokens(off[:6])}: an expert's output "
@@ -301,8 +302,8 @@ def moe(case: Case) -> Diagnosis | None:
                    "the scatter back to tokens (index_add indices, the weights' order)"]
         detail["tokens"] = off
         return make("moe", title, checks, evidence, **detail)
-    if op == "mlp_out":
-        out, shared = _pair(case, "experts_out", layer), _pair(case, "shared_expert.out", layer)
+    if op == K.MLP_OUT:
+        out, shared = _pair(case, K.EXPERTS_OUT, layer), _pair(case, "shared_expert.out", layer)
         block = case.arrays(case.first)
         routed = case.arrays(out) if out is not None else None
         if block is not None and routed is not None and out is not None and \

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from ...align.kinds import Kind as K
 from .. import evidence as ev
 from ..case import Case, label
 from ..formatting import fmt
@@ -70,16 +71,16 @@ def rope(case: Case) -> Diagnosis | None:
     the base (from q/k or from the cos/sin tables), the positions."""
     f = case.first
     role = case.role(f)
-    if role.op not in ("q_rope", "k_rope", "positions", *ROPE_TABLES):
+    if role.op not in (K.Q_ROPE, K.K_ROPE, K.POSITIONS, *ROPE_TABLES):
         return None
-    pre = pre_rope(case) if role.op in ("q_rope", "k_rope") else None
+    pre = pre_rope(case) if role.op in (K.Q_ROPE, K.K_ROPE) else None
     if pre is not None and not case.agrees(pre):
         return None
     evidence: list[str] = [before_after(pre, f)] if pre is not None else []
     detail: dict[str, Any] = {}
     title = f"the divergence appears at RoPE ({label(f)}, step {f.step})"
     arrays = case.arrays(f)
-    if role.op == "positions" and arrays is not None:
+    if role.op == K.POSITIONS and arrays is not None:
         rp, cp = (a.reshape(-1)[:16].astype(int).tolist() for a in arrays)
         title = f"the positions fed at step {f.step} differ"
         evidence.append(f"positions: reference {rp}, candidate {cp}")
@@ -109,7 +110,7 @@ def rope(case: Case) -> Diagnosis | None:
               "position"]
     if detail.get("cause") == "base":
         checks.insert(0, checks.pop(1))
-    elif role.op == "positions":
+    elif role.op == K.POSITIONS:
         checks.insert(0, checks.pop(2))
     return make("rope", title, checks, evidence, **detail)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from ...align.kinds import Kind as K
 from ..case import Case, label
 from ..formatting import fmt
 from .model import Diagnosis, make, rule
@@ -62,6 +63,6 @@ def sampling(case: Case) -> Diagnosis | None:
     """The first divergence is a logits pair that agrees, and the tokens of its step are off
     (see the module docstring)."""
     f, tokens = case.first, case.tokens
-    if tokens is None or case.role(f).op != "logits" or not case.agrees(f):
+    if tokens is None or case.role(f).op != K.LOGITS or not case.agrees(f):
         return None
     return sampling_diagnosis(tokens, f.step, label(f), f.error)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 
+from ...align.kinds import Kind as K
 from .. import evidence as ev
 from ..case import Case, label
 from ..formatting import fmt
@@ -14,7 +15,7 @@ from .model import Diagnosis, make, rule
 
 __all__ = ["scale", "factor_name"]
 
-_OPS = ("embed", "q_rope", "k_rope")
+_OPS = (K.EMBED, K.Q_ROPE, K.K_ROPE)
 
 
 def factor_name(factor: float, width: int) -> str | None:
@@ -41,12 +42,12 @@ def scale(case: Case) -> Diagnosis | None:
     width = int(ev.squeeze(r).shape[-1]) if r.size else 0
     evidence = [f"the candidate's {label(f)} is the reference's times {s:.6g}: relative L2 "
                 f"{fmt(f.error)} before that factor, {fmt(residual)} after it"]
-    named = factor_name(s, width) if role.op == "embed" and width else None
-    if role.op == "embed" and named is None:
+    named = factor_name(s, width) if role.op == K.EMBED and width else None
+    if role.op == K.EMBED and named is None:
         return None  # another factor on the embedding: the ``embedding`` diagnosis says it
-    what = "embedding" if role.op == "embed" else f"{role.op} of layer {role.layer}"
+    what = "embedding" if role.op == K.EMBED else f"{role.op} of layer {role.layer}"
     title = f"the {what} differs by a constant factor {s:.4g}"
-    if role.op == "embed":
+    if role.op == K.EMBED:
         checks = ["the embedding scale: Gemma multiplies the rows by √hidden once (in "
                   "transformers 5 inside the embedding module); a caller that scales again, or "
                   "an engine that never does, is off by exactly √hidden",

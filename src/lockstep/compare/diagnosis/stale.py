@@ -3,6 +3,7 @@ reference moved (not updated)."""
 
 from __future__ import annotations
 
+from ...align.kinds import Kind as K
 from .. import evidence as ev
 from ..case import Case, label
 from ..formatting import fmt
@@ -16,7 +17,7 @@ def stale(case: Case) -> Diagnosis | None:
     """The candidate's tensor equal to its own value at the previous step, the reference's
     not (a prefill's value: its last position)."""
     f = case.first
-    if f.step == 0 or case.role(f).op in ("input_ids", "positions", "embed", *ROPE_TABLES):
+    if f.step == 0 or case.role(f).op in (K.INPUT_IDS, K.POSITIONS, K.EMBED, *ROPE_TABLES):
         return None
     prev = case.same_name(f, f.step - 1)
     now, before = case.arrays(f), case.arrays(prev) if prev is not None else None

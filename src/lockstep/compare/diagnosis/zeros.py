@@ -3,6 +3,7 @@ reference is not."""
 
 from __future__ import annotations
 
+from ...align.kinds import Kind as K
 from .. import evidence as ev
 from ..case import Case, input_sentence, label
 from ..formatting import pct
@@ -15,7 +16,7 @@ def zeros(case: Case) -> Diagnosis | None:
     """The candidate exactly zero where the reference is not (all of it, or a quarter)."""
     f = case.first
     arrays = case.arrays(f)
-    if arrays is None or case.role(f).op in ("input_ids", "positions"):
+    if arrays is None or case.role(f).op in (K.INPUT_IDS, K.POSITIONS):
         return None
     r, c = arrays
     zeroed, nonzero = ev.zeroed(r, c)
