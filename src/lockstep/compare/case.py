@@ -229,7 +229,7 @@ class Case:
         """head_dim from the metadata, else the last dim of a per-head tensor."""
         d = self.meta("head_dim")
         if d is None and r is not None and self.role(self.first).op in (
-                "q_norm", "k_norm", "q_rope", "k_rope") and ev.squeeze(r).ndim >= 2:
+                Kind.Q_NORM, Kind.K_NORM, Kind.Q_ROPE, Kind.K_ROPE) and ev.squeeze(r).ndim >= 2:
             d = int(ev.squeeze(r).shape[-1])
         return d
 
