@@ -15,6 +15,7 @@ import pytest
 import lockstep
 from engines.nano_vllm import LLM
 from lockstep.engines.capture import capture
+from lockstep.zoo.families import tiny_family_model
 from models import save_tiny
 
 PROMPT = [3, 17, 42, 7, 99, 5, 64, 11, 200]  # 9 tokens: prefill spans three KV blocks of 4
@@ -30,8 +31,9 @@ def references(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path
     """Per family: the saved model, transformers' dump of it and the tokens it chose."""
     root = tmp_path_factory.mktemp("real-engines")
     out = {}
-    for family in FAMILIES:
-        model = save_tiny(family, root / family)
+    for family in (*FAMILIES, "gemma2"):
+        model = tiny_family_model(family, root / family) if family == "gemma2" else \
+            save_tiny(family, root / family)
         ref = root / f"ref-{family}.lsd"
         tokens = capture(f"hf:{model}", str(ref), tokens=PROMPT, decode=DECODE)
         out[family] = (model, ref, tokens)
@@ -95,6 +97,37 @@ NANO_BUGS = {
 @pytest.mark.parametrize("bug", sorted(NANO_BUGS))
 def test_nano_vllm_bug_localized(tmp_path, references, family, bug):
     model, ref, tokens = references[family]
+    nano_vllm(model, tmp_path / "cand.lsd", tokens, bug=bug)
+    result = lockstep.compare(ref, tmp_path / "cand.lsd")
+    step, canonical, kind = NANO_BUGS[bug]
+    first = result.first_divergence
+    assert result.verdict == "diverged"
+    assert first is not None and (first.step, first.canonical) == (step, canonical), first
+    assert result.diagnosis is not None and result.diagnosis.kind == kind, result.diagnosis
+
+
+def test_nano_vllm_gemma2_bug_free_matches(tmp_path, references):
+    """A correct vLLM-shaped Gemma 2 matches: its plain post-attention norm, its fused
+    pre-feedforward norm and its post-feedforward norm each pair with transformers' own."""
+    model, ref, tokens = references["gemma2"]
+    assert nano_vllm(model, tmp_path / "cand.lsd", tokens) == tokens
+    result = lockstep.compare(ref, tmp_path / "cand.lsd")
+    assert result.verdict == "match", (result.first_divergence, result.coverage)
+    by_ref = {(p.step, p.ref_name): p for p in result.results}
+    layer = "model.layers.1"
+    assert by_ref[(0, f"{layer}.post_attention_layernorm")].cand_name == \
+        f"{layer}.post_attention_layernorm"
+    assert by_ref[(0, f"{layer}.pre_feedforward_layernorm")].cand_name == \
+        f"{layer}.pre_feedforward_layernorm:0"
+    assert by_ref[(0, f"{layer}.post_feedforward_layernorm")].cand_name == \
+        f"{layer}.post_feedforward_layernorm"
+    assert by_ref[(3, f"{layer}.self_attn.o_proj")].error < 1e-5  # decode past the window
+    assert all(p.error < 1e-4 for p in result.results)
+
+
+@pytest.mark.parametrize("bug", ["layer_not_loaded", "kv_slot"])
+def test_nano_vllm_gemma2_bug_localized(tmp_path, references, bug):
+    model, ref, tokens = references["gemma2"]
     nano_vllm(model, tmp_path / "cand.lsd", tokens, bug=bug)
     result = lockstep.compare(ref, tmp_path / "cand.lsd")
     step, canonical, kind = NANO_BUGS[bug]

@@ -1,4 +1,5 @@
-"""A nano-vLLM-style engine for Qwen3 and Llama, written for lockstep's acceptance tests.
+"""A nano-vLLM-style engine for Qwen3, Llama and Gemma 2, written for lockstep's acceptance
+tests.
 
 It has the shapes real engines have and transformers does not: flat ``(tokens, hidden)``
 activations (no batch dim), a fused ``qkv_proj`` (q, k, v rows stacked) and ``gate_up_proj``
@@ -6,6 +7,12 @@ activations (no batch dim), a fused ``qkv_proj`` (q, k, v rows stacked) and ``ga
 ``(normed, residual)``, a paged KV cache written by slot mapping, ``compute_logits()``
 called outside ``forward`` (the lm_head keeps only each sequence's last position at
 prefill), and a ``Sampler`` module. Module names follow vLLM's model files.
+
+Gemma 2 as vLLM's ``gemma2.py`` writes it: four norms per layer scaling by ``(1 + w)``, of
+which ``pre_feedforward_layernorm`` adds the residual and ``post_attention_layernorm`` does
+not; the embedding times sqrt(hidden); scores scaled by ``query_pre_attn_scalar`` and
+soft-capped; a sliding window on the layers ``layer_types`` says; tanh-GELU; the logits
+soft-capped after the lm_head.
 
 Bugs, one switch each (``bug=``): ``decode_position`` (a decode token's position one too
 far), ``kv_slot`` (decode writes K/V one slot past its own), ``swapped_args`` (the model
@@ -49,14 +56,18 @@ _CONTEXT = Context()
 class RMSNorm(nn.Module):
     """RMSNorm; with ``residual`` it adds it first and returns ``(normed, residual sum)``."""
 
-    def __init__(self, size: int, eps: float) -> None:
+    def __init__(self, size: int, eps: float, offset: bool = False) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
+        self.offset = offset  # Gemma: the weight holds the scale minus one
 
     def _norm(self, x: Tensor) -> Tensor:
         var = x.float().pow(2).mean(-1, keepdim=True)
-        return (x.float() * torch.rsqrt(var + self.eps)).to(x.dtype) * self.weight
+        normed = x.float() * torch.rsqrt(var + self.eps)
+        if self.offset:
+            return (normed * (1.0 + self.weight.float())).to(x.dtype)
+        return normed.to(x.dtype) * self.weight
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Any:
         if residual is None:
@@ -89,10 +100,13 @@ class Attention(nn.Module):
     """Writes K/V into the paged cache by slot, then attends: prefill over its own tokens
     (causal), decode over the sequence's blocks."""
 
-    def __init__(self, n_heads: int, n_kv_heads: int, head_dim: int, bug: str | None) -> None:
+    def __init__(self, n_heads: int, n_kv_heads: int, head_dim: int, bug: str | None,
+                 scale: float | None = None, softcap: float | None = None,
+                 window: int | None = None) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
-        self.scale = head_dim ** -0.5
+        self.scale = scale or head_dim ** -0.5
+        self.softcap, self.window = softcap, window  # Gemma 2
         self.k_cache = self.v_cache = torch.empty(0)
         self.bug = bug
 
@@ -112,14 +126,30 @@ class Attention(nn.Module):
         groups = self.n_heads // self.n_kv_heads
         keys = keys.repeat_interleave(groups, dim=1)
         values = values.repeat_interleave(groups, dim=1)
+        if self.softcap is not None or self.window is not None:
+            return self._capped(q, keys, values)
         out = F.scaled_dot_product_attention(q.transpose(0, 1), keys.transpose(0, 1),
                                              values.transpose(0, 1), is_causal=causal,
                                              scale=self.scale)
         return out.transpose(0, 1)  # (tokens, heads, head_dim)
 
+    def _capped(self, q: Tensor, keys: Tensor, values: Tensor) -> Tensor:
+        """Gemma 2's attention: soft-capped scores, causal, and the sliding window."""
+        scores = torch.einsum("qhd,khd->hqk", q.float(), keys.float()) * self.scale
+        if self.softcap is not None:
+            scores = torch.tanh(scores / self.softcap) * self.softcap
+        n_q, n_k = q.shape[0], keys.shape[0]
+        query_pos = torch.arange(n_k - n_q, n_k)[:, None]
+        key_pos = torch.arange(n_k)[None]
+        hidden = key_pos > query_pos
+        if self.window is not None:
+            hidden |= key_pos <= query_pos - self.window
+        probs = torch.softmax(scores.masked_fill(hidden, float("-inf")), -1)
+        return torch.einsum("hqk,khd->qhd", probs, values.float()).to(q.dtype)
+
 
 class SelfAttention(nn.Module):
-    def __init__(self, cfg: Any, qk_norm: bool, bug: str | None) -> None:
+    def __init__(self, cfg: Any, qk_norm: bool, bug: str | None, layer: int = 0) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = cfg.head_dim
@@ -130,7 +160,13 @@ class SelfAttention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if qk_norm else None
         self.rotary_emb = RotaryEmbedding(self.head_dim, cfg.rope_theta)
-        self.attn = Attention(self.n_heads, self.n_kv_heads, self.head_dim, bug)
+        scalar = getattr(cfg, "query_pre_attn_scalar", None)
+        types = getattr(cfg, "layer_types", None)
+        sliding = bool(types) and types[layer] == "sliding_attention"
+        self.attn = Attention(self.n_heads, self.n_kv_heads, self.head_dim, bug,
+                              scale=scalar ** -0.5 if scalar else None,
+                              softcap=getattr(cfg, "attn_logit_softcapping", None),
+                              window=cfg.sliding_window if sliding else None)
 
     def forward(self, positions: Tensor, x: Tensor) -> Tensor:
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], -1)
@@ -149,23 +185,33 @@ class SiluAndMul(nn.Module):
         return F.silu(gate) * up
 
 
+class GeluAndMul(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = x.chunk(2, -1)
+        return F.gelu(gate, approximate="tanh") * up
+
+
 class MLP(nn.Module):
     def __init__(self, cfg: Any) -> None:
         super().__init__()
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-        self.act_fn = SiluAndMul()
+        self.act_fn = GeluAndMul() if cfg.gemma else SiluAndMul()
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(self.act_fn(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: Any, qk_norm: bool, bug: str | None) -> None:
+    def __init__(self, cfg: Any, qk_norm: bool, bug: str | None, layer: int = 0) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = SelfAttention(cfg, qk_norm, bug)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        gemma = cfg.gemma
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, gemma)
+        self.self_attn = SelfAttention(cfg, qk_norm, bug, layer)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, gemma)
+        if gemma:
+            self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, True)
+            self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, True)
         self.mlp = MLP(cfg)
 
     def forward(self, positions: Tensor, hidden: Tensor,
@@ -176,6 +222,10 @@ class DecoderLayer(nn.Module):
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
         hidden = self.self_attn(positions, hidden)
+        if hasattr(self, "pre_feedforward_layernorm"):  # Gemma 2: the sandwich norms
+            hidden = self.post_attention_layernorm(hidden)
+            hidden, residual = self.pre_feedforward_layernorm(hidden, residual)
+            return self.post_feedforward_layernorm(self.mlp(hidden)), residual
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
 
@@ -184,12 +234,15 @@ class Model(nn.Module):
     def __init__(self, cfg: Any, qk_norm: bool, bug: str | None) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, qk_norm, bug)
-                                    for _ in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, qk_norm, bug, i)
+                                    for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.gemma)
+        self.normalizer = cfg.hidden_size ** 0.5 if cfg.gemma else None
 
     def forward(self, input_ids: Tensor, positions: Tensor) -> Tensor:
         hidden, residual = self.embed_tokens(input_ids), None
+        if self.normalizer is not None:  # Gemma: sqrt(hidden), in the activations' dtype
+            hidden = hidden * torch.tensor(self.normalizer, dtype=hidden.dtype)
         for layer in self.layers:
             hidden, residual = layer(positions, hidden, residual)
         hidden, _ = self.norm(hidden, residual)
@@ -219,12 +272,16 @@ class ForCausalLM(nn.Module):
         super().__init__()
         self.model = Model(cfg, qk_norm, bug)
         self.lm_head = LMHead(cfg)
+        self.final_softcap = getattr(cfg, "final_logit_softcapping", None)
 
     def forward(self, input_ids: Tensor, positions: Tensor) -> Tensor:
         return self.model(input_ids, positions)
 
     def compute_logits(self, hidden: Tensor) -> Tensor:
-        return self.lm_head(hidden)
+        logits = self.lm_head(hidden)
+        if self.final_softcap is not None:  # Gemma 2, after the lm_head (as vLLM's processor)
+            logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
+        return logits
 
 
 class Sampler(nn.Module):
@@ -249,6 +306,7 @@ def _config(directory: Path) -> Any:
         setattr(cfg, key, value)
     cfg.head_dim = raw.get("head_dim") or raw["hidden_size"] // raw["num_attention_heads"]
     cfg.attention_bias = raw.get("attention_bias", False)
+    cfg.gemma = raw["architectures"][0].startswith("Gemma2")
     cfg.rope_theta = raw.get("rope_theta") or (raw.get("rope_parameters") or {}).get(
         "rope_theta", 10000.0)
     return cfg

@@ -96,9 +96,11 @@ class _Step:
             self.free_cand.pop(pair.cand.seq, None)
 
 
-def _by_name(step: _Step) -> None:
+def _by_name(step: _Step, tables: tuple[NameTable, NameTable] | None = None) -> None:
     """The same name and call; among ranks (docs/format.md) the same rank first, else the
-    first free record of that name, so each record is paired once."""
+    first free record of that name, so each record is paired once. A name both sides' tables
+    know but read as different tensors is left to the table pass (vLLM's Gemma
+    ``model.embed_tokens`` gives the rows, transformers' the rows times sqrt(hidden))."""
     by_rank: dict[tuple[str, int, object], Record] = {}
     by_name: dict[tuple[str, int], list[Record]] = {}
     for c in step.free_cand.values():
@@ -109,8 +111,14 @@ def _by_name(step: _Step) -> None:
         if found is None or found.seq not in step.free_cand:
             found = next((x for x in by_name.get((r.name, r.call), ())
                           if x.seq in step.free_cand), None)
-        if found is not None:
+        if found is not None and not (tables and _read_apart(tables, r.name)):
             step.take(Pair(r, found, "name"))
+
+
+def _read_apart(tables: tuple[NameTable, NameTable], name: str) -> bool:
+    """Whether the two tables both know ``name`` and give it different canonical names."""
+    ref, cand = _canonical(tables[0], name), _canonical(tables[1], name)
+    return ref is not None and cand is not None and ref != cand
 
 
 def _by_mapping(step: _Step, mapping: MappingFile) -> None:
@@ -168,10 +176,12 @@ def _by_table(step: _Step, tables: tuple[NameTable, NameTable]) -> None:
         step.free_ref.pop(seq, None)
 
 
-def _by_normalized(step: _Step) -> None:
+def _by_normalized(step: _Step, tables: tuple[NameTable, NameTable] | None = None) -> None:
+    """Names equal once normalized (normalize_name), unless the tables read them apart."""
     by_norm: dict[tuple[str, int], Record] = {}
     for c in step.free_cand.values():
-        by_norm.setdefault((normalize_name(c.name), c.call), c)
+        if not (tables and _canonical(tables[1], c.name)):  # the table pass had it
+            by_norm.setdefault((normalize_name(c.name), c.call), c)
     for r in list(step.free_ref.values()):
         found = by_norm.pop((normalize_name(r.name), r.call), None)
         if found is not None:
@@ -246,19 +256,22 @@ def align(ref: Dump, cand: Dump, *, use_tables: bool = True,
     steps = [_Step(s, ref_steps.get(s, []), cand_steps.get(s, []))
              for s in sorted(set(ref_steps) | set(cand_steps))]
     for step in steps:
-        _by_name(step)
+        _by_name(step, tables)
         if mapping is not None and step.free_cand:
             _by_mapping(step, mapping)
         if tables is not None and step.free_cand:
             _by_table(step, tables)
         if step.free_cand:
-            _by_normalized(step)
+            _by_normalized(step, tables)
     read = _reader()
     # records that repeat an earlier record's data take no part in the structural pass and
     # are set aside when nothing paired them
     repeats = _repeats(ref), _repeats(cand)
     left_ref = [r for s in steps for r in s.free_ref.values() if r.seq not in repeats[0]]
-    left_cand = [c for s in steps for c in s.free_cand.values() if c.seq not in repeats[1]]
+    # a candidate record its table knows had its chance in the table pass: what it holds is
+    # not in the reference (vLLM Gemma's unscaled embedding rows), so no other pass guesses
+    left_cand = [c for s in steps for c in s.free_cand.values() if c.seq not in repeats[1]
+                 and (tables is None or _canonical(tables[1], c.name) is None)]
     if left_ref and left_cand:
         _by_structure(ref, cand, steps, left_ref, left_cand, read,
                       need_values=tables is not None or bool(mapping and mapping.rules))

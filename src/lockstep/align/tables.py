@@ -27,7 +27,7 @@ from .kinds import Kind, check_template
 
 __all__ = ["Rule", "NameTable", "TABLES", "detect_table", "table_canonical",
            "TRANSFORMERS_LLAMA", "TRANSFORMERS_PHI3", "TRANSFORMERS_GEMMA", "TRANSFORMERS_GPT2",
-           "LLAMA_CPP", "LLAMA_CPP_QWEN_MOE", "LLAMA_REFERENCE", "VLLM"]
+           "LLAMA_CPP", "LLAMA_CPP_QWEN_MOE", "LLAMA_REFERENCE", "VLLM", "VLLM_GEMMA"]
 
 Hit = tuple[str, "str | None", "str | None"]  # (canonical, transform, counterpart transform)
 
@@ -377,10 +377,29 @@ VLLM = NameTable("vllm-sglang", _top(
     ("model.norm:0", K.FINAL_NORM), ("logits_processor", K.LOGITS), ("lm_head", K.LOGITS),
 ) + _layer("model.layers", _ENGINE_LAYER))
 
+# vLLM's and SGLang's gemma2.py / gemma3.py: the embedding module gives the rows, scaled by
+# sqrt(hidden) after it (transformers folds the scale into its module); post_attention_layernorm
+# is a plain norm of the attention output and pre_feedforward_layernorm the one that adds the
+# residual; the layer returns (post_feedforward_layernorm's output, residual)
+_ENGINE_GEMMA_LAYER = tuple(
+    op for op in _ENGINE_LAYER
+    if not op.suffix.startswith("post_attention_layernorm") and op.suffix != ":0") + (
+    _Op("post_attention_layernorm", K.ATTN_POST_NORM),
+    *_fused_norm("pre_feedforward_layernorm", K.MLP_NORM),
+    _Op("pre_feedforward_layernorm:1", K.ATTN_RESIDUAL),
+    _Op("post_feedforward_layernorm", K.MLP_POST_NORM),
+    _Op(":0", K.MLP_POST_NORM, alias=True),
+)
+VLLM_GEMMA = NameTable("vllm-sglang-gemma", _top(
+    ("input_ids", K.INPUT_IDS), ("model.embed_tokens", K.TOK_EMBED), ("model.norm", K.FINAL_NORM),
+    ("model.norm:0", K.FINAL_NORM), ("logits_processor", K.LOGITS), ("lm_head", K.LOGITS),
+) + _layer("model.layers", _ENGINE_GEMMA_LAYER),
+    architectures=("Gemma2ForCausalLM", "Gemma3ForCausalLM"))
+
 #: in order of preference when two tables know as many of a dump's names
 TABLES: tuple[NameTable, ...] = (TRANSFORMERS_LLAMA, TRANSFORMERS_PHI3, TRANSFORMERS_GEMMA,
                                  TRANSFORMERS_GPT2, LLAMA_CPP, LLAMA_CPP_QWEN_MOE,
-                                 LLAMA_REFERENCE, VLLM)
+                                 LLAMA_REFERENCE, VLLM, VLLM_GEMMA)
 
 
 def detect_table(names: Iterable[str], meta: Mapping[str, Any] | None = None) -> NameTable | None:
