@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import json
 import subprocess
 import sys
 import textwrap
@@ -306,9 +305,8 @@ def test_step_scope_is_on_disk_when_left(tmp_path):
 
 
 def test_rope_patch_is_on_the_undo_list(tmp_path):
-    from models import tiny
-
     from lockstep.engines.hf_rope import watch_rope
+    from models import tiny
 
     model = tiny("llama")
     modeling = sys.modules[type(model).__module__]

@@ -17,8 +17,8 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Sequence
 
 from .._version import __version__
-from ..errors import UsageError
 from ..display import safe
+from ..errors import UsageError
 from ..store.writer import DumpWriter, check_name
 from .sink import Sink
 from .surface import Step
@@ -126,11 +126,11 @@ class Recorder:
         also ends the step when the block is left (it is on disk then), and keeps every step
         entry inside the block (another ``rec.step()``, a watched root's call) in this step.
 
-        ``root``: the step is entered by a call of the module ``root`` (what ``watch``'s
-        hooks pass): it keeps the captures made since the last step ended (the inputs given
-        to the call), and only the first root called starts steps; another root called
-        between two of its calls (a sampler, a separate lm_head) records into the step it
-        follows.
+        ``root``: the step is a call of ``root``, a watched module (what ``watch``'s hooks
+        pass) or an engine's forward (llama.cpp's adapter passes itself): it keeps the
+        captures made since the last step ended (the inputs given to the call), and only the
+        first root called starts steps; another root called between two of its calls (a
+        sampler, a separate lm_head) records into the step it follows.
         """
         if root is not None:
             if self._step_root is None:

@@ -225,8 +225,8 @@ class _GraphTap:
             raise self._layout_error(f"ne {ne} disagrees with ggml_nelements "
                                      f"{lib.ggml_nelements(t)}")
         op_name = lib.ggml_op_name(s.op)
-        if op_name is None or op_name.decode() not in ("UNARY", "GLU") and \
-                op_name != lib.ggml_op_desc(t):
+        if op_name is None or (op_name.decode() not in ("UNARY", "GLU")
+                               and op_name != lib.ggml_op_desc(t)):
             raise self._layout_error(f"op field {s.op} ({op_name!r}) disagrees with "
                                      f"ggml_op_desc {lib.ggml_op_desc(t)!r}")
         if s.type in _TYPES and s.nb[0] != lib.ggml_type_size(s.type):
@@ -264,7 +264,8 @@ class _GraphTap:
                         self.checked = True
                     index = self.index
                     self.index = index + 1
-                    if self.crash_step is not None and index == 8 and rec.current_step == self.crash_step:
+                    if self.crash_step is not None and index == 8 \
+                            and rec.current_step == self.crash_step:
                         os.kill(os.getpid(), signal.SIGSEGV)  # inside llama_decode's graph
                     name = string_at(t + _NAME_OFFSET).decode("utf-8", "replace") \
                         or f"node-{index}"
@@ -598,7 +599,9 @@ class LlamaCppEngine(Engine):
         pos = 0
         feed = ids
         for step in range(decode + 1):
-            with rec.step():  # the prefill is step 0, each decode token the next; on disk after
+            # one step scope per eval, as a watched module's call is: the prefill is step 0,
+            # each decode token the next, each on disk when its scope is left
+            with rec.step(root=self):
                 rec.capture("input_ids", np.asarray([feed], dtype=np.int64), role="input")
                 self.eval(feed, pos, rec)
             pos += len(feed)
