@@ -50,15 +50,16 @@ TEXT = ("The capital of France is Paris, a city known for its art, its food and 
 class TapOnly:
     """Stands in for a Recorder: takes the copy the adapter hands over and writes nothing."""
 
-    class selected:  # noqa: N801 - mirrors Recorder.selected (no include/exclude patterns)
-        include: list[str] = []
-        exclude: list[str] = []
+    selective = False  # as Recorder.selective with no include/exclude patterns
 
     def __init__(self) -> None:
         self.records = 0
         self.nbytes = 0
 
-    def capture(self, name: str, value: Any, *, role: str | None = None, **extra: Any) -> None:
+    def wants(self, name: str) -> bool:
+        return True
+
+    def capture(self, name: str, value: Any, *, role: str | None = None, **fields: Any) -> None:
         copy = np.array(value, copy=True, order="C")  # what Recorder.capture copies
         self.records += 1
         self.nbytes += copy.nbytes

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import json
 import subprocess
 import sys
 import textwrap
@@ -243,3 +242,85 @@ def test_numpy_array_changed_in_place_is_recorded_again(tmp_path):
     with lockstep.open_dump(tmp_path / "d") as d:
         assert d.read(d.get(0, "a")).tolist() == [0.0] * 3
         assert d.read(d.get(0, "b")).tolist() == [1.0] * 3
+
+
+# -- the recorder's public surface: capture, wants, step, add_undo -------------------------------
+
+def test_add_undo_runs_on_exception_last_first_and_once(tmp_path):
+    ran: list[str] = []
+    with pytest.raises(RuntimeError, match="boom"):
+        with lockstep.record(tmp_path / "d") as rec:
+            rec.add_undo(lambda: ran.append("first"))
+            early = rec.add_undo(lambda: ran.append("early"))
+            rec.add_undo(lambda: ran.append("last"))
+            early()  # undone now: the close does not run it again
+            early()
+            assert ran == ["early"]
+            raise RuntimeError("boom")
+    assert ran == ["early", "last", "first"]
+
+
+def test_wants_honours_include_and_exclude(tmp_path):
+    with lockstep.record(tmp_path / "d", include=["model.*"], exclude=["*.mlp"]) as rec:
+        assert rec.selective
+        assert rec.wants("model.layers.0") and rec.wants("model.norm")
+        assert not rec.wants("model.layers.0.mlp")  # excluded
+        assert not rec.wants("lm_head")  # not included
+        lockstep.probe("lm_head", torch.ones(2))  # probes ask wants() too
+        lockstep.probe("model.norm", torch.ones(2))
+    with lockstep.record(tmp_path / "e") as rec:
+        assert not rec.selective and rec.wants("anything")
+    with lockstep.open_dump(tmp_path / "d") as d:
+        assert [r.name for r in d] == ["model.norm"]
+
+
+def test_step_scope_nested_entries_do_not_advance(tmp_path):
+    model = Tiny()
+    with lockstep.record(tmp_path / "d") as rec:
+        rec.watch(model)
+        for expected in range(2):
+            with rec.step() as step:
+                assert step == expected and rec.in_step
+                lockstep.probe("x", torch.ones(2))
+                with rec.step() as inner:  # nested: the same step
+                    assert inner == expected
+                    lockstep.probe("x", torch.ones(2))
+                assert rec.step() == expected  # a plain call inside the scope neither
+                model(torch.randn(1, 8))  # nor a watched root's call advances
+            assert not rec.in_step
+        lockstep.probe("after", torch.ones(2))  # the scope was left: opens the next step
+    with lockstep.open_dump(tmp_path / "d") as d:
+        assert d.steps == [0, 1, 2]
+        assert [(r.name, r.call) for r in d.in_step(1)] == [
+            ("x", 0), ("x", 1), ("fc1", 0), ("act", 0), ("fc2", 0), (":0", 0), (":1", 0)]
+        assert [r.name for r in d.in_step(2)] == ["after"]
+
+
+def test_step_scope_is_on_disk_when_left(tmp_path):
+    with lockstep.record(tmp_path / "d") as rec:
+        with rec.step():
+            lockstep.probe("x", torch.ones(2))
+        index = (tmp_path / "d" / "index.jsonl").read_text()
+        assert '"name":"x"' in index  # flushed on leaving the scope, before the close
+
+
+def test_rope_patch_is_on_the_undo_list(tmp_path):
+    from lockstep.engines.hf_rope import watch_rope
+    from models import tiny
+
+    model = tiny("llama")
+    modeling = sys.modules[type(model).__module__]
+    original = modeling.apply_rotary_pos_emb
+    with lockstep.record(tmp_path / "d") as rec:
+        scope = watch_rope(rec, model)
+        assert scope.__enter__() is True  # never left: the recording's close undoes it
+        assert modeling.apply_rotary_pos_emb is not original
+        with torch.no_grad():
+            model(torch.tensor([[3, 17, 42]]))
+    assert modeling.apply_rotary_pos_emb is original
+    assert not any(m._forward_pre_hooks for m in model.modules())
+    with lockstep.open_dump(tmp_path / "d") as d:
+        assert [r.name for r in d] == ["model.layers.0.self_attn.rope:0",
+                                       "model.layers.0.self_attn.rope:1",
+                                       "model.layers.1.self_attn.rope:0",
+                                       "model.layers.1.self_attn.rope:1"]

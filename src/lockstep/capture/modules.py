@@ -6,7 +6,7 @@ import fnmatch
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 if TYPE_CHECKING:
-    from .recorder import Recorder
+    from .surface import RecorderSurface, Step
 
 __all__ = ["watch_module"]
 
@@ -15,13 +15,16 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix and name else prefix or name
 
 
-def watch_module(rec: Recorder, root: Any, *, prefix: str, inputs: bool | Sequence[str],
-                 selected: Callable[[str], bool]) -> Callable[[], None]:
+def watch_module(rec: RecorderSurface, root: Any, *, prefix: str, inputs: bool | Sequence[str],
+                 selected: Callable[[str], bool], called: bool = False) -> Callable[[], None]:
     """Install hooks on ``root`` and its submodules; returns the function that removes them.
 
     ``inputs``: True records every module's inputs, a list of globs those of matching modules.
+    Each call of ``root`` is a step scope (``rec.step(root=root)``). ``called``: ``root`` is
+    being called now, past its pre-hooks: this call's step is entered here.
     """
     handles: list[Any] = []
+    scopes: list[Step] = []  # the step scopes of the root's calls now running
 
     def wants_inputs(name: str) -> bool:
         if isinstance(inputs, bool):
@@ -41,16 +44,25 @@ def watch_module(rec: Recorder, root: Any, *, prefix: str, inputs: bool | Sequen
 
         return hook_with_inputs if with_inputs else hook
 
-    # The root's pre-hook opens the step before any child records; its exit hook runs even
-    # when forward raises (always_call), so the step depth never goes stale.
-    handles.append(root.register_forward_pre_hook(lambda m, a: rec._root_enter(m)))
+    def enter(module: Any, args: Any = None) -> None:
+        scopes.append(rec.step(root=module).__enter__())
+
+    def leave(module: Any, args: Any, output: Any) -> None:
+        if scopes:
+            scopes.pop().__exit__(None, None, None)
+
+    # The root's pre-hook enters the step before any child records; its exit hook runs even
+    # when forward raises (always_call), so no step scope is left open.
+    handles.append(root.register_forward_pre_hook(enter))
     for name, module in root.named_modules():
         full = _join(prefix, name)
         if selected(full):
             with_inputs = wants_inputs(full)
             handles.append(module.register_forward_hook(output_hook(full, with_inputs),
                                                         with_kwargs=with_inputs))
-    handles.append(root.register_forward_hook(lambda m, a, o: rec._root_exit(), always_call=True))
+    handles.append(root.register_forward_hook(leave, always_call=True))
+    if called:
+        enter(root)
 
     def remove() -> None:
         for handle in handles:

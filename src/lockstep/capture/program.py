@@ -14,6 +14,7 @@ import sys
 from typing import Any, Sequence
 
 from ..errors import UsageError
+from .modules import watch_module
 from .recorder import Recorder, record
 from .tracing import resolve
 
@@ -62,15 +63,16 @@ def _auto_watch(rec: Recorder, classes: tuple[type, ...]) -> Any:
 
     def pre_hook(module: Any, args: Any) -> None:
         nonlocal roots
-        if rec._depth or id(module) in watched:
+        if rec.in_step or id(module) in watched:
             return
         if classes and not isinstance(module, classes):
             return
         prefix = "" if roots == 0 else f"{type(module).__name__}#{roots}"
         roots += 1
         watched.update(id(m) for m in module.modules())
-        rec.watch(module, prefix=prefix)
-        rec._root_enter(module)  # its own pre-hook was registered too late for this call
+        # its own pre-hook is registered too late for this call: enter its step now
+        rec.add_undo(watch_module(rec, module, prefix=prefix, inputs=False,
+                                  selected=rec.wants, called=True))
 
     return torch.nn.modules.module.register_module_forward_pre_hook(pre_hook)
 

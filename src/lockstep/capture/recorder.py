@@ -17,10 +17,11 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Sequence
 
 from .._version import __version__
-from ..errors import UsageError
 from ..display import safe
+from ..errors import UsageError
 from ..store.writer import DumpWriter, check_name
 from .sink import Sink
+from .surface import Step
 from .tensors import Unrecordable, leaves, to_host
 
 __all__ = ["Recorder", "record", "probe", "active"]
@@ -56,7 +57,7 @@ def probe(name: str, value: Any) -> Any:
     nothing is recording. The recording's include/exclude patterns apply to ``name``.
     """
     rec = _ACTIVE
-    if rec is not None and rec.selected(name):
+    if rec is not None and rec.wants(name):
         rec.capture(name, value, role="probe", strict=False)
     return value
 
@@ -75,7 +76,11 @@ class _Patterns:
 
 
 class Recorder:
-    """Captures tensors into one dump. Made by ``record``; see its docstring."""
+    """Captures tensors into one dump. Made by ``record``; see its docstring.
+
+    Adapters (module hooks, traces, engines) use only its public surface
+    (``capture.surface``): ``capture``, ``wants``, ``step`` and ``add_undo``.
+    """
 
     def __init__(self, path: str | os.PathLike[str], *, meta: dict[str, Any] | None = None,
                  data: bool = True, include: Sequence[str] | None = None,
@@ -89,11 +94,11 @@ class Recorder:
                           keep_stats=stats, max_pending_bytes=max_pending_bytes)
         self.selected = _Patterns(include, exclude)
         self.current_step = 0  #: the step that captures go to now
-        self._advance = False  # the step ended: the next capture or root call opens a new one
+        self._ended = False  # the step ended: the next capture or step entry opens a new one
         self._calls: dict[str, int] = defaultdict(int)
         self._names: set[str] = set()  # record names already checked
         self._seen: dict[int, tuple[Any, Any, Any]] = {}  # id -> (weakref, version, HostTensor)
-        self._depth = 0  # watched roots currently inside their forward
+        self._depth = 0  # step scopes open now (watched roots in their call, ``with step()``)
         self._step_root: int | None = None  # id of the root whose calls start steps
         self._undo: list[Callable[[], None]] = []
         self._closed = False
@@ -106,12 +111,42 @@ class Recorder:
         self.on_step: Callable[[int], Any] | None = None
 
     # -- steps -------------------------------------------------------------------------------
-    # A step ends when a top-level call of a watched root returns; the next capture (or root
-    # call) opens the next step, so inputs probed before a call land in that call's step.
+    # One step model for every engine. A step ENDS when the outermost step scope is left (a
+    # watched root's top-level call returns, the body of ``with rec.step()`` ends), at a
+    # top-level ``step()`` when the step holds records, or at ``next_step()``. After a step
+    # ended, the next capture or step entry OPENS the next one, so inputs captured before a
+    # call land in that call's step. Step entries inside an open scope never advance.
+    def step(self, *, root: Any = None) -> Step:
+        """Start a step; returns it (an int) as a context manager for the step's scope.
+
+        Plain calls: the first call (before anything is recorded) starts step 0, each later
+        call the next step. For engines with no watched module tree, call it at the start of
+        every forward (prefill, then each decode step); ``lockstep run --step-at
+        pkg.mod:func`` calls it at each call of ``func``. ``with rec.step(): forward()``
+        also ends the step when the block is left (it is on disk then), and keeps every step
+        entry inside the block (another ``rec.step()``, a watched root's call) in this step.
+
+        ``root``: the step is a call of ``root``, a watched module (what ``watch``'s hooks
+        pass) or an engine's forward (llama.cpp's adapter passes itself): it keeps the
+        captures made since the last step ended (the inputs given to the call), and only the
+        first root called starts steps; another root called between two of its calls (a
+        sampler, a separate lm_head) records into the step it follows.
+        """
+        if root is not None:
+            if self._step_root is None:
+                self._step_root = id(root)
+            if self._depth == 0 and self._ended and id(root) == self._step_root:
+                self._open_step(self.current_step + 1)
+        elif self._depth == 0:
+            if self._calls or self._ended:  # the current step holds records
+                self.next_step()
+            else:
+                self.flush()
+        return Step(self.current_step, self._enter, self._leave)
+
     def next_step(self, step: int | None = None) -> int:
         """End the current step: later captures go to ``step`` (default: the next one).
 
-        Engines with no watched root module call this between prefill and each decode step.
         Everything captured so far is flushed to disk first.
         """
         self.flush()
@@ -122,15 +157,10 @@ class Recorder:
         self._open_step(new)
         return self.current_step
 
-    def step(self) -> int:
-        """Start a step: the first call (before anything is recorded) starts step 0, each
-        later call the next step. For engines with no watched module tree, call it at the
-        start of every forward (prefill, then each decode step); ``lockstep run --step-at
-        pkg.mod:func`` calls it at each call of ``func``. Returns the step now open."""
-        if self._calls or self._advance:  # the current step holds records
-            return self.next_step()
-        self.flush()
-        return self.current_step
+    @property
+    def in_step(self) -> bool:
+        """Inside a step scope: a watched root's call or a ``with rec.step()`` block."""
+        return self._depth > 0
 
     def step_at(self, spec: str) -> Any:
         """Start a step (``step``) at each call of the function ``"pkg.mod:func"``, patched
@@ -138,7 +168,7 @@ class Recorder:
         from .tracing import step_at
 
         info, undo = step_at(self, spec)
-        self._undo.append(undo)
+        self.add_undo(undo)
         return info
 
     def _open_step(self, step: int) -> None:
@@ -148,29 +178,23 @@ class Recorder:
             if self.on_step is not None:
                 self.on_step(step)
         self._seen.clear()
-        self._advance = False
+        self._ended = False
 
-    def _root_enter(self, root: Any = None) -> None:
-        # the first watched root called starts the steps; another root (a sampler, a
-        # separate lm_head) called between two of its calls records into the step it follows
-        if self._step_root is None:
-            self._step_root = id(root)
-        if self._depth == 0 and self._advance and id(root) == self._step_root:
-            self._open_step(self.current_step + 1)
+    def _enter(self) -> None:
         self._depth += 1
 
-    def _root_exit(self) -> None:
+    def _leave(self) -> None:
         self._depth = max(0, self._depth - 1)
         if self._depth == 0:
             self.flush()  # a finished step is on disk before the engine goes on
-            self._advance = True
+            self._ended = True
 
     # -- capture -----------------------------------------------------------------------------
     def capture(self, name: str, value: Any, *, role: str | None = None, strict: bool = True,
-                opens_step: bool = True, **extra: Any) -> None:
+                opens_step: bool = True, **fields: Any) -> None:
         """Record every tensor in ``value`` as ``name`` (or ``name:field`` for nested ones).
 
-        ``extra`` fields (JSON values, e.g. ``op="rope"``) are stored in each record. A tensor
+        ``fields`` (JSON values, e.g. ``op="rope"``) are stored in each record. A tensor
         a dump cannot hold (an unknown dtype, a meta-device tensor, a name that is not text)
         raises a UsageError naming the record; with ``strict=False`` (hooks, traces and
         probes: the recorded program must never fail because of the recorder) it is skipped
@@ -182,7 +206,7 @@ class Recorder:
         # a capture after a step's root returned opens the next step (inputs probed before
         # a call), but a watched module's there (``opens_step=False``: compute_logits, a
         # sampler) belongs to the step it follows
-        if self._advance and self._depth == 0 and opens_step:
+        if self._ended and self._depth == 0 and opens_step:
             self._open_step(self.current_step + 1)
         if name not in self._names:  # names are checked once: this runs per capture
             try:
@@ -191,7 +215,7 @@ class Recorder:
                 return self._refuse(name, str(exc), strict)
             self._names.add(name)
         if type(value) is _tensor_type():  # the common case: one bare tensor, no walk
-            self._capture_one(name, value, role, strict, extra)
+            self._capture_one(name, value, role, strict, fields)
             return
         for suffix, tensor in leaves(value):
             full = f"{name}:{suffix}" if suffix else name
@@ -202,7 +226,7 @@ class Recorder:
                     self._refuse(full, str(exc), strict)
                     continue
                 self._names.add(full)
-            self._capture_one(full, tensor, role, strict, extra)
+            self._capture_one(full, tensor, role, strict, fields)
 
     def _capture_one(self, full: str, tensor: Any, role: str | None, strict: bool,
                      extra: dict[str, Any]) -> None:
@@ -254,6 +278,40 @@ class Recorder:
     def _skipped_meta(self) -> dict[str, Any]:
         return {"count": self.skipped_count, "records": list(self.skipped)}
 
+    def wants(self, name: str) -> bool:
+        """Whether the recording keeps records named ``name`` (its include/exclude globs).
+
+        ``capture`` records whatever it is given; an adapter asks this first to skip the
+        copy of a tensor the user left out (module hooks, llama.cpp's graph nodes, probes).
+        """
+        return self.selected(name)
+
+    @property
+    def selective(self) -> bool:
+        """Include/exclude patterns were given: ``wants`` can say no (else it never does)."""
+        return bool(self.selected.include or self.selected.exclude)
+
+    def add_undo(self, fn: Callable[[], Any]) -> Callable[[], None]:
+        """Run ``fn`` when the recording closes, also when its body raised: every hook and
+        patch an adapter installs is removed this way, the last added first.
+
+        Returns a function that runs ``fn`` at once instead (once; later calls and the close
+        do nothing), for an adapter that unpatches at the end of its own run.
+        """
+        done = False
+
+        def undo() -> None:
+            nonlocal done
+            if done:
+                return
+            done = True
+            if undo in self._undo:
+                self._undo.remove(undo)
+            fn()
+
+        self._undo.append(undo)
+        return undo
+
     def watch(self, module: Any, *, prefix: str = "", inputs: bool | Sequence[str] = False,
               include: Sequence[str] | None = None,
               exclude: Sequence[str] | None = None) -> None:
@@ -266,9 +324,9 @@ class Recorder:
         """
         from .modules import watch_module
 
-        patterns = _Patterns(include, exclude) if (include or exclude) else self.selected
-        self._undo.append(watch_module(self, module, prefix=prefix, inputs=inputs,
-                                       selected=patterns))
+        patterns = _Patterns(include, exclude) if (include or exclude) else self.wants
+        self.add_undo(watch_module(self, module, prefix=prefix, inputs=inputs,
+                                   selected=patterns))
 
     def trace(self, spec: str, *, name: str | None = None) -> Any:
         """Record the arguments and return value of a Python function, given as
@@ -278,7 +336,7 @@ class Recorder:
         from .tracing import trace_function
 
         info, undo = trace_function(self, spec, name=name)
-        self._undo.append(undo)
+        self.add_undo(undo)
         self.traced.append(info)
         self._sink.meta(traced=[t.as_dict() for t in self.traced])
         return info

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from ..errors import UsageError
 
 if TYPE_CHECKING:
-    from .recorder import Recorder
+    from .surface import RecorderSurface
 
 __all__ = ["TraceInfo", "trace_function", "step_at", "patch_function", "resolve"]
 
@@ -38,7 +38,10 @@ class TraceInfo:
     @property
     def empty(self) -> bool:
         """Called, yet not one tensor among its arguments or results."""
-        return bool(self.counts) and self.counts["calls"] > 0 and not self.counts["tensors"]
+        counts = self.counts
+        if not counts:
+            return False
+        return counts["calls"] > 0 and not counts["tensors"]
 
     def as_dict(self) -> dict[str, Any]:
         out = {"spec": self.spec, "name": self.name, "file": self.file, "line": self.line,
@@ -90,7 +93,7 @@ def _unwrap(raw: Any) -> tuple[Callable[..., Any], Callable[[Any], Any]]:
     raise UsageError(f"cannot trace {raw!r}: it is not a function")
 
 
-def trace_function(rec: Recorder, spec: str, *,
+def trace_function(rec: RecorderSurface, spec: str, *,
                    name: str | None = None) -> tuple[TraceInfo, Callable[[], None]]:
     """Patch the function named by ``spec`` to record its tensor arguments and results.
 
@@ -134,7 +137,7 @@ def trace_function(rec: Recorder, spec: str, *,
     return replace(info, counts=counts), undo
 
 
-def step_at(rec: Recorder, spec: str) -> tuple[TraceInfo, Callable[[], None]]:
+def step_at(rec: RecorderSurface, spec: str) -> tuple[TraceInfo, Callable[[], None]]:
     """Patch the function named by ``spec`` so that each call starts a step
     (``Recorder.step``): the first call step 0, each later call the next step."""
 

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Iterator
 
 if TYPE_CHECKING:
-    from ..capture.recorder import Recorder
+    from ..capture.surface import RecorderSurface
 
 __all__ = ["watch_rope"]
 
@@ -26,9 +26,10 @@ def _attention_modules(model: Any) -> list[tuple[str, Any]]:
 
 
 @contextmanager
-def watch_rope(rec: Recorder, model: Any) -> Iterator[bool]:
+def watch_rope(rec: RecorderSurface, model: Any) -> Iterator[bool]:
     """Capture q/k after RoPE for the duration; yields False when the model has no such
-    function (nothing is recorded then)."""
+    function (nothing is recorded then). The patch and hooks are undone on leaving, or by
+    the recording's close (``Recorder.add_undo``) if that comes first."""
     modeling = sys.modules.get(type(model).__module__)
     original = getattr(modeling, _FUNCTION, None)
     if original is None:
@@ -45,7 +46,15 @@ def watch_rope(rec: Recorder, model: Any) -> Iterator[bool]:
     def leave(*_: Any) -> None:  # a forward hook returning a value would replace the output
         current.pop()
 
-    handles = []
+    handles: list[Any] = []
+
+    def restore() -> None:
+        setattr(modeling, _FUNCTION, original)
+        for handle in handles:
+            handle.remove()
+
+    # on the recorder's undo list, so that the recording's close undoes it whatever happens
+    undo = rec.add_undo(restore)
     for name, module in _attention_modules(model):
         handles.append(module.register_forward_pre_hook(
             lambda _m, _a, name=name: current.append(name)))
@@ -54,6 +63,4 @@ def watch_rope(rec: Recorder, model: Any) -> Iterator[bool]:
     try:
         yield True
     finally:
-        setattr(modeling, _FUNCTION, original)
-        for handle in handles:
-            handle.remove()
+        undo()

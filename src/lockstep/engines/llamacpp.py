@@ -11,8 +11,7 @@ Names. A node is recorded under its graph name (``attn_norm-0``, ``kq_soft_max-3
 ``result_output``). Several nodes share one name (``Qcur-0`` is the MUL_MAT, then its RESHAPE,
 then its ROPE): the first in an eval keeps the plain name, each later one is recorded as
 ``name:op`` with the op as ``ggml_op_desc`` spells it, lowercased (``Qcur-0:reshape``,
-``Qcur-0:rope``). Every record also carries the op (``op`` field when the recorder takes extra
-fields, else as its ``role``).
+``Qcur-0:rope``). Every record also carries the op (its ``op`` field).
 
 Shapes are numpy's: ggml's ``ne`` reversed, all four dims kept (``ne = (576, 5, 1, 1)`` is
 recorded as ``(1, 1, 5, 576)``; comparisons ignore size-1 dims). Views and permutes are read
@@ -181,7 +180,6 @@ class _GraphTap:
         self.n_tokens = 0
         self.skipped: dict[str, str] = {}  #: record name -> why it was not recorded
         self.ops: set[str] = set()  #: ops seen as a ":op" suffix
-        self.extra_fields = False
         self.selected: Callable[[str], bool] | None = None
         self.views = False  # record pure view nodes too (see LlamaCppEngine)
         self.crash_step: int | None = None  # for tests: die of SIGSEGV in this step's graph
@@ -201,9 +199,7 @@ class _GraphTap:
         self.n_tokens = n_tokens
         self.error = None
         if rec is not None:
-            self.selected = rec.selected if (rec.selected.include or rec.selected.exclude) \
-                else None
-            self.extra_fields = _takes_extra(rec.capture)
+            self.selected = rec.wants if rec.selective else None
 
     def end(self) -> None:
         self.rec = None
@@ -229,8 +225,8 @@ class _GraphTap:
             raise self._layout_error(f"ne {ne} disagrees with ggml_nelements "
                                      f"{lib.ggml_nelements(t)}")
         op_name = lib.ggml_op_name(s.op)
-        if op_name is None or op_name.decode() not in ("UNARY", "GLU") and \
-                op_name != lib.ggml_op_desc(t):
+        if op_name is None or (op_name.decode() not in ("UNARY", "GLU")
+                               and op_name != lib.ggml_op_desc(t)):
             raise self._layout_error(f"op field {s.op} ({op_name!r}) disagrees with "
                                      f"ggml_op_desc {lib.ggml_op_desc(t)!r}")
         if s.type in _TYPES and s.nb[0] != lib.ggml_type_size(s.type):
@@ -268,7 +264,8 @@ class _GraphTap:
                         self.checked = True
                     index = self.index
                     self.index = index + 1
-                    if self.crash_step is not None and index == 8 and rec.current_step == self.crash_step:
+                    if self.crash_step is not None and index == 8 \
+                            and rec.current_step == self.crash_step:
                         os.kill(os.getpid(), signal.SIGSEGV)  # inside llama_decode's graph
                     name = string_at(t + _NAME_OFFSET).decode("utf-8", "replace") \
                         or f"node-{index}"
@@ -322,10 +319,7 @@ class _GraphTap:
                     arr = asarray(_Strided(raw_copy.ctypes.data, shape, strides, typestr))
                 if s.type == _BF16:
                     arr = (arr.astype(np.uint32) << 16).view(np.float32)
-                if self.extra_fields:
-                    rec.capture(full, arr, role="output", op=op)  # type: ignore[call-arg]
-                else:
-                    rec.capture(full, arr, role=op)
+                rec.capture(full, arr, role="output", op=op)
                 return True
             except BaseException as exc:  # raised on the engine's thread after the eval
                 self.error = exc
@@ -333,17 +327,6 @@ class _GraphTap:
                 return False
 
         return callback
-
-
-def _takes_extra(capture: Callable[..., Any]) -> bool:
-    """Whether Recorder.capture accepts extra record fields (``**extra``)."""
-    import inspect
-
-    try:
-        params = inspect.signature(capture).parameters.values()
-    except (TypeError, ValueError):
-        return False
-    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
 
 class LlamaCppEngine(Engine):
@@ -616,16 +599,16 @@ class LlamaCppEngine(Engine):
         pos = 0
         feed = ids
         for step in range(decode + 1):
-            if step:
-                rec.next_step()
-            rec.capture("input_ids", np.asarray([feed], dtype=np.int64), role="input")
-            self.eval(feed, pos, rec)
+            # one step scope per eval, as a watched module's call is: the prefill is step 0,
+            # each decode token the next, each on disk when its scope is left
+            with rec.step(root=self):
+                rec.capture("input_ids", np.asarray([feed], dtype=np.int64), role="input")
+                self.eval(feed, pos, rec)
             pos += len(feed)
             token = int(np.argmax(self.last_logits()))
             chosen.append(token)
             fed = forced[step] if forced is not None and step < len(forced) else token
             feed = [int(fed)]
-        rec.flush()  # the last step is on disk before the engine returns, as each step is
         return chosen
 
 
