@@ -14,7 +14,7 @@ import pytest
 
 import lockstep
 from engines.nano_vllm import LLM
-from lockstep.engines.capture import capture
+from lockstep.workflows.capture import capture
 from models import save_tiny
 
 PROMPT = [3, 17, 42, 7, 99, 5, 64, 11, 200]  # 9 tokens: prefill spans three KV blocks of 4
