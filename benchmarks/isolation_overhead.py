@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from lockstep.demo import PROMPT, find_smollm2
-from lockstep.engines.capture import capture
+from lockstep.workflows.capture import capture
 from lockstep.store import open_dump
 
 

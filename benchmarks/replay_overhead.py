@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from lockstep.demo import DECODE, PROMPT, find_smollm2
-from lockstep.engines.diff import diff
+from lockstep.workflows.diff import diff
 
 
 def main(argv: list[str] | None = None) -> int:

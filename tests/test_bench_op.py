@@ -15,7 +15,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from lockstep.bench.op import bench_op  # noqa: E402
-from lockstep.engines.capture import capture  # noqa: E402
+from lockstep.workflows.capture import capture  # noqa: E402
 
 TOKENS = [3, 17, 42, 7, 99]
 

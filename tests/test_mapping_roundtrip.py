@@ -18,7 +18,7 @@ import pytest
 
 import lockstep
 from lockstep.align.mapping import load_mapping
-from lockstep.engines.capture import capture
+from lockstep.workflows.capture import capture
 from models import save_tiny
 
 PROMPT = [3, 17, 42, 7, 99, 5, 64, 11, 200]

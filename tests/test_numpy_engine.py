@@ -12,7 +12,7 @@ import pytest
 
 import lockstep
 from engines.numpy_engine import NumpyLlama
-from lockstep.engines.capture import capture
+from lockstep.workflows.capture import capture
 from models import save_tiny
 
 PROMPT = [3, 17, 42, 7, 99, 5, 64, 11, 200]

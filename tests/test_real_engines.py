@@ -14,7 +14,7 @@ import pytest
 
 import lockstep
 from engines.nano_vllm import LLM
-from lockstep.engines.capture import capture
+from lockstep.workflows.capture import capture
 from lockstep.zoo.families import tiny_family_model
 from models import save_tiny
 

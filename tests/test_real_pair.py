@@ -12,7 +12,7 @@ pytest.importorskip("llama_cpp")
 gguf = pytest.importorskip("gguf")
 
 from lockstep.demo import find_smollm2  # noqa: E402
-from lockstep.engines.diff import diff  # noqa: E402
+from lockstep.workflows.diff import diff  # noqa: E402
 
 PROMPT = "The capital of France is"
 OPS = ["attn_norm", "q", "k", "v", "attn_heads", "attn_out", "attn_residual", "mlp_norm",

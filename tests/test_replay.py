@@ -15,7 +15,7 @@ pytest.importorskip("transformers")
 
 from models import save_tiny  # noqa: E402
 
-from lockstep.engines.diff import diff  # noqa: E402
+from lockstep.workflows.diff import diff  # noqa: E402
 from lockstep.report.json_report import report_dict  # noqa: E402
 
 ENGINE = str(Path(__file__).parent / "engines" / "precision.py")

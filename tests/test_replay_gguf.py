@@ -13,7 +13,7 @@ pytest.importorskip("gguf")
 
 from test_llamacpp import PROMPT_IDS, _gguf  # noqa: E402
 
-from lockstep.engines.diff import diff  # noqa: E402
+from lockstep.workflows.diff import diff  # noqa: E402
 
 
 def test_llamacpp_projection_error_is_explained_by_its_gguf_quantization(tmp_path):

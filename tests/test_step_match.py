@@ -21,7 +21,7 @@ import lockstep  # noqa: E402
 from lockstep.align.steps import match_steps  # noqa: E402
 from lockstep.compare import compare  # noqa: E402
 from lockstep.engines import open_engine  # noqa: E402
-from lockstep.engines.capture import capture  # noqa: E402
+from lockstep.workflows.capture import capture  # noqa: E402
 from lockstep.store import DumpWriter  # noqa: E402
 from lockstep.store.reader import open_dump  # noqa: E402
 

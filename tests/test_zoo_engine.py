@@ -13,7 +13,7 @@ import torch
 
 import lockstep
 from lockstep.engines import open_engine
-from lockstep.engines.capture import capture
+from lockstep.workflows.capture import capture
 from lockstep.errors import UsageError
 from lockstep.zoo import BUGS, DIAGNOSES, ZooEngine
 from models import save_tiny

@@ -179,7 +179,7 @@ def _llamacpp(gguf: Path, out: Path, show: Callable[[Any], None], rows: int,
         show("\nllama-cpp-python is not installed: the llama.cpp comparison is skipped "
              "(pip install 'lockstep[llamacpp]')")
         return "skipped"
-    from .engines.diff import diff
+    from .workflows.diff import diff
 
     show(f"\n[bold]candidate: llama.cpp on the same GGUF[/]  (lockstep diff "
          f"hf:{gguf.name} llamacpp:{gguf.name} --prompt {PROMPT!r} --decode {DECODE})")

@@ -232,12 +232,12 @@ def _cache() -> dict[str, Any]:
 
 def diagnose_environment() -> Doctor:
     """Everything ``lockstep doctor`` reports."""
+    from .engines.registry import KINDS
+
     doc = Doctor(versions=_versions())
-    doc.engines = {
-        "hf": _import_error("torch", "transformers"),
-        "zoo": _import_error("torch", "transformers"),
-        "py": None,
-    }
+    # native code is tried in a child process (below), never imported here
+    doc.engines = {k.kind: _import_error(*k.requires) for k in KINDS
+                   if k.factory is not None and not k.native}
     doc.llama_cpp = _llama_cpp()
     doc.engines["llamacpp"] = doc.llama_cpp.get("error")
     doc.cpu = _cpu()

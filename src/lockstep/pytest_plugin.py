@@ -72,7 +72,7 @@ class Lockstep:
         """Record both engines on the same tokens (the candidate teacher-forced with the
         reference's greedy tokens unless ``free_running``) and compare them."""
         from .align.mapping import load_mapping
-        from .engines.diff import diff
+        from .workflows.diff import diff
 
         self._count += 1
         out = self._tmp / f"lockstep-diff-{self._count}"
@@ -94,7 +94,7 @@ class Lockstep:
         when pytest runs with ``--lockstep-update``; a missing one fails the test and says
         how to make it. Statistics only by default (a few kilobytes); ``include`` keeps
         only the records whose names match these globs."""
-        from .engines.capture import capture
+        from .workflows.capture import capture
 
         path = self.golden_dir() / f"{name}.lsd"
         if self._config.getoption("lockstep_update"):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ..engines.registry import kinds_with, spec_help
 from .options import add_report_files, engine_options, int_list, write_reports
 
 __all__ = ["register", "run"]
@@ -19,8 +20,7 @@ def register(sub: Any) -> None:
         description="Each engine runs in its own process; timings are taken inside it, "
                     "interleaved between the two. Medians, p10/p90 and 95%% bootstrap "
                     "intervals; the candidate/reference ratio with its interval. Exit 0.")
-    b.add_argument("reference", help="engine spec: hf:..., llamacpp:..., zoo:..., py:... "
-                                     "(with --op: the reference's dump, REF.lsd)")
+    b.add_argument("reference", help=spec_help() + " (with --op: the reference's dump, REF.lsd)")
     b.add_argument("candidate", help="engine spec, as for the reference (with --op: CAND.lsd)")
     src = b.add_mutually_exclusive_group()
     src.add_argument("--prompt", metavar="TEXT", help="prompt text (tokenized by the reference)")
@@ -37,8 +37,10 @@ def register(sub: Any) -> None:
     b.add_argument("--modules", action="store_true",
                    help="also time each module kind and class per layer (torch engines)")
     b.add_argument("--plot", metavar="FILE.svg", help="draw the per-module times (--modules)")
-    b.add_argument("--ref-dtype", default="float32", help="dtype of an hf:/zoo: reference")
-    b.add_argument("--cand-dtype", default="float32", help="dtype of an hf:/zoo: candidate")
+    b.add_argument("--ref-dtype", default="float32",
+                   help=f"dtype of an {kinds_with('dtype')} reference")
+    b.add_argument("--cand-dtype", default="float32",
+                   help=f"dtype of an {kinds_with('dtype')} candidate")
     b.add_argument("--ref-opt", action="append", default=[], metavar="KEY=VALUE")
     b.add_argument("--cand-opt", action="append", default=[], metavar="KEY=VALUE")
     add_report_files(b, "also write everything as JSON")

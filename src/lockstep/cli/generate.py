@@ -7,6 +7,7 @@ import argparse
 import sys
 from typing import Any
 
+from ..engines.registry import kinds_epilog, kinds_with, spec_help, takes
 from ..errors import UsageError
 from .options import add_report_files, engine_options, int_list, write_reports
 
@@ -25,9 +26,9 @@ def register(sub: Any) -> None:
                     "candidate fed the reference's tokens); at a real split (not a near-tie) "
                     "or a KL over the limit the tensors are recorded and compared there. Exit "
                     "code: 0 no real split, no KL over the limit and no garbage, 1 otherwise, "
-                    "2 error.")
-    g.add_argument("reference", help="engine spec: hf:DIR, hf:FILE.gguf, llamacpp:FILE.gguf, "
-                                     "zoo:PATH, py:module:Factory")
+                    "2 error.",
+        epilog=kinds_epilog())
+    g.add_argument("reference", help=spec_help())
     g.add_argument("candidate", help="engine spec, as for the reference")
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompts", metavar="FILE", help="one prompt per line (.txt), or JSONL "
@@ -39,9 +40,11 @@ def register(sub: Any) -> None:
     g.add_argument("--chat", action="store_true",
                    help="apply the reference tokenizer's chat template to text prompts")
     g.add_argument("--ref-dtype", metavar="DTYPE",
-                   help="dtype of the reference: float32 (default for hf:), bfloat16, ...")
+                   help=f"dtype of an {kinds_with('dtype')} reference: float32 (default), "
+                        "bfloat16, ...")
     g.add_argument("--cand-dtype", metavar="DTYPE",
-                   help="dtype of the candidate: float32 (default for hf:), bfloat16, ...")
+                   help=f"dtype of an {kinds_with('dtype')} candidate: float32 (default), "
+                        "bfloat16, ...")
     g.add_argument("--ref-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="an engine option for the reference (repeatable)")
     g.add_argument("--cand-opt", action="append", default=[], metavar="KEY=VALUE",
@@ -69,7 +72,9 @@ def register(sub: Any) -> None:
 
 
 def _options(spec: str, dtype: str | None) -> dict[str, Any]:
-    if spec.startswith("hf:"):
+    """float32 for an engine that takes a dtype and was given none; a dtype given to one
+    that takes none is passed on, so that opening it says so."""
+    if takes(spec, "dtype"):
         return {"dtype": dtype or "float32"}
     return {"dtype": dtype} if dtype else {}
 

@@ -7,6 +7,7 @@ import sys
 from typing import Any, Sequence
 
 from .._version import __version__
+from ..engines.registry import kinds_epilog, kinds_with, recording, spec_help, takes
 from ..errors import LockstepError, UsageError
 from .options import engine_options as _engine_options
 from .options import add_report_files, add_weight_mapping, int_list, weight_rename, write_reports
@@ -50,9 +51,9 @@ def _parser() -> argparse.ArgumentParser:
 
     df = sub.add_parser("diff", help="run a reference and a candidate engine, then compare",
                         description="Exit code: 0 match or drift, 1 diverged, 2 error, 3 incomplete "
-                                   "(a decisive record was not compared).")
-    df.add_argument("reference", help="engine spec: hf:DIR, hf:FILE.gguf, llamacpp:FILE.gguf, "
-                                      "py:module:Factory, dump:DIR")
+                                   "(a decisive record was not compared).",
+                        epilog=kinds_epilog(recordings=True))
+    df.add_argument("reference", help=spec_help(recordings=True))
     df.add_argument("candidate", help="engine spec, as for the reference")
     src = df.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="prompt text (tokenized by the reference)")
@@ -60,8 +61,10 @@ def _parser() -> argparse.ArgumentParser:
     df.add_argument("--decode", type=int, default=0, metavar="N", help="greedy decode steps")
     df.add_argument("--free-running", action="store_true",
                     help="let the candidate feed its own tokens (default: the reference's)")
-    df.add_argument("--ref-dtype", default="float32", help="dtype of an hf: reference")
-    df.add_argument("--cand-dtype", default="float32", help="dtype of an hf: candidate")
+    df.add_argument("--ref-dtype", default="float32",
+                    help=f"dtype of an {kinds_with('dtype')} reference")
+    df.add_argument("--cand-dtype", default="float32",
+                    help=f"dtype of an {kinds_with('dtype')} candidate")
     df.add_argument("--ref-opt", action="append", default=[], metavar="KEY=VALUE",
                     help="an engine option for the reference (repeatable)")
     df.add_argument("--cand-opt", action="append", default=[], metavar="KEY=VALUE",
@@ -76,34 +79,38 @@ def _parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("replay", help="the dual test on dumps recorded earlier: re-run the "
                                        "reference engine's ops on the candidate's inputs",
                         description="Exit codes as for compare.")
-    rp.add_argument("engine", help="the reference engine spec the reference dump came from "
-                                   "(hf:..., zoo:..., py:...)")
+    rp.add_argument("engine", help="the reference engine the reference dump came from; "
+                                   + spec_help(module_tree=True))
     rp.add_argument("reference", help="reference dump directory")
     rp.add_argument("candidate", help="candidate dump directory")
     rp.add_argument("--at", metavar="NAME", help="replay this reference record's op (default: "
                                                  "the first divergence)")
-    rp.add_argument("--ref-dtype", default="float32", help="dtype of an hf:/zoo: engine")
+    rp.add_argument("--ref-dtype", default="float32",
+                    help=f"dtype of an {kinds_with('dtype')} engine")
     rp.add_argument("--ref-opt", action="append", default=[], metavar="KEY=VALUE")
     rp.add_argument("--cand-engine", metavar="SPEC",
                     help="also run the candidate's ops on the reference's inputs (the other "
-                         "way), with this engine (zoo:, py:, hf:; its dump's dtype and zoo bug "
-                         "are reused)")
+                         f"way), with this engine ({kinds_with('module_tree')}; the options its "
+                         "dump's metadata names, such as its dtype, are reused)")
     rp.add_argument("--cand-opt", action="append", default=[], metavar="KEY=VALUE")
     _compare_options(rp)
 
     cap = sub.add_parser("capture", help="run an engine on a prompt and record it",
-                         description="Records the prefill as step 0 and N greedy decode steps.")
-    cap.add_argument("engine", help="engine spec: hf:DIR, hf:FILE.gguf, llamacpp:FILE.gguf, "
-                                    "py:module:Factory")
+                         description="Records the prefill as step 0 and N greedy decode steps.",
+                         epilog=kinds_epilog())
+    cap.add_argument("engine", help=spec_help())
     src = cap.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text (the model's tokenizer is used)")
     src.add_argument("--tokens", type=int_list, help="prompt token ids, e.g. 1,2,3")
     cap.add_argument("--decode", type=int, default=0, metavar="N", help="greedy decode steps")
     cap.add_argument("--out", required=True, help="dump directory to create")
-    cap.add_argument("--dtype", default="float32", help="float32, bfloat16, float16, float64")
+    cap.add_argument("--dtype", default="float32",
+                     help=f"dtype of an {kinds_with('dtype')} engine: float32, bfloat16, "
+                          "float16, float64")
     cap.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
                      help="an engine option, e.g. bug=wrong_kv_slot for zoo: (repeatable)")
-    cap.add_argument("--device", default="cpu")
+    cap.add_argument("--device", default="cpu",
+                     help=f"torch device of an {kinds_with('device')} engine (default cpu)")
     cap.add_argument("--stats-only", action="store_true", help="keep statistics, not data")
     cap.add_argument("--overwrite", action="store_true", help="replace an existing dump")
 
@@ -209,11 +216,11 @@ def _mapping(args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def _diff(args: argparse.Namespace) -> int:
-    from ..engines.diff import diff
+    from ..workflows.diff import diff
 
     if args.decode < 0:
         raise UsageError("--decode must be 0 or more")
-    if args.prompt is None and args.tokens is None and not args.reference.startswith("dump:"):
+    if args.prompt is None and args.tokens is None and recording(args.reference) is None:
         raise UsageError("give the prompt: --prompt TEXT or --tokens 1,2,3")
     mapping, tolerances = _mapping(args)
     result = diff(args.reference, args.candidate, args.out, prompt=args.prompt,
@@ -228,7 +235,7 @@ def _diff(args: argparse.Namespace) -> int:
 
 def _replay(args: argparse.Namespace) -> int:
     from ..compare import compare
-    from ..engines.diff import replay_diff
+    from ..workflows.diff import replay_diff
 
     mapping, tolerances = _mapping(args)
     result = compare(args.reference, args.candidate, tolerances, mapping=mapping)
@@ -242,13 +249,13 @@ def _replay(args: argparse.Namespace) -> int:
 
 
 def _capture(args: argparse.Namespace) -> int:
-    from ..engines.capture import capture
+    from ..workflows.capture import capture
 
     if args.decode < 0:
         raise UsageError("--decode must be 0 or more")
     options = _engine_options(args.engine, args.dtype, args.opt)
-    if args.engine.startswith(("hf:", "zoo:")):
-        options.setdefault("device", args.device)  # the engines that run on a torch device
+    if takes(args.engine, "device"):
+        options.setdefault("device", args.device)
     capture(args.engine, args.out, prompt=args.prompt, tokens=args.tokens, decode=args.decode,
             data=not args.stats_only, overwrite=args.overwrite,
             announce=lambda m: print(m, file=sys.stderr), **options)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any, Callable, Sequence
 
+from ..engines.registry import takes
 from ..errors import UsageError
 
 __all__ = ["engine_options", "int_list", "add_weight_mapping", "weight_rename", "add_report_files",
@@ -12,9 +13,10 @@ __all__ = ["engine_options", "int_list", "add_weight_mapping", "weight_rename", 
 
 
 def engine_options(spec: str, dtype: str, opts: Sequence[str] = ()) -> dict[str, Any]:
-    """Options for the engine a spec names: ``dtype`` for those that take one, then each
-    ``KEY=VALUE`` (numbers, true/false and none read as such)."""
-    out: dict[str, Any] = {"dtype": dtype} if spec.startswith(("hf:", "zoo:")) else {}
+    """Options for the engine a spec names: ``dtype`` for those that take one (the engine
+    registry says which), then each ``KEY=VALUE`` (numbers, true/false and none read as
+    such)."""
+    out: dict[str, Any] = {"dtype": dtype} if takes(spec, "dtype") else {}
     for opt in opts:
         key, sep, text = opt.partition("=")
         if not sep or not key.isidentifier():

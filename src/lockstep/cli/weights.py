@@ -7,6 +7,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from ..engines.registry import kinds_with, spec_help, takes
 from ..errors import MissingExtraError, UsageError
 from .options import add_report_files, add_weight_mapping, weight_rename, write_reports
 
@@ -25,11 +26,12 @@ def register(sub: Any) -> None:
                     "different, a fresh random init (never loaded), missing; then maps the "
                     "device and dtype of every module. Exit code: 0 every tensor equal and "
                     "no module placed apart from the rest, 1 otherwise, 2 error.")
-    w.add_argument("model", help="engine spec: hf:DIR, hf:FILE.gguf, py:module:Factory (an "
-                                 "engine whose .model is a torch nn.Module after load())")
+    w.add_argument("model", help=spec_help(module_tree=True) + " (an engine whose .model is "
+                                 "a torch nn.Module after load())")
     w.add_argument("checkpoint", help="checkpoint file or directory it should hold")
-    w.add_argument("--dtype", default="float32", help="dtype of an hf: model")
-    w.add_argument("--device", default="cpu", help="device of an hf: model")
+    w.add_argument("--dtype", default="float32", help=f"dtype of an {kinds_with('dtype')} model")
+    w.add_argument("--device", default="cpu",
+                   help=f"device of an {kinds_with('device')} model")
     add_report_files(w, "also write the full report as JSON")
     w.add_argument("--rows", type=int, default=40, metavar="N",
                    help="tensors shown that are not equal (default 40; all in --json)")
@@ -118,8 +120,8 @@ def run(args: argparse.Namespace) -> int:
     if not Path(args.checkpoint).exists():  # before a model load that may take minutes
         raise UsageError(f"{args.checkpoint}: no such file or directory (the checkpoint to "
                          "check the model against)")
-    options = {"dtype": args.dtype, "device": args.device} if args.model.startswith(
-        "hf:") else {}
+    options = {key: value for key, value in (("dtype", args.dtype), ("device", args.device))
+               if takes(args.model, key)}
     engine = open_engine(args.model, **options)
     engine.load()
     try:
@@ -131,8 +133,8 @@ def run(args: argparse.Namespace) -> int:
         if not isinstance(model, torch.nn.Module):
             raise UsageError(f"{args.model}: the {engine.name} engine has no torch model to "
                              f"check (its .model is {type(model).__name__}); weights needs an "
-                             "engine whose .model is a torch nn.Module after load(): hf:, or "
-                             "a py: engine that sets self.model")
+                             "engine whose .model is a torch nn.Module after load() "
+                             f"({kinds_with('module_tree')})")
         check = check_loaded(model, args.checkpoint, rename=rename)
     finally:
         engine.close()

@@ -32,8 +32,9 @@ DERIVED_INPUTS = ("*.self_attn.o_proj", "*.post_attention_layernorm", "*.mlp.dow
 
 
 def _import() -> tuple[Any, Any]:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub: weights are local
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    """torch and transformers. Nothing reaches for a hub: every ``from_pretrained`` here is
+    given ``local_files_only=True`` (the environment, ``HF_HUB_OFFLINE`` included, is left
+    as the user set it)."""
     try:
         import torch
     except ImportError:

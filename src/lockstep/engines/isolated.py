@@ -272,7 +272,6 @@ def _note_crash(dump: str, note: str) -> bool:
 def open_isolated(spec: str, **options: Any) -> IsolatedEngine:
     """Any engine (not only a native one) in a process of its own: for benchmarks, where
     each engine's peak memory is its own process's and neither slows the other."""
-    from . import open_engine
+    from .registry import construct
 
-    engine = open_engine(spec, isolate=False, **options)
-    return engine if isinstance(engine, IsolatedEngine) else IsolatedEngine(engine, options)
+    return IsolatedEngine(construct(spec, **options), options)

@@ -5,6 +5,10 @@
 with the spec string. The engine implements ``load``, ``tokenize`` and ``generate`` (see
 engines/base.py): ``generate`` records the prefill as step 0 and one step per decode token,
 into the recorder it is given (``rec.watch(model)`` or ``lockstep.probe`` inside).
+
+A file's directory is on ``sys.path`` while the file runs (its own imports work as under
+``python file.py``), and taken off again after: import what it needs at its top, not inside
+a function called later.
 """
 
 from __future__ import annotations
@@ -26,12 +30,16 @@ def _module(where: str) -> Any:
         path = Path(where)
         if not path.is_file():
             raise UsageError(f"py: engine file {where!r} not found")
-        sys.path.insert(0, str(path.resolve().parent))  # its own imports, as python file.py
         spec = importlib.util.spec_from_file_location(path.stem, path)
         assert spec is not None and spec.loader is not None
         module = importlib.util.module_from_spec(spec)
         sys.modules[path.stem] = module
-        spec.loader.exec_module(module)
+        saved = list(sys.path)
+        sys.path.insert(0, str(path.resolve().parent))  # its own imports, as python file.py
+        try:
+            spec.loader.exec_module(module)
+        finally:
+            sys.path[:] = saved
         return module
     try:
         return importlib.import_module(where)

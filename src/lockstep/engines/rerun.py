@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .registry import find_kind
+
 __all__ = ["fed_tokens", "options_from_meta"]
 
 
@@ -21,13 +23,10 @@ def fed_tokens(dump: Any) -> list[int] | None:
 
 def options_from_meta(spec: str, meta: dict[str, Any],
                       given: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The engine options a dump's run used, as far as its metadata says (the dtype of an
-    ``hf:``/``zoo:`` engine; the zoo's ``bug`` and ``vm``), then ``given`` over them."""
-    out: dict[str, Any] = {}
-    if spec.startswith(("hf:", "zoo:")) and isinstance(meta.get("dtype"), str):
-        out["dtype"] = meta["dtype"]
-    if spec.startswith("zoo:"):
-        for key in ("bug", "vm"):
-            if meta.get(key) not in (None, False):
-                out[key] = meta[key]
+    """The engine options a dump's run used, as far as its metadata says (the kind's
+    ``from_meta`` in the registry: the dtype of an ``hf:``/``zoo:`` engine; the zoo's ``bug``
+    and ``vm``), then ``given`` over them."""
+    found = find_kind(spec)
+    names = found.from_meta if found is not None else ()
+    out = {key: meta[key] for key in names if meta.get(key) not in (None, False)}
     return {**out, **(given or {})}

@@ -130,7 +130,7 @@ def _handle(engine: Any, op: str, msg: dict[str, Any],
 def serve(rfd: int, wfd: int) -> int:
     """Answer the parent's commands until ``close`` or EOF."""
     from ..errors import LockstepError
-    from . import open_engine
+    from .registry import construct
 
     chan = Channel(rfd, wfd)
     engine: Any = None
@@ -139,7 +139,7 @@ def serve(rfd: int, wfd: int) -> int:
         if got is None:
             break
         msg, _ = got
-        op = msg.get("op")
+        op = str(msg.get("op"))
         try:
             if op == "close":
                 if engine is not None:
@@ -147,7 +147,7 @@ def serve(rfd: int, wfd: int) -> int:
                 chan.send({"ok": True})
                 break
             if op == "load":
-                engine = open_engine(msg["spec"], isolate=False, **msg["options"])
+                engine = construct(msg["spec"], **msg["options"])
                 engine.load()
                 reply, array = {"name": engine.name}, None
             elif engine is None:

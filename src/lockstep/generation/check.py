@@ -103,7 +103,7 @@ def _localize(result: PromptResult, ref_spec: str, cand_spec: str, out: Path,
               announce: Callable[[str], Any], mapping: Any = None) -> PromptResult:
     """Record both engines up to the prompt's first real split (or first step over the KL
     limit) and compare their tensors."""
-    from ..engines.diff import diff
+    from ..workflows.diff import diff
 
     step = result.diverged_step
     assert step is not None
@@ -132,7 +132,8 @@ def check_generation(reference: str, candidate: str, prompts: Sequence[Prompt | 
     """Greedy-decode ``max_new_tokens`` tokens of each prompt on both engines and compare.
 
     ``reference`` and ``candidate`` are engine specs (``hf:DIR``, ``llamacpp:FILE.gguf``, ...);
-    ``ref_options``/``cand_options`` go to their constructors (e.g. ``{"dtype": "float64"}``).
+    ``ref_options``/``cand_options`` go to their constructors (e.g. ``{"dtype": "float64"}`` for
+    an engine that takes a dtype; ``lockstep.engines.registry.KINDS`` says which do).
     A prompt is text (tokenized by the reference, no special tokens added) or a ``Prompt``
     (chat messages, token ids). ``near_tie`` is the threshold in nats under which a split is
     a near-tie; a prompt whose mean KL(reference || candidate) is above ``max_kl`` nats

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
+from ..engines import open_engine
 from ..errors import UsageError
-from . import open_engine
 
 __all__ = ["capture"]
 

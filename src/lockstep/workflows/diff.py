@@ -3,31 +3,28 @@ then compare them.
 
 The candidate sees exactly the reference's prompt token ids and, by default, is teacher-forced
 with the reference's greedy tokens, so one near-tie cannot make every later step
-incomparable. ``dump:DIR`` uses an existing recording instead of running an engine.
+incomparable. ``dump:DIR`` uses an existing recording instead of running an engine
+(``engines.registry.recording``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from ..compare import Comparison, Tolerances, compare
+from ..engines import open_engine
+from ..engines.registry import recording
+from ..engines.rerun import fed_tokens, options_from_meta
 from ..errors import UsageError
 from ..store.reader import open_dump
-from . import open_engine
 from .capture import capture
-from .rerun import fed_tokens, options_from_meta
 
 if TYPE_CHECKING:
     from ..align.mapping import MappingFile
 
 __all__ = ["diff"]
-
-
-def _existing(spec: str) -> Path | None:
-    if spec.startswith("dump:"):
-        return Path(spec[len("dump:"):])
-    return None
 
 
 def diff(ref_spec: str, cand_spec: str, out: str | Path, *, prompt: str | None = None,
@@ -40,7 +37,7 @@ def diff(ref_spec: str, cand_spec: str, out: str | Path, *, prompt: str | None =
     With ``replay``, a reference engine with a module tree re-runs its ops around the
     divergence on the candidate's inputs (``lockstep.replay``)."""
     out = Path(out)
-    ref_dump = _existing(ref_spec)
+    ref_dump = recording(ref_spec)
     if ref_dump is None:
         ref_dump = out / "reference.lsd"
         capture(ref_spec, str(ref_dump), prompt=prompt, tokens=tokens, decode=decode,
@@ -49,7 +46,7 @@ def diff(ref_spec: str, cand_spec: str, out: str | Path, *, prompt: str | None =
         ids = ref.meta.get("prompt_token_ids")
         decode = int(ref.meta.get("decode", max(ref.steps, default=0)))
         forced = ref.meta.get("generated_token_ids") or fed_tokens(ref)
-    cand_dump = _existing(cand_spec)
+    cand_dump = recording(cand_spec)
     if cand_dump is None:
         if not ids:
             raise UsageError(f"{ref_dump} has no prompt_token_ids in its metadata, so the "
@@ -59,10 +56,10 @@ def diff(ref_spec: str, cand_spec: str, out: str | Path, *, prompt: str | None =
                 forced=None if free_running else forced, overwrite=overwrite,
                 announce=announce, **(cand_options or {}))
     result = compare(ref_dump, cand_dump, tolerances, mapping=mapping)
-    if replay and _existing(ref_spec) is None:
+    if replay and recording(ref_spec) is None:
         result = replay_diff(ref_spec, result, ref_options or {}, tolerances=tolerances,
                              mapping=mapping, announce=announce,
-                             cand_spec=None if _existing(cand_spec) else cand_spec,
+                             cand_spec=None if recording(cand_spec) else cand_spec,
                              cand_options=cand_options)
     return result
 
