@@ -8,9 +8,9 @@ from typing import Any, Sequence
 
 from .._version import __version__
 from ..errors import LockstepError, UsageError
-from .options import engine_options as _engine_options
 from . import output
 from .options import add_report_files, add_weight_mapping, int_list, weight_rename
+from .options import engine_options as _engine_options
 
 __all__ = ["main"]
 
