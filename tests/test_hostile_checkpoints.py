@@ -232,7 +232,7 @@ def test_weights_report_prints_names_as_text(tmp_path):
     from rich.console import Console
 
     from lockstep.checkpoint import check_loaded
-    from lockstep.cli.weights import render_check
+    from lockstep.checkpoint.weights_render import render_check
 
     model = torch.nn.Sequential()
     model.add_module("[/]", torch.nn.Linear(2, 2))

@@ -1,13 +1,17 @@
-"""The terminal view of an AgainstReport (rich)."""
+"""The ``inspect --against`` report: an AgainstReport in the terminal (rich) and as JSON."""
 
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from ..report.base import SubjectReport
 from .against import AgainstReport, PairResult
 
-__all__ = ["render_against", "TRANSFORM_WORDS"]
+if TYPE_CHECKING:
+    from rich.console import Console, ConsoleOptions, RenderResult
+
+__all__ = ["render_against", "AgainstView", "TRANSFORM_WORDS"]
 
 #: what each layout transform means, for people
 TRANSFORM_WORDS = {
@@ -89,3 +93,12 @@ def render_against(report: AgainstReport, *, rows: int = 40) -> list[Any]:
                              style="red")
         out.append(problems)
     return out
+
+
+class AgainstView(SubjectReport):
+    """The report of checkpoint A against checkpoint B (an AgainstReport)."""
+
+    kind = "against"
+
+    def render(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        yield from render_against(self.subject, rows=self.rows)

@@ -1,13 +1,21 @@
-"""The terminal view of an InspectReport (rich)."""
+"""The ``inspect`` report: an InspectReport (and the adapter's target check, when asked) in
+the terminal (rich) and as JSON."""
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from ..display import safe, text
+from ..report.base import Report
 from .doctor import InspectReport
 
-__all__ = ["render"]
+if TYPE_CHECKING:
+    from rich.console import Console, ConsoleOptions, RenderResult
+
+    from .targets import TargetCheck
+
+__all__ = ["render", "InspectView"]
 
 
 def _fmt(x: Any) -> str:
@@ -61,3 +69,22 @@ def render(report: InspectReport) -> list[Any]:
                           text(f"not readable: {t.unreadable}"), style="red")
         out.append(table)
     return out
+
+
+@dataclass
+class InspectView(Report):
+    """The inspect report; ``targets``: the PEFT adapter's target_modules checked against
+    its base model (``--base``), or None."""
+
+    report: InspectReport
+    targets: TargetCheck | None = None
+    kind = "inspect"
+
+    def render(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        yield from render(self.report)
+        for line, style in self.targets.lines() if self.targets is not None else ():
+            yield text(line, style=style)
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.report.to_json(), **(
+            {} if self.targets is None else {"target_modules": self.targets.to_json()})}

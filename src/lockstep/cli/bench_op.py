@@ -25,11 +25,11 @@ def add_op_arguments(b: Any) -> None:
 
 
 def run_op_bench(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-    from rich.text import Text
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn
 
-    from ..bench.op import bench_op, op_lines
+    from ..bench.op import bench_op
+    from ..bench.render import OpBenchReport
+    from . import output
     from .options import engine_options
 
     def opts(spec: str | None, dtype: str, given: list[str], default: str) -> dict[str, Any]:
@@ -42,9 +42,8 @@ def run_op_bench(args: argparse.Namespace) -> int:
         from ..errors import UsageError
 
         raise UsageError("--html draws the engine benchmark; for --op write --json")
-    err = Console(stderr=True)
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  console=err, transient=True, disable=not err.is_terminal) as progress:
+    with output.progress(TextColumn("{task.description}"), BarColumn(),
+                         MofNCompleteColumn()) as progress:
         task = progress.add_task("bench --op", total=None)
         result = bench_op(
             args.reference, args.candidate, args.op, cand_name=args.cand_op, step=args.step,
@@ -54,11 +53,5 @@ def run_op_bench(args: argparse.Namespace) -> int:
             warmup=args.warmup, iters=args.iters,
             progress=lambda done, total, what: progress.update(
                 task, completed=done, total=total or None, description=what))
-    console = Console(highlight=False)
-    for line in op_lines(result):
-        console.print(Text(line))
-    if args.json:
-        from ..report.json_report import write_json_file
-
-        write_json_file(result.to_json(), args.json)
+    output.show(OpBenchReport(result), args)
     return 0

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from . import output
+
 __all__ = ["register", "run"]
 
 
@@ -68,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     from ..doctor import diagnose_environment
 
     doc = diagnose_environment()
-    print("\n".join(lines(doc)))
+    output.write_lines(lines(doc))
     if args.json:
         from ..report.json_report import write_json_file
 

@@ -4,12 +4,12 @@ by token (a thin shell over ``lockstep.generation.check_generation``)."""
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
 from ..engines.registry import kinds_epilog, kinds_with, spec_help, takes
 from ..errors import UsageError
-from .options import add_report_files, engine_options, int_list, write_reports
+from . import output
+from .options import add_report_files, engine_options, int_list
 
 __all__ = ["register", "run"]
 
@@ -82,11 +82,9 @@ def _options(spec: str, dtype: str | None) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     """Run the check, print the report; 0 pass, 1 a real split, a KL over the limit or
     garbage."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn
 
     from ..generation import Prompt, check_generation, load_prompts
-    from ..generation.json_out import generation_dict
     from ..generation.render import GenerationReport
 
     mapping = None
@@ -104,12 +102,10 @@ def run(args: argparse.Namespace) -> int:
         prompts = [Prompt(text=args.prompt, chat=args.chat)]
     else:
         prompts = load_prompts(args.prompts, chat=args.chat)
-    err = Console(stderr=True)
-    announce = (lambda m: err.print(m, highlight=False)) if err.is_terminal else \
-        (lambda m: print(m, file=sys.stderr))
-    with Progress(TextColumn("decoding"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("prompts"), console=err, transient=True,
-                  disable=not err.is_terminal) as progress:
+    err = output.stderr()
+    announce = (lambda m: err.print(m, highlight=False)) if err.is_terminal else output.say
+    with output.progress(TextColumn("decoding"), BarColumn(), MofNCompleteColumn(),
+                         TextColumn("prompts")) as progress:
         task = progress.add_task("decoding", total=len(prompts))
         result = check_generation(
             args.reference, args.candidate, prompts, max_new_tokens=args.max_new_tokens,
@@ -122,7 +118,5 @@ def run(args: argparse.Namespace) -> int:
                           **engine_options("", "", args.cand_opt)},
             progress=lambda done, total: progress.update(task, completed=done, total=total),
             announce=announce, mapping=mapping)
-    Console().print(GenerationReport(result, rows=args.rows))
-    write_reports(args, "generation", lambda: generation_dict(result),
-                  lambda: generation_dict(result, whole=True))
+    output.show(GenerationReport(result, rows=args.rows), args)
     return EXIT_OK if result else EXIT_FAILED

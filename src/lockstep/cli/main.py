@@ -9,8 +9,9 @@ from typing import Any, Sequence
 from .._version import __version__
 from ..engines.registry import kinds_epilog, kinds_with, recording, spec_help, takes
 from ..errors import LockstepError, UsageError
+from . import output
+from .options import add_report_files, add_weight_mapping, int_list, weight_rename
 from .options import engine_options as _engine_options
-from .options import add_report_files, add_weight_mapping, int_list, weight_rename, write_reports
 
 __all__ = ["main"]
 
@@ -177,25 +178,17 @@ def _command_modules() -> list[Any]:
 
 
 def _report(result: Any, args: argparse.Namespace) -> int:
-    from rich.console import Console
-
-    from ..report.json_report import report_dict
     from ..report.terminal import ComparisonReport
 
-    Console().print(ComparisonReport(result, rows=0 if args.all else args.rows))
-    write_reports(args, "comparison", lambda: report_dict(result))
+    output.show(ComparisonReport(result, rows=0 if args.all else args.rows), args)
     return _VERDICT_EXIT[result.verdict]
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.progress import Progress
-
     from ..compare import compare
 
     mapping, tolerances = _mapping(args)
-    err = Console(stderr=True)
-    with Progress(console=err, transient=True, disable=not err.is_terminal) as progress:
+    with output.progress() as progress:
         task = progress.add_task("comparing", total=None)
         result = compare(args.reference, args.candidate, tolerances, mapping=mapping,
                          progress=lambda done, total: progress.update(task, completed=done,
@@ -229,7 +222,7 @@ def _diff(args: argparse.Namespace) -> int:
                   cand_options=_engine_options(args.candidate, args.cand_dtype,
                                                args.cand_opt),
                   tolerances=tolerances, mapping=mapping, replay=not args.no_replay,
-                  announce=lambda m: print(m, file=sys.stderr))
+                  announce=output.say)
     return _report(result, args)
 
 
@@ -244,7 +237,7 @@ def _replay(args: argparse.Namespace) -> int:
                          tolerances=tolerances, mapping=mapping, at=args.at,
                          cand_spec=args.cand_engine,
                          cand_options=_engine_options("", "", args.cand_opt),
-                         announce=lambda m: print(m, file=sys.stderr))
+                         announce=output.say)
     return _report(result, args)
 
 
@@ -258,7 +251,7 @@ def _capture(args: argparse.Namespace) -> int:
         options.setdefault("device", args.device)
     capture(args.engine, args.out, prompt=args.prompt, tokens=args.tokens, decode=args.decode,
             data=not args.stats_only, overwrite=args.overwrite,
-            announce=lambda m: print(m, file=sys.stderr), **options)
+            announce=output.say, **options)
     return EXIT_OK
 
 
@@ -269,17 +262,13 @@ def _run(args: argparse.Namespace) -> int:
     return run_program(program, args.out, watch=args.watch, trace=args.trace,
                        include=args.include, exclude=args.exclude, data=not args.stats_only,
                        overwrite=args.overwrite, step_at=args.step_at,
-                       announce=lambda m: print(m, file=sys.stderr))
+                       announce=output.say)
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from rich.console import Console
+    from ..demo import EXPECTED, run_demo
 
-    from ..demo import run_demo
-
-    from ..demo import EXPECTED
-
-    console = Console()
+    console = output.stdout()
     verdicts = run_demo(args.out, show=console.print, skip=args.skip or (),
                         llamacpp_options=_engine_options("llamacpp:", "", args.llamacpp_opt))
     wrong = {k: v for k, v in verdicts.items() if v not in (EXPECTED[k], "skipped")}
@@ -292,30 +281,22 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _inspect_against(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn
 
     from ..checkpoint.against import against_checkpoints
-    from ..checkpoint.against_render import render_against
+    from ..checkpoint.against_render import AgainstView
 
-    err = Console(stderr=True)
-    with Progress(TextColumn("comparing"), BarColumn(), MofNCompleteColumn(), console=err,
-                  transient=True, disable=not err.is_terminal) as progress:
+    with output.progress(TextColumn("comparing"), BarColumn(), MofNCompleteColumn()) as progress:
         task = progress.add_task("comparing", total=None)
         report = against_checkpoints(args.path, args.against, progress=lambda done, total:
                                      progress.update(task, completed=done, total=total),
                                      rename=weight_rename(args.mapping))
-    console = Console()
-    for item in render_against(report):
-        console.print(item)
-    write_reports(args, "against", report.to_json)
+    output.show(AgainstView(report), args)
     return EXIT_OK if report else EXIT_DIVERGED
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
-                               TransferSpeedColumn)
+    from rich.progress import BarColumn, DownloadColumn, TextColumn, TransferSpeedColumn
 
     if args.against:
         if args.base:
@@ -323,30 +304,21 @@ def _inspect(args: argparse.Namespace) -> int:
         return _inspect_against(args)
 
     from ..checkpoint import inspect_checkpoint
-    from ..checkpoint.render import render
-    from ..display import text
+    from ..checkpoint.render import InspectView
 
     targets = None
     if args.base:
         from ..checkpoint.targets import check_targets
         targets = check_targets(args.path, args.base)
 
-    err = Console(stderr=True)
-    with Progress(TextColumn("inspecting"), BarColumn(), DownloadColumn(),
-                  TransferSpeedColumn(), TextColumn("{task.fields[tensors]}"),
-                  console=err, transient=True, disable=not err.is_terminal) as progress:
+    with output.progress(TextColumn("inspecting"), BarColumn(), DownloadColumn(),
+                         TransferSpeedColumn(), TextColumn("{task.fields[tensors]}")) as progress:
         task = progress.add_task("inspecting", total=None, tensors="")
         report = inspect_checkpoint(
             args.path, groups=args.group,
             progress=lambda i, n, done, total: progress.update(
                 task, completed=done, total=total, tensors=f"{i}/{n} tensors"))
-    console = Console()
-    for item in render(report):
-        console.print(item)
-    for line, style in targets.lines() if targets is not None else ():
-        console.print(text(line, style=style))
-    write_reports(args, "inspect", lambda: {**report.to_json(), **(
-        {} if targets is None else {"target_modules": targets.to_json()})})
+    output.show(InspectView(report, targets), args)
     return EXIT_DIVERGED if report.bad or report.unreadable or (
         targets is not None and not targets) else EXIT_OK
 
@@ -356,45 +328,26 @@ _COMMANDS = {"compare": _compare, "diff": _diff, "replay": _replay, "demo": _dem
              "inspect": _inspect}
 
 
-def _say(line: str) -> None:
-    """One line on stderr, whatever it holds (a path with undecodable bytes included)."""
-    data = (line + "\n").encode(sys.stderr.encoding or "utf-8", "backslashreplace")
-    sys.stderr.flush()
-    sys.stderr.buffer.write(data) if hasattr(sys.stderr, "buffer") else \
-        sys.stderr.write(data.decode(sys.stderr.encoding or "utf-8"))
-    sys.stderr.flush()
-
-
-def _escape_unencodable() -> None:
-    """Text the terminal cannot encode (a lone surrogate in a record's name: valid JSON) is
-    printed escaped (``\\ud800``) wherever a report shows it, rather than ending the command."""
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]
-        except (AttributeError, ValueError, OSError):  # not a text stream we may reconfigure
-            pass
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code: 0 match/drift (or success), 1 diverged (or, for
     inspect/weights/generate, problems found), 2 a user error, 3 incomplete, 4 an internal
     error (a bug)."""
     args = None
-    _escape_unencodable()
+    output.start()
     try:
         args = _parser().parse_args(argv)
         handler = getattr(args, "handler", None) or _COMMANDS[args.command]
         return handler(args)
     except LockstepError as exc:
-        _say(f"lockstep: error: {exc}")
+        output.say(f"lockstep: error: {exc}")
         return EXIT_ERROR
     except KeyboardInterrupt:
-        _say("lockstep: interrupted")
+        output.say("lockstep: interrupted")
         return 130
     except OSError as exc:
         if exc.filename is None:  # no file the user named: ours to explain
             return _internal(exc, args)
-        _say(f"lockstep: error: {exc.filename}: {exc.strerror or exc}")  # --json DIR/x, ...
+        output.say(f"lockstep: error: {exc.filename}: {exc.strerror or exc}")  # --json DIR/x, ...
         return EXIT_ERROR
     except Exception as exc:
         return _internal(exc, args)
@@ -408,7 +361,7 @@ def _internal(exc: Exception, args: Any) -> int:
 
         traceback.print_exception(exc)
     first = (str(exc).strip().splitlines() or [""])[0][:300]
-    _say(f"lockstep: internal error: {type(exc).__name__}: {first}; this is a bug in "
+    output.say(f"lockstep: internal error: {type(exc).__name__}: {first}; this is a bug in "
          "lockstep, please report it with the output of `lockstep doctor`"
          + ("" if debug else " (run again with `lockstep --debug ...` for the traceback)"))
     return EXIT_INTERNAL

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from ..engines.registry import takes
 from ..errors import UsageError
 
-__all__ = ["engine_options", "int_list", "add_weight_mapping", "weight_rename", "add_report_files",
-           "write_reports"]
+__all__ = ["engine_options", "int_list", "add_weight_mapping", "weight_rename",
+           "add_report_files"]
 
 
 def engine_options(spec: str, dtype: str, opts: Sequence[str] = ()) -> dict[str, Any]:
@@ -61,22 +61,10 @@ def weight_rename(path: str | None) -> Any:
 
 
 def add_report_files(parser: Any, json_help: str = "also write the report as JSON") -> None:
-    """``--json FILE`` and ``--html FILE``: the report's other faces, from one JSON object."""
-    parser.add_argument("--json", metavar="FILE", help=json_help)
-    parser.add_argument("--html", metavar="FILE",
-                        help="also write the report as one self-contained HTML page (no "
-                             "network request; open it in a browser)")
+    """An option per file face of the report (``report.faces``): ``--json FILE``,
+    ``--html FILE``..., written by ``output.show``."""
+    from ..report.faces import FACES
 
-
-def write_reports(args: argparse.Namespace, kind: str, data: Callable[[], Any],
-                  html_data: Callable[[], Any] | None = None) -> None:
-    """Write ``--json`` and ``--html`` when asked: ``data()`` is the JSON report; the page
-    draws ``html_data()`` when given (the same report with more detail), else ``data()``."""
-    if getattr(args, "json", None):
-        from ..report.json_report import write_json_file
-
-        write_json_file(data(), args.json)
-    if getattr(args, "html", None):
-        from ..report.html import write_html
-
-        write_html(kind, (html_data or data)(), args.html)
+    for face in FACES:
+        parser.add_argument(f"--{face.name}", metavar="FILE",
+                            help=json_help if face.name == "json" else face.help)

@@ -7,7 +7,8 @@ import tempfile
 from typing import Any
 
 from ..zoo.config import ZOO_FAMILIES as FAMILIES
-from .options import add_report_files, write_reports
+from . import output
+from .options import add_report_files
 
 __all__ = ["register", "run"]
 
@@ -27,18 +28,15 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
-    from ..report.zoo_table import ZooTable, zoo_dict
+    from ..report.zoo_table import ZooTable
     from ..zoo.bugs import get_bug
     from ..zoo.score import run_zoo
 
     for name in args.bug or ():
         get_bug(name)  # an unknown name is a one-line error before anything runs
-    err = Console(stderr=True)
-    with tempfile.TemporaryDirectory() as tmp, err.status("running the zoo") as status:
+    with tempfile.TemporaryDirectory() as tmp, \
+            output.stderr().status("running the zoo") as status:
         score = run_zoo(args.out or tmp, families=args.family or FAMILIES, bugs=args.bug,
                         progress=lambda m: status.update(f"zoo: {m}"))
-    Console().print(ZooTable(score))
-    write_reports(args, "zoo", lambda: zoo_dict(score))
+    output.show(ZooTable(score), args)
     return 0 if score else 1

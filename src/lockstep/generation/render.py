@@ -1,4 +1,4 @@
-"""The generation check in the terminal: a rich renderable built from a GenerationResult."""
+"""The generation report: a GenerationResult in the terminal (rich) and as JSON."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from ..report.base import Report
 from ..report.terminal import ComparisonReport, fmt
+from .json_out import generation_dict
 from .metrics import StepCompare, StepSummary
 from .result import GenerationResult, PromptResult, Side
 
@@ -184,17 +186,25 @@ def _overall(result: GenerationResult) -> Panel:
 
 
 @dataclass
-class GenerationReport:
+class GenerationReport(Report):
     """Renders a GenerationResult: both sides, the per-prompt table, the details of every
     prompt that split or produced garbage (with its tensor comparison), the overall verdict.
 
-    ``rows`` bounds each detail table and the comparison's pair window.
+    ``rows`` bounds each detail table and the comparison's pair window. ``to_json()`` is
+    ``generation_dict``; the HTML page draws every step (``whole=True``).
     """
 
     result: GenerationResult
     rows: int = 12
+    kind = "generation"
 
-    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+    def to_json(self) -> dict[str, Any]:
+        return generation_dict(self.result)
+
+    def html_json(self) -> dict[str, Any]:
+        return generation_dict(self.result, whole=True)
+
+    def render(self, console: Console, options: ConsoleOptions) -> RenderResult:
         r = self.result
         yield _side("reference", r.reference)
         yield _side("candidate", r.candidate)

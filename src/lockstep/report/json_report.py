@@ -11,11 +11,12 @@ from typing import Any
 from .._version import __version__
 from ..compare.comparison import Comparison, DumpSummary
 from ..compare.metrics import TensorMetrics
-from ..compare.pair_result import DRIFT_FACTOR, PairResult
+from ..compare.pair_result import PairResult
 from ..store.reader import Record
+from .pair_status import status
 
 __all__ = ["SCHEMA_VERSION", "report_dict", "write_json", "json_number", "write_json_file",
-           "write_text_file"]
+           "write_text_file", "write_report"]
 
 SCHEMA_VERSION = 1
 
@@ -59,19 +60,6 @@ def pair_dict(p: PairResult) -> dict[str, Any]:
         "growth": json_number(p.growth), "status": status(p), "note": p.note,
         "metrics": _metrics(p.metrics),
     }
-
-
-def status(p: PairResult) -> str:
-    """One pair's status: "match" (within tolerance), "drift" (within the bound drift may
-    reach), "jump" (error introduced here), "inherited" (beyond that bound, carried in from
-    earlier) or "incomparable"."""
-    if math.isnan(p.error):
-        return "incomparable"
-    if p.jump:
-        return "jump"
-    if p.error > DRIFT_FACTOR * p.noise:
-        return "inherited"
-    return "drift" if p.over or p.real_top1_disagreements else "match"
 
 
 def _record(r: Record) -> dict[str, Any]:
@@ -143,3 +131,8 @@ def write_json_file(obj: Any, path: str | os.PathLike[str]) -> None:
 def write_json(c: Comparison, path: str | os.PathLike[str]) -> None:
     """Write the report, atomically."""
     write_json_file(report_dict(c), path)
+
+
+def write_report(report: Any, path: str | os.PathLike[str]) -> None:
+    """The ``--json`` face (``report.faces``): any report's ``to_json()``, atomically."""
+    write_json_file(report.to_json(), path)

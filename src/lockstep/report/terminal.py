@@ -1,4 +1,5 @@
-"""The terminal report: a rich renderable built from a Comparison."""
+"""The comparison report: its terminal face (a rich renderable) and its JSON (``report_dict``),
+from one Comparison."""
 
 from __future__ import annotations
 
@@ -20,7 +21,9 @@ from ..compare.diagnosis import Diagnosis
 from ..compare.formatting import fmt
 from ..display import text as _text
 from ..compare.pair_result import PairResult
-from .json_report import status
+from .base import Report
+from .json_report import report_dict
+from .pair_status import status
 
 __all__ = ["ComparisonReport", "VERDICT_TEXT"]
 
@@ -204,8 +207,9 @@ def _error_path(c: Comparison) -> Table:
 
 
 @dataclass
-class ComparisonReport:
-    """Renders a Comparison: sides, verdict, first divergence, the pairs, what is unpaired.
+class ComparisonReport(Report):
+    """Renders a Comparison: sides, verdict, first divergence, the pairs, what is unpaired;
+    ``to_json()`` is the JSON report (``report_dict``).
 
     ``rows`` limits the pair table: 0 shows every pair; otherwise the pairs around the first
     divergence (or the largest errors) and a per-step summary.
@@ -213,8 +217,12 @@ class ComparisonReport:
 
     comparison: Comparison
     rows: int = 40
+    kind = "comparison"
 
-    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+    def to_json(self) -> dict[str, Any]:
+        return report_dict(self.comparison)
+
+    def render(self, console: Console, options: ConsoleOptions) -> RenderResult:
         c = self.comparison
         yield _side("reference", c.reference)
         yield _side("candidate", c.candidate)

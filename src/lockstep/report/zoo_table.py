@@ -8,16 +8,23 @@ from rich.console import Console, ConsoleOptions, RenderResult
 from rich.table import Table
 from rich.text import Text
 
+from .base import Report
+
 __all__ = ["ZooTable", "zoo_dict"]
 
 
-class ZooTable:
-    """A renderable of a ``lockstep.zoo.score.ZooScore``."""
+class ZooTable(Report):
+    """The report of a ``lockstep.zoo.score.ZooScore``; ``to_json()`` is ``zoo_dict``."""
+
+    kind = "zoo"
 
     def __init__(self, score: Any) -> None:
         self.score = score
 
-    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+    def to_json(self) -> dict[str, Any]:
+        return zoo_dict(self.score)
+
+    def render(self, console: Console, options: ConsoleOptions) -> RenderResult:
         table = Table(title="the bug zoo: the mini engine against transformers, one bug at a "
                             "time", title_justify="left", show_lines=False)
         for col in ("", "bug", "lockstep found", "class", "diagnosis"):

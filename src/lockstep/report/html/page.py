@@ -17,7 +17,7 @@ from typing import Any
 
 from ..json_report import json_number, write_text_file
 
-__all__ = ["KINDS", "render_html", "write_html", "pack", "embed_json"]
+__all__ = ["KINDS", "render_html", "write_html", "write_report", "pack", "embed_json"]
 
 #: the report kinds the page's script draws, and each one's title
 KINDS = {"comparison": "comparison", "generation": "generation check",
@@ -88,3 +88,9 @@ def write_html(kind: str, data: Any, path: str | os.PathLike[str], *,
                title: str | None = None) -> None:
     """Write the page, atomically (a reader never sees half a file)."""
     write_text_file(render_html(kind, data, title=title), path)
+
+
+def write_report(report: Any, path: str | os.PathLike[str]) -> None:
+    """The ``--html`` face (``report.faces``): the page of ``report.kind`` drawing
+    ``report.html_json()``."""
+    write_html(report.kind, report.html_json(), path)
