@@ -177,7 +177,7 @@ def test_half_stats_match_torch(tmp_path, dtype):
 
 
 def test_chunked_stats_match_whole(tmp_path, monkeypatch):
-    import lockstep.checkpoint.safetensors as st_mod
+    import lockstep.checkpoint.safetensors_file as st_mod
 
     monkeypatch.setattr(st_mod, "CHUNK_ELEMENTS", 1000)
     t = torch.randn(100, 123, generator=torch.Generator().manual_seed(2)) * 2 + 1

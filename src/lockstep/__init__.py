@@ -2,7 +2,7 @@
 
 from ._version import __version__
 from .capture import Recorder, probe, record
-from .checkpoint.loaded import LoadCheck, check_loaded
+from .checkpoint.weights import LoadCheck, check_loaded
 from .compare import Comparison, Tolerances, compare
 from .errors import DumpError, LockstepError
 from .store import Dump, open_dump

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 from .against import AgainstReport, against_checkpoints
 from .components import DEFAULT_RULES, ComponentRules
-from .doctor import InspectReport, inspect_checkpoint
-from .loaded import LoadCheck, check_loaded
+from .errors import CheckpointError
+from .inspection import InspectReport, inspect_checkpoint
 from .placement import PlacementMap, placement_map
-from .tensors import CheckpointError, TensorReport
+from .tensors import TensorReport
+from .weights import LoadCheck, check_loaded
 
 __all__ = ["inspect_checkpoint", "InspectReport", "TensorReport", "CheckpointError",
            "ComponentRules", "DEFAULT_RULES", "against_checkpoints", "AgainstReport",

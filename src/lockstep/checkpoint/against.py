@@ -23,7 +23,8 @@ import numpy as np
 from .fused import fuse_parts
 from .sources import Checkpoint, open_checkpoint
 from .paths import read_json
-from .tensors import CheckpointError, TensorSource, UnreadableTensor
+from .errors import CheckpointError, UnreadableTensor
+from .tensors import TensorSource
 from .weight_mapping import Rename
 from .weight_names import ROPE_ROWS, canonical_weight, role
 

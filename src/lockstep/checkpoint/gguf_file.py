@@ -9,7 +9,8 @@ from typing import Any, Iterator
 import numpy as np
 
 from ..errors import MissingExtraError
-from .tensors import CheckpointError, TensorSource
+from .errors import CheckpointError
+from .tensors import TensorSource
 
 __all__ = ["GGUFFile"]
 

@@ -19,7 +19,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ..jsontext import JSONTextError, loads
-from .tensors import CheckpointError
+from .errors import CheckpointError
 
 __all__ = ["named_file", "member", "inside", "read_json"]
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..display import safe, text
 from ..report.base import Report
-from .doctor import InspectReport
+from .inspection import InspectReport
 
 if TYPE_CHECKING:
     from rich.console import Console, ConsoleOptions, RenderResult

@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .paths import inside, member, named_file, read_json
-from .tensors import CheckpointError, TensorSource
+from .errors import CheckpointError
+from .tensors import TensorSource
 
 __all__ = ["Checkpoint", "open_checkpoint"]
 
@@ -40,7 +41,7 @@ def _open_file(path: Path) -> Any:
         from .torch_file import TorchFile
         return TorchFile(path)
     if suffix == ".safetensors":
-        from .safetensors import SafetensorsFile
+        from .safetensors_file import SafetensorsFile
         return SafetensorsFile(path)
     try:
         with open(path, "rb") as f:  # unknown suffix: sniff
@@ -50,7 +51,7 @@ def _open_file(path: Path) -> Any:
     if head == b"GGUF":
         from .gguf_file import GGUFFile
         return GGUFFile(path)
-    from .safetensors import SafetensorsFile
+    from .safetensors_file import SafetensorsFile
     return SafetensorsFile(path)
 
 

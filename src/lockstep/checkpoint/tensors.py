@@ -8,26 +8,9 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from ..errors import LockstepError
 from ..store.stats import array_stats
 
-__all__ = ["CheckpointError", "UnreadableTensor", "TensorSource", "TensorReport",
-           "chunked_stats", "scaled_counts"]
-
-
-class CheckpointError(LockstepError):
-    """A checkpoint that cannot be read: missing, corrupt, truncated or hostile."""
-
-    def __init__(self, path: object, message: str, *, tensor: str | None = None) -> None:
-        where = f"{path}" if tensor is None else f"{path}, tensor {tensor!r}"
-        super().__init__(f"{where}: {message}")
-        self.path = path
-        self.tensor = tensor
-        self.reason = message  #: what is wrong, without the path
-
-
-class UnreadableTensor(CheckpointError):
-    """One tensor that cannot be read (its dtype, its layout); the others still can."""
+__all__ = ["TensorSource", "TensorReport", "chunked_stats", "scaled_counts"]
 
 
 @dataclass

@@ -18,7 +18,8 @@ import numpy as np
 
 from ..errors import MissingExtraError
 from ..store.dtypes import DTYPES, to_float
-from .tensors import CheckpointError, TensorSource, UnreadableTensor
+from .errors import CheckpointError, UnreadableTensor
+from .tensors import TensorSource
 
 __all__ = ["TorchFile"]
 

@@ -10,7 +10,7 @@ from ..report.base import SubjectReport
 if TYPE_CHECKING:
     from rich.console import Console, ConsoleOptions, RenderResult
 
-    from .loaded import LoadCheck
+    from .weights import LoadCheck
 
 __all__ = ["render_check", "LoadCheckView"]
 

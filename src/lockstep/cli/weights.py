@@ -42,7 +42,7 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Load the model, check it against the checkpoint, print; exit 0 clean, 1 problems."""
-    from ..checkpoint.loaded import check_loaded
+    from ..checkpoint.weights import check_loaded
     from ..checkpoint.weights_render import LoadCheckView
     from ..engines import open_engine
 

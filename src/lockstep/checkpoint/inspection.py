@@ -10,7 +10,8 @@ from typing import Any, Callable, Iterable
 
 from .components import COMPONENTS, ComponentRules, adapter_of
 from .sources import open_checkpoint
-from .tensors import TensorReport, UnreadableTensor, chunked_stats, scaled_counts
+from .errors import UnreadableTensor
+from .tensors import TensorReport, chunked_stats, scaled_counts
 
 __all__ = ["InspectReport", "inspect_checkpoint"]
 

@@ -22,7 +22,8 @@ import numpy as np
 from ..jsontext import JSONTextError, loads
 from ..store.dtypes import DTYPES, to_float
 from ..store.shapes import shape_problem
-from .tensors import CheckpointError, TensorSource
+from .errors import CheckpointError
+from .tensors import TensorSource
 
 __all__ = ["SAFETENSORS_DTYPES", "SafetensorsFile", "CHUNK_ELEMENTS"]
 
