@@ -1,7 +1,10 @@
-"""JSON from files we did not write: one exception for every way it can be unreadable.
+"""JSON text both ways: numbers made writable, and JSON from files we did not write.
 
-``json.loads`` fails on hostile text in more ways than ``JSONDecodeError``: an integer of
-4,301 digits or more (ValueError), nesting deeper than the interpreter's stack
+JSON has no NaN or Infinity: ``json_number`` writes them as the strings "nan", "inf" and
+"-inf", and ``json_safe`` does so all through a value (numpy scalars made plain too).
+
+Reading, ``json.loads`` fails on hostile text in more ways than ``JSONDecodeError``: an
+integer of 4,301 digits or more (ValueError), nesting deeper than the interpreter's stack
 (RecursionError), bytes that are not UTF-8. ``loads`` turns each into ``JSONTextError`` and
 also refuses values nested deeper than ``MAX_DEPTH`` (later code that walks or prints them
 would recurse as deep).
@@ -10,9 +13,13 @@ would recurse as deep).
 from __future__ import annotations
 
 import json
-from typing import Any
+import math
+from collections.abc import Mapping
+from typing import Any, overload
 
-__all__ = ["JSONTextError", "loads", "MAX_DEPTH", "too_deep"]
+import numpy as np
+
+__all__ = ["JSONTextError", "loads", "MAX_DEPTH", "too_deep", "json_number", "json_safe"]
 
 MAX_DEPTH = 64  #: arrays/objects inside one another, at most
 
@@ -54,3 +61,35 @@ def loads(text: str | bytes | bytearray) -> Any:
     if too_deep(value):
         raise JSONTextError(f"nested too deeply (more than {MAX_DEPTH} levels)")
     return value
+
+
+@overload
+def json_number(x: float) -> float | str: ...
+@overload
+def json_number(x: None) -> None: ...
+def json_number(x: float | None) -> float | str | None:
+    """A float for JSON; NaN and infinities as the strings "nan", "inf", "-inf" (None stays
+    None)."""
+    if x is None:
+        return None
+    if math.isnan(x):
+        return "nan"
+    if math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    return x
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` as JSON types, all through: mappings with string keys, lists, plain bools
+    and ints (numpy's too), floats through ``json_number``, anything else as ``str``."""
+    if isinstance(value, Mapping):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return json_number(float(value))
+    return value if value is None or isinstance(value, str) else str(value)

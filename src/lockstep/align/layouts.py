@@ -12,14 +12,16 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
 from ..store.dtypes import FLOAT_KINDS
 from ..store.reader import Record
+from .transforms import squeeze_shape
 
-__all__ = ["same_kind", "relative_error", "Layout", "layout_candidates", "agreement", "squeeze_shape"]
+__all__ = ["same_kind", "relative_error", "Layout", "layout_candidates", "agreement",
+           "squeeze_shape", "reorderings"]
 
 #: cosine similarity at which two tensors are taken to hold the same values (loose enough
 #: for bfloat16 and 4-bit quantization, far above what unrelated tensors reach)
@@ -31,9 +33,11 @@ def same_kind(a: Record, b: Record) -> bool:
     return (a.dtype in FLOAT_KINDS) == (b.dtype in FLOAT_KINDS)
 
 
-def squeeze_shape(shape: Sequence[int]) -> tuple[int, ...]:
-    """The shape without its size-1 dims: ``(1, 7, 64)`` and ``(7, 64)`` are the same."""
-    return tuple(n for n in shape if n != 1)
+def reorderings(ndim: int) -> Iterator[tuple[int, ...]]:
+    """Every order of ``ndim`` dims but their own, for 2 to 4 dims (none for more: 5 dims
+    have 119, each a copy of the tensor to try)."""
+    if 2 <= ndim <= 4:
+        yield from (p for p in itertools.permutations(range(ndim)) if p != tuple(range(ndim)))
 
 
 @dataclass(frozen=True)
@@ -86,14 +90,11 @@ def layout_candidates(ref_shape: Sequence[int], cand_shape: Sequence[int]) -> li
         target = ", ".join(map(str, r)) or "1"
         if _mergeable(r, c):
             out.append(Layout(cand_transform=f"reshape({target})"))
-        if 1 < len(c) <= 4:
-            for perm in itertools.permutations(range(len(c))):
-                if list(perm) == sorted(perm):
-                    continue
-                shape = [c[p] for p in perm]
-                spec = (f"squeeze|permute({', '.join(map(str, perm))})"
-                        + ("" if tuple(shape) == r else f"|reshape({target})"))
-                out.append(Layout(cand_transform=spec, plausible=_mergeable(r, shape)))
+        for perm in reorderings(len(c)):
+            shape = [c[p] for p in perm]
+            spec = (f"squeeze|permute({', '.join(map(str, perm))})"
+                    + ("" if tuple(shape) == r else f"|reshape({target})"))
+            out.append(Layout(cand_transform=spec, plausible=_mergeable(r, shape)))
         return sorted(out, key=lambda lay: not lay.plausible)
     if nc < nr and nr % nc == 0 and len(c) == 1 and nr // nc <= 4096:
         out += [Layout(ref_transform=f"block({nc}, {b})", plausible=False)

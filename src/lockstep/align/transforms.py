@@ -25,13 +25,14 @@ import ast
 import functools
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from ..errors import LockstepError, UsageError
 
-__all__ = ["Transform", "parse_transform", "apply_transform", "meta_size", "STEP_NAMES"]
+__all__ = ["Transform", "parse_transform", "apply_transform", "meta_size", "STEP_NAMES",
+           "squeeze_shape", "squeeze"]
 
 _STEP = re.compile(r"^\s*([a-z_]+)\s*(?:\((.*)\))?\s*$")
 _SYMBOLS = {"head_dim": ("head_dim",), "n_heads": ("n_heads", "n_head", "num_attention_heads"),
@@ -77,7 +78,8 @@ def _check_size(arg: str) -> ast.expr:
 
 def _eval(node: ast.expr, meta: Mapping[str, Any]) -> int:
     if isinstance(node, ast.Constant):
-        return int(node.value)
+        assert isinstance(node.value, int)  # _check_size lets only integer constants through
+        return node.value
     if isinstance(node, ast.UnaryOp):
         return -_eval(node.operand, meta)
     if isinstance(node, ast.BinOp):
@@ -138,6 +140,16 @@ def _reshape(arr: np.ndarray, *shape: int) -> np.ndarray:
         raise LockstepError(f"cannot reshape {arr.shape} to {shape}") from None
 
 
+def squeeze_shape(shape: Sequence[int]) -> tuple[int, ...]:
+    """The shape without its size-1 dims: ``(1, 7, 64)`` and ``(7, 64)`` are the same."""
+    return tuple(n for n in shape if n != 1)
+
+
+def squeeze(arr: np.ndarray) -> np.ndarray:
+    """``arr`` without its size-1 dims (the ``squeeze`` step)."""
+    return arr.reshape(squeeze_shape(arr.shape))
+
+
 def _permute(arr: np.ndarray, *axes: int) -> np.ndarray:
     if sorted(a % arr.ndim for a in axes) != list(range(arr.ndim)) or len(axes) != arr.ndim:
         raise LockstepError(f"permute{axes} does not fit a tensor of shape {arr.shape}")
@@ -156,7 +168,7 @@ def _cast(arr: np.ndarray, dtype: str) -> np.ndarray:
 
 # step name -> (function, takes sizes as arguments)
 _STEPS: dict[str, tuple[Callable[..., np.ndarray], bool]] = {
-    "squeeze": (lambda a: a.reshape(tuple(n for n in a.shape if n != 1)), True),
+    "squeeze": (squeeze, True),
     "flatten": (lambda a: a.reshape(-1), True),
     "reshape": (_reshape, True),
     "permute": (_permute, True),

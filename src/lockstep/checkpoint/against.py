@@ -11,7 +11,6 @@ quantization types) explain. Only one pair of tensors is in memory at a time.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass, field, replace
@@ -20,10 +19,12 @@ from typing import Any, Callable, Iterator, Optional, Tuple
 
 import numpy as np
 
-from .fused import fuse_parts
-from .sources import Checkpoint, open_checkpoint
-from .paths import read_json
+from ..atomic import write_json_file
+from ..jsontext import json_number
 from .errors import CheckpointError, UnreadableTensor
+from .fused import fuse_parts
+from .paths import read_json
+from .sources import Checkpoint, open_checkpoint
 from .tensors import TensorSource
 from .weight_mapping import Rename
 from .weight_names import ROPE_ROWS, canonical_weight, role
@@ -134,6 +135,12 @@ def _rope_rows(x: np.ndarray, d: int, *, to_halves: bool) -> np.ndarray:
 Layout = Tuple[str, Optional[int], Callable[[np.ndarray], np.ndarray]]
 
 
+def _then_rope_rows(fn: Callable[[np.ndarray], np.ndarray], d: int,
+                    to_halves: bool) -> Callable[[np.ndarray], np.ndarray]:
+    """``fn``, then the RoPE row reordering of heads of ``d`` rows."""
+    return lambda x: _rope_rows(fn(x), d, to_halves=to_halves)
+
+
 def layouts(key: str, shape_a: tuple[int, ...], shape_b: tuple[int, ...],
             heads: Heads) -> list[Layout]:
     """(transform, head_dim, function) candidates that give A's tensor B's shape, most
@@ -152,8 +159,7 @@ def layouts(key: str, shape_a: tuple[int, ...], shape_b: tuple[int, ...],
             for name, fn in base:
                 for label, halves in (("rope_unpermute", True), ("rope_permute", False)):
                     out.append(("+".join(filter(None, (name, label))), d,
-                                lambda x, fn=fn, d=d, h=halves: _rope_rows(fn(x), d,
-                                                                           to_halves=h)))
+                                _then_rope_rows(fn, d, halves)))
     return out
 
 
@@ -219,10 +225,6 @@ def read_array(src: TensorSource) -> np.ndarray:
     return flat.reshape(src.shape)
 
 
-def _num(x: float | None) -> float | str | None:
-    return x if x is None or math.isfinite(x) else str(x)
-
-
 @dataclass(frozen=True)
 class PairResult:
     """One canonical tensor: its name, type and shape on each side, and how they compare."""
@@ -255,7 +257,7 @@ class PairResult:
                 "shape_a": None if self.shape_a is None else list(self.shape_a),
                 "shape_b": None if self.shape_b is None else list(self.shape_b),
                 "status": self.status, "transform": self.transform, "head_dim": self.head_dim,
-                "tied": self.tied, "max_abs": _num(self.max_abs), "rel_l2": _num(self.rel_l2),
+                "tied": self.tied, "max_abs": json_number(self.max_abs), "rel_l2": json_number(self.rel_l2),
                 "budget": self.budget, **({"note": self.note} if self.note else {})}
 
 
@@ -301,12 +303,12 @@ class AgainstReport:
                 "b": {"path": self.path_b, "kind": self.kind_b},
                 "heads": self.heads.to_json(), "passed": bool(self),
                 "summary": {"pairs": len(self.pairs), **counts},
-                "by_dtype": [{**r, "max_rel_l2": _num(r["max_rel_l2"]),
-                              "max_abs": _num(r["max_abs"])} for r in self.by_dtype()],
+                "by_dtype": [{**r, "max_rel_l2": json_number(r["max_rel_l2"]),
+                              "max_abs": json_number(r["max_abs"])} for r in self.by_dtype()],
                 "pairs": [p.to_json() for p in self.pairs]}
 
     def write_json(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_json(), indent=1) + "\n", encoding="utf-8")
+        write_json_file(self.to_json(), path)
 
 
 def _keyed(ckpt: Checkpoint, rename: Rename | None, side: str) -> dict[str, TensorSource]:

@@ -6,6 +6,7 @@ from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 from ..report.base import SubjectReport
+from ..textfmt import short
 from .against import AgainstReport, PairResult
 
 if TYPE_CHECKING:
@@ -20,10 +21,6 @@ TRANSFORM_WORDS = {
     "rope_unpermute": "Q/K rows in llama.cpp/Meta order (RoPE pairs interleaved), undone",
     "rope_permute": "Q/K rows in transformers order where the other has llama.cpp/Meta order",
 }
-
-
-def _fmt(x: float | None) -> str:
-    return "-" if x is None else f"{x:.3g}"
 
 
 def _shape(shape: tuple[int, ...] | None) -> str:
@@ -65,7 +62,7 @@ def render_against(report: AgainstReport, *, rows: int = 40) -> list[Any]:
         table.add_column(col, justify="right" if col in ("tensors", "failed") else "left")
     for r in report.by_dtype():
         table.add_row(text(r["dtype_a"]), text(r["dtype_b"]), str(r["tensors"]), str(r["failed"]),
-                      _fmt(r["max_rel_l2"]), _fmt(r["max_abs"]), _fmt(r["budget"]),
+                      short(r["max_rel_l2"]), short(r["max_abs"]), short(r["budget"]),
                       ", ".join(f"{k} {v}" for k, v in r["transforms"].items()),
                       style="red" if r["failed"] else None)
     out.append(table)
@@ -89,7 +86,7 @@ def render_against(report: AgainstReport, *, rows: int = 40) -> list[Any]:
             problems.add_row(text(p.key), text(p.status + (f": {p.note}" if p.note else "")),
                              text(f"{p.dtype_a} {_shape(p.shape_a)}") if p.name_a else "-",
                              text(f"{p.dtype_b} {_shape(p.shape_b)}") if p.name_b else "-",
-                             _transform(p) or "-", _fmt(p.rel_l2), _fmt(p.budget),
+                             _transform(p) or "-", short(p.rel_l2), short(p.budget),
                              style="red")
         out.append(problems)
     return out

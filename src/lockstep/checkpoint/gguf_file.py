@@ -8,7 +8,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from ..errors import MissingExtraError
+from ..extras import require
 from .errors import CheckpointError
 from .tensors import TensorSource
 
@@ -21,10 +21,7 @@ class GGUFFile:
     """One .gguf file; ``tensors()`` yields a TensorSource per tensor."""
 
     def __init__(self, path: str | Path) -> None:
-        try:
-            import gguf
-        except ImportError:
-            raise MissingExtraError("gguf", "gguf") from None
+        gguf = require("gguf", "gguf")
         self.path = Path(path)
         self._gguf = gguf
         try:

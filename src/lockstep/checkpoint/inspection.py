@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import json
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from ..atomic import write_json_file
 from .components import COMPONENTS, ComponentRules, adapter_of
-from .sources import open_checkpoint
 from .errors import UnreadableTensor
+from .sources import open_checkpoint
 from .tensors import TensorReport, chunked_stats, scaled_counts
 
 __all__ = ["InspectReport", "inspect_checkpoint"]
@@ -72,8 +72,7 @@ class InspectReport:
 
     def write_json(self, path: str | Path, **extra: Any) -> None:
         """The report as JSON, with ``extra`` keys added."""
-        Path(path).write_text(json.dumps({**self.to_json(), **extra}, indent=1, default=str)
-                              + "\n", encoding="utf-8")
+        write_json_file({**self.to_json(), **extra}, path)
 
 
 def inspect_checkpoint(path: str | Path, *, groups: Iterable[str | tuple[str, str]] = (),

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..display import safe, text
 from ..report.base import Report
+from ..textfmt import short
 from .inspection import InspectReport
 
 if TYPE_CHECKING:
@@ -16,10 +17,6 @@ if TYPE_CHECKING:
     from .targets import TargetCheck
 
 __all__ = ["render", "InspectView"]
-
-
-def _fmt(x: Any) -> str:
-    return "-" if x is None else f"{x:.4g}"
 
 
 def render(report: InspectReport) -> list[Any]:
@@ -58,7 +55,7 @@ def render(report: InspectReport) -> list[Any]:
             s = t.stats
             bad.add_row(text(t.name), text(t.component), text(t.dtype),
                         "x".join(map(str, t.shape)),
-                        str(s["nan"]), str(s["inf"]), _fmt(s["min"]), _fmt(s["max"]))
+                        str(s["nan"]), str(s["inf"]), short(s["min"], 4), short(s["max"], 4))
         out.append(bad)
     if unreadable:
         table = Table(title="tensors not readable (the others were read)")

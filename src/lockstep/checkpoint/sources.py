@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from .paths import inside, member, named_file, read_json
 from .errors import CheckpointError
+from .paths import inside, member, named_file, read_json
 from .tensors import TensorSource
 
 __all__ = ["Checkpoint", "open_checkpoint"]

@@ -16,7 +16,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from ..errors import MissingExtraError
+from ..extras import require
 from ..store.dtypes import DTYPES, to_float
 from .errors import CheckpointError, UnreadableTensor
 from .tensors import TensorSource
@@ -85,10 +85,7 @@ class TorchFile:
     """One torch.save file; ``tensors()`` yields every tensor in it (nested dicts flattened)."""
 
     def __init__(self, path: str | Path) -> None:
-        try:
-            import torch
-        except ImportError:
-            raise MissingExtraError("torch", "torch") from None
+        torch = require("torch", "torch")
         self.path = Path(path)
         self.metadata: dict[str, Any] = {}
         self._torch = torch

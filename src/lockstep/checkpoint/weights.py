@@ -11,7 +11,6 @@ its weights were never loaded.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections import Counter
@@ -21,8 +20,17 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import MissingExtraError
-from .against import Heads, config_heads, heads_of, match_layout, pair_errors, read_array
+from ..atomic import write_json_file
+from ..extras import require
+from ..jsontext import json_number
+from .against import (
+    Heads,
+    config_heads,
+    heads_of,
+    match_layout,
+    pair_errors,
+    read_array,
+)
 from .fused import fuse_parts, part_errors
 from .placement import PlacementMap, placement_map
 from .sources import open_checkpoint
@@ -61,7 +69,7 @@ class ParamCheck:
                 "status": self.status, "layer": self.layer, "dtype": self.dtype,
                 "shape": None if self.shape is None else list(self.shape),
                 "checkpoint_dtype": self.checkpoint_dtype, "transform": self.transform,
-                "max_abs": _num(self.max_abs), "rel_l2": _num(self.rel_l2), "note": self.note}
+                "max_abs": json_number(self.max_abs), "rel_l2": json_number(self.rel_l2), "note": self.note}
 
 
 @dataclass(frozen=True)
@@ -112,11 +120,7 @@ class LoadCheck:
                 "placement": self.placement.to_json()}
 
     def write_json(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_json(), indent=1) + "\n", encoding="utf-8")
-
-
-def _num(x: float | None) -> float | str | None:
-    return x if x is None or math.isfinite(x) else str(x)
+        write_json_file(self.to_json(), path)
 
 
 def _layer_of(name: str) -> str:
@@ -238,13 +242,10 @@ def check_loaded(model: Any, checkpoint: str | Path, *, heads: Heads | None = No
 
     Raises CheckpointError (a LockstepError) for a missing, corrupt or truncated checkpoint.
     """
-    try:
-        import torch
-    except ImportError:
-        raise MissingExtraError("torch", "torch") from None
+    torch = require("torch", "torch")
     ckpt = open_checkpoint(checkpoint)
     config = getattr(model, "config", None)
-    as_dict = config.to_dict() if hasattr(config, "to_dict") else {}
+    as_dict = config.to_dict() if config is not None and hasattr(config, "to_dict") else {}
     init_range = as_dict.get("initializer_range") if isinstance(
         as_dict.get("initializer_range"), float) else None
     geometry = (heads or Heads()).merged(config_heads(as_dict)).merged(heads_of(ckpt))

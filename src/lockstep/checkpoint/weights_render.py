@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ..report.base import SubjectReport
+from ..textfmt import short
 
 if TYPE_CHECKING:
     from rich.console import Console, ConsoleOptions, RenderResult
@@ -13,10 +14,6 @@ if TYPE_CHECKING:
     from .weights import LoadCheck
 
 __all__ = ["render_check", "LoadCheckView"]
-
-
-def _fmt(x: float | None) -> str:
-    return "-" if x is None else f"{x:.3g}"
 
 
 def render_check(check: LoadCheck, *, rows: int = 40) -> list[Any]:
@@ -49,7 +46,7 @@ def render_check(check: LoadCheck, *, rows: int = 40) -> list[Any]:
         for p in problems[:rows]:
             table.add_row(text(p.name), text(f"{p.dtype or '-'} ({p.checkpoint_dtype or '-'}"
                                              + (f", {p.transform})" if p.transform else ")")),
-                          _fmt(p.rel_l2), text(p.status + (f": {p.note}" if p.note else "")),
+                          short(p.rel_l2), text(p.status + (f": {p.note}" if p.note else "")),
                           style="red" if p.status != "different" else "yellow")
         out.append(table)
     layers = Table(title="by layer")

@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     doc = diagnose_environment()
     output.write_lines(lines(doc))
     if args.json:
-        from ..report.json_report import write_json_file
+        from ..atomic import write_json_file
 
         write_json_file(doc.to_json(), args.json)
     return 0

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from ..engines.registry import kinds_with, spec_help, takes
-from ..errors import MissingExtraError, UsageError
+from ..errors import UsageError
+from ..extras import require
 from .options import add_report_files, add_weight_mapping, weight_rename
 from .output import show
 
@@ -56,10 +57,7 @@ def run(args: argparse.Namespace) -> int:
     engine.load()
     try:
         model = getattr(engine, "model", None)
-        try:
-            import torch
-        except ImportError:
-            raise MissingExtraError("torch", "torch") from None
+        torch = require("torch", "torch")
         if not isinstance(model, torch.nn.Module):
             raise UsageError(f"{args.model}: the {engine.name} engine has no torch model to "
                              f"check (its .model is {type(model).__name__}); weights needs an "

@@ -7,14 +7,15 @@ says what the numbers mean.
 
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
+from ..align.layouts import reorderings
 from ..align.transforms import apply_transform
+from ..align.transforms import squeeze as squeeze_dims
 from ..errors import LockstepError
 
 __all__ = ["squeeze", "rel_error", "NonFinite", "nonfinite", "ValueRange", "value_range",
@@ -29,8 +30,7 @@ LAYOUT_MAX_ELEMENTS = 1 << 24
 
 def squeeze(a: np.ndarray) -> np.ndarray:
     """``a`` as float64 without its size-1 dims."""
-    a = np.asarray(a, dtype=np.float64)
-    return a.reshape(tuple(n for n in a.shape if n != 1))
+    return squeeze_dims(np.asarray(a, dtype=np.float64))
 
 
 def rel_error(ref: np.ndarray, cand: np.ndarray) -> float:
@@ -162,11 +162,7 @@ def _layout_candidates(shape: tuple[int, ...], head_dim: int | None,
                                labels[:-1] + (f"{h} heads", f"{head_dim} head_dim")))
     out = []
     for dims, names in splits:
-        if not 2 <= len(dims) <= 4:
-            continue
-        for perm in itertools.permutations(range(len(dims))):
-            if perm == tuple(range(len(dims))):
-                continue
+        for perm in reorderings(len(dims)):
             stored = tuple(dims[i] for i in perm)
             back = tuple(int(i) for i in np.argsort(perm))
             spec = f"reshape({', '.join(map(str, stored))})|"

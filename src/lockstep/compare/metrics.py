@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..align.transforms import squeeze as _squeeze
+
 __all__ = ["TensorMetrics", "TopK", "tensor_metrics", "ShapeMismatch"]
 
 
@@ -56,10 +58,6 @@ class TensorMetrics:
     @property
     def nonfinite_mismatch(self) -> bool:
         return (self.ref_nan, self.ref_inf) != (self.cand_nan, self.cand_inf)
-
-
-def _squeeze(a: np.ndarray) -> np.ndarray:
-    return a.reshape(tuple(n for n in a.shape if n != 1))
 
 
 #: elements per chunk: the chunk and its few temporaries stay in a core's L2 cache, and no

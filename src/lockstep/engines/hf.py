@@ -15,7 +15,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
-from ..errors import LockstepError, MissingExtraError, UsageError
+from ..errors import LockstepError, UsageError
+from ..extras import require
+from .forcing import fed_token
 from .base import timed_steps
 from .tokenizer import TransformersTokenizerEngine
 from .hf_attention import attention_meta
@@ -35,14 +37,7 @@ def _import() -> tuple[Any, Any]:
     """torch and transformers. Nothing reaches for a hub: every ``from_pretrained`` here is
     given ``local_files_only=True`` (the environment, ``HF_HUB_OFFLINE`` included, is left
     as the user set it)."""
-    try:
-        import torch
-    except ImportError:
-        raise MissingExtraError("torch", "hf") from None
-    try:
-        import transformers
-    except ImportError:
-        raise MissingExtraError("transformers", "hf") from None
+    torch, transformers = require("torch", "hf"), require("transformers", "hf")
     transformers.utils.logging.disable_progress_bar()  # lockstep shows its own progress
     return torch, transformers
 
@@ -204,8 +199,8 @@ class HFEngine(TransformersTokenizerEngine):
                 last = out.logits[0, -1]
                 token = int(last.argmax())  # in the model's own dtype, as generate() picks
                 yield token, last
-                fed = forced[step] if forced is not None and step < len(forced) else token
-                ids = torch.tensor([[int(fed)]], dtype=torch.long, device=self.device)
+                ids = torch.tensor([[fed_token(forced, step, token)]], dtype=torch.long,
+                                   device=self.device)
 
     def decode_logits(self, prompt_ids: Sequence[int], steps: int, *,
                       forced: Sequence[int] | None = None) -> tuple[list[int], Any]:
@@ -262,6 +257,6 @@ class HFEngine(TransformersTokenizerEngine):
                 out, past = forward_step(self.model, ids, past)
                 token = int(out.logits[0, -1].float().argmax())
                 chosen.append(token)
-                fed = forced[step] if forced is not None and step < len(forced) else token
-                ids = torch.tensor([[fed]], dtype=torch.long, device=self.device)
+                ids = torch.tensor([[fed_token(forced, step, token)]], dtype=torch.long,
+                                   device=self.device)
         return chosen

@@ -41,7 +41,9 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from ..errors import LockstepError, MissingExtraError, UsageError
+from ..errors import LockstepError, UsageError
+from ..extras import require
+from .forcing import fed_token
 from .base import Engine, timed_steps
 
 if TYPE_CHECKING:
@@ -98,11 +100,7 @@ class _Strided:
 
 
 def _import() -> Any:
-    try:
-        import llama_cpp
-    except ImportError:
-        raise MissingExtraError("llama_cpp", "llamacpp") from None
-    return llama_cpp
+    return require("llama_cpp", "llamacpp")
 
 
 def _version(llama_cpp: Any) -> str:
@@ -557,7 +555,7 @@ class LlamaCppEngine(Engine):
             row = self.last_logits()
             token = int(np.argmax(row))
             yield token, row
-            feed = [int(forced[step]) if forced is not None and step < len(forced) else token]
+            feed = [fed_token(forced, step, token)]
 
     def decode_logits(self, prompt_ids: Sequence[int], steps: int, *,
                       forced: Sequence[int] | None = None) -> tuple[list[int], np.ndarray]:
@@ -607,8 +605,7 @@ class LlamaCppEngine(Engine):
             pos += len(feed)
             token = int(np.argmax(self.last_logits()))
             chosen.append(token)
-            fed = forced[step] if forced is not None and step < len(forced) else token
-            feed = [int(fed)]
+            feed = [fed_token(forced, step, token)]
         return chosen
 
 

@@ -10,7 +10,9 @@ import os
 from typing import Any
 
 from .._version import __version__
-from ..report.json_report import json_number, pair_dict, report_dict, write_json_file
+from ..atomic import write_json_file
+from ..jsontext import json_number
+from ..report.json_report import pair_dict, report_dict
 from .garbage import GarbageFlag
 from .metrics import KLStats, StepCompare, StepSummary
 from .result import FreeRun, GenerationResult, Localization, PromptResult

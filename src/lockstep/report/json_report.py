@@ -3,31 +3,22 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from typing import Any
 
 from .._version import __version__
+from ..atomic import write_json_file
 from ..compare.comparison import Comparison, DumpSummary
 from ..compare.metrics import TensorMetrics
 from ..compare.pair_result import PairResult
+from ..jsontext import json_number, json_safe
 from ..store.reader import Record
 from .pair_status import status
 
-__all__ = ["SCHEMA_VERSION", "report_dict", "write_json", "json_number", "write_json_file",
-           "write_text_file", "write_report"]
+__all__ = ["SCHEMA_VERSION", "report_dict", "write_json", "write_report"]
 
 SCHEMA_VERSION = 1
-
-
-def json_number(x: float) -> float | str:
-    """A float for JSON; NaN and infinities as the strings "nan", "inf", "-inf"."""
-    if math.isnan(x):
-        return "nan"
-    if math.isinf(x):
-        return "inf" if x > 0 else "-inf"
-    return x
 
 
 def _metrics(m: TensorMetrics | None) -> dict[str, Any] | None:
@@ -82,7 +73,7 @@ def report_dict(c: Comparison) -> dict[str, Any]:
         "diagnosis": c.diagnosis.as_dict() if c.diagnosis is not None else None,
         "coverage": c.coverage.as_dict() if c.coverage is not None else None,
         "tokens": c.tokens.as_dict() if c.tokens is not None else None,
-        "replay": _numbers(c.replay.to_json()) if c.replay is not None else None,
+        "replay": json_safe(c.replay.to_json()) if c.replay is not None else None,
         "step_match": c.step_match.to_json() if c.step_match is not None else None,
         "reference_dump": _side(c.reference),
         "candidate_dump": _side(c.candidate),
@@ -98,34 +89,6 @@ def report_dict(c: Comparison) -> dict[str, Any]:
         "reference_only": [_record(r) for r in c.ref_only],
         "candidate_only": [_record(r) for r in c.cand_only],
     }
-
-
-def _numbers(obj: Any) -> Any:
-    """``obj`` with every float made JSON-safe (``json_number``), all through."""
-    if isinstance(obj, float):
-        return json_number(obj)
-    if isinstance(obj, dict):
-        return {k: _numbers(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_numbers(v) for v in obj]
-    return obj
-
-
-def write_text_file(text: str, path: str | os.PathLike[str]) -> None:
-    """Write ``text`` atomically (a reader never sees half a file); an error names ``path``,
-    the file the user asked for, not the temporary one beside it."""
-    tmp = f"{os.fspath(path)}.tmp"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise OSError(exc.errno, exc.strerror, os.fspath(path)) from None
-
-
-def write_json_file(obj: Any, path: str | os.PathLike[str]) -> None:
-    """Write a JSON object atomically (a reader never sees half a file)."""
-    write_text_file(json.dumps(obj, indent=1, default=str) + "\n", path)
 
 
 def write_json(c: Comparison, path: str | os.PathLike[str]) -> None:

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import numpy as np
 
 from ..engines.tokenizer import TransformersTokenizerEngine
-from ..errors import MissingExtraError, UsageError
+from ..errors import UsageError
+from ..extras import require
 from .bugs import get_bug
 
 if TYPE_CHECKING:
@@ -33,11 +34,7 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"
 
 
 def _torch() -> Any:
-    try:
-        import torch
-    except ImportError:
-        raise MissingExtraError("torch", "hf") from None
-    return torch
+    return require("torch", "hf")
 
 
 def _tokenizer(directory: Path) -> Any:

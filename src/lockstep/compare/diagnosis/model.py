@@ -12,11 +12,10 @@ The rules and their order are ``registry.RULES``; ``registry.KINDS`` is read off
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
-import numpy as np
+from ...jsontext import json_safe
 
 if TYPE_CHECKING:
     from ..case import Case
@@ -66,24 +65,7 @@ def rule(*kinds: str) -> Callable[[Callable[[Case], Diagnosis | None]], Rule]:
     return wrap
 
 
-def _json(value: Any) -> Any:
-    """``value`` with numpy scalars made plain and non-finite floats written as strings."""
-    if isinstance(value, Mapping):
-        return {str(k): _json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json(v) for v in value]
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        x = float(value)
-        return x if math.isfinite(x) else ("nan" if math.isnan(x) else
-                                           ("inf" if x > 0 else "-inf"))
-    return value if value is None or isinstance(value, str) else str(value)
-
-
 def make(kind: str, title: str, checks: Sequence[str], evidence: Sequence[str],
          **detail: Any) -> Diagnosis:
     """A Diagnosis with its detail made JSON-safe."""
-    return Diagnosis(kind, title, tuple(checks), tuple(evidence), _json(detail))
+    return Diagnosis(kind, title, tuple(checks), tuple(evidence), json_safe(detail))

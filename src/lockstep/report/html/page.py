@@ -15,7 +15,8 @@ from functools import lru_cache
 from importlib import resources
 from typing import Any
 
-from ..json_report import json_number, write_text_file
+from ...atomic import write_text_file
+from ...jsontext import json_number
 
 __all__ = ["KINDS", "render_html", "write_html", "write_report", "pack", "embed_json"]
 

@@ -1,0 +1,29 @@
+"""Numbers as lockstep writes them for people (terminal reports, diagnosis sentences).
+
+``fmt`` fits any float in 9 characters ("n/a" for NaN); ``short`` writes an optional number
+with a few significant digits ("-" when there is none), for table cells.
+"""
+
+from __future__ import annotations
+
+import math
+
+__all__ = ["fmt", "short"]
+
+
+def fmt(x: float) -> str:
+    """A number in at most 9 characters."""
+    if math.isnan(x):
+        return "n/a"
+    if math.isinf(x):
+        return "inf"
+    if x == 0:
+        return "0"
+    if 1e-3 <= abs(x) < 1e4:
+        return f"{x:.4g}"
+    return f"{x:.2e}"
+
+
+def short(x: float | None, digits: int = 3) -> str:
+    """``x`` to ``digits`` significant digits; "-" for None."""
+    return "-" if x is None else f"{x:.{digits}g}"
