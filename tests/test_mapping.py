@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import lockstep
-from lockstep.align.mapping import MappingHit, load_mapping, mapping_text
+from lockstep.align.mapping import MappingHit, load_mapping
+from lockstep.align.mapping_writer import mapping_text
 from lockstep.align.pairing import Alignment, Pair
 from lockstep.cli.main import main
 from lockstep.compare import Tolerances

@@ -33,7 +33,6 @@ from typing import Any
 
 
 from ..errors import UsageError
-from .mapping_writer import glob_escape, mapping_text
 from .transforms import parse_transform
 
 if sys.version_info >= (3, 11):
@@ -41,10 +40,15 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-__all__ = ["MappingHit", "MappingRule", "MappingFile", "load_mapping", "mapping_text"]
+__all__ = ["MappingHit", "MappingRule", "MappingFile", "load_mapping", "glob_escape"]
 
 _RULE_KEYS = ("cand", "ref", "transform", "ref_transform", "tolerance")
 _TOP_KEYS = ("rule", "ignore", "tolerances")
+
+
+def glob_escape(text: str) -> str:
+    """``text`` as a glob that matches only itself."""
+    return re.sub(r"([*?\[\]])", r"[\1]", text)
 
 
 @dataclass(frozen=True)

@@ -16,17 +16,14 @@ import json
 import re
 from typing import TYPE_CHECKING, Iterable, NamedTuple, Sequence
 
-if TYPE_CHECKING:
-    from .pairing import Alignment
+from .mapping import glob_escape
 
-__all__ = ["mapping_text", "rules_text", "glob_escape"]
+if TYPE_CHECKING:
+    from .pairs import Alignment
+
+__all__ = ["mapping_text", "rules_text"]
 
 _NUMBER = re.compile(r"(\d+)")
-
-
-def glob_escape(text: str) -> str:
-    """``text`` as a glob that matches only itself."""
-    return re.sub(r"([*?\[\]])", r"[\1]", text)
 
 
 def _toml_string(text: str) -> str:

@@ -22,13 +22,14 @@ divergence.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
 from ..store.reader import Dump, Record
 from .layouts import Layout, agreement, layout_candidates, squeeze_shape
+from .pairs import Alignment, Pair
 from .structure import pair_templates
 from .tables import NameTable, detect_table
 from .transforms import apply_transform
@@ -46,36 +47,6 @@ _WRAPPER_PREFIXES = re.compile(
 def normalize_name(name: str) -> str:
     """A name with wrapper prefixes removed and case folded."""
     return _WRAPPER_PREFIXES.sub("", name).lower()
-
-
-@dataclass(frozen=True)
-class Pair:
-    """A reference record and the candidate record it is compared with."""
-
-    ref: Record
-    cand: Record
-    how: str  #: "name", "mapping", "table", "normalized" or "structure": the pass that paired
-    canonical: str | None = None  #: the canonical name, when a name table paired them
-    ref_transform: str | None = None  #: layout transform applied to the reference tensor
-    cand_transform: str | None = None  #: and to the candidate tensor
-    confidence: float = 1.0  #: 1 for names, tables and mapping; structural pairs less
-    evidence: str = ""  #: why they were paired, for structural pairs
-
-
-@dataclass(frozen=True)
-class Alignment:
-    """Every pair, in step and reference capture order, and what could not be paired."""
-
-    pairs: tuple[Pair, ...]
-    ref_only: tuple[Record, ...]
-    cand_only: tuple[Record, ...]
-    tables: tuple[str, str] | None = None  #: the name tables used (reference, candidate)
-    ignored: int = 0  #: records left out by the mapping file
-    aliased: int = 0  #: unpaired records that repeat another record's data (not listed)
-
-    @property
-    def low_confidence(self) -> tuple[Pair, ...]:
-        return tuple(p for p in self.pairs if p.confidence < 0.6)
 
 
 class _Step:

@@ -25,6 +25,7 @@ import numpy as np
 
 from ..store.reader import Dump, Record
 from .layouts import layout_candidates, relative_error, same_kind
+from .pairs import Pair
 from .structure import layer_of
 from .transforms import apply_transform
 
@@ -68,15 +69,15 @@ def _template(rec: Record) -> tuple[int | None, str]:
 _layer_of = functools.lru_cache(maxsize=65536)(layer_of)
 
 
-def _key(p: object) -> _Key:
-    rl, rt = _template(p.ref)  # type: ignore[attr-defined]
-    cl, ct = _template(p.cand)  # type: ignore[attr-defined]
+def _key(p: Pair) -> _Key:
+    rl, rt = _template(p.ref)
+    cl, ct = _template(p.cand)
     return rt, ct, (cl - rl) if rl is not None and cl is not None else 0
 
 
-def _transforms(pairs: Iterable[object], c: Record) -> list[str | None]:
+def _transforms(pairs: Iterable[Pair], c: Record) -> list[str | None]:
     """Transforms other pairs already apply to ``c`` (the parts of a fused record)."""
-    return [p.cand_transform for p in pairs if p.cand.seq == c.seq]  # type: ignore[attr-defined]
+    return [p.cand_transform for p in pairs if p.cand.seq == c.seq]
 
 
 def check_pairs(ref: Dump, cand: Dump, pairs: list, ref_free: list[Record],
@@ -163,21 +164,21 @@ def _suspects(probes: Mapping[_Key, list], errors: Mapping[int, float]) -> list[
     return out
 
 
-def _alternative(ref: Dump, cand: Dump, probe: object, error: float, pairs: Sequence,
+def _alternative(ref: Dump, cand: Dump, probe: Pair, error: float, pairs: Sequence[Pair],
                  pool: Sequence[Record], read: Reader
                  ) -> tuple[Record, str | None, float] | None:
     """The candidate record (and transform) of the probe's layer that agrees best with the
     probe's reference record, if it agrees far better than the pair did."""
-    r = probe.ref  # type: ignore[attr-defined]
+    r = probe.ref
     best: tuple[Record, str | None, float] | None = None
     for c in pool:
-        if c.seq == probe.cand.seq or not same_kind(r, c) or not c.has_data:  # type: ignore[attr-defined]
+        if c.seq == probe.cand.seq or not same_kind(r, c) or not c.has_data:
             continue
-        options = {t for t in _transforms(pairs, c) if t}
+        options: set[str | None] = {t for t in _transforms(pairs, c) if t}
         options |= {lay.cand_transform for lay in layout_candidates(r.shape, c.shape)
                     if not lay.ref_transform}
         for transform in options or {None}:
-            err = pair_error(ref, cand, r, c, probe.ref_transform, transform,  # type: ignore[attr-defined]
+            err = pair_error(ref, cand, r, c, probe.ref_transform, transform,
                              read)
             if not math.isnan(err) and (best is None or err < best[2]):
                 best = (c, transform, err)
@@ -186,12 +187,12 @@ def _alternative(ref: Dump, cand: Dump, probe: object, error: float, pairs: Sequ
     return best
 
 
-def _agrees_elsewhere(ref: Dump, cand: Dump, probe: object, error: float,
+def _agrees_elsewhere(ref: Dump, cand: Dump, probe: Pair, error: float,
                       ref_free: Sequence[Record], read: Reader) -> bool:
     """Whether the probe's candidate record agrees far better with an unpaired reference
     record of its step and layer than with its partner."""
-    c = probe.cand  # type: ignore[attr-defined]
-    where = (probe.ref.step, _template(probe.ref)[0])  # type: ignore[attr-defined]
+    c = probe.cand
+    where = (probe.ref.step, _template(probe.ref)[0])
     for r in ref_free:
         if (r.step, _template(r)[0]) != where:
             continue
@@ -241,8 +242,6 @@ def _free_pairs(ref: Dump, cand: Dump, pairs: list, ref_free: list[Record],
                 released: set[int]) -> tuple[list, list[Record], list[Record]]:
     """A candidate record a wrong pair released, paired with the unpaired reference record of
     its layer whose values agree (at the first step), for every step and layer."""
-    from .pairing import Pair
-
     cand_index = _index(cand_free)
     ref_by_layer: dict[tuple[int, int | None], list[Record]] = {}
     for r in ref_free:

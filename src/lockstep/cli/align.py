@@ -4,9 +4,9 @@ shell over ``lockstep.align.pairing.align``)."""
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
+from ..atomic import write_text_file
 from ..errors import UsageError
 from . import output
 
@@ -37,7 +37,8 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Pair the two dumps, print the pairs of one step, write what was asked for."""
-    from ..align.mapping import load_mapping, mapping_text
+    from ..align.mapping import load_mapping
+    from ..align.mapping_writer import mapping_text
     from ..align.pairing import align
     from ..align.render import AlignReport
     from ..store import open_dump
@@ -52,8 +53,8 @@ def run(args: argparse.Namespace) -> int:
     step = args.step if args.step is not None else (steps[0] if steps else 0)
     output.show(AlignReport(alignment, step, steps, args.reference, args.candidate), args)
     if args.write:
-        Path(args.write).write_text(mapping_text(alignment, reference=args.reference,
-                                                 candidate=args.candidate), encoding="utf-8")
+        write_text_file(mapping_text(alignment, reference=args.reference,
+                                     candidate=args.candidate), args.write)
         output.say(f"wrote the mapping file {args.write}: check it, then pass it with "
                    f"--mapping {args.write}")
     return EXIT_OK

@@ -8,40 +8,16 @@ what lockstep should report when the zoo is compared with transformers on the sa
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from ..compare.diagnosis.registry import KINDS
 from ..errors import UsageError
+from .bug import DIAGNOSES, Bug
+from .family_bugs import FAMILY_BUGS
 
 __all__ = ["Bug", "BUGS", "DIAGNOSES", "get_bug"]
-
-#: the diagnosis classes a bug may be expected to be given: every kind the rules give
-DIAGNOSES = KINDS
 
 _SEED_000 = "seeds/000_bb3755e1f931925d.txt (mini vLLM checklist)"
 _SEED_001 = "seeds/001_c36c40d1cc5e13e0.txt (fused decode VM vs torch)"
 _SEED_003 = "seeds/003_c05f1e921ed95932.txt (hybrid MoE + LoRA stack)"
 _SEED_004 = "seeds/004_32441b6e12ad34f7.txt (Rust/CUDA engine on GGUF)"
-
-
-@dataclass(frozen=True)
-class Bug:
-    """One switchable bug and the report lockstep should give for it."""
-
-    name: str  #: the value of ``bug=``
-    description: str  #: what the engine does wrong, in one sentence
-    source: str  #: the seed story or public issue thread it reproduces
-    phase: str  #: "prefill" or "decode": the part of the engine whose code is wrong
-    step: int  #: first divergent step (0 = prefill, 1 = first decode step)
-    tensor: str  #: canonical name where it is first seen ("tokens": only the chosen tokens)
-    diagnosis: str  #: expected diagnosis class, one of DIAGNOSES
-    families: tuple[str, ...] = ("llama", "qwen3")  #: model families it applies to
-    #: when it shows, if not always (e.g. past the window); outside it, a run must not diverge
-    condition: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.phase not in ("prefill", "decode") or self.diagnosis not in DIAGNOSES:
-            raise ValueError(f"bug {self.name!r}: bad phase or diagnosis")
 
 
 _ALL = (
@@ -161,8 +137,6 @@ _MOE_BUGS = (
         "applied at load time.",
         _SEED_003 + ", bug 5", "prefill", 0, "layers.1.experts_out", "nan", families=_MOE),
 )
-
-from .family_bugs import FAMILY_BUGS  # noqa: E402 (they are Bug records of this module)
 
 #: every bug, by name, in the order of the docs' table
 BUGS: dict[str, Bug] = {bug.name: bug for bug in _ALL + FAMILY_BUGS + _MOE_BUGS}

@@ -4,7 +4,7 @@ a bug that shows only past the sliding window, its condition."""
 
 from __future__ import annotations
 
-from .bugs import Bug
+from .bug import Bug
 
 __all__ = ["FAMILY_BUGS", "PAST_WINDOW"]
 

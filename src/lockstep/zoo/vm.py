@@ -14,7 +14,7 @@ block with its head's RMS; rotate every q/k block with its head's partner values
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -23,15 +23,38 @@ from ..capture.recorder import probe
 from ..errors import UsageError
 from .layers import RMSNorm, Rope
 
-if TYPE_CHECKING:
-    from .attention import Attention
-
-__all__ = ["BLOCK", "blocked_qkv"]
+__all__ = ["BLOCK", "blocked_qkv", "FusedAttention"]
 
 BLOCK = 16  #: output elements per block
 
 
-def blocked_qkv(attn: Attention, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+class FusedAttention(Protocol):
+    """What the VM reads of an attention layer (``zoo.attention.Attention`` after
+    ``fuse_qkv()``); a protocol, so that this module does not import the layer that calls it."""
+
+    @property
+    def layer_id(self) -> int: ...
+    @property
+    def n_heads(self) -> int: ...
+    @property
+    def n_kv_heads(self) -> int: ...
+    @property
+    def head_dim(self) -> int: ...
+    @property
+    def bug(self) -> str | None: ...
+    @property
+    def wqkv(self) -> Tensor | None: ...
+    @property
+    def bqkv(self) -> Tensor | None: ...
+    @property
+    def q_norm(self) -> RMSNorm | None: ...
+    @property
+    def k_norm(self) -> RMSNorm | None: ...
+    @property
+    def rope(self) -> Rope: ...
+
+
+def blocked_qkv(attn: FusedAttention, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Q, K (normed and rotated) and V of one decode token, shaped as ``Attention.project``
     gives them: (1, 1, heads, head_dim)."""
     if attn.wqkv is None:
