@@ -5,6 +5,12 @@ Layout: an 8-byte little-endian header length N, N bytes of JSON (``{name: {"dty
 are relative to the data's start. Everything is checked before a byte of data is read, and
 pages are released (``MADV_DONTNEED``) as the reader moves on, so memory stays bounded
 whatever the file's size.
+
+Why not the ``safetensors`` library (``benchmarks/safetensors_reader.py`` prints the
+figures): its numpy reader holds a whole tensor and keeps the file's pages (peak RSS 1119 MB
+on a 1 GiB file against 82 MB here), cannot read bfloat16 without torch, and its errors name
+neither the numbers nor, mostly, the tensor ("invalid shape, data type, or offset for
+tensor").
 """
 
 from __future__ import annotations
