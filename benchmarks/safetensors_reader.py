@@ -132,7 +132,7 @@ def library_message(path: Path) -> str:
 
     try:
         with safe_open(str(path), framework="np") as f:
-            for name in f.keys():
+            for name in f.keys():  # noqa: SIM118 (safe_open is not a dict: no iteration)
                 f.get_tensor(name)
     except Exception as exc:  # the library raises SafetensorError, OSError, TypeError...
         return f"{type(exc).__name__}: {str(exc)[:150]}"

@@ -31,7 +31,6 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-
 from ..errors import UsageError
 from .transforms import parse_transform
 
@@ -196,7 +195,7 @@ def _check_template(src: _Source, where: tuple[str, int, str], template: str,
         raise src.error(where, f"{key} {template!r}: unbalanced braces; write a literal "
                                "brace as {{ or }}") from None
     for field in fields:
-        if field.isdigit() and int(field) <= pattern.groups or field in pattern.groupindex:
+        if (field.isdigit() and int(field) <= pattern.groups) or field in pattern.groupindex:
             continue
         groups = pattern.groups
         raise src.error(where, f"{key} {template!r}: {{{field}}} is not a group of the cand "
@@ -208,7 +207,7 @@ def _check_transform(src: _Source, where: tuple[str, int, str], template: str,
                      pattern: re.Pattern[str]) -> None:
     _check_template(src, where, template, pattern)
     spec = template.format(*["0"] * (pattern.groups + 1),
-                           **{name: "0" for name in pattern.groupindex})
+                           **dict.fromkeys(pattern.groupindex, "0"))
     try:
         parse_transform(spec)  # checks each step's arguments, sizes and dtypes
     except UsageError as exc:

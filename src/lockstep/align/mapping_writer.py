@@ -181,7 +181,7 @@ def _one_layout_per_name(entries: dict[tuple[str, str, str | None, str | None], 
     for e in entries.values():
         by_names.setdefault((e.cand, e.ref), []).append(e)
     out = {}
-    for (cand, ref), group in by_names.items():
+    for group in by_names.values():
         if len(group) > 1:
             low = min(group, key=lambda e: e.confidence)
             group = [low._replace(cand_transform=None, ref_transform=None,

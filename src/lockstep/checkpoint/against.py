@@ -15,7 +15,7 @@ import math
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Tuple
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -132,7 +132,7 @@ def _rope_rows(x: np.ndarray, d: int, *, to_halves: bool) -> np.ndarray:
     return x.reshape(*split, *rest).swapaxes(1, 2).reshape(x.shape)
 
 
-Layout = Tuple[str, Optional[int], Callable[[np.ndarray], np.ndarray]]
+Layout = tuple[str, int | None, Callable[[np.ndarray], np.ndarray]]
 
 
 def _then_rope_rows(fn: Callable[[np.ndarray], np.ndarray], d: int,
@@ -257,7 +257,8 @@ class PairResult:
                 "shape_a": None if self.shape_a is None else list(self.shape_a),
                 "shape_b": None if self.shape_b is None else list(self.shape_b),
                 "status": self.status, "transform": self.transform, "head_dim": self.head_dim,
-                "tied": self.tied, "max_abs": json_number(self.max_abs), "rel_l2": json_number(self.rel_l2),
+                "tied": self.tied, "max_abs": json_number(self.max_abs),
+                "rel_l2": json_number(self.rel_l2),
                 "budget": self.budget, **({"note": self.note} if self.note else {})}
 
 

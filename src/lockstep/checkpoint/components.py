@@ -49,7 +49,7 @@ class ComponentRules:
 
     @classmethod
     def build(cls, overrides: Iterable[str | tuple[str, str]] = (),
-              defaults: Sequence[tuple[str, str]] = DEFAULT_RULES) -> "ComponentRules":
+              defaults: Sequence[tuple[str, str]] = DEFAULT_RULES) -> ComponentRules:
         """``overrides`` are ``"REGEX=COMPONENT"`` strings or pairs, tried before the defaults."""
         pairs: list[tuple[str, str]] = []
         for item in overrides:

@@ -30,7 +30,7 @@ class GGUFFile:
             raise CheckpointError(self.path, f"not a readable GGUF file: {exc}") from None
         self.metadata: dict[str, Any] = {}
         for name, fld in self.reader.fields.items():
-            if name.startswith("GGUF.") or name.startswith("tokenizer.ggml."):
+            if name.startswith(("GGUF.", "tokenizer.ggml.")):
                 continue
             try:
                 value = fld.contents()

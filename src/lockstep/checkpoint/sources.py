@@ -81,7 +81,7 @@ def _sharded(path: Path, index: Path) -> Checkpoint:
     if len(names) != len(set(map(str, weight_map.values()))):
         raise CheckpointError(index, "a weight_map value is not a file name (a string)")
     shards = []
-    for i, name in enumerate(names):
+    for name in names:
         try:
             shards.append(member(path, name, index))
         except CheckpointError as exc:

@@ -69,7 +69,8 @@ class ParamCheck:
                 "status": self.status, "layer": self.layer, "dtype": self.dtype,
                 "shape": None if self.shape is None else list(self.shape),
                 "checkpoint_dtype": self.checkpoint_dtype, "transform": self.transform,
-                "max_abs": json_number(self.max_abs), "rel_l2": json_number(self.rel_l2), "note": self.note}
+                "max_abs": json_number(self.max_abs), "rel_l2": json_number(self.rel_l2),
+                "note": self.note}
 
 
 @dataclass(frozen=True)

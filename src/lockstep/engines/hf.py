@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from ..errors import LockstepError, UsageError
 from ..extras import require
-from .forcing import fed_token
 from .base import timed_steps
-from .tokenizer import TransformersTokenizerEngine
+from .forcing import fed_token
 from .hf_attention import attention_meta
 from .hf_rope import watch_rope
+from .tokenizer import TransformersTokenizerEngine
 
 if TYPE_CHECKING:
     from ..capture.recorder import Recorder

@@ -43,8 +43,8 @@ import numpy as np
 
 from ..errors import LockstepError, UsageError
 from ..extras import require
-from .forcing import fed_token
 from .base import Engine, timed_steps
+from .forcing import fed_token
 
 if TYPE_CHECKING:
     from ..capture.recorder import Recorder

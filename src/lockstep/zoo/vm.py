@@ -54,7 +54,8 @@ class FusedAttention(Protocol):
     def rope(self) -> Rope: ...
 
 
-def blocked_qkv(attn: FusedAttention, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def blocked_qkv(attn: FusedAttention, x: Tensor,
+                positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Q, K (normed and rotated) and V of one decode token, shaped as ``Attention.project``
     gives them: (1, 1, heads, head_dim)."""
     if attn.wqkv is None:
