@@ -1,14 +1,15 @@
 """Numbers as lockstep writes them for people (terminal reports, diagnosis sentences).
 
-``fmt`` fits any float in 9 characters ("n/a" for NaN); ``short`` writes an optional number
-with a few significant digits ("-" when there is none), for table cells.
+``fmt`` fits any float in 9 characters ("n/a" for NaN); ``pct`` writes a share as a
+percentage; ``short`` writes an optional number with a few significant digits ("-" when there
+is none), for table cells.
 """
 
 from __future__ import annotations
 
 import math
 
-__all__ = ["fmt", "short"]
+__all__ = ["fmt", "pct", "short"]
 
 
 def fmt(x: float) -> str:
@@ -22,6 +23,11 @@ def fmt(x: float) -> str:
     if 1e-3 <= abs(x) < 1e4:
         return f"{x:.4g}"
     return f"{x:.2e}"
+
+
+def pct(part: float, whole: float) -> str:
+    """``part`` as a percentage of ``whole``."""
+    return f"{100.0 * part / whole:.3g}%" if whole else "0%"
 
 
 def short(x: float | None, digits: int = 3) -> str:

@@ -20,8 +20,8 @@ from ..align.tables import table_canonical
 from ..align.transforms import apply_transform, meta_size
 from ..errors import LockstepError
 from ..store.reader import Dump, Record
+from ..textfmt import fmt
 from . import evidence as ev
-from .formatting import fmt
 from .ops import INPUT_OF
 from .pair_result import DRIFT_FACTOR, JUMP_FACTOR, PairResult
 

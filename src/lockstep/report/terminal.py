@@ -18,9 +18,9 @@ from ..align.tables import table_canonical
 from ..compare.comparison import Comparison, DumpSummary
 from ..compare.coverage import Gap
 from ..compare.diagnosis import Diagnosis
-from ..compare.formatting import fmt
-from ..display import text as _text
 from ..compare.pair_result import PairResult
+from ..display import text as _text
+from ..textfmt import fmt
 from .base import Report
 from .json_report import report_dict
 from .pair_status import status

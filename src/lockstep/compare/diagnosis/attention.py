@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 
 from ...align.kinds import Kind as K
+from ...textfmt import fmt
 from .. import evidence as ev
 from ..case import Case, label
-from ..formatting import fmt
 from .model import Diagnosis, make, rule
 
 __all__ = ["attention", "attend"]

@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from ...align.kinds import Kind as K
+from ...textfmt import fmt
 from .. import evidence as ev
 from ..case import Case, label
-from ..formatting import fmt
 from .model import Diagnosis, make, rule
 
 __all__ = ["logits"]

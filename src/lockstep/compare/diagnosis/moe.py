@@ -19,9 +19,9 @@ from typing import Sequence
 import numpy as np
 
 from ...align.kinds import Kind as K
+from ...textfmt import fmt
 from .. import evidence as ev
 from ..case import Case
-from ..formatting import fmt
 from ..pair_result import PairResult
 from .model import Diagnosis, make, rule
 

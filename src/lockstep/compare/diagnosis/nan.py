@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from ...textfmt import fmt, pct
 from .. import evidence as ev
 from ..case import Case, label
-from ..formatting import fmt, pct
 from .model import Diagnosis, make, rule
 
 __all__ = ["nan"]

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from ...textfmt import fmt
 from .. import evidence as ev
 from ..case import Case, input_sentence, label
-from ..formatting import fmt
 from ..ops import NORMS
 from ..pair_result import DRIFT_FACTOR
 from .model import Diagnosis, make, rule

@@ -9,9 +9,9 @@ from typing import Any
 import numpy as np
 
 from ...align.kinds import Kind as K
+from ...textfmt import fmt
 from .. import evidence as ev
 from ..case import Case, label
-from ..formatting import fmt
 from ..ops import ROPE_TABLES
 from ..pair_result import PairResult
 from .model import Diagnosis, make, rule

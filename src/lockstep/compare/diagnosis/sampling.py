@@ -8,8 +8,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ...align.kinds import Kind as K
+from ...textfmt import fmt
 from ..case import Case, label
-from ..formatting import fmt
 from .model import Diagnosis, make, rule
 
 if TYPE_CHECKING:

@@ -8,9 +8,9 @@ from __future__ import annotations
 import math
 
 from ...align.kinds import Kind as K
+from ...textfmt import fmt
 from .. import evidence as ev
 from ..case import Case, label
-from ..formatting import fmt
 from .model import Diagnosis, make, rule
 
 __all__ = ["scale", "factor_name"]

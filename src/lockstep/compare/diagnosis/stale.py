@@ -4,9 +4,9 @@ reference moved (not updated)."""
 from __future__ import annotations
 
 from ...align.kinds import Kind as K
+from ...textfmt import fmt
 from .. import evidence as ev
 from ..case import Case, label
-from ..formatting import fmt
 from ..ops import ROPE_TABLES
 from .model import Diagnosis, make, rule
 

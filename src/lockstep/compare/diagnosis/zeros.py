@@ -4,9 +4,9 @@ reference is not."""
 from __future__ import annotations
 
 from ...align.kinds import Kind as K
+from ...textfmt import pct
 from .. import evidence as ev
 from ..case import Case, input_sentence, label
-from ..formatting import pct
 from .model import Diagnosis, make, rule
 
 __all__ = ["zeros"]
