@@ -54,8 +54,12 @@ $(STAMP): pyproject.toml Makefile $(LLAMA_CPP_WHEEL)
 demo: setup
 	HF_HUB_OFFLINE=1 $(VENV)/bin/lockstep demo
 
-# the HTML report's tests drive a real headless Chromium: Debian's package, installed if missing
+# first the gate (lint, types, no import cycles), then the tests; the HTML report's tests drive
+# a real headless Chromium: Debian's package, installed if missing
 test: setup
+	$(VENV)/bin/ruff check src tests benchmarks tools
+	$(VENV)/bin/mypy
+	$(PY) tools/import_cycles.py
 	sh tools/ensure-chromium
 	HF_HUB_OFFLINE=1 $(VENV)/bin/pytest -q
 

@@ -52,7 +52,7 @@ import statistics
 import sys
 import tempfile
 import time
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import torch
 
@@ -97,15 +97,16 @@ class PartTimer:
     time is its own: a part called inside another (the stage written out by a flush) is
     taken out of the outer one."""
 
-    PARTS = {"write": ("_write_all",), "stage copy": ("_put_data",),
-             "index": ("_tensor_line", "flush")}
+    PARTS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "write": ("_write_all",), "stage copy": ("_put_data",),
+        "index": ("_tensor_line", "flush")}
 
     def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
         from lockstep.store.writer import DumpWriter
 
         self.clock = clock
         self.cls = DumpWriter
-        self.totals = {part: 0.0 for part in self.PARTS}
+        self.totals = dict.fromkeys(self.PARTS, 0.0)
         self.saved: dict[str, Any] = {}
         self.inner: list[float] = []  # per open timed call: time spent in nested timed calls
 
@@ -350,7 +351,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  ratio lockstep/hf    {hf_ratio:8.3f}")
         print("  (not the same work: the hf debugger saves every module's tensor inputs, only "
               "leaf\n   modules' outputs, one safetensors file per tensor, plus mean/std/min/max "
-              "reprs;\n   lockstep saves every module's outputs, statistics left to the reader, into one data "
+              "reprs;\n   lockstep saves every module's outputs, statistics left to the reader, "
+              "into one data "
               "file)")
         figures.update({
             "hf_debugger_ms": med["hf_debugger"] * 1e3,

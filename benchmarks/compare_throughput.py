@@ -17,7 +17,7 @@ compare, not the disk.
 
     python benchmarks/compare_throughput.py                    # 0.5 GB and 5 GB per dump
     python benchmarks/compare_throughput.py --sizes 0.5        # quick
-    python benchmarks/compare_throughput.py --sizes 8.5        # larger than memory, if the disk has room
+    python benchmarks/compare_throughput.py --sizes 8.5        # over 8 GB, if the disk has room
 """
 
 from __future__ import annotations
@@ -167,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         anon = r.get("peak_RssAnon", 0) / 1024
         fig = {"gb_per_dump": data / 1e9, "tokens": tokens, "records": len(records()),
                "largest_tensor_mb": 4 * tokens * VOCAB / 1e6, "compare_s": r["seconds"],
-               "mb_per_s": mbs, "cpu_s": r["cpu_seconds"], "mb_per_cpu_s": cpu_mbs, "verdict": r["verdict"], "pairs": r["pairs"],
+               "mb_per_s": mbs, "cpu_s": r["cpu_seconds"], "mb_per_cpu_s": cpu_mbs,
+               "verdict": r["verdict"], "pairs": r["pairs"],
                "peak_anon_mb": anon, "peak_file_mb": r.get("peak_RssFile", 0) / 1024,
                "peak_rss_mb": r.get("peak_VmHWM", 0) / 1024, "write_s": made}
         figures.append(fig)

@@ -22,11 +22,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tests/browser.py
 
-from browser import Browser  # noqa: E402
-
-import lockstep  # noqa: E402
-from lockstep.report.html import write_html  # noqa: E402
-from lockstep.report.json_report import report_dict  # noqa: E402
+import lockstep
+from browser import Browser
+from lockstep.report.html import write_html
+from lockstep.report.json_report import report_dict
 
 
 def _ms(values: list[float]) -> str:

@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 
 from lockstep.demo import PROMPT, find_smollm2
-from lockstep.workflows.capture import capture
 from lockstep.store import open_dump
+from lockstep.workflows.capture import capture
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,7 +6,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("LOCKSTEP_STRICT", "1")
 sys.path.insert(0, os.path.dirname(__file__))  # tests/models.py, tests/independent_writer.py
 
-import pytest  # noqa: E402
+import pytest
 
 
 @pytest.fixture(scope="module")

@@ -166,7 +166,7 @@ class IndependentWriter:
 
     def tensor(self, name: str, step: int, dtype: str, shape: list, values: list | None = None,
                *, raw: bytes | None = None, call: int = 0, data: bool = True,
-               stats: dict | None | str = "auto", truncate_bf16: bool = False,
+               stats: dict | str | None = "auto", truncate_bf16: bool = False,
                **extra: object) -> int:
         """Append one record; ``raw`` gives the bytes directly, ``data=False`` keeps stats only."""
         numel = 1

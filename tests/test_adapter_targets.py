@@ -74,7 +74,7 @@ def _deepseek_v2_base(path):
             names += [f"{pre}.mlp.gate.weight"]
             names += [f"{pre}.mlp.shared_experts.{m}.weight" for m in MLP]
             names += [f"{pre}.mlp.experts.{e}.{m}.weight" for e in range(EXPERTS) for m in MLP]
-    save_file({n: w for n in names}, str(path))
+    save_file(dict.fromkeys(names, w), str(path))
     return path
 
 

@@ -226,7 +226,7 @@ def test_tied_lm_head(tmp_path, capsys):
     model = trained(tie_word_embeddings=True)
     ref = hf_dir(model, tmp_path / "hf")
     with safe_open(str(ref / "model.safetensors"), "np") as f:
-        assert "lm_head.weight" not in f.keys()  # save_pretrained writes no tied copy
+        assert "lm_head.weight" not in f  # save_pretrained writes no tied copy
     # llama.cpp writes output.weight for it: the embedding again
     path = write_gguf(tmp_path / "m.gguf", model, qtype="Q8_0",
                       extra={"output.weight": model.model.embed_tokens.weight.detach().numpy()})
@@ -241,7 +241,7 @@ def test_tied_lm_head(tmp_path, capsys):
                       extra={"output.weight": np.ones((160, 64), dtype=np.float32)})
     code, report, _ = run_against(ref, path, tmp_path / "r.json", capsys)
     assert code == 1
-    assert [p["key"] for p in report["pairs"] if not p["status"] == "ok"] == ["lm_head.weight"]
+    assert [p["key"] for p in report["pairs"] if p["status"] != "ok"] == ["lm_head.weight"]
 
 
 def test_transposed_and_permuted_safetensors(tmp_path, capsys):

@@ -99,7 +99,7 @@ def test_lower_precision_copy_is_equal(saved):
     model, ref = saved
     half = trained().to(torch.bfloat16)
     check = lockstep.check_loaded(half, ref)
-    assert check, [p for p in check.problems][:2]
+    assert check, list(check.problems)[:2]
     with torch.no_grad():  # one bf16 step off is not the checkpoint rounded
         w = half.model.layers[1].mlp.up_proj.weight
         w.copy_(torch.nextafter(w, torch.full_like(w, 10.0)))

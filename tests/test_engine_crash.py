@@ -16,11 +16,11 @@ import pytest
 
 pytest.importorskip("llama_cpp")
 
-from lockstep.engines import open_engine  # noqa: E402
-from lockstep.engines.isolated import EngineCrashed, IsolatedEngine  # noqa: E402
-from lockstep.engines.llamacpp import LlamaCppEngine  # noqa: E402
-from lockstep.errors import UsageError  # noqa: E402
-from lockstep.store.reader import open_dump  # noqa: E402
+from lockstep.engines import open_engine
+from lockstep.engines.isolated import EngineCrashed, IsolatedEngine
+from lockstep.engines.llamacpp import LlamaCppEngine
+from lockstep.errors import UsageError
+from lockstep.store.reader import open_dump
 
 PROMPT = "The capital of France is"
 PROMPT_IDS = [504, 3575, 282, 4649, 314]

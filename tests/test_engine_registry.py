@@ -118,7 +118,8 @@ def test_loading_a_transformers_model_leaves_the_environment_and_asks_no_hub(tmp
             "print(e.model is not None, os.environ.get('HF_HUB_OFFLINE'), "
             "os.environ.get('TRANSFORMERS_OFFLINE'))")
     try:
-        done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m")], env=env, check=False,
+        done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m")], env=env,
+                              check=False,
                               capture_output=True, text=True, timeout=300)
     finally:
         server.shutdown()

@@ -13,16 +13,32 @@ import torch
 from rich.console import Console
 
 from lockstep.cli.main import main
+from lockstep.errors import UsageError
 from lockstep.generation import Prompt, check_generation, load_prompts
-from lockstep.generation.garbage import (candidate_only, constant_output, detect, empty_output,
-                                         nonfinite_logits, repetition_loop, static_logits,
-                                         vocab_end)
+from lockstep.generation.garbage import (
+    candidate_only,
+    constant_output,
+    detect,
+    empty_output,
+    nonfinite_logits,
+    repetition_loop,
+    static_logits,
+    vocab_end,
+)
 from lockstep.generation.json_out import generation_dict
-from lockstep.generation.metrics import (KLStats, MAX_KL, compare_steps, kl_divergence, log_softmax,
-                                         summarize, top2_margin, top_k_ids, top_k_overlap)
+from lockstep.generation.metrics import (
+    MAX_KL,
+    KLStats,
+    compare_steps,
+    kl_divergence,
+    log_softmax,
+    summarize,
+    top2_margin,
+    top_k_ids,
+    top_k_overlap,
+)
 from lockstep.generation.render import GenerationReport
 from lockstep.generation.result import Settings, analyze_prompt
-from lockstep.errors import UsageError
 from models import PROMPT, tiny
 
 # -- metrics ------------------------------------------------------------------------------

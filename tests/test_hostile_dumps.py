@@ -77,7 +77,7 @@ MARKUP = ["[/]", "[bold]x", "[/x]", "[red]y[/red]", "a\x1b[31mb"]
 def test_names_metadata_and_paths_print_as_text(tmp_path):
     folder = tmp_path / "[/x]"
     w = DumpWriter(folder / "[bold]d", {"engine": "[/]", "model": "[bold]m"})
-    for i, name in enumerate(MARKUP):
+    for name in MARKUP:
         w.write(name, 0, "float32", (1,), np.ones(1, np.float32).tobytes())
     w.close()
     res = lockstep("show", str(folder / "[bold]d"))

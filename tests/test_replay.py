@@ -13,10 +13,9 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from models import save_tiny  # noqa: E402
-
-from lockstep.workflows.diff import diff  # noqa: E402
 from lockstep.report.json_report import report_dict  # noqa: E402
+from lockstep.workflows.diff import diff  # noqa: E402
+from models import save_tiny  # noqa: E402
 
 ENGINE = str(Path(__file__).parent / "engines" / "precision.py")
 TOKENS = [3, 17, 42, 7, 99, 5, 64, 11, 200]

@@ -11,9 +11,8 @@ pytest.importorskip("llama_cpp")
 pytest.importorskip("transformers")
 pytest.importorskip("gguf")
 
-from test_llamacpp import PROMPT_IDS, _gguf  # noqa: E402
-
-from lockstep.workflows.diff import diff  # noqa: E402
+from lockstep.workflows.diff import diff
+from test_llamacpp import PROMPT_IDS, _gguf
 
 
 def test_llamacpp_projection_error_is_explained_by_its_gguf_quantization(tmp_path):

@@ -15,15 +15,14 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from models import save_tiny  # noqa: E402
-
 import lockstep  # noqa: E402
 from lockstep.align.steps import match_steps  # noqa: E402
 from lockstep.compare import compare  # noqa: E402
 from lockstep.engines import open_engine  # noqa: E402
-from lockstep.workflows.capture import capture  # noqa: E402
 from lockstep.store import DumpWriter  # noqa: E402
 from lockstep.store.reader import open_dump  # noqa: E402
+from lockstep.workflows.capture import capture  # noqa: E402
+from models import save_tiny  # noqa: E402
 
 IDS = [3, 17, 42, 7, 99]
 

@@ -28,8 +28,7 @@ from lockstep.errors import DumpError, UsageError
 from lockstep.store import DTYPES, DumpWriter, open_dump
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from independent_writer import (IndependentWriter, bf16_bits, e4m3fn_byte,  # noqa: E402
-                                stats_of)
+from independent_writer import IndependentWriter, bf16_bits, e4m3fn_byte, stats_of
 
 ROOT = Path(__file__).resolve().parents[1]
 FORMAT_MD = ROOT / "docs" / "format.md"

@@ -257,7 +257,8 @@ def test_llama_reference_names_pair_through_tables_and_by_structure_alone(tmp_pa
     the name tables, and by structural auto-alignment alone with the tables switched off,
     with a bug in layer 1 and without."""
     from lockstep.zoo.engine import ZooEngine
-    from lockstep.zoo.score import FORCED, PROMPT as ZOO_PROMPT, tiny_model
+    from lockstep.zoo.score import FORCED, tiny_model
+    from lockstep.zoo.score import PROMPT as ZOO_PROMPT
 
     model = tiny_model("llama", tmp_path / "llama")
     hf = HFEngine(f"hf:{model}", str(model))

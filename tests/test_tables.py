@@ -11,10 +11,17 @@ import torch
 
 import lockstep
 from lockstep.align import tables
-from lockstep.align.tables import (LLAMA_CPP, LLAMA_REFERENCE, TRANSFORMERS_GEMMA,
-                                   TRANSFORMERS_GPT2, TRANSFORMERS_LLAMA, TRANSFORMERS_PHI3,
-                                   NameTable, detect_table)
 from lockstep.align.pairing import align
+from lockstep.align.tables import (
+    LLAMA_CPP,
+    LLAMA_REFERENCE,
+    TRANSFORMERS_GEMMA,
+    TRANSFORMERS_GPT2,
+    TRANSFORMERS_LLAMA,
+    TRANSFORMERS_PHI3,
+    NameTable,
+    detect_table,
+)
 from lockstep.align.transforms import apply_transform
 from models import PROMPT
 
@@ -273,5 +280,5 @@ def test_llama_cpp_q_and_k_after_rope_pair(tmp_path):
                                gguf.reshape(1, *arr.shape))
     result = lockstep.compare(tmp_path / "ref", tmp_path / "cand")
     pairs = {p.canonical: p for p in result.results}
-    assert {c for c in pairs} == {f"layers.{i}.{qk}_rope" for i in (0, 1) for qk in "qk"}
+    assert set(pairs) == {f"layers.{i}.{qk}_rope" for i in (0, 1) for qk in "qk"}
     assert all(p.error == 0.0 for p in pairs.values())

@@ -13,8 +13,8 @@ import torch
 
 import lockstep
 from lockstep.engines import open_engine
-from lockstep.workflows.capture import capture
 from lockstep.errors import UsageError
+from lockstep.workflows.capture import capture
 from lockstep.zoo import BUGS, DIAGNOSES, ZooEngine
 from models import save_tiny
 

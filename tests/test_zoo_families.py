@@ -16,7 +16,8 @@ BUGS = ("attn_softcap_missing", "window_all_layers", "embed_scale_twice",
 @pytest.fixture(scope="module")
 def titles(tmp_path_factory):
     score = run_zoo(tmp_path_factory.mktemp("families"),
-                    families=("gemma2", "mistral", "qwen3-yarn", "llama3"), bugs=BUGS, controls=False)
+                    families=("gemma2", "mistral", "qwen3-yarn", "llama3"), bugs=BUGS,
+                    controls=False)
     return {r.bug.name: r.title for r in score.results}
 
 

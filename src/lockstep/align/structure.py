@@ -27,8 +27,15 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from ..store.reader import Dump, Record
-from .layouts import (AGREE_COSINE, Layout, agreement, layout_candidates, relative_error,
-                      same_kind, squeeze_shape)
+from .layouts import (
+    AGREE_COSINE,
+    Layout,
+    agreement,
+    layout_candidates,
+    relative_error,
+    same_kind,
+    squeeze_shape,
+)
 from .transforms import apply_transform
 
 __all__ = ["Template", "TemplatePair", "templates_of", "pair_templates", "layer_of"]

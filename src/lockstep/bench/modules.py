@@ -156,7 +156,7 @@ def module_times(engine: Any, prompt_ids: Sequence[int], steps: int, *, iters: i
         "in_modules_ms": in_modules, "outside_modules_ms": max(hooked_ms - in_modules, 0.0),
         "by_kind": dict(sorted(med["kind"].items(), key=lambda kv: -kv[1])),
         "by_class": dict(sorted(med["class"].items(), key=lambda kv: -kv[1])),
-        "by_layer": {k: v for k, v in sorted(med["layer_kind"].items())},
+        "by_layer": dict(sorted(med["layer_kind"].items())),
     }
 
 

@@ -84,13 +84,13 @@ def run_bench(reference: str, candidate: str, base_ids: Sequence[int] | None = N
         result.settings["prompt_tokens"] = len(base)
         limits = {side: engine.max_positions() for side, engine in sides.items()}
         specs = {side: engine.spec for side, engine in sides.items()}
-        prompts: dict[int, list[int]] = {}
+        by_length: dict[int, list[int]] = {}
         for n in lengths:
             why = _too_long(limits, specs, n)
             if why:
                 result.skipped[f"TTFT at {n} tokens"] = why
             else:
-                prompts[n] = prompt_of_length(base, n)
+                by_length[n] = prompt_of_length(base, n)
         decode_why = _too_long(limits, specs, len(base) + max_new_tokens)
         if decode_why:
             result.skipped["decode"] = decode_why
@@ -99,7 +99,7 @@ def run_bench(reference: str, candidate: str, base_ids: Sequence[int] | None = N
         def one_round(keep: bool) -> None:
             for side, engine in sides.items():
                 got = samples[side]
-                for n, ids in prompts.items():
+                for n, ids in by_length.items():
                     t = engine.step_times(ids, 1)[0]
                     if keep:
                         got.setdefault(f"ttft:{n}", []).append(t)
@@ -114,7 +114,7 @@ def run_bench(reference: str, candidate: str, base_ids: Sequence[int] | None = N
             one_round(keep=i >= warmup)
         progress(total, total, "measured")
         ref, cand = samples["reference"], samples["candidate"]
-        for n in prompts:
+        for n in by_length:
             key = f"ttft:{n}"
             result.figures.append(Figure.of(
                 f"time to first token, {n} tokens", "ms",

@@ -49,7 +49,8 @@ def lines(doc: Any) -> list[str]:
     else:
         out.append(f"  library            {ll.get('library')}")
         out.append(f"  system info        {ll.get('system_info')}")
-    out.append(f"  build flags        {ll.get('build_flags') or 'unknown (not built by make setup)'}")
+    flags = ll.get("build_flags") or "unknown (not built by make setup)"
+    out.append(f"  build flags        {flags}")
     for lib, count in (ll.get("amx_instructions") or {}).items():
         text = "objdump not available" if count is None else str(count)
         out.append(f"  AMX instructions   {text} in {lib}")

@@ -51,8 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     _compare_options(c)
 
     df = sub.add_parser("diff", help="run a reference and a candidate engine, then compare",
-                        description="Exit code: 0 match or drift, 1 diverged, 2 error, 3 incomplete "
-                                   "(a decisive record was not compared).",
+                        description="Exit code: 0 match or drift, 1 diverged, 2 error, "
+                                    "3 incomplete (a decisive record was not compared).",
                         epilog=kinds_epilog(recordings=True))
     df.add_argument("reference", help=spec_help(recordings=True))
     df.add_argument("candidate", help="engine spec, as for the reference")

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
 import os
 import time
+from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import numpy as np
@@ -126,7 +126,7 @@ class Engine(ABC):
         """Run metadata for the dump header."""
         return {"engine": self.name, "spec": self.spec}
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - a default that releases nothing, not abstract
         """Release the model."""
 
     def __enter__(self) -> Engine:

@@ -194,7 +194,8 @@ class IsolatedEngine(Engine):
         return {**self._meta, "process": "isolated"}
 
     def tokenize(self, text: str) -> list[int]:
-        return [int(i) for i in self._call({"op": "tokenize", "text": text}, "tokenizing")[0]["ids"]]
+        reply = self._call({"op": "tokenize", "text": text}, "tokenizing")[0]
+        return [int(i) for i in reply["ids"]]
 
     def detokenize(self, ids: Sequence[int], *, skip_special: bool = False) -> str | None:
         reply, _ = self._call({"op": "detokenize", "ids": [int(i) for i in ids],

@@ -56,7 +56,8 @@ class EngineKind:
         """The factory, imported now."""
         assert self.factory is not None, self.kind
         module, _, name = self.factory.partition(":")
-        return getattr(importlib.import_module(module), name)  # type: ignore[no-any-return]
+        factory: Callable[..., Engine] = getattr(importlib.import_module(module), name)
+        return factory
 
 
 #: every kind, in the order help text lists them

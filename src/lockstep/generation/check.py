@@ -23,8 +23,15 @@ from ..errors import LockstepError, UsageError
 from .decode_check import check_decode
 from .metrics import MAX_KL, NEAR_TIE
 from .prompts import Prompt, as_prompts
-from .result import (GenerationResult, Localization, PromptResult, Settings, Side, Timing,
-                     analyze_prompt)
+from .result import (
+    GenerationResult,
+    Localization,
+    PromptResult,
+    Settings,
+    Side,
+    Timing,
+    analyze_prompt,
+)
 
 __all__ = ["check_generation"]
 
@@ -123,7 +130,8 @@ def _localize(result: PromptResult, ref_spec: str, cand_spec: str, out: Path,
 
 def check_generation(reference: str, candidate: str, prompts: Sequence[Prompt | str], *,
                      max_new_tokens: int = 16, top_k: int = 5, near_tie: float = NEAR_TIE,
-                     max_kl: float = MAX_KL, localize: bool = True, out: str | Path = "lockstep-generate",
+                     max_kl: float = MAX_KL, localize: bool = True,
+                     out: str | Path = "lockstep-generate",
                      ref_options: dict[str, Any] | None = None,
                      cand_options: dict[str, Any] | None = None,
                      progress: Callable[[int, int], Any] | None = None,

@@ -109,7 +109,7 @@ def static_logits(logits: np.ndarray, *, rtol: float = STATIC_RTOL) -> GarbageFl
     """The logits do not change from one step to the next (for at least half of the steps):
     the model ignores its input (a stuck hidden state, a cache read instead of written)."""
     x = np.atleast_2d(np.asarray(logits, dtype=np.float64))
-    finite = np.isfinite(x).all(axis=-1)
+    finite = np.asarray(np.isfinite(x).all(axis=-1))
     pairs = np.flatnonzero(finite[:-1] & finite[1:])  # non-finite rows are nonfinite's case
     if not pairs.size:
         return None

@@ -10,8 +10,16 @@ import numpy as np
 
 from .decode_check import DecodeCheck
 from .garbage import GarbageFlag, candidate_only, detect
-from .metrics import (MAX_KL, NEAR_TIE, KLStats, StepCompare, StepSummary, compare_step,
-                      compare_steps, summarize)
+from .metrics import (
+    MAX_KL,
+    NEAR_TIE,
+    KLStats,
+    StepCompare,
+    StepSummary,
+    compare_step,
+    compare_steps,
+    summarize,
+)
 from .prompts import Prompt
 
 if TYPE_CHECKING:

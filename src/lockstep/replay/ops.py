@@ -71,7 +71,8 @@ def gguf_rounding_fits(module: Any, qtype: str) -> bool:
     except ImportError:
         return False
     weight = getattr(module, "weight", None)
-    if weight is None or getattr(weight, "ndim", 0) != 2 or qtype not in GGMLQuantizationType.__members__:
+    if weight is None or getattr(weight, "ndim", 0) != 2 or \
+            qtype not in GGMLQuantizationType.__members__:
         return False
     if qtype in _PLAIN_GGUF:
         return True

@@ -31,8 +31,16 @@ from ..align.transforms import apply_transform
 from ..align.verify import merged_meta
 from ..errors import LockstepError
 from ..store.reader import Dump
-from .ops import (GGUF_PREFIX, ROUNDINGS, gguf_rounding_fits, gguf_weight_types, module_of,
-                  run_op, tap_calls, why_not_replayable)
+from .ops import (
+    GGUF_PREFIX,
+    ROUNDINGS,
+    gguf_rounding_fits,
+    gguf_weight_types,
+    module_of,
+    run_op,
+    tap_calls,
+    why_not_replayable,
+)
 
 __all__ = ["ReplayOp", "Replay", "replay_comparison", "EXPLAINED_FACTOR", "INTRODUCED_SHARE"]
 
@@ -188,7 +196,7 @@ def _input_pair(comparison: Any, dumps: _Dumps, target: Any,
         except LockstepError:
             continue
         r_fit = _trailing(r_arr, x_ref)
-        if r_fit is None or r_fit.dtype.kind != x_ref.dtype.kind and x_ref.dtype.kind in "iu":
+        if r_fit is None or (r_fit.dtype.kind != x_ref.dtype.kind and x_ref.dtype.kind in "iu"):
             continue
         if rel_l2(r_fit, x_ref) <= _SAME:
             c_fit = _trailing(c_arr, x_ref)

@@ -170,7 +170,7 @@ def _replay(replay: Any) -> Panel:
              *([fmt(op.reverse) if op.reverse is not None else "-"] if other_way else []),
              where)
     body.append(table)
-    body.append(Text(f"the reference's ops re-run on the candidate's recorded inputs"
+    body.append(Text("the reference's ops re-run on the candidate's recorded inputs"
                      + (", and the candidate's ops on the reference's" if other_way else "")
                      + f" ({replay.seconds:.2f} s)", style="dim"))
     return Panel(Group(*body), title="replay (the dual test)", expand=False)

@@ -84,8 +84,9 @@ def lookup(name: str) -> DType | None:
 def to_float(raw: np.ndarray, dtype: str) -> np.ndarray:
     """Convert raw stored elements of ``dtype`` to a float array for comparison.
 
-    float32 and float64 are returned as they are (read-only when ``raw`` is); integers wider than 16 bits become float64 (exact: float32 holds
-    integers only up to 2**24); everything else becomes float32.
+    float32 and float64 are returned as they are (read-only when ``raw`` is); integers wider
+    than 16 bits become float64 (exact: float32 holds integers only up to 2**24); everything
+    else becomes float32.
     """
     if dtype == "bfloat16":
         return (raw.astype(np.uint32) << 16).view(np.float32)

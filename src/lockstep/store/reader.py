@@ -75,7 +75,7 @@ def _brief(value: Any, limit: int = 80) -> str:
 
 def _parse_record(obj: dict[str, Any], data_size: int) -> Record:
     name = obj.get("name")
-    if not isinstance(name, str) or not name and name != "":
+    if not isinstance(name, str) or (not name and name != ""):
         raise ValueError(f"field 'name' must be a string, got {_brief(name)}")
     dtype = obj.get("dtype")
     dt = lookup(dtype) if isinstance(dtype, str) else None

@@ -174,7 +174,7 @@ class DumpWriter:
             stage[staged + pad:staged + pad + nbytes] = view
             self._staged = staged + pad + nbytes
             return
-        parts = [self._stage[:staged]] if staged else []
+        parts: list[Any] = [self._stage[:staged]] if staged else []
         if pad:
             parts.append(_ZEROS[:pad])
         parts.append(view)

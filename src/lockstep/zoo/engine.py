@@ -7,6 +7,7 @@ precision. torch is imported only when the engine loads.
 
 from __future__ import annotations
 
+import itertools
 from functools import partial
 from pathlib import Path
 from time import perf_counter
@@ -145,7 +146,7 @@ class ZooEngine(TransformersTokenizerEngine):
         ticks: list[float] = []  # when each forward starts
         self._run(prompt_ids, steps - 1, None, on_forward=lambda _: ticks.append(perf_counter()))
         ticks.append(perf_counter())
-        return [b - a for a, b in zip(ticks, ticks[1:])]
+        return [b - a for a, b in itertools.pairwise(ticks)]
 
     def torch_module(self) -> Any:
         return self.model

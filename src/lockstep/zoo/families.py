@@ -1,15 +1,19 @@
 """The zoo's model families beyond Llama and Qwen3: what each adds, read from its transformers
 config, and the tiny random checkpoint of each that the zoo runs.
 
-| zoo family | transformers model | what it adds |
-|---|---|---|
-| ``gemma2`` | Gemma2ForCausalLM | attention soft cap, √hidden embedding scale, query_pre_attn_scalar, four norms per layer with (1 + w), tanh GELU, a sliding window on even layers, a final logit soft cap |
-| ``gemma3`` | Gemma3ForCausalLM | Gemma 2's block without soft caps, plus per-head q/k norms with (1 + w) and a RoPE base of its own on the sliding layers (``rope_parameters["sliding_attention"]``) |
-| ``mistral`` | MistralForCausalLM | a sliding window on every layer |
-| ``qwen2`` | Qwen2ForCausalLM | q/k/v projection biases |
-| ``phi3`` | Phi3ForCausalLM | fused ``qkv_proj`` and ``gate_up_proj``, partial rotary |
-| ``llama3`` | LlamaForCausalLM | ``llama3`` RoPE scaling, tied embeddings (Llama 3.2) |
-| ``qwen3-yarn`` | Qwen3ForCausalLM | YaRN RoPE scaling and its attention factor |
+Each zoo family, the transformers model it is checked against, and what it adds:
+
+- ``gemma2`` (Gemma2ForCausalLM): attention soft cap, √hidden embedding scale,
+  query_pre_attn_scalar, four norms per layer with (1 + w), tanh GELU, a sliding window on
+  even layers, a final logit soft cap;
+- ``gemma3`` (Gemma3ForCausalLM): Gemma 2's block without soft caps, plus per-head q/k norms
+  with (1 + w) and a RoPE base of its own on the sliding layers
+  (``rope_parameters["sliding_attention"]``);
+- ``mistral`` (MistralForCausalLM): a sliding window on every layer;
+- ``qwen2`` (Qwen2ForCausalLM): q/k/v projection biases;
+- ``phi3`` (Phi3ForCausalLM): fused ``qkv_proj`` and ``gate_up_proj``, partial rotary;
+- ``llama3`` (LlamaForCausalLM): ``llama3`` RoPE scaling, tied embeddings (Llama 3.2);
+- ``qwen3-yarn`` (Qwen3ForCausalLM): YaRN RoPE scaling and its attention factor.
 
 The constants are scaled down so that every effect shows on the zoo's 9-token prompt: a window
 of 8, soft caps near the scores' size, an original context of 16 positions.
@@ -162,12 +166,12 @@ def _config(family: str) -> Any:
                              "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}},
             **_SIZES)
     if family == "mistral":
-        return tf.MistralConfig(sliding_window=8, rope_theta=1000000.0, **_SIZES)
+        return tf.MistralConfig(**{**_SIZES, "sliding_window": 8, "rope_theta": 1000000.0})
     if family == "qwen2":
-        return tf.Qwen2Config(rope_theta=1000000.0, **_SIZES)
+        return tf.Qwen2Config(**{**_SIZES, "rope_theta": 1000000.0})
     if family == "phi3":
-        return tf.Phi3Config(partial_rotary_factor=0.5, pad_token_id=0, bos_token_id=1,
-                             eos_token_id=2, **_SIZES)
+        return tf.Phi3Config(**{**_SIZES, "partial_rotary_factor": 0.5, "pad_token_id": 0,
+                                "bos_token_id": 1, "eos_token_id": 2})
     if family == "llama3":
         return tf.LlamaConfig(tie_word_embeddings=True, rope_parameters=dict(
             rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -73,7 +73,8 @@ class Rope(nn.Module):
         if self.bug == "partial_rotary_pairs" and self.rotary_dim < self.head_dim:
             # pie#603: the rotated pairs' frequencies taken over the whole head, and pairs
             # (i, i + head_dim / 2) over the whole head; the other pairs turn by 0
-            turned = 1.0 / (self.theta ** (torch.arange(0, self.rotary_dim, 2, device=positions.device).float() / self.head_dim))
+            even = torch.arange(0, self.rotary_dim, 2, device=positions.device).float()
+            turned = 1.0 / (self.theta ** (even / self.head_dim))
             inv_freq = torch.cat((turned, turned.new_zeros((self.head_dim - self.rotary_dim) // 2)))
         freqs = positions[..., None].float() * inv_freq
         if self.bug == "rope_interleaved":
@@ -106,7 +107,8 @@ class FeedForward(nn.Module):
 
     def __init__(self, dim: int, hidden_dim: int) -> None:
         super().__init__()
-        self.act = F.silu  #: the gate's activation (families.py may set tanh GELU)
+        #: the gate's activation (families.py may set tanh GELU)
+        self.act: Callable[[Tensor], Tensor] = F.silu
         self.w1 = nn.Linear(dim, hidden_dim, bias=False)
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)

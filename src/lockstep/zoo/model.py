@@ -17,8 +17,8 @@ from torch import Tensor, nn
 
 from .attention import Attention
 from .config import ModelArgs
-from .kv_cache import AttentionMetadata
 from .family_layers import embedding, feed_forward, final_softcap
+from .kv_cache import AttentionMetadata
 from .layers import LMHead, RMSNorm
 
 __all__ = ["Transformer", "TransformerBlock", "Step"]

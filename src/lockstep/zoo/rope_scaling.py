@@ -20,7 +20,8 @@ def _plain(dim: int, theta: float, device: Any) -> Tensor:
 
 def _llama3(base: Tensor, p: Mapping[str, Any]) -> Tensor:
     """Llama 3.1: long wavelengths slowed by ``factor``, short ones kept, a blend between."""
-    factor, low, high = float(p["factor"]), float(p["low_freq_factor"]), float(p["high_freq_factor"])
+    factor = float(p["factor"])
+    low, high = float(p["low_freq_factor"]), float(p["high_freq_factor"])
     context = float(p["original_max_position_embeddings"])
     wavelen = 2 * math.pi / base
     slowed = torch.where(wavelen > context / low, base / factor, base)

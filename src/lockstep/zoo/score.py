@@ -56,10 +56,11 @@ def tiny_model(family: str, directory: Path) -> Path:
         vocab_size=320, hidden_size=128, intermediate_size=176, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
     if family == "llama":
-        model: Any = LlamaForCausalLM(LlamaConfig(rope_theta=500000.0, tie_word_embeddings=True,
-                                                  **config))
+        model: Any = LlamaForCausalLM(LlamaConfig(
+            **{**config, "rope_theta": 500000.0, "tie_word_embeddings": True}))
     else:
-        model = Qwen3ForCausalLM(Qwen3Config(rope_theta=1000000.0, head_dim=64, **config))
+        model = Qwen3ForCausalLM(Qwen3Config(
+            **{**config, "rope_theta": 1000000.0, "head_dim": 64}))
     model.save_pretrained(directory)
     return directory
 
