@@ -103,9 +103,13 @@ def _measure(ref: Dump, cand: Dump, pair: Pair,
         cand_arr = apply_transform(pair.cand_transform, cand.read(c), merged_meta(ref, cand))
     except LockstepError as exc:  # a layout learnt elsewhere that does not fit this pair
         return math.nan, None, f"the layout transform does not fit: {exc}"
+    def trim() -> None:  # pages measured need not stay in this process
+        ref.trim()
+        cand.trim()
+
     try:
         m = tensor_metrics(ref_arr, cand_arr,
-                           logits=is_logits(r, ref.meta) or is_logits(c, cand.meta))
+                           logits=is_logits(r, ref.meta) or is_logits(c, cand.meta), trim=trim)
     except ShapeMismatch as exc:
         return math.nan, None, str(exc)
     finally:  # measured: its pages need not stay in this process
