@@ -10,7 +10,14 @@ from .._version import __version__
 from ..engines.registry import kinds_epilog, kinds_with, recording, spec_help, takes
 from ..errors import LockstepError, UsageError
 from . import output
-from .options import add_report_files, add_weight_mapping, int_list, weight_rename
+from .options import (
+    add_report_files,
+    add_selection,
+    add_weight_mapping,
+    int_list,
+    selection,
+    weight_rename,
+)
 from .options import engine_options as _engine_options
 
 __all__ = ["main"]
@@ -72,6 +79,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="an engine option for the candidate, e.g. bug=wrong_kv_slot for "
                          "zoo: (repeatable)")
     df.add_argument("--out", default="lockstep-diff", help="where both dumps are kept")
+    add_selection(df)
     df.add_argument("--no-replay", action="store_true",
                     help="do not re-run the reference's ops on the candidate's inputs (the "
                          "dual test) around the divergence")
@@ -114,6 +122,9 @@ def _parser() -> argparse.ArgumentParser:
                      help=f"torch device of an {kinds_with('device')} engine (default cpu)")
     cap.add_argument("--stats-only", action="store_true", help="keep statistics, not data")
     cap.add_argument("--overwrite", action="store_true", help="replace an existing dump")
+    add_selection(cap)
+    cap.add_argument("--dry-run", action="store_true",
+                     help="write nothing: run once and print the bytes each step would take")
 
     r = sub.add_parser("run", help="record an unmodified Python program",
                        usage="lockstep run --out DIR [options] -- python program.py [args]")
@@ -222,7 +233,7 @@ def _diff(args: argparse.Namespace) -> int:
                   cand_options=_engine_options(args.candidate, args.cand_dtype,
                                                args.cand_opt),
                   tolerances=tolerances, mapping=mapping, replay=not args.no_replay,
-                  announce=output.say)
+                  announce=output.say, selection=selection(args))
     return _report(result, args)
 
 
@@ -249,9 +260,16 @@ def _capture(args: argparse.Namespace) -> int:
     options = _engine_options(args.engine, args.dtype, args.opt)
     if takes(args.engine, "device"):
         options.setdefault("device", args.device)
+    if args.dry_run:
+        from ..workflows.estimate import estimate
+
+        output.write_lines(estimate(args.engine, prompt=args.prompt, tokens=args.tokens,
+                                    decode=args.decode, data=not args.stats_only,
+                                    announce=output.say, **selection(args), **options).lines())
+        return EXIT_OK
     capture(args.engine, args.out, prompt=args.prompt, tokens=args.tokens, decode=args.decode,
             data=not args.stats_only, overwrite=args.overwrite,
-            announce=output.say, **options)
+            announce=output.say, **selection(args), **options)
     return EXIT_OK
 
 
