@@ -105,8 +105,11 @@ RULE = "[[rule]]\ncand = 'trunk\\.(\\d+)\\.qp'\nref = \"model.layers.{1}.q_proj\
 
 
 @pytest.mark.parametrize("text, message", [
-    ("rules = 1\n", "1:9: unknown key 'rules'; a mapping file has [[rule]] tables, ignore "
-                    "and [tolerances]"),
+    ("rules = 1\n", "1:9: unknown key 'rules'; a mapping file has [[rule]] tables, ignore, "
+                    "[tolerances] and [shard]"),
+    ('[shard]\n"*.o_proj" = "diagonal"\n', "2:14: the shard rule for '*.o_proj' must be "
+                                           "\"col:DIM\", \"row\" or \"replicated\", got "
+                                           "'diagonal'"),
     ("[[rule]]\ncand = 'a'\nref = 'b'\nrename = 1\n",
      "4:10: unknown key 'rename' in a [[rule]]; a rule has cand, ref, transform, "
      "ref_transform, tolerance"),

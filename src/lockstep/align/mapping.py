@@ -42,7 +42,8 @@ else:  # pragma: no cover - Python 3.10
 __all__ = ["MappingHit", "MappingRule", "MappingFile", "load_mapping", "glob_escape"]
 
 _RULE_KEYS = ("cand", "ref", "transform", "ref_transform", "tolerance")
-_TOP_KEYS = ("rule", "ignore", "tolerances")
+_TOP_KEYS = ("rule", "ignore", "tolerances", "shard")
+_SHARD_RULES = ("col", "row", "replicated")
 
 
 def glob_escape(text: str) -> str:
@@ -102,6 +103,9 @@ class MappingFile:
     ignore_ref: tuple[str, ...] = ()  #: globs on reference names left out of the comparison
     ignore_cand: tuple[str, ...] = ()  #: and on candidate names
     per_name: tuple[tuple[str, float], ...] = ()  #: the ``[tolerances]`` table, in order
+    #: the ``[shard]`` table: (glob on record names, rule, dim), how a multi-rank side's
+    #: records merge across ranks (align.unshard)
+    shards: tuple[tuple[str, str, int], ...] = ()
 
     def lookup(self, cand_name: str) -> list[MappingHit]:
         """Every rule's pair for a candidate name, in file order (empty: no rule matches)."""
@@ -120,6 +124,11 @@ class MappingFile:
         own = [(rule.ref_glob, rule.tolerance) for rule in self.rules
                if rule.tolerance is not None]
         return own + list(self.per_name)
+
+    def shard(self, name: str) -> tuple[str, int] | None:
+        """The ``[shard]`` rule (rule, dim) of the first glob that matches ``name``."""
+        return next(((rule, dim) for glob, rule, dim in self.shards
+                     if fnmatch.fnmatchcase(name, glob)), None)
 
     def where(self, rule: int) -> str:
         """``file:line`` of a rule, for reports."""
@@ -273,6 +282,22 @@ def _globs(src: _Source, where: tuple[str, int, str], value: Any) -> tuple[str, 
     return tuple(value)
 
 
+def _shards(src: _Source, table: Any) -> tuple[tuple[str, str, int], ...]:
+    if not isinstance(table, dict):
+        raise src.error(("", 0, "shard"), "shard must be a table: [shard] \"GLOB\" = "
+                                          "\"col:-1\" (or \"row\", \"replicated\")")
+    out = []
+    for glob, value in table.items():
+        rule, _, dim = value.partition(":") if isinstance(value, str) else ("", "", "")
+        default = "-1" if rule == "col" else "0"
+        if rule not in _SHARD_RULES or not re.fullmatch(r"-?\d{1,3}", dim or default):
+            raise src.error(("shard", 0, glob), f"the shard rule for {glob!r} must be "
+                                                f"\"col:DIM\", \"row\" or \"replicated\", "
+                                                f"got {value!r}")
+        out.append((glob, rule, int(dim or default)))
+    return tuple(out)
+
+
 def load_mapping(path: str | os.PathLike[str]) -> MappingFile:
     """Read and check a mapping file; UsageError naming ``file:line:col`` for any mistake."""
     path = os.fspath(path)
@@ -292,7 +317,8 @@ def load_mapping(path: str | os.PathLike[str]) -> MappingFile:
     unknown = [k for k in data if k not in _TOP_KEYS]
     if unknown:
         raise src.error(("", 0, unknown[0]), f"unknown key {unknown[0]!r}; a mapping file "
-                                             "has [[rule]] tables, ignore and [tolerances]")
+                                             "has [[rule]] tables, ignore, [tolerances] and "
+                                             "[shard]")
     rules = data.get("rule", [])
     if not isinstance(rules, list):
         raise src.error(("", 0, "rule"), "rule must be written as [[rule]] tables")
@@ -313,4 +339,4 @@ def load_mapping(path: str | os.PathLike[str]) -> MappingFile:
     per_name = tuple((k, _tolerance(src, ("tolerances", 0, k), v, f"the tolerance for {k!r}"))
                      for k, v in tolerances.items())
     return MappingFile(path, tuple(_rule(src, i, r) for i, r in enumerate(rules)),
-                       ignore_ref, ignore_cand, per_name)
+                       ignore_ref, ignore_cand, per_name, _shards(src, data.get("shard", {})))

@@ -86,7 +86,7 @@ def check_pairs(ref: Dump, cand: Dump, pairs: list, ref_free: list[Record],
     pair template by its values (see the module docstring). ``pairs`` are ``Pair``s."""
     given = pairs
     pairs = [p for p in given if same_kind(p.ref, p.cand)]
-    first = min(p.ref.step for p in pairs)
+    first = min((p.ref.step for p in pairs), default=0)  # none: an empty side
     groups: dict[_Key, list] = {}
     for p in pairs:
         groups.setdefault(_key(p), []).append(p)

@@ -21,6 +21,7 @@ from ..errors import UsageError
 from ..store.sizing import SIZES, SizingWriter
 from ..store.writer import DumpWriter, check_name
 from .selection import Selection
+from .ranks import distributed_rank, rank_path, shard_field
 from .sink import Sink
 from .surface import Step
 from .tensors import Unrecordable, leaves, to_host
@@ -51,15 +52,21 @@ def active() -> Recorder | None:
     return _ACTIVE
 
 
-def probe(name: str, value: Any) -> Any:
+def probe(name: str, value: Any, *, shard: tuple[str, int] | None = None) -> Any:
     """Record ``value`` (a tensor, or a tuple/dict of them) as ``name`` at the current step.
 
     Returns ``value`` unchanged, so it can wrap an expression. Costs one global lookup when
     nothing is recording. The recording's include/exclude patterns apply to ``name``.
+    ``shard`` (tensor-parallel runs): how the ranks' records of ``name`` merge, ``("col",
+    dim)`` (concatenated on ``dim``), ``("row", 0)`` (partial sums) or ``("replicated",
+    0)``; stored as the record's ``shard`` field (docs/format.md "Ranks").
     """
     rec = _ACTIVE
     if rec is not None and rec.wants(name):
-        rec.capture(name, value, role="probe", strict=False)
+        if shard is None:
+            rec.capture(name, value, role="probe", strict=False)
+        else:
+            rec.capture(name, value, role="probe", strict=False, shard=shard_field(shard))
     return value
 
 
@@ -379,10 +386,18 @@ def record(path: str | os.PathLike[str], *, meta: dict[str, Any] | None = None,
     index line but not its data (``capture --dry-run``'s size estimate). The dump is flushed
     at the end of every step and closed on exit; if the body raises, the dump is still
     closed and notes the error.
+
+    Inside an initialized torch.distributed program of more than one process, each rank
+    writes its own dump ``path/rank<N>`` and rank 0 a manifest ``path/ranks.json``
+    (docs/format.md "Ranks"); ``compare`` merges the ranks.
     """
     global _ACTIVE
     if _ACTIVE is not None:
         raise UsageError(f"already recording to {_ACTIVE.path}; recordings cannot be nested")
+    ranked = distributed_rank()  # in a torch.distributed run: one dump per rank
+    if ranked is not None:
+        path = rank_path(path, *ranked, overwrite=overwrite)
+        meta = {**(meta or {}), "rank": ranked[0], "world_size": ranked[1]}
     rec = Recorder(path, meta=meta, data=data, include=include, exclude=exclude,
                    overwrite=overwrite, stats=stats, layers=layers)
     _ACTIVE = rec

@@ -19,7 +19,7 @@ from ..align.transforms import apply_transform
 from ..align.verify import merged_meta
 from ..errors import LockstepError
 from ..store.dtypes import FLOAT_KINDS
-from ..store.reader import Dump, Record, open_dump
+from ..store.reader import Dump, Record
 from .case import Case, is_logits, role_of
 from .coverage import Coverage, coverage_of
 from .diagnosis.model import Diagnosis
@@ -30,6 +30,7 @@ from .metrics import ShapeMismatch, TensorMetrics, tensor_metrics
 from .pair_result import PairResult, decide, inherited_errors
 from .statistics import NOTE as STATS_NOTE
 from .statistics import by_statistics, stats_error
+from .ranks import RankReport, open_sides, with_ranks
 from .token_check import TokenCheck
 from .tokens import check_tokens
 from .tolerance import Tolerance, Tolerances
@@ -72,6 +73,7 @@ class Comparison:
     tokens: TokenCheck | None = None  #: the chosen tokens of both runs
     replay: Any = None  #: lockstep.replay.Replay: the dual test around the divergence, if run
     step_match: StepMatch | None = None  #: which candidate step was compared as which
+    ranks: RankReport | None = None  #: how multi-rank sides were merged (compare.ranks)
 
     @property
     def by_statistics(self) -> int:
@@ -143,19 +145,17 @@ def compare(reference: Dump | str | os.PathLike[str], candidate: Dump | str | os
     ``strict``: a bug in the diagnosis raises instead of warning (None: when the
     ``LOCKSTEP_STRICT`` environment variable is set; the test suite sets it).
     """
-    ref = reference if isinstance(reference, Dump) else open_dump(reference)
+    # a multi-rank recording (docs/format.md "Ranks") is merged rank by rank first
+    ref, cand, ranked = open_sides(reference, candidate, mapping)
     try:
-        cand = candidate if isinstance(candidate, Dump) else open_dump(candidate)
-        try:
-            tolerances = tolerances or Tolerances()
-            if mapping is not None:  # the mapping file's tolerances, after the caller's own
-                tolerances = tolerances.with_patterns(mapping.tolerances())
-            return _compare(ref, cand, tolerances, progress, mapping, use_tables,
-                            cand_precision, strict)
-        finally:
-            if cand is not candidate:
-                cand.close()
+        tolerances = tolerances or Tolerances()
+        if mapping is not None:  # the mapping file's tolerances, after the caller's own
+            tolerances = tolerances.with_patterns(mapping.tolerances())
+        return with_ranks(_compare(ref, cand, tolerances, progress, mapping, use_tables,
+                                   cand_precision, strict), ranked, ref, cand)
     finally:
+        if cand is not candidate:
+            cand.close()
         if ref is not reference:
             ref.close()
 

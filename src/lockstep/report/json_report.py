@@ -98,6 +98,7 @@ def report_dict(c: Comparison) -> dict[str, Any]:
         "tokens": c.tokens.as_dict() if c.tokens is not None else None,
         "replay": json_safe(c.replay.to_json()) if c.replay is not None else None,
         "step_match": c.step_match.to_json() if c.step_match is not None else None,
+        "ranks": c.ranks.as_dict() if c.ranks is not None else None,
         "reference_dump": _side(c.reference),
         "candidate_dump": _side(c.candidate),
         "summary": {

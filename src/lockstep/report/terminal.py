@@ -254,6 +254,8 @@ class ComparisonReport(Report):
             body.append(_error_path(c))
         if c.step_match is not None and c.step_match.noteworthy:
             body += [Text(""), Text(c.step_match.describe())]
+        if c.ranks is not None:  # multi-rank sides: how their ranks were merged
+            body += [Text(""), *(Text(line) for line in c.ranks.lines())]
         if c.coverage is not None and c.coverage.gaps:
             body += [Text(""), _gaps(c.coverage.gaps, c.verdict)]
         if c.first_divergence is not None:

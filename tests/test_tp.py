@@ -1,0 +1,221 @@
+"""Tensor-parallel runs: one dump per rank, merged by compare before it compares.
+
+The real test runs a tensor-parallel Llama (tests/engines/tp_llama.py) under torch.distributed
+with the gloo backend, 2 processes on CPU, against transformers at TP=1. The rules themselves
+(row against a bad replica, what cannot be told, a mapping file's rule) are checked on dumps
+written rank by rank in one process.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import lockstep
+from engines import tp_llama
+from lockstep.align.mapping import load_mapping
+from lockstep.store.ranks import MANIFEST_FILE, manifest, rank_dir
+from lockstep.workflows.capture import capture
+from models import save_tiny
+from test_coverage_verdict import cli
+
+PROMPT = [3, 17, 42, 7, 99, 5, 64, 11, 200]
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def tp(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """transformers' dump of a tiny Llama, and 2-rank recordings of the TP engine: bug-free
+    and with rank 1 loading the wrong shard of q_proj (one spawn of 2 gloo processes)."""
+    root = tmp_path_factory.mktemp("tp")
+    model = save_tiny("llama", root / "llama")
+    ref = root / "ref"
+    tokens = capture(f"hf:{model}", str(ref), tokens=PROMPT, decode=1)
+    out = {"ref": ref, "good": root / "good", "bug": root / "bug"}
+    tp_llama.run(model, [(out["good"], None), (out["bug"], "shard_offset")], PROMPT,
+                 tokens[:1])
+    return out
+
+
+def flat(text: str) -> str:
+    """The terminal report's words, without its panel borders and line wrapping."""
+    return " ".join(text.replace("│", " ").split())
+
+
+def test_each_rank_writes_its_own_complete_dump(tp):
+    assert json.loads((tp["good"] / MANIFEST_FILE).read_text())["world_size"] == 2
+    for rank in (0, 1):
+        with lockstep.open_dump(rank_dir(tp["good"], rank)) as d:
+            assert d.complete and (d.meta["rank"], d.meta["world_size"]) == (rank, 2)
+            q = d.get(0, "model.layers.0.self_attn.q_proj")
+            assert q is not None and q.shape == (1, 9, 64)  # this rank's half of the heads
+            probed = d.get(0, "model.layers.0.self_attn.o_proj:input.0")
+            assert probed is not None and probed.extra["shard"] == ["col", -1]
+
+
+def test_bug_free_tp_matches_transformers_and_says_how_ranks_merged(tp, tmp_path):
+    c = lockstep.compare(tp["ref"], tp["good"])
+    assert c.verdict == "match", (c.first_divergence, c.coverage)
+    assert c.ranks is not None
+    (side,) = c.ranks.sides
+    assert side.side == "candidate" and side.world_size == 2 and not side.undecided
+    rules = {(m.name, m.step): (m.rule, m.how) for m in side.merges}
+    assert rules[("model.layers.0.self_attn.q_proj", 0)] == ("col", "detected")
+    assert rules[("model.layers.1.mlp.act_fn", 1)] == ("col", "detected")
+    assert rules[("model.layers.0.self_attn.o_proj:input.0", 0)] == ("col", "annotated")
+    assert rules[("model.layers.0.self_attn.o_proj", 0)] == ("row", "detected")
+    assert rules[("model.layers.1.mlp.down_proj", 1)] == ("row", "detected")
+    assert rules[("model.layers.0.self_attn:0", 0)] == ("replicated", "detected")
+    assert rules[(":logits", 0)] == ("replicated", "detected")
+    merged = {p.ref_name: p for p in c.results if p.step == 0}
+    assert merged["model.layers.0.self_attn.q_proj"].cand_shape == (1, 9, 128)
+    assert merged["model.layers.0.self_attn.o_proj"].error < 1e-5  # the two partial sums
+    proc = cli("compare", str(tp["ref"]), str(tp["good"]), "--json", str(tmp_path / "r.json"))
+    assert proc.returncode == 0, proc.stderr
+    text = flat(proc.stdout)
+    assert "the candidate has 2 ranks, merged per record:" in text
+    assert "row (detected)" in text and "col (annotated)" in text
+    report = json.loads((tmp_path / "r.json").read_text())
+    merges = report["ranks"]["sides"][0]["merges"]
+    assert {"name": "model.layers.0.self_attn.o_proj", "step": 0, "rule": "row",
+            "how": "detected"}.items() <= next(
+        m for m in merges if (m["name"], m["step"]) == ("model.layers.0.self_attn.o_proj", 0)
+    ).items()
+
+
+def test_a_wrong_shard_offset_on_rank_1_diverges_there_and_names_rank_1(tp, tmp_path):
+    c = lockstep.compare(tp["ref"], tp["bug"])
+    assert c.verdict == "diverged"
+    assert c.first_divergence is not None
+    assert (c.first_divergence.step, c.first_divergence.ref_name) == \
+        (0, "model.layers.0.self_attn.q_proj")
+    assert c.ranks is not None and c.ranks.blamed == (1,)
+    errors = dict(c.ranks.shard_errors)
+    assert errors[0] < 1e-5 < 0.1 < errors[1]  # rank 0's half is right
+    proc = cli("compare", str(tp["ref"]), str(tp["bug"]), "--json", str(tmp_path / "r.json"))
+    assert proc.returncode == 1, proc.stderr
+    assert "the error lies in the shard of candidate rank 1 (indices 64-127 of dim 2" in \
+        flat(proc.stdout)
+    assert json.loads((tmp_path / "r.json").read_text())["ranks"]["blamed_ranks"] == [1]
+
+
+def test_a_missing_rank_dump_is_a_one_line_error(tp, tmp_path):
+    cand = tmp_path / "cand"
+    shutil.copytree(tp["good"], cand)
+    shutil.rmtree(cand / "rank1")
+    proc = cli("compare", str(tp["ref"]), str(cand))
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("lockstep: error: ") and proc.stderr.count("\n") == 1
+    assert "rank 1 of 2 wrote no dump" in proc.stderr
+
+
+def test_a_rank_dump_cut_short_is_incomplete_never_match(tp, tmp_path):
+    cand = tmp_path / "cand"
+    shutil.copytree(tp["good"], cand)
+    index = cand / "rank1" / "index.jsonl"
+    data = index.read_bytes()
+    index.write_bytes(data[:len(data) // 2])  # the writer killed halfway: a torn index
+    c = lockstep.compare(tp["ref"], cand)
+    assert c.verdict == "incomplete"
+    assert c.coverage is not None and any(g.what == "ranks" for g in c.coverage.gaps)
+    assert c.ranks is not None and c.ranks.sides[0].undecided
+    assert "rank 1 has no record of it" in c.ranks.sides[0].undecided[0].why
+    assert cli("compare", str(tp["ref"]), str(cand)).returncode == 3
+
+
+# -- the rules on dumps written rank by rank -------------------------------------------------
+
+X = np.linspace(-1.0, 1.0, 48, dtype=np.float32).reshape(6, 8)
+
+
+def ranked(path: Path, per_rank: list[dict[str, np.ndarray]]) -> Path:
+    """A multi-rank recording written as torch.distributed ranks would, one dump each."""
+    path.mkdir()
+    (path / MANIFEST_FILE).write_text(json.dumps(manifest(len(per_rank))))
+    for rank, records in enumerate(per_rank):
+        meta = {"rank": rank, "world_size": len(per_rank)}
+        with lockstep.record(rank_dir(path, rank), meta=meta) as rec:
+            for name, arr in records.items():
+                rec.capture(name, arr)
+    return path
+
+
+def single(path: Path, records: dict[str, np.ndarray]) -> Path:
+    with lockstep.record(path) as rec:
+        for name, arr in records.items():
+            rec.capture(name, arr)
+    return path
+
+
+def test_a_replica_that_differs_is_compared_and_named(tmp_path):
+    ref = single(tmp_path / "ref", {"h": X, "o": X * 2})
+    bad = X.copy()
+    bad[0, 0] += 0.5
+    cand = ranked(tmp_path / "cand", [{"h": X, "o": X * 2}, {"h": bad, "o": X * 2}])
+    c = lockstep.compare(ref, cand)
+    assert c.verdict == "diverged" and c.first_divergence is not None
+    assert c.first_divergence.ref_name == "h"  # rank 1's replica, not rank 0's good one
+    assert c.ranks is not None
+    (finding,) = c.ranks.sides[0].replica_findings
+    assert finding.name == "h" and [r for r, _ in finding.differs] == [1]
+    assert finding.compared_rank == 1
+    assert any("differs across the candidate's ranks: rank 1" in line
+               for line in c.ranks.lines())
+
+
+def test_partial_sums_are_told_from_replicas_by_the_reference(tmp_path):
+    rng = np.random.default_rng(0)
+    part = rng.standard_normal(X.shape).astype(np.float32)
+    ref = single(tmp_path / "ref", {"o": X})
+    cand = ranked(tmp_path / "cand", [{"o": part}, {"o": X - part}])
+    c = lockstep.compare(ref, cand)
+    assert c.verdict == "match"
+    assert c.ranks is not None and c.ranks.sides[0].merges[0].rule == "row"
+
+
+def test_what_cannot_be_told_is_uncompared_and_incomplete(tmp_path):
+    ref = single(tmp_path / "ref", {"h": X})
+    other = X[::-1].copy()
+    # "p": ranks differ and the reference has no record of that name to tell row from col
+    cand = ranked(tmp_path / "cand", [{"h": X, "p": X}, {"h": X, "p": other}])
+    c = lockstep.compare(ref, cand)
+    assert c.verdict == "incomplete"
+    assert c.ranks is not None
+    (undecided,) = c.ranks.sides[0].undecided
+    assert undecided.name == "p" and "annotate it" in undecided.why
+    # a mapping file's [shard] rule decides it: partial sums
+    mapping = tmp_path / "map.toml"
+    mapping.write_text('[shard]\n"p" = "row"\n')
+    c = lockstep.compare(ref, cand, mapping=load_mapping(mapping))
+    assert c.verdict == "match"
+    merge = c.ranks.sides[0].find(0, "p", 0) if c.ranks else None
+    assert merge is not None and (merge.rule, merge.how) == ("row", "mapping")
+
+
+def probed(path: Path, parts: tuple[np.ndarray, ...]) -> Path:
+    """Each rank probes its part as ``q`` with a column-parallel annotation."""
+    path.mkdir()
+    (path / MANIFEST_FILE).write_text(json.dumps(manifest(len(parts))))
+    for rank, part in enumerate(parts):
+        with lockstep.record(rank_dir(path, rank), meta={"rank": rank, "world_size": 2}):
+            lockstep.probe("q", part, shard=("col", -1))
+    return path
+
+
+def test_an_annotation_that_does_not_fit_the_shapes_is_undecided(tmp_path):
+    ref = single(tmp_path / "ref", {"q": X})
+    # rank 1's shard is short of rows
+    c = lockstep.compare(ref, probed(tmp_path / "cand", (X[:, :4], X[:3, 4:])))
+    assert c.verdict == "incomplete"
+    assert c.ranks is not None
+    (undecided,) = c.ranks.sides[0].undecided
+    assert undecided.how == "annotated" and "do not concatenate" in undecided.why
+    # the same shards that do fit: concatenated on the annotated dim, and matched
+    c = lockstep.compare(ref, probed(tmp_path / "cand2", (X[:, :4], X[:, 4:])))
+    assert c.verdict == "match"
+    assert c.ranks is not None and c.ranks.sides[0].merges[0].bounds == (0, 4, 8)
