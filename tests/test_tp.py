@@ -112,6 +112,21 @@ def test_a_missing_rank_dump_is_a_one_line_error(tp, tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.startswith("lockstep: error: ") and proc.stderr.count("\n") == 1
     assert "rank 1 of 2 wrote no dump" in proc.stderr
+    # a command that reads one dump says what the directory is and where a rank's dump is
+    proc = cli("show", str(tp["good"]))
+    assert proc.returncode == 2 and "a multi-rank recording" in proc.stderr
+    assert str(tp["good"] / "rank0") in proc.stderr
+
+
+@pytest.mark.parametrize("text", ['{"format": "lockstep-ranks", "world_size": "2"}',
+                                  '{"format": "lockstep-ranks", "world_size": 1e9}', "[2]",
+                                  "not json"])
+def test_a_hostile_ranks_manifest_is_a_dump_error(tmp_path, text):
+    ref = single(tmp_path / "ref", {"h": X})
+    cand = ranked(tmp_path / "cand", [{"h": X}, {"h": X}])
+    (cand / MANIFEST_FILE).write_text(text)
+    with pytest.raises(lockstep.DumpError, match="ranks manifest"):
+        lockstep.compare(ref, cand)
 
 
 def test_a_rank_dump_cut_short_is_incomplete_never_match(tp, tmp_path):

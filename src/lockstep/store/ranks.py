@@ -13,29 +13,11 @@ from pathlib import Path
 
 from ..errors import DumpError
 from ..jsontext import JSONTextError, loads
+from .rank_paths import MANIFEST_FILE, MANIFEST_FORMAT, MAX_RANKS, is_ranked, manifest, rank_dir
 from .reader import Dump, open_dump
 
 __all__ = ["MANIFEST_FILE", "MANIFEST_FORMAT", "rank_dir", "is_ranked", "manifest",
            "open_ranks"]
-
-MANIFEST_FILE = "ranks.json"
-MANIFEST_FORMAT = "lockstep-ranks"
-_MAX_RANKS = 4096
-
-
-def rank_dir(path: str | os.PathLike[str], rank: int) -> Path:
-    """Where rank ``rank`` of a multi-rank recording at ``path`` writes its dump."""
-    return Path(path) / f"rank{rank}"
-
-
-def is_ranked(path: str | os.PathLike[str]) -> bool:
-    """Whether ``path`` is a multi-rank recording (it holds a ranks manifest)."""
-    return (Path(path) / MANIFEST_FILE).is_file()
-
-
-def manifest(world_size: int) -> dict[str, object]:
-    """The manifest of a recording of ``world_size`` ranks."""
-    return {"format": MANIFEST_FORMAT, "version": 1, "world_size": world_size}
 
 
 def _world_size(path: Path) -> int:
@@ -46,10 +28,10 @@ def _world_size(path: Path) -> int:
         raise DumpError(file, f"cannot read the ranks manifest: {exc}") from None
     size = obj.get("world_size") if isinstance(obj, dict) else None
     if not isinstance(obj, dict) or obj.get("format") != MANIFEST_FORMAT or \
-            type(size) is not int or not 1 <= size <= _MAX_RANKS:
+            type(size) is not int or not 1 <= size <= MAX_RANKS:
         raise DumpError(file, "not a lockstep ranks manifest (it needs \"format\": "
                         f"\"{MANIFEST_FORMAT}\" and an integer \"world_size\" from 1 to "
-                        f"{_MAX_RANKS})")
+                        f"{MAX_RANKS})")
     return size
 
 

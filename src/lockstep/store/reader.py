@@ -18,6 +18,7 @@ import numpy as np
 from ..errors import DumpError
 from ..jsontext import JSONTextError, loads
 from .dtypes import lookup, to_float
+from .rank_paths import is_ranked
 from .shapes import shape_problem
 from .stats import array_stats
 from .writer import DATA_FILE, FORMAT_NAME, FORMAT_VERSION, INDEX_FILE
@@ -251,6 +252,10 @@ def open_dump(path: str | os.PathLike[str]) -> Dump:
     if not path.exists():
         raise DumpError(path, "no such dump (the directory does not exist)")
     if not index_path.exists() and not index_path.is_symlink():
+        if is_ranked(path):
+            raise DumpError(path, "a multi-rank recording (one dump per rank): compare "
+                            "merges its ranks; for anything else open one rank's dump, "
+                            f"{path / 'rank0'}")
         raise DumpError(path, f"not a lockstep dump: {INDEX_FILE} is missing")
     data_path = path / DATA_FILE
     for file in (index_path, data_path):
