@@ -231,6 +231,12 @@ def test_an_annotation_that_does_not_fit_the_shapes_is_undecided(tmp_path):
     (undecided,) = c.ranks.sides[0].undecided
     assert undecided.how == "annotated" and "do not concatenate" in undecided.why
     # the same shards that do fit: concatenated on the annotated dim, and matched
-    c = lockstep.compare(ref, probed(tmp_path / "cand2", (X[:, :4], X[:, 4:])))
+    cand2 = probed(tmp_path / "cand2", (X[:, :4], X[:, 4:]))
+    c = lockstep.compare(ref, cand2)
     assert c.verdict == "match"
     assert c.ranks is not None and c.ranks.sides[0].merges[0].bounds == (0, 4, 8)
+    # both sides multi-rank: each merged by its annotations
+    c = lockstep.compare(probed(tmp_path / "ref3", (X[:, :2], X[:, 2:])), cand2)
+    assert c.verdict == "match" and c.ranks is not None
+    assert [(s.side, s.merges[0].bounds) for s in c.ranks.sides] == \
+        [("reference", (0, 2, 8)), ("candidate", (0, 4, 8))]

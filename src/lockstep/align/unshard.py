@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from ..display import safe
-from ..store.dtypes import FLOAT_KINDS, lookup
+from ..store.dtypes import lookup
 from ..store.ranks import is_ranked, open_ranks
 from ..store.reader import Dump, Record, open_dump
 from .layouts import relative_error
@@ -38,6 +38,7 @@ __all__ = ["Merge", "RankMerge", "MergedDump", "open_side", "merge_ranks", "shar
 RULES = ("col", "row", "replicated")
 _FIT = 1e-3  # a sum or a replica this close to the other side's record fits it outright
 _NEARER = 0.5  # else one fit must be at most half the other's error to be taken
+_WIDE = ("float64", "int64", "uint64", "int32", "uint32")  # read as float64 (to_float)
 
 
 @dataclass(frozen=True)
@@ -154,10 +155,6 @@ def open_side(source: Dump | str | os.PathLike[str]) -> Dump | list[Dump]:
     return open_ranks(source) if is_ranked(source) else open_dump(source)
 
 
-def _read(dump: Dump, rec: Record) -> np.ndarray:
-    return dump.read(rec)
-
-
 def _col_dim(shapes: list[tuple[int, ...]], target: tuple[int, ...] | None) -> int | None:
     """The one dimension along which the ranks' shapes concatenate to ``target``."""
     if target is None or any(len(s) != len(target) for s in shapes):
@@ -175,14 +172,19 @@ def _bounds(shapes: list[tuple[int, ...]], dim: int) -> tuple[int, ...]:
     return tuple(edges)
 
 
+def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    """Bitwise equal (a NaN equals the same NaN; -0.0 differs from 0.0)."""
+    return a.shape == b.shape and a.dtype == b.dtype and \
+        np.array_equal(a.reshape(-1).view(np.uint8), b.reshape(-1).view(np.uint8))
+
+
 def _replica_gaps(ranks: Sequence[Dump], recs: list[Record]) -> tuple[tuple[int, float], ...]:
     """(rank, relative difference from rank 0) of each replica not bitwise equal to rank 0's."""
     base = ranks[0].raw(recs[0])
     out = []
     for k in range(1, len(recs)):
-        other = ranks[k].raw(recs[k])
-        if not np.array_equal(base, other):
-            out.append((k, relative_error(_read(ranks[0], recs[0]), _read(ranks[k], recs[k]))))
+        if not _same_bits(base, ranks[k].raw(recs[k])):
+            out.append((k, relative_error(ranks[0].read(recs[0]), ranks[k].read(recs[k]))))
     return tuple(out)
 
 
@@ -240,18 +242,21 @@ def _decide(ranks: Sequence[Dump], recs: list[Record], other: Dump | None,
                        "to the other side's record" if target else
                        f"the ranks' shapes {shapes} differ and the other side has no record "
                        "of this name to fit")
-    if all(np.array_equal(ranks[0].raw(recs[0]), ranks[k].raw(recs[k]))
+    if all(_same_bits(ranks[0].raw(recs[0]), ranks[k].raw(recs[k]))
            for k in range(1, len(recs))):
         return replace(base, rule="replicated", why="every rank holds the same values")
     if counterpart is None or other is None or not counterpart.has_data or target != shapes[0]:
         return replace(base, why="the ranks differ and the other side has no record of the "
                        "same shape to tell partial sums from replicas: annotate it "
                        "(probe(name, t, shard=...)) or give it the reference's name")
-    ref = _read(other, counterpart)
-    parts = [_read(d, r) for d, r in zip(ranks, recs)]
-    total = np.sum(np.stack([p.astype(np.float64) for p in parts]), axis=0)
+    ref = other.read(counterpart)
+    total = np.zeros(ref.shape, dtype=np.float64)
+    errs = []
+    for dump, r in zip(ranks, recs):
+        part = dump.read(r)
+        total += part
+        errs.append(relative_error(ref, part))
     err_sum = relative_error(ref, total)
-    errs = [relative_error(ref, p) for p in parts]
     err_one = min((e for e in errs if not math.isnan(e)), default=math.nan)
     other.release(counterpart)
     if err_sum <= _FIT or err_sum <= err_one * _NEARER:  # (nan compares False)
@@ -274,8 +279,8 @@ def _replicated(base: Merge, ranks: Sequence[Dump], recs: list[Record], other: D
     if differs and other is not None and counterpart is not None and counterpart.has_data \
             and counterpart.shape == recs[0].shape:
         if errs is None:
-            ref = _read(other, counterpart)
-            errs = [relative_error(ref, _read(d, r)) for d, r in zip(ranks, recs)]
+            ref = other.read(counterpart)
+            errs = [relative_error(ref, d.read(r)) for d, r in zip(ranks, recs)]
             other.release(counterpart)
         compared = max(range(len(errs)), key=lambda k: -1.0 if math.isnan(errs[k])
                        else errs[k])
@@ -310,9 +315,11 @@ def merge_ranks(ranks: Sequence[Dump], side: str, other: Dump | None = None,
         recs = [k.get(r0.key) for k in keyed]
         missing = [i for i, r in enumerate(recs) if r is None]
         if missing:
+            who = f"rank {missing[0]} has" if len(missing) == 1 else \
+                f"ranks {', '.join(map(str, missing))} have"
             merges.append(Merge(r0.step, r0.name, r0.call, None, "detected",
-                                why=f"rank {', '.join(map(str, missing))} has no record of it "
-                                "(its dump is missing or cut short)"))
+                                why=f"{who} no record of it (its dump is missing or cut "
+                                "short)"))
             continue
         present = [r for r in recs if r is not None]
         ruled = mapping.shard(r0.name) if mapping is not None else None
@@ -326,8 +333,8 @@ def merge_ranks(ranks: Sequence[Dump], side: str, other: Dump | None = None,
         dtype = r0.dtype
         if merge.rule == "col":
             shape[merge.dim] = merge.bounds[-1]
-        if merge.rule == "row" and dtype in FLOAT_KINDS and dtype != "float64":
-            dtype = "float32"  # the sum is taken in float32
+        if merge.rule == "row":  # summed in float, as to_float reads the dtype
+            dtype = "float64" if dtype in _WIDE else "float32"
         extra = {k: v for k, v in r0.extra.items() if k not in ("rank", "shard")}
         extra["unshard"] = merge.rule
         numel = math.prod(shape)
