@@ -101,7 +101,10 @@ def test_a_wrong_shard_offset_on_rank_1_diverges_there_and_names_rank_1(tp, tmp_
     assert proc.returncode == 1, proc.stderr
     assert "the error lies in the shard of candidate rank 1 (indices 64-127 of dim 2" in \
         flat(proc.stdout)
-    assert json.loads((tmp_path / "r.json").read_text())["ranks"]["blamed_ranks"] == [1]
+    ranks = json.loads((tmp_path / "r.json").read_text())["ranks"]
+    assert ranks["blamed_ranks"] == [1]
+    assert ranks["merged_as"].startswith("the first divergence, model.layers.0.self_attn.q_proj@0,"
+                                         " is the candidate's 2 ranks merged as col (detected")
 
 
 def test_a_missing_rank_dump_is_a_one_line_error(tp, tmp_path):
@@ -179,6 +182,8 @@ def test_a_replica_that_differs_is_compared_and_named(tmp_path):
     (finding,) = c.ranks.sides[0].replica_findings
     assert finding.name == "h" and [r for r, _ in finding.differs] == [1]
     assert finding.compared_rank == 1
+    assert c.ranks.merged_as is not None and \
+        "h@0, is the candidate's 2 ranks merged as replicated (detected" in c.ranks.merged_as
     assert any("differs across the candidate's ranks: rank 1" in line
                for line in c.ranks.lines())
 

@@ -9,10 +9,9 @@ import os
 from dataclasses import dataclass, replace
 from typing import Any
 
-from ..align.transforms import apply_transform
-from ..align.unshard import Merge, MergedDump, RankMerge, merge_ranks, open_side, shard_blame
+from ..align.unshard import Merge, RankMerge, merge_ranks, open_side, shard_blame
 from ..display import safe
-from ..store.reader import Dump
+from ..store.reader import Dump, Record
 from .coverage import Gap
 
 __all__ = ["RankReport", "open_sides", "with_ranks"]
@@ -29,6 +28,7 @@ class RankReport:
     shard_errors: tuple[tuple[int, float], ...] = ()
     blamed: tuple[int, ...] = ()  #: the ranks whose shard holds the error
     blame: str | None = None  #: the same, in words
+    merged_as: str | None = None  #: how the first divergence's record was merged, in words
 
     def lines(self) -> list[str]:
         """What the terminal report prints."""
@@ -38,15 +38,15 @@ class RankReport:
                 gaps = ", ".join(f"rank {r} (relative difference {e:.2g})" for r, e in m.differs)
                 out.append(f"replicated {safe(m.name or '(root)')}@{m.step} differs across "
                            f"the {s.side}'s ranks: {gaps} from rank 0")
-        if self.blame:
-            out.append(self.blame)
+        out += [line for line in (self.merged_as, self.blame) if line]
         return out
 
     def as_dict(self) -> dict[str, Any]:
         return {"sides": [s.as_dict() for s in self.sides],
                 "shard_errors": [{"rank": r, "error": e if math.isfinite(e) else str(e)}
                                  for r, e in self.shard_errors],
-                "blamed_ranks": list(self.blamed), "blame": self.blame}
+                "blamed_ranks": list(self.blamed), "blame": self.blame,
+                "merged_as": self.merged_as}
 
 
 def open_sides(reference: Dump | str | os.PathLike[str],
@@ -107,23 +107,33 @@ def with_ranks(c: Any, sides: tuple[RankMerge, ...], ref: Dump, cand: Dump) -> A
     return replace(c, ranks=report)
 
 
+def _by_seq(dump: Dump, seq: int) -> Record | None:
+    return next((r for r in dump.records if r.seq == seq), None)
+
+
 def _blame(report: RankReport, p: Any, ref: Dump, cand: Dump) -> RankReport:
+    """Say how the first divergence's record was merged; when column-parallel, measure each
+    rank's slice (records found by seq: the candidate's steps may have been renumbered)."""
+    r_rec, c_rec = _by_seq(ref, p.ref_seq), _by_seq(cand, p.cand_seq)
+    if r_rec is None or c_rec is None:
+        return report
     for side in report.sides:
-        dump = cand if side.side == "candidate" else ref
-        name = p.cand_name if side.side == "candidate" else p.ref_name
-        merge = side.find(p.step, name, p.call)
-        if merge is None or merge.rule != "col" or not isinstance(dump, MergedDump):
+        rec = c_rec if side.side == "candidate" else r_rec
+        merge = side.find(rec.step, rec.name, rec.call)
+        if merge is None or merge.rule is None:
             continue
-        r_rec, c_rec = ref.get(p.step, p.ref_name, p.call), cand.get(p.step, p.cand_name, p.call)
-        if r_rec is None or c_rec is None:
+        why = f": {merge.why}" if merge.why else ""
+        report = replace(report, merged_as=f"the first divergence, {safe(rec.name or '(root)')}"
+                         f"@{rec.step}, is the {side.side}'s {side.world_size} ranks merged as "
+                         f"{merge.rule} ({merge.how}{why})")
+        if merge.rule != "col":
             continue
-        errors = shard_blame(merge, apply_transform(None, ref.read(r_rec), ref.meta),
-                             cand.read(c_rec))
+        errors = shard_blame(merge, ref.read(r_rec), cand.read(c_rec))
         ref.release(r_rec)
         cand.release(c_rec)
-        if errors is None:
-            continue
-        return replace(report, shard_errors=errors, **_blamed(merge, errors, p.tol, side.side))
+        if errors is not None:
+            return replace(report, shard_errors=errors,
+                           **_blamed(merge, errors, p.tol, side.side))
     return report
 
 
