@@ -245,3 +245,17 @@ def test_an_annotation_that_does_not_fit_the_shapes_is_undecided(tmp_path):
     assert c.verdict == "match" and c.ranks is not None
     assert [(s.side, s.merges[0].bounds) for s in c.ranks.sides] == \
         [("reference", (0, 2, 8)), ("candidate", (0, 4, 8))]
+
+
+def test_recording_mistakes_are_usage_errors(tmp_path):
+    from lockstep.capture.ranks import rank_path
+    from lockstep.errors import UsageError
+
+    plain = single(tmp_path / "plain", {"h": X})
+    with pytest.raises(UsageError, match="holds a single-process dump"):
+        rank_path(plain, 0, 2)
+    with lockstep.record(tmp_path / "d"):
+        with pytest.raises(UsageError, match="shard must be"):
+            lockstep.probe("q", X, shard=("diagonal", 0))
+    assert rank_path(tmp_path / "new", 0, 2) == tmp_path / "new" / "rank0"
+    assert json.loads((tmp_path / "new" / MANIFEST_FILE).read_text())["world_size"] == 2

@@ -27,13 +27,13 @@ def distributed_rank() -> tuple[int, int] | None:
     return (int(dist.get_rank()), size) if size > 1 else None
 
 
-def rank_path(path: str | os.PathLike[str], rank: int, world_size: int, *,
-              overwrite: bool = False) -> Path:
-    """The dump directory of ``rank`` under ``path``; rank 0 writes the manifest."""
+def rank_path(path: str | os.PathLike[str], rank: int, world_size: int) -> Path:
+    """The dump directory of ``rank`` under ``path``; rank 0 writes the manifest.
+    (``record(overwrite=True)`` applies to each rank's own dump.)"""
     root = Path(path)
-    if (root / INDEX_FILE).exists() and not overwrite:
+    if (root / INDEX_FILE).exists():  # also with overwrite: its files are not a rank's
         raise UsageError(f"{root} holds a single-process dump; a tensor-parallel run writes "
-                         "one dump per rank under its path: choose another path")
+                         "one dump per rank under its path: choose another path or remove it")
     if rank == 0:
         try:
             root.mkdir(parents=True, exist_ok=True)

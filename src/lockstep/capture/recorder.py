@@ -396,7 +396,7 @@ def record(path: str | os.PathLike[str], *, meta: dict[str, Any] | None = None,
         raise UsageError(f"already recording to {_ACTIVE.path}; recordings cannot be nested")
     ranked = distributed_rank()  # in a torch.distributed run: one dump per rank
     if ranked is not None:
-        path = rank_path(path, *ranked, overwrite=overwrite)
+        path = rank_path(path, *ranked)
         meta = {**(meta or {}), "rank": ranked[0], "world_size": ranked[1]}
     rec = Recorder(path, meta=meta, data=data, include=include, exclude=exclude,
                    overwrite=overwrite, stats=stats, layers=layers)
