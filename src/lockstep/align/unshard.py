@@ -143,6 +143,10 @@ class MergedDump(Dump):
         for d, r in zip(self.ranks, self._parts[record.seq][1]):
             d.release(r)
 
+    def trim(self) -> None:
+        for d in self.ranks:
+            d.trim()
+
     def close(self) -> None:
         for d in self.ranks:
             d.close()

@@ -20,8 +20,8 @@ from ..display import safe
 from ..errors import UsageError
 from ..store.sizing import SIZES, SizingWriter
 from ..store.writer import DumpWriter, check_name
-from .selection import Selection
 from .ranks import distributed_rank, rank_path, shard_field
+from .selection import Selection
 from .sink import Sink
 from .surface import Step
 from .tensors import Unrecordable, leaves, to_host

@@ -28,9 +28,9 @@ from .diagnosis.run import diagnose_safely
 from .diagnosis.sampling import sampling_diagnosis
 from .metrics import ShapeMismatch, TensorMetrics, tensor_metrics
 from .pair_result import PairResult, decide, inherited_errors
+from .ranks import RankReport, open_sides, with_ranks
 from .statistics import NOTE as STATS_NOTE
 from .statistics import by_statistics, stats_error
-from .ranks import RankReport, open_sides, with_ranks
 from .token_check import TokenCheck
 from .tokens import check_tokens
 from .tolerance import Tolerance, Tolerances
