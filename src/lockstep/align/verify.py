@@ -53,7 +53,11 @@ def pair_error(ref: Dump, cand: Dump, r: Record, c: Record, ref_transform: str |
         b = apply_transform(cand_transform, read(cand, c), merged_meta(ref, cand))
     except Exception:  # a transform that does not fit this pair
         return math.nan
-    return relative_error(a, b)
+    try:
+        return relative_error(a, b)
+    finally:  # sampled: the pages need not stay in this process (a huge logits tensor)
+        ref.release(r)
+        cand.release(c)
 
 
 def merged_meta(ref: Dump, cand: Dump) -> Mapping[str, object]:
