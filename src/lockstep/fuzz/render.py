@@ -76,7 +76,9 @@ class FuzzReport(Report):
         yield Text(f"{r.failing} failing input(s), shrunk to {len(r.findings)} minimal "
                    f"input(s) in {len(r.groups)} group(s)", style="bold red")
         for group in r.groups:
-            table = Table(title=Text(f"first divergence: {group.name}"), title_justify="left",
+            title = group.name if group.name.startswith("crash") else \
+                f"first divergence: {group.name}"
+            table = Table(title=Text(title), title_justify="left",
                           show_lines=False)
             table.add_column("minimal input")
             table.add_column("fails")
