@@ -64,7 +64,7 @@ class FuzzReport(Report):
         space = r.space
         yield Text.assemble("reference  ", Text(r.reference), "\ncandidate  ", Text(r.candidate))
         yield Text(f"{r.tried} inputs tried (budget {r.budget}, seed {r.seed}), {r.checks} "
-                   f"checks with shrinking, {r.seconds:.1f} s; lengths up to "
+                   f"checks (shrinking included), {r.seconds:.1f} s; lengths up to "
                    f"{space.max_length} (context {space.context or 'unknown'}, KV block "
                    f"{space.block or 'unknown'}); a step over KL {fmt(r.kl_limit)} fails")
         if r.rejected:
