@@ -6,10 +6,10 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..engines.registry import kinds_epilog, kinds_with, spec_help, takes
+from ..engines.registry import kinds_epilog, spec_help
 from ..errors import UsageError
 from . import output
-from .options import add_report_files, engine_options, int_list
+from .options import add_report_files, add_side_options, int_list, side_options
 
 __all__ = ["register", "run"]
 
@@ -39,17 +39,7 @@ def register(sub: Any) -> None:
                    help="greedy tokens per prompt (default 16)")
     g.add_argument("--chat", action="store_true",
                    help="apply the reference tokenizer's chat template to text prompts")
-    g.add_argument("--ref-dtype", metavar="DTYPE",
-                   help=f"dtype of an {kinds_with('dtype')} reference: float32 (default), "
-                        "bfloat16, ...")
-    g.add_argument("--cand-dtype", metavar="DTYPE",
-                   help=f"dtype of an {kinds_with('dtype')} candidate: float32 (default), "
-                        "bfloat16, ...")
-    g.add_argument("--ref-opt", action="append", default=[], metavar="KEY=VALUE",
-                   help="an engine option for the reference (repeatable)")
-    g.add_argument("--cand-opt", action="append", default=[], metavar="KEY=VALUE",
-                   help="an engine option for the candidate, e.g. bug=wrong_kv_slot for zoo: "
-                        "(repeatable)")
+    add_side_options(g)
     g.add_argument("--top-k", type=int, default=5, metavar="K",
                    help="top-k for overlap and closeness (default 5)")
     g.add_argument("--near-tie", type=float, default=NEAR_TIE, metavar="X",
@@ -69,14 +59,6 @@ def register(sub: Any) -> None:
     g.add_argument("--rows", type=int, default=12, metavar="N",
                    help="rows of each detail table and of the tensor comparison (default 12)")
     g.set_defaults(handler=run)
-
-
-def _options(spec: str, dtype: str | None) -> dict[str, Any]:
-    """float32 for an engine that takes a dtype and was given none; a dtype given to one
-    that takes none is passed on, so that opening it says so."""
-    if takes(spec, "dtype"):
-        return {"dtype": dtype or "float32"}
-    return {"dtype": dtype} if dtype else {}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -102,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
         prompts = [Prompt(text=args.prompt, chat=args.chat)]
     else:
         prompts = load_prompts(args.prompts, chat=args.chat)
+    ref_options, cand_options = side_options(args)
     err = output.stderr()
     announce = (lambda m: err.print(m, highlight=False)) if err.is_terminal else output.say
     with output.progress(TextColumn("decoding"), BarColumn(), MofNCompleteColumn(),
@@ -112,10 +95,7 @@ def run(args: argparse.Namespace) -> int:
             top_k=args.top_k, near_tie=args.near_tie, max_kl=args.max_kl,
             localize=not args.no_localize,
             out=args.out,
-            ref_options={**_options(args.reference, args.ref_dtype),
-                         **engine_options("", "", args.ref_opt)},
-            cand_options={**_options(args.candidate, args.cand_dtype),
-                          **engine_options("", "", args.cand_opt)},
+            ref_options=ref_options, cand_options=cand_options,
             progress=lambda done, total: progress.update(task, completed=done, total=total),
             announce=announce, mapping=mapping)
     output.show(GenerationReport(result, rows=args.rows), args)

@@ -9,7 +9,7 @@ from ..engines.registry import takes
 from ..errors import UsageError
 
 __all__ = ["engine_options", "int_list", "add_weight_mapping", "weight_rename",
-           "add_report_files"]
+           "add_report_files", "add_side_options", "side_options"]
 
 
 def engine_options(spec: str, dtype: str, opts: Sequence[str] = ()) -> dict[str, Any]:
@@ -88,3 +88,36 @@ def selection(args: Any) -> dict[str, Any]:
 
     return {"include": args.select, "exclude": args.exclude,
             "layers": None if args.layers is None else parse_layers(args.layers)}
+
+
+def add_side_options(parser: Any) -> None:
+    """``--ref-dtype``, ``--cand-dtype``, ``--ref-opt`` and ``--cand-opt`` for the commands
+    that open a reference and a candidate engine (generate, fuzz)."""
+    from ..engines.registry import kinds_with
+
+    for side, name in (("ref", "reference"), ("cand", "candidate")):
+        parser.add_argument(f"--{side}-dtype", metavar="DTYPE",
+                            help=f"dtype of an {kinds_with('dtype')} {name}: float32 "
+                                 "(default), bfloat16, ...")
+    parser.add_argument("--ref-opt", action="append", default=[], metavar="KEY=VALUE",
+                        help="an engine option for the reference (repeatable)")
+    parser.add_argument("--cand-opt", action="append", default=[], metavar="KEY=VALUE",
+                        help="an engine option for the candidate, e.g. bug=wrong_kv_slot "
+                             "for zoo: (repeatable)")
+
+
+def _dtype_option(spec: str, dtype: str | None) -> dict[str, Any]:
+    """float32 for an engine that takes a dtype and was given none; a dtype given to one
+    that takes none is passed on, so that opening it says so."""
+    if takes(spec, "dtype"):
+        return {"dtype": dtype or "float32"}
+    return {"dtype": dtype} if dtype else {}
+
+
+def side_options(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The reference's and the candidate's engine options from ``add_side_options``'s
+    flags."""
+    return ({**_dtype_option(args.reference, args.ref_dtype),
+             **engine_options("", "", args.ref_opt)},
+            {**_dtype_option(args.candidate, args.cand_dtype),
+             **engine_options("", "", args.cand_opt)})

@@ -189,6 +189,8 @@ class HFEngine(TransformersTokenizerEngine):
 
         if self.model is None:
             raise UsageError(f"{self.spec}: load() the engine before decoding")
+        if not prompt_ids:
+            raise UsageError(f"{self.spec}: the prompt has no tokens")
         ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=self.device)
         past = None
         # only the last position's logits, as transformers' generate() computes them

@@ -33,10 +33,10 @@ from .result import (
     analyze_prompt,
 )
 
-__all__ = ["check_generation"]
+__all__ = ["Clock", "check_generation", "run_prompt"]
 
 
-class _Clock:
+class Clock:
     """Seconds spent inside each engine's decode_logits."""
 
     def __init__(self) -> None:
@@ -75,8 +75,10 @@ def _texts(engine: Engine, ref: Sequence[int], cand: Sequence[int]) -> dict[str,
             "cand_plain": engine.detokenize(cand, skip_special=True)}
 
 
-def _run_prompt(index: int, prompt: Prompt, ids: list[int], ref: Engine, cand: Engine,
-                clock: _Clock, settings: Settings) -> PromptResult:
+def run_prompt(index: int, prompt: Prompt, ids: list[int], ref: Engine, cand: Engine,
+                clock: Clock, settings: Settings) -> PromptResult:
+    """One prompt's check on loaded engines: free-running, teacher-forced, and decode step 1
+    against the candidate's own prefill."""
     steps = settings.max_new_tokens
     ref_tokens, ref_logits = clock.decode(ref, ids, steps)
     cand_tokens, cand_logits = clock.decode(cand, ids, steps)
@@ -162,7 +164,7 @@ def check_generation(reference: str, candidate: str, prompts: Sequence[Prompt | 
     items = as_prompts(prompts)
     ref_options, cand_options = dict(ref_options or {}), dict(cand_options or {})
     start = time.perf_counter()
-    clock = _Clock()
+    clock = Clock()
     ref = open_engine(reference, **ref_options)
     cand = open_engine(candidate, **cand_options)
     results: list[PromptResult] = []
@@ -175,7 +177,7 @@ def check_generation(reference: str, candidate: str, prompts: Sequence[Prompt | 
         ids = [_prompt_ids(ref, p, i) for i, p in enumerate(items)]
         sides = Side(reference, ref.meta()), Side(candidate, cand.meta())
         for i, (prompt, prompt_ids) in enumerate(zip(items, ids)):
-            results.append(_run_prompt(i, prompt, prompt_ids, ref, cand, clock, settings))
+            results.append(run_prompt(i, prompt, prompt_ids, ref, cand, clock, settings))
             if progress is not None:
                 progress(i + 1, len(items))
     finally:

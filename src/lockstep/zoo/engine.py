@@ -18,6 +18,7 @@ import numpy as np
 from ..engines.tokenizer import TransformersTokenizerEngine
 from ..errors import UsageError
 from ..extras import require
+from .boundary_bugs import BLOCK_SIZE, BOUNDARY_BUGS
 from .bugs import get_bug
 
 if TYPE_CHECKING:
@@ -69,7 +70,8 @@ class ZooEngine(TransformersTokenizerEngine):
             raise UsageError(f"--dtype {dtype!r}: the zoo runs {', '.join(_DTYPES)}")
         if temperature < 0:
             raise UsageError(f"temperature {temperature} is negative; use 0 for greedy")
-        get_bug(bug)  # an unknown name fails here, before anything loads
+        if bug not in BOUNDARY_BUGS:
+            get_bug(bug)  # an unknown name fails here, before anything loads
         self.path = Path(path)
         self.source = self.path  # what the user named (a GGUF file is converted)
         self.bug = bug or None
@@ -78,7 +80,7 @@ class ZooEngine(TransformersTokenizerEngine):
         self.temperature = temperature
         self.seed = seed
         self.device = device
-        self.page_size = page_size
+        self.page_size = BLOCK_SIZE if bug == "kv_block_off_by_one" else page_size
         self.model: Transformer | None = None  #: the torch module, once loaded
         self.tokenizer: Any = None
 
@@ -112,7 +114,9 @@ class ZooEngine(TransformersTokenizerEngine):
         from .weights import build
 
         moe = config.get("model_type") in MOE_FAMILIES
-        get_bug(self.bug, config["model_type"] if moe else ModelArgs.from_config(config).family)
+        if self.bug not in BOUNDARY_BUGS:
+            get_bug(self.bug,
+                    config["model_type"] if moe else ModelArgs.from_config(config).family)
         self.model = (build_moe if moe else build)(
             config, tensors, bug=self.bug, dtype=getattr(torch, self.dtype),
             device=self.device, seed=self.seed, vm=self.vm)
@@ -135,6 +139,8 @@ class ZooEngine(TransformersTokenizerEngine):
 
         if self.model is None:
             raise UsageError(f"{self.spec}: load() the engine first")
+        if not prompt_ids and self.bug != "empty_prompt_crash":
+            raise UsageError(f"{self.spec}: the prompt has no tokens")
         if rec is not None:
             rec.watch(self.model, inputs=DERIVED_INPUTS)
             on_forward = partial(rec.capture, "input_ids", role="input")

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .boundary_bugs import ROPE_CACHE_POSITIONS
+
 __all__ = ["RMSNorm", "Rope", "FeedForward", "LMHead"]
 
 
@@ -76,6 +78,8 @@ class Rope(nn.Module):
             even = torch.arange(0, self.rotary_dim, 2, device=positions.device).float()
             turned = 1.0 / (self.theta ** (even / self.head_dim))
             inv_freq = torch.cat((turned, turned.new_zeros((self.head_dim - self.rotary_dim) // 2)))
+        if self.bug == "rope_cache_short":  # a cache of fewer rows than the context
+            positions = positions.clamp(max=ROPE_CACHE_POSITIONS - 1)
         freqs = positions[..., None].float() * inv_freq
         if self.bug == "rope_interleaved":
             angles = freqs.repeat_interleave(2, dim=-1)  # pairs (0, 1), (2, 3), ...

@@ -83,8 +83,8 @@ class Runner:
     def _prefill_batch(self, seq: Sequence) -> Batch:
         seq.reserve()
         slots = seq.slots(self.device)
-        meta = AttentionMetadata(seq.cache, slot_mapping=slots, context_slots=slots,
-                                 is_decode=False)
+        meta = AttentionMetadata(seq.cache, slot_mapping=self._write_slots(seq, 0, slots),
+                                 context_slots=slots, is_decode=False)
         return Batch(torch.tensor([seq.token_ids], device=self.device),
                      torch.arange(len(seq), device=self.device)[None], meta)
 
@@ -97,16 +97,27 @@ class Runner:
         # its slot: the last page, at the page's fill count minus one
         fill = seq.last_page_fill()
         offset = fill if self.bug == "wrong_kv_slot" else fill - 1
-        slot = seq.pages[-1] * self.page_size + offset
+        slot = torch.tensor([seq.pages[-1] * self.page_size + offset], device=self.device)
         context = 0 if self.bug == "decode_attn_zeros" else n  # tokens attention reads
-        meta = AttentionMetadata(seq.cache, slot_mapping=torch.tensor([slot], device=self.device),
+        meta = AttentionMetadata(seq.cache, slot_mapping=self._write_slots(seq, n - 1, slot),
                                  context_slots=seq.slots(self.device)[:context], is_decode=True,
                                  vm=self.vm)
         return Batch(torch.tensor([[token]], device=self.device),
                      torch.tensor([[position]], device=self.device), meta)
 
+    def _write_slots(self, seq: Sequence, first: int, slots: Tensor) -> Tensor:
+        """Where the K/V of the sequence's tokens from ``first`` on are written: ``slots``,
+        but for the block-boundary bug."""
+        if self.bug != "kv_block_off_by_one":
+            return slots
+        size = self.page_size  # the bug: a token's block taken as (position - 1) // size
+        return torch.tensor([seq.pages[(i - 1) // size] * size + i % size
+                             for i in range(first, len(seq))], device=self.device)
+
     def _forward(self, batch: Batch) -> Tensor:
         """The logits of one forward, (1, new, vocab)."""
+        if self.bug == "positions_int8":  # the positions' buffer wraps past 127
+            batch.positions = batch.positions.to(torch.int8).long()
         if self.bug == "swapped_args":  # model(positions, input_ids): the arguments swapped
             return self._call(batch.positions, batch.input_ids, batch.meta)
         return self._call(batch.input_ids, batch.positions, batch.meta)
