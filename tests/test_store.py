@@ -12,7 +12,6 @@ import math
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import textwrap
@@ -29,6 +28,7 @@ from lockstep.store import DTYPES, DumpWriter, open_dump
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from independent_writer import IndependentWriter, bf16_bits, e4m3fn_byte, stats_of
+from killing import kill_after
 
 ROOT = Path(__file__).resolve().parents[1]
 FORMAT_MD = ROOT / "docs" / "format.md"
@@ -389,22 +389,7 @@ def test_killed_recording_is_readable_and_comparable(tmp_path):
     script = tmp_path / "child.py"
     script.write_text(_CHILD)
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, str(script), str(out)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        lines = []
-        while not lines or lines[-1] != "step 2 done":
-            line = proc.stdout.readline()
-            assert line, f"child ended early: {proc.stderr.read()}"
-            lines.append(line.strip())
-        proc.send_signal(signal.SIGKILL)
-        assert proc.wait(timeout=30) == -signal.SIGKILL
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()
+    lines = kill_after(script, out, "step 2 done")
     assert lines == ["step 0 done", "step 1 done", "step 2 done"]
     assert b'"type":"end"' not in (out / "index.jsonl").read_bytes()
 

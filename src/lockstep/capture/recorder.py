@@ -20,11 +20,12 @@ from ..display import safe
 from ..errors import UsageError
 from ..store.sizing import SIZES, SizingWriter
 from ..store.writer import DumpWriter, check_name
+from .copies import check_mode
 from .ranks import distributed_rank, rank_path, shard_field
 from .selection import Selection
 from .sink import Sink
 from .surface import Step
-from .tensors import Unrecordable, leaves, to_host
+from .tensors import Unrecordable, leaves
 
 __all__ = ["Recorder", "record", "probe", "active"]
 
@@ -81,15 +82,18 @@ class Recorder:
                  data: bool | str = True, include: Sequence[str] | None = None,
                  exclude: Sequence[str] | None = None, overwrite: bool = False,
                  stats: bool = False, max_pending_bytes: int = 1 << 30,
-                 layers: Iterable[int] | None = None) -> None:
+                 layers: Iterable[int] | None = None, max_pending_records: int = 4096,
+                 copies: str = "auto") -> None:
         header = {"lockstep_version": __version__, "created": time.time(),
                   "host": platform.node(), "stats_only": not data}
         header.update(meta or {})
+        check_mode(copies)
         self.path = os.fspath(path)
         writer = (SizingWriter if data == SIZES else DumpWriter)(path, header,
                                                                  overwrite=overwrite)
         self._sink = Sink(writer, keep_data=bool(data), keep_stats=stats,
-                          max_pending_bytes=max_pending_bytes)
+                          max_pending_bytes=max_pending_bytes,
+                          max_pending_records=max_pending_records, copies=copies)
         self.selected = Selection(include, exclude, layers)
         self.current_step = 0  #: the step that captures go to now
         self._ended = False  # the step ended: the next capture or step entry opens a new one
@@ -243,7 +247,7 @@ class Recorder:
                                role=role, **extra)
                 return
         try:
-            host = to_host(tensor, copy=not self._sink.direct)
+            host = self._sink.host(tensor)
         except Unrecordable as exc:
             self._refuse(full, f"cannot record {full!r}: {exc}", strict)
             return
@@ -374,7 +378,8 @@ class Recorder:
 def record(path: str | os.PathLike[str], *, meta: dict[str, Any] | None = None,
            data: bool | str = True, include: Sequence[str] | None = None,
            exclude: Sequence[str] | None = None, overwrite: bool = False,
-           stats: bool = False, layers: Iterable[int] | None = None) -> Iterator[Recorder]:
+           stats: bool = False, layers: Iterable[int] | None = None,
+           copies: str = "auto") -> Iterator[Recorder]:
     """Record into a new dump directory at ``path``.
 
     ``data=False`` keeps statistics only (for huge runs). Records that keep their data
@@ -385,7 +390,10 @@ def record(path: str | os.PathLike[str], *, meta: dict[str, Any] | None = None,
     integer in a name) and every record of no layer. ``data="sizes"`` writes every record's
     index line but not its data (``capture --dry-run``'s size estimate). The dump is flushed
     at the end of every step and closed on exit; if the body raises, the dump is still
-    closed and notes the error.
+    closed and notes the error. ``copies``: "auto" (CUDA tensors copied on a side stream, no
+    host sync per tensor), "queue" (CPU tensors too go through the pooled copies and the
+    writer thread) or "sync" (CUDA tensors copied with a blocking copy); every mode writes
+    the same bytes (docs/gpu.md).
 
     Inside an initialized torch.distributed program of more than one process, each rank
     writes its own dump ``path/rank<N>`` and rank 0 a manifest ``path/ranks.json``
@@ -399,7 +407,7 @@ def record(path: str | os.PathLike[str], *, meta: dict[str, Any] | None = None,
         path = rank_path(path, *ranked)
         meta = {**(meta or {}), "rank": ranked[0], "world_size": ranked[1]}
     rec = Recorder(path, meta=meta, data=data, include=include, exclude=exclude,
-                   overwrite=overwrite, stats=stats, layers=layers)
+                   overwrite=overwrite, stats=stats, layers=layers, copies=copies)
     _ACTIVE = rec
     try:
         yield rec

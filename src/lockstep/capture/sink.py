@@ -4,9 +4,13 @@ A capture of host memory, with statistics left to the reader and nothing queued 
 is written on the engine's thread at once: one copy, into the OS's page cache (or, under
 64 KiB, into the writer's staging buffer: store/writer.py), and nothing left that the engine
 could overwrite first. Everything else (a GPU tensor still in flight, statistics to
-compute) is copied now and queued; one thread waits for each copy to land, computes its
-statistics and appends it to the dump, in capture order. Memory held by queued copies is
-bounded: a capture waits when more than ``max_pending_bytes`` are still queued.
+compute) is copied now (by the recording's copy engine, capture/copies.py: into a pooled
+host buffer; a CUDA tensor on a side stream) and queued; one thread waits for each copy to
+land, computes its statistics and appends it to the dump, in capture order. Memory held by
+queued copies is bounded: a capture waits before it copies while ``max_pending_bytes`` (the
+capacity of the buffers held) or ``max_pending_records`` are queued; a single tensor larger
+than the bound is let through alone. An error on the writer thread is raised on the
+engine's at its next capture, flush or close.
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ from typing import Any
 
 from ..errors import LockstepError
 from ..store.writer import DumpWriter
-from .tensors import HostTensor
+from .copies import Copies
+from .tensors import HostTensor, to_host
 
 __all__ = ["Sink"]
 
@@ -28,18 +33,31 @@ class Sink:
     """Serialises captures into one DumpWriter."""
 
     def __init__(self, writer: DumpWriter, *, keep_data: bool = True, keep_stats: bool = False,
-                 max_pending_bytes: int = 1 << 30) -> None:
+                 max_pending_bytes: int = 1 << 30, max_pending_records: int = 4096,
+                 copies: str = "auto") -> None:
         self.writer = writer
         self.keep_data = keep_data
         self.keep_stats = keep_stats or not keep_data
         #: captures can be written on the engine's thread, uncopied
-        self.direct = keep_data and not self.keep_stats
+        self.direct = keep_data and not self.keep_stats and copies != "queue"
         self._queue: queue.Queue[Any] = queue.Queue()
-        self._lock = threading.Lock()  # one thread at a time in the DumpWriter
+        # Two locks, neither held while waiting for the other thread: ``_lock`` guards the
+        # count of queued items (the engine's thread takes it at every capture), ``_io`` the
+        # DumpWriter. The writer thread waits for a copy to land and computes statistics
+        # holding neither, so the engine's thread never waits on a copy or on the disk,
+        # only on room in the queue.
+        self._lock = threading.Lock()
+        self._io = threading.Lock()
         self._inflight = 0  # queued and not yet handled
         self._pending = 0  # bytes held by queued copies
+        self._records = 0  # queued copies
         self._limit = max_pending_bytes
+        self._max_records = max(1, max_pending_records)
+        self.peak_pending = 0  #: the most bytes ever held by queued copies at once
+        self.peak_records = 0  #: the most copies ever queued at once
         self._room = threading.Condition()
+        self.copies = Copies(copies, self._reserve, self._unreserve,
+                             keep_bytes=min(max_pending_bytes, 256 << 20))
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="lockstep-writer", daemon=True)
         self._thread.start()
@@ -51,34 +69,73 @@ class Sink:
                 raise err
             raise RuntimeError(f"lockstep could not write the dump: {err}") from err
 
+    def host(self, value: Any) -> HostTensor:
+        """``value``'s elements in host memory, as this recording copies them (waits while
+        the queue is full). A failed write is raised by ``put``, not here: the recorder
+        skips (when not strict) a value whose copy fails, never a refused disk."""
+        return to_host(value, copy=not self.direct, engine=self.copies)
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes held by queued copies now."""
+        return self._pending
+
+    def _reserve(self, size: int) -> None:
+        """Wait for room in the queue for ``size`` bytes, then take it."""
+        with self._room:
+            while (self._pending and self._pending + size > self._limit) \
+                    or self._records >= self._max_records:
+                self._room.wait()
+            self._pending += size
+            self._records += 1
+            self.peak_pending = max(self.peak_pending, self._pending)
+            self.peak_records = max(self.peak_records, self._records)
+
+    def _unreserve(self, size: int) -> None:
+        with self._room:
+            self._pending -= size
+            self._records -= 1
+            self._room.notify_all()
+
+    def _settle(self, tensor: HostTensor) -> None:
+        """Give back the room a copy held in the queue."""
+        if tensor.pending:
+            self._unreserve(tensor.pending)
+            tensor.pending = 0
+
     def put(self, name: str, step: int, call: int, tensor: HostTensor, *, alias: bool = False,
             **extra: Any) -> None:
         """Record one captured tensor; ``alias``: a HostTensor already put, recorded again
         under ``name`` pointing at the same data."""
-        self._raise_if_failed()
+        try:
+            self._raise_if_failed()
+        except BaseException:
+            if not alias:
+                self._settle(tensor)
+            raise
         item = (name, step, call, tensor, extra)
         with self._lock:
-            if self._inflight == 0 and (alias or (self.direct and tensor.event is None)):
-                self._write(item)
-                return
-            self._inflight += 1
-        if not alias:
+            now = self._inflight == 0 and (alias or (self.direct and tensor.event is None))
+            if not now:
+                self._inflight += 1
+        if now:  # nothing queued: the writer thread is idle, write on this one
+            self._write(item)
+            return
+        if not alias and not tensor.pending:
             tensor.own()  # read later: copy now what the engine may overwrite
-            size = tensor.nbytes
-            with self._room:
-                while self._pending and self._pending + size > self._limit:
-                    self._room.wait()
-                self._pending += size
-            tensor.pending = size
+            self._reserve(tensor.nbytes)
+            tensor.pending = tensor.nbytes
         self._queue.put(item)
 
     def _direct_or_queued(self, item: tuple[Any, ...]) -> bool:
         """Handle a control item now if nothing is queued; True when done."""
         with self._lock:
-            if self._inflight == 0:
-                self._control(item)
-                return True
-            self._inflight += 1
+            now = self._inflight == 0
+            if not now:
+                self._inflight += 1
+        if now:
+            self._control(item)
+            return True
         self._queue.put(item)
         return False
 
@@ -96,6 +153,7 @@ class Sink:
         """Drain the queue, write the end line and stop the thread."""
         self._queue.put(_STOP)
         self._thread.join()
+        self.copies.close()
         self.writer.close(error=error)
         self._raise_if_failed()
 
@@ -105,11 +163,10 @@ class Sink:
             if item is _STOP:
                 return
             try:
-                with self._lock:
-                    if len(item) == 2:
-                        self._control(item)
-                    else:
-                        self._write(item)
+                if len(item) == 2:
+                    self._control(item)
+                else:
+                    self._write(item)
             except BaseException as exc:  # reported on the engine's thread at the next call
                 self._error = exc
                 if len(item) == 2 and item[0] == "flush":
@@ -120,28 +177,27 @@ class Sink:
 
     def _control(self, item: tuple[Any, ...]) -> None:
         kind, arg = item
-        if kind == "flush":
-            self.writer.flush()
-            arg.set()
-        else:
-            self.writer.add_meta(**arg)
+        with self._io:
+            if kind == "flush":
+                self.writer.flush()
+                arg.set()
+            else:
+                self.writer.add_meta(**arg)
 
     def _write(self, item: tuple[Any, ...]) -> None:
         name, step, call, tensor, extra = item
         if tensor.written is not None:  # the same tensor under another name: point at it
             offset, stats = tensor.written
-            self.writer.write(name, step, tensor.dtype, tensor.shape, None, stats, call=call,
-                              at=offset, **extra)
+            with self._io:
+                self.writer.write(name, step, tensor.dtype, tensor.shape, None, stats,
+                                  call=call, at=offset, **extra)
             return
-        try:
+        try:  # (waits for the copy to land: on the writer thread, holding no lock)
             stats = tensor.stats() if self.keep_stats else None
             data = tensor.buffer() if self.keep_data else None
-            self.writer.write(name, step, tensor.dtype, tensor.shape, data, stats, call=call,
-                              **extra)
-            tensor.release(self.writer.last_offset, stats)
+            with self._io:
+                self.writer.write(name, step, tensor.dtype, tensor.shape, data, stats,
+                                  call=call, **extra)
+                tensor.release(self.writer.last_offset, stats)
         finally:
-            if tensor.pending:
-                with self._room:
-                    self._pending -= tensor.pending
-                    tensor.pending = 0
-                    self._room.notify_all()
+            self._settle(tensor)

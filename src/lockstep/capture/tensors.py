@@ -1,9 +1,10 @@
 """Turning captured values (torch tensors, numpy arrays, nested outputs) into host bytes.
 
 A captured tensor is copied at once, because engines reuse and modify buffers in place, but
-never waited for: a CUDA tensor is copied into pinned host memory with ``non_blocking=True``
-and a CUDA event is recorded; the writer thread waits on that event, so the engine's stream
-runs on with no synchronisation per tensor.
+never waited for: a recording's copy engine (capture/copies.py) copies a CUDA tensor into a
+pooled pinned host buffer on a side stream with ``non_blocking=True`` and records a CUDA
+event; the writer thread waits on that event, so the engine's stream runs on with no
+synchronisation per tensor.
 """
 
 from __future__ import annotations
@@ -11,14 +12,14 @@ from __future__ import annotations
 import ctypes
 import sys
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterator, Protocol
 
 import numpy as np
 
 from ..store.dtypes import DTYPES
 from ..store.stats import array_stats
 
-__all__ = ["HostTensor", "to_host", "leaves", "is_tensor", "Unrecordable"]
+__all__ = ["HostTensor", "CopyEngine", "to_host", "leaves", "is_tensor", "Unrecordable"]
 
 _NUMPY_NAMES = {
     "float64": "float64", "float32": "float32", "float16": "float16", "int64": "int64",
@@ -60,6 +61,8 @@ class HostTensor:
     owned: bool = True  #: ``host`` is our copy (False: it may be the engine's own memory)
     nbytes: int = -1  #: bytes of data (from ``host`` when not given)
     pending: int = 0  #: bytes counted against the sink's bound while queued
+    slab: Any = None  #: the pooled buffer ``host`` lies in, given back to ``pool`` when written
+    pool: Any = None
 
     def __post_init__(self) -> None:
         if self.nbytes < 0:
@@ -76,6 +79,9 @@ class HostTensor:
         """The copy is on disk: free it, keeping where it went for later aliases."""
         self.written = (offset, stats)
         self.host = None
+        if self.slab is not None:
+            self.pool.give(self.slab)
+            self.slab = None
 
     def ready(self) -> None:
         """Wait until the copy has landed (no-op for CPU tensors)."""
@@ -128,10 +134,17 @@ def _torch_stats(t: Any) -> dict[str, Any]:
     return array_stats(t.to(torch.float32 if t.is_floating_point() else torch.float64).numpy())
 
 
-def to_host(value: Any, *, copy: bool = True) -> HostTensor:
+class CopyEngine(Protocol):
+    """Copies a strided torch tensor (any device) into host memory: capture/copies.py."""
+
+    def copy(self, t: Any, dtype: str) -> HostTensor: ...
+
+
+def to_host(value: Any, *, copy: bool = True, engine: CopyEngine | None = None) -> HostTensor:
     """Host memory holding ``value``'s elements, contiguous: a copy made now (asynchronous
     for CUDA), or with ``copy=False`` possibly the tensor's own memory, for a caller that
-    writes it out before the engine goes on (``HostTensor.own`` copies later if needed)."""
+    writes it out before the engine goes on (``HostTensor.own`` copies later if needed).
+    ``engine`` makes the copies of torch tensors (every CUDA one; a CPU one when ``copy``)."""
     if isinstance(value, np.ndarray):
         name = _NUMPY_BY_DTYPE.get(value.dtype)  # (dtype.name is slow: this is per capture)
         if name is None:
@@ -162,6 +175,8 @@ def to_host(value: Any, *, copy: bool = True) -> HostTensor:
         t = t.to_dense()
     if t.is_neg():  # a lazily negated view: its memory holds the values unnegated
         t = t.resolve_neg()
+    if engine is not None and (copy or t.is_cuda):
+        return engine.copy(t, dtype)
     if t.is_cpu:
         host = t.contiguous()
         owned = host.data_ptr() != t.data_ptr() or host.numel() == 0
