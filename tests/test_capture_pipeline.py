@@ -25,6 +25,7 @@ import lockstep
 from killing import kill_after
 from lockstep.capture.copies import HostPool, size_class
 from lockstep.capture.sink import Sink
+from lockstep.capture.tensors import HostTensor, to_host
 from lockstep.engines.hf import forward_step
 from lockstep.errors import DumpWriteError, UsageError
 from lockstep.store.reader import open_dump
@@ -54,6 +55,11 @@ def test_queued_copies_write_the_same_bytes_as_direct_writes(tmp_path, stats):
         assert dump.complete and dump.steps == [0, 1, 2] and len(dump) > 50
 
 
+def _host(sink: Sink, value: object) -> HostTensor:
+    """The copy the recorder makes of a captured value for ``sink``."""
+    return to_host(value, copy=not sink.direct, engine=sink.copies)
+
+
 class SlowWriter(DumpWriter):
     """A disk that takes ``delay`` seconds per record."""
 
@@ -72,7 +78,7 @@ def test_a_slow_writer_makes_the_engine_wait_within_the_bound(tmp_path):
     start = time.perf_counter()
     for i, n in enumerate(sizes):
         t = torch.full((n,), float(i))
-        sink.put(f"t{i}", i // 6, 0, sink.host(t))
+        sink.put(f"t{i}", i // 6, 0, _host(sink, t))
         t.fill_(-1.0)  # the engine reuses its buffer at once: the copy was made
     queued_for = time.perf_counter() - start
     sink.close()
@@ -93,7 +99,7 @@ def test_a_slow_writer_makes_the_engine_wait_within_the_bound(tmp_path):
 def test_the_count_bound_holds_for_tiny_records(tmp_path):
     sink = Sink(SlowWriter(tmp_path / "d"), max_pending_records=5, copies="queue")
     for i in range(60):
-        sink.put(f"t{i}", 0, 0, sink.host(torch.tensor([i], dtype=torch.int64)))
+        sink.put(f"t{i}", 0, 0, _host(sink, torch.tensor([i], dtype=torch.int64)))
     sink.close()
     assert sink.peak_records == 5
     with open_dump(tmp_path / "d") as dump:
@@ -103,7 +109,7 @@ def test_the_count_bound_holds_for_tiny_records(tmp_path):
 def test_close_drains_the_queue(tmp_path):
     sink = Sink(SlowWriter(tmp_path / "d"), copies="queue")
     for i in range(40):
-        sink.put(f"t{i}", i // 10, 0, sink.host(torch.arange(i + 1, dtype=torch.float32)))
+        sink.put(f"t{i}", i // 10, 0, _host(sink, torch.arange(i + 1, dtype=torch.float32)))
     assert sink.peak_records > 1  # still queued when close began
     sink.close()
     with open_dump(tmp_path / "d") as dump:
@@ -235,7 +241,7 @@ def test_captures_return_while_the_writer_holds_records(tmp_path):
     sink = Sink(HeldWriter(tmp_path / "d"), copies="queue")
     for i in range(10):
         value = np.full(3, i, np.float32) if i % 2 else torch.full((3,), float(i))
-        sink.put(f"t{i}", 0, 0, sink.host(value))
+        sink.put(f"t{i}", 0, 0, _host(sink, value))
     assert sink.peak_records == 10 and sink.writer.records == 0
     gate.set()
     sink.close()
@@ -257,7 +263,7 @@ def test_slow_writer_errors_do_not_deadlock_a_full_queue(tmp_path):
     sink = Sink(Refusing(tmp_path / "d"), max_pending_bytes=64 << 10, copies="queue")
     with pytest.raises(DumpWriteError, match="refused"):
         for i in range(100):
-            sink.put(f"t{i}", 0, 0, sink.host(torch.zeros(8000)))
+            sink.put(f"t{i}", 0, 0, _host(sink, torch.zeros(8000)))
     sink.close()
     assert sink.pending_bytes == 0  # every reservation given back, also of failed records
     with open_dump(tmp_path / "d") as dump:

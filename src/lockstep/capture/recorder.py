@@ -25,7 +25,7 @@ from .ranks import distributed_rank, rank_path, shard_field
 from .selection import Selection
 from .sink import Sink
 from .surface import Step
-from .tensors import Unrecordable, leaves
+from .tensors import Unrecordable, leaves, to_host
 
 __all__ = ["Recorder", "record", "probe", "active"]
 
@@ -247,7 +247,7 @@ class Recorder:
                                role=role, **extra)
                 return
         try:
-            host = self._sink.host(tensor)
+            host = to_host(tensor, copy=not self._sink.direct, engine=self._sink.copies)
         except Unrecordable as exc:
             self._refuse(full, f"cannot record {full!r}: {exc}", strict)
             return

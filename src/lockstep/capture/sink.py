@@ -22,7 +22,7 @@ from typing import Any
 from ..errors import LockstepError
 from ..store.writer import DumpWriter
 from .copies import Copies
-from .tensors import HostTensor, to_host
+from .tensors import HostTensor
 
 __all__ = ["Sink"]
 
@@ -41,13 +41,13 @@ class Sink:
         #: captures can be written on the engine's thread, uncopied
         self.direct = keep_data and not self.keep_stats and copies != "queue"
         self._queue: queue.Queue[Any] = queue.Queue()
-        # Two locks, neither held while waiting for the other thread: ``_lock`` guards the
-        # count of queued items (the engine's thread takes it at every capture), ``_io`` the
-        # DumpWriter. The writer thread waits for a copy to land and computes statistics
-        # holding neither, so the engine's thread never waits on a copy or on the disk,
-        # only on room in the queue.
+        # ``_lock`` guards the count of queued items. The DumpWriter is used by one thread at
+        # a time without a lock of its own: by the engine's thread only while that count is 0
+        # (the writer thread is idle then, and the engine's holds ``_lock`` while it writes),
+        # else by the writer thread alone, which holds no lock while it waits for a copy,
+        # computes statistics and writes: the engine's thread never waits on a copy or on
+        # the disk, only on room in the queue.
         self._lock = threading.Lock()
-        self._io = threading.Lock()
         self._inflight = 0  # queued and not yet handled
         self._pending = 0  # bytes held by queued copies
         self._records = 0  # queued copies
@@ -68,12 +68,6 @@ class Sink:
             if isinstance(err, LockstepError):  # the disk refused: one line, not a bug
                 raise err
             raise RuntimeError(f"lockstep could not write the dump: {err}") from err
-
-    def host(self, value: Any) -> HostTensor:
-        """``value``'s elements in host memory, as this recording copies them (waits while
-        the queue is full). A failed write is raised by ``put``, not here: the recorder
-        skips (when not strict) a value whose copy fails, never a refused disk."""
-        return to_host(value, copy=not self.direct, engine=self.copies)
 
     @property
     def pending_bytes(self) -> int:
@@ -115,12 +109,10 @@ class Sink:
             raise
         item = (name, step, call, tensor, extra)
         with self._lock:
-            now = self._inflight == 0 and (alias or (self.direct and tensor.event is None))
-            if not now:
-                self._inflight += 1
-        if now:  # nothing queued: the writer thread is idle, write on this one
-            self._write(item)
-            return
+            if self._inflight == 0 and (alias or (self.direct and tensor.event is None)):
+                self._write(item)  # nothing queued: the writer thread is idle
+                return
+            self._inflight += 1
         if not alias and not tensor.pending:
             tensor.own()  # read later: copy now what the engine may overwrite
             self._reserve(tensor.nbytes)
@@ -130,12 +122,10 @@ class Sink:
     def _direct_or_queued(self, item: tuple[Any, ...]) -> bool:
         """Handle a control item now if nothing is queued; True when done."""
         with self._lock:
-            now = self._inflight == 0
-            if not now:
-                self._inflight += 1
-        if now:
-            self._control(item)
-            return True
+            if self._inflight == 0:
+                self._control(item)
+                return True
+            self._inflight += 1
         self._queue.put(item)
         return False
 
@@ -177,27 +167,25 @@ class Sink:
 
     def _control(self, item: tuple[Any, ...]) -> None:
         kind, arg = item
-        with self._io:
-            if kind == "flush":
-                self.writer.flush()
-                arg.set()
-            else:
-                self.writer.add_meta(**arg)
+        if kind == "flush":
+            self.writer.flush()
+            arg.set()
+        else:
+            self.writer.add_meta(**arg)
 
     def _write(self, item: tuple[Any, ...]) -> None:
         name, step, call, tensor, extra = item
         if tensor.written is not None:  # the same tensor under another name: point at it
             offset, stats = tensor.written
-            with self._io:
-                self.writer.write(name, step, tensor.dtype, tensor.shape, None, stats,
-                                  call=call, at=offset, **extra)
+            self.writer.write(name, step, tensor.dtype, tensor.shape, None, stats, call=call,
+                              at=offset, **extra)
             return
-        try:  # (waits for the copy to land: on the writer thread, holding no lock)
+        try:  # (waits for a copy to land: on the writer thread, holding no lock)
             stats = tensor.stats() if self.keep_stats else None
             data = tensor.buffer() if self.keep_data else None
-            with self._io:
-                self.writer.write(name, step, tensor.dtype, tensor.shape, data, stats,
-                                  call=call, **extra)
-                tensor.release(self.writer.last_offset, stats)
+            self.writer.write(name, step, tensor.dtype, tensor.shape, data, stats, call=call,
+                              **extra)
+            tensor.release(self.writer.last_offset, stats)
         finally:
-            self._settle(tensor)
+            if tensor.pending:
+                self._settle(tensor)

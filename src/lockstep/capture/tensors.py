@@ -175,15 +175,17 @@ def to_host(value: Any, *, copy: bool = True, engine: CopyEngine | None = None) 
         t = t.to_dense()
     if t.is_neg():  # a lazily negated view: its memory holds the values unnegated
         t = t.resolve_neg()
-    if engine is not None and (copy or t.is_cuda):
-        return engine.copy(t, dtype)
     if t.is_cpu:
+        if copy and engine is not None:
+            return engine.copy(t, dtype)
         host = t.contiguous()
         owned = host.data_ptr() != t.data_ptr() or host.numel() == 0
         if copy and not owned:
             host, owned = host.clone(), True
         return HostTensor(dtype, tuple(t.shape), host, owned=owned,
                           nbytes=host.numel() * host.element_size())
+    if engine is not None:
+        return engine.copy(t, dtype)
     host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=t.is_cuda)
     host.copy_(t, non_blocking=bool(t.is_cuda))
     event = None
