@@ -268,3 +268,35 @@ def test_slow_writer_errors_do_not_deadlock_a_full_queue(tmp_path):
     assert sink.pending_bytes == 0  # every reservation given back, also of failed records
     with open_dump(tmp_path / "d") as dump:
         assert [r.name for r in dump][:2] == ["t0", "t1"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_side_stream_copies_match_blocking_copies_without_syncs(tmp_path):
+    """On a CUDA machine: the side-stream path writes what blocking copies write, and adds
+    no synchronising call that torch reports to those of the forward itself."""
+    import warnings
+
+    model = tiny("llama").cuda()
+    ids = torch.tensor([PROMPT], device="cuda")
+
+    def reported(copies: str | None) -> int:
+        with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                if copies is None:
+                    model(ids)
+                else:
+                    with lockstep.record(tmp_path / copies, meta={"created": 0},
+                                         copies=copies) as rec:
+                        rec.watch(model)
+                        model(ids)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return sum("synchroniz" in str(w.message).lower() for w in caught)
+
+    plain = reported(None)
+    assert reported("auto") == plain
+    assert reported("sync") > plain  # the count sees blocking copies
+    for name in ("index.jsonl", "data.bin"):
+        assert (tmp_path / "auto" / name).read_bytes() == (tmp_path / "sync" / name).read_bytes()

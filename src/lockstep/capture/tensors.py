@@ -141,10 +141,11 @@ class CopyEngine(Protocol):
 
 
 def to_host(value: Any, *, copy: bool = True, engine: CopyEngine | None = None) -> HostTensor:
-    """Host memory holding ``value``'s elements, contiguous: a copy made now (asynchronous
-    for CUDA), or with ``copy=False`` possibly the tensor's own memory, for a caller that
-    writes it out before the engine goes on (``HostTensor.own`` copies later if needed).
-    ``engine`` makes the copies of torch tensors (every CUDA one; a CPU one when ``copy``)."""
+    """Host memory holding ``value``'s elements, contiguous: a copy made now, or with
+    ``copy=False`` possibly the tensor's own memory, for a caller that writes it out before
+    the engine goes on (``HostTensor.own`` copies later if needed). ``engine`` makes the
+    copies of torch tensors (every one on a device, asynchronous for CUDA; a CPU one when
+    ``copy``); without it a device tensor is copied with a blocking copy."""
     if isinstance(value, np.ndarray):
         name = _NUMPY_BY_DTYPE.get(value.dtype)  # (dtype.name is slow: this is per capture)
         if name is None:
@@ -186,13 +187,7 @@ def to_host(value: Any, *, copy: bool = True, engine: CopyEngine | None = None) 
                           nbytes=host.numel() * host.element_size())
     if engine is not None:
         return engine.copy(t, dtype)
-    host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=t.is_cuda)
-    host.copy_(t, non_blocking=bool(t.is_cuda))
-    event = None
-    if t.is_cuda:
-        event = torch.cuda.Event()
-        event.record()
-    return HostTensor(dtype, tuple(t.shape), host, event)
+    return HostTensor(dtype, tuple(t.shape), t.to("cpu").contiguous())  # a blocking copy
 
 
 def leaves(value: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
