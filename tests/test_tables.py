@@ -148,7 +148,7 @@ def test_the_runs_architecture_breaks_a_tie_when_pairing(tmp_path):
     (batch, heads, tokens, head_dim) into the canonical layout. The dump's metadata names
     the architecture, and pairing takes the Gemma table from it."""
     record(build("gemma3"), tmp_path / "d",
-           include=[f"*.self_attn.{op}" for op in ("q_proj", "k_proj", "q_norm", "k_norm")])
+           include=[f"*.self_attn.{op}" for op in ("q_proj", "k_proj", "q_norm", "k_norm", "rope")])
     with lockstep.open_dump(tmp_path / "d") as dump:
         names = [r.name for r in dump.records]
         assert dump.meta["architecture"] == "Gemma3ForCausalLM"
@@ -159,6 +159,7 @@ def test_the_runs_architecture_breaks_a_tie_when_pairing(tmp_path):
     assert {p.canonical for p in alignment.pairs} == {
         f"layers.{n}.{op}" for n in (0, 1)
         for op in ("q", "k", "q_norm", "k_norm", "q_rope", "k_rope")}  # RoPE: watch_rope's
+    # (the selection applies to watch_rope's records too: "*.self_attn.rope" is included)
 
 
 def test_the_architecture_never_outweighs_names():
