@@ -142,6 +142,30 @@ class ZooEngine(TransformersTokenizerEngine):
                         seed=self.seed, vm=self.vm, on_forward=on_forward)
         return runner.run(list(prompt_ids), decode, forced)
 
+    def generate_batch(self, rec: Recorder, prompts: Sequence[Sequence[int]], decode: int, *,
+                       forced: Sequence[Sequence[int] | None] | None = None,
+                       padding: str = "left", join_at: Sequence[int] | None = None
+                       ) -> list[list[int]]:
+        from .batch_runner import PADDING, BatchRunner, Request
+
+        if padding not in PADDING:
+            raise UsageError(f"--padding {padding!r}: the zoo pads left or right")
+        if self.model is None:
+            raise UsageError(f"{self.spec}: load() the engine first")
+        joins = list(join_at) if join_at is not None else [0] * len(prompts)
+        requests = [Request(list(p), joins[i], None if forced is None or forced[i] is None
+                            else list(forced[i]))  # type: ignore[arg-type]
+                    for i, p in enumerate(prompts)]
+        rec.watch(self.model, inputs=DERIVED_INPUTS)
+        runner = BatchRunner(self.model, page_size=self.page_size, padding=padding,
+                             temperature=self.temperature, seed=self.seed,
+                             on_forward=partial(rec.capture, "input_ids", role="input"))
+        result = runner.run_batch(requests, decode)
+        rec.add_meta(batch={"layout": "padded", "padding": padding, "join_at": joins,
+                            "prompts": [list(p) for p in prompts], "steps": result.steps,
+                            "generated_token_ids": result.tokens})
+        return result.tokens
+
     def step_times(self, prompt_ids: Sequence[int], steps: int) -> list[float]:
         ticks: list[float] = []  # when each forward starts
         self._run(prompt_ids, steps - 1, None, on_forward=lambda _: ticks.append(perf_counter()))
