@@ -25,9 +25,9 @@ from .base import Report
 from .json_report import report_dict
 from .pair_status import status
 
-__all__ = ["ComparisonReport", "VERDICT_TEXT"]
+__all__ = ["ComparisonReport", "VERDICT_STYLE", "VERDICT_TEXT"]
 
-_VERDICT_STYLE = {"match": "bold green", "drift": "bold yellow", "diverged": "bold red",
+VERDICT_STYLE = {"match": "bold green", "drift": "bold yellow", "diverged": "bold red",
                   "incomplete": "bold magenta"}
 #: one sentence per verdict, as every face of the report says it
 VERDICT_TEXT = {
@@ -226,7 +226,7 @@ class ComparisonReport(Report):
         c = self.comparison
         yield _side("reference", c.reference)
         yield _side("candidate", c.candidate)
-        verdict = Text.assemble((c.verdict.upper(), _VERDICT_STYLE[c.verdict]), "  ",
+        verdict = Text.assemble((c.verdict.upper(), VERDICT_STYLE[c.verdict]), "  ",
                                 VERDICT_TEXT[c.verdict])
         body: list[Any] = [verdict]
         if c.verdict != "match":
