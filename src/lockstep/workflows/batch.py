@@ -23,7 +23,7 @@ __all__ = ["batch_diff", "capture_batch", "join_steps"]
 def join_steps(count: int, join_at: int | None) -> list[int]:
     """The batch step each of ``count`` prompts joins at: the last at ``join_at``."""
     if count < 2:
-        raise UsageError("--batch needs two or more prompts (--prompt or --tokens, repeated)")
+        raise UsageError("--batch needs two or more prompts")
     if join_at is not None and join_at < 1:
         raise UsageError(f"--join-at {join_at}: a request joins at step 1 or later")
     return [0] * (count - 1) + [join_at or 0]

@@ -142,10 +142,9 @@ class ZooEngine(TransformersTokenizerEngine):
                         seed=self.seed, vm=self.vm, on_forward=on_forward)
         return runner.run(list(prompt_ids), decode, forced)
 
-    def generate_batch(self, rec: Recorder, prompts: Sequence[Sequence[int]], decode: int, *,
-                       forced: Sequence[Sequence[int] | None] | None = None,
-                       padding: str = "left", join_at: Sequence[int] | None = None
-                       ) -> list[list[int]]:
+    def _run_batch(self, prompts: Sequence[Sequence[int]], decode: int,
+                   forced: Sequence[Sequence[int] | None] | None, padding: str,
+                   join_at: Sequence[int] | None, rec: Recorder | None = None) -> Any:
         from .batch_runner import PADDING, BatchRunner, Request
 
         if padding not in PADDING:
@@ -156,15 +155,37 @@ class ZooEngine(TransformersTokenizerEngine):
         requests = [Request(list(p), joins[i], None if forced is None or forced[i] is None
                             else list(forced[i]))  # type: ignore[arg-type]
                     for i, p in enumerate(prompts)]
-        rec.watch(self.model, inputs=DERIVED_INPUTS)
+        on_forward = None
+        if rec is not None:
+            rec.watch(self.model, inputs=DERIVED_INPUTS)
+            on_forward = partial(rec.capture, "input_ids", role="input")
         runner = BatchRunner(self.model, page_size=self.page_size, padding=padding,
                              temperature=self.temperature, seed=self.seed,
-                             on_forward=partial(rec.capture, "input_ids", role="input"))
+                             on_forward=on_forward)
         result = runner.run_batch(requests, decode)
-        rec.add_meta(batch={"layout": "padded", "padding": padding, "join_at": joins,
-                            "prompts": [list(p) for p in prompts], "steps": result.steps,
-                            "generated_token_ids": result.tokens})
-        return result.tokens
+        if rec is not None:
+            rec.add_meta(batch={"layout": "padded", "padding": padding, "join_at": joins,
+                                "prompts": [list(p) for p in prompts], "steps": result.steps,
+                                "generated_token_ids": result.tokens})
+        return result
+
+    def generate_batch(self, rec: Recorder, prompts: Sequence[Sequence[int]], decode: int, *,
+                       forced: Sequence[Sequence[int] | None] | None = None,
+                       padding: str = "left", join_at: Sequence[int] | None = None
+                       ) -> list[list[int]]:
+        tokens: list[list[int]] = self._run_batch(prompts, decode, forced, padding, join_at,
+                                                  rec).tokens
+        return tokens
+
+    def decode_logits_batch(self, prompts: Sequence[Sequence[int]], steps: int, *,
+                            forced: Sequence[Sequence[int] | None] | None = None,
+                            padding: str = "left", join_at: Sequence[int] | None = None
+                            ) -> list[tuple[list[int], np.ndarray]]:
+        if steps < 1:
+            raise UsageError(f"decode_logits_batch needs 1 or more steps, not {steps}")
+        result = self._run_batch(prompts, steps - 1, forced, padding, join_at)
+        return [(tokens, np.stack([r.cpu().numpy() for r in rows]).astype(np.float32))
+                for tokens, rows in zip(result.tokens, result.logits)]
 
     def step_times(self, prompt_ids: Sequence[int], steps: int) -> list[float]:
         ticks: list[float] = []  # when each forward starts
