@@ -77,7 +77,12 @@ class Engine(ABC):
             rec.add_meta(generated_token_ids=chosen)
         return chosen
 
-    def _no_batch(self) -> UsageError:
+    def can_batch(self) -> bool:
+        """Whether the engine runs batches (overrides ``generate_batch``)."""
+        return type(self).generate_batch is not Engine.generate_batch
+
+    def no_batch(self) -> UsageError:
+        """The error for a batch asked of an engine that cannot run one."""
         return UsageError(f"{self.spec}: the {self.name} engine cannot run a batch (--batch); "
                           "the zoo engine can")
 
@@ -89,7 +94,7 @@ class Engine(ABC):
         running then, and the dump's ``batch`` metadata says which row is which sequence and
         where its real tokens are (docs/batching.md). ``join_at[i]``: the batch step sequence
         i joins at (continuous batching). Returns each sequence's chosen tokens."""
-        raise self._no_batch()
+        raise self.no_batch()
 
     def decode_logits_batch(self, prompts: Sequence[Sequence[int]], steps: int, *,
                             forced: Sequence[Sequence[int] | None] | None = None,
@@ -97,7 +102,7 @@ class Engine(ABC):
                             ) -> list[tuple[list[int], np.ndarray]]:
         """``decode_logits`` of every prompt, run as one batch (as ``generate_batch`` runs
         them): per prompt, its tokens and its (steps, vocab) logits."""
-        raise self._no_batch()
+        raise self.no_batch()
 
     def decode_logits(self, prompt_ids: Sequence[int], steps: int, *,
                       forced: Sequence[int] | None = None) -> tuple[list[int], np.ndarray]:

@@ -222,6 +222,8 @@ def check_generation(reference: str, candidate: str, prompts: Sequence[Prompt | 
     clock = _Clock()
     ref = open_engine(reference, **ref_options)
     cand = open_engine(candidate, **cand_options)
+    if batch is not None and not cand.can_batch():
+        raise cand.no_batch()
     results: list[PromptResult] = []
     try:
         announce(f"lockstep: loading {reference}")

@@ -76,6 +76,9 @@ def batch_diff(ref_spec: str, cand_spec: str, out: str | Path, *,
     out = Path(out)
     count = len(tokens or prompts or ())
     joins = join_steps(count, join_at)
+    candidate = open_engine(cand_spec, isolate=False, **(cand_options or {}))
+    if not candidate.can_batch():  # said before the reference runs
+        raise candidate.no_batch()
     engine = open_engine(ref_spec, **(ref_options or {}))
     announce(f"lockstep: loading {ref_spec}")
     refs: list[Path] = []
