@@ -127,6 +127,27 @@ def test_padded_layout_ignores_the_padding(tmp_path, padding):
     assert [compare(r, c).verdict for r, c in zip(refs, parts)] == ["match", "match"]
 
 
+def test_a_sequence_carrying_anothers_values_is_a_leak(tmp_path):
+    """Any engine's batch, recorded by hand: sequence 1's decode step holds sequence 0's."""
+    prompts, values = _sequences(np.random.default_rng(2))
+    refs = [_solo(tmp_path / f"ref-{i}", v, p) for i, (v, p) in enumerate(zip(values, prompts))]
+    batch = {"layout": "packed", "prompts": prompts,
+             "steps": [{"rows": [0, 1], "cu_seqlens": [0, 5, 7]},
+                       {"rows": [0, 1], "cu_seqlens": [0, 1, 2]}]}
+    with record(tmp_path / "batch", meta={"batch": batch}, overwrite=True) as rec:
+        with rec.step():
+            rec.capture("layers.0.out", np.concatenate([values[0][0], values[1][0]]))
+        with rec.step():
+            rec.capture("layers.0.out", np.concatenate([values[0][1], values[0][1]]))
+    parts = split_batch(tmp_path / "batch", tmp_path / "split", references=[str(r)
+                                                                            for r in refs])
+    result = compare(refs[1], parts[1])
+    assert (result.verdict, result.first_divergence.step) == ("diverged", 1)
+    assert result.diagnosis.kind == "batch_leak"
+    assert result.diagnosis.detail["sequences"] == [1, 0]
+    assert compare(refs[0], parts[0]).verdict == "match"
+
+
 # -- the command line ------------------------------------------------------------------------
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "COLUMNS": "160"}
@@ -194,3 +215,12 @@ def test_generate_batch_splits_only_with_a_batch_bug(tmp_path, model):
     wrong = results["batch_logits_wrong_row"].prompts
     assert [p.diverged_step for p in wrong] == [0, 0]
     assert wrong[0].localization.comparison.diagnosis.kind == "batch_leak"
+
+
+def test_zoo_batch_bugs_need_the_llama_model(capsys):
+    from lockstep.cli.main import main
+
+    assert main(["zoo", "--family", "qwen3", "--bug", "batch_shared_kv"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "lockstep: error: the batch bugs (batch_shared_kv) run on the llama model: add "
+        "--family llama")

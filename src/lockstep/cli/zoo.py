@@ -6,6 +6,7 @@ import argparse
 import tempfile
 from typing import Any
 
+from ..errors import UsageError
 from ..zoo.config import ZOO_FAMILIES as FAMILIES
 from . import output
 from .options import add_report_files
@@ -39,6 +40,9 @@ def run(args: argparse.Namespace) -> int:
     solo = None if args.bug is None else [b for b in args.bug if b not in BATCH_BUGS]
     batch = None if args.bug is None else [b for b in args.bug if b in BATCH_BUGS]
     families = args.family or FAMILIES
+    if batch and BATCH_FAMILY not in families:
+        raise UsageError(f"the batch bugs ({', '.join(batch)}) run on the {BATCH_FAMILY} "
+                         f"model: add --family {BATCH_FAMILY}")
     with tempfile.TemporaryDirectory() as tmp, \
             output.stderr().status("running the zoo") as status:
         score = ZooScore((), (), 0.0) if solo == [] else run_zoo(

@@ -3,7 +3,7 @@ the batch explains it. Four kinds, each naming the sequence pair:
 
 - ``batch_kv_shared``: two sequences wrote the same KV-cache slots;
 - ``batch_leak``: a sequence took another's values: its attention read slots another wrote,
-  or its chosen token is the other sequence's;
+  its chosen token is the other sequence's, or its tensor is the other's solo value;
 - ``batch_positions``: RoPE at a left-padded sequence fits positions moved by its padding;
 - ``batch_mask``: the attention output of a padded sequence differs while its q, k and v
   agree: padding keys were let in.
@@ -148,6 +148,36 @@ def _token_leak(case: Case, info: dict[str, Any], i: int) -> Diagnosis | None:
     return None
 
 
+def _values_leak(case: Case, info: dict[str, Any], i: int) -> Diagnosis | None:
+    """The candidate's tensor is another sequence's solo value at the same batch step."""
+    f = case.first
+    arrays, steps = case.arrays(f), _steps(info)
+    refs, join = info.get("references") or [], info.get("join_at") or []
+    if arrays is None or f.step >= len(steps) or len(join) != len(refs):
+        return None
+    batch_step = int(steps[f.step].get("batch_step", f.step))
+    for j, path in enumerate(refs):
+        if j == i:
+            continue
+        try:
+            with open_dump(str(path)) as other:
+                rec = other.get(batch_step - int(join[j]), f.ref_name, f.call)
+                theirs = case.read(other, rec, f.ref_transform)
+        except Exception:  # an unreadable reference: no evidence from it
+            continue
+        if theirs is None or theirs.size != arrays[1].size:
+            continue
+        err = ev.rel_error(theirs, arrays[1])
+        if case.explains(err):
+            evidence = [f"sequence {i}'s {label(f)} at step {f.step} differs from its own "
+                        f"reference by {fmt(f.error)} and equals sequence {j}'s reference at "
+                        f"the same batch step (relative L2 {fmt(err)})"]
+            return make("batch_leak", f"sequence {i}'s {label(f)} is sequence {j}'s: a "
+                        "cross-sequence leak", _TOKEN_CHECKS + _READ_CHECKS, evidence,
+                        sequences=[i, j], step=f.step, error_to_other=err)
+    return None
+
+
 def _padded_by(info: dict[str, Any], step: int) -> tuple[int, int | None]:
     """(padding tokens of this sequence's row at ``step``, the row sequence that set the
     width)."""
@@ -222,7 +252,7 @@ def batch(case: Case) -> Diagnosis | None:
     if not isinstance(info, dict) or not isinstance(info.get("sequence"), int):
         return None
     i = int(info["sequence"])
-    for test in (_shared, _reads_other, _token_leak, _positions, _mask):
+    for test in (_shared, _reads_other, _token_leak, _values_leak, _positions, _mask):
         found = test(case, info, i)
         if found is not None:
             return found
