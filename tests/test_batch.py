@@ -180,6 +180,14 @@ def test_capture_batch_with_a_request_joining(tmp_path, model):
     assert dump.meta["batch"]["join_at"] == [0, 1]
     assert [s["rows"] for s in steps] == [[0], [0, 1], [0, 1], [1]]
     assert steps[1]["length"] == [1, 2] and steps[1]["start"] == [0, 0]
+    # a request arriving after the others finished runs at the next forward
+    run = _cli("capture", f"zoo:{model}", "--batch", "--tokens", "3,17", "--tokens", "11",
+               "--decode", "1", "--join-at", "9", "--out", "late.lsd", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    with lockstep.open_dump(tmp_path / "late.lsd") as dump:
+        assert dump.meta["batch"]["join_at"] == [0, 2]
+        assert [s["rows"] for s in dump.meta["batch"]["steps"]] == [[0], [0], [1], [1]]
+        assert dump.steps == [0, 1, 2, 3]
 
 
 @pytest.mark.parametrize("args, message", [

@@ -99,6 +99,8 @@ def batch_diff(ref_spec: str, cand_spec: str, out: str | Path, *,
     capture_batch(cand_spec, batched, tokens=ids, decode=decode, forced=forced,
                   padding=padding, join_at=joins[-1] or None, overwrite=True,
                   announce=announce, **(cand_options or {}))
+    with open_dump(batched) as dump:  # when each joined (an idle batch moves arrivals up)
+        joins = list((dump.meta.get("batch") or {}).get("join_at") or joins)
     parts = split_batch(batched, out, references=[str(p) for p in refs])
     results = tuple(compare(r, c, tolerances, mapping=mapping) for r, c in zip(refs, parts))
     return BatchComparison(results, tuple(tuple(p) for p in ids), padding, tuple(joins))

@@ -47,6 +47,9 @@ class BatchGeneration:
     tokens: list[list[int]]  #: per sequence, the token chosen at each of its steps
     logits: list[list[Tensor]]  #: per sequence, its float32 last-position logits per step
     steps: list[dict[str, Any]] = field(default_factory=list)  #: see ``BatchRunner.run_batch``
+    #: the forward each sequence joined at (its arrival, or the next forward when the batch
+    #: was idle until then)
+    joined: list[int] = field(default_factory=list)
 
 
 class _OwnPages:
@@ -92,20 +95,26 @@ class BatchRunner(Runner):
         seqs = [Sequence(r.prompt, cast(PagedKVCache, _OwnPages(self.page_size))
                          if self.bug == "batch_shared_kv" else cache) for r in requests]
         done = [0] * len(requests)  # forwards each sequence has run
-        out = BatchGeneration([[] for _ in requests], [[] for _ in requests])
-        step = 0
+        out = BatchGeneration([[] for _ in requests], [[] for _ in requests],
+                              joined=[0] * len(requests))
+        step = 0  # the scheduler's clock; an idle batch skips to the next request's arrival
         while any(d <= decode for d in done):
             rows = [i for i, r in enumerate(requests) if r.join_at <= step and done[i] <= decode]
-            if rows:
-                out.steps.append(self._step(cache, requests, seqs, rows, done, out))
-                for i in rows:
-                    done[i] += 1
-                    if done[i] <= decode:
-                        forced = requests[i].forced
-                        k = done[i] - 1
-                        fed = forced[k] if forced is not None and k < len(forced) \
-                            else out.tokens[i][-1]
-                        seqs[i].token_ids.append(fed)
+            if not rows:
+                step = min(r.join_at for i, r in enumerate(requests) if done[i] == 0)
+                continue
+            for i in rows:
+                if done[i] == 0:
+                    out.joined[i] = len(out.steps)
+            out.steps.append(self._step(cache, requests, seqs, rows, done, out))
+            for i in rows:
+                done[i] += 1
+                if done[i] <= decode:
+                    forced = requests[i].forced
+                    k = done[i] - 1
+                    fed = forced[k] if forced is not None and k < len(forced) \
+                        else out.tokens[i][-1]
+                    seqs[i].token_ids.append(fed)
             step += 1
         return out
 

@@ -164,7 +164,7 @@ class ZooEngine(TransformersTokenizerEngine):
                              on_forward=on_forward)
         result = runner.run_batch(requests, decode)
         if rec is not None:
-            rec.add_meta(batch={"layout": "padded", "padding": padding, "join_at": joins,
+            rec.add_meta(batch={"layout": "padded", "padding": padding, "join_at": result.joined,
                                 "prompts": [list(p) for p in prompts], "steps": result.steps,
                                 "generated_token_ids": result.tokens})
         return result
