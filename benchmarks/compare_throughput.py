@@ -9,7 +9,7 @@ is match; every pair is still measured in full). Then a child
 process opens both and runs ``lockstep.compare``, while this process samples the child's
 ``/proc/PID/status`` every 5 ms: anonymous memory (``RssAnon``: what compare allocates) apart
 from file pages mapped from the dumps (``RssFile``). The folder is removed afterwards,
-also when the run fails.
+also when the run fails or is stopped (Ctrl-C, SIGTERM, SIGHUP).
 
 Throughput counts the data of both dumps: (reference data + candidate data) / compare time.
 The dumps were just written, so their pages are in the OS's page cache: this measures
@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -126,14 +127,25 @@ def run_compare(ref: str, cand: str) -> dict[str, Any]:
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    out, _ = child.communicate()
-    done.set()
-    sampler.join()
+    try:
+        out, _ = child.communicate()
+    finally:  # interrupted: the child must not hold the dumps open while they are removed
+        done.set()
+        sampler.join()
+        if child.poll() is None:
+            child.kill()
+            child.wait()
     if child.returncode != 0:
         raise SystemExit(f"compare failed (exit {child.returncode})")
     result = json.loads(out.strip().splitlines()[-1])
     result.update({"peak_" + k: v for k, v in peak.items()})
     return result
+
+
+def _terminated(signum: int, frame: Any) -> None:
+    """SIGTERM (or SIGHUP) ends the run as Ctrl-C does: through the ``finally`` that removes
+    the temporary folder."""
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
                  f"{free / 1e9:.1f} GB free")
     print(f"python {sys.version.split()[0]}, numpy {np.__version__}, {os.cpu_count()} CPUs, "
           f"{len(os.sched_getaffinity(0))} usable; load average {os.getloadavg()[0]:.1f}")
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _terminated)
     figures = []
     for size in sizes:
         tmp = tempfile.mkdtemp(prefix="lockstep-cmp-", dir=args.tmp)
@@ -190,4 +204,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt as exc:
+        print(f"\nstopped ({exc or 'Ctrl-C'}); the temporary dumps were removed",
+              file=sys.stderr)
+        sys.exit(130)

@@ -132,10 +132,16 @@ def _dumps(obj: Any) -> str:
     return json.dumps(obj, ensure_ascii=True)
 
 
+def _writable(f: Path) -> bool:
+    """A regular file of the case itself: never a link (an earlier mutation may have made the
+    case's file a link to /etc/passwd, and writing through it would damage the machine)."""
+    return not f.is_symlink() and f.is_file()
+
+
 def _files(case: Path) -> list[Path]:
-    if case.is_file():
-        return [case]
-    return sorted(p for p in case.rglob("*") if p.is_file() and not p.is_symlink())
+    if case.is_symlink() or not case.is_dir():
+        return [case] if _writable(case) else []
+    return sorted(p for p in case.rglob("*") if _writable(p))
 
 
 def _pick_file(r: random.Random, case: Path) -> Path | None:
@@ -207,8 +213,8 @@ def _json_text(r: random.Random, obj: Any) -> str:
 
 
 def edit_index_line(r: random.Random, case: Path) -> str:
-    index = case / "index.jsonl" if case.is_dir() else None
-    if index is None or not index.is_file():
+    index = case / "index.jsonl" if case.is_dir() and not case.is_symlink() else None
+    if index is None or not _writable(index):
         return edit_json_file(r, case)
     lines = index.read_bytes().split(b"\n")
     i = r.randrange(max(len(lines) - 1, 1))
@@ -279,7 +285,7 @@ def replace_with(r: random.Random, case: Path, outside: Path) -> str:
 
 
 def empty_dir(r: random.Random, case: Path) -> str:
-    if case.is_dir():
+    if case.is_dir() and not case.is_symlink():
         shutil.rmtree(case)
         case.mkdir()
     return "empty directory"
@@ -287,7 +293,7 @@ def empty_dir(r: random.Random, case: Path) -> str:
 
 def shard_name(r: random.Random, case: Path) -> str:
     index = case / "model.safetensors.index.json"
-    if not index.is_file():
+    if case.is_symlink() or not _writable(index):
         return edit_index_line(r, case)
     data = json.loads(index.read_text())
     key = r.choice(list(data["weight_map"]))

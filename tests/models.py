@@ -49,6 +49,17 @@ def save_tiny(family: str, directory: Path) -> Path:
     return directory
 
 
+def save_good_and_bad(root: Path) -> Path:
+    """``root``/good: tiny("llama") saved; ``root``/bad: the same with layer 1's down_proj
+    weight times 1.5 (a bug that changes the scale from model.layers.1.mlp.down_proj on)."""
+    model = tiny("llama")
+    model.save_pretrained(root / "good")
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight.mul_(1.5)
+    model.save_pretrained(root / "bad")
+    return root
+
+
 def variant(model: Any, dtype: torch.dtype | None = None) -> Any:
     out = copy.deepcopy(model)
     return out.to(dtype) if dtype is not None else out

@@ -8,9 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-from models import tiny
+from models import save_good_and_bad
 
 LOCKSTEP = str(Path(sys.executable).with_name("lockstep"))
 
@@ -23,13 +22,7 @@ def lockstep(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    model = tiny("llama")
-    model.save_pretrained(root / "good")
-    with torch.no_grad():
-        model.model.layers[1].mlp.down_proj.weight.mul_(1.5)
-    model.save_pretrained(root / "bad")
-    return root
+    return save_good_and_bad(tmp_path_factory.mktemp("models"))
 
 
 def capture(models: Path, name: str, out: Path, *extra: str) -> None:

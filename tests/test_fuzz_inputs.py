@@ -44,3 +44,29 @@ def test_the_cases_are_seeded(tmp_path):
     made = [[fuzz.make_case(n, 7, bases, root).what for n in range(20)]
             for root in (first, second)]
     assert made[0] == made[1]
+
+
+def test_no_mutation_writes_through_a_link(tmp_path):
+    """A case's file replaced by a link to a file outside (the fuzzer also links to
+    /etc/passwd) is never written through: every mutation leaves the outside file as it was.
+    The fuzzer runs as root on CI machines; a write through the link once emptied
+    /etc/passwd."""
+    fuzz = _fuzzer()
+    outside = tmp_path / "outside.json"
+    outside.write_text('{"keep": 1}\n')
+    single = tmp_path / "single.safetensors"
+    single.symlink_to(outside)
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for name in ("index.jsonl", "model.safetensors.index.json", "adapter_config.json",
+                 "model.safetensors"):
+        (folder / name).symlink_to(outside)
+    mutations = (fuzz.truncate, fuzz.flip_bytes, fuzz.non_utf8, fuzz.edit_index_line,
+                 fuzz.edit_json_file, fuzz.shard_name, fuzz.empty_dir)
+    import random
+
+    for seed in range(20):
+        for mutate in mutations:
+            for case in (single, folder):
+                mutate(random.Random(seed), case)
+    assert outside.read_text() == '{"keep": 1}\n'

@@ -6,7 +6,6 @@ it); on exit every hook and patch it installed is removed, also when the body ra
 
 from __future__ import annotations
 
-import fnmatch
 import os
 import platform
 import sys
@@ -14,12 +13,14 @@ import time
 import weakref
 from collections import defaultdict
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from .._version import __version__
 from ..display import safe
 from ..errors import UsageError
+from ..store.sizing import SIZES, SizingWriter
 from ..store.writer import DumpWriter, check_name
+from .selection import Selection
 from .sink import Sink
 from .surface import Step
 from .tensors import Unrecordable, leaves, to_host
@@ -62,19 +63,6 @@ def probe(name: str, value: Any) -> Any:
     return value
 
 
-class _Patterns:
-    """Include/exclude glob patterns on recorded names (fnmatch syntax)."""
-
-    def __init__(self, include: Sequence[str] | None, exclude: Sequence[str] | None) -> None:
-        self.include = list(include or [])
-        self.exclude = list(exclude or [])
-
-    def __call__(self, name: str) -> bool:
-        if self.include and not any(fnmatch.fnmatchcase(name, p) for p in self.include):
-            return False
-        return not any(fnmatch.fnmatchcase(name, p) for p in self.exclude)
-
-
 class Recorder:
     """Captures tensors into one dump. Made by ``record``; see its docstring.
 
@@ -83,16 +71,19 @@ class Recorder:
     """
 
     def __init__(self, path: str | os.PathLike[str], *, meta: dict[str, Any] | None = None,
-                 data: bool = True, include: Sequence[str] | None = None,
+                 data: bool | str = True, include: Sequence[str] | None = None,
                  exclude: Sequence[str] | None = None, overwrite: bool = False,
-                 stats: bool = False, max_pending_bytes: int = 1 << 30) -> None:
+                 stats: bool = False, max_pending_bytes: int = 1 << 30,
+                 layers: Iterable[int] | None = None) -> None:
         header = {"lockstep_version": __version__, "created": time.time(),
                   "host": platform.node(), "stats_only": not data}
         header.update(meta or {})
         self.path = os.fspath(path)
-        self._sink = Sink(DumpWriter(path, header, overwrite=overwrite), keep_data=data,
-                          keep_stats=stats, max_pending_bytes=max_pending_bytes)
-        self.selected = _Patterns(include, exclude)
+        writer = (SizingWriter if data == SIZES else DumpWriter)(path, header,
+                                                                 overwrite=overwrite)
+        self._sink = Sink(writer, keep_data=bool(data), keep_stats=stats,
+                          max_pending_bytes=max_pending_bytes)
+        self.selected = Selection(include, exclude, layers)
         self.current_step = 0  #: the step that captures go to now
         self._ended = False  # the step ended: the next capture or step entry opens a new one
         self._calls: dict[str, int] = defaultdict(int)
@@ -289,7 +280,7 @@ class Recorder:
     @property
     def selective(self) -> bool:
         """Include/exclude patterns were given: ``wants`` can say no (else it never does)."""
-        return bool(self.selected.include or self.selected.exclude)
+        return self.selected.selective
 
     def add_undo(self, fn: Callable[[], Any]) -> Callable[[], None]:
         """Run ``fn`` when the recording closes, also when its body raised: every hook and
@@ -324,7 +315,8 @@ class Recorder:
         """
         from .modules import watch_module
 
-        patterns = _Patterns(include, exclude) if (include or exclude) else self.wants
+        patterns = Selection(include, exclude, self.selected.layers) if (include or exclude) \
+            else self.wants
         self.add_undo(watch_module(self, module, prefix=prefix, inputs=inputs,
                                    selected=patterns))
 
@@ -373,23 +365,26 @@ class Recorder:
 
 @contextmanager
 def record(path: str | os.PathLike[str], *, meta: dict[str, Any] | None = None,
-           data: bool = True, include: Sequence[str] | None = None,
+           data: bool | str = True, include: Sequence[str] | None = None,
            exclude: Sequence[str] | None = None, overwrite: bool = False,
-           stats: bool = False) -> Iterator[Recorder]:
+           stats: bool = False, layers: Iterable[int] | None = None) -> Iterator[Recorder]:
     """Record into a new dump directory at ``path``.
 
     ``data=False`` keeps statistics only (for huge runs). Records that keep their data
     leave their statistics to the reader (``Dump.stats`` computes them from the data), which
     lets each capture be written at once, with one copy; ``stats=True`` computes and stores
     them while recording, on the writer thread. ``include``/``exclude`` are glob patterns
-    on names. The dump is flushed at the end of every step and closed on exit; if the
-    body raises, the dump is still closed and notes the error.
+    on names; ``layers`` keeps only the records of these layers (by the first delimited
+    integer in a name) and every record of no layer. ``data="sizes"`` writes every record's
+    index line but not its data (``capture --dry-run``'s size estimate). The dump is flushed
+    at the end of every step and closed on exit; if the body raises, the dump is still
+    closed and notes the error.
     """
     global _ACTIVE
     if _ACTIVE is not None:
         raise UsageError(f"already recording to {_ACTIVE.path}; recordings cannot be nested")
     rec = Recorder(path, meta=meta, data=data, include=include, exclude=exclude,
-                   overwrite=overwrite, stats=stats)
+                   overwrite=overwrite, stats=stats, layers=layers)
     _ACTIVE = rec
     try:
         yield rec

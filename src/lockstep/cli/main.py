@@ -10,7 +10,14 @@ from .._version import __version__
 from ..engines.registry import kinds_epilog, kinds_with, recording, spec_help, takes
 from ..errors import LockstepError, UsageError
 from . import output
-from .options import add_report_files, add_weight_mapping, int_list, weight_rename
+from .options import (
+    add_report_files,
+    add_selection,
+    add_weight_mapping,
+    int_list,
+    selection,
+    weight_rename,
+)
 from .options import engine_options as _engine_options
 
 __all__ = ["main"]
@@ -101,6 +108,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="an engine option for the candidate, e.g. bug=wrong_kv_slot for "
                          "zoo: (repeatable)")
     df.add_argument("--out", default="lockstep-diff", help="where both dumps are kept")
+    add_selection(df)
     df.add_argument("--no-replay", action="store_true",
                     help="do not re-run the reference's ops on the candidate's inputs (the "
                          "dual test) around the divergence")
@@ -146,6 +154,9 @@ def _parser() -> argparse.ArgumentParser:
                      help=f"torch device of an {kinds_with('device')} engine (default cpu)")
     cap.add_argument("--stats-only", action="store_true", help="keep statistics, not data")
     cap.add_argument("--overwrite", action="store_true", help="replace an existing dump")
+    add_selection(cap)
+    cap.add_argument("--dry-run", action="store_true",
+                     help="write nothing: run once and print the bytes each step would take")
 
     r = sub.add_parser("run", help="record an unmodified Python program",
                        usage="lockstep run --out DIR [options] -- python program.py [args]")
@@ -257,7 +268,7 @@ def _diff(args: argparse.Namespace) -> int:
                   cand_options=_engine_options(args.candidate, args.cand_dtype,
                                                args.cand_opt),
                   tolerances=tolerances, mapping=mapping, replay=not args.no_replay,
-                  announce=output.say)
+                  announce=output.say, selection=selection(args))
     return _report(result, args)
 
 
@@ -275,7 +286,8 @@ def _batch_diff(args: argparse.Namespace, prompts: Any, tokens: Any, mapping: An
                                                     args.ref_opt),
                         cand_options=_engine_options(args.candidate, args.cand_dtype,
                                                      args.cand_opt),
-                        tolerances=tolerances, mapping=mapping, announce=output.say)
+                        tolerances=tolerances, mapping=mapping, selection=selection(args),
+                        announce=output.say)
     output.show(BatchReport(result, rows=0 if args.all else args.rows), args)
     return _VERDICT_EXIT[result.verdict]
 
@@ -305,15 +317,25 @@ def _capture(args: argparse.Namespace) -> int:
         options.setdefault("device", args.device)
     prompt, tokens = _prompts(args)
     if args.batch:
+        if args.dry_run:
+            raise UsageError("--dry-run sizes one prompt's capture; it does not take --batch")
         from ..workflows.batch import capture_batch
 
         capture_batch(args.engine, args.out, prompts=prompt, tokens=tokens, decode=args.decode,
                       padding=args.padding, join_at=args.join_at, overwrite=args.overwrite,
+                      data=not args.stats_only, selection=selection(args),
                       announce=output.say, **options)
+        return EXIT_OK
+    if args.dry_run:
+        from ..workflows.estimate import estimate
+
+        output.write_lines(estimate(args.engine, prompt=prompt, tokens=tokens,
+                                    decode=args.decode, data=not args.stats_only,
+                                    announce=output.say, **selection(args), **options).lines())
         return EXIT_OK
     capture(args.engine, args.out, prompt=prompt, tokens=tokens, decode=args.decode,
             data=not args.stats_only, overwrite=args.overwrite,
-            announce=output.say, **options)
+            announce=output.say, **selection(args), **options)
     return EXIT_OK
 
 

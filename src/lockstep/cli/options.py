@@ -68,3 +68,23 @@ def add_report_files(parser: Any, json_help: str = "also write the report as JSO
     for face in FACES:
         parser.add_argument(f"--{face.name}", metavar="FILE",
                             help=json_help if face.name == "json" else face.help)
+
+
+def add_selection(parser: Any) -> None:
+    """``--select GLOB``, ``--exclude GLOB``, ``--layers 0-3,10``: which records to keep."""
+    parser.add_argument("--select", action="append", metavar="GLOB",
+                        help="record only names matching this glob, e.g. 'model.layers.*.mlp' "
+                             "(repeatable; input_ids always)")
+    parser.add_argument("--exclude", action="append", metavar="GLOB",
+                        help="do not record names matching this glob (repeatable)")
+    parser.add_argument("--layers", metavar="LIST",
+                        help="record only these layers, e.g. 0-3,10 (records of no layer, "
+                             "such as the embeddings and logits, are kept)")
+
+
+def selection(args: Any) -> dict[str, Any]:
+    """The ``add_selection`` options as ``capture``'s keyword arguments."""
+    from ..capture.selection import parse_layers
+
+    return {"include": args.select, "exclude": args.exclude,
+            "layers": None if args.layers is None else parse_layers(args.layers)}

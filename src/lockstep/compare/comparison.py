@@ -28,6 +28,8 @@ from .diagnosis.run import diagnose_safely
 from .diagnosis.sampling import sampling_diagnosis
 from .metrics import ShapeMismatch, TensorMetrics, tensor_metrics
 from .pair_result import PairResult, decide, inherited_errors
+from .statistics import NOTE as STATS_NOTE
+from .statistics import by_statistics, stats_error
 from .token_check import TokenCheck
 from .tokens import check_tokens
 from .tolerance import Tolerance, Tolerances
@@ -71,6 +73,21 @@ class Comparison:
     replay: Any = None  #: lockstep.replay.Replay: the dual test around the divergence, if run
     step_match: StepMatch | None = None  #: which candidate step was compared as which
 
+    @property
+    def by_statistics(self) -> int:
+        """Measured pairs compared by their statistics alone (a side kept no data)."""
+        return sum(1 for p in self.results if by_statistics(p.note) and not math.isnan(p.error))
+
+    @property
+    def evidence(self) -> str:
+        """"data" (every measured pair compared element by element), "statistics" (every one
+        from statistics alone: agreement is "statistics agree", never a match) or "mixed"."""
+        n = self.by_statistics
+        if not n:
+            return "data"
+        return "statistics" if n == sum(1 for p in self.results if not math.isnan(p.error)) \
+            else "mixed"
+
     def __bool__(self) -> bool:
         """True for match and drift: the comparison could tell, and found no bug."""
         return self.verdict in ("match", "drift")
@@ -80,32 +97,23 @@ class Comparison:
         return tuple(sorted({r.step for r in self.results}))
 
 
-def _stats_error(ref: Dump, cand: Dump, r: Record, c: Record) -> float:
-    """A rough relative error from statistics alone (stats-only dumps)."""
-    rs = ref.stats(r) if r.has_data or r.stats else {}
-    cs = cand.stats(c) if c.has_data or c.stats else {}
-    if (rs.get("nan"), rs.get("inf")) != (cs.get("nan"), cs.get("inf")):
-        return math.inf
-    keys = ("mean", "std", "abs_max")
-    if any(rs.get(k) is None or cs.get(k) is None for k in keys):
-        return math.nan
-    scale = max(float(rs["std"]), abs(float(rs["mean"])), 1e-30)
-    return max(abs(float(cs[k]) - float(rs[k])) for k in keys) / scale
-
-
 def _measure(ref: Dump, cand: Dump, pair: Pair,
              tol: Tolerance) -> tuple[float, TensorMetrics | None, str | None]:
     r, c = pair.ref, pair.cand
     if not (r.has_data and c.has_data):
-        return _stats_error(ref, cand, r, c), None, "statistics only (no data recorded)"
+        return stats_error(ref, cand, r, c), None, STATS_NOTE
     try:
         ref_arr = apply_transform(pair.ref_transform, ref.read(r), ref.meta)
         cand_arr = apply_transform(pair.cand_transform, cand.read(c), merged_meta(ref, cand))
     except LockstepError as exc:  # a layout learnt elsewhere that does not fit this pair
         return math.nan, None, f"the layout transform does not fit: {exc}"
+    def trim() -> None:  # pages measured need not stay in this process
+        ref.trim()
+        cand.trim()
+
     try:
         m = tensor_metrics(ref_arr, cand_arr,
-                           logits=is_logits(r, ref.meta) or is_logits(c, cand.meta))
+                           logits=is_logits(r, ref.meta) or is_logits(c, cand.meta), trim=trim)
     except ShapeMismatch as exc:
         return math.nan, None, str(exc)
     finally:  # measured: its pages need not stay in this process

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -63,6 +64,8 @@ class TensorMetrics:
 #: elements per chunk: the chunk and its few temporaries stay in a core's L2 cache, and no
 #: temporary the size of the whole tensor (a 50 MB logits tensor) is ever made
 CHUNK = 1 << 16
+#: elements measured between two calls of tensor_metrics' ``trim`` (64 MB of float32)
+TRIM_EVERY = 1 << 24
 # a float32 sum of squares in this range neither overflowed nor lost its terms to underflow;
 # outside it the chunk's sums are taken again in float64
 _SAFE_SQ = (1e-30, 1e30)
@@ -169,12 +172,15 @@ class _Sums:
 
 
 def tensor_metrics(ref: np.ndarray, cand: np.ndarray, *, logits: bool = False,
-                   chunk: int = CHUNK) -> TensorMetrics:
+                   chunk: int = CHUNK, trim: Callable[[], None] | None = None) -> TensorMetrics:
     """Compare two float arrays of the same shape (size-1 dims ignored).
 
     Streamed in chunks of ``chunk`` elements (whole rows for logits): float32 inputs are
     measured in float32 with every sum carried in float64, and a chunk holding NaN, Inf or
-    values whose squares float32 cannot hold is measured in float64 instead."""
+    values whose squares float32 cannot hold is measured in float64 instead. ``trim`` is
+    called after every ``TRIM_EVERY`` elements: for arrays mapped from a dump, it lets the
+    pages already measured go (``Dump.trim``), so one huge tensor (the logits of a long
+    prompt) is not held in memory whole."""
     r = _squeeze(np.asarray(ref))
     c = _squeeze(np.asarray(cand))
     if r.shape != c.shape and (r.size or c.size):  # two empty tensors agree
@@ -189,9 +195,14 @@ def tensor_metrics(ref: np.ndarray, cand: np.ndarray, *, logits: bool = False,
     step = max(1, chunk // vocab) * vocab if vocab else chunk
     sums = _Sums(vocab)
     n = r.size
+    since_trim = 0
     for start in range(0, n, step):
         sums.add(start, rflat[start:start + step].astype(work, copy=False),
                  cflat[start:start + step].astype(work, copy=False))
+        since_trim += step
+        if trim is not None and since_trim >= TRIM_EVERY:
+            trim()
+            since_trim = 0
     same_nonfinite = sums.same_nonfinite
     flat_worst = sums.worst_at if same_nonfinite else sums.first_bad
     assert flat_worst is not None

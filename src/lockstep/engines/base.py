@@ -61,15 +61,18 @@ class Engine(ABC):
 
     def record_run(self, out: str | os.PathLike[str], meta: dict[str, Any],
                    prompt_ids: Sequence[int], decode: int, *,
-                   forced: Sequence[int] | None = None, data: bool = True,
+                   forced: Sequence[int] | None = None, data: bool | str = True,
                    overwrite: bool = False, include: Sequence[str] | None = None,
-                   on_step: Callable[[int], Any] | None = None) -> list[int]:
+                   on_step: Callable[[int], Any] | None = None,
+                   exclude: Sequence[str] | None = None,
+                   layers: Sequence[int] | None = None) -> list[int]:
         """Record ``generate`` into a new dump at ``out`` with ``meta`` in its header, and the
         greedy tokens as ``generated_token_ids``; ``on_step`` hears each step as it opens;
-        ``include``: only the records whose names match these globs."""
+        ``include``/``exclude``/``layers``: which records to keep (``lockstep.record``)."""
         from ..capture.recorder import record
 
-        with record(out, meta=meta, data=data, overwrite=overwrite, include=include) as rec:
+        with record(out, meta=meta, data=data, overwrite=overwrite, include=include,
+                    exclude=exclude, layers=layers) as rec:
             if on_step is not None:
                 on_step(rec.current_step)
                 rec.on_step = on_step

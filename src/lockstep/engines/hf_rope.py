@@ -39,7 +39,7 @@ def watch_rope(rec: RecorderSurface, model: Any) -> Iterator[bool]:
 
     def wrapped(*args: Any, **kwargs: Any) -> Any:
         out = original(*args, **kwargs)
-        if current:
+        if current and rec.wants(f"{current[-1]}.rope"):  # the recording's selection
             rec.capture(f"{current[-1]}.rope", out)
         return out
 

@@ -245,16 +245,20 @@ class IsolatedEngine(Engine):
 
     def record_run(self, out: str | os.PathLike[str], meta: dict[str, Any],
                    prompt_ids: Sequence[int], decode: int, *,
-                   forced: Sequence[int] | None = None, data: bool = True,
+                   forced: Sequence[int] | None = None, data: bool | str = True,
                    overwrite: bool = False, include: Sequence[str] | None = None,
-                   on_step: Callable[[int], Any] | None = None) -> list[int]:
+                   on_step: Callable[[int], Any] | None = None,
+                   exclude: Sequence[str] | None = None,
+                   layers: Sequence[int] | None = None) -> list[int]:
         self.step = None
         out = os.fspath(out)
         reply, _ = self._call({"op": "record", "out": os.path.abspath(out), "meta": meta,
                                "ids": [int(i) for i in prompt_ids], "decode": int(decode),
                                "forced": None if forced is None else [int(t) for t in forced],
                                "data": data, "overwrite": overwrite,
-                               "include": None if include is None else list(include)},
+                               "include": None if include is None else list(include),
+                               "exclude": None if exclude is None else list(exclude),
+                               "layers": None if layers is None else [int(i) for i in layers]},
                               "recording", dump=out, on_step=on_step)
         return [int(t) for t in reply["chosen"]]
 

@@ -109,6 +109,7 @@ def _handle(engine: Any, op: str, msg: dict[str, Any],
         chosen = engine.record_run(msg["out"], msg["meta"], msg["ids"], msg["decode"],
                                    forced=msg["forced"], data=msg["data"],
                                    overwrite=msg["overwrite"], include=msg.get("include"),
+                                   exclude=msg.get("exclude"), layers=msg.get("layers"),
                                    on_step=lambda step: chan.send({"step": step}))
         return {"chosen": chosen}, None
     if op == "step_times":

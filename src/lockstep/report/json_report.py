@@ -12,11 +12,13 @@ from ..atomic import write_json_file
 from ..compare.comparison import Comparison, DumpSummary
 from ..compare.metrics import TensorMetrics
 from ..compare.pair_result import PairResult
+from ..compare.statistics import CAN_SHOW, CANNOT_SHOW
 from ..jsontext import json_number, json_safe
 from ..store.reader import Record
 from .pair_status import status
 
-__all__ = ["SCHEMA_VERSION", "report_dict", "write_json", "write_report"]
+__all__ = ["SCHEMA_VERSION", "report_dict", "statistics_sentence", "write_json",
+           "write_report"]
 
 SCHEMA_VERSION = 1
 
@@ -63,12 +65,33 @@ def _side(s: DumpSummary) -> dict[str, Any]:
             "steps": list(s.steps), "meta": dict(s.meta)}
 
 
+def statistics_sentence(c: Comparison) -> str:
+    """What a match or drift verdict means when statistics measured some pairs."""
+    measured = sum(1 for p in c.results if not math.isnan(p.error))
+    head = ("every paired tensor's statistics agree within tolerance" if c.evidence ==
+            "statistics" else f"{c.by_statistics} of {measured} pairs kept no data and their "
+            f"statistics agree within tolerance; the {measured - c.by_statistics} with data: "
+            f"{c.verdict}")
+    return (f"{head}. No data was compared for those pairs: this is not a match, only the "
+            "absence of a difference statistics can show")
+
+
+def _statistics(c: Comparison) -> dict[str, Any] | None:
+    if c.evidence == "data":
+        return None
+    return {"pairs": c.by_statistics,
+            "meaning": statistics_sentence(c) if c.verdict in ("match", "drift") else None,
+            "can_show": list(CAN_SHOW), "cannot_show": list(CANNOT_SHOW)}
+
+
 def report_dict(c: Comparison) -> dict[str, Any]:
     """The whole comparison as the documented JSON object."""
     return {
         "schema": SCHEMA_VERSION,
         "lockstep_version": __version__,
         "verdict": c.verdict,
+        "evidence": c.evidence,
+        "statistics": _statistics(c),
         "first_divergence": pair_dict(c.first_divergence) if c.first_divergence else None,
         "diagnosis": c.diagnosis.as_dict() if c.diagnosis is not None else None,
         "coverage": c.coverage.as_dict() if c.coverage is not None else None,

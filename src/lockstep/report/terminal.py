@@ -19,10 +19,11 @@ from ..compare.comparison import Comparison, DumpSummary
 from ..compare.coverage import Gap
 from ..compare.diagnosis import Diagnosis
 from ..compare.pair_result import PairResult
+from ..compare.statistics import CAN_SHOW, CANNOT_SHOW
 from ..display import text as _text
 from ..textfmt import fmt
 from .base import Report
-from .json_report import report_dict
+from .json_report import report_dict, statistics_sentence
 from .pair_status import status
 
 __all__ = ["ComparisonReport", "VERDICT_STYLE", "VERDICT_TEXT"]
@@ -38,7 +39,7 @@ VERDICT_TEXT = {
     "incomplete": "what decides the verdict was not all compared: lockstep cannot tell",
 }
 _STATUS_STYLE = {"match": "green", "drift": "yellow", "jump": "bold red",
-                 "inherited": "red", "incomparable": "magenta"}
+                 "inherited": "red", "incomparable": "magenta", "statistics agree": "cyan"}
 
 
 
@@ -206,6 +207,26 @@ def _error_path(c: Comparison) -> Table:
     return grid
 
 
+def _verdict_line(c: Comparison) -> Text:
+    """The verdict; agreement measured from statistics alone is never called a match."""
+    if c.evidence == "data" or c.verdict not in ("match", "drift"):
+        return Text.assemble((c.verdict.upper(), VERDICT_STYLE[c.verdict]), "  ",
+                             VERDICT_TEXT[c.verdict])
+    return Text.assemble(("STATISTICS AGREE", "bold cyan"), "  ", statistics_sentence(c))
+
+
+def _statistics_limits(c: Comparison) -> Group:
+    """What the statistics of a stats-only capture can and cannot show."""
+    body: list[Any] = [Text(f"{c.by_statistics} pairs were compared by their statistics "
+                            "alone (min, max, mean, std, abs_max, NaN/Inf/zero counts)",
+                            style="bold")]
+    for head, lines in (("statistics can show", CAN_SHOW),
+                        ("statistics cannot show", CANNOT_SHOW)):
+        body.append(Text(head, style="underline"))
+        body += [Text(f"- {line}") for line in lines]
+    return Group(Text(""), *body)
+
+
 @dataclass
 class ComparisonReport(Report):
     """Renders a Comparison: sides, verdict, first divergence, the pairs, what is unpaired;
@@ -226,9 +247,9 @@ class ComparisonReport(Report):
         c = self.comparison
         yield _side("reference", c.reference)
         yield _side("candidate", c.candidate)
-        verdict = Text.assemble((c.verdict.upper(), VERDICT_STYLE[c.verdict]), "  ",
-                                VERDICT_TEXT[c.verdict])
-        body: list[Any] = [verdict]
+        body: list[Any] = [_verdict_line(c)]
+        if c.evidence != "data":
+            body.append(_statistics_limits(c))
         if c.verdict != "match":
             body.append(_error_path(c))
         if c.step_match is not None and c.step_match.noteworthy:

@@ -22,7 +22,10 @@ from .shapes import shape_problem
 from .stats import array_stats
 from .writer import DATA_FILE, FORMAT_NAME, FORMAT_VERSION, INDEX_FILE
 
-__all__ = ["Record", "Dump", "open_dump"]
+__all__ = ["Record", "Dump", "open_dump", "RESIDENT_BYTES"]
+
+#: data bytes a dump hands out before it drops its mapped pages from the process (Dump.trim)
+RESIDENT_BYTES = 256 << 20
 
 
 
@@ -133,6 +136,7 @@ class Dump:
         self._by_key = {r.key: r for r in records}
         self._file = None
         self._map: mmap.mmap | None = None
+        self._handed = 0  # bytes of data handed out since the mapping was last trimmed
         if data_size:
             self._file = open(path / DATA_FILE, "rb")
             self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
@@ -167,8 +171,26 @@ class Dump:
         if record.numel == 0:
             return np.empty(record.shape, dtype=dt.storage)
         assert self._map is not None
+        nbytes = record.nbytes or 0
+        self._handed += nbytes
+        if self._handed > RESIDENT_BYTES:  # a pass over many tensors: keep it bounded
+            self.trim()
+            self._handed = nbytes
         arr = np.frombuffer(self._map, dtype=dt.storage, count=record.numel, offset=record.offset)
         return arr.reshape(record.shape)
+
+    def trim(self) -> None:
+        """Drop every mapped page of the data from this process. The pages stay in the OS's
+        page cache, and arrays already handed out stay valid: reading them maps the pages
+        again. ``raw`` does this by itself once it has handed out ``RESIDENT_BYTES``, so a
+        pass over a dump larger than memory holds about that much of it."""
+        if self._map is None:
+            return
+        try:
+            self._map.madvise(mmap.MADV_DONTNEED)
+        except (OSError, AttributeError, ValueError):  # a platform without it: keep the pages
+            pass
+        self._handed = 0
 
     def release(self, record: Record) -> None:
         """Unmap the pages of ``record``'s data from this process (they stay in the OS's page

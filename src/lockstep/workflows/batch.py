@@ -29,6 +29,14 @@ def join_steps(count: int, join_at: int | None) -> list[int]:
     return [0] * (count - 1) + [join_at or 0]
 
 
+def _selection(selection: dict[str, Any] | None) -> dict[str, Any]:
+    """The recorder's selection arguments (``input_ids`` always kept)."""
+    out = dict(selection or {})
+    if out.get("include") is not None:
+        out["include"] = [*out["include"], "input_ids"]
+    return out
+
+
 def _prompt_ids(engine: Any, prompts: Sequence[str] | None,
                 tokens: Sequence[Sequence[int]] | None) -> list[list[int]]:
     ids = [list(t) for t in tokens] if tokens else [engine.tokenize(p) for p in prompts or ()]
@@ -41,10 +49,12 @@ def capture_batch(spec: str, out: str | Path, *, prompts: Sequence[str] | None =
                   tokens: Sequence[Sequence[int]] | None = None, decode: int = 0,
                   forced: Sequence[Sequence[int] | None] | None = None,
                   padding: str = "left", join_at: int | None = None, overwrite: bool = False,
+                  data: bool = True, selection: dict[str, Any] | None = None,
                   announce: Callable[[str], Any] = lambda m: None,
                   **engine_options: Any) -> list[list[int]]:
     """Record ``spec`` running the prompts as one batch into ``out``; returns each
-    sequence's chosen tokens."""
+    sequence's chosen tokens. ``selection``: ``include``/``exclude``/``layers``, as for
+    ``capture``."""
     from ..capture.recorder import record
 
     engine = open_engine(spec, isolate=False, **engine_options)
@@ -56,7 +66,8 @@ def capture_batch(spec: str, out: str | Path, *, prompts: Sequence[str] | None =
                  + (f", the last joining at step {join_at}" if join_at else "")
                  + f") + {decode} decode steps into {out}")
         meta = {**engine.meta(), "decode": decode}
-        with record(out, meta=meta, overwrite=overwrite) as rec:
+        with record(out, meta=meta, overwrite=overwrite, data=data,
+                    **_selection(selection)) as rec:
             chosen = engine.generate_batch(rec, ids, decode, forced=forced, padding=padding,
                                            join_at=joins)
     return chosen
@@ -69,10 +80,11 @@ def batch_diff(ref_spec: str, cand_spec: str, out: str | Path, *,
                ref_options: dict[str, Any] | None = None,
                cand_options: dict[str, Any] | None = None,
                tolerances: Tolerances | None = None, mapping: Any = None,
+               selection: dict[str, Any] | None = None,
                announce: Callable[[str], Any] = lambda m: None) -> BatchComparison:
     """Record the reference on each prompt alone (``out``/reference-I.lsd), the candidate on
     all of them as one batch (``out``/candidate.lsd, split into candidate-I.lsd), and
-    compare each sequence with its reference."""
+    compare each sequence with its reference. ``selection``: which records both keep."""
     out = Path(out)
     count = len(tokens or prompts or ())
     joins = join_steps(count, join_at)
@@ -89,7 +101,8 @@ def batch_diff(ref_spec: str, cand_spec: str, out: str | Path, *,
             announce(f"lockstep: recording the reference on prompt {i} alone "
                      f"({len(prompt)} tokens + {decode} decode steps)")
             engine.record_run(refs[-1], {**engine.meta(), "prompt_token_ids": prompt,
-                                         "decode": decode}, prompt, decode, overwrite=True)
+                                         "decode": decode}, prompt, decode, overwrite=True,
+                              **_selection(selection))
     forced: list[list[int] | None] = []
     for path in refs:
         with open_dump(path) as ref:
@@ -98,7 +111,7 @@ def batch_diff(ref_spec: str, cand_spec: str, out: str | Path, *,
     batched = out / "candidate.lsd"
     capture_batch(cand_spec, batched, tokens=ids, decode=decode, forced=forced,
                   padding=padding, join_at=joins[-1] or None, overwrite=True,
-                  announce=announce, **(cand_options or {}))
+                  selection=selection, announce=announce, **(cand_options or {}))
     with open_dump(batched) as dump:  # when each joined (an idle batch moves arrivals up)
         joins = list((dump.meta.get("batch") or {}).get("join_at") or joins)
     parts = split_batch(batched, out, references=[str(p) for p in refs])

@@ -32,16 +32,19 @@ def diff(ref_spec: str, cand_spec: str, out: str | Path, *, prompt: str | None =
          ref_options: dict[str, Any] | None = None, cand_options: dict[str, Any] | None = None,
          tolerances: Tolerances | None = None, mapping: MappingFile | None = None,
          overwrite: bool = True, replay: bool = True,
-         announce: Callable[[str], Any] = lambda m: None) -> Comparison:
+         announce: Callable[[str], Any] = lambda m: None,
+         selection: dict[str, Any] | None = None) -> Comparison:
     """Record both engines into ``out``/reference.lsd and ``out``/candidate.lsd; compare.
     With ``replay``, a reference engine with a module tree re-runs its ops around the
-    divergence on the candidate's inputs (``lockstep.replay``)."""
+    divergence on the candidate's inputs (``lockstep.replay``). ``selection``: ``capture``'s
+    ``include``/``exclude``/``layers``, for both engines."""
     out = Path(out)
     ref_dump = recording(ref_spec)
     if ref_dump is None:
         ref_dump = out / "reference.lsd"
         capture(ref_spec, str(ref_dump), prompt=prompt, tokens=tokens, decode=decode,
-                overwrite=overwrite, announce=announce, **(ref_options or {}))
+                overwrite=overwrite, announce=announce, **(selection or {}),
+                **(ref_options or {}))
     with open_dump(ref_dump) as ref:
         ids = ref.meta.get("prompt_token_ids")
         decode = int(ref.meta.get("decode", max(ref.steps, default=0)))
@@ -54,7 +57,7 @@ def diff(ref_spec: str, cand_spec: str, out: str | Path, *, prompt: str | None =
         cand_dump = out / "candidate.lsd"
         capture(cand_spec, str(cand_dump), tokens=ids, decode=decode,
                 forced=None if free_running else forced, overwrite=overwrite,
-                announce=announce, **(cand_options or {}))
+                announce=announce, **(selection or {}), **(cand_options or {}))
     result = compare(ref_dump, cand_dump, tolerances, mapping=mapping)
     if replay and recording(ref_spec) is None:
         result = replay_diff(ref_spec, result, ref_options or {}, tolerances=tolerances,

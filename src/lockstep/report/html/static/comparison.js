@@ -28,8 +28,10 @@ LS.pairTip = function (p, extra) {
 LS.renderComparison = function (root, d, words) {
   var pairs = d.pairs || [], fd = d.first_divergence;
   var steps = (d.summary && d.summary.steps) || [];
-  var sentence = (words && words[d.verdict]) || "";
-  root.appendChild(LS.banner(d.verdict, d.verdict, sentence +
+  var sentence = (words && words[d.verdict]) || "", head = d.verdict;
+  var st = d.statistics;  // measured from statistics alone: never called a match
+  if (st && st.meaning) { head = "statistics agree"; sentence = st.meaning + "."; }
+  root.appendChild(LS.banner(d.verdict, head, sentence +
     (fd ? " First divergence: step " + fd.step + ", " + LS.pairName(fd) + "." : "")));
   var sides = LS.el("div", {className: "sides"});
   [["reference", d.reference_dump], ["candidate", d.candidate_dump]].forEach(function (s) {
