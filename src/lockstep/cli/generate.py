@@ -48,6 +48,14 @@ def register(sub: Any) -> None:
     g.add_argument("--max-kl", type=float, default=MAX_KL, metavar="X",
                    help="a prompt whose mean KL(reference || candidate) is above X nats "
                         f"diverges, even where the top tokens agree (default {MAX_KL})")
+    g.add_argument("--batch", action="store_true",
+                   help="run the candidate on all the prompts as one batch (the reference "
+                        "runs each alone)")
+    g.add_argument("--padding", choices=("left", "right"), default="left",
+                   help="with --batch: where the shorter prompts are padded (default left)")
+    g.add_argument("--join-at", type=int, metavar="STEP",
+                   help="with --batch: the last prompt joins at this step while the others "
+                        "decode (continuous batching)")
     g.add_argument("--no-localize", action="store_true",
                    help="do not record and compare tensors where a prompt diverges")
     g.add_argument("--out", default="lockstep-generate", metavar="DIR",
@@ -74,6 +82,8 @@ def run(args: argparse.Namespace) -> int:
         from ..align.mapping import load_mapping
 
         mapping = load_mapping(args.mapping)
+    if args.join_at is not None and not args.batch:
+        raise UsageError("--join-at needs --batch")
     if args.tokens is not None:
         if args.chat:
             raise UsageError("--chat applies a chat template to text; it cannot go with --tokens")
@@ -97,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
             out=args.out,
             ref_options=ref_options, cand_options=cand_options,
             progress=lambda done, total: progress.update(task, completed=done, total=total),
-            announce=announce, mapping=mapping)
+            announce=announce, mapping=mapping,
+            batch={"padding": args.padding, "join_at": args.join_at} if args.batch else None)
     output.show(GenerationReport(result, rows=args.rows), args)
     return EXIT_OK if result else EXIT_FAILED

@@ -40,6 +40,32 @@ def _compare_options(c: argparse.ArgumentParser) -> None:
                    "that pair differently named records, ignores, tolerances")
 
 
+def _batch_options(c: argparse.ArgumentParser, command: str) -> None:
+    c.add_argument("--batch", action="store_true",
+                   help="run the candidate on every prompt as one batch" if command == "diff"
+                   else "run the engine on every prompt as one batch (docs/batching.md)")
+    c.add_argument("--padding", choices=("left", "right"), default="left",
+                   help="where the batch pads the shorter prompts (default left)")
+    c.add_argument("--join-at", type=int, metavar="STEP",
+                   help="continuous batching: the last prompt joins the batch at this step, "
+                        "while the others decode")
+
+
+def _prompts(args: argparse.Namespace) -> tuple[Any, Any]:
+    """(the prompt texts, the prompt token lists): lists with --batch, one prompt without."""
+    prompts, tokens = args.prompt, args.tokens
+    given = len(prompts or tokens or ())
+    if not args.batch:
+        if given > 1:
+            raise UsageError("several prompts need --batch")
+        if args.join_at is not None:
+            raise UsageError("--join-at needs --batch")
+        return (prompts[0] if prompts else None), (tokens[0] if tokens else None)
+    if given < 2:
+        raise UsageError("--batch needs two or more prompts: repeat --prompt or --tokens")
+    return prompts, tokens
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="lockstep",
@@ -64,8 +90,11 @@ def _parser() -> argparse.ArgumentParser:
     df.add_argument("reference", help=spec_help(recordings=True))
     df.add_argument("candidate", help="engine spec, as for the reference")
     src = df.add_mutually_exclusive_group()
-    src.add_argument("--prompt", help="prompt text (tokenized by the reference)")
-    src.add_argument("--tokens", type=int_list, help="prompt token ids, e.g. 1,2,3")
+    src.add_argument("--prompt", action="append", help="prompt text (tokenized by the "
+                     "reference); repeat it with --batch")
+    src.add_argument("--tokens", type=int_list, action="append",
+                     help="prompt token ids, e.g. 1,2,3; repeat it with --batch")
+    _batch_options(df, "diff")
     df.add_argument("--decode", type=int, default=0, metavar="N", help="greedy decode steps")
     df.add_argument("--free-running", action="store_true",
                     help="let the candidate feed its own tokens (default: the reference's)")
@@ -109,8 +138,11 @@ def _parser() -> argparse.ArgumentParser:
                          epilog=kinds_epilog())
     cap.add_argument("engine", help=spec_help())
     src = cap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt", help="prompt text (the model's tokenizer is used)")
-    src.add_argument("--tokens", type=int_list, help="prompt token ids, e.g. 1,2,3")
+    src.add_argument("--prompt", action="append", help="prompt text (the model's tokenizer "
+                     "is used); repeat it with --batch")
+    src.add_argument("--tokens", type=int_list, action="append",
+                     help="prompt token ids, e.g. 1,2,3; repeat it with --batch")
+    _batch_options(cap, "capture")
     cap.add_argument("--decode", type=int, default=0, metavar="N", help="greedy decode steps")
     cap.add_argument("--out", required=True, help="dump directory to create")
     cap.add_argument("--dtype", default="float32",
@@ -228,14 +260,37 @@ def _diff(args: argparse.Namespace) -> int:
     if args.prompt is None and args.tokens is None and recording(args.reference) is None:
         raise UsageError("give the prompt: --prompt TEXT or --tokens 1,2,3")
     mapping, tolerances = _mapping(args)
-    result = diff(args.reference, args.candidate, args.out, prompt=args.prompt,
-                  tokens=args.tokens, decode=args.decode, free_running=args.free_running,
+    prompt, tokens = _prompts(args)
+    if args.batch:
+        return _batch_diff(args, prompt, tokens, mapping, tolerances)
+    result = diff(args.reference, args.candidate, args.out, prompt=prompt,
+                  tokens=tokens, decode=args.decode, free_running=args.free_running,
                   ref_options=_engine_options(args.reference, args.ref_dtype, args.ref_opt),
                   cand_options=_engine_options(args.candidate, args.cand_dtype,
                                                args.cand_opt),
                   tolerances=tolerances, mapping=mapping, replay=not args.no_replay,
                   announce=output.say, selection=selection(args))
     return _report(result, args)
+
+
+def _batch_diff(args: argparse.Namespace, prompts: Any, tokens: Any, mapping: Any,
+                tolerances: Any) -> int:
+    from ..report.batch import BatchReport
+    from ..workflows.batch import batch_diff
+
+    if recording(args.reference) is not None or recording(args.candidate) is not None:
+        raise UsageError("--batch runs both engines: give engine specs, not dump:DIR")
+    result = batch_diff(args.reference, args.candidate, args.out, prompts=prompts,
+                        tokens=tokens, decode=args.decode, padding=args.padding,
+                        join_at=args.join_at, free_running=args.free_running,
+                        ref_options=_engine_options(args.reference, args.ref_dtype,
+                                                    args.ref_opt),
+                        cand_options=_engine_options(args.candidate, args.cand_dtype,
+                                                     args.cand_opt),
+                        tolerances=tolerances, mapping=mapping, selection=selection(args),
+                        announce=output.say)
+    output.show(BatchReport(result, rows=0 if args.all else args.rows), args)
+    return _VERDICT_EXIT[result.verdict]
 
 
 def _replay(args: argparse.Namespace) -> int:
@@ -261,14 +316,25 @@ def _capture(args: argparse.Namespace) -> int:
     options = _engine_options(args.engine, args.dtype, args.opt)
     if takes(args.engine, "device"):
         options.setdefault("device", args.device)
+    prompt, tokens = _prompts(args)
+    if args.batch:
+        if args.dry_run:
+            raise UsageError("--dry-run sizes one prompt's capture; it does not take --batch")
+        from ..workflows.batch import capture_batch
+
+        capture_batch(args.engine, args.out, prompts=prompt, tokens=tokens, decode=args.decode,
+                      padding=args.padding, join_at=args.join_at, overwrite=args.overwrite,
+                      data=not args.stats_only, selection=selection(args),
+                      announce=output.say, **options)
+        return EXIT_OK
     if args.dry_run:
         from ..workflows.estimate import estimate
 
-        output.write_lines(estimate(args.engine, prompt=args.prompt, tokens=args.tokens,
+        output.write_lines(estimate(args.engine, prompt=prompt, tokens=tokens,
                                     decode=args.decode, data=not args.stats_only,
                                     announce=output.say, **selection(args), **options).lines())
         return EXIT_OK
-    capture(args.engine, args.out, prompt=args.prompt, tokens=args.tokens, decode=args.decode,
+    capture(args.engine, args.out, prompt=prompt, tokens=tokens, decode=args.decode,
             data=not args.stats_only, overwrite=args.overwrite,
             announce=output.say, **selection(args), **options)
     return EXIT_OK

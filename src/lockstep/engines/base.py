@@ -80,6 +80,33 @@ class Engine(ABC):
             rec.add_meta(generated_token_ids=chosen)
         return chosen
 
+    def can_batch(self) -> bool:
+        """Whether the engine runs batches (overrides ``generate_batch``)."""
+        return type(self).generate_batch is not Engine.generate_batch
+
+    def no_batch(self) -> UsageError:
+        """The error for a batch asked of an engine that cannot run one."""
+        return UsageError(f"{self.spec}: the {self.name} engine cannot run a batch (--batch); "
+                          "the zoo engine can")
+
+    def generate_batch(self, rec: Recorder, prompts: Sequence[Sequence[int]], decode: int, *,
+                       forced: Sequence[Sequence[int] | None] | None = None,
+                       padding: str = "left", join_at: Sequence[int] | None = None
+                       ) -> list[list[int]]:
+        """Record ``prompts`` run as one batch: each step is one forward of the sequences
+        running then, and the dump's ``batch`` metadata says which row is which sequence and
+        where its real tokens are (docs/batching.md). ``join_at[i]``: the batch step sequence
+        i joins at (continuous batching). Returns each sequence's chosen tokens."""
+        raise self.no_batch()
+
+    def decode_logits_batch(self, prompts: Sequence[Sequence[int]], steps: int, *,
+                            forced: Sequence[Sequence[int] | None] | None = None,
+                            padding: str = "left", join_at: Sequence[int] | None = None
+                            ) -> list[tuple[list[int], np.ndarray]]:
+        """``decode_logits`` of every prompt, run as one batch (as ``generate_batch`` runs
+        them): per prompt, its tokens and its (steps, vocab) logits."""
+        raise self.no_batch()
+
     def decode_logits(self, prompt_ids: Sequence[int], steps: int, *,
                       forced: Sequence[int] | None = None) -> tuple[list[int], np.ndarray]:
         """Greedy decoding without recording: ``steps`` generated tokens and their logits.

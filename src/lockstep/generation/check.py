@@ -41,9 +41,15 @@ class Clock:
 
     def __init__(self) -> None:
         self.seconds: dict[int, float] = {}
+        #: runs done ahead, as one batch: (engine, prompt, steps, forced) -> tokens, logits
+        self.done: dict[tuple[int, tuple[int, ...], int, tuple[int, ...] | None],
+                        tuple[list[int], np.ndarray]] = {}
 
     def decode(self, engine: Engine, ids: Sequence[int], steps: int,
                forced: Sequence[int] | None = None) -> tuple[list[int], np.ndarray]:
+        key = (id(engine), tuple(ids), steps, None if forced is None else tuple(forced))
+        if key in self.done:
+            return self.done[key]
         t0 = time.perf_counter()
         tokens, logits = engine.decode_logits(ids, steps, forced=forced)
         self.seconds[id(engine)] = self.seconds.get(id(engine), 0.0) + time.perf_counter() - t0
@@ -53,6 +59,54 @@ class Clock:
                                 f"and logits of shape {logits.shape}, expected {steps} tokens "
                                 f"and ({steps}, vocab)")
         return [int(t) for t in tokens], logits
+
+
+def _batch_ahead(clock: _Clock, ref: Engine, cand: Engine, ids: list[list[int]], steps: int,
+                 batch: dict[str, Any]) -> None:
+    """Run the candidate on every prompt as one batch, free-running and fed the reference's
+    tokens, and keep the runs for the per-prompt check (the reference runs each alone)."""
+    from ..workflows.batch import join_steps
+
+    joins = join_steps(len(ids), batch.get("join_at"))
+    padding = str(batch.get("padding") or "left")
+    ref_tokens = [clock.decode(ref, p, steps)[0] for p in ids]
+    t0 = time.perf_counter()
+    free = cand.decode_logits_batch(ids, steps, padding=padding, join_at=joins)
+    fed = cand.decode_logits_batch(ids, steps, forced=ref_tokens, padding=padding,
+                                   join_at=joins)
+    clock.seconds[id(cand)] = clock.seconds.get(id(cand), 0.0) + time.perf_counter() - t0
+    for p, tokens, run, forced_run in zip(ids, ref_tokens, free, fed):
+        clock.done[(id(cand), tuple(p), steps, None)] = run
+        clock.done[(id(cand), tuple(p), steps, tuple(tokens))] = forced_run
+
+
+def _localize_batch(results: list[PromptResult], ref_spec: str, cand_spec: str, out: Path,
+                    ref_options: dict[str, Any], cand_options: dict[str, Any],
+                    batch: dict[str, Any], announce: Callable[[str], Any],
+                    mapping: Any = None) -> list[PromptResult]:
+    """Record the reference on each prompt alone and the candidate on all as one batch, up
+    to the last first split, and give each diverged prompt its sequence's comparison."""
+    from ..workflows.batch import batch_diff
+
+    steps = [r.diverged_step for r in results if r.diverged_step is not None]
+    if not steps:
+        return results
+    where = out / "batch"
+    announce(f"lockstep: {len(steps)} prompts diverge in the batch: recording both engines up "
+             f"to step {max(steps)} into {where}")
+    try:
+        found = batch_diff(ref_spec, cand_spec, where, tokens=[list(r.prompt_ids)
+                                                                for r in results],
+                           decode=max(steps), padding=str(batch.get("padding") or "left"),
+                           join_at=batch.get("join_at"), ref_options=ref_options,
+                           cand_options=cand_options, mapping=mapping)
+    except LockstepError as exc:
+        return [r if r.diverged_step is None else replace(
+            r, localization=Localization(r.diverged_step, str(where), None, str(exc)))
+            for r in results]
+    return [r if r.diverged_step is None else replace(
+        r, localization=Localization(r.diverged_step, str(where), found.sequences[i]))
+        for i, r in enumerate(results)]
 
 
 def _prompt_ids(engine: Engine, prompt: Prompt, index: int) -> list[int]:
@@ -138,7 +192,8 @@ def check_generation(reference: str, candidate: str, prompts: Sequence[Prompt | 
                      cand_options: dict[str, Any] | None = None,
                      progress: Callable[[int, int], Any] | None = None,
                      announce: Callable[[str], Any] = lambda m: None,
-                     mapping: Any = None) -> GenerationResult:
+                     mapping: Any = None,
+                     batch: dict[str, Any] | None = None) -> GenerationResult:
     """Greedy-decode ``max_new_tokens`` tokens of each prompt on both engines and compare.
 
     ``reference`` and ``candidate`` are engine specs (``hf:DIR``, ``llamacpp:FILE.gguf``, ...);
@@ -150,7 +205,9 @@ def check_generation(reference: str, candidate: str, prompts: Sequence[Prompt | 
     diverges even where the top tokens agree. With ``localize``, each prompt's first real
     split (or first step over ``max_kl``) is recorded under ``out`` and its tensors compared.
     ``progress(done, total)`` is called after each prompt. ``mapping`` (a MappingFile) pairs
-    the tensors compared where a prompt diverges.
+    the tensors compared where a prompt diverges. ``batch`` (``{"padding": "left",
+    "join_at": None}``) runs the candidate on all the prompts as one batch (the reference
+    runs each alone; docs/batching.md).
     """
     if max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
@@ -167,6 +224,8 @@ def check_generation(reference: str, candidate: str, prompts: Sequence[Prompt | 
     clock = Clock()
     ref = open_engine(reference, **ref_options)
     cand = open_engine(candidate, **cand_options)
+    if batch is not None and not cand.can_batch():
+        raise cand.no_batch()
     results: list[PromptResult] = []
     try:
         announce(f"lockstep: loading {reference}")
@@ -176,6 +235,8 @@ def check_generation(reference: str, candidate: str, prompts: Sequence[Prompt | 
         load_s = time.perf_counter() - start
         ids = [_prompt_ids(ref, p, i) for i, p in enumerate(items)]
         sides = Side(reference, ref.meta()), Side(candidate, cand.meta())
+        if batch is not None:
+            _batch_ahead(clock, ref, cand, ids, settings.max_new_tokens, batch)
         for i, (prompt, prompt_ids) in enumerate(zip(items, ids)):
             results.append(run_prompt(i, prompt, prompt_ids, ref, cand, clock, settings))
             if progress is not None:
@@ -184,7 +245,10 @@ def check_generation(reference: str, candidate: str, prompts: Sequence[Prompt | 
         cand.close()
         ref.close()
     t0 = time.perf_counter()
-    if localize:
+    if localize and batch is not None:
+        results = _localize_batch(results, reference, candidate, Path(out), ref_options,
+                                  cand_options, batch, announce, mapping)
+    elif localize:
         results = [_localize(r, reference, candidate, Path(out), ref_options, cand_options,
                              announce, mapping) if r.diverged_step is not None else r
                    for r in results]

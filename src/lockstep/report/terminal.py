@@ -26,9 +26,9 @@ from .base import Report
 from .json_report import report_dict, statistics_sentence
 from .pair_status import status
 
-__all__ = ["ComparisonReport", "VERDICT_TEXT"]
+__all__ = ["ComparisonReport", "VERDICT_STYLE", "VERDICT_TEXT"]
 
-_VERDICT_STYLE = {"match": "bold green", "drift": "bold yellow", "diverged": "bold red",
+VERDICT_STYLE = {"match": "bold green", "drift": "bold yellow", "diverged": "bold red",
                   "incomplete": "bold magenta"}
 #: one sentence per verdict, as every face of the report says it
 VERDICT_TEXT = {
@@ -210,7 +210,7 @@ def _error_path(c: Comparison) -> Table:
 def _verdict_line(c: Comparison) -> Text:
     """The verdict; agreement measured from statistics alone is never called a match."""
     if c.evidence == "data" or c.verdict not in ("match", "drift"):
-        return Text.assemble((c.verdict.upper(), _VERDICT_STYLE[c.verdict]), "  ",
+        return Text.assemble((c.verdict.upper(), VERDICT_STYLE[c.verdict]), "  ",
                              VERDICT_TEXT[c.verdict])
     return Text.assemble(("STATISTICS AGREE", "bold cyan"), "  ", statistics_sentence(c))
 

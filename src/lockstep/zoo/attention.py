@@ -87,12 +87,29 @@ class Attention(nn.Module):
             q, k, v = self.project(x, positions)
         meta.cache.write(self.layer_id, meta.slot_mapping, k, v)
         keys, values = meta.cache.read(self.layer_id, meta.context_slots)
+        if meta.visible is not None:  # a padded batch: each row its own keys and mask
+            return self.wo(self.attend_rows(q, keys, values, meta.visible))
         # the mask only matters with several new tokens (a decode token may see every slot)
         if self.bug == "prefill_no_causal_mask":
             causal = meta.cache is None  # TinyLLM#17: masked only when no cache is attached
         else:
             causal = x.shape[1] > 1
         return self.wo(self.attend(q, keys, values, causal, meta.is_decode))
+
+    def attend_rows(self, q: Tensor, keys: Tensor, values: Tensor, visible: Tensor) -> Tensor:
+        """``attend`` for a padded batch: ``keys`` and ``values`` are (batch, context,
+        kv_heads, head_dim), ``visible`` (batch, new, context); a padding query that sees no
+        key gets zeros."""
+        batch, new, heads, head_dim = q.shape
+        group = heads // self.n_kv_heads
+        k = keys.transpose(1, 2).repeat_interleave(group, 1)  # (batch, heads, context, dim)
+        v = values.transpose(1, 2).repeat_interleave(group, 1)
+        scores = self.scores.cap(q.transpose(1, 2) @ k.transpose(2, 3) * self.scores.scale)
+        scores = scores.masked_fill(~visible[:, None], float("-inf"))
+        at_least_fp32 = torch.promote_types(scores.dtype, torch.float32)
+        probs = torch.softmax(scores, dim=-1, dtype=at_least_fp32).nan_to_num(0.0)
+        out = probs.to(q.dtype) @ v  # (batch, heads, new, head_dim)
+        return out.transpose(1, 2).reshape(batch, new, heads * head_dim)
 
     def attend(self, q: Tensor, keys: Tensor, values: Tensor, causal: bool,
                decode: bool = False) -> Tensor:

@@ -9,6 +9,7 @@ what lockstep should report when the zoo is compared with transformers on the sa
 from __future__ import annotations
 
 from ..errors import UsageError
+from .batch_bugs import BATCH_BUGS
 from .boundary_bugs import BOUNDARY_BUGS
 from .bug import DIAGNOSES, Bug
 from .family_bugs import FAMILY_BUGS
@@ -147,11 +148,12 @@ def get_bug(name: str | None, family: str | None = None) -> Bug | None:
     """The bug called ``name`` (None for none), checked against the model family."""
     if name is None or name == "":
         return None
-    bug = BUGS.get(name)
+    bug = BUGS.get(name) or BATCH_BUGS.get(name)
     if bug is None:
-        raise UsageError(f"unknown zoo bug {name!r}; choose one of {', '.join(BUGS)} (the "
-                         f"boundary bugs {', '.join(BOUNDARY_BUGS)} are for a zoo: engine "
-                         "and lockstep fuzz, not the zoo's table)")
+        raise UsageError(f"unknown zoo bug {name!r}; choose one of "
+                         f"{', '.join([*BUGS, *BATCH_BUGS])} (the boundary bugs "
+                         f"{', '.join(BOUNDARY_BUGS)} are for a zoo: engine and lockstep "
+                         "fuzz, not the zoo's table)")
     if family is not None and family not in bug.families:
         raise UsageError(f"zoo bug {name!r} needs a {' or '.join(bug.families)} model; "
                          f"this one is {family}")

@@ -148,6 +148,51 @@ class ZooEngine(TransformersTokenizerEngine):
                         seed=self.seed, vm=self.vm, on_forward=on_forward)
         return runner.run(list(prompt_ids), decode, forced)
 
+    def _run_batch(self, prompts: Sequence[Sequence[int]], decode: int,
+                   forced: Sequence[Sequence[int] | None] | None, padding: str,
+                   join_at: Sequence[int] | None, rec: Recorder | None = None) -> Any:
+        from .batch_runner import PADDING, BatchRunner, Request
+
+        if padding not in PADDING:
+            raise UsageError(f"--padding {padding!r}: the zoo pads left or right")
+        if self.model is None:
+            raise UsageError(f"{self.spec}: load() the engine first")
+        joins = list(join_at) if join_at is not None else [0] * len(prompts)
+        requests = [Request(list(p), joins[i], None if forced is None or forced[i] is None
+                            else list(forced[i]))  # type: ignore[arg-type]
+                    for i, p in enumerate(prompts)]
+        on_forward = None
+        if rec is not None:
+            rec.watch(self.model, inputs=DERIVED_INPUTS)
+            on_forward = partial(rec.capture, "input_ids", role="input")
+        runner = BatchRunner(self.model, page_size=self.page_size, padding=padding,
+                             temperature=self.temperature, seed=self.seed,
+                             on_forward=on_forward)
+        result = runner.run_batch(requests, decode)
+        if rec is not None:
+            rec.add_meta(batch={"layout": "padded", "padding": padding, "join_at": result.joined,
+                                "prompts": [list(p) for p in prompts], "steps": result.steps,
+                                "generated_token_ids": result.tokens})
+        return result
+
+    def generate_batch(self, rec: Recorder, prompts: Sequence[Sequence[int]], decode: int, *,
+                       forced: Sequence[Sequence[int] | None] | None = None,
+                       padding: str = "left", join_at: Sequence[int] | None = None
+                       ) -> list[list[int]]:
+        tokens: list[list[int]] = self._run_batch(prompts, decode, forced, padding, join_at,
+                                                  rec).tokens
+        return tokens
+
+    def decode_logits_batch(self, prompts: Sequence[Sequence[int]], steps: int, *,
+                            forced: Sequence[Sequence[int] | None] | None = None,
+                            padding: str = "left", join_at: Sequence[int] | None = None
+                            ) -> list[tuple[list[int], np.ndarray]]:
+        if steps < 1:
+            raise UsageError(f"decode_logits_batch needs 1 or more steps, not {steps}")
+        result = self._run_batch(prompts, steps - 1, forced, padding, join_at)
+        return [(tokens, np.stack([r.cpu().numpy() for r in rows]).astype(np.float32))
+                for tokens, rows in zip(result.tokens, result.logits)]
+
     def step_times(self, prompt_ids: Sequence[int], steps: int) -> list[float]:
         ticks: list[float] = []  # when each forward starts
         self._run(prompt_ids, steps - 1, None, on_forward=lambda _: ticks.append(perf_counter()))

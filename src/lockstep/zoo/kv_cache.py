@@ -38,12 +38,13 @@ class PagedKVCache:
         return self._free.pop()
 
     def write(self, layer: int, slots: Tensor, k: Tensor, v: Tensor) -> None:
-        """Store the new tokens' K/V, shaped (1, tokens, kv_heads, head_dim), in ``slots``."""
-        self.k[layer, slots] = k[0]
-        self.v[layer, slots] = v[0]
+        """Store the new tokens' K/V, shaped (batch, tokens, kv_heads, head_dim), in ``slots``
+        (batch * tokens of them, in that order)."""
+        self.k[layer, slots.reshape(-1)] = k.reshape(-1, *k.shape[2:])
+        self.v[layer, slots.reshape(-1)] = v.reshape(-1, *v.shape[2:])
 
     def read(self, layer: int, slots: Tensor) -> tuple[Tensor, Tensor]:
-        """K and V of ``slots``, in order: (len(slots), kv_heads, head_dim) each."""
+        """K and V of ``slots``, in order: (*slots.shape, kv_heads, head_dim) each."""
         return self.k[layer, slots], self.v[layer, slots]
 
 
@@ -86,3 +87,6 @@ class AttentionMetadata:
     context_slots: Tensor  #: (context,) the slots of the whole sequence, in order
     is_decode: bool  #: one new token after a prefill
     vm: bool = False  #: run decode's QKV, QK-norm and RoPE in the blocked VM
+    #: a padded batch (batch_runner): ``context_slots`` is (batch, context) and this
+    #: (batch, new, context) says which keys each new token may see; None: one sequence
+    visible: Tensor | None = None

@@ -2,6 +2,10 @@
 
 The most specific explanation wins, so the order matters:
 
+- ``batch`` (kinds ``batch_kv_shared``, ``batch_leak``, ``batch_positions``,
+  ``batch_mask``): only for a sequence split from a batched run: two sequences share KV
+  slots, one reads another's slots or takes its token, left padding moved its positions,
+  or padding was let into its attention.
 - ``sampling``: the logits agree, the token does not: the candidate's chosen token is not
   the argmax of its own logits, or the two sides chose different tokens.
 - ``nan``: NaN/Inf appear at this tensor on one side only.
@@ -33,6 +37,7 @@ here. ``KINDS`` and the zoo's list of diagnoses follow from ``RULES``.
 from __future__ import annotations
 
 from .attention import attention
+from .batch import batch
 from .blocked_norm import blocked_norm
 from .decode import decode
 from .embedding import embedding
@@ -52,6 +57,7 @@ __all__ = ["RULES", "KINDS"]
 
 #: every rule, in the order they run: the first that gives a Diagnosis wins
 RULES: tuple[Rule, ...] = (
+    batch,
     sampling,
     nan,
     zeros,

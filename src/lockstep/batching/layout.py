@@ -1,0 +1,124 @@
+"""The layout of a batched dump, read from its ``batch`` metadata (docs/batching.md).
+
+Per step: ``rows``, the sequence each row (or packed segment) is; then either the padded
+layout, ``width`` and per row ``start`` and ``length`` (its real columns), or the packed
+layout, ``cu_seqlens`` (in the metadata, or recorded in the step as a ``cu_seqlens``
+record). Optional per row: ``write`` and ``read``, the KV slots its real tokens were written
+to and its attention read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..errors import UsageError
+
+__all__ = ["Segment", "StepLayout", "BatchLayout", "CU_SEQLENS"]
+
+CU_SEQLENS = "cu_seqlens"  #: the record name of a packed step's sequence boundaries
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One sequence's part of one batched step."""
+
+    sequence: int
+    row: int  #: its row (padded) or segment (packed) in the step
+    start: int  #: its first real column (padded) or token (packed)
+    length: int  #: its real tokens in the step
+    write: tuple[int, ...] = ()
+    read: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class StepLayout:
+    """One batched step: the rows and where each sequence's tokens are."""
+
+    step: int
+    packed: bool
+    width: int  #: padded: the columns of a row; packed: the tokens of the step
+    segments: tuple[Segment, ...]
+
+    @property
+    def widest(self) -> int:
+        """The sequence with the most tokens in the step (the one the others are padded to)."""
+        return max(self.segments, key=lambda s: s.length).sequence
+
+    def piece(self, array: np.ndarray, seg: Segment) -> np.ndarray | None:
+        """``seg``'s part of a record of this step, batch dim kept (None: the record is not
+        laid out by the batch: one shared value, copied whole)."""
+        rows = len(self.segments)
+        if self.packed:
+            if array.ndim >= 1 and array.shape[0] == self.width:
+                return array[seg.start:seg.start + seg.length]
+            if array.ndim >= 2 and array.shape[0] == 1 and array.shape[1] == self.width:
+                return array[:, seg.start:seg.start + seg.length]
+            return None
+        if array.ndim == 0 or array.shape[0] != rows:
+            return None
+        if array.ndim >= 2 and array.shape[1] == self.width:
+            return array[seg.row:seg.row + 1, seg.start:seg.start + seg.length]
+        return array[seg.row:seg.row + 1]
+
+
+def _ints(value: Any, what: str) -> list[int]:
+    if not isinstance(value, list) or not all(isinstance(v, int) for v in value):
+        raise UsageError(f"the dump's batch metadata: {what} is not a list of integers")
+    return [int(v) for v in value]
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """Every step of a batched dump, and its prompts."""
+
+    padding: str | None  #: "left", "right", or None (packed)
+    prompts: tuple[tuple[int, ...], ...]
+    join_at: tuple[int, ...]
+    steps: tuple[StepLayout, ...]
+    tokens: tuple[tuple[int, ...], ...]  #: each sequence's chosen tokens, where recorded
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any],
+                  cu_records: dict[int, list[int]] | None = None) -> BatchLayout:
+        """The layout of a dump's ``batch`` metadata; ``cu_records``: the ``cu_seqlens``
+        recorded per step, for packed steps whose metadata does not hold them."""
+        info = meta.get("batch")
+        if not isinstance(info, dict):
+            raise UsageError("the dump has no batch metadata: it was not recorded as a batch")
+        prompts = [tuple(_ints(p, "a prompt")) for p in info.get("prompts") or []]
+        if not prompts:
+            raise UsageError("the dump's batch metadata names no prompts")
+        steps = []
+        for t, st in enumerate(info.get("steps") or []):
+            rows = _ints(st.get("rows"), f"step {t}'s rows")
+            writes, reads = st.get("write") or [()] * len(rows), st.get("read") or [()] * len(rows)
+            cu = st.get(CU_SEQLENS) or (cu_records or {}).get(t)
+            if cu is not None:
+                cu = _ints(list(cu), f"step {t}'s cu_seqlens")
+                if len(cu) != len(rows) + 1:
+                    raise UsageError(f"step {t}: {len(cu)} cu_seqlens for {len(rows)} rows")
+                segs = tuple(Segment(i, b, cu[b], cu[b + 1] - cu[b], tuple(writes[b]),
+                                     tuple(reads[b])) for b, i in enumerate(rows))
+                steps.append(StepLayout(t, True, cu[-1], segs))
+                continue
+            starts, lengths = _ints(st.get("start"), "start"), _ints(st.get("length"), "length")
+            width = int(st.get("width", 0))
+            if not len(starts) == len(lengths) == len(rows) or \
+                    any(s < 0 or s + n > width for s, n in zip(starts, lengths)):
+                raise UsageError(f"step {t} of the dump's batch metadata: rows, start, length "
+                                 "and width do not fit together")
+            segs = tuple(Segment(i, b, s, n, tuple(writes[b]), tuple(reads[b]))
+                         for b, (i, s, n) in enumerate(zip(rows, starts, lengths)))
+            steps.append(StepLayout(t, False, width, segs))
+        joins = info.get("join_at") or [0] * len(prompts)
+        tokens = info.get("generated_token_ids") or []
+        return cls(info.get("padding"), tuple(prompts), tuple(_ints(joins, "join_at")),
+                   tuple(steps), tuple(tuple(t) for t in tokens))
+
+    def of(self, sequence: int) -> list[tuple[StepLayout, Segment]]:
+        """The steps ``sequence`` ran in, with its segment of each, in order."""
+        return [(st, seg) for st in self.steps for seg in st.segments
+                if seg.sequence == sequence]

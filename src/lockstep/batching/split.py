@@ -1,0 +1,79 @@
+"""Splitting a batched dump into one dump per sequence, each laid out as a one-prompt run of
+that sequence: its rows of every record, padding left out, its steps counted from its own
+prefill. The split dumps carry what the batch diagnosis reads (``batch_sequence``): each
+step's row, padding and KV slots, and the slots every sequence wrote."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..store.reader import open_dump
+from ..store.writer import DumpWriter
+from .layout import CU_SEQLENS, BatchLayout
+
+__all__ = ["split_batch"]
+
+
+def _sequence_meta(meta: dict[str, Any], layout: BatchLayout, i: int,
+                   paths: Sequence[Path], references: Sequence[str] | None) -> dict[str, Any]:
+    steps = []
+    position = 0
+    for st, seg in layout.of(i):
+        steps.append({"batch_step": st.step, "row": seg.row, "rows": [s.sequence for s in
+                                                                      st.segments],
+                      "width": st.width, "start": seg.start, "length": seg.length,
+                      "widest": st.widest, "position": position, "write": list(seg.write),
+                      "read": list(seg.read)})
+        position += seg.length
+    written = {str(j): sorted({s for _, seg in layout.of(j) for s in seg.write})
+               for j in range(len(layout.prompts))}
+    out = {k: v for k, v in meta.items() if k != "batch"}
+    out.update(prompt_token_ids=list(layout.prompts[i]), decode=max(len(steps) - 1, 0),
+               batch_sequence={"sequence": i, "sequences": len(layout.prompts),
+                               "padding": layout.padding, "join_at": list(layout.join_at),
+                               "steps": steps, "written": written,
+                               "candidates": [str(p) for p in paths],
+                               "references": list(references or [])})
+    if i < len(layout.tokens):
+        out["generated_token_ids"] = list(layout.tokens[i])
+    return out
+
+
+def split_batch(batched: str | os.PathLike[str], out_dir: str | os.PathLike[str], *,
+                references: Sequence[str] | None = None, overwrite: bool = True,
+                name: str = "candidate") -> list[Path]:
+    """Write ``out_dir``/``name``-I.lsd for each sequence I of the batched dump; returns the
+    paths. ``references``: each sequence's solo reference dump (the diagnosis reads the
+    others' tokens)."""
+    out_dir = Path(out_dir)
+    with open_dump(batched) as dump:
+        cu = {t: [int(x) for x in np.asarray(dump.raw(r)).reshape(-1)] for t in dump.steps
+              for r in dump.in_step(t) if r.name == CU_SEQLENS and r.has_data}
+        layout = BatchLayout.from_meta(dict(dump.meta), cu)
+        paths = [out_dir / f"{name}-{i}.lsd" for i in range(len(layout.prompts))]
+        writers = [DumpWriter(p, _sequence_meta(dict(dump.meta), layout, i, paths, references),
+                              overwrite=overwrite) for i, p in enumerate(paths)]
+        own_step = {(st.step, seg.sequence): k for i in range(len(paths))
+                    for k, (st, seg) in enumerate(layout.of(i))}
+        try:
+            for st in layout.steps:
+                for rec in dump.in_step(st.step):
+                    if rec.name == CU_SEQLENS or not rec.has_data:
+                        continue
+                    raw = np.asarray(dump.raw(rec))
+                    for seg in st.segments:
+                        part = st.piece(raw, seg)
+                        part = np.ascontiguousarray(raw if part is None else part)
+                        writers[seg.sequence].write(
+                            rec.name, own_step[st.step, seg.sequence], rec.dtype,
+                            tuple(part.shape), part.data, call=rec.call,
+                            **rec.extra)
+                    dump.release(rec)
+        finally:
+            for w in writers:
+                w.close()
+    return paths
