@@ -61,7 +61,7 @@ class Clock:
         return [int(t) for t in tokens], logits
 
 
-def _batch_ahead(clock: _Clock, ref: Engine, cand: Engine, ids: list[list[int]], steps: int,
+def _batch_ahead(clock: Clock, ref: Engine, cand: Engine, ids: list[list[int]], steps: int,
                  batch: dict[str, Any]) -> None:
     """Run the candidate on every prompt as one batch, free-running and fed the reference's
     tokens, and keep the runs for the per-prompt check (the reference runs each alone)."""
