@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -107,13 +107,37 @@ def layout_candidates(ref_shape: Sequence[int], cand_shape: Sequence[int]) -> li
 SAMPLE = 4096
 
 
-def agreement(ref: np.ndarray, cand: np.ndarray) -> float:
+def sample(values: np.ndarray, trim: Callable[[], None] | None = None) -> np.ndarray:
+    """An evenly strided sample of at most ``SAMPLE`` elements, in float64.
+
+    Gathered a few elements at a time, with ``trim`` called in between: from a tensor mapped
+    from a dump, each element read maps its page (and, on kernels whose page cache holds large
+    folios, up to 2 MB around it) into the process, so a sample of a 1 GB logits tensor read
+    in one go would map nearly all of it; ``Dump.trim`` lets those pages go again."""
+    flat = values.reshape(-1)
+    stride = -(-flat.size // SAMPLE)
+    picked = flat[::stride]
+    if trim is None or flat.nbytes <= _SMALL:
+        return picked.astype(np.float64)
+    out = np.empty(picked.size, dtype=np.float64)
+    for start in range(0, picked.size, _GATHER):
+        out[start:start + _GATHER] = picked[start:start + _GATHER]
+        trim()
+    return out
+
+
+#: elements gathered between two trims, and the size up to which a tensor's sample is
+#: gathered in one go (what it can map is no more than ``Dump.trim`` lets stay resident)
+_GATHER = 64
+_SMALL = 64 << 20
+
+
+def agreement(ref: np.ndarray, cand: np.ndarray,
+              trim: Callable[[], None] | None = None) -> float:
     """Cosine similarity of two same-sized tensors (flattened); -1 when it cannot be taken."""
     if ref.size != cand.size or ref.size == 0:
         return -1.0
-    stride = -(-ref.size // SAMPLE)
-    a = ref.reshape(-1)[::stride].astype(np.float64)
-    b = cand.reshape(-1)[::stride].astype(np.float64)
+    a, b = sample(ref, trim), sample(cand, trim)
     if not (np.isfinite(a).all() and np.isfinite(b).all()):
         return -1.0
     na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
@@ -122,14 +146,13 @@ def agreement(ref: np.ndarray, cand: np.ndarray) -> float:
     return float(a @ b) / (na * nb)
 
 
-def relative_error(ref: np.ndarray, cand: np.ndarray) -> float:
+def relative_error(ref: np.ndarray, cand: np.ndarray,
+                   trim: Callable[[], None] | None = None) -> float:
     """Relative L2 error of two same-sized tensors on an evenly strided sample (nan when it
     cannot be taken): unlike the cosine, it tells a tensor from a scaled copy of it."""
     if ref.size != cand.size or ref.size == 0:
         return math.nan
-    stride = -(-ref.size // SAMPLE)
-    a = ref.reshape(-1)[::stride].astype(np.float64)
-    b = cand.reshape(-1)[::stride].astype(np.float64)
+    a, b = sample(ref, trim), sample(cand, trim)
     if not (np.isfinite(a).all() and np.isfinite(b).all()):
         return math.nan
     scale, diff = float(np.linalg.norm(a)), float(np.linalg.norm(a - b))

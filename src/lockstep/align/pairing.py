@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
-from ..store.reader import Dump, Record
+from ..store.reader import Dump, Record, trimmer
 from .layouts import Layout, agreement, layout_candidates, squeeze_shape
 from .pairs import Alignment, Pair
 from .structure import pair_templates
@@ -194,7 +194,8 @@ def _fit_layout(ref: Dump, cand: Dump, pair: Pair,
             for option in layouts:
                 try:
                     cos = agreement(apply_transform(option.ref_transform, r, ref.meta),
-                                    apply_transform(option.cand_transform, c, cand.meta))
+                                    apply_transform(option.cand_transform, c, cand.meta),
+                                    trimmer(ref, cand))
                 except Exception:  # a layout that does not apply here
                     continue
                 if cos > best + 1e-9:

@@ -26,7 +26,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from ..store.reader import Dump, Record
+from ..store.reader import Dump, Record, trimmer
 from .layouts import (
     AGREE_COSINE,
     Layout,
@@ -158,7 +158,8 @@ class _Scorer:
             try:
                 cos = agreement(
                     apply_transform(lay.ref_transform, self.read(self.ref, r), self.ref.meta),
-                    apply_transform(lay.cand_transform, self.read(self.cand, c), self.cand.meta))
+                    apply_transform(lay.cand_transform, self.read(self.cand, c), self.cand.meta),
+                    trimmer(self.ref, self.cand))
             except Exception:  # a layout that does not apply to this instance
                 cos = -1.0
             agree += cos >= AGREE_COSINE
@@ -182,7 +183,7 @@ class _Scorer:
             err = relative_error(
                 apply_transform(p.layout.ref_transform, self.read(self.ref, r), self.ref.meta),
                 apply_transform(p.layout.cand_transform, self.read(self.cand, c),
-                                self.cand.meta))
+                                self.cand.meta), trimmer(self.ref, self.cand))
         except Exception:  # a layout that does not apply to this instance
             return math.inf
         return math.inf if math.isnan(err) else err

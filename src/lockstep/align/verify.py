@@ -23,7 +23,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from ..store.reader import Dump, Record
+from ..store.reader import Dump, Record, trimmer
 from .layouts import layout_candidates, relative_error, same_kind
 from .pairs import Pair
 from .structure import layer_of
@@ -54,7 +54,7 @@ def pair_error(ref: Dump, cand: Dump, r: Record, c: Record, ref_transform: str |
     except Exception:  # a transform that does not fit this pair
         return math.nan
     try:
-        return relative_error(a, b)
+        return relative_error(a, b, trimmer(ref, cand))
     finally:  # sampled: the pages need not stay in this process (a huge logits tensor)
         ref.release(r)
         cand.release(c)

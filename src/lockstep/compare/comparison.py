@@ -19,7 +19,7 @@ from ..align.transforms import apply_transform
 from ..align.verify import merged_meta
 from ..errors import LockstepError
 from ..store.dtypes import FLOAT_KINDS
-from ..store.reader import Dump, Record
+from ..store.reader import Dump, Record, trimmer
 from .case import Case, is_logits, role_of
 from .coverage import Coverage, coverage_of
 from .diagnosis.model import Diagnosis
@@ -109,13 +109,9 @@ def _measure(ref: Dump, cand: Dump, pair: Pair,
         cand_arr = apply_transform(pair.cand_transform, cand.read(c), merged_meta(ref, cand))
     except LockstepError as exc:  # a layout learnt elsewhere that does not fit this pair
         return math.nan, None, f"the layout transform does not fit: {exc}"
-    def trim() -> None:  # pages measured need not stay in this process
-        ref.trim()
-        cand.trim()
-
-    try:
-        m = tensor_metrics(ref_arr, cand_arr,
-                           logits=is_logits(r, ref.meta) or is_logits(c, cand.meta), trim=trim)
+    try:  # (trimmed as it goes: pages measured need not stay in this process)
+        m = tensor_metrics(ref_arr, cand_arr, logits=is_logits(r, ref.meta)
+                           or is_logits(c, cand.meta), trim=trimmer(ref, cand))
     except ShapeMismatch as exc:
         return math.nan, None, str(exc)
     finally:  # measured: its pages need not stay in this process

@@ -55,7 +55,9 @@ def _off_argmax(dump: Dump, step: int, chosen: int) -> OffArgmax | None:
     rec = _logits_record(dump, step)
     if rec is None:
         return None
-    row = np.asarray(dump.read(rec), dtype=np.float64).reshape(-1, rec.shape[-1])[-1]
+    values = dump.read(rec)  # (the last row alone in float64: a long prompt's logits are GBs)
+    row = np.asarray(values.reshape(-1, rec.shape[-1])[-1], dtype=np.float64)
+    dump.release(rec)
     if row.size == 0:
         return None
     row = np.where(np.isnan(row), -np.inf, row)

@@ -11,7 +11,7 @@ import mmap
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -23,7 +23,7 @@ from .shapes import shape_problem
 from .stats import array_stats
 from .writer import DATA_FILE, FORMAT_NAME, FORMAT_VERSION, INDEX_FILE
 
-__all__ = ["Record", "Dump", "open_dump", "RESIDENT_BYTES"]
+__all__ = ["Record", "Dump", "open_dump", "RESIDENT_BYTES", "trimmer"]
 
 #: data bytes a dump hands out before it drops its mapped pages from the process (Dump.trim)
 RESIDENT_BYTES = 256 << 20
@@ -240,6 +240,15 @@ class Dump:
 
     def __len__(self) -> int:
         return len(self.records)
+
+
+def trimmer(*dumps: Dump) -> Callable[[], None]:
+    """One call that trims every one of ``dumps`` (what a pass over their tensors gives the
+    metrics that read them in pieces)."""
+    def trim() -> None:
+        for d in dumps:
+            d.trim()
+    return trim
 
 
 def open_dump(path: str | os.PathLike[str]) -> Dump:
