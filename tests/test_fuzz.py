@@ -96,3 +96,22 @@ def test_empty_prompt_crash_is_a_finding_through_the_cli(model, tmp_path):
     (group,) = report["groups"]
     (finding,) = group["findings"]
     assert finding["kind"] == "crash" and finding["input"]["tokens"] == []
+
+
+def test_only_failures_measured_as_amplified_precision_leave_the_result_clean():
+    from lockstep.fuzz.result import Failure, Finding, FuzzResult
+
+    x = FuzzInput((1, 27408), 1)
+    split = Failure("diverged", step=0, kl=1.07, why="real split")
+    drift = Finding(x, split, x, 3, verdict="drift", precision="every op within rounding",
+                    shrunk_from=2)
+
+    def result(findings, failing):
+        return FuzzResult("hf:a", "llamacpp:a", 0, 64, SPACE, 0.05, tried=64, failing=failing,
+                          rejected=(), findings=tuple(findings), checks=70, seconds=1.0)
+
+    assert result([drift], failing=2)  # both failing inputs shrank to the measured one
+    assert not result([drift], failing=3)  # one failing input was never shown to be precision
+    real = Finding(x, split, x, 3, verdict="diverged")
+    assert not result([drift, real], failing=3)
+    assert result([drift], 2).to_json()["ok"] and result([drift], 2).to_json()["real_findings"] == 0

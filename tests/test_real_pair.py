@@ -124,3 +124,29 @@ def test_llamacpp_graph_pairs_by_structure_alone(reference, capsys):
     assert agree >= 0.9 * len(by_table)
     qk = [p for p in alone.pairs if p.cand.name.startswith(("Qcur-", "Kcur-"))]
     assert qk and all((p.cand_transform or "").startswith("rope_interleaved") for p in qk)
+
+
+#: token 27408 after another first token: at position 1, layer 11's MLP grows a massive
+#: activation (about 1300 in one element, beside 25000 at position 0) whose size swings with
+#: tiny changes of its input, and the RMSNorms after it pass the swing on. llama.cpp's 8-bit
+#: activations make a change that size: the two engines' top tokens part (KL about 1 nat).
+ILL_CONDITIONED = [3, 27408]
+
+
+def test_an_input_that_amplifies_llamacpp_precision_is_drift(model, tmp_path):
+    result = diff(f"hf:{model}", f"llamacpp:{model}", tmp_path, tokens=ILL_CONDITIONED)
+    assert result.tokens.split == 0  # the greedy tokens do part ...
+    assert not any(p.jump for p in result.results)  # ... with no error introduced anywhere
+    amplified = result.replay.amplified
+    assert amplified is not None and amplified.explained, amplified
+    assert amplified.replayed > 200 and amplified.by_rounding > 0  # every op, measured
+    assert result.verdict == "drift" and result.first_divergence is None
+
+
+def test_a_small_bug_on_that_input_still_diverges(model, tmp_path):
+    bad = altered(model, tmp_path, "blk.5.ffn_down.weight", _scale(1.1))
+    result = diff(f"hf:{model}", f"llamacpp:{bad}", tmp_path / "d", tokens=ILL_CONDITIONED)
+    assert result.verdict == "diverged"
+    amplified = result.replay.amplified
+    assert amplified is not None and not amplified.explained  # audited, and it stands
+    assert "model.layers.5.mlp.down_proj introduces an error of its own" in amplified.why

@@ -30,6 +30,8 @@ def _diagnosis(f: Finding) -> Text:
         return Text("crash")
     if f.localize_error:
         return Text("not localized")
+    if f.precision:
+        return Text("precision, amplified")
     return Text(f.diagnosis or (f.verdict or "not compared"))
 
 
@@ -41,6 +43,8 @@ def _notes(findings: tuple[Finding, ...]) -> list[Text]:
             line = Text("the engine raised: no tensors to compare")
         elif f.localize_error:
             line = Text(f"not localized: {f.localize_error}")
+        elif f.precision:
+            line = Text.assemble(("drift: ", "bold"), f.precision)
         elif f.diagnosis:
             line = Text.assemble((f"{f.diagnosis}: ", "bold"), f.title or "")
         else:
@@ -73,8 +77,19 @@ class FuzzReport(Report):
         if not r.findings:
             yield Text("no failing input: every input matched or drifted", style="bold green")
             return
-        yield Text(f"{r.failing} failing input(s), shrunk to {len(r.findings)} minimal "
-                   f"input(s) in {len(r.groups)} group(s)", style="bold red")
+        amplified = len(r.findings) - len(r.real_findings)
+        if r:
+            yield Text(f"no failure: {r.failing} input(s) parted from the reference only "
+                       "through the candidate's own precision, amplified by the input "
+                       "(drift, measured by replaying every op)", style="bold yellow")
+        else:
+            unshrunk = r.failing - sum(f.shrunk_from for f in r.findings)
+            yield Text(f"{r.failing} failing input(s), shrunk to {len(r.findings)} minimal "
+                       f"input(s) in {len(r.groups)} group(s)"
+                       + (f"; {amplified} of them the candidate's precision, amplified"
+                          if amplified else "")
+                       + (f"; {unshrunk} not shrunk or localized" if unshrunk else ""),
+                       style="bold red")
         for group in r.groups:
             title = group.name if group.name.startswith("crash") else \
                 f"first divergence: {group.name}"

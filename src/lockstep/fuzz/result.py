@@ -44,6 +44,15 @@ class Finding:
     title: str | None = None  #: and one line
     out: str | None = None  #: where both dumps are
     localize_error: str | None = None  #: why it could not be localized
+    #: set when the tensor comparison, replaying every op, measured the candidate's own
+    #: precision amplified by this input (lockstep.replay.audit): drift, not a failure
+    precision: str | None = None
+    shrunk_from: int = 1  #: failing inputs that shrank to this one
+
+    @property
+    def real(self) -> bool:
+        """A failure, not the candidate's precision amplified."""
+        return self.precision is None
 
     @property
     def group(self) -> str:
@@ -51,6 +60,8 @@ class Finding:
         crash's exception type."""
         if self.failure.kind == "crash":
             return f"crash: {self.failure.origin}"
+        if not self.real:
+            return "the candidate's precision, amplified (drift)"
         if self.tensor is None:
             return "no divergent tensor found"
         return f"step {self.tensor_step} {self.tensor}"
@@ -63,7 +74,8 @@ class Finding:
                 "shrink_checks": self.shrink_checks, "first_divergence": {
                     "step": self.tensor_step, "tensor": self.tensor} if self.tensor else None,
                 "verdict": self.verdict, "diagnosis": self.diagnosis, "title": self.title,
-                "out": self.out, "localize_error": self.localize_error}
+                "out": self.out, "localize_error": self.localize_error,
+                "precision": self.precision, "shrunk_from": self.shrunk_from}
 
 
 @dataclass(frozen=True)
@@ -90,7 +102,14 @@ class FuzzResult:
     seconds: float
 
     def __bool__(self) -> bool:
-        return not self.findings
+        """No failure: no finding, or every failing input shrank to one that the tensor
+        comparison measured as the candidate's precision, amplified."""
+        return not self.real_findings and self.failing == sum(
+            f.shrunk_from for f in self.findings)
+
+    @property
+    def real_findings(self) -> tuple[Finding, ...]:
+        return tuple(f for f in self.findings if f.real)
 
     @property
     def groups(self) -> tuple[Group, ...]:
@@ -105,6 +124,7 @@ class FuzzResult:
                 "kl_limit": json_number(self.kl_limit), "tried": self.tried,
                 "failing": self.failing, "checks": self.checks,
                 "seconds": round(self.seconds, 3), "ok": bool(self),
+                "real_findings": len(self.real_findings),
                 "rejected": [{"input": i.to_json(), "error": e} for i, e in self.rejected],
                 "groups": [{"first_divergence": g.name,
                             "findings": [f.to_json() for f in g.findings]}

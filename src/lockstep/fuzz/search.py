@@ -4,6 +4,7 @@ the failures, localize the minimal ones with the tensor comparison."""
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -118,8 +119,6 @@ class _Checker:
 def _localize(finding: Finding, reference: str, candidate: str, out: Path,
               ref_options: dict[str, Any], cand_options: dict[str, Any],
               index: int) -> Finding:
-    from dataclasses import replace
-
     from ..workflows.diff import diff
 
     step = finding.failure.step
@@ -133,11 +132,14 @@ def _localize(finding: Finding, reference: str, candidate: str, out: Path,
         return replace(finding, out=str(where), localize_error=str(exc))
     first = comparison.first_divergence
     diagnosis = comparison.diagnosis
+    amplified = getattr(comparison.replay, "amplified", None)
     return replace(finding, out=str(where), verdict=comparison.verdict,
                    tensor=(first.canonical or first.ref_name) if first else None,
                    tensor_step=first.step if first else None,
                    diagnosis=diagnosis.kind if diagnosis else None,
-                   title=diagnosis.title if diagnosis else None)
+                   title=diagnosis.title if diagnosis else None,
+                   precision=amplified.why if amplified is not None and amplified.explained
+                   else None)
 
 
 def fuzz(reference: str, candidate: str, *, budget: int = DEFAULT_BUDGET, seed: int = 0,
@@ -214,8 +216,9 @@ def fuzz(reference: str, candidate: str, *, budget: int = DEFAULT_BUDGET, seed: 
                          and f.input.key[:3] == small.key[:3]), None)
             if twin is None:
                 findings.append(finding)
-            elif small.key < twin.input.key:
-                findings[findings.index(twin)] = finding
+            else:
+                kept = finding if small.key < twin.input.key else twin
+                findings[findings.index(twin)] = replace(kept, shrunk_from=twin.shrunk_from + 1)
     finally:
         checker.close()
         ref.close()

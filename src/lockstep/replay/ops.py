@@ -9,6 +9,7 @@ KV cache and positions that one recorded input does not carry; they are left out
 from __future__ import annotations
 
 import copy
+import functools
 import re
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -226,11 +227,19 @@ def gguf_weight_types(*metas: dict[str, Any]) -> dict[str, str]:
         model = meta.get("model")
         if not isinstance(model, str) or not model.endswith(".gguf") or not Path(model).is_file():
             continue
-        try:
-            from ..checkpoint.gguf_file import GGUFFile
-            from ..checkpoint.weight_names import canonical_weight
-
-            return {canonical_weight(t.name)[0]: t.dtype for t in GGUFFile(model).tensors()}
-        except Exception:  # unreadable or gguf missing: no GGUF rounding, never fatal
-            return {}
+        stat = Path(model).stat()
+        return dict(_weight_types(str(Path(model).resolve()), stat.st_size, stat.st_mtime_ns))
     return {}
+
+
+@functools.lru_cache(maxsize=4)
+def _weight_types(path: str, size: int, mtime: int) -> tuple[tuple[str, str], ...]:
+    """The GGUF file's (canonical weight name, storage type) pairs, read once per file
+    version (the reader parses every metadata field, the vocabulary too: seconds)."""
+    try:
+        from ..checkpoint.gguf_file import GGUFFile
+        from ..checkpoint.weight_names import canonical_weight
+
+        return tuple((canonical_weight(t.name)[0], t.dtype) for t in GGUFFile(path).tensors())
+    except Exception:  # unreadable or gguf missing: no GGUF rounding, never fatal
+        return ()

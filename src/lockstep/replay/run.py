@@ -97,6 +97,9 @@ class Replay:
     ops: list[ReplayOp]
     precision: str | None = None  #: the candidate's measured operand precision, if any
     seconds: float = 0.0
+    #: lockstep.replay.audit.Amplified: whether a divergence with no jump is the candidate's
+    #: precision amplified by the input (audited only for such divergences)
+    amplified: Any = None
 
     @property
     def first(self) -> ReplayOp | None:
@@ -104,7 +107,8 @@ class Replay:
 
     def to_json(self) -> dict[str, Any]:
         return {"ops": [op.to_json() for op in self.ops], "precision": self.precision,
-                "seconds": self.seconds}
+                "seconds": self.seconds, "amplified": None if self.amplified is None
+                else self.amplified.to_json()}
 
 
 def rel_l2(a: np.ndarray, b: np.ndarray) -> float:
@@ -131,24 +135,28 @@ def _trailing(arr: np.ndarray, like: np.ndarray) -> np.ndarray | None:
     return None
 
 
-def _targets(comparison: Any, root: Any, max_ops: int, at: Any = None) -> list[Any]:
+def _targets(comparison: Any, root: Any, max_ops: int, at: Any = None, *,
+             every: bool = False) -> list[Any]:
     """``at``, or the first divergence (or, for drift, the first pair over tolerance), then
-    more pairs over tolerance in that step, one per layer, in capture order."""
+    more pairs over tolerance in that step, one per layer, in capture order. ``every``: each
+    pair over tolerance in that step that a module of the reference outputs, from the first
+    pair of the step on (``max_ops`` ignored)."""
     first = at or comparison.first_divergence or next(
         (p for p in comparison.results if p.over), None)
     if first is None:
         return []
-    chosen, layers = [first], set()
+    chosen, layers = [] if every else [first], set()
     for p in comparison.results:
-        if len(chosen) >= max_ops:
+        if len(chosen) >= max_ops and not every:
             break
-        if p.step != first.step or p.ref_seq <= first.ref_seq or not p.over or p is first:
+        if p.step != first.step or not p.over or (not every and (p.ref_seq <= first.ref_seq
+                                                                   or p is first)):
             continue
         found = module_of(root, p.ref_name)
         if found is None or why_not_replayable(found[1]):
             continue
         layer = next((t for t in p.ref_name.split(".") if t.isdigit()), None)
-        if layer in layers:
+        if layer in layers and not every:
             continue
         layers.add(layer)
         chosen.append(p)
@@ -208,17 +216,18 @@ def _input_pair(comparison: Any, dumps: _Dumps, target: Any,
 def replay_comparison(engine: Any, comparison: Any, prompt_ids: Sequence[int],
                       forced: Sequence[int] | None, *, max_ops: int = 6,
                       at: Any = None, candidate: Any = None,
-                      cand_forced: Sequence[int] | None = None) -> Replay:
+                      cand_forced: Sequence[int] | None = None, every: bool = False) -> Replay:
     """Replay around ``comparison``'s divergence (or the pair ``at``) with ``engine`` (the
     reference, loaded, with a torch module tree); see the module docstring. ``candidate``: the
-    candidate engine, loaded, with a module tree of its own, to run the other way too."""
+    candidate engine, loaded, with a module tree of its own, to run the other way too.
+    ``every``: every op over tolerance in the divergence's step (``_targets``)."""
     from ..store.reader import open_dump
 
     t0 = time.perf_counter()
     root = engine.torch_module()
     if root is None:
         return Replay([], seconds=0.0)
-    targets = _targets(comparison, root, max_ops, at)
+    targets = _targets(comparison, root, max_ops, at, every=every)
     if not targets:
         return Replay([], seconds=time.perf_counter() - t0)
     step = targets[0].step
@@ -275,8 +284,11 @@ def replay_comparison(engine: Any, comparison: Any, prompt_ids: Sequence[int],
                 continue
             try:
                 y_replay = run_op(module, x_cand)
+                introduced = rel_l2(y_cand, y_replay)
                 rounding: dict[str, float] = {}
-                if x_ref.dtype.kind == "f":
+                # (every op of a step: the roundings only where they could explain an error)
+                if x_ref.dtype.kind == "f" and not (every and
+                                                    introduced < INTRODUCED_SHARE * p.error):
                     for dtype in ROUNDINGS + _gguf_rounding(module, name, weight_types):
                         rounding[dtype] = rel_l2(run_op(module, x_ref, rounding=dtype), y_ref)
             except Exception as exc:  # an op that will not run alone: said, never fatal
@@ -285,7 +297,6 @@ def replay_comparison(engine: Any, comparison: Any, prompt_ids: Sequence[int],
                                                                f"{type(exc).__name__}: "
                                                                f"{first_line}"))
                 continue
-            introduced = rel_l2(y_cand, y_replay)
             # a precision explains only an error the op introduces itself
             explained = next((d for d in sorted(rounding, key=rounding.__getitem__)
                               if introduced <= EXPLAINED_FACTOR * rounding[d]), None) \

@@ -38,6 +38,10 @@ VERDICT_TEXT = {
     "diverged": "an error is introduced at one tensor, far above what it inherited",
     "incomplete": "what decides the verdict was not all compared: lockstep cannot tell",
 }
+#: drift that grew out of bounds: replay showed every op's own error within its precision
+AMPLIFIED_TEXT = ("errors grow out of bounds with no jump, and replaying every op shows each "
+                  "one's own error within its operands' precision: this input amplifies the "
+                  "candidate's precision (not a bug)")
 _STATUS_STYLE = {"match": "green", "drift": "yellow", "jump": "bold red",
                  "inherited": "red", "incomparable": "magenta", "statistics agree": "cyan"}
 
@@ -145,6 +149,12 @@ def _diagnosis(d: Diagnosis) -> Panel:
 def _replay(replay: Any) -> Panel:
     """The dual test: each replayed op's error, introduced here or inherited."""
     body: list[Any] = []
+    amplified = replay.amplified
+    if amplified is not None:  # a divergence with no jump, audited op by op
+        head = ("drift: the candidate's precision, amplified by this input"
+                if amplified.explained else "not shown to be precision")
+        body.append(Text.assemble((head, "bold"), f" ({amplified.why}; "
+                                  f"{amplified.seconds:.1f} s)"))
     if replay.precision:
         body.append(Text(f"the first op's error is what {replay.precision} operands give: the "
                          f"candidate was compared as computing in {replay.precision} "
@@ -209,6 +219,9 @@ def _error_path(c: Comparison) -> Table:
 
 def _verdict_line(c: Comparison) -> Text:
     """The verdict; agreement measured from statistics alone is never called a match."""
+    amplified = getattr(c.replay, "amplified", None)
+    if c.verdict == "drift" and amplified is not None and amplified.explained:
+        return Text.assemble(("DRIFT", VERDICT_STYLE["drift"]), "  ", AMPLIFIED_TEXT)
     if c.evidence == "data" or c.verdict not in ("match", "drift"):
         return Text.assemble((c.verdict.upper(), VERDICT_STYLE[c.verdict]), "  ",
                              VERDICT_TEXT[c.verdict])

@@ -81,6 +81,7 @@ def replay_diff(ref_spec: str, result: Comparison, ref_options: dict[str, Any], 
     from dataclasses import replace
 
     from ..replay import replay_comparison
+    from ..replay.audit import applies, audit_amplification
 
     targets = [p for p in result.results if p.ref_name == at] if at else None
     if at and not targets:
@@ -117,7 +118,15 @@ def replay_diff(ref_spec: str, result: Comparison, ref_options: dict[str, Any], 
                 replayed = replay_comparison(engine, result, ids, forced,
                                              at=targets[0] if targets else None,
                                              candidate=candidate, cand_forced=cand_forced)
-    if replayed.precision is not None and result.verdict == "diverged":
-        result = compare(result.reference.path, result.candidate.path, tolerances,
-                         mapping=mapping, cand_precision=replayed.precision)
+        if replayed.precision is not None and result.verdict == "diverged":
+            result = compare(result.reference.path, result.candidate.path, tolerances,
+                             mapping=mapping, cand_precision=replayed.precision)
+        if applies(result):  # no jump: is it the candidate's precision, amplified?
+            announce("lockstep: replaying every op of the step, to tell amplified precision "
+                     "from a bug")
+            replayed = replace(replayed, amplified=audit_amplification(engine, result, ids, forced))
+    if replayed.amplified is not None and replayed.amplified.explained:
+        complete = result.coverage is None or result.coverage.complete
+        result = replace(result, verdict="drift" if complete else "incomplete",
+                         first_divergence=None, diagnosis=None)
     return replace(result, replay=replayed)
