@@ -236,9 +236,10 @@ def fuzz(reference: str, candidate: str, *, budget: int = DEFAULT_BUDGET, seed: 
             if not isinstance(final, Failure):  # flaky: keep the input as it was found
                 small, final = x, failure
             finding = Finding(small, final, x, checks)
-            # one finding per origin and size: the smaller of two that shrank alike
+            # one finding per origin, size (and batch layout): the smaller of two alike
             twin = next((f for f in findings if f.failure.origin == final.origin
                          and type(f.input) is type(small)
+                         and getattr(f.input, "layout", "") == getattr(small, "layout", "")
                          and f.input.key[:3] == small.key[:3]), None)
             if twin is None:
                 findings.append(finding)
