@@ -22,7 +22,8 @@ def _failure(f: Finding) -> Text:
     if failure.kind == "crash":
         return Text(f"crash: {failure.error}", style="bold red")
     kl = f", KL {fmt(failure.kl)}" if failure.kl is not None else ""
-    return Text(f"step {failure.step}: {failure.why}{kl}", style="red")
+    seq = f"sequence {failure.sequence}, " if failure.sequence is not None else ""
+    return Text(f"{seq}step {failure.step}: {failure.why}{kl}", style="red")
 
 
 def _diagnosis(f: Finding) -> Text:
@@ -32,7 +33,8 @@ def _diagnosis(f: Finding) -> Text:
         return Text("not localized")
     if f.precision:
         return Text("precision, amplified")
-    return Text(f.diagnosis or (f.verdict or "not compared"))
+    named = f" (sequences {', '.join(map(str, f.named))})" if f.named else ""
+    return Text(f"{f.diagnosis or (f.verdict or 'not compared')}{named}")
 
 
 def _notes(findings: tuple[Finding, ...]) -> list[Text]:
@@ -46,7 +48,8 @@ def _notes(findings: tuple[Finding, ...]) -> list[Text]:
         elif f.precision:
             line = Text.assemble(("drift: ", "bold"), f.precision)
         elif f.diagnosis:
-            line = Text.assemble((f"{f.diagnosis}: ", "bold"), f.title or "")
+            seq = f"sequence {f.sequence}: " if f.sequence is not None else ""
+            line = Text.assemble((f"{f.diagnosis}: ", "bold"), seq, f.title or "")
         else:
             line = Text(f"tensor comparison: {f.verdict or 'not run'}, no divergent tensor")
         lines.setdefault(line.plain, line)
@@ -74,6 +77,10 @@ class FuzzReport(Report):
         if r.rejected:
             yield Text(f"{len(r.rejected)} input(s) both engines refused, e.g. "
                        f"{r.rejected[0][0].describe()}: {r.rejected[0][1]}", style="dim")
+        if r.skipped:
+            reasons = sorted({reason for _, reason in r.skipped})
+            yield Text(f"{len(r.skipped)} batch input(s) skipped (the candidate cannot run "
+                       f"them): {'; '.join(reasons)}", style="yellow")
         if not r.findings:
             yield Text("no failing input: every input matched or drifted", style="bold green")
             return

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..jsontext import json_number
-from .inputs import FuzzInput, Space
+from .inputs import BatchInput, FuzzInput, Space
 
 __all__ = ["Failure", "Finding", "FuzzResult", "Group"]
 
@@ -22,6 +22,7 @@ class Failure:
     kl: float | None = None  #: KL(reference || candidate) there, nats
     why: str = ""  #: "real split", "KL over the limit", "decode unlike its own prefill"
     error: str | None = None  #: a crash's exception, ``Type: message``
+    sequence: int | None = None  #: in a batch input, the sequence that failed first
 
     @property
     def origin(self) -> str:
@@ -33,9 +34,11 @@ class Failure:
 class Finding:
     """One minimal failing input and where the tensor comparison put it."""
 
-    input: FuzzInput  #: the smallest input found that still fails
+    input: FuzzInput | BatchInput  #: the smallest input found that still fails
     failure: Failure
-    found_from: FuzzInput  #: the failing input it was shrunk from
+    #: the failing input it was shrunk from (a batch whose failure one sequence shows
+    #: alone shrinks to a single-sequence input)
+    found_from: FuzzInput | BatchInput
     shrink_checks: int  #: checks the shrinking took
     tensor: str | None = None  #: the first divergent tensor (None: a crash, or none found)
     tensor_step: int | None = None
@@ -44,6 +47,8 @@ class Finding:
     title: str | None = None  #: and one line
     out: str | None = None  #: where both dumps are
     localize_error: str | None = None  #: why it could not be localized
+    sequence: int | None = None  #: a batch's first sequence the tensor comparison diverged
+    named: tuple[int, ...] = ()  #: the sequence pair its batch diagnosis names
     #: set when the tensor comparison, replaying every op, measured the candidate's own
     #: precision amplified by this input (lockstep.replay.audit): drift, not a failure
     precision: str | None = None
@@ -62,19 +67,22 @@ class Finding:
             return f"crash: {self.failure.origin}"
         if not self.real:
             return "the candidate's precision, amplified (drift)"
+        batch = "batch, " if isinstance(self.input, BatchInput) else ""
         if self.tensor is None:
-            return "no divergent tensor found"
-        return f"step {self.tensor_step} {self.tensor}"
+            return f"{batch}no divergent tensor found"
+        return f"{batch}step {self.tensor_step} {self.tensor}"
 
     def to_json(self) -> dict[str, Any]:
         f = self.failure
         return {"input": self.input.to_json(), "kind": f.kind, "step": f.step,
                 "kl": json_number(f.kl) if f.kl is not None else None, "why": f.why,
-                "error": f.error, "found_from": self.found_from.to_json(),
+                "error": f.error, "sequence": f.sequence,
+                "found_from": self.found_from.to_json(),
                 "shrink_checks": self.shrink_checks, "first_divergence": {
                     "step": self.tensor_step, "tensor": self.tensor} if self.tensor else None,
                 "verdict": self.verdict, "diagnosis": self.diagnosis, "title": self.title,
                 "out": self.out, "localize_error": self.localize_error,
+                "diverged_sequence": self.sequence, "sequences_named": list(self.named),
                 "precision": self.precision, "shrunk_from": self.shrunk_from}
 
 
@@ -100,6 +108,9 @@ class FuzzResult:
     findings: tuple[Finding, ...]
     checks: int  #: every check run, shrinking included
     seconds: float
+    #: batch inputs the candidate could not run (it cannot batch, pad that side or take a
+    #: request mid-decode), and why: skipped, never failed
+    skipped: tuple[tuple[BatchInput, str], ...] = ()
 
     def __bool__(self) -> bool:
         """No failure: no finding, or every failing input shrank to one that the tensor
@@ -126,6 +137,7 @@ class FuzzResult:
                 "seconds": round(self.seconds, 3), "ok": bool(self),
                 "real_findings": len(self.real_findings),
                 "rejected": [{"input": i.to_json(), "error": e} for i, e in self.rejected],
+                "skipped": [{"input": i.to_json(), "reason": r} for i, r in self.skipped],
                 "groups": [{"first_divergence": g.name,
                             "findings": [f.to_json() for f in g.findings]}
                            for g in self.groups]}

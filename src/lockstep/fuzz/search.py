@@ -20,7 +20,8 @@ from ..generation.decode_check import (
 from ..generation.metrics import MAX_KL, NEAR_TIE
 from ..generation.prompts import Prompt
 from ..generation.result import PromptResult, Settings
-from .inputs import FuzzInput, generate, space_of
+from .batch import Skip, check_batch, localize_batch, shrink_batch
+from .inputs import BatchInput, FuzzInput, generate, space_of
 from .result import Failure, Finding, FuzzResult
 from .shrink import shrink
 
@@ -69,9 +70,17 @@ class _Checker:
     def close(self) -> None:
         self.cand.close()
 
-    def run(self, x: FuzzInput) -> PromptResult | Failure | str:
-        """The check's result, a crash (``Failure``), or why both engines refused the input."""
+    def run(self, x: FuzzInput | BatchInput
+            ) -> PromptResult | list[PromptResult] | Failure | Skip | str:
+        """The check's result (a batch: each sequence's), a crash (``Failure``), why both
+        engines refused the input, or why the candidate could not run a batch (``Skip``)."""
         self.count += 1
+        if isinstance(x, BatchInput):
+            try:
+                return check_batch(x, self.ref, self.cand, self.settings)
+            except Exception as exc:
+                self._reopen()
+                return Failure("crash", error=f"{type(exc).__name__}: {exc}")
         prompt = Prompt(tokens=x.tokens)
         try:
             return run_prompt(0, prompt, list(x.tokens), self.ref, self.cand, self.clock,
@@ -93,14 +102,23 @@ class _Checker:
             return Failure("crash", error=f"{type(cand_error).__name__}: {cand_error}")
         return f"{type(ref_error or first).__name__}: {ref_error or first}"
 
-    def failure(self, x: FuzzInput) -> Failure | str | None:
+    def failure(self, x: FuzzInput | BatchInput) -> Failure | Skip | str | None:
         """How ``x`` fails (None: it passes; a string: both engines refused it)."""
         return self.judge(self.run(x))
 
-    def judge(self, result: PromptResult | Failure | str) -> Failure | str | None:
-        """How a check's result fails, if it does."""
-        if isinstance(result, (Failure, str)):
+    def judge(self, result: PromptResult | list[PromptResult] | Failure | Skip | str
+              ) -> Failure | Skip | str | None:
+        """How a check's result fails, if it does (a batch: its sequence failing at the
+        earliest step)."""
+        if isinstance(result, (Failure, Skip, str)):
             return result
+        if isinstance(result, list):
+            failed = [(f, i) for i, r in enumerate(result)
+                      if isinstance(f := self.judge(r), Failure)]
+            if not failed:
+                return None
+            first, i = min(failed, key=lambda f: (f[0].step or 0, f[1]))
+            return replace(first, sequence=i)
         over = next((s for s in result.steps if s.kl > self.limit), None)
         found = [(s, w) for s, w in (
             (result.split_step, "real split"), (result.kl_step, "mean KL over the limit"),
@@ -125,6 +143,8 @@ def _localize(finding: Finding, reference: str, candidate: str, out: Path,
     if finding.failure.kind != "diverged" or step is None:
         return finding
     where = out / f"finding-{index}"
+    if isinstance(finding.input, BatchInput):
+        return localize_batch(finding, reference, candidate, where, ref_options, cand_options)
     try:
         comparison = diff(reference, candidate, where, tokens=list(finding.input.tokens),
                           decode=step, ref_options=ref_options, cand_options=cand_options)
@@ -167,8 +187,9 @@ def fuzz(reference: str, candidate: str, *, budget: int = DEFAULT_BUDGET, seed: 
     ref = open_engine(reference, **ref_options)
     announce(f"lockstep: loading {reference}")
     ref.load()
-    failing: list[tuple[FuzzInput, Failure]] = []
+    failing: list[tuple[FuzzInput | BatchInput, Failure]] = []
     rejected: list[tuple[FuzzInput, str]] = []
+    skipped: list[tuple[BatchInput, str]] = []
     findings: list[Finding] = []
     try:
         announce(f"lockstep: loading {candidate}")
@@ -186,33 +207,42 @@ def fuzz(reference: str, candidate: str, *, budget: int = DEFAULT_BUDGET, seed: 
             if i == 0 and isinstance(result, PromptResult):  # the baseline: the drift
                 checker.limit = kl_limit(max(s.kl for s in result.steps), max_kl)
             outcome = checker.judge(result)
-            if isinstance(outcome, str):
+            if isinstance(outcome, Skip) and isinstance(x, BatchInput):
+                skipped.append((x, outcome.reason))
+            elif isinstance(outcome, str) and isinstance(x, FuzzInput):
                 rejected.append((x, outcome))
-            elif outcome is not None:
+            elif isinstance(outcome, Failure):
                 failing.append((x, outcome))
             if progress is not None:
                 progress(i + 1, len(inputs))
-        shrunk: dict[str, int] = {}
+        shrunk: dict[tuple[str, bool], int] = {}  # per origin, single and batch inputs apart
         for x, failure in sorted(failing, key=lambda f: f[0].key):
             origin = failure.origin
-            if shrunk.get(origin, 0) >= SHRINK_PER_ORIGIN:
+            kind = (origin, isinstance(x, BatchInput))
+            if shrunk.get(kind, 0) >= SHRINK_PER_ORIGIN:
                 continue
-            shrunk[origin] = shrunk.get(origin, 0) + 1
+            shrunk[kind] = shrunk.get(kind, 0) + 1
             announce(f"lockstep: shrinking {x.describe()} ({failure.why or failure.error})")
 
-            def still_fails(y: FuzzInput, origin: str = origin) -> bool:
+            def still_fails(y: FuzzInput | BatchInput, origin: str = origin) -> bool:
                 checker.settings = Settings(y.steps, near_tie=near_tie, max_kl=max_kl)
                 got = checker.failure(y)
                 return isinstance(got, Failure) and got.origin == origin
 
-            small, checks = shrink(x, still_fails, budget=shrink_budget)
+            small: FuzzInput | BatchInput
+            if isinstance(x, BatchInput):
+                small, checks = shrink_batch(x, still_fails, budget=shrink_budget)
+            else:
+                small, checks = shrink(x, still_fails, budget=shrink_budget)
             checker.settings = Settings(small.steps, near_tie=near_tie, max_kl=max_kl)
             final = checker.failure(small)
             if not isinstance(final, Failure):  # flaky: keep the input as it was found
                 small, final = x, failure
             finding = Finding(small, final, x, checks)
-            # one finding per origin and size: the smaller of two that shrank alike
+            # one finding per origin, size (and batch layout): the smaller of two alike
             twin = next((f for f in findings if f.failure.origin == final.origin
+                         and type(f.input) is type(small)
+                         and getattr(f.input, "layout", "") == getattr(small, "layout", "")
                          and f.input.key[:3] == small.key[:3]), None)
             if twin is None:
                 findings.append(finding)
@@ -228,4 +258,4 @@ def fuzz(reference: str, candidate: str, *, budget: int = DEFAULT_BUDGET, seed: 
     return FuzzResult(reference, candidate, seed, budget, space, checker.limit,
                       tried=len(inputs), failing=len(failing), rejected=tuple(rejected),
                       findings=tuple(findings), checks=checker.count,
-                      seconds=time.perf_counter() - start)
+                      seconds=time.perf_counter() - start, skipped=tuple(skipped))

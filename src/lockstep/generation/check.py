@@ -33,7 +33,7 @@ from .result import (
     analyze_prompt,
 )
 
-__all__ = ["Clock", "check_generation", "run_prompt"]
+__all__ = ["Clock", "batch_ahead", "check_generation", "run_prompt"]
 
 
 class Clock:
@@ -61,15 +61,19 @@ class Clock:
         return [int(t) for t in tokens], logits
 
 
-def _batch_ahead(clock: Clock, ref: Engine, cand: Engine, ids: list[list[int]], steps: int,
-                 batch: dict[str, Any]) -> None:
+def batch_ahead(clock: Clock, ref: Engine, cand: Engine, ids: list[list[int]], steps: int,
+                batch: dict[str, Any]) -> None:
     """Run the candidate on every prompt as one batch, free-running and fed the reference's
-    tokens, and keep the runs for the per-prompt check (the reference runs each alone)."""
+    tokens, and keep the runs for the per-prompt check (the reference runs each alone, kept
+    too)."""
     from ..workflows.batch import join_steps
 
     joins = join_steps(len(ids), batch.get("join_at"))
     padding = str(batch.get("padding") or "left")
-    ref_tokens = [clock.decode(ref, p, steps)[0] for p in ids]
+    ref_tokens = []
+    for p in ids:
+        run = clock.done[(id(ref), tuple(p), steps, None)] = clock.decode(ref, p, steps)
+        ref_tokens.append(run[0])
     t0 = time.perf_counter()
     free = cand.decode_logits_batch(ids, steps, padding=padding, join_at=joins)
     fed = cand.decode_logits_batch(ids, steps, forced=ref_tokens, padding=padding,
@@ -236,7 +240,7 @@ def check_generation(reference: str, candidate: str, prompts: Sequence[Prompt | 
         ids = [_prompt_ids(ref, p, i) for i, p in enumerate(items)]
         sides = Side(reference, ref.meta()), Side(candidate, cand.meta())
         if batch is not None:
-            _batch_ahead(clock, ref, cand, ids, settings.max_new_tokens, batch)
+            batch_ahead(clock, ref, cand, ids, settings.max_new_tokens, batch)
         for i, (prompt, prompt_ids) in enumerate(zip(items, ids)):
             results.append(run_prompt(i, prompt, prompt_ids, ref, cand, clock, settings))
             if progress is not None:
