@@ -220,6 +220,9 @@ def test_mismatch_missing_and_extra(tmp_path, capsys, monkeypatch):
     down = next(p for p in report["pairs"] if p["key"] == "layers.0.down.weight")
     assert down["rel_l2"] == pytest.approx(0.5, abs=0.02) and down["transform"] == ""
     assert "layers.1.up.weight" in out and "rope_freqs.weight" in out
+    lines = out.splitlines()  # each side on its own line, no escaped newline between them
+    assert any(line.startswith(f"A: {path}") for line in lines), out
+    assert any(line.startswith(f"B: {ref}") for line in lines) and "\\n" not in out
 
 
 def test_tied_lm_head(tmp_path, capsys):

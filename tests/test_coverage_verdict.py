@@ -273,3 +273,22 @@ def test_tokens_that_differ_while_the_tensors_match_are_never_a_match(ref, tmp_p
     assert result.diagnosis.kind == "sampling"
     assert result.diagnosis.detail == {"step": 1, "reference_token": tokens[1],
                                        "candidate_token": other[1]}
+
+
+def test_a_chosen_token_whose_logit_is_nan_has_no_gap(tmp_path):
+    """Off its argmax because its own logit is NaN: the gap is not measurable (``nan``),
+    not an infinite preference."""
+    from lockstep.compare.tokens import check_tokens
+    from lockstep.store import DumpWriter
+
+    logits = np.zeros((1, 1, 8), np.float32)
+    logits[0, 0, 3] = 2.0
+    logits[0, 0, 5] = np.nan
+    w = DumpWriter(tmp_path / "cand", {"engine": "t", "model": "m",
+                                      "generated_token_ids": [5]})
+    w.write("lm_head", 0, "float32", logits.shape, logits.tobytes())
+    w.close()
+    with lockstep.open_dump(tmp_path / "cand") as cand:
+        (off,) = check_tokens(cand, cand).off_argmax
+        assert (off.chosen, off.argmax) == (5, 3) and np.isnan(off.gap)
+        assert check_tokens(cand, cand).as_dict()["off_argmax"][0]["gap"] == "nan"

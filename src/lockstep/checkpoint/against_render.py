@@ -46,7 +46,8 @@ def render_against(report: AgainstReport, *, rows: int = 40) -> list[Any]:
                     "beyond what the dtypes explain")
     out: list[Any] = [
         Text(verdict, style="bold green" if report else "bold red"),
-        text(f"A: {report.path_a} ({report.kind_a})\nB: {report.path_b} ({report.kind_b})"),
+        text(f"A: {report.path_a} ({report.kind_a})"),  # (one line each: a name from the
+        text(f"B: {report.path_b} ({report.kind_b})"),  # user prints with its escapes)
         Text(f"{len(report.pairs)} tensors: " + ", ".join(
             f"{counts[s]} {s}" for s in ("ok", "mismatch", "shape", "unreadable", "missing",
                                          "extra")

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
+from ..jsontext import json_number
 
 __all__ = ["OffArgmax", "TokenCheck"]
 
@@ -19,7 +19,8 @@ class OffArgmax:
     step: int
     chosen: int
     argmax: int
-    gap: float  #: the argmax's logit minus the chosen token's (inf: chosen outside the vocab)
+    gap: float  #: the argmax's logit minus the chosen token's (inf: chosen outside the
+    #: vocab; nan: the chosen token's logit is NaN)
     logits: str  #: the candidate record the logits were read from
 
 
@@ -45,5 +46,5 @@ class TokenCheck:
                 "candidate": list(self.candidate) if self.candidate is not None else None,
                 "split": self.split,
                 "off_argmax": [{"step": o.step, "chosen": o.chosen, "argmax": o.argmax,
-                                "gap": o.gap if np.isfinite(o.gap) else "inf",
+                                "gap": json_number(o.gap),
                                 "logits": o.logits} for o in self.off_argmax]}

@@ -60,10 +60,13 @@ def _off_argmax(dump: Dump, step: int, chosen: int) -> OffArgmax | None:
     dump.release(rec)
     if row.size == 0:
         return None
-    row = np.where(np.isnan(row), -np.inf, row)
+    nan = np.isnan(row)
+    row = np.where(nan, -np.inf, row)
     best = int(np.argmax(row))
     if not 0 <= chosen < row.size:
         return OffArgmax(step, chosen, best, float("inf"), rec.name)
+    if nan[chosen]:  # no gap to measure: the chosen token's own logit is NaN
+        return OffArgmax(step, chosen, best, float("nan"), rec.name)
     gap = float(row[best] - row[chosen])
     if gap <= _TIE * max(1.0, abs(float(row[best]))):
         return None

@@ -5,6 +5,7 @@ token is stored) is wrong, not the model."""
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 from ...align.kinds import Kind as K
@@ -38,9 +39,13 @@ def sampling_diagnosis(tokens: TokenCheck, step: int, logits: str | None = None,
     if off is not None:
         title = (f"at step {step} the candidate chose token {off.chosen}, not the argmax "
                  f"{off.argmax} of its own logits: the logits-to-token step is wrong")
-        evidence.append(f"the candidate's {off.logits} at step {step} prefer token "
-                        f"{off.argmax} by {fmt(off.gap)} over the token it chose, "
-                        f"{off.chosen}")
+        if math.isnan(off.gap):
+            evidence.append(f"the candidate's {off.logits} at step {step} hold NaN for the "
+                            f"token it chose, {off.chosen}; their argmax is {off.argmax}")
+        else:
+            evidence.append(f"the candidate's {off.logits} at step {step} prefer token "
+                            f"{off.argmax} by {fmt(off.gap)} over the token it chose, "
+                            f"{off.chosen}")
         others = [o.step for o in tokens.off_argmax if o.step != step]
         if others:
             evidence.append(f"its chosen token is off its argmax at steps {others} too")
