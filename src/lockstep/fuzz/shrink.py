@@ -50,25 +50,59 @@ def _smaller_values(x: FuzzInput) -> Iterator[FuzzInput]:
                 yield FuzzInput(x.tokens[:i] + (smaller,) + x.tokens[i + 1:], x.steps, x.why)
 
 
+#: what one check of token ids may cost before the token moves count it against their
+#: own limit: the positions of a short model's whole context
+TOKEN_CHECK_POSITIONS = 512
+
+
+def _ends_cut_by_one(x: FuzzInput) -> list[FuzzInput]:
+    """The prompt one token shorter at either end: if neither still fails, no longer cut is
+    tried (a failure that needs n tokens rarely comes back at fewer)."""
+    n = len(x.tokens)
+    return [FuzzInput(x.tokens[:n - 1], x.steps, x.why), FuzzInput(x.tokens[1:], x.steps, x.why)]
+
+
 def shrink(start: FuzzInput, still_fails: Callable[[FuzzInput], bool], *,
            budget: int = 80) -> tuple[FuzzInput, int]:
     """The smallest input (``FuzzInput.key``) reached from ``start`` by steps that each keep
-    ``still_fails`` true, and the checks it took (at most ``budget``)."""
+    ``still_fails`` true, and the checks it took (at most ``budget``).
+
+    Cost-aware for long inputs, where every check is a long prefill on both engines: the
+    prompt's cuts are tried only when cutting one token at either end still fails, and the
+    token moves (zeroed runs, smaller ids) stop once they have run as many positions as
+    ``budget`` checks of ``TOKEN_CHECK_POSITIONS`` would (never, for inputs that short)."""
     best, checks = start, 0
-    seen: set[tuple[tuple[int, ...], int]] = {(start.tokens, start.steps)}
+    known: dict[tuple[tuple[int, ...], int], bool] = {(start.tokens, start.steps): True}
+    token_positions = 0
+
+    def fails(candidate: FuzzInput) -> bool:
+        nonlocal checks
+        ident = (candidate.tokens, candidate.steps)
+        if ident not in known:
+            checks += 1
+            known[ident] = still_fails(candidate)
+        return known[ident]
+
     improved = True
     while improved and checks < budget:
         improved = False
         for moves in (_fewer_steps, _shorter, _simpler, _smaller_values):
+            if moves is _shorter and not any(
+                    fails(c) for c in _ends_cut_by_one(best)
+                    if c.key < best.key and (checks < budget or (c.tokens, c.steps) in known)):
+                continue
             for candidate in moves(best):
                 ident = (candidate.tokens, candidate.steps)
-                if ident in seen or candidate.key >= best.key:
+                if candidate.key >= best.key or known.get(ident) is False:
                     continue
-                if checks >= budget:
+                if checks >= budget and ident not in known:
                     return best, checks
-                seen.add(ident)
-                checks += 1
-                if still_fails(candidate):
+                if moves in (_simpler, _smaller_values) and ident not in known:
+                    if token_positions + candidate.positions > \
+                            budget * TOKEN_CHECK_POSITIONS:
+                        break  # the token moves' share is spent: keep these ids
+                    token_positions += candidate.positions
+                if fails(candidate):
                     best, improved = candidate, True
                     break  # start the pass again from the smaller input
             if improved:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor, nn
 
@@ -12,7 +14,18 @@ from .lora import LoRALinear
 from .scores import ScoreRules
 from .vm import blocked_qkv
 
-__all__ = ["Attention"]
+__all__ = ["Attention", "SCORE_ELEMENTS"]
+
+#: the most attention scores (batch x heads x queries x keys) one block of query rows
+#: computes at once: 64 MB of float32, where a whole 33k-token prefill would take 17 GB
+SCORE_ELEMENTS = 1 << 24
+
+
+@functools.lru_cache(maxsize=4)
+def _hidden(rows: int, device: torch.device) -> Tensor:
+    """(rows, rows) True above the diagonal: the keys of a block's own queries that a causal
+    mask hides from each of them (one mask for every block of a prefill)."""
+    return torch.ones(rows, rows, dtype=torch.bool, device=device).triu(1)
 
 
 class Attention(nn.Module):
@@ -129,17 +142,42 @@ class Attention(nn.Module):
             k, v = k.repeat(1, group, 1, 1), v.repeat(1, group, 1, 1)  # kv heads 0, 1, 0, 1
         else:
             k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)  # 0, 0, 1, 1
-        scores = self.scores.cap(q.transpose(1, 2) @ k.transpose(2, 3) * self.scores.scale)
-        if causal:
-            # query i (at context index context - new + i) sees keys 0 .. context - new + i
-            visible = torch.ones(new, context, dtype=torch.bool, device=q.device)
-            scores = scores.masked_fill(~visible.tril(context - new), float("-inf"))
-        window = self.scores.window(new, context, decode, q.device)
+        rows = max(1, SCORE_ELEMENTS // (batch * heads * context))
+        q = q.transpose(1, 2)  # (batch, heads, new, head_dim)
+        if rows >= new:
+            out = self._attend_rows(q, k, v, 0, new, causal, decode)
+        else:  # a long prefill: a block of query rows at a time, each row's softmax the same
+            out = torch.cat([self._attend_rows(q, k, v, start, min(start + rows, new), causal,
+                                               decode) for start in range(0, new, rows)], 2)
+        if self.bug == "heads_no_transpose":
+            return out.reshape(batch, new, heads * head_dim)  # mixes tokens into one row
+        return out.transpose(1, 2).reshape(batch, new, heads * head_dim)
+
+    def _attend_rows(self, q: Tensor, k: Tensor, v: Tensor, start: int, stop: int,
+                     causal: bool, decode: bool) -> Tensor:
+        """The attention output of queries ``start .. stop - 1`` of ``q`` (batch, heads, new,
+        head_dim) over ``k`` and ``v`` (1, heads, context, head_dim): (batch, heads,
+        stop - start, head_dim). Under a causal mask the keys after the block's last query
+        are left out (the last block, and so a whole prefill in one, keeps them all)."""
+        new, context = q.shape[2], k.shape[2]
+        if (start, stop) == (0, new):  # the whole prefill (or a decode step) at once
+            seen = context
+            scores = self.scores.cap(q @ k.transpose(2, 3) * self.scores.scale)
+            if causal:
+                # query i (at context index context - new + i) sees keys 0 .. context - new + i
+                visible = torch.ones(new, context, dtype=torch.bool, device=q.device)
+                scores = scores.masked_fill(~visible.tril(context - new), float("-inf"))
+        else:
+            seen = context - new + stop if causal else context  # the keys a query may see
+            k, v = k[:, :, :seen], v[:, :, :seen]
+            scores = self.scores.cap((q[:, :, start:stop] @ k.transpose(2, 3))
+                                     .mul_(self.scores.scale))
+            if causal:  # only the block's last stop - start keys are hidden from some rows
+                scores[..., seen - (stop - start):].masked_fill_(
+                    _hidden(stop - start, q.device), float("-inf"))
+        window = self.scores.window(new, context, decode, q.device, (start, stop, seen))
         if window is not None:
             scores = scores.masked_fill(~window, float("-inf"))
         at_least_fp32 = torch.promote_types(scores.dtype, torch.float32)
         probs = torch.softmax(scores, dim=-1, dtype=at_least_fp32).to(q.dtype)
-        out = probs @ v  # (batch, heads, new, head_dim)
-        if self.bug == "heads_no_transpose":
-            return out.reshape(batch, new, heads * head_dim)  # mixes tokens into one row
-        return out.transpose(1, 2).reshape(batch, new, heads * head_dim)
+        return probs @ v

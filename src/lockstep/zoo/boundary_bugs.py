@@ -2,8 +2,10 @@
 and ``lockstep fuzz`` has to find the input. They stay out of ``lockstep zoo``'s table (its
 fixed 9-token prompt never shows them); each names the smallest input that shows it.
 
-The model they are meant for is ``boundary_model``: a 2-layer random Llama with a context of
-512 positions, so every length the fuzz tries fits it.
+The model each is meant for is ``boundary_model`` (``BoundaryBug.context``): a 2-layer random
+Llama with a context of 512 positions, so every length the fuzz tries there is short, or the
+same model with a context of ``LONG_CONTEXT`` positions for the one bug that needs a position
+past 32767.
 """
 
 from __future__ import annotations
@@ -12,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["BOUNDARY_BUGS", "BoundaryBug", "BLOCK_SIZE", "CONTEXT", "ROPE_CACHE_POSITIONS",
-           "boundary_model"]
+__all__ = ["BOUNDARY_BUGS", "BoundaryBug", "BLOCK_SIZE", "CONTEXT", "LONG_CONTEXT",
+           "ROPE_CACHE_POSITIONS", "boundary_model"]
 
 _ISSUE = "lockstep issue 21 (boundary inputs)"
 
@@ -23,6 +25,10 @@ BLOCK_SIZE = 16
 ROPE_CACHE_POSITIONS = 256
 #: the boundary model's context (max_position_embeddings)
 CONTEXT = 512
+#: the long boundary model's context: past 32768, the first position an int16 cannot hold,
+#: by 256, so that the fuzz's inputs at the context limit (33023, 33024 tokens) are not the
+#: ones around the power of two (32767, 32768, 32769) and decode steps fit past the wrap
+LONG_CONTEXT = 32768 + 256
 
 
 @dataclass(frozen=True)
@@ -35,6 +41,7 @@ class BoundaryBug:
     prompt_length: int  #: the smallest failing input's prompt length
     steps: int  #: and its greedy steps (1: the prefill alone)
     crash: bool = False  #: the engine raises instead of computing wrong logits
+    context: int = CONTEXT  #: the context of the boundary model it is meant for
 
 
 _ALL = (
@@ -55,11 +62,19 @@ _ALL = (
         _ISSUE + ": positions beyond the RoPE cache",
         ROPE_CACHE_POSITIONS + 1, 1),
     BoundaryBug(
-        "positions_int8",
-        "The runner keeps positions in an int8 buffer, so they wrap past 127 to -128: the "
-        "int16 position overflow past 32767, scaled down to a context a tiny model can "
-        "prefill in milliseconds.",
+        "positions_int16",
+        "The runner keeps positions in an int16 buffer, so position 32768 wraps to -32768 "
+        "and RoPE turns that token by the wrong angle. Meant for the long boundary model "
+        f"(context {LONG_CONTEXT}): the smallest failing input is a 32769-token prefill.",
         _ISSUE + ": positions stored in int16 (extreme positions)",
+        32769, 1, context=LONG_CONTEXT),
+    BoundaryBug(
+        "positions_int8",
+        "The test double of positions_int16, scaled down: the runner keeps positions in an "
+        "int8 buffer, so position 128 wraps to -128. The same bug at a length the "
+        "512-position boundary model prefills in milliseconds; positions_int16 is the real "
+        "one.",
+        _ISSUE + ": positions stored in int16 (extreme positions), scaled down to int8",
         129, 1),
     BoundaryBug(
         "empty_prompt_crash",
@@ -73,10 +88,18 @@ _ALL = (
 BOUNDARY_BUGS: dict[str, BoundaryBug] = {bug.name: bug for bug in _ALL}
 
 
-def boundary_model(directory: Path) -> Path:
-    """A 2-layer random Llama (vocab 320) with a context of ``CONTEXT`` positions, saved once
-    as a transformers model directory."""
-    if (directory / "config.json").is_file():
+def boundary_model(directory: Path, context: int = CONTEXT) -> Path:
+    """A 2-layer random Llama (vocab 320) with a context of ``context`` positions (``CONTEXT``
+    or ``LONG_CONTEXT``), saved once as a transformers model directory. The weights do not
+    depend on the context: the long model is the short one with more positions."""
+    config_file = directory / "config.json"
+    if config_file.is_file():
+        from ..jsontext import loads
+
+        made = loads(config_file.read_text()).get("max_position_embeddings")
+        if made != context:
+            raise ValueError(f"{directory} holds a boundary model with a context of {made}, "
+                             f"not {context}")
         return directory
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -84,7 +107,7 @@ def boundary_model(directory: Path) -> Path:
     torch.manual_seed(0)
     config: dict[str, Any] = dict(
         vocab_size=320, hidden_size=128, intermediate_size=176, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=CONTEXT,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context,
         rope_theta=500000.0, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
         pad_token_id=319)  # the pad row is zero (transformers' padding_idx): not token 0
     LlamaForCausalLM(LlamaConfig(**config)).save_pretrained(directory)

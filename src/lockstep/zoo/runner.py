@@ -15,6 +15,9 @@ from .sampling import sample
 
 __all__ = ["Runner", "Generation", "Batch"]
 
+#: the boundary bugs that keep positions in a narrow integer buffer
+_POSITION_DTYPES = {"positions_int16": torch.int16, "positions_int8": torch.int8}
+
 
 @dataclass
 class Batch:
@@ -116,8 +119,9 @@ class Runner:
 
     def _forward(self, batch: Batch) -> Tensor:
         """The logits of one forward, (1, new, vocab)."""
-        if self.bug == "positions_int8":  # the positions' buffer wraps past 127
-            batch.positions = batch.positions.to(torch.int8).long()
+        wraps = _POSITION_DTYPES.get(self.bug or "")
+        if wraps is not None:  # the positions' buffer wraps: past 32767 (int16), 127 (int8)
+            batch.positions = batch.positions.to(wraps).long()
         if self.bug == "swapped_args":  # model(positions, input_ids): the arguments swapped
             return self._call(batch.positions, batch.input_ids, batch.meta)
         return self._call(batch.input_ids, batch.positions, batch.meta)

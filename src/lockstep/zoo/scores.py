@@ -36,17 +36,21 @@ class ScoreRules:
             return scores
         return torch.tanh(scores / self.softcap) * self.softcap
 
-    def window(self, new: int, context: int, decode: bool,
-               device: torch.device) -> Tensor | None:
+    def window(self, new: int, context: int, decode: bool, device: torch.device,
+               rows: tuple[int, int, int] | None = None) -> Tensor | None:
         """(new, context) True where a query may see a key under the window, or None.
 
-        A query sees ``size`` keys, itself included: key j > position - size."""
+        A query sees ``size`` keys, itself included: key j > position - size. ``rows``
+        (start, stop, keys) gives the mask of queries start .. stop - 1 over the first
+        ``keys`` keys only, (stop - start, keys)."""
         if self.size is None:
             return None
         size = self.size
         if self.bug == "window_off_by_one" or (self.bug == "window_decode_off_by_one"
                                                and decode):
             size += 1  # vllm#3385, mlx-lm#390: one key more than the window holds
-        positions = torch.arange(context - new, context, device=device)[:, None]
-        keys = torch.arange(context, device=device)[None]
+        start, stop, seen = rows if rows is not None else (0, new, context)
+        positions = torch.arange(context - new + start, context - new + stop,
+                                 device=device)[:, None]
+        keys = torch.arange(seen, device=device)[None]
         return keys > positions - size
