@@ -101,12 +101,13 @@ class Sink:
             **extra: Any) -> None:
         """Record one captured tensor; ``alias``: a HostTensor already put, recorded again
         under ``name`` pointing at the same data."""
-        try:
-            self._raise_if_failed()
-        except BaseException:
-            if not alias:
-                self._settle(tensor)
-            raise
+        if self._error is not None:
+            try:
+                self._raise_if_failed()
+            except BaseException:
+                if not alias:
+                    self._settle(tensor)
+                raise
         item = (name, step, call, tensor, extra)
         with self._lock:
             if self._inflight == 0 and (alias or (self.direct and tensor.event is None)):

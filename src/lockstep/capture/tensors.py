@@ -98,7 +98,8 @@ class HostTensor:
             return memoryview(np.ascontiguousarray(self.host).data).cast("B")
         # the contiguous CPU tensor's bytes as they lie, whatever the dtype: a ctypes view
         # costs a tenth of ``.numpy()``; ``host`` (kept by this object) keeps them alive
-        return memoryview((ctypes.c_char * self.nbytes).from_address(self.host.data_ptr()))
+        return memoryview((ctypes.c_ubyte * self.nbytes).from_address(self.host.data_ptr())
+                          ).cast("B")
 
     def stats(self) -> dict[str, Any]:
         """Per-record statistics (store.stats fields), computed on the host copy."""
@@ -170,21 +171,27 @@ def to_host(value: Any, *, copy: bool = True, engine: CopyEngine | None = None) 
             raise Unrecordable(f"dtype {dtype} is not one a dump stores (docs/format.md, "
                                "Dtypes); convert it first, e.g. .float()")
         _DTYPE_NAMES[t.dtype] = dtype
+    if t.is_cpu:  # (a meta-device tensor is not)
+        if t.layout is not torch.strided:
+            t = t.to_dense()
+        if t.is_neg():  # a lazily negated view: its memory holds the values unnegated
+            t = t.resolve_neg()
+        if copy and engine is not None:
+            return engine.copy(t, dtype)
+        nbytes = t.nbytes
+        if t.is_contiguous():  # the tensor's own memory (an empty one is nobody's)
+            host, owned = t, nbytes == 0
+            if copy and not owned:
+                host, owned = t.clone(), True
+        else:
+            host, owned = t.contiguous(), True
+        return HostTensor(dtype, tuple(t.shape), host, owned=owned, nbytes=nbytes)
     if t.is_meta:
         raise Unrecordable("a meta-device tensor has no data")
     if t.layout is not torch.strided:
         t = t.to_dense()
-    if t.is_neg():  # a lazily negated view: its memory holds the values unnegated
+    if t.is_neg():
         t = t.resolve_neg()
-    if t.is_cpu:
-        if copy and engine is not None:
-            return engine.copy(t, dtype)
-        host = t.contiguous()
-        owned = host.data_ptr() != t.data_ptr() or host.numel() == 0
-        if copy and not owned:
-            host, owned = host.clone(), True
-        return HostTensor(dtype, tuple(t.shape), host, owned=owned,
-                          nbytes=host.numel() * host.element_size())
     if engine is not None:
         return engine.copy(t, dtype)
     return HostTensor(dtype, tuple(t.shape), t.to("cpu").contiguous())  # a blocking copy
