@@ -334,7 +334,7 @@ class Recorder:
         from .modules import watch_module
 
         patterns = Selection(include, exclude, self.selected.layers) if (include or exclude) \
-            else self.wants
+            else self.wants if self.selective else None
         self.add_undo(watch_module(self, module, prefix=prefix, inputs=inputs,
                                    selected=patterns))
 

@@ -59,14 +59,10 @@ class HostTensor:
     written: tuple[int | None, dict[str, Any]] | None = None  #: (offset, stats) once written
 
     owned: bool = True  #: ``host`` is our copy (False: it may be the engine's own memory)
-    nbytes: int = -1  #: bytes of data (from ``host`` when not given)
+    nbytes: int = 0  #: bytes of data
     pending: int = 0  #: bytes counted against the sink's bound while queued
     slab: Any = None  #: the pooled buffer ``host`` lies in, given back to ``pool`` when written
     pool: Any = None
-
-    def __post_init__(self) -> None:
-        if self.nbytes < 0:
-            self.nbytes = int(self.host.nbytes)
 
     def own(self) -> None:
         """Make ``host`` our own copy, if it is not yet."""
@@ -91,7 +87,8 @@ class HostTensor:
 
     def buffer(self) -> memoryview:
         """The raw bytes, in the stored dtype's layout."""
-        self.ready()
+        if self.event is not None:
+            self.ready()
         if self.nbytes == 0:  # memoryview cannot cast a view with a 0 in its shape
             return memoryview(b"")
         if isinstance(self.host, np.ndarray):
@@ -160,8 +157,9 @@ def to_host(value: Any, *, copy: bool = True, engine: CopyEngine | None = None) 
             host = np.ascontiguousarray(value)
             # a fresh copy is ours; a bounds check (not exact overlap solving) says which
             return HostTensor(name, tuple(value.shape), host,
-                              owned=not np.may_share_memory(host, value))
-        return HostTensor(name, tuple(value.shape), np.array(value, copy=True, order="C"))
+                              owned=not np.may_share_memory(host, value), nbytes=host.nbytes)
+        host = np.array(value, copy=True, order="C")
+        return HostTensor(name, tuple(value.shape), host, nbytes=host.nbytes)
     torch = _torch()
     t = value.detach() if value.requires_grad else value
     dtype = _DTYPE_NAMES.get(t.dtype)  # (str(dtype) and t.device are slow: this is per capture)
@@ -194,7 +192,8 @@ def to_host(value: Any, *, copy: bool = True, engine: CopyEngine | None = None) 
         t = t.resolve_neg()
     if engine is not None:
         return engine.copy(t, dtype)
-    return HostTensor(dtype, tuple(t.shape), t.to("cpu").contiguous())  # a blocking copy
+    host = t.to("cpu").contiguous()  # a blocking copy
+    return HostTensor(dtype, tuple(t.shape), host, nbytes=host.nbytes)
 
 
 def leaves(value: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
