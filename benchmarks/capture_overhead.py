@@ -161,6 +161,10 @@ def main(argv: list[str] | None = None) -> int:
                     "recording costs, undisturbed by other processes of a busy machine")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's "
                     "own choice)")
+    ap.add_argument("--copies", choices=("auto", "queue"), default="auto",
+                    help="the recording's copies: auto (each capture written on the forward's "
+                    "thread, default) or queue (copied into pooled buffers and written by the "
+                    "writer thread: with --clock cpu its write is not counted)")
     ap.add_argument("--tmp", default=None, help="folder for the temporary dumps (default: "
                     "the system's temp folder)")
     ap.add_argument("--json", metavar="FILE", help="also write the figures to FILE")
@@ -187,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     clock = time.thread_time if args.clock == "cpu" else time.perf_counter
     print(f"input: batch 1, {args.tokens} tokens; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; lockstep {lockstep.__version__}; "
+          f"{torch.get_num_threads()} threads; copies={args.copies}; "
+          f"lockstep {lockstep.__version__}; "
           f"python {platform.python_version()}")
     print(f"machine: {cpu_model()}, {os.cpu_count()} cores, "
           f"{len(os.sched_getaffinity(0))} usable; load average "
@@ -215,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         path = new_dir(kind) + ".lsd"
         last[kind] = path  # so that new_dir removes it: dirty pages left behind throttle
         t = clock()
-        with lockstep.record(path, stats=stats) as rec:
+        with lockstep.record(path, stats=stats, copies=args.copies) as rec:
             rec.watch(model)
             if forward:
                 model(ids)

@@ -16,10 +16,12 @@ def _join(prefix: str, name: str) -> str:
 
 
 def watch_module(rec: RecorderSurface, root: Any, *, prefix: str, inputs: bool | Sequence[str],
-                 selected: Callable[[str], bool], called: bool = False) -> Callable[[], None]:
+                 selected: Callable[[str], bool] | None,
+                 called: bool = False) -> Callable[[], None]:
     """Install hooks on ``root`` and its submodules; returns the function that removes them.
 
     ``inputs``: True records every module's inputs, a list of globs those of matching modules.
+    ``selected``: which modules' names are recorded (None: every module's).
     Each call of ``root`` is a step scope (``rec.step(root=root)``). ``called``: ``root`` is
     being called now, past its pre-hooks: this call's step is entered here.
     """
@@ -56,8 +58,8 @@ def watch_module(rec: RecorderSurface, root: Any, *, prefix: str, inputs: bool |
     handles.append(root.register_forward_pre_hook(enter))
     for name, module in root.named_modules():
         full = _join(prefix, name)
-        if selected(full):
-            with_inputs = wants_inputs(full)
+        if selected is None or selected(full):
+            with_inputs = inputs is True or (inputs is not False and wants_inputs(full))
             handles.append(module.register_forward_hook(output_hook(full, with_inputs),
                                                         with_kwargs=with_inputs))
     handles.append(root.register_forward_hook(leave, always_call=True))

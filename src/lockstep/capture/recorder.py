@@ -11,7 +11,6 @@ import platform
 import sys
 import time
 import weakref
-from collections import defaultdict
 from contextlib import contextmanager
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -33,14 +32,21 @@ _ACTIVE: Recorder | None = None
 _SKIPPED_KEPT = 50  # distinct skipped records listed in the dump's metadata
 
 
-def _tensor_type() -> Any:
-    """torch.Tensor, or a type nothing is when torch was never imported."""
-    torch = sys.modules.get("torch")
-    return torch.Tensor if torch is not None else _NoTensor
-
-
 class _NoTensor:
     pass
+
+
+_TENSOR: Any = None  # torch.Tensor, once torch is imported
+
+
+def _tensor_type() -> Any:
+    """torch.Tensor, or a type nothing is when torch was never imported."""
+    global _TENSOR
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return _NoTensor
+    _TENSOR = torch.Tensor
+    return _TENSOR
 
 
 def _warn(line: str) -> None:
@@ -97,7 +103,7 @@ class Recorder:
         self.selected = Selection(include, exclude, layers)
         self.current_step = 0  #: the step that captures go to now
         self._ended = False  # the step ended: the next capture or step entry opens a new one
-        self._calls: dict[str, int] = defaultdict(int)
+        self._calls: dict[str, int] = {}  # name -> calls recorded in this step
         self._names: set[str] = set()  # record names already checked
         self._seen: dict[int, tuple[Any, Any, Any]] = {}  # id -> (weakref, version, HostTensor)
         self._depth = 0  # step scopes open now (watched roots in their call, ``with step()``)
@@ -216,7 +222,7 @@ class Recorder:
             except UsageError as exc:
                 return self._refuse(name, str(exc), strict)
             self._names.add(name)
-        if type(value) is _tensor_type():  # the common case: one bare tensor, no walk
+        if type(value) is (_TENSOR or _tensor_type()):  # the common case: one bare tensor
             self._capture_one(name, value, role, strict, fields)
             return
         for suffix, tensor in leaves(value):
@@ -232,8 +238,9 @@ class Recorder:
 
     def _capture_one(self, full: str, tensor: Any, role: str | None, strict: bool,
                      extra: dict[str, Any]) -> None:
-        call = self._calls[full]
-        self._calls[full] = call + 1
+        calls = self._calls
+        call = calls[full] = calls.get(full, 0) + 1
+        call -= 1
         # A parent module often returns its child's output object itself (mlp returns
         # down_proj's tensor): record it again as a pointer to the data already written.
         # Identity plus the in-place version counter, never the data address: freed
@@ -327,7 +334,7 @@ class Recorder:
         from .modules import watch_module
 
         patterns = Selection(include, exclude, self.selected.layers) if (include or exclude) \
-            else self.wants
+            else self.wants if self.selective else None
         self.add_undo(watch_module(self, module, prefix=prefix, inputs=inputs,
                                    selected=patterns))
 

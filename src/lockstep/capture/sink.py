@@ -59,8 +59,9 @@ class Sink:
         self.copies = Copies(copies, self._reserve, self._unreserve,
                              keep_bytes=min(max_pending_bytes, 256 << 20))
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="lockstep-writer", daemon=True)
-        self._thread.start()
+        # started at the first item queued: a recording whose captures are all written at
+        # once never starts it
+        self._thread: threading.Thread | None = None
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
@@ -101,12 +102,13 @@ class Sink:
             **extra: Any) -> None:
         """Record one captured tensor; ``alias``: a HostTensor already put, recorded again
         under ``name`` pointing at the same data."""
-        try:
-            self._raise_if_failed()
-        except BaseException:
-            if not alias:
-                self._settle(tensor)
-            raise
+        if self._error is not None:
+            try:
+                self._raise_if_failed()
+            except BaseException:
+                if not alias:
+                    self._settle(tensor)
+                raise
         item = (name, step, call, tensor, extra)
         with self._lock:
             if self._inflight == 0 and (alias or (self.direct and tensor.event is None)):
@@ -117,7 +119,7 @@ class Sink:
             tensor.own()  # read later: copy now what the engine may overwrite
             self._reserve(tensor.nbytes)
             tensor.pending = tensor.nbytes
-        self._queue.put(item)
+        self._enqueue(item)
 
     def _direct_or_queued(self, item: tuple[Any, ...]) -> bool:
         """Handle a control item now if nothing is queued; True when done."""
@@ -126,8 +128,17 @@ class Sink:
                 self._control(item)
                 return True
             self._inflight += 1
-        self._queue.put(item)
+        self._enqueue(item)
         return False
+
+    def _enqueue(self, item: Any) -> None:
+        if self._thread is None:
+            with self._lock:
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._run, name="lockstep-writer",
+                                                    daemon=True)
+                    self._thread.start()
+        self._queue.put(item)
 
     def meta(self, **meta: Any) -> None:
         self._direct_or_queued(("meta", meta))
@@ -141,8 +152,9 @@ class Sink:
 
     def close(self, error: str | None = None) -> None:
         """Drain the queue, write the end line and stop the thread."""
-        self._queue.put(_STOP)
-        self._thread.join()
+        if self._thread is not None:
+            self._queue.put(_STOP)
+            self._thread.join()
         self.copies.close()
         self.writer.close(error=error)
         self._raise_if_failed()

@@ -59,14 +59,10 @@ class HostTensor:
     written: tuple[int | None, dict[str, Any]] | None = None  #: (offset, stats) once written
 
     owned: bool = True  #: ``host`` is our copy (False: it may be the engine's own memory)
-    nbytes: int = -1  #: bytes of data (from ``host`` when not given)
+    nbytes: int = 0  #: bytes of data
     pending: int = 0  #: bytes counted against the sink's bound while queued
     slab: Any = None  #: the pooled buffer ``host`` lies in, given back to ``pool`` when written
     pool: Any = None
-
-    def __post_init__(self) -> None:
-        if self.nbytes < 0:
-            self.nbytes = int(self.host.nbytes)
 
     def own(self) -> None:
         """Make ``host`` our own copy, if it is not yet."""
@@ -91,14 +87,16 @@ class HostTensor:
 
     def buffer(self) -> memoryview:
         """The raw bytes, in the stored dtype's layout."""
-        self.ready()
+        if self.event is not None:
+            self.ready()
         if self.nbytes == 0:  # memoryview cannot cast a view with a 0 in its shape
             return memoryview(b"")
         if isinstance(self.host, np.ndarray):
             return memoryview(np.ascontiguousarray(self.host).data).cast("B")
         # the contiguous CPU tensor's bytes as they lie, whatever the dtype: a ctypes view
         # costs a tenth of ``.numpy()``; ``host`` (kept by this object) keeps them alive
-        return memoryview((ctypes.c_char * self.nbytes).from_address(self.host.data_ptr()))
+        return memoryview((ctypes.c_ubyte * self.nbytes).from_address(self.host.data_ptr())
+                          ).cast("B")
 
     def stats(self) -> dict[str, Any]:
         """Per-record statistics (store.stats fields), computed on the host copy."""
@@ -159,8 +157,9 @@ def to_host(value: Any, *, copy: bool = True, engine: CopyEngine | None = None) 
             host = np.ascontiguousarray(value)
             # a fresh copy is ours; a bounds check (not exact overlap solving) says which
             return HostTensor(name, tuple(value.shape), host,
-                              owned=not np.may_share_memory(host, value))
-        return HostTensor(name, tuple(value.shape), np.array(value, copy=True, order="C"))
+                              owned=not np.may_share_memory(host, value), nbytes=host.nbytes)
+        host = np.array(value, copy=True, order="C")
+        return HostTensor(name, tuple(value.shape), host, nbytes=host.nbytes)
     torch = _torch()
     t = value.detach() if value.requires_grad else value
     dtype = _DTYPE_NAMES.get(t.dtype)  # (str(dtype) and t.device are slow: this is per capture)
@@ -170,24 +169,31 @@ def to_host(value: Any, *, copy: bool = True, engine: CopyEngine | None = None) 
             raise Unrecordable(f"dtype {dtype} is not one a dump stores (docs/format.md, "
                                "Dtypes); convert it first, e.g. .float()")
         _DTYPE_NAMES[t.dtype] = dtype
+    if t.is_cpu:  # (a meta-device tensor is not)
+        if t.layout is not torch.strided:
+            t = t.to_dense()
+        if t.is_neg():  # a lazily negated view: its memory holds the values unnegated
+            t = t.resolve_neg()
+        if copy and engine is not None:
+            return engine.copy(t, dtype)
+        nbytes = t.nbytes
+        if t.is_contiguous():  # the tensor's own memory (an empty one is nobody's)
+            host, owned = t, nbytes == 0
+            if copy and not owned:
+                host, owned = t.clone(), True
+        else:
+            host, owned = t.contiguous(), True
+        return HostTensor(dtype, tuple(t.shape), host, owned=owned, nbytes=nbytes)
     if t.is_meta:
         raise Unrecordable("a meta-device tensor has no data")
     if t.layout is not torch.strided:
         t = t.to_dense()
-    if t.is_neg():  # a lazily negated view: its memory holds the values unnegated
+    if t.is_neg():
         t = t.resolve_neg()
-    if t.is_cpu:
-        if copy and engine is not None:
-            return engine.copy(t, dtype)
-        host = t.contiguous()
-        owned = host.data_ptr() != t.data_ptr() or host.numel() == 0
-        if copy and not owned:
-            host, owned = host.clone(), True
-        return HostTensor(dtype, tuple(t.shape), host, owned=owned,
-                          nbytes=host.numel() * host.element_size())
     if engine is not None:
         return engine.copy(t, dtype)
-    return HostTensor(dtype, tuple(t.shape), t.to("cpu").contiguous())  # a blocking copy
+    host = t.to("cpu").contiguous()  # a blocking copy
+    return HostTensor(dtype, tuple(t.shape), host, nbytes=host.nbytes)
 
 
 def leaves(value: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:

@@ -81,7 +81,9 @@ class DumpWriter:
         # (index in self._lines, end of its data) of held lines whose data may be staged
         self._unsure: list[tuple[int, int]] = []
         self._heads: dict[str, str] = {}  # name -> the start of its tensor lines
-        self._forms: dict[tuple[str, tuple[int, ...]], str] = {}  # (dtype, shape) -> its part
+        # (dtype, shape) -> its part of the line, and the data's size
+        self._forms: dict[tuple[str, tuple[int, ...]], tuple[str, int]] = {}
+        self._extras: dict[tuple[str, str], str] = {}  # (field, text) -> ',"field":"text"'
         self._closed = False
         header = {"type": "header", "format": FORMAT_NAME, "version": FORMAT_VERSION,
                   "meta": meta or {}}
@@ -105,19 +107,20 @@ class DumpWriter:
 
         ``at`` points the record at data already written at that offset (the same tensor
         recorded under a second name: a parent module returning its child's output)."""
-        check_name(name)
-        dt = lookup(dtype)
-        if dt is None:
-            raise UsageError(f"cannot store dtype {dtype!r} for {name!r}")
-        nbytes = 1
-        for n in shape:
-            nbytes *= int(n)
-        nbytes *= dt.itemsize
+        head = self._heads.get(name)  # (a name in the cache was checked when it went in)
+        if head is None:
+            check_name(name)
+            head = self._heads[name] = f'{{"type":"tensor","name":{_TEXT(name)},"step":'
+        form = self._forms.get((dtype, shape if type(shape) is tuple else tuple(shape)))
+        if form is None:
+            form = self._form(name, dtype, shape)
+        nbytes = form[1]
         offset: int | None = None
         if data is not None:
-            view = memoryview(data)
-            # (cast refuses a view with a 0 in its shape: an empty (3, 0) tensor)
-            view = view.cast("B") if view.nbytes else memoryview(b"")
+            view = data if type(data) is memoryview else memoryview(data)
+            if view.format != "B" or view.ndim != 1:
+                # (cast refuses a view with a 0 in its shape: an empty (3, 0) tensor)
+                view = view.cast("B") if view.nbytes else memoryview(b"")
             if view.nbytes != nbytes:
                 raise ValueError(f"{name}: {view.nbytes} bytes given for {dtype}{list(shape)}")
             pad = -self._offset % _ALIGN
@@ -126,8 +129,8 @@ class DumpWriter:
             self._offset = offset + nbytes
         elif at is not None:
             offset = at
-        self._lines.append(self._tensor_line(name, step, call, dtype, shape, offset,
-                                             nbytes, stats, extra))
+        self._lines.append(self._tensor_line(head, step, call, form[0], offset, nbytes, stats,
+                                             extra))
         if offset is not None and offset + nbytes > self._out:
             self._unsure.append((len(self._lines) - 1, offset + nbytes))
         self._records += 1
@@ -135,30 +138,36 @@ class DumpWriter:
         self.last_offset = offset
         return self._seq - 1
 
-    def _tensor_line(self, name: str, step: int, call: int, dtype: str, shape: tuple[int, ...],
-                     offset: int | None, nbytes: int, stats: dict[str, Any] | None,
-                     extra: dict[str, Any]) -> str:
+    def _form(self, name: str, dtype: str, shape: tuple[int, ...]) -> tuple[str, int]:
+        """The part of a tensor line that the dtype and shape give, and the data's size."""
+        dt = lookup(dtype)
+        if dt is None:
+            raise UsageError(f"cannot store dtype {dtype!r} for {name!r}")
+        nbytes = dt.itemsize
+        for n in shape:
+            nbytes *= int(n)
+        form = (f',"dtype":{_TEXT(dtype)},"shape":[{",".join(str(int(n)) for n in shape)}],'
+                '"offset":', nbytes)
+        self._forms[(dtype, tuple(shape))] = form
+        return form
+
+    def _tensor_line(self, head: str, step: int, call: int, form: str, offset: int | None,
+                     nbytes: int, stats: dict[str, Any] | None, extra: dict[str, Any]) -> str:
         """The line json.dumps would give (same keys, order, separators), built from pieces
-        cached per name and per dtype and shape: this runs once per captured tensor, on the
-        engine's thread."""
-        head = self._heads.get(name)
-        if head is None:
-            head = self._heads[name] = f'{{"type":"tensor","name":{_TEXT(name)},"step":'
-        key = (dtype, tuple(shape))
-        form = self._forms.get(key)
-        if form is None:
-            form = self._forms[key] = (f',"dtype":{_TEXT(dtype)},"shape":['
-                                       f'{",".join(str(int(n)) for n in shape)}],"offset":')
-        if offset is None:
-            tail = ',"nbytes":null,"stats":'
-        else:
-            tail = f',"nbytes":{nbytes},"stats":'
+        cached per name (``head``) and per dtype and shape (``form``): this runs once per
+        captured tensor, on the engine's thread."""
         line = (f'{head}{int(step)},"seq":{self._seq},"call":{int(call)}{form}'
-                f'{"null" if offset is None else offset}{tail}'
+                f'{"null" if offset is None else offset},"nbytes":'
+                f'{"null" if offset is None else nbytes},"stats":'
                 f'{"null" if stats is None else _ENCODE(stats)}')
-        for key_, value in extra.items():
+        for key, value in extra.items():
             if value is not None:
-                line += f",{_TEXT(key_)}:{_TEXT(value) if type(value) is str else _ENCODE(value)}"
+                part = self._extras.get((key, value)) if type(value) is str else None
+                if part is None:
+                    part = f",{_TEXT(key)}:{_TEXT(value) if type(value) is str else _ENCODE(value)}"
+                    if type(value) is str:
+                        self._extras[(key, value)] = part
+                line += part
         return line + "}\n"
 
     def _put_data(self, view: memoryview, pad: int, nbytes: int) -> None:
