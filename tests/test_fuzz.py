@@ -115,3 +115,24 @@ def test_only_failures_measured_as_amplified_precision_leave_the_result_clean():
     real = Finding(x, split, x, 3, verdict="diverged")
     assert not result([drift, real], failing=3)
     assert result([drift], 2).to_json()["ok"] and result([drift], 2).to_json()["real_findings"] == 0
+
+
+def test_a_failure_at_every_block_boundary_shrinks_to_the_first():
+    """Fails at 17, 33, 49, ... positions (a block boundary crossed): 32 and 34 pass, yet a
+    short input is still cut to the smallest length that fails."""
+    def fails(x: FuzzInput) -> bool:
+        return x.positions >= 17 and x.positions % 16 == 1
+
+    small, _ = shrink(FuzzInput(tuple(range(1, 34)), 1), fails)
+    assert len(small.tokens) == 17 and small.steps == 1
+
+
+def test_a_long_length_only_failure_shrinks_in_a_few_checks():
+    """Fails from 32769 positions on (an int16 position): each check would be a 32k-token
+    prefill on both engines, so the shrinker must not spend its budget cutting."""
+    def fails(x: FuzzInput) -> bool:
+        return x.positions >= 32769
+
+    small, checks = shrink(FuzzInput((5,) * 32768, 2), fails)
+    assert small.positions == 32769 and small.steps == 1
+    assert checks <= 6, checks

@@ -68,7 +68,10 @@ def shrink(start: FuzzInput, still_fails: Callable[[FuzzInput], bool], *,
     ``still_fails`` true, and the checks it took (at most ``budget``).
 
     Cost-aware for long inputs, where every check is a long prefill on both engines: the
-    prompt's cuts are tried only when cutting one token at either end still fails, and the
+    prompt of an input over ``TOKEN_CHECK_POSITIONS`` positions is cut by halves, quarters,
+    ... only when cutting one token at either end still fails (a failure that shows at some
+    lengths and not others, as a block boundary's, is still cut to its smallest on a short
+    input), and the
     token moves (zeroed runs, smaller ids) stop once they have run as many positions as
     ``budget`` checks of ``TOKEN_CHECK_POSITIONS`` would (never, for inputs that short)."""
     best, checks = start, 0
@@ -87,7 +90,7 @@ def shrink(start: FuzzInput, still_fails: Callable[[FuzzInput], bool], *,
     while improved and checks < budget:
         improved = False
         for moves in (_fewer_steps, _shorter, _simpler, _smaller_values):
-            if moves is _shorter and not any(
+            if moves is _shorter and best.positions > TOKEN_CHECK_POSITIONS and not any(
                     fails(c) for c in _ends_cut_by_one(best)
                     if c.key < best.key and (checks < budget or (c.tokens, c.steps) in known)):
                 continue
