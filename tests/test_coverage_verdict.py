@@ -292,3 +292,28 @@ def test_a_chosen_token_whose_logit_is_nan_has_no_gap(tmp_path):
         (off,) = check_tokens(cand, cand).off_argmax
         assert (off.chosen, off.argmax) == (5, 3) and np.isnan(off.gap)
         assert check_tokens(cand, cand).as_dict()["off_argmax"][0]["gap"] == "nan"
+
+
+def test_a_token_off_its_own_argmax_is_never_audited_as_precision(tmp_path):
+    """A lower-precision candidate (its tensors over tolerance, with no jump) whose greedy
+    token is off its own argmax: a sampler bug, which the amplified-precision audit must not
+    turn into drift."""
+    from lockstep.replay.audit import applies
+    from lockstep.store import DumpWriter
+
+    rng = np.random.default_rng(3)
+    hidden = rng.standard_normal((1, 4, 16)).astype(np.float32)
+    logits = rng.standard_normal((1, 4, 8)).astype(np.float32)
+    logits[0, -1, 3] = 9.0
+    for side, noise, token in (("ref", 0.0, 3), ("cand", 2e-3, 5)):
+        w = DumpWriter(tmp_path / side, {"engine": "t", "model": "m",
+                                         "generated_token_ids": [token]})
+        for name, value in (("model.layers.0", hidden), ("lm_head", logits)):
+            bumped = value + np.float32(noise) * rng.standard_normal(value.shape).astype(
+                np.float32)
+            w.write(name, 0, "float32", value.shape, bumped.astype(np.float32).tobytes())
+        w.close()
+    result = lockstep.compare(tmp_path / "ref", tmp_path / "cand", cand_precision="bfloat16")
+    assert result.verdict == "diverged" and result.tokens.off_argmax
+    assert any(p.over for p in result.results) and not any(p.jump for p in result.results)
+    assert not applies(result)

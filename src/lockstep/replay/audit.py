@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from ..compare.pair_result import decide
 from .ops import module_of, why_not_replayable
 from .run import Replay, replay_comparison
 
@@ -56,14 +57,17 @@ class Amplified:
 
 
 def applies(comparison: Any) -> bool:
-    """A divergence grown out of bounds with no jump, found by the tensors."""
+    """A divergence grown out of bounds with no jump, found by the tensors (not by the
+    tokens alone: a greedy token off the candidate's own argmax is never precision)."""
     if comparison.verdict != "diverged" or comparison.first_divergence is None:
         return False
     if any(p.jump for p in comparison.results):
         return False
     tokens = comparison.tokens
-    return tokens is None or tokens.first_problem is None or any(
-        p.over for p in comparison.results if p.step <= tokens.first_problem)
+    if tokens is not None and tokens.off_argmax:
+        return False
+    measured = [p for p in comparison.results if not math.isnan(p.error)]
+    return decide(measured)[0] == "diverged"
 
 
 def audit_amplification(engine: Any, comparison: Any, prompt_ids: Sequence[int],
