@@ -328,17 +328,19 @@ def _reverse(candidate: Any, ops: list[ReplayOp], refs_io: dict[str, tuple[np.nd
     if root is None:
         return ops
     wanted: dict[str, Any] = {}
+    modules: dict[str, tuple[str, Any] | None] = {}  # candidate record -> its module, once
     for op in ops:
-        found = module_of(root, op.candidate) if op.introduced is not None else None
-        if found is not None:
-            wanted[found[0]] = found[1]
+        if op.introduced is not None:
+            modules[op.candidate] = found = module_of(root, op.candidate)
+            if found is not None:
+                wanted[found[0]] = found[1]
     calls = tap_calls(candidate, wanted, prompt_ids, step, forced) if wanted else {}
     out: list[ReplayOp] = []
     for op in ops:
         if op.introduced is None or op.module not in refs_io:
             out.append(op)
             continue
-        found = module_of(root, op.candidate)
+        found = modules[op.candidate]
         call = calls.get(found[0]) if found is not None else None
         if found is None or call is None:
             why = ("not the output of a module of the candidate" if found is None
