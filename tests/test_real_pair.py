@@ -134,12 +134,14 @@ ILL_CONDITIONED = [3, 27408]
 
 
 def test_an_input_that_amplifies_llamacpp_precision_is_drift(model, tmp_path):
-    result = diff(f"hf:{model}", f"llamacpp:{model}", tmp_path, tokens=ILL_CONDITIONED)
+    result = diff(f"hf:{model}", f"llamacpp:{model}", tmp_path, tokens=ILL_CONDITIONED,
+                  decode=1)
     assert result.tokens.split == 0  # the greedy tokens do part ...
     assert not any(p.jump for p in result.results)  # ... with no error introduced anywhere
     amplified = result.replay.amplified
     assert amplified is not None and amplified.explained, amplified
-    assert amplified.replayed > 200 and amplified.by_rounding > 0  # every op, measured
+    # every op over tolerance, in both steps (the prefill and the decode step), measured
+    assert amplified.replayed > 2 * 200 and amplified.by_rounding > 0
     assert result.verdict == "drift" and result.first_divergence is None
 
 

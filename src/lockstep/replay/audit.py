@@ -7,8 +7,10 @@ bits in blocks of 32) then parts from the reference on that input, with no bug a
 comparison sees errors that grow out of bounds with no jump: no tensor's error is far above
 what it inherited.
 
-For such a divergence the dual test runs on every op of that step over tolerance that a
-module of the reference outputs (``replay_comparison(every=True)``). The divergence is the
+For such a divergence the dual test runs on every op over tolerance that a module of the
+reference outputs, in every step that has one (``replay_comparison(every=True)``, one
+targeted pass per step: a bug that starts at a later step can inherit enough of the amplified
+error to show no jump there). The divergence is the
 candidate's precision, amplified, when all of these hold:
 
 * the comparison found no jump, and the tokens did not part where the tensors agree;
@@ -78,30 +80,41 @@ def audit_amplification(engine: Any, comparison: Any, prompt_ids: Sequence[int],
         return None
     t0 = time.perf_counter()
     root = engine.torch_module()
-    replay: Replay = replay_comparison(engine, comparison, prompt_ids, forced, every=True)
-    step = comparison.first_divergence.step
-    ran = [op for op in replay.ops if op.introduced is not None]
+    # every step with a pair over tolerance: a bug that starts at a later step may inherit
+    # enough of the amplified error to show no jump there
+    firsts: dict[int, Any] = {}
+    for p in comparison.results:
+        if p.over and not math.isnan(p.error):
+            firsts.setdefault(p.step, p)
+    ops = []
+    for first in firsts.values():
+        replay: Replay = replay_comparison(engine, comparison, prompt_ids, forced, at=first,
+                                           every=True)
+        ops += replay.ops
+    ran = [op for op in ops if op.introduced is not None]
     own = [op for op in ran if op.where == "introduced" and not op.explained_by]
     rounded = sum(1 for op in ran if op.explained_by)
+    replayed_pairs = {(op.step, op.reference) for op in ran}
     others = []
     for p in comparison.results:
-        if p.step != step or not p.over or math.isnan(p.error):
+        if not p.over or math.isnan(p.error):
             continue
         found = module_of(root, p.ref_name)
-        replayed = found is not None and not why_not_replayable(found[1]) and any(
-            op.reference == p.ref_name and op.introduced is not None for op in replay.ops)
-        if not replayed:
+        if found is None or why_not_replayable(found[1]) or \
+                (p.step, p.ref_name) not in replayed_pairs:
             others.append(p)
     grown = [p for p in others if p.growth > GROWTH]
     if not ran:
-        why = "no op of that step could be replayed: precision cannot be told from a bug"
+        why = "no op over tolerance could be replayed: precision cannot be told from a bug"
     elif own:
         op = own[0]
         why = (f"{op.reference} introduces an error of its own ({op.introduced:.3g}) beyond "
-               f"what rounding its operands gives ({_roundings(op.rounding)})")
+               f"what rounding its operands gives ({_roundings(op.rounding)}), at step "
+               f"{op.step}")
     elif grown:
         p = grown[0]
-        why = (f"{p.ref_name} grows its error {p.growth:.3g}x where no op could be replayed "
+        why = (f"{p.ref_name} grows its error {p.growth:.3g}x at step {p.step}, where no op "
+               "could be replayed "
                "to tell precision from a bug")
     else:
         why = (f"every one of the {len(ran)} ops replayed inherits its error or introduces no "
