@@ -108,7 +108,4 @@ def localize_batch(finding: Finding, reference: str, candidate: str, where: Path
     div = comparison.first_divergence if comparison is not None else None
     diag = comparison.diagnosis if comparison is not None else None
     named = tuple(int(i) for i in diag.detail.get("sequences", ())) if diag else ()
-    return replace(finding, out=str(where), verdict=found.verdict,
-                   tensor=(div.canonical or div.ref_name) if div else None,
-                   tensor_step=div.step if div else None, diagnosis=diag.kind if diag else None,
-                   title=diag.title if diag else None, sequence=first, named=named)
+    return finding.located(str(where), found.verdict, div, diag, sequence=first, named=named)

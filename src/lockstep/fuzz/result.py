@@ -4,7 +4,7 @@ divergence. Frozen, numpy only."""
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ..jsontext import json_number
@@ -53,6 +53,16 @@ class Finding:
     #: precision amplified by this input (lockstep.replay.audit): drift, not a failure
     precision: str | None = None
     shrunk_from: int = 1  #: failing inputs that shrank to this one
+
+    def located(self, out: str, verdict: str, first: Any, diagnosis: Any,
+                **more: Any) -> Finding:
+        """This finding with what the tensor comparison under ``out`` found: its verdict,
+        ``first`` (the first divergent pair, or None) and ``diagnosis`` (or None)."""
+        return replace(self, out=out, verdict=verdict,
+                       tensor=(first.canonical or first.ref_name) if first else None,
+                       tensor_step=first.step if first else None,
+                       diagnosis=diagnosis.kind if diagnosis else None,
+                       title=diagnosis.title if diagnosis else None, **more)
 
     @property
     def real(self) -> bool:

@@ -150,16 +150,10 @@ def _localize(finding: Finding, reference: str, candidate: str, out: Path,
                           decode=step, ref_options=ref_options, cand_options=cand_options)
     except LockstepError as exc:
         return replace(finding, out=str(where), localize_error=str(exc))
-    first = comparison.first_divergence
-    diagnosis = comparison.diagnosis
     amplified = getattr(comparison.replay, "amplified", None)
-    return replace(finding, out=str(where), verdict=comparison.verdict,
-                   tensor=(first.canonical or first.ref_name) if first else None,
-                   tensor_step=first.step if first else None,
-                   diagnosis=diagnosis.kind if diagnosis else None,
-                   title=diagnosis.title if diagnosis else None,
-                   precision=amplified.why if amplified is not None and amplified.explained
-                   else None)
+    return finding.located(str(where), comparison.verdict, comparison.first_divergence,
+                           comparison.diagnosis, precision=amplified.why
+                           if amplified is not None and amplified.explained else None)
 
 
 def fuzz(reference: str, candidate: str, *, budget: int = DEFAULT_BUDGET, seed: int = 0,
