@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from ..compare.pair_result import decide
-from .ops import module_of, why_not_replayable
 from .run import Replay, replay_comparison
 
 __all__ = ["Amplified", "GROWTH", "audit_amplification"]
@@ -79,7 +78,6 @@ def audit_amplification(engine: Any, comparison: Any, prompt_ids: Sequence[int],
     if not applies(comparison):
         return None
     t0 = time.perf_counter()
-    root = engine.torch_module()
     # every step with a pair over tolerance: a bug that starts at a later step may inherit
     # enough of the amplified error to show no jump there
     firsts: dict[int, Any] = {}
@@ -94,15 +92,11 @@ def audit_amplification(engine: Any, comparison: Any, prompt_ids: Sequence[int],
     ran = [op for op in ops if op.introduced is not None]
     own = [op for op in ran if op.where == "introduced" and not op.explained_by]
     rounded = sum(1 for op in ran if op.explained_by)
-    replayed_pairs = {(op.step, op.reference) for op in ran}
-    others = []
-    for p in comparison.results:
-        if not p.over or math.isnan(p.error):
-            continue
-        found = module_of(root, p.ref_name)
-        if found is None or why_not_replayable(found[1]) or \
-                (p.step, p.ref_name) not in replayed_pairs:
-            others.append(p)
+    # the pairs over tolerance no op was re-run for: no module outputs them, the module reads
+    # more than its input, or its input was not found
+    replayed = {(op.step, op.reference) for op in ran}
+    others = [p for p in comparison.results if p.over and not math.isnan(p.error)
+              and (p.step, p.ref_name) not in replayed]
     grown = [p for p in others if p.growth > GROWTH]
     if not ran:
         why = "no op over tolerance could be replayed: precision cannot be told from a bug"
