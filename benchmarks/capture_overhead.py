@@ -28,6 +28,13 @@ Where the extra time goes is measured in the same rounds, by two more runs:
                 the end of the step).
 
 What is left of recorded - plain is the Python run per capture (the recorder's own code).
+
+* floor:        the least any recorder of these outputs could cost here: a forward hook on
+                every module that hands each output tensor's bytes to the OS with one
+                ``write`` (the same tensors lockstep stores: one written once however many
+                modules return it), into blocks reserved ahead as lockstep reserves them, and
+                nothing else (no index, no names, no checks). Timed like the recording, from
+                installing its hooks to closing its file.
 The CPU model, the core count and torch's thread count are printed with the figures.
 
 On a busy shared machine elapsed times swing by several times from one forward to the next;
@@ -43,6 +50,7 @@ cache is that thread's system time, so it counts).
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import math
 import os
@@ -52,6 +60,7 @@ import statistics
 import sys
 import tempfile
 import time
+import weakref
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -137,6 +146,46 @@ class PartTimer:
     def __exit__(self, *exc: object) -> None:
         for name, orig in self.saved.items():
             setattr(self.cls, name, orig)
+
+
+class FloorWriter:
+    """The least a recorder of every module's outputs could do: each output tensor's bytes
+    handed to the OS with one ``write``, once per tensor (identity and version, as lockstep
+    stores a tensor returned by two modules once), into blocks reserved ahead as lockstep's
+    writer reserves them."""
+
+    def __init__(self, path: str) -> None:
+        from lockstep.store.prealloc import preallocator
+
+        os.makedirs(path)
+        self.fd = os.open(os.path.join(path, "data.bin"), os.O_WRONLY | os.O_CREAT, 0o644)
+        self.prealloc = preallocator(self.fd)
+        self.end = 0
+        self.seen: dict[int, tuple[Any, int]] = {}
+
+    def __enter__(self) -> FloorWriter:
+        return self
+
+    def hook(self, module: Any, args: Any, output: Any) -> None:
+        from lockstep.capture.tensors import leaves
+
+        for _, t in leaves(output):
+            known = self.seen.get(id(t))
+            if known is not None and known[0]() is t and known[1] == t._version:
+                continue
+            self.seen[id(t)] = (weakref.ref(t), t._version)
+            n = t.nbytes
+            if n:
+                if self.prealloc is not None:
+                    self.prealloc.ahead(self.end + n)
+                data = t if t.is_contiguous() else t.contiguous()
+                os.write(self.fd, (ctypes.c_ubyte * n).from_address(data.data_ptr()))
+                self.end += n
+
+    def __exit__(self, *exc: object) -> None:
+        if self.prealloc is not None:
+            self.prealloc.release(self.end)
+        os.close(self.fd)
 
 
 def mib(n: float) -> str:
@@ -235,6 +284,16 @@ def main(argv: list[str] | None = None) -> int:
             h.remove()
         return dt
 
+    def floor() -> float:
+        path = new_dir("floor")
+        t = clock()
+        with FloorWriter(path) as w:
+            handles = [m.register_forward_hook(w.hook) for m in model.modules()]
+            model(ids)
+            for h in handles:
+                h.remove()
+        return clock() - t
+
     parts: dict[str, list[float]] = {k: [] for k in PartTimer.PARTS}
 
     def instrumented() -> float:
@@ -254,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
 
     runs: dict[str, Callable[[], float]] = {
         "plain": plain, "lockstep": lambda: recorded("lockstep"), "hooks": with_hooks,
-        "instrumented": instrumented, "open_close": lambda: recorded("empty", forward=False)}
+        "instrumented": instrumented, "open_close": lambda: recorded("empty", forward=False),
+        "floor": floor}
     if not args.no_hf:
         runs["hf_debugger"] = with_hf
     # stored statistics in a second phase of their own: the writer thread's late page-cache
@@ -270,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
             settle_s = settle(plain)
             for phase in phases:
                 for i in range(args.warmup + args.repeats):
-                    if i == args.warmup:  # the parts of the timed rounds only
+                    if i == args.warmup and "instrumented" in phase:  # timed rounds' parts
                         for v in parts.values():
                             v.clear()
                     for kind, fn in phase.items():  # interleaved: drift hits them alike
@@ -306,6 +366,11 @@ def main(argv: list[str] | None = None) -> int:
           f"({mib(data_bytes)} tensor data), complete={complete}")
     verdict = "ok" if ratio <= TARGET_RATIO else "ABOVE TARGET"
     print(f"  ratio lockstep/plain {ratio:8.3f}      (target <= {TARGET_RATIO}: {verdict})")
+    floor_ratio = med["floor"] / med["plain"]
+    print(f"  floor                {ms(med['floor'])}   [{ms(lo['floor']).strip()}]   bare "
+          "hooks writing the same tensors, nothing else")
+    print(f"  ratio floor/plain    {floor_ratio:8.3f}      (what writing the outputs alone "
+          "costs on this machine)")
     round_ratios = sorted(r / p for r, p in zip(times["lockstep"], times["plain"]))
     paired = statistics.median(round_ratios)
     print(f"  ratio, median of the {len(round_ratios)} rounds' own {paired:6.3f}      (range "
@@ -340,7 +405,8 @@ def main(argv: list[str] | None = None) -> int:
         "plain_ms": med["plain"] * 1e3, "lockstep_ms": med["lockstep"] * 1e3,
         "plain_min_ms": lo["plain"] * 1e3, "lockstep_min_ms": lo["lockstep"] * 1e3,
         "ratio_lockstep_plain": ratio, "target_ratio": TARGET_RATIO,
-        "ratio_median_of_rounds": paired, "cpu": cpu_model(), "cores": os.cpu_count(),
+        "ratio_median_of_rounds": paired, "floor_ms": med["floor"] * 1e3,
+        "ratio_floor_plain": floor_ratio, "cpu": cpu_model(), "cores": os.cpu_count(),
         "split_ms": {k: v * 1e3 for k, v in split.items()},
         "lockstep_stats_ms": med.get("lockstep_stats", math.nan) * 1e3,
         "ratio_stats_plain": ratio_stats,

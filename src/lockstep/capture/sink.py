@@ -109,17 +109,16 @@ class Sink:
                 if not alias:
                     self._settle(tensor)
                 raise
-        item = (name, step, call, tensor, extra)
         with self._lock:
             if self._inflight == 0 and (alias or (self.direct and tensor.event is None)):
-                self._write(item)  # nothing queued: the writer thread is idle
+                self._write(name, step, call, tensor, extra)  # nothing queued: writer idle
                 return
             self._inflight += 1
         if not alias and not tensor.pending:
             tensor.own()  # read later: copy now what the engine may overwrite
             self._reserve(tensor.nbytes)
             tensor.pending = tensor.nbytes
-        self._enqueue(item)
+        self._enqueue((name, step, call, tensor, extra))
 
     def _direct_or_queued(self, item: tuple[Any, ...]) -> bool:
         """Handle a control item now if nothing is queued; True when done."""
@@ -168,7 +167,7 @@ class Sink:
                 if len(item) == 2:
                     self._control(item)
                 else:
-                    self._write(item)
+                    self._write(*item)
             except BaseException as exc:  # reported on the engine's thread at the next call
                 self._error = exc
                 if len(item) == 2 and item[0] == "flush":
@@ -185,11 +184,11 @@ class Sink:
         else:
             self.writer.add_meta(**arg)
 
-    def _write(self, item: tuple[Any, ...]) -> None:
-        name, step, call, tensor, extra = item
+    def _write(self, name: str, step: int, call: int, tensor: HostTensor,
+               extra: dict[str, Any]) -> None:
         if tensor.written is not None:  # the same tensor under another name: point at it
-            offset, stats = tensor.written
-            self.writer.write(name, step, tensor.dtype, tensor.shape, None, stats, call=call,
+            offset, kept = tensor.written
+            self.writer.write(name, step, tensor.dtype, tensor.shape, None, kept, call=call,
                               at=offset, **extra)
             return
         try:  # (waits for a copy to land: on the writer thread, holding no lock)

@@ -56,7 +56,7 @@ class HostTensor:
     shape: tuple[int, ...]
     host: Any  #: a contiguous CPU torch tensor or numpy array holding the copy
     event: Any = None  #: CUDA event to wait on before reading ``host``
-    written: tuple[int | None, dict[str, Any]] | None = None  #: (offset, stats) once written
+    written: tuple[int | None, dict[str, Any] | None] | None = None  #: (offset, stats) once written
 
     owned: bool = True  #: ``host`` is our copy (False: it may be the engine's own memory)
     nbytes: int = 0  #: bytes of data
@@ -71,7 +71,7 @@ class HostTensor:
                 else self.host.clone()
             self.owned = True
 
-    def release(self, offset: int | None, stats: dict[str, Any]) -> None:
+    def release(self, offset: int | None, stats: dict[str, Any] | None) -> None:
         """The copy is on disk: free it, keeping where it went for later aliases."""
         self.written = (offset, stats)
         self.host = None
