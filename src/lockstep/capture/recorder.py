@@ -24,7 +24,7 @@ from .ranks import distributed_rank, rank_path, shard_field
 from .selection import Selection
 from .sink import Sink
 from .surface import Step
-from .tensors import Unrecordable, leaves, to_host
+from .tensors import Unrecordable, leaves, plain_cpu, to_host
 
 __all__ = ["Recorder", "record", "probe", "active"]
 
@@ -105,7 +105,8 @@ class Recorder:
         self._ended = False  # the step ended: the next capture or step entry opens a new one
         self._calls: dict[str, int] = {}  # name -> calls recorded in this step
         self._names: set[str] = set()  # record names already checked
-        self._seen: dict[int, tuple[Any, Any, Any]] = {}  # id -> (weakref, version, HostTensor)
+        # id -> (weakref, version, HostTensor or, written at once, (dtype, shape, offset))
+        self._seen: dict[int, tuple[Any, Any, Any]] = {}
         self._depth = 0  # step scopes open now (watched roots in their call, ``with step()``)
         self._step_root: int | None = None  # id of the root whose calls start steps
         self._undo: list[Callable[[], None]] = []
@@ -250,9 +251,24 @@ class Recorder:
         if version is not None:
             seen = self._seen.get(id(tensor))
             if seen is not None and seen[0]() is tensor and seen[1] == version:
-                self._sink.put(full, self.current_step, call, seen[2], alias=True,
+                host = seen[2]
+                if type(host) is tuple:  # written by the fast lane below: (dtype, shape, offset)
+                    host = self._sink.written(*host)
+                self._sink.put(full, self.current_step, call, host, alias=True,
                                role=role, **extra)
                 return
+            sink = self._sink
+            # the common capture first: a bare CPU tensor, written now (a subclass's
+            # storage may not be its own: those go through to_host)
+            if sink.writes_now and type(tensor) is _TENSOR:
+                plain = plain_cpu(tensor)
+                if plain is not None:
+                    dtype, shape, data = plain
+                    offset = sink.write_now(full, self.current_step, call, dtype, shape, data,
+                                            role, extra)
+                    self._seen[id(tensor)] = (weakref.ref(tensor), version,
+                                              (dtype, shape, offset))
+                    return
         try:
             host = to_host(tensor, copy=not self._sink.direct, engine=self._sink.copies)
         except Unrecordable as exc:

@@ -120,6 +120,28 @@ class Sink:
             tensor.pending = tensor.nbytes
         self._enqueue((name, step, call, tensor, extra))
 
+    @property
+    def writes_now(self) -> bool:
+        """Captures are written on the engine's thread as they come (``direct``), and no
+        writer thread was ever started, so nothing is queued ahead of them."""
+        return self.direct and self._thread is None
+
+    def write_now(self, name: str, step: int, call: int, dtype: str, shape: tuple[int, ...],
+                  data: memoryview, role: str | None, extra: dict[str, Any]) -> int | None:
+        """Write uncopied bytes at once (only while ``writes_now``); returns their offset
+        (``written`` makes the HostTensor a later alias points at)."""
+        if self._error is not None:
+            self._raise_if_failed()
+        writer = self.writer
+        with self._lock:
+            writer.write(name, step, dtype, shape, data, None, call=call, role=role, **extra)
+        return writer.last_offset
+
+    @staticmethod
+    def written(dtype: str, shape: tuple[int, ...], offset: int | None) -> HostTensor:
+        """A record ``write_now`` wrote, as the HostTensor an alias of it is put with."""
+        return HostTensor(dtype, shape, None, written=(offset, None))
+
     def _direct_or_queued(self, item: tuple[Any, ...]) -> bool:
         """Handle a control item now if nothing is queued; True when done."""
         with self._lock:

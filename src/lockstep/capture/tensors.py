@@ -19,7 +19,8 @@ import numpy as np
 from ..store.dtypes import DTYPES
 from ..store.stats import array_stats
 
-__all__ = ["HostTensor", "CopyEngine", "to_host", "leaves", "is_tensor", "Unrecordable"]
+__all__ = ["HostTensor", "CopyEngine", "to_host", "plain_cpu", "leaves", "is_tensor",
+           "Unrecordable"]
 
 _NUMPY_NAMES = {
     "float64": "float64", "float32": "float32", "float16": "float16", "int64": "int64",
@@ -93,10 +94,7 @@ class HostTensor:
             return memoryview(b"")
         if isinstance(self.host, np.ndarray):
             return memoryview(np.ascontiguousarray(self.host).data).cast("B")
-        # the contiguous CPU tensor's bytes as they lie, whatever the dtype: a ctypes view
-        # costs a tenth of ``.numpy()``; ``host`` (kept by this object) keeps them alive
-        return memoryview((ctypes.c_ubyte * self.nbytes).from_address(self.host.data_ptr())
-                          ).cast("B")
+        return _bytes_at(self.host.data_ptr(), self.nbytes)  # ``host`` keeps them alive
 
     def stats(self) -> dict[str, Any]:
         """Per-record statistics (store.stats fields), computed on the host copy."""
@@ -132,6 +130,38 @@ def _torch_stats(t: Any) -> dict[str, Any]:
     return array_stats(t.to(torch.float32 if t.is_floating_point() else torch.float64).numpy())
 
 
+def _bytes_at(address: int, nbytes: int) -> memoryview:
+    """The ``nbytes`` bytes at ``address`` (a contiguous CPU tensor's memory, whatever its
+    dtype), uncopied: a ctypes view costs a tenth of ``.numpy()``. The caller keeps the
+    tensor alive while the view is used."""
+    kind = _ARRAYS.get(nbytes)
+    if kind is None:
+        if len(_ARRAYS) >= 4096:  # (a decode loop's growing shapes: kept bounded)
+            _ARRAYS.clear()
+        kind = _ARRAYS[nbytes] = ctypes.c_ubyte * nbytes
+    return memoryview(kind.from_address(address)).cast("B")
+
+
+_ARRAYS: dict[int, Any] = {}  # nbytes -> the ctypes array type of that many bytes
+
+
+def plain_cpu(t: Any) -> tuple[str, tuple[int, ...], memoryview] | None:
+    """(dtype, shape, its bytes uncopied) of a torch tensor ``to_host`` would hand over as it
+    is (on the CPU, dense, contiguous, not lazily negated, of a dtype already seen by
+    ``to_host``, not empty), or None: the common capture, written at once with no HostTensor
+    (capture/recorder.py). Anything else goes through ``to_host``."""
+    if t.is_cpu and t.is_contiguous() and t.layout is _STRIDED:
+        dtype = _DTYPE_NAMES.get(t.dtype)
+        if dtype is not None and not t.is_neg():
+            nbytes = t.nbytes
+            if nbytes:
+                return dtype, tuple(t.shape), _bytes_at(t.data_ptr(), nbytes)
+    return None
+
+
+_STRIDED: Any = None  # torch.strided, once ``to_host`` has seen a torch tensor
+
+
 class CopyEngine(Protocol):
     """Copies a strided torch tensor (any device) into host memory: capture/copies.py."""
 
@@ -164,6 +194,8 @@ def to_host(value: Any, *, copy: bool = True, engine: CopyEngine | None = None) 
     t = value.detach() if value.requires_grad else value
     dtype = _DTYPE_NAMES.get(t.dtype)  # (str(dtype) and t.device are slow: this is per capture)
     if dtype is None:
+        global _STRIDED
+        _STRIDED = torch.strided
         dtype = str(t.dtype).removeprefix("torch.")
         if dtype not in DTYPES:
             raise Unrecordable(f"dtype {dtype} is not one a dump stores (docs/format.md, "
