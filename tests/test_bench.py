@@ -32,6 +32,47 @@ def test_summary_figures_and_interval():
     assert s.noisy  # a spread this wide is noise, not a measurement
 
 
+def test_a_run_whose_speed_changed_midway_is_noisy_though_each_half_is_steady():
+    # what this project's VM does to a 2-thread torch forward: ~100 ms for a while, then
+    # ~120 ms; within each half the CV is 1%, and over the run under 10%
+    rng = np.random.default_rng(2)
+    fast = 100 + rng.normal(0, 1, 15)
+    slow = 108 + rng.normal(0, 1, 15)
+    s = summarize(np.concatenate([fast, slow]))
+    assert s.cv < 0.10 and s.drift == pytest.approx(0.08, abs=0.01)
+    assert s.drifted and s.noisy
+    assert list(s.samples[:3]) == list(fast[:3])  # kept in the order they were taken
+    steady = summarize(np.concatenate([fast, fast + 1]))  # 1% apart: not a drift
+    assert not steady.drifted and not steady.noisy
+    assert summarize([100, 100, 100, 120, 120]).drift == 0.0  # too few samples to tell
+
+
+def test_the_report_names_a_drifted_figure_and_says_why_it_is_noisy():
+    from rich.console import Console
+
+    from lockstep.bench.render import render
+    from lockstep.bench.result import BenchResult, Figure
+
+    rng = np.random.default_rng(3)
+    steady = list(50 + rng.normal(0, 0.2, 20))
+    drifting = list(100 + rng.normal(0, 0.5, 10)) + list(120 + rng.normal(0, 0.5, 10))
+    result = BenchResult("hf:m", "zoo:m", settings={
+        "iters": 20, "warmup": 2, "max_new_tokens": 4, "prompt_tokens": 6})
+    result.figures.append(Figure.of("time to first token, 32 tokens", "ms", drifting, steady))
+    console = Console(width=200, record=True, color_system=None)
+    for part in render(result):
+        console.print(part)
+    text = " ".join(console.export_text().split())
+    # 20 ms of a 110 ms median; the CV (9%) alone would not have said it
+    assert "drifted +18%" in text and "noisy drifted" not in text
+    assert "NOISY:" in text and "changed speed during the run" in text
+    result.figures[0] = Figure.of("time to first token, 32 tokens", "ms", steady, steady)
+    console = Console(width=200, record=True, color_system=None)
+    for part in render(result):
+        console.print(part)
+    assert "NOISY" not in console.export_text() and "drifted" not in console.export_text()
+
+
 def test_steady_samples_are_not_noisy_and_the_ratio_has_its_interval():
     rng = np.random.default_rng(1)
     ref = 10.0 + rng.normal(0, 0.05, 200)
@@ -159,7 +200,9 @@ def test_bench_cli_json_and_plot(tiny, tmp_path):
     assert "cand/ref" in text and "the timing's own overhead is" in text
     data: dict[str, Any] = json.loads((tmp_path / "b.json").read_text())
     assert data["settings"]["iters"] == 3 and len(data["figures"]) == 6
-    assert data["figures"][0]["reference"]["ci"][0] <= data["figures"][0]["reference"]["median"]
+    first = data["figures"][0]["reference"]
+    assert first["ci"][0] <= first["median"] and len(first["samples"]) == 3
+    assert first["median"] == pytest.approx(float(np.median(first["samples"])))
     svg = ET.parse(tmp_path / "m.svg").getroot()
     assert svg.tag.endswith("svg")
     titles = [t.text for t in svg.iter("{http://www.w3.org/2000/svg}title")]

@@ -30,7 +30,7 @@ import numpy as np
 
 from ..errors import UsageError
 from ..replay.run import rel_l2
-from .stats import Ratio, Summary, ratio, summarize
+from .stats import NOISY_WHY, Ratio, Summary, ratio, summarize
 
 __all__ = ["OpSide", "OpBench", "bench_op"]
 
@@ -302,7 +302,7 @@ def op_lines(result: OpBench) -> list[str]:
         if s is None:
             return "-"
         return (f"{1e3 * s.median:.3f} ms [{1e3 * s.p10:.3f}-{1e3 * s.p90:.3f}] "
-                f"({1e3 * s.low:.3f}-{1e3 * s.high:.3f})" + (" noisy" if s.noisy else ""))
+                f"({1e3 * s.low:.3f}-{1e3 * s.high:.3f}){s.flags}")
 
     def err(x: float | None) -> str:
         return "-" if x is None else f"{x:.3g}"
@@ -325,7 +325,6 @@ def op_lines(result: OpBench) -> list[str]:
                  f"{err(result.same_input_error)}; the pair in the comparison: "
                  f"{err(result.pair_error)}")
     if any(side.time is not None and side.time.noisy for side in (r, c)):
-        lines.append("  NOISY: the call times vary by more than 10%: read the ratio's "
-                     "interval, or rerun on a quiet machine")
+        lines.append(f"  NOISY: the call times {NOISY_WHY}")
     lines.extend(f"  note: {n}" for n in result.notes)
     return lines

@@ -11,6 +11,7 @@ from rich.text import Text
 
 from ..report.base import SubjectReport
 from .op import op_lines
+from .stats import NOISY_WHY
 
 __all__ = ["BenchReport", "OpBenchReport", "render"]
 
@@ -39,8 +40,7 @@ def render(result: Any) -> list[Any]:
         cells = []
         for side in (f.reference, f.candidate):
             cells.append(f"{_num(side.median)} {f.unit} [{_num(side.p10)}-{_num(side.p90)}] "
-                         f"({_num(side.low)}-{_num(side.high)})" + (" noisy" if side.noisy
-                                                                    else ""))
+                         f"({_num(side.low)}-{_num(side.high)}){side.flags}")
         r = f.ratio
         better = (r.high < 1) if f.lower_is_better else (r.low > 1)
         worse = (r.low > 1) if f.lower_is_better else (r.high < 1)
@@ -50,9 +50,7 @@ def render(result: Any) -> list[Any]:
     for name, why in result.skipped.items():
         out.append(Text(f"not measured: {name} ({why})"))
     if result.noisy:
-        out.append(Text("NOISY: some figures vary by more than 10% (coefficient of variation); "
-                        "the machine is busy or throttling: read the ratio's interval, or "
-                        "rerun on a quiet machine", style="bold yellow"))
+        out.append(Text(f"NOISY: some figures {NOISY_WHY}", style="bold yellow"))
     mem = result.memory
     if mem:
         out.append(Text("peak memory (each engine's own process): " + ", ".join(

@@ -1,6 +1,9 @@
 """Summaries of timing samples: median, p10, p90, a bootstrap confidence interval of the
 median, the candidate/reference ratio of medians with its interval, and whether the samples
-are too noisy to trust (coefficient of variation over ``NOISY_CV``). numpy alone."""
+are too noisy to trust: a coefficient of variation over ``NOISY_CV``, or a drift (the
+median of the run's second half off the first half's by more than ``DRIFT``: the machine
+changed speed during the run, e.g. a VM whose two vCPUs stopped running in parallel, which a
+low CV within each half would hide). numpy alone."""
 
 from __future__ import annotations
 
@@ -9,13 +12,23 @@ from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["Summary", "Ratio", "summarize", "ratio", "NOISY_CV", "CONFIDENCE"]
+__all__ = ["Summary", "Ratio", "summarize", "ratio", "NOISY_CV", "DRIFT", "CONFIDENCE",
+           "NOISY_WHY"]
 
 #: samples whose standard deviation is above this share of their mean are called noisy
 NOISY_CV = 0.10
+#: so are samples whose second half's median is off the first half's by more than this
+#: share of the median (measured from ``DRIFT_MIN_SAMPLES`` samples on)
+DRIFT = 0.05
+DRIFT_MIN_SAMPLES = 6
 #: the confidence of every interval
 CONFIDENCE = 0.95
 _RESAMPLES = 2000
+#: what a report says when a figure is noisy
+NOISY_WHY = (f"vary by more than {NOISY_CV:.0%} (coefficient of variation), or drifted: "
+             f"their run's second half was more than {DRIFT:.0%} faster or slower than its "
+             "first. The machine is busy, throttling, or changed speed during the run: read "
+             "the ratio's interval, and do not hold these medians against another run's")
 
 
 @dataclass(frozen=True)
@@ -29,14 +42,30 @@ class Summary:
     low: float  #: bootstrap confidence interval of the median
     high: float
     cv: float  #: coefficient of variation (std / mean)
+    #: (median of the second half - median of the first) / median; 0 with few samples
+    drift: float = 0.0
+    samples: tuple[float, ...] = ()  #: in the order they were taken
+
+    @property
+    def drifted(self) -> bool:
+        return abs(self.drift) > DRIFT
 
     @property
     def noisy(self) -> bool:
-        return self.cv > NOISY_CV
+        return self.cv > NOISY_CV or self.drifted
+
+    @property
+    def flags(self) -> str:
+        """Why the figure is not to be trusted, as a report's cell says it (or "")."""
+        flags = " noisy" if self.cv > NOISY_CV else ""
+        if self.drifted:
+            flags += f" drifted {self.drift:+.0%}"
+        return flags
 
     def to_json(self) -> dict[str, Any]:
         return {"n": self.n, "median": self.median, "p10": self.p10, "p90": self.p90,
-                "ci": [self.low, self.high], "cv": self.cv, "noisy": self.noisy}
+                "ci": [self.low, self.high], "cv": self.cv, "drift": self.drift,
+                "noisy": self.noisy, "samples": list(self.samples)}
 
 
 @dataclass(frozen=True)
@@ -73,9 +102,15 @@ def summarize(samples: Sequence[float], *, seed: int = 0) -> Summary:
     mean = float(x.mean())
     cv = float(x.std(ddof=1) / mean) if x.size > 1 and mean > 0 else 0.0
     low, high = _interval(_boot_medians(x, _rng(seed))) if x.size > 1 else (x[0], x[0])
-    return Summary(n=int(x.size), median=float(np.median(x)),
+    median = float(np.median(x))
+    drift = 0.0
+    if x.size >= DRIFT_MIN_SAMPLES and median > 0:
+        half = x.size // 2
+        drift = float((np.median(x[-half:]) - np.median(x[:half])) / median)
+    return Summary(n=int(x.size), median=median,
                    p10=float(np.quantile(x, 0.1)), p90=float(np.quantile(x, 0.9)),
-                   low=float(low), high=float(high), cv=cv)
+                   low=float(low), high=float(high), cv=cv, drift=drift,
+                   samples=tuple(float(v) for v in x))
 
 
 def ratio(candidate: Sequence[float], reference: Sequence[float], *, seed: int = 0) -> Ratio:
