@@ -66,3 +66,39 @@ def test_a_refused_write_keeps_the_records_that_reached_the_disk(tmp_path, monke
             assert dump.read(rec).tolist() == [float(i)] * 256
         end = json.loads((tmp_path / "d" / "index.jsonl").read_text().splitlines()[-1])
         assert end["records"] == kept
+
+
+def test_after_a_refused_write_nothing_lands_where_its_offset_does_not_point(tmp_path,
+                                                                             monkeypatch):
+    # The disk fills in the middle of a record, then has room again (a file was deleted).
+    # The file now ends short of where the offsets say: a later record written anyway would
+    # be read from the wrong bytes. So the writer refuses every record after the first
+    # refusal, and the end line says why, also when the caller closes without an error.
+    w = DumpWriter(tmp_path / "d")
+    room = {"limit": 300_000}
+    real = w._write_all.__func__
+
+    def filling(self, parts, total):
+        left = room["limit"] - self._out
+        if total > left:
+            data = b"".join(bytes(memoryview(p).cast("B")) for p in parts)[:max(left, 0)]
+            real(self, [data], len(data))
+            room["limit"] = 1 << 40  # room again after this write
+            raise self._refused(OSError(28, "No space left on device"))
+        real(self, parts, total)
+
+    monkeypatch.setattr(DumpWriter, "_write_all", filling)
+    refused = []
+    for i in range(5):  # 200 KB each: the second is cut short by the full disk
+        a = np.full(50_000, i, np.float32)
+        try:
+            w.write(f"x{i}", 0, "float32", a.shape, memoryview(a))
+        except Exception as exc:
+            refused.append((i, str(exc)))
+    assert [i for i, _ in refused] == [1, 2, 3, 4]
+    assert "nothing more is recorded after it ('x3' is not)" in refused[2][1]
+    w.close()
+    with open_dump(tmp_path / "d") as dump:
+        assert [r.name for r in dump] == ["x0"]
+        assert dump.read(dump.get(0, "x0")).tolist() == [0.0] * 50_000
+        assert "No space left on device" in dump.error

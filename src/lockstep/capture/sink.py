@@ -191,7 +191,8 @@ class Sink:
                 else:
                     self._write(*item)
             except BaseException as exc:  # reported on the engine's thread at the next call
-                self._error = exc
+                if self._error is None:  # (the first: later ones follow from it)
+                    self._error = exc
                 if len(item) == 2 and item[0] == "flush":
                     item[1].set()
             finally:

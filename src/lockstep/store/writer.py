@@ -88,6 +88,9 @@ class DumpWriter:
         self._forms: dict[tuple[str, tuple[int, ...]], tuple[str, int]] = {}
         self._extras: dict[tuple[str, str], str] = {}  # (field, text) -> ',"field":"text"'
         self._closed = False
+        #: the OS refused a write: the file no longer ends where the offsets say, so every
+        #: later record is refused too (never written at an offset its data is not at)
+        self.refusal: DumpWriteError | None = None
         header = {"type": "header", "format": FORMAT_NAME, "version": FORMAT_VERSION,
                   "meta": meta or {}}
         self._line(header)
@@ -110,6 +113,9 @@ class DumpWriter:
 
         ``at`` points the record at data already written at that offset (the same tensor
         recorded under a second name: a parent module returning its child's output)."""
+        if self.refusal is not None:
+            raise DumpWriteError(f"{self.refusal}; nothing more is recorded after it "
+                                 f"({name!r:.200} is not)")
         head = self._heads.get(name)  # (a name in the cache was checked when it went in)
         if head is None:
             check_name(name)
@@ -203,7 +209,8 @@ class DumpWriter:
         self._staged = 0  # (emptied even when the write fails: never written twice)
         try:
             self._write_all(parts, total)
-        except DumpWriteError:
+        except DumpWriteError as exc:
+            self.refusal = exc
             cut = next((i for i, end in self._unsure if end > self._out), None)
             if cut is not None:
                 self._records -= sum(1 for line in self._lines[cut:]
@@ -264,6 +271,9 @@ class DumpWriter:
             return
         self._closed = True
         refused: DumpWriteError | None = None
+        earlier = self.refusal  # refused before the close (raised then; said here too)
+        if earlier is not None and (error is None or str(earlier) not in error):
+            error = str(earlier) if error is None else f"{error}; after {earlier}"
         try:  # the staged records first: the end line counts those that reached the OS
             self._drain()
         except DumpWriteError as exc:
