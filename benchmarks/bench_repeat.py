@@ -20,12 +20,15 @@ import json
 import sys
 from typing import Any
 
+from lockstep.bench.stats import DRIFT, NOISY_CV
+
 
 def _flag(side: dict[str, Any]) -> str:
+    """What the report flagged in a side's figure (the thresholds of lockstep.bench.stats)."""
     flags = []
-    if side.get("cv", 0) > 0.10:
+    if side.get("cv", 0) > NOISY_CV:
         flags.append(f"cv {side['cv']:.2f}")
-    if abs(side.get("drift", 0)) > 0.05:
+    if abs(side.get("drift", 0)) > DRIFT:
         flags.append(f"drift {side['drift']:+.0%}")
     return ", ".join(flags)
 

@@ -134,14 +134,7 @@ class DumpWriter:
                 raise ValueError(f"{name}: {view.nbytes} bytes given for {dtype}{list(shape)}")
             pad = -self._offset % _ALIGN
             offset = self._offset + pad
-            if nbytes < STAGE_LIMIT:
-                self._put_data(view, pad, nbytes)
-            else:  # out at once, after what the stage holds (``_put_data``'s other half)
-                staged = self._staged
-                parts: list[Any] = [self._stage[:staged], view] if staged else [view]
-                if pad:
-                    parts.insert(-1, _ZEROS[:pad])
-                self._hand_over(parts, staged + pad + nbytes)
+            self._put_data(view, pad, nbytes)
             self._offset = offset + nbytes
         elif at is not None:
             offset = at
@@ -187,16 +180,23 @@ class DumpWriter:
         return line + "}\n"
 
     def _put_data(self, view: memoryview, pad: int, nbytes: int) -> None:
-        """Append ``pad`` zero bytes and a small record's data to the stage."""
+        """Append ``pad`` zero bytes and the data: into the stage, or out with what it holds."""
         staged = self._staged
-        if staged + pad + nbytes > _STAGE_SIZE:
-            self._drain()
-            staged = 0
-        stage = self._stage
+        if nbytes < STAGE_LIMIT:
+            if staged + pad + nbytes > _STAGE_SIZE:
+                self._drain()
+                staged = 0
+            stage = self._stage
+            if pad:
+                stage[staged:staged + pad] = _ZEROS[:pad]
+            stage[staged + pad:staged + pad + nbytes] = view
+            self._staged = staged + pad + nbytes
+            return
+        parts: list[Any] = [self._stage[:staged]] if staged else []
         if pad:
-            stage[staged:staged + pad] = _ZEROS[:pad]
-        stage[staged + pad:staged + pad + nbytes] = view
-        self._staged = staged + pad + nbytes
+            parts.append(_ZEROS[:pad])
+        parts.append(view)
+        self._hand_over(parts, staged + pad + nbytes)
 
     def _drain(self) -> None:
         """Hand the staged bytes to the OS."""
