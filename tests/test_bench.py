@@ -229,3 +229,27 @@ def test_llamacpp_module_times_say_why_not(tmp_path):
     assert not m["available"] and "whole-eval timings only" in m["why"]
     assert result.figures[0].reference.median > 0
     assert result.memory["candidate"]["rss_bytes"] > 0
+
+
+def test_module_breakdown_of_an_engine_with_decode_logits_alone(tmp_path):
+    """A vLLM-shaped ``py:`` engine (fused projections, (normed, residual) norms, logits
+    computed outside forward) with no step_times of its own: the breakdown times one
+    generation, and its rows add up to that generation's time with hooks (they added up to
+    more when the timer also saw the base step_times' second, estimating generation)."""
+    from engines.nano_vllm import NanoEngine
+    from lockstep.bench.modules import module_times
+    from models import save_tiny
+
+    engine = NanoEngine("py:nano", model=str(save_tiny("llama", tmp_path / "llama")))
+    engine.load()
+    calls: list[int] = []
+    lm_head = engine.torch_module().lm_head
+    lm_head.register_forward_hook(lambda *_: calls.append(1))
+    m = module_times(engine, [3, 17, 42, 7, 99], 3, iters=3, warmup=1)
+    assert m["available"], m
+    assert len(calls) == (1 + 2 * 3) * 3  # warm-up, then plain and hooked runs: 3 steps each
+    rows = sum(m["by_kind"].values())
+    assert rows <= m["hooked_ms"]
+    assert rows + m["outside_modules_ms"] == pytest.approx(m["hooked_ms"], rel=1e-9)
+    assert m["by_kind"]["lm_head"] > 0 and m["by_kind"]["attention"] > 0
+    assert m["by_class"]["LMHead"] > 0  # called outside forward, still timed

@@ -34,6 +34,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 import lockstep
+from lockstep.engines import Engine
 
 BUGS = ("decode_position", "kv_slot", "swapped_args", "layer_not_loaded", "greedy_temperature",
         "swapped_kv_rows")
@@ -373,6 +374,7 @@ class LLM:
             layer.self_attn.attn.k_cache = torch.zeros(shape, dtype=dtype)
             layer.self_attn.attn.v_cache = torch.zeros(shape, dtype=dtype)
         self.free_blocks = list(range(num_blocks))[::-1]
+        self.on_logits: Any = None  # called with each step's last-position logits
         self.meta = {"engine": "nano-vllm-test", "architecture": arch,
                      "n_heads": cfg.num_attention_heads, "n_kv_heads": cfg.num_key_value_heads,
                      "head_dim": cfg.head_dim, "vocab_size": cfg.vocab_size}
@@ -396,6 +398,8 @@ class LLM:
             else:
                 hidden = self.model(input_ids, pos)
             logits = self.model.compute_logits(hidden)
+            if self.on_logits is not None:
+                self.on_logits(logits[-1])
             return int(self.sampler(logits, temperature)[-1])
 
     def generate(self, prompt: Sequence[int], decode: int, *,
@@ -404,16 +408,69 @@ class LLM:
         ``forced[i]`` when given: the reference's tokens)."""
         seq = Sequence_(list(prompt))
         n = len(prompt)
-        slots = [self._slot(seq, i) for i in range(n)]
-        chosen = [self._run(seq, list(prompt), list(range(n)), slots, True, temperature)]
-        for i in range(decode):
-            fed = forced[i] if forced is not None and i < len(forced) else chosen[-1]
-            seq.token_ids.append(fed)
-            position = len(seq.token_ids) - 1
-            slot = self._slot(seq, position)
-            if self.bug == "decode_position":
-                position += 1
-            if self.bug == "kv_slot":
-                slot += 1
-            chosen.append(self._run(seq, [fed], [position], [slot], False, temperature))
+        try:
+            slots = [self._slot(seq, i) for i in range(n)]
+            chosen = [self._run(seq, list(prompt), list(range(n)), slots, True, temperature)]
+            for i in range(decode):
+                fed = forced[i] if forced is not None and i < len(forced) else chosen[-1]
+                seq.token_ids.append(fed)
+                position = len(seq.token_ids) - 1
+                slot = self._slot(seq, position)
+                if self.bug == "decode_position":
+                    position += 1
+                if self.bug == "kv_slot":
+                    slot += 1
+                chosen.append(self._run(seq, [fed], [position], [slot], False, temperature))
+        finally:  # the sequence is finished: its blocks go back, as vLLM's scheduler frees them
+            self.free_blocks.extend(reversed(seq.block_table))
         return chosen
+
+
+class NanoEngine(Engine):
+    """The engine as a ``py:`` engine: ``py:tests/engines/nano_vllm.py:NanoEngine`` with the
+    options ``model=DIR`` (a transformers model directory) and ``bug=NAME``. It implements
+    what a user's engine implements: ``decode_logits`` (for ``bench``, ``generate``,
+    ``fuzz``), ``generate`` (for ``diff``) and ``torch_module``; it has no tokenizer (give
+    token ids) and no ``step_times`` of its own."""
+
+    name = "nano-vllm-test"
+
+    def __init__(self, spec: str, *, model: str, bug: str | None = None,
+                 dtype: str = "float32", num_blocks: int = 256) -> None:
+        super().__init__(spec)
+        self.directory, self.bug, self.num_blocks = Path(model), bug, int(num_blocks)
+        self.dtype = getattr(torch, dtype)
+
+    def load(self) -> None:
+        self.llm = LLM(self.directory, bug=self.bug, dtype=self.dtype,
+                       num_blocks=self.num_blocks)
+
+    def tokenize(self, text: str) -> list[int]:
+        raise lockstep.UsageError(f"{self.spec}: the test engine has no tokenizer: give "
+                                  "token ids")
+
+    def torch_module(self) -> Any:
+        return self.llm.model
+
+    def max_positions(self) -> int | None:
+        return self.num_blocks * BLOCK_SIZE
+
+    def decode_logits(self, prompt_ids: Sequence[int], steps: int, *,
+                      forced: Sequence[int] | None = None) -> tuple[list[int], Any]:
+        if not prompt_ids or steps < 1:
+            raise lockstep.UsageError(f"{self.spec}: a prompt of tokens and a step at least")
+        rows: list[Tensor] = []
+        self.llm.on_logits = lambda last: rows.append(last.float().clone())
+        try:
+            chosen = self.llm.generate(list(prompt_ids), steps - 1, forced=forced)
+        finally:
+            self.llm.on_logits = None
+        return chosen, torch.stack(rows).numpy()
+
+    def generate(self, rec: Any, prompt_ids: Sequence[int], decode: int, *,
+                 forced: Sequence[int] | None = None) -> list[int]:
+        rec.watch(self.llm.model)
+        return self.llm.generate(list(prompt_ids), decode, forced=forced)
+
+    def meta(self) -> dict[str, Any]:
+        return {**super().meta(), **self.llm.meta}
