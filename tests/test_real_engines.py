@@ -148,6 +148,32 @@ def test_nano_vllm_bug_free_from_the_command_line(tmp_path, references):
     assert "MATCH" in done.stdout
 
 
+NANO_SPEC = f"py:{Path(__file__).parent / 'engines' / 'nano_vllm.py'}:NanoEngine"
+
+
+@pytest.mark.parametrize("bug, diagnosis", [
+    (None, None),
+    ("kv_slot", "the KV cache (written slot or read range)"),
+    ("decode_position", "rotates Q/K by +1 position(s)")])
+def test_fuzz_drives_nano_vllm_as_a_py_engine(tmp_path, references, bug, diagnosis):
+    """``fuzz`` against the engine as a user plugs theirs in (``py:``, decode_logits only):
+    bug-free, nothing fails under a float32-tight limit; each decode bug is found at one
+    token and two steps, and localized to its cause."""
+    from lockstep.fuzz import fuzz
+
+    model = references["llama"][0]
+    options = {"model": str(model), **({"bug": bug} if bug else {})}
+    result = fuzz(f"hf:{model}", NANO_SPEC, out=tmp_path, budget=12, cand_options=options)
+    if bug is None:
+        assert result and result.failing == 0 and result.kl_limit < 1e-6
+        return
+    assert not result and result.failing >= 1
+    smallest = min(result.findings, key=lambda f: f.input.key)
+    assert (len(smallest.input.tokens), smallest.input.steps) == (1, 2)
+    assert smallest.failure.step == 1 and smallest.tensor_step == 1
+    assert smallest.diagnosis == "decode" and diagnosis in (smallest.title or "")
+
+
 # -- a module-less decode VM: probes with its own tags, QK-norm in 16-element blocks ---------
 
 BLOCK_RULES = """\

@@ -377,7 +377,8 @@ class LLM:
         self.on_logits: Any = None  # called with each step's last-position logits
         self.meta = {"engine": "nano-vllm-test", "architecture": arch,
                      "n_heads": cfg.num_attention_heads, "n_kv_heads": cfg.num_key_value_heads,
-                     "head_dim": cfg.head_dim, "vocab_size": cfg.vocab_size}
+                     "head_dim": cfg.head_dim, "vocab_size": cfg.vocab_size,
+                     "kv_block_size": BLOCK_SIZE}
 
     def _slot(self, seq: Sequence_, position: int) -> int:
         while len(seq.block_table) * BLOCK_SIZE <= position:
