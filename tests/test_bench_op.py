@@ -88,3 +88,25 @@ def test_op_bench_usage_errors_are_one_line(dumps):
     assert got.returncode == 2 and "give the prompt" in got.stderr
     for g in (got,):
         assert "Traceback" not in g.stderr
+
+
+@pytest.mark.parametrize("bug", [None, "swapped_kv_rows"])
+def test_a_vllm_shaped_attention_takes_its_hidden_states_not_its_positions(dumps, tmp_path, bug):
+    """The nano-vLLM engine's attention is called ``self_attn(positions, hidden_states)``, as
+    vLLM's is: its input is the float tensor, the normed hidden states its dump recorded as
+    ``input_layernorm:0`` (the first of the fused norm's (normed, residual)), not the
+    integer positions before it; so the op runs on the reference's input too."""
+    spec = f"py:{Path(__file__).parent / 'engines' / 'nano_vllm.py'}:NanoEngine"
+    options = {"model": str(dumps["ref"].parent / "llama"), **({"bug": bug} if bug else {})}
+    out = tmp_path / "nano.lsd"
+    capture(spec, str(out), tokens=TOKENS, decode=1, **options)
+    r = bench_op(str(dumps["ref"]), str(out), "model.layers.1.self_attn", warmup=1, iters=3,
+                 cand_options=options)
+    assert (r.candidate.cls, r.candidate.module) == ("SelfAttention", "model.layers.1.self_attn")
+    assert r.candidate.input_record == "model.layers.1.input_layernorm:0"
+    assert r.candidate.reproduces == 0.0
+    assert r.same_input_error is not None
+    if bug is None:
+        assert r.same_input_error < 1e-5 and not r.notes
+    else:  # the loader's k/v rows swapped: the op is wrong by itself, on the same input
+        assert r.same_input_error > 0.05

@@ -132,11 +132,21 @@ def _detach(value: Any) -> Any:
     return value
 
 
+def input_key(args: Sequence[Any], kwargs: dict[str, Any]) -> int | str | None:
+    """Which argument of a module call carries its input: the first floating-point tensor,
+    positional before keyword (vLLM calls ``self_attn(positions, hidden_states)``, the integer
+    positions first; transformers ``self_attn(hidden_states=...)``); for a module that takes
+    no floats (an embedding's ids), the first tensor. Its position, its keyword, or None."""
+    keyed: list[tuple[int | str, Any]] = [*enumerate(args), *kwargs.items()]
+    tensors = [(k, v) for k, v in keyed if hasattr(v, "detach")]
+    floats = [k for k, v in tensors if v.is_floating_point()]
+    return floats[0] if floats else tensors[0][0] if tensors else None
+
+
 @dataclass
 class Call:
     """One call of a module as it ran: its arguments and its first output (torch, cloned).
-    Its input is the first positional argument, or the first tensor passed by keyword
-    (transformers calls ``self_attn(hidden_states=...)``)."""
+    Its input is the argument ``input_key`` names."""
 
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
@@ -144,22 +154,22 @@ class Call:
 
     @property
     def input_key(self) -> int | str:
-        """0 for the first positional argument, else the keyword that carries the input."""
-        if self.args:
-            return 0
-        return next(k for k, v in self.kwargs.items() if hasattr(v, "detach"))
+        """The position or the keyword of the argument that carries the input."""
+        key = input_key(self.args, self.kwargs)
+        assert key is not None  # (CallTap keeps calls with a tensor argument only)
+        return key
 
     @property
     def input(self) -> Any:
         key = self.input_key
-        return self.args[0] if key == 0 else self.kwargs[key]  # type: ignore[index]
+        return self.args[key] if isinstance(key, int) else self.kwargs[key]
 
     def with_input(self, x: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """Its arguments with the input replaced by ``x``."""
         key = self.input_key
-        if key == 0:
-            return (x, *self.args[1:]), self.kwargs
-        return self.args, {**self.kwargs, str(key): x}
+        if isinstance(key, int):
+            return (*self.args[:key], x, *self.args[key + 1:]), self.kwargs
+        return self.args, {**self.kwargs, key: x}
 
     @property
     def single_input(self) -> bool:
@@ -193,9 +203,7 @@ class CallTap:
             if self.calls != self.step or name in self.seen:
                 return
             y = output[0] if isinstance(output, (tuple, list)) else output
-            first = args[0] if args else next((v for v in kwargs.values()
-                                              if hasattr(v, "detach")), None)
-            if hasattr(first, "detach") and hasattr(y, "detach"):
+            if input_key(args, kwargs) is not None and hasattr(y, "detach"):
                 self.seen[name] = Call(_detach(tuple(args)), {k: _detach(v) for k, v in
                                                               kwargs.items()}, _detach(y))
         return hook
