@@ -110,3 +110,18 @@ def test_a_vllm_shaped_attention_takes_its_hidden_states_not_its_positions(dumps
         assert r.same_input_error < 1e-5 and not r.notes
     else:  # the loader's k/v rows swapped: the op is wrong by itself, on the same input
         assert r.same_input_error > 0.05
+
+
+def test_a_fused_add_norm_is_timed_but_given_no_same_input_error(dumps, tmp_path):
+    """vLLM's ``input_layernorm(x, residual)`` adds the residual beside its input: fed the
+    reference's input alone it is another op, so no same-input error is claimed."""
+    spec = f"py:{Path(__file__).parent / 'engines' / 'nano_vllm.py'}:NanoEngine"
+    options = {"model": str(dumps["ref"].parent / "llama")}
+    out = tmp_path / "nano.lsd"
+    capture(spec, str(out), tokens=TOKENS, decode=1, **options)
+    r = bench_op(str(dumps["ref"]), str(out), "model.layers.1.input_layernorm", warmup=1,
+                 iters=3, cand_options=options)
+    assert r.candidate.cls == "RMSNorm" and r.candidate.reproduces == 0.0
+    assert r.same_input_error is None
+    assert any("second activation" in note for note in r.notes), r.notes
+    assert r.candidate.time is not None and r.candidate.time.n == 3

@@ -174,6 +174,31 @@ def test_fuzz_drives_nano_vllm_as_a_py_engine(tmp_path, references, bug, diagnos
     assert smallest.diagnosis == "decode" and diagnosis in (smallest.title or "")
 
 
+def test_replay_refuses_to_feed_a_fused_add_norm_the_references_input_alone(tmp_path, references):
+    """The nano-vLLM engine's ``input_layernorm(x, residual)`` adds its residual: run on the
+    reference's input with the candidate's own residual still beside it, it is not the same op,
+    so the other way is refused with the reason (it gave 0.47 to 1.4 on SmolLM2, errors the
+    candidate's norm does not make). Its qkv slices, whose outputs do not fit, say so too."""
+    from rich.console import Console
+
+    from lockstep.report import ComparisonReport
+    from lockstep.workflows.diff import diff
+
+    model = references["llama"][0]
+    result = diff(f"hf:{model}", NANO_SPEC, tmp_path, tokens=PROMPT, decode=1,
+                  cand_options={"model": str(model), "bug": "swapped_kv_rows"})
+    assert result.verdict == "diverged" and result.replay is not None
+    ops = {op.reference: op for op in result.replay.ops}
+    norm = ops["model.layers.1.input_layernorm"]
+    assert norm.where == "inherited"
+    assert norm.reverse is None and "second activation" in (norm.reverse_note or "")
+    assert all(op.reverse is None for op in ops.values())
+    console = Console(width=200, record=True, color_system=None)
+    console.print(ComparisonReport(result))
+    text = console.export_text()
+    assert "none of the candidate's ops run on the reference's inputs" in " ".join(text.split())
+
+
 # -- a module-less decode VM: probes with its own tags, QK-norm in 16-element blocks ---------
 
 BLOCK_RULES = """\

@@ -164,6 +164,20 @@ class Call:
         key = self.input_key
         return self.args[key] if isinstance(key, int) else self.kwargs[key]
 
+    @property
+    def second_activation(self) -> str | None:
+        """Another floating-point tensor argument shaped as the input, where there is one
+        (vLLM's fused ``norm(x, residual)`` adds its residual): the call then takes more than
+        its input, and run on another engine's input alone it is not the same op. Its
+        position or keyword, as text."""
+        key, x = self.input_key, self.input
+        keyed: list[tuple[int | str, Any]] = [*enumerate(self.args), *self.kwargs.items()]
+        for k, v in keyed:
+            if k != key and hasattr(v, "detach") and v.is_floating_point() \
+                    and tuple(v.shape) == tuple(x.shape):
+                return f"argument {k}" if isinstance(k, int) else f"{k}="
+        return None
+
     def with_input(self, x: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """Its arguments with the input replaced by ``x``."""
         key = self.input_key

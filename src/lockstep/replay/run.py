@@ -353,6 +353,12 @@ def _reverse(candidate: Any, ops: list[ReplayOp], refs_io: dict[str, tuple[np.nd
             out.append(replace(op, reverse_note=f"the inputs' layouts differ "
                                                 f"({op.input_transform})"))
             continue
+        other = call.second_activation
+        if other is not None:
+            out.append(replace(op, reverse_note=f"it takes a second activation beside its "
+                                                f"input ({other}: a residual it adds?), which "
+                                                "the reference's op does not"))
+            continue
         if x_ref.size != live.numel():
             out.append(replace(op, reverse_note="its input's size differs from the "
                                                 "reference's"))

@@ -184,6 +184,11 @@ def _replay(replay: Any) -> Panel:
     body.append(Text("the reference's ops re-run on the candidate's recorded inputs"
                      + (", and the candidate's ops on the reference's" if other_way else "")
                      + f" ({replay.seconds:.2f} s)", style="dim"))
+    why_not = list(dict.fromkeys(op.reverse_note for op in replay.ops
+                                 if op.reverse is None and op.reverse_note))
+    if why_not:  # the other way was tried and refused: say why, not just leave it out
+        body.append(Text(f"{'some' if other_way else 'none'} of the candidate's ops run on the "
+                         f"reference's inputs: {'; '.join(why_not[:3])}", style="dim"))
     return Panel(Group(*body), title="replay (the dual test)", expand=False)
 
 
