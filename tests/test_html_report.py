@@ -173,3 +173,24 @@ def test_inspect_page_highlights_nan_and_inf(browser, tmp_path):
     flagged = page.eval("[...document.querySelectorAll('#tensor-table tr.bad')]"
                         ".map(r => r.children[0].textContent).sort()")
     assert flagged == ["lm_head.weight", "model.layers.0.mlp.w"]
+
+
+@pytest.mark.parametrize("engine, option, shown", [
+    # transformers with one linear 1% off: the other way runs, and its error is a column
+    ("precision.py:PrecisionEngine", "o_proj_scale=1.01", "cand op on ref input"),
+    # a vLLM-shaped engine whose norm adds its residual: the other way is refused, and why
+    ("nano_vllm.py:NanoEngine", "bug=swapped_kv_rows",
+     "not run the other way: it takes a second activation")])
+def test_replay_table_shows_the_other_way(browser, tmp_path, engine, option, shown):
+    from models import save_tiny
+
+    model = save_tiny("llama", tmp_path / "llama")
+    spec = f"py:{Path(__file__).parent / 'engines' / engine}"
+    res = cli("diff", f"hf:{model}", spec, "--cand-opt", f"model={model}", "--cand-opt",
+              option, "--tokens", "3,17,42,7,99", "--out", str(tmp_path / "d"),
+              "--html", str(tmp_path / "r.html"))
+    assert res.returncode == 1, res.stdout + res.stderr
+    page = browser.open((tmp_path / "r.html").as_uri())
+    assert page.console_errors() == []
+    table = page.eval("document.getElementById('replay-table').textContent")
+    assert shown in table

@@ -93,8 +93,13 @@ LS.firstDivergence = function (sec, d) {
       {label: "inherited", get: function (o) { return o.inherited; }, num: true},
       {label: "where", get: function (o) { return o.where; }},
       {label: "rounding", get: function (o) { return Object.keys(o.rounding || {}).map(function (k) { return k + " " + LS.fmt(o.rounding[k]); }).join(", "); }},
-      {label: "explained by", get: function (o) { return o.explained_by; }},
-      {label: "note", get: function (o) { return o.note; }}], rp.ops, {id: "replay-table"}));
+      {label: "explained by", get: function (o) { return o.explained_by; }}].concat(
+      /* the other way: the candidate's op on the reference's input (its own error) */
+      rp.ops.some(function (o) { return o.reverse !== null && o.reverse !== undefined; })
+        ? [{label: "cand op on ref input", get: function (o) { return o.reverse; }, num: true}] : [],
+      [{label: "note", get: function (o) {
+        var why = o.reverse_note ? "not run the other way: " + o.reverse_note : null;
+        return [o.note, why].filter(Boolean).join("; ") || null; }}]), rp.ops, {id: "replay-table"}));
   }
 };
 
