@@ -96,7 +96,8 @@ def test_a_vllm_shaped_attention_takes_its_hidden_states_not_its_positions(dumps
     vLLM's is: its input is the float tensor, the normed hidden states its dump recorded as
     ``input_layernorm:0`` (the first of the fused norm's (normed, residual)), not the
     integer positions before it; so the op runs on the reference's input too."""
-    spec = f"py:{Path(__file__).parent / 'engines' / 'nano_vllm.py'}:NanoEngine"
+    from engines.nano_vllm import SPEC as spec
+
     options = {"model": str(dumps["ref"].parent / "llama"), **({"bug": bug} if bug else {})}
     out = tmp_path / "nano.lsd"
     capture(spec, str(out), tokens=TOKENS, decode=1, **options)
@@ -115,7 +116,8 @@ def test_a_vllm_shaped_attention_takes_its_hidden_states_not_its_positions(dumps
 def test_a_fused_add_norm_is_timed_but_given_no_same_input_error(dumps, tmp_path):
     """vLLM's ``input_layernorm(x, residual)`` adds the residual beside its input: fed the
     reference's input alone it is another op, so no same-input error is claimed."""
-    spec = f"py:{Path(__file__).parent / 'engines' / 'nano_vllm.py'}:NanoEngine"
+    from engines.nano_vllm import SPEC as spec
+
     options = {"model": str(dumps["ref"].parent / "llama")}
     out = tmp_path / "nano.lsd"
     capture(spec, str(out), tokens=TOKENS, decode=1, **options)

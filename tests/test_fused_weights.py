@@ -16,35 +16,12 @@ import torch
 from safetensors.torch import save_file
 
 import lockstep
-from engines.nano_vllm import LLM
+from engines.nano_vllm import LLM, SPEC
 from models import save_tiny
 
 TESTS = Path(__file__).parent
 
-ENGINE = f'''
-import sys
-sys.path.insert(0, {str(TESTS)!r})
-from lockstep.engines import Engine
-from engines.nano_vllm import LLM
-
-
-class Nano(Engine):
-    name = "nano-vllm"
-    bug = None
-
-    def load(self):
-        self.model = LLM({{model!r}}, bug=self.bug).model
-
-    def tokenize(self, text):
-        return []
-
-    def generate(self, rec, prompt_ids, decode, *, forced=None):
-        raise NotImplementedError
-
-
-class Swapped(Nano):
-    bug = "swapped_kv_rows"
-'''
+NANO = SPEC  # the engine as a user's py: engine
 
 
 @pytest.fixture(scope="module")
@@ -83,21 +60,27 @@ def test_wrong_rows_of_a_fused_weight_named(models):
 
 
 def test_weights_command(tmp_path, models):
-    (tmp_path / "nano.py").write_text(ENGINE.format(model=str(models["qwen3"])))
-    done = _cli("weights", f"py:{tmp_path / 'nano.py'}:Nano", models["qwen3"],
-                "--json", tmp_path / "w.json")
+    """The nano-vLLM engine as a user's py: engine, its model directory given with --opt: its
+    module tree comes from torch_module() (it has no .model)."""
+    model = models["qwen3"]
+    done = _cli("weights", NANO, model, "--opt", f"model={model}", "--json", tmp_path / "w.json")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "PASS  all 19 tensors equal" in done.stdout
     report = json.loads((tmp_path / "w.json").read_text())
     assert report["summary"]["missing from model"] == 0
     assert report["summary"]["missing from checkpoint"] == 0
 
-    done = _cli("weights", f"py:{tmp_path / 'nano.py'}:Swapped", models["qwen3"])
+    done = _cli("weights", NANO, model, "--opt", f"model={model}", "--opt", "bug=swapped_kv_rows")
     assert done.returncode == 1, done.stdout + done.stderr
     text = " ".join(done.stdout.split())
     assert "FAIL 2 of 19 tensors not equal" in text
     assert "model.layers.0.self_attn.qkv_proj.weight" in text
     assert "rows of model.layers.0.self_attn.k_proj.weight" in text
+
+    # an option the engine needs and was not given is the user's to fix: one line, exit 2
+    done = _cli("weights", NANO, model)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "needs the option 'model'" in done.stderr and "internal error" not in done.stderr
 
 
 def _vllm_checkpoint(model: Path, out: Path, bug: str | None = None,

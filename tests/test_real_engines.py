@@ -14,6 +14,7 @@ import pytest
 
 import lockstep
 from engines.nano_vllm import LLM
+from engines.nano_vllm import SPEC as NANO_SPEC
 from lockstep.workflows.capture import capture
 from lockstep.zoo.families import tiny_family_model
 from models import save_tiny
@@ -148,7 +149,7 @@ def test_nano_vllm_bug_free_from_the_command_line(tmp_path, references):
     assert "MATCH" in done.stdout
 
 
-NANO_SPEC = f"py:{Path(__file__).parent / 'engines' / 'nano_vllm.py'}:NanoEngine"
+
 
 
 @pytest.mark.parametrize("bug, diagnosis", [

@@ -427,6 +427,10 @@ class LLM:
         return chosen
 
 
+#: the engine's ``py:`` spec, as a user would write it (with ``model=DIR`` as an option)
+SPEC = f"py:{Path(__file__).resolve()}:NanoEngine"
+
+
 class NanoEngine(Engine):
     """The engine as a ``py:`` engine: ``py:tests/engines/nano_vllm.py:NanoEngine`` with the
     options ``model=DIR`` (a transformers model directory) and ``bug=NAME``. It implements

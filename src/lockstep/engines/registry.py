@@ -147,7 +147,13 @@ def construct(spec: str, **options: Any) -> Engine:
     try:
         return factory(spec, target, **options)
     except TypeError as exc:
-        if "unexpected keyword argument" not in str(exc):
+        text = str(exc)
+        if "__init__() missing" in text and "required" in text:  # a py: engine's own option
+            needed = text.split(": ", 1)[-1]
+            raise UsageError(f"{spec} needs the option {needed}: give each as KEY=VALUE "
+                             "(--opt, --ref-opt or --cand-opt, as the command names them)"
+                             ) from None
+        if "unexpected keyword argument" not in text:
             raise
         dtype = _words([f"{k.kind}:" for k in KINDS if k.dtype])
         raise UsageError(f"{spec} takes no option {str(exc).rsplit(' ', 1)[-1]} (given: "
