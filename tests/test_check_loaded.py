@@ -93,6 +93,22 @@ def test_different_but_not_fresh(saved):
     assert down.max_abs == pytest.approx(float((w - w / 1.001).abs().max()), rel=1e-3)
     assert {s.layer: s.verdict for s in check.layers}["model.layers.0"] == "differs"
     assert check.not_loaded == []
+    # both are the checkpoint's values, changed: nothing says they are other values
+    assert not any("uncorrelated" in p.note for p in bad.values())
+
+
+def test_other_values_than_the_checkpoints_are_named_uncorrelated(saved):
+    """A weight holding values of no known init's spread (an engine's own init, another
+    tensor's values) is "different", with the note that it is not the checkpoint's values."""
+    model, ref = saved
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight.normal_(0.0, 0.37)  # no default init's std
+        model.model.layers[1].mlp.gate_proj.weight.mul_(-1.0)  # correlated: r = -1
+    check = lockstep.check_loaded(model, ref)
+    bad = {p.name: p for p in check.problems}
+    up, gate = bad["model.layers.1.mlp.up_proj.weight"], bad["model.layers.1.mlp.gate_proj.weight"]
+    assert up.status == "different" and "uncorrelated with the checkpoint (r=" in up.note
+    assert gate.status == "different" and "uncorrelated" not in gate.note
 
 
 def test_lower_precision_copy_is_equal(saved):

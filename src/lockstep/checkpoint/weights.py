@@ -154,20 +154,39 @@ def _fresh_init(p: np.ndarray, x: np.ndarray, init_range: float | None) -> str:
         return "all ones: a norm's init"
     if np.all(p == 0.0) and not np.all(x == 0.0):
         return "all zeros: a bias's init"
-    pf, xf = p.reshape(-1).astype(np.float64), x.reshape(-1).astype(np.float64)
-    if p.size < 64 or not (np.isfinite(pf).all() and np.isfinite(xf).all()):
+    found = _correlation(p, x)
+    if found is None:
         return ""
-    std, xstd = float(pf.std()), float(xf.std())
-    if std == 0.0:
-        return ""
-    corr = float(((pf - pf.mean()) * (xf - xf.mean())).mean() / (std * xstd)) if xstd else 0.0
-    noise = 4 / math.sqrt(p.size)
-    if abs(corr) > max(0.1, noise) or abs(float(pf.mean())) > 0.1 * std + noise * std:
+    corr, std, noise = found
+    if abs(corr) > max(0.1, noise) or abs(float(p.mean())) > 0.1 * std + noise * std:
         return ""
     for label, s in _init_stds(p.shape, init_range):
         if abs(std / s - 1) < 0.15:
             return f"std {std:.3g} ~ {label} init, uncorrelated (r={corr:.2f})"
     return ""
+
+
+def _correlation(p: np.ndarray, x: np.ndarray) -> tuple[float, float, float] | None:
+    """(Pearson's r between ``p`` and ``x``, ``p``'s std, the r that noise alone reaches at
+    this size), or None where r means nothing (fewer than 64 values, non-finite, constant)."""
+    pf, xf = p.reshape(-1).astype(np.float64), x.reshape(-1).astype(np.float64)
+    if p.size < 64 or not (np.isfinite(pf).all() and np.isfinite(xf).all()):
+        return None
+    std, xstd = float(pf.std()), float(xf.std())
+    if std == 0.0:
+        return None
+    corr = float(((pf - pf.mean()) * (xf - xf.mean())).mean() / (std * xstd)) if xstd else 0.0
+    return corr, std, 4 / math.sqrt(p.size)
+
+
+def _unrelated(p: np.ndarray, x: np.ndarray) -> str:
+    """A note for a differing tensor with no correlation with its checkpoint tensor: not a
+    slightly-off copy (a dtype, a rescale) but other values, whatever init they came from."""
+    found = _correlation(p, x)
+    if found is None or abs(found[0]) > max(0.1, found[2]):
+        return ""
+    return (f"uncorrelated with the checkpoint (r={found[0]:.2f}): not its values, so never "
+            "loaded or loaded from another tensor")
 
 
 def _compare(torch: Any, name: str, t: Any, src: TensorSource, arr: np.ndarray, key: str,
@@ -192,8 +211,9 @@ def _compare(torch: Any, name: str, t: Any, src: TensorSource, arr: np.ndarray, 
         return replace(base, status="equal", transform=transform, constant=constant)
     max_abs, rel = pair_errors(p, x)
     why = _fresh_init(p, x, init_range)
+    note = why or base.note or _unrelated(p, x)
     return replace(base, status="fresh init" if why else "different", transform=transform,
-                   max_abs=max_abs, rel_l2=rel, constant=constant, note=why or base.note)
+                   max_abs=max_abs, rel_l2=rel, constant=constant, note=note)
 
 
 def _verdict(checks: list[ParamCheck]) -> str:
