@@ -24,13 +24,19 @@ def _mib(n: int | None) -> str:
     return "-" if n is None else f"{n / 2**20:.0f} MiB"
 
 
+def _forks(settings: dict[str, Any]) -> str:
+    forks = settings.get("forks", 1)
+    return (f", in {forks} forks (fresh processes, one after the other, each warmed up; "
+            "every interval resampled over them)") if forks > 1 else ""
+
+
 def render(result: Any) -> list[Any]:
     """The terminal face: the figures table, memory, the module breakdowns."""
     out: list[Any] = []
     s = result.settings
     out.append(Text(f"lockstep bench  reference {result.reference}  candidate "
                     f"{result.candidate}\n{s['iters']} rounds after {s['warmup']} warm-up, "
-                    f"interleaved; decode: {s['max_new_tokens']} tokens after a "
+                    f"interleaved{_forks(s)}; decode: {s['max_new_tokens']} tokens after a "
                     f"{s['prompt_tokens']}-token prompt; median [p10-p90] (95% interval)"))
     table = Table(show_lines=False)
     for col in ("figure", "reference", "candidate", "cand/ref"):

@@ -24,9 +24,10 @@ class Figure:
 
     @classmethod
     def of(cls, name: str, unit: str, ref: list[float], cand: list[float], *,
-           lower_is_better: bool = True) -> Figure:
-        return cls(name, unit, summarize(ref), summarize(cand), ratio(cand, ref),
-                   lower_is_better)
+           lower_is_better: bool = True, forks: list[int] | None = None) -> Figure:
+        """``forks``: each round's fork (process), the same for both sides' samples."""
+        return cls(name, unit, summarize(ref, groups=forks), summarize(cand, groups=forks),
+                   ratio(cand, ref, cand_groups=forks, ref_groups=forks), lower_is_better)
 
     @property
     def noisy(self) -> bool:

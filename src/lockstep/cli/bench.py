@@ -33,8 +33,15 @@ def register(sub: Any) -> None:
                         "prompt's tokens are repeated to each length)")
     b.add_argument("--max-new-tokens", type=int, default=32, metavar="N",
                    help="greedy decode steps per decode sample (default 32)")
-    b.add_argument("--warmup", type=int, default=10, help="rounds not kept (default 10)")
-    b.add_argument("--iters", type=int, default=100, help="rounds measured (default 100)")
+    b.add_argument("--warmup", type=int, default=10,
+                   help="rounds not kept, split over the forks, at least one in each "
+                        "(default 10)")
+    b.add_argument("--iters", type=int, default=100,
+                   help="rounds measured, split over the forks (default 100)")
+    b.add_argument("--forks", type=int, default=5, metavar="N",
+                   help="fresh process pairs the rounds are split over, one after the other, "
+                        "each loaded and warmed up anew; the intervals take the spread "
+                        "between processes in (default 5; 1: one process per engine)")
     b.add_argument("--modules", action="store_true",
                    help="also time each module kind and class per layer (torch engines)")
     b.add_argument("--plot", metavar="FILE.svg", help="draw the per-module times (--modules)")
@@ -83,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
         result = run_bench(
             args.reference, args.candidate, args.tokens, prompts=prompts,
             lengths=args.lengths, max_new_tokens=args.max_new_tokens, warmup=args.warmup,
-            iters=args.iters, modules=args.modules,
+            iters=args.iters, modules=args.modules, forks=args.forks,
             ref_options=engine_options(args.reference, args.ref_dtype, args.ref_opt),
             cand_options=engine_options(args.candidate, args.cand_dtype, args.cand_opt),
             progress=lambda done, total, what: progress.update(
