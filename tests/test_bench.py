@@ -70,6 +70,19 @@ def test_forks_widen_the_interval_to_what_another_process_gives():
         ratio(x, steady, cand_groups=forks, ref_groups=forks).high \
         - ratio(x, steady, cand_groups=forks, ref_groups=forks).low
     assert summarize(x, groups=[0] * 20).fork_medians == ()  # one fork: as without
+    assert not forked.forks_apart and not forked.noisy  # 3% apart: what processes do
+
+
+def test_forks_far_apart_are_flagged_though_no_half_drifted():
+    """This project's VM in one run: four forks at ~430 ms, the fifth at ~360 ms (it changed
+    speed between processes). The halves' medians agree (no drift) and the CV is under 10%,
+    but the forks are 17% apart: flagged, so the median is not held against another run's."""
+    rng = np.random.default_rng(6)
+    forks = [430.0, 432.0, 433.0, 426.0, 361.0]
+    x = np.concatenate([f + rng.normal(0, 2, 2) for f in forks])
+    s = summarize(x, groups=[i // 2 for i in range(10)])
+    assert not s.drifted and s.cv < 0.10
+    assert s.forks_apart and s.noisy and "forks 17% apart" in s.flags
     with pytest.raises(ValueError, match="fork labels"):
         summarize(x, groups=[0, 1])
 

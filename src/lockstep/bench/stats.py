@@ -19,8 +19,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["Summary", "Ratio", "summarize", "ratio", "NOISY_CV", "DRIFT", "CONFIDENCE",
-           "NOISY_WHY"]
+__all__ = ["Summary", "Ratio", "summarize", "ratio", "NOISY_CV", "DRIFT", "FORKS_APART",
+           "CONFIDENCE", "NOISY_WHY", "fork_spread"]
 
 #: samples whose standard deviation is above this share of their mean are called noisy
 NOISY_CV = 0.10
@@ -28,14 +28,27 @@ NOISY_CV = 0.10
 #: share of the median (measured from ``DRIFT_MIN_SAMPLES`` samples on)
 DRIFT = 0.05
 DRIFT_MIN_SAMPLES = 6
+#: and so are samples whose forks' medians span more than this share of the median: fresh
+#: processes land a few percent apart on an idle machine (4.5% over six llama.cpp processes);
+#: 17-22% is a machine that changed speed between them, as this project's VM does
+FORKS_APART = 0.10
 #: the confidence of every interval
 CONFIDENCE = 0.95
 _RESAMPLES = 2000
 #: what a report says when a figure is noisy
 NOISY_WHY = (f"vary by more than {NOISY_CV:.0%} (coefficient of variation), or drifted: "
              f"their run's second half was more than {DRIFT:.0%} faster or slower than its "
-             "first. The machine is busy, throttling, or changed speed during the run: read "
+             f"first, or their forks (fresh processes) were more than {FORKS_APART:.0%} "
+             "apart. The machine is busy, throttling, or changed speed during the run: read "
              "the ratio's interval, and do not hold these medians against another run's")
+
+
+def fork_spread(fork_medians: Sequence[float]) -> float:
+    """(largest - smallest) / their median, of the forks' medians; 0 for fewer than two."""
+    if len(fork_medians) < 2:
+        return 0.0
+    mid = float(np.median(fork_medians))
+    return (max(fork_medians) - min(fork_medians)) / mid if mid > 0 else 0.0
 
 
 @dataclass(frozen=True)
@@ -59,8 +72,12 @@ class Summary:
         return abs(self.drift) > DRIFT
 
     @property
+    def forks_apart(self) -> bool:
+        return fork_spread(self.fork_medians) > FORKS_APART
+
+    @property
     def noisy(self) -> bool:
-        return self.cv > NOISY_CV or self.drifted
+        return self.cv > NOISY_CV or self.drifted or self.forks_apart
 
     @property
     def flags(self) -> str:
@@ -68,6 +85,8 @@ class Summary:
         flags = " noisy" if self.cv > NOISY_CV else ""
         if self.drifted:
             flags += f" drifted {self.drift:+.0%}"
+        if self.forks_apart:
+            flags += f" forks {fork_spread(self.fork_medians):.0%} apart"
         return flags
 
     def to_json(self) -> dict[str, Any]:
