@@ -196,6 +196,33 @@ def test_run_unmodified_program(tmp_path):
         assert [r.name for r in d.in_step(3)][-1] == "vmpkg.ops.rms_norm"
 
 
+def test_run_program_keeps_the_layers_and_names_asked_for(tmp_path):
+    prog = tmp_path / "layers.py"
+    prog.write_text("import torch\n"
+                    "class Net(torch.nn.Module):\n"
+                    "    def __init__(self):\n"
+                    "        super().__init__()\n"
+                    "        self.layers = torch.nn.ModuleList(torch.nn.Linear(2, 2) "
+                    "for _ in range(3))\n"
+                    "        self.head = torch.nn.Linear(2, 2)\n"
+                    "    def forward(self, x):\n"
+                    "        for layer in self.layers:\n"
+                    "            x = layer(x)\n"
+                    "        return self.head(x)\n"
+                    "Net()(torch.ones(2))\n")
+    out = subprocess.run([LOCKSTEP, "run", "--out", str(tmp_path / "d"), "--layers", "1-2",
+                          "--exclude", "layers.2", "--", "python", str(prog)],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    with lockstep.open_dump(tmp_path / "d") as d:
+        assert sorted(r.name for r in d) == ["", "head", "layers.1"]
+    out = subprocess.run([LOCKSTEP, "run", "--out", str(tmp_path / "e"), "--include", "head",
+                          "--", "python", str(prog)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr  # --include: --select's older spelling
+    with lockstep.open_dump(tmp_path / "e") as d:
+        assert [r.name for r in d] == ["head"]
+
+
 def test_run_program_failure_keeps_dump(tmp_path):
     prog = tmp_path / "bad.py"
     prog.write_text("import torch\nm = torch.nn.Linear(2, 2)\nm(torch.ones(2))\n"

@@ -91,6 +91,26 @@ def test_golden_dumps_and_the_refresh_flag(pytester, monkeypatch):
     broken.stdout.fnmatch_lines(["*lockstep: DIVERGED*"])
 
 
+def test_golden_keeps_the_layers_and_names_asked_for(pytester):
+    pytester.makeconftest(CONFTEST)
+    pytester.makepyfile('''
+import lockstep as ls
+
+
+def test_small_golden(lockstep, tiny):
+    spec = lockstep.golden("layer-0", f"hf:{tiny}", tokens=[3, 17, 42], layers=[0],
+                           exclude=["*.mlp.act_fn"])
+    with ls.open_dump(spec.removeprefix("dump:")) as dump:
+        names = {r.name for r in dump}
+    assert any(n.startswith("model.layers.0.") for n in names)
+    assert not any(n.startswith("model.layers.1.") for n in names)  # not asked for
+    assert "lm_head" in names  # records of no layer are kept
+    assert not any(n.endswith("mlp.act_fn") for n in names)
+''')
+    made = pytester.runpytest_subprocess("-q", "-p", "no:cacheprovider", "--lockstep-update")
+    made.assert_outcomes(passed=1)
+
+
 def test_dtype_matrix(pytester):
     pytester.makepyfile('''
 def test_each_dtype(lockstep_dtype, lockstep_backend):

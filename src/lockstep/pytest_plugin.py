@@ -89,11 +89,13 @@ class Lockstep:
     def golden(self, name: str, reference: str, *, prompt: str | None = None,
                tokens: Sequence[int] | None = None, decode: int = 0,
                stats_only: bool = True, include: Sequence[str] | None = None,
+               exclude: Sequence[str] | None = None, layers: Sequence[int] | None = None,
                options: dict[str, Any] | None = None) -> str:
         """The ``dump:`` spec of the golden reference recording ``NAME``: made (or remade)
         when pytest runs with ``--lockstep-update``; a missing one fails the test and says
         how to make it. Statistics only by default (a few kilobytes); ``include`` keeps
-        only the records whose names match these globs."""
+        only the records whose names match these globs, ``exclude`` drops those matching
+        these, ``layers`` keeps only these layers' records (and those of no layer)."""
         from .workflows.capture import capture
 
         path = self.golden_dir() / f"{name}.lsd"
@@ -102,7 +104,8 @@ class Lockstep:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.parent.mkdir(parents=True, exist_ok=True)
             capture(reference, str(tmp), prompt=prompt, tokens=tokens, decode=decode,
-                    data=not stats_only, include=include, **(options or {}))
+                    data=not stats_only, include=include, exclude=exclude, layers=layers,
+                    **(options or {}))
             shutil.rmtree(path, ignore_errors=True)
             tmp.rename(path)
         elif not (path / "index.jsonl").is_file():

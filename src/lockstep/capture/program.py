@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import runpy
 import sys
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 from ..errors import UsageError
 from .modules import watch_module
@@ -95,8 +95,9 @@ def run_program(argv: Sequence[str], out: str, *, watch: Sequence[str] = (),
                 trace: Sequence[str] = (), include: Sequence[str] | None = None,
                 exclude: Sequence[str] | None = None, data: bool = True,
                 overwrite: bool = False, announce: Any = print,
-                step_at: Sequence[str] = ()) -> int:
-    """Run a Python program under a recording; returns its exit code.
+                step_at: Sequence[str] = (), layers: Iterable[int] | None = None) -> int:
+    """Run a Python program under a recording; returns its exit code. ``include``,
+    ``exclude``, ``layers``: which records to keep (``lockstep.record``).
 
     ``step_at``: functions ("pkg.mod:func") each call of which starts a step. A traced
     function that ran and recorded no tensor is announced as a warning and listed in the
@@ -106,7 +107,7 @@ def run_program(argv: Sequence[str], out: str, *, watch: Sequence[str] = (),
     saved_argv, saved_path = sys.argv[:], sys.path[:]
     code = 0
     with record(out, meta=meta, data=data, include=include, exclude=exclude,
-                overwrite=overwrite) as rec:
+                overwrite=overwrite, layers=layers) as rec:
         # the program's own sys.path first: what it imports is what we trace
         sys.argv = program_argv
         if kind == "path":

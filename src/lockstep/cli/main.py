@@ -169,8 +169,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--step-at", action="append", default=[], metavar="pkg.mod:func",
                    help="each call of this function starts a step (engines with no module "
                         "tree: the function that runs one forward)")
-    r.add_argument("--include", action="append", metavar="GLOB", help="record only these names")
-    r.add_argument("--exclude", action="append", metavar="GLOB", help="do not record these")
+    add_selection(r)
+    r.add_argument("--include", action="append", dest="select", metavar="GLOB",
+                   help=argparse.SUPPRESS)  # the older spelling of --select
     r.add_argument("--stats-only", action="store_true", help="keep statistics, not data")
     r.add_argument("--overwrite", action="store_true", help="replace an existing dump")
     r.add_argument("program", nargs=argparse.REMAINDER, help="-- python program.py [args]")
@@ -345,9 +346,8 @@ def _run(args: argparse.Namespace) -> int:
 
     program = args.program[1:] if args.program[:1] == ["--"] else args.program
     return run_program(program, args.out, watch=args.watch, trace=args.trace,
-                       include=args.include, exclude=args.exclude, data=not args.stats_only,
-                       overwrite=args.overwrite, step_at=args.step_at,
-                       announce=output.say)
+                       data=not args.stats_only, overwrite=args.overwrite,
+                       step_at=args.step_at, announce=output.say, **selection(args))
 
 
 def _demo(args: argparse.Namespace) -> int:
