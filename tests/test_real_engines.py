@@ -200,6 +200,27 @@ def test_replay_refuses_to_feed_a_fused_add_norm_the_references_input_alone(tmp_
     assert "none of the candidate's ops run on the reference's inputs" in " ".join(text.split())
 
 
+def test_sglang_logits_in_a_dataclass_are_recorded_and_compared(tmp_path, references):
+    """SGLang's logits processor is handed the lm_head and uses its weight (the lm_head
+    module never runs) and returns ``LogitsProcessorOutput(next_token_logits=...)``: the
+    logits are recorded from the dataclass's field and paired with transformers' lm_head,
+    so the verdict rests on them (before, they were not recorded at all, and the verdict was
+    incomplete)."""
+    model, ref, tokens = references["llama"]
+    llm = LLM(model, logits="sglang")
+    out = tmp_path / "sglang.lsd"
+    with lockstep.record(out, meta=llm.meta) as rec:
+        rec.watch(llm.model)
+        llm.generate(PROMPT, DECODE, forced=tokens[:DECODE])
+    with lockstep.open_dump(out) as dump:
+        names = {r.name for r in dump.in_step(0)}
+    assert "logits_processor:next_token_logits" in names and "lm_head" not in names
+    result = lockstep.compare(ref, out)
+    assert result.verdict == "match", (result.first_divergence, result.coverage)
+    logits = [p for p in result.results if p.cand_name == "logits_processor:next_token_logits"]
+    assert len(logits) == DECODE + 1 and all(p.ref_name == "lm_head" for p in logits)
+
+
 # -- a module-less decode VM: probes with its own tags, QK-norm in 16-element blocks ---------
 
 BLOCK_RULES = """\

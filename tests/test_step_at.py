@@ -32,13 +32,24 @@ def forward(ids):
 
 def sample(state):
     return None
+
+
+class Handle:  # not a dataclass: nothing inside it is seen
+    def __init__(self, x):
+        self.x = x
+
+
+def release(handle):
+    return None
 '''
 
 MAIN = '''
-from vmeng import forward, sample
+from vmeng import Handle, forward, release, sample
 ids = [1, 2, 3]
 for i in range(3):
-    sample(forward(ids if i == 0 else [ids[-1]]))
+    state = forward(ids if i == 0 else [ids[-1]])
+    sample(state)
+    release(Handle(state.x))
     ids.append(i)
 '''
 
@@ -54,17 +65,22 @@ def _run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_step_at_starts_a_step_at_each_call(tmp_path):
-    done = _run(tmp_path, "--step-at", "vmeng:forward", "--trace", "vmeng:sample")
+    done = _run(tmp_path, "--step-at", "vmeng:forward", "--trace", "vmeng:sample",
+                "--trace", "vmeng:release")
     assert done.returncode == 0, done.stderr
     with lockstep.open_dump(tmp_path / "d.lsd") as dump:
         assert dump.steps == [0, 1, 2]
+        # the traced sampler takes a dataclass: its field's array is recorded
         assert [(r.name, r.step, r.shape) for r in dump] == [
-            ("h", 0, (3, 4)), ("h", 1, (1, 4)), ("h", 2, (1, 4))]
-        # the traced sampler takes a dataclass and returns None: nothing recorded, said so
-        assert dump.meta["traced_without_tensors"] == ["vmeng:sample"]
-        assert dump.meta["traced"][0]["calls"] == 3 and dump.meta["traced"][0]["tensors"] == 0
+            (name, step, (3 if step == 0 else 1, 4)) for step in range(3)
+            for name in ("h", "vmeng.sample:arg.state.x")]
+        # release takes an object lockstep cannot see into and returns None: said so
+        assert dump.meta["traced_without_tensors"] == ["vmeng:release"]
+        traced = {t["spec"]: t for t in dump.meta["traced"]}
+        assert traced["vmeng:release"]["calls"] == 3 and traced["vmeng:release"]["tensors"] == 0
+        assert traced["vmeng:sample"]["tensors"] == 3
     warning = [line for line in done.stderr.splitlines() if "warning" in line]
-    assert len(warning) == 1 and "vmeng:sample ran 3 times and recorded no tensor" in warning[0]
+    assert len(warning) == 1 and "vmeng:release ran 3 times and recorded no tensor" in warning[0]
 
 
 def test_without_step_at_one_step(tmp_path):

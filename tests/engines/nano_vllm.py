@@ -263,8 +263,26 @@ class LMHead(nn.Module):
         return F.linear(x, self.weight)
 
 
+@dataclass
+class LogitsProcessorOutput:
+    """SGLang's: the logits of each sequence's next token, in a dataclass."""
+
+    next_token_logits: Tensor
+
+
+class LogitsProcessor(nn.Module):
+    """SGLang's way to the logits: the lm_head is passed in and its weight used directly (the
+    lm_head module itself never runs), and the result is a dataclass."""
+
+    def forward(self, hidden: Tensor, lm_head: LMHead) -> LogitsProcessorOutput:
+        if _CONTEXT.is_prefill:
+            hidden = hidden[-1:]
+        return LogitsProcessorOutput(F.linear(hidden, lm_head.weight))
+
+
 class ForCausalLM(nn.Module):
-    """``forward`` gives hidden states; ``compute_logits`` is a call of its own."""
+    """``forward`` gives hidden states; ``compute_logits`` is a call of its own (through the
+    lm_head, as vLLM, or with ``sglang_logits`` through a ``LogitsProcessor``, as SGLang)."""
 
     packed: ClassVar[dict[str, tuple[str, int]]] = {
         "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
@@ -274,13 +292,18 @@ class ForCausalLM(nn.Module):
         super().__init__()
         self.model = Model(cfg, qk_norm, bug)
         self.lm_head = LMHead(cfg)
+        self.logits_processor = LogitsProcessor()
+        self.sglang_logits = False
         self.final_softcap = getattr(cfg, "final_logit_softcapping", None)
 
     def forward(self, input_ids: Tensor, positions: Tensor) -> Tensor:
         return self.model(input_ids, positions)
 
     def compute_logits(self, hidden: Tensor) -> Tensor:
-        logits = self.lm_head(hidden)
+        if self.sglang_logits:
+            logits = self.logits_processor(hidden, self.lm_head).next_token_logits
+        else:
+            logits = self.lm_head(hidden)
         if self.final_softcap is not None:  # Gemma 2, after the lm_head (as vLLM's processor)
             logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
         return logits
@@ -355,7 +378,8 @@ class LLM:
     """The engine: a model runner with a paged KV cache, prefill then decode, one sequence."""
 
     def __init__(self, directory: str | Path, *, bug: str | None = None,
-                 dtype: torch.dtype = torch.float32, num_blocks: int = 64) -> None:
+                 dtype: torch.dtype = torch.float32, num_blocks: int = 64,
+                 logits: str = "vllm") -> None:
         if bug is not None and bug not in BUGS:
             raise ValueError(f"unknown bug {bug!r}")
         directory = Path(directory)
@@ -367,6 +391,9 @@ class LLM:
         for p in self.model.parameters():
             nn.init.normal_(p, std=0.2)
         _load(self.model, directory, bool(getattr(cfg, "tie_word_embeddings", False)), bug)
+        if logits not in ("vllm", "sglang"):
+            raise ValueError(f"logits={logits!r}: vllm or sglang")
+        self.model.sglang_logits = logits == "sglang"
         self.model.to(dtype).eval()
         self.sampler = Sampler(bug)
         shape = (num_blocks, BLOCK_SIZE, cfg.num_key_value_heads, cfg.head_dim)
@@ -436,19 +463,20 @@ class NanoEngine(Engine):
     options ``model=DIR`` (a transformers model directory) and ``bug=NAME``. It implements
     what a user's engine implements: ``decode_logits`` (for ``bench``, ``generate``,
     ``fuzz``), ``generate`` (for ``diff``) and ``torch_module``; it has no tokenizer (give
-    token ids) and no ``step_times`` of its own."""
+    token ids) and no ``step_times`` of its own. ``logits=sglang``: the logits come from an
+    SGLang-style ``LogitsProcessor`` returning a dataclass."""
 
     name = "nano-vllm-test"
 
     def __init__(self, spec: str, *, model: str, bug: str | None = None,
-                 dtype: str = "float32", num_blocks: int = 256) -> None:
+                 dtype: str = "float32", num_blocks: int = 256, logits: str = "vllm") -> None:
         super().__init__(spec)
         self.directory, self.bug, self.num_blocks = Path(model), bug, int(num_blocks)
-        self.dtype = getattr(torch, dtype)
+        self.dtype, self.logits = getattr(torch, dtype), logits
 
     def load(self) -> None:
         self.llm = LLM(self.directory, bug=self.bug, dtype=self.dtype,
-                       num_blocks=self.num_blocks)
+                       num_blocks=self.num_blocks, logits=self.logits)
 
     def tokenize(self, text: str) -> list[int]:
         raise lockstep.UsageError(f"{self.spec}: the test engine has no tokenizer: give "

@@ -375,6 +375,7 @@ _ENGINE_LAYER = (
 VLLM = NameTable("vllm-sglang", _top(
     ("input_ids", K.INPUT_IDS), ("model.embed_tokens", K.EMBED), ("model.norm", K.FINAL_NORM),
     ("model.norm:0", K.FINAL_NORM), ("logits_processor", K.LOGITS), ("lm_head", K.LOGITS),
+    ("logits_processor:next_token_logits", K.LOGITS),  # SGLang's LogitsProcessorOutput
 ) + _layer("model.layers", _ENGINE_LAYER))
 
 # vLLM's and SGLang's gemma2.py / gemma3.py: the embedding module gives the rows, scaled by
@@ -393,6 +394,7 @@ _ENGINE_GEMMA_LAYER = tuple(
 VLLM_GEMMA = NameTable("vllm-sglang-gemma", _top(
     ("input_ids", K.INPUT_IDS), ("model.embed_tokens", K.TOK_EMBED), ("model.norm", K.FINAL_NORM),
     ("model.norm:0", K.FINAL_NORM), ("logits_processor", K.LOGITS), ("lm_head", K.LOGITS),
+    ("logits_processor:next_token_logits", K.LOGITS),
 ) + _layer("model.layers", _ENGINE_GEMMA_LAYER),
     architectures=("Gemma2ForCausalLM", "Gemma3ForCausalLM"))
 

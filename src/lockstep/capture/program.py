@@ -84,9 +84,9 @@ def _say_empty(rec: Recorder, announce: Any) -> None:
     for info in empty:
         assert info.counts is not None
         announce(f"lockstep: warning: {info.spec} ran {info.counts['calls']} times and recorded "
-                 "no tensor: its arguments and return value hold none (None, dataclasses, "
-                 "numbers); trace the functions that take or return the tensors, or "
-                 "lockstep.probe them inside it")
+                 "no tensor: its arguments and return value hold none (None, numbers, objects "
+                 "other than tuples, lists, dicts and dataclasses); trace the functions that "
+                 "take or return the tensors, or lockstep.probe them inside it")
     if empty:
         rec.add_meta(traced_without_tensors=[info.spec for info in empty])
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Iterator, Protocol
 
 import numpy as np
@@ -228,18 +228,29 @@ def to_host(value: Any, *, copy: bool = True, engine: CopyEngine | None = None) 
     return HostTensor(dtype, tuple(t.shape), host, nbytes=host.nbytes)
 
 
-def leaves(value: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+_DEPTH = 16  # containers inside containers followed this deep (a cycle stops there)
+
+
+def leaves(value: Any, prefix: str = "", depth: int = 0) -> Iterator[tuple[str, Any]]:
     """Every tensor inside an output, with its path: "" for a bare tensor, "0", "1.2", "logits".
 
-    Tuples and lists give their index, dicts (and transformers' ModelOutput) their key;
-    anything else that is not a tensor (a KV cache object, None, an int) is skipped.
+    Tuples and lists give their index, dicts (and transformers' ModelOutput) their key,
+    dataclass instances their field (SGLang's logits processor returns
+    ``LogitsProcessorOutput(next_token_logits=...)``); anything else that is not a tensor
+    (a KV cache object, None, an int) is skipped.
     """
     if is_tensor(value):
         yield prefix, value
+    elif depth >= _DEPTH:
+        return
     elif isinstance(value, (tuple, list)):
         for i, item in enumerate(value):
-            yield from leaves(item, f"{prefix}.{i}" if prefix else str(i))
+            yield from leaves(item, f"{prefix}.{i}" if prefix else str(i), depth + 1)
     elif isinstance(value, dict):
         for key, item in value.items():
             if isinstance(key, str):
-                yield from leaves(item, f"{prefix}.{key}" if prefix else key)
+                yield from leaves(item, f"{prefix}.{key}" if prefix else key, depth + 1)
+    elif hasattr(type(value), "__dataclass_fields__") and not isinstance(value, type):
+        for f in fields(value):  # (its fields proper: no ClassVar)
+            item = getattr(value, f.name, None)
+            yield from leaves(item, f"{prefix}.{f.name}" if prefix else f.name, depth + 1)
