@@ -81,6 +81,10 @@ def test_weights_command(tmp_path, models):
     done = _cli("weights", NANO, model)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "needs the option 'model'" in done.stderr and "internal error" not in done.stderr
+    # and diff says so before it records the reference, not after
+    done = _cli("diff", f"hf:{model}", NANO, "--tokens", "1,2", "--out", tmp_path / "d")
+    assert done.returncode == 2 and "needs the option 'model'" in done.stderr
+    assert not (tmp_path / "d" / "reference.lsd").exists()
 
 
 def _vllm_checkpoint(model: Path, out: Path, bug: str | None = None,

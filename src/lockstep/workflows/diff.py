@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..compare import Comparison, Tolerances, compare
 from ..engines import open_engine
-from ..engines.registry import recording
+from ..engines.registry import construct, recording
 from ..engines.rerun import fed_tokens, options_from_meta
 from ..errors import UsageError
 from ..store.reader import open_dump
@@ -39,6 +39,9 @@ def diff(ref_spec: str, cand_spec: str, out: str | Path, *, prompt: str | None =
     divergence on the candidate's inputs (``lockstep.replay``). ``selection``: ``capture``'s
     ``include``/``exclude``/``layers``, for both engines."""
     out = Path(out)
+    for spec, options in ((ref_spec, ref_options), (cand_spec, cand_options)):
+        if recording(spec) is None:  # a bad spec or option of either engine: said before the
+            construct(spec, **(options or {}))  # reference's recording, not after it
     ref_dump = recording(ref_spec)
     if ref_dump is None:
         ref_dump = out / "reference.lsd"
