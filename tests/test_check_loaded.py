@@ -108,7 +108,24 @@ def test_other_values_than_the_checkpoints_are_named_uncorrelated(saved):
     bad = {p.name: p for p in check.problems}
     up, gate = bad["model.layers.1.mlp.up_proj.weight"], bad["model.layers.1.mlp.gate_proj.weight"]
     assert up.status == "different" and "uncorrelated with the checkpoint (r=" in up.note
+    assert "holds" not in up.note  # no checkpoint tensor has these values
     assert gate.status == "different" and "uncorrelated" not in gate.note
+
+
+def test_a_tensor_loaded_from_another_layer_is_named(saved):
+    """A loader's wrong layer index: layer 1's up_proj holds layer 0's values. By its spread
+    and no correlation it looks like a fresh init (this checkpoint is itself a fresh
+    normal(0, 0.02) init), but its values are a checkpoint tensor's, exactly: the check says
+    whose, and calls it different, not unloaded."""
+    model, ref = saved
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight.copy_(model.model.layers[0].mlp.up_proj.weight)
+    check = lockstep.check_loaded(model, ref)
+    (bad,) = check.problems
+    assert bad.name == "model.layers.1.mlp.up_proj.weight" and bad.status == "different"
+    assert bad.note.startswith("holds model.layers.0.mlp.up_proj.weight's values: loaded from "
+                               "the wrong tensor (uncorrelated with its own, r=")
+    assert check.not_loaded == []
 
 
 def test_lower_precision_copy_is_equal(saved):

@@ -36,7 +36,7 @@ from .placement import PlacementMap, placement_map
 from .sources import open_checkpoint
 from .tensors import TensorSource
 from .weight_mapping import Rename
-from .weight_names import canonical_weight, layer_index
+from .weight_names import canonical_weight, layer_index, role
 
 __all__ = ["ParamCheck", "LayerSummary", "LoadCheck", "check_loaded", "STATUSES"]
 
@@ -179,14 +179,56 @@ def _correlation(p: np.ndarray, x: np.ndarray) -> tuple[float, float, float] | N
     return corr, std, 4 / math.sqrt(p.size)
 
 
+_UNRELATED = "uncorrelated with the checkpoint"
+
+
 def _unrelated(p: np.ndarray, x: np.ndarray) -> str:
     """A note for a differing tensor with no correlation with its checkpoint tensor: not a
     slightly-off copy (a dtype, a rescale) but other values, whatever init they came from."""
     found = _correlation(p, x)
     if found is None or abs(found[0]) > max(0.1, found[2]):
         return ""
-    return (f"uncorrelated with the checkpoint (r={found[0]:.2f}): not its values, so never "
-            "loaded or loaded from another tensor")
+    return (f"{_UNRELATED} (r={found[0]:.2f}): not its values, so never loaded or loaded "
+            "from another tensor")
+
+
+def _whose_values(torch: Any, checks: list[ParamCheck], state: dict[str, Any],
+                  keys: dict[str, str], sources: dict[str, TensorSource]) -> list[ParamCheck]:
+    """``checks`` with each uncorrelated tensor that holds another checkpoint tensor's values
+    of the same op (another layer's: a loader's wrong layer index or offset) named so, and
+    "different": one that looked like a fresh init by its spread is not one when its values
+    are a checkpoint tensor's, exactly. Only the checkpoint tensors of an op with such a
+    tensor, of its shape, are read again, one at a time."""
+    suspects: dict[str, list[ParamCheck]] = {}
+    for c in checks:
+        uncorrelated = (c.status == "different" and c.note.startswith(_UNRELATED)) or (
+            c.status == "fresh init" and "uncorrelated" in c.note)  # (not all ones or zeros)
+        if uncorrelated and keys.get(c.name) in sources:
+            suspects.setdefault(role(keys[c.name]), []).append(c)
+    found: dict[str, str] = {}
+    for key, src in sources.items():
+        wanted = [c for c in suspects.get(role(key), ())
+                  if keys[c.name] != key and tuple(src.shape) == c.shape and c.name not in found]
+        if not wanted:
+            continue
+        arr = read_array(src)
+        for c in wanted:
+            t = state[c.name].detach().to("cpu")
+            fin = torch.finfo(t.dtype) if t.is_floating_point() else None
+            eps, tiny = (float(fin.eps), float(fin.tiny)) if fin else (0.0, 0.0)
+            if _cast_equal(arr, t.to(torch.float64).numpy(), eps, tiny):
+                found[c.name] = src.name
+        del arr
+    return [replace(c, status="different",
+                    note=f"holds {found[c.name]}'s values: loaded from the wrong tensor "
+                         f"(uncorrelated with its own, {_r_of(c.note)})")
+            if c.name in found else c for c in checks]
+
+
+def _r_of(note: str) -> str:
+    """The "r=..." of an uncorrelated tensor's note."""
+    at = note.find("r=")
+    return note[at:].split(")")[0] if at >= 0 else "r unknown"
 
 
 def _compare(torch: Any, name: str, t: Any, src: TensorSource, arr: np.ndarray, key: str,
@@ -308,6 +350,7 @@ def check_loaded(model: Any, checkpoint: str | Path, *, heads: Heads | None = No
                 check = _fused_note(check, state[name], arr, fused[key])
             checks.append(check)
         del arr
+    checks = _whose_values(torch, checks, state, keys, sources)
     order = {name: i for i, name in enumerate(state)}
     checks.sort(key=lambda c: order.get(c.name, len(order)))
     return LoadCheck(str(ckpt.path), ckpt.kind, tuple(checks), _summaries(checks),
