@@ -10,8 +10,6 @@ layer output), ``layers.{i}.attention_norm``, ``layers.{i}.attention`` with ``wq
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor, nn
 
@@ -24,12 +22,15 @@ from .layers import LMHead, RMSNorm
 __all__ = ["Transformer", "TransformerBlock", "Step"]
 
 
-@dataclass
 class Step:
-    """What one forward returns. Not a bare tensor, so a recorder watching the model keeps
-    the logits once, as the ``output`` module's output."""
+    """What one forward returns. Neither a bare tensor nor a dataclass (whose fields a
+    recorder records), so a recorder watching the model keeps the logits once, as the
+    ``output`` module's output."""
 
-    logits: Tensor  #: (batch, seq, vocab)
+    __slots__ = ("logits",)
+
+    def __init__(self, logits: Tensor) -> None:
+        self.logits = logits  #: (batch, seq, vocab)
 
 
 class TransformerBlock(nn.Module):
