@@ -19,6 +19,7 @@ each figure's interval is resampled over the forks too (``bench.stats``).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from ..engines.isolated import IsolatedEngine, open_isolated
@@ -127,14 +128,15 @@ def _split(n: int, forks: int) -> list[int]:
     return [n // forks + (1 if f < n % forks else 0) for f in range(forks)]
 
 
+@dataclass(frozen=True)
 class _Plan:
     """What every fork runs: the base prompt, the prompts of each length, whether decode is
     measured (and why not)."""
 
-    def __init__(self, base: list[int], by_length: dict[int, list[int]],
-                 decode_why: str | None, max_new_tokens: int) -> None:
-        self.base, self.by_length = base, by_length
-        self.decode_why, self.max_new_tokens = decode_why, max_new_tokens
+    base: list[int]
+    by_length: dict[int, list[int]]
+    decode_why: str | None
+    max_new_tokens: int
 
 
 def _plan(sides: dict[str, IsolatedEngine], base_ids: Sequence[int] | None,

@@ -63,6 +63,9 @@ class ParamCheck:
     rel_l2: float | None = None
     note: str = ""  #: why it looks like a fresh init, or what else is known
     constant: bool = False  #: the checkpoint's tensor is one repeated value (all ones...)
+    #: Pearson's r with the checkpoint's tensor where it is within noise (other values than
+    #: the checkpoint's, whatever their spread), else None
+    uncorrelated_r: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "checkpoint_name": self.checkpoint_name,
@@ -146,19 +149,20 @@ def _init_stds(shape: tuple[int, ...], init_range: float | None) -> list[tuple[s
     return out
 
 
-def _fresh_init(p: np.ndarray, x: np.ndarray, init_range: float | None) -> str:
-    """Why ``p`` looks like a default initialisation rather than the checkpoint's ``x``."""
+def _fresh_init(p: np.ndarray, x: np.ndarray, init_range: float | None,
+                found: tuple[float, float, float] | None) -> str:
+    """Why ``p`` looks like a default initialisation rather than the checkpoint's ``x``;
+    ``found``: ``_correlation(p, x)``."""
     if p.size == 0:
         return ""
     if np.all(p == 1.0) and not np.all(x == 1.0):
         return "all ones: a norm's init"
     if np.all(p == 0.0) and not np.all(x == 0.0):
         return "all zeros: a bias's init"
-    found = _correlation(p, x)
     if found is None:
         return ""
     corr, std, noise = found
-    if abs(corr) > max(0.1, noise) or abs(float(p.mean())) > 0.1 * std + noise * std:
+    if not _within_noise(found) or abs(float(p.mean())) > 0.1 * std + noise * std:
         return ""
     for label, s in _init_stds(p.shape, init_range):
         if abs(std / s - 1) < 0.15:
@@ -179,17 +183,15 @@ def _correlation(p: np.ndarray, x: np.ndarray) -> tuple[float, float, float] | N
     return corr, std, 4 / math.sqrt(p.size)
 
 
-_UNRELATED = "uncorrelated with the checkpoint"
+def _within_noise(found: tuple[float, float, float]) -> bool:
+    """No correlation beyond what noise gives (or 0.1): other values than the checkpoint's."""
+    return abs(found[0]) <= max(0.1, found[2])
 
 
-def _unrelated(p: np.ndarray, x: np.ndarray) -> str:
-    """A note for a differing tensor with no correlation with its checkpoint tensor: not a
-    slightly-off copy (a dtype, a rescale) but other values, whatever init they came from."""
-    found = _correlation(p, x)
-    if found is None or abs(found[0]) > max(0.1, found[2]):
-        return ""
-    return (f"{_UNRELATED} (r={found[0]:.2f}): not its values, so never loaded or loaded "
-            "from another tensor")
+def _rounding(torch: Any, t: Any) -> tuple[float, float]:
+    """(machine epsilon, smallest normal) of a tensor's dtype; (0, 0) for integers."""
+    fin = torch.finfo(t.dtype) if t.is_floating_point() else None
+    return (float(fin.eps), float(fin.tiny)) if fin else (0.0, 0.0)
 
 
 def _whose_values(torch: Any, checks: list[ParamCheck], state: dict[str, Any],
@@ -201,9 +203,7 @@ def _whose_values(torch: Any, checks: list[ParamCheck], state: dict[str, Any],
     tensor, of its shape, are read again, one at a time."""
     suspects: dict[str, list[ParamCheck]] = {}
     for c in checks:
-        uncorrelated = (c.status == "different" and c.note.startswith(_UNRELATED)) or (
-            c.status == "fresh init" and "uncorrelated" in c.note)  # (not all ones or zeros)
-        if uncorrelated and keys.get(c.name) in sources:
+        if c.uncorrelated_r is not None and keys.get(c.name) in sources:
             suspects.setdefault(role(keys[c.name]), []).append(c)
     found: dict[str, str] = {}
     for key, src in sources.items():
@@ -214,21 +214,13 @@ def _whose_values(torch: Any, checks: list[ParamCheck], state: dict[str, Any],
         arr = read_array(src)
         for c in wanted:
             t = state[c.name].detach().to("cpu")
-            fin = torch.finfo(t.dtype) if t.is_floating_point() else None
-            eps, tiny = (float(fin.eps), float(fin.tiny)) if fin else (0.0, 0.0)
-            if _cast_equal(arr, t.to(torch.float64).numpy(), eps, tiny):
+            if _cast_equal(arr, t.to(torch.float64).numpy(), *_rounding(torch, t)):
                 found[c.name] = src.name
         del arr
     return [replace(c, status="different",
                     note=f"holds {found[c.name]}'s values: loaded from the wrong tensor "
-                         f"(uncorrelated with its own, {_r_of(c.note)})")
+                         f"(uncorrelated with its own, r={c.uncorrelated_r:.2f})")
             if c.name in found else c for c in checks]
-
-
-def _r_of(note: str) -> str:
-    """The "r=..." of an uncorrelated tensor's note."""
-    at = note.find("r=")
-    return note[at:].split(")")[0] if at >= 0 else "r unknown"
 
 
 def _compare(torch: Any, name: str, t: Any, src: TensorSource, arr: np.ndarray, key: str,
@@ -241,8 +233,7 @@ def _compare(torch: Any, name: str, t: Any, src: TensorSource, arr: np.ndarray, 
     cpu = t.detach().to("cpu")
     wide = torch.float64 if cpu.dtype == torch.float64 else torch.float32
     p = cpu.to(wide).numpy()
-    fin = torch.finfo(cpu.dtype) if cpu.is_floating_point() else None
-    eps, tiny = (float(fin.eps), float(fin.tiny)) if fin else (0.0, 0.0)
+    eps, tiny = _rounding(torch, cpu)
     found = match_layout(arr, p, key, heads, lambda x, b: (
         True, 0.0) if _cast_equal(x, b, eps, tiny) else (False, pair_errors(b, x)[1]))
     if found is None:
@@ -252,10 +243,14 @@ def _compare(torch: Any, name: str, t: Any, src: TensorSource, arr: np.ndarray, 
     if equal:
         return replace(base, status="equal", transform=transform, constant=constant)
     max_abs, rel = pair_errors(p, x)
-    why = _fresh_init(p, x, init_range)
-    note = why or base.note or _unrelated(p, x)
+    corr = _correlation(p, x)  # (once: the fresh-init test and the note both use it)
+    r = corr[0] if corr is not None and _within_noise(corr) else None
+    why = _fresh_init(p, x, init_range, corr)
+    note = why or base.note or ("" if r is None else (
+        f"uncorrelated with the checkpoint (r={r:.2f}): not its values, so never loaded or "
+        "loaded from another tensor"))
     return replace(base, status="fresh init" if why else "different", transform=transform,
-                   max_abs=max_abs, rel_l2=rel, constant=constant, note=note)
+                   max_abs=max_abs, rel_l2=rel, constant=constant, note=note, uncorrelated_r=r)
 
 
 def _verdict(checks: list[ParamCheck]) -> str:

@@ -156,7 +156,7 @@ def construct(spec: str, **options: Any) -> Engine:
         if "unexpected keyword argument" not in text:
             raise
         dtype = _words([f"{k.kind}:" for k in KINDS if k.dtype])
-        raise UsageError(f"{spec} takes no option {str(exc).rsplit(' ', 1)[-1]} (given: "
+        raise UsageError(f"{spec} takes no option {text.rsplit(' ', 1)[-1]} (given: "
                          f"{', '.join(sorted(options)) or 'none'}; a dtype is for {dtype} "
                          "engines)") from None
 

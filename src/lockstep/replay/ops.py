@@ -132,13 +132,18 @@ def _detach(value: Any) -> Any:
     return value
 
 
+def _tensor_args(args: Sequence[Any], kwargs: dict[str, Any]) -> list[tuple[int | str, Any]]:
+    """A call's tensor arguments with their position or keyword, positional first."""
+    keyed: list[tuple[int | str, Any]] = [*enumerate(args), *kwargs.items()]
+    return [(k, v) for k, v in keyed if hasattr(v, "detach")]
+
+
 def input_key(args: Sequence[Any], kwargs: dict[str, Any]) -> int | str | None:
     """Which argument of a module call carries its input: the first floating-point tensor,
     positional before keyword (vLLM calls ``self_attn(positions, hidden_states)``, the integer
     positions first; transformers ``self_attn(hidden_states=...)``); for a module that takes
     no floats (an embedding's ids), the first tensor. Its position, its keyword, or None."""
-    keyed: list[tuple[int | str, Any]] = [*enumerate(args), *kwargs.items()]
-    tensors = [(k, v) for k, v in keyed if hasattr(v, "detach")]
+    tensors = _tensor_args(args, kwargs)
     floats = [k for k, v in tensors if v.is_floating_point()]
     return floats[0] if floats else tensors[0][0] if tensors else None
 
@@ -171,10 +176,8 @@ class Call:
         its input, and run on another engine's input alone it is not the same op. Its
         position or keyword, as text."""
         key, x = self.input_key, self.input
-        keyed: list[tuple[int | str, Any]] = [*enumerate(self.args), *self.kwargs.items()]
-        for k, v in keyed:
-            if k != key and hasattr(v, "detach") and v.is_floating_point() \
-                    and tuple(v.shape) == tuple(x.shape):
+        for k, v in _tensor_args(self.args, self.kwargs):
+            if k != key and v.is_floating_point() and tuple(v.shape) == tuple(x.shape):
                 return f"argument {k}" if isinstance(k, int) else f"{k}="
         return None
 
