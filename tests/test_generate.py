@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import io
 import json
 import math
 from pathlib import Path
@@ -90,6 +91,8 @@ def test_a_token_below_its_own_top_is_a_split_not_a_near_tie():
     (step,) = compare_steps(logits, logits, ref_tokens=[0], cand_tokens=[1])
     assert step.kind == "split" and step.off_argmax and step.kl == 0.0
     assert step.cand_gap == pytest.approx(-0.1) and summarize([step]).off_argmax == 1
+    summary = summarize([step])
+    assert step.same_argmax and (summary.same_top, summary.same_argmax) == (0, 1)
 
 
 def test_vocabularies_of_different_widths_compare_over_the_wider():
@@ -271,7 +274,7 @@ def test_a_changed_weight_is_a_real_split_localized(models, tmp_path):
     loc = doc["prompts"][0]["localization"]
     assert loc["verdict"] == "diverged"
     assert loc["first_divergence"]["reference"] == "model.layers.1.mlp.down_proj"
-    out = Console(width=120, record=True, file=open("/dev/null", "w"))
+    out = Console(width=120, record=True, file=io.StringIO())
     out.print(GenerationReport(result))
     text = out.export_text()
     assert "FAIL" in text and "DIVERGED" in text and "model.layers.1.mlp.down_proj" in text

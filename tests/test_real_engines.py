@@ -149,7 +149,28 @@ def test_nano_vllm_bug_free_from_the_command_line(tmp_path, references):
     assert "MATCH" in done.stdout
 
 
+def test_generate_tells_a_sampler_bug_from_logits_that_part(tmp_path, references):
+    """With greedy asked, the nano engine's sampler draws at temperature 1: the tokens it
+    chooses part from the reference's while its logits' top tokens agree at every step. The
+    summary says both counts (it said 'same top token' of the tokens chosen alone) and the
+    sampling line names the logits-to-token step."""
+    from rich.console import Console
 
+    from lockstep.generation import Prompt, check_generation
+    from lockstep.generation.render import GenerationReport
+
+    model = references["llama"][0]
+    result = check_generation(f"hf:{model}", NANO_SPEC, [Prompt(tokens=tuple(PROMPT))],
+                              max_new_tokens=8, localize=False, out=tmp_path,
+                              cand_options={"model": str(model), "bug": "greedy_temperature"})
+    assert not result
+    s = result.summary
+    assert s.same_argmax == s.steps == 8 and s.same_top < s.steps and s.off_argmax >= 1
+    console = Console(width=200, record=True, color_system=None)
+    console.print(GenerationReport(result))
+    text = " ".join(console.export_text().split())
+    assert f"same token {s.same_top}/8 steps" in text
+    assert "8/8 on the logits' top tokens" in text and "sampling at" in text
 
 
 @pytest.mark.parametrize("bug, diagnosis", [

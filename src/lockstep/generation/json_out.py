@@ -30,7 +30,7 @@ def _kl(k: KLStats) -> dict[str, Any]:
 def _summary(s: StepSummary) -> dict[str, Any]:
     return {"steps": s.steps, "same_top": s.same_top, "same_top_rate": s.same_top_rate,
             "near_ties": s.near_ties, "splits": s.splits, "first_split": s.first_split,
-            "not_close": s.not_close, "off_argmax": s.off_argmax,
+            "not_close": s.not_close, "off_argmax": s.off_argmax, "same_argmax": s.same_argmax,
             "top_k_overlap": json_number(s.overlap), "kl": _kl(s.kl),
             "dp_mean": json_number(s.dp_mean), "dp_rms": json_number(s.dp_rms)}
 

@@ -109,6 +109,7 @@ class StepCompare:
     ref_prob: float  #: the reference's probability of its own token
     cand_prob: float  #: the candidate's probability of the reference's token
     kind: str  #: "same" (tokens agree), "near_tie" (both gaps within the threshold), "split"
+    same_argmax: bool = True  #: both logits rank the same token first (whatever was chosen)
     ref_top: tuple[tuple[int, float], ...] = ()  #: the reference's top-k (token, probability)
     cand_top: tuple[tuple[int, float], ...] = ()  #: the candidate's top-k (token, probability)
 
@@ -163,6 +164,7 @@ def compare_steps(ref_logits: np.ndarray, cand_logits: np.ndarray, *,
         cand_gap = np.where(rt == ct, 0.0, lq[rows, ct] - lq[rows, rt])
     kl = _kl(lp, lq)
     rk, ck = top_k_ids(r, top_k), top_k_ids(c, top_k)
+    same_argmax = top_k_ids(r, 1)[:, 0] == top_k_ids(c, 1)[:, 0]
     overlap = top_k_overlap(rk, ck)
     ref_margin, cand_margin = top2_margin(lp), top2_margin(lq)
     out = []
@@ -179,7 +181,7 @@ def compare_steps(ref_logits: np.ndarray, cand_logits: np.ndarray, *,
             ref_gap=float(ref_gap[i]), cand_gap=float(cand_gap[i]), kl=float(kl[i]),
             overlap=float(overlap[i]), ref_in_cand_top_k=bool(rt[i] in ck[i]),
             cand_in_ref_top_k=bool(ct[i] in rk[i]), ref_prob=float(np.exp(lp[i, rt[i]])),
-            cand_prob=float(np.exp(lq[i, rt[i]])), kind=kind,
+            cand_prob=float(np.exp(lq[i, rt[i]])), kind=kind, same_argmax=bool(same_argmax[i]),
             ref_top=tuple((int(t), float(np.exp(lp[i, t]))) for t in rk[i]),
             cand_top=tuple((int(t), float(np.exp(lq[i, t]))) for t in ck[i])))
     return tuple(out)
@@ -220,12 +222,13 @@ class StepSummary:
     """Teacher-forced agreement over the steps of one prompt (or several)."""
 
     steps: int
-    same_top: int  #: steps where both greedy tokens agree
+    same_top: int  #: steps where both greedy tokens (the tokens each side chose) agree
     near_ties: int  #: disagreements within the near-tie threshold
     splits: int  #: real disagreements
     first_split: int | None  #: step of the first real disagreement
     not_close: int  #: disagreements where a token is outside the other side's top-k
     off_argmax: int  #: steps where the candidate's token is not the top of its own logits
+    same_argmax: int  #: steps where both logits rank the same token first
     overlap: float  #: mean top-k overlap
     kl: KLStats
     dp_mean: float  #: mean of p_cand(ref token) - p_ref(ref token)
@@ -247,6 +250,7 @@ def summarize(steps: Sequence[StepCompare]) -> StepSummary:
         splits=sum(s.split for s in steps), first_split=first,
         not_close=sum(s.kind != SAME and not s.close for s in steps),
         off_argmax=sum(s.off_argmax for s in steps),
+        same_argmax=sum(s.same_argmax for s in steps),
         overlap=float(np.mean([s.overlap for s in steps])) if steps else 1.0,
         kl=KLStats.of([s.kl for s in steps]),
         dp_mean=float(dp.mean()) if dp.size else math.nan,

@@ -166,9 +166,12 @@ def _overall(result: GenerationResult) -> Panel:
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="bold")
     grid.add_column()
-    grid.add_row("same top token", f"{s.same_top}/{s.steps} steps ({s.same_top_rate:.2%}); "
-                                   f"near-ties {s.near_ties} (within {fmt(cfg.near_tie)} "
-                                   f"nats), real splits {s.splits}")
+    same = f"{s.same_top}/{s.steps} steps ({s.same_top_rate:.2%})"
+    if s.same_argmax != s.same_top:  # a token chosen off the logits' top (a sampler bug)
+        same += (f" on the tokens chosen, {s.same_argmax}/{s.steps} on the logits' top tokens")
+    grid.add_row("same top token" if s.same_argmax == s.same_top else "same token",
+                 f"{same}; near-ties {s.near_ties} (within {fmt(cfg.near_tie)} nats), real "
+                 f"splits {s.splits}")
     kl = s.kl
     grid.add_row("KL(ref || cand)", f"mean {fmt(kl.mean)}, median {fmt(kl.median)}, p99 "
                                     f"{fmt(kl.p99)}, max {fmt(kl.max)} nats"

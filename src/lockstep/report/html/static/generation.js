@@ -5,7 +5,8 @@ LS.renderGeneration = function (root, d, words) {
   root.appendChild(LS.banner(d.ok ? "pass" : "fail", d.ok ? "pass" : "fail",
     s.prompts + " prompt(s): " + s.prompts_split + " with a real split, " + s.prompts_over_kl +
     " over the KL limit, " + s.prompts_garbage + " with garbage; teacher-forced, " + s.same_top + " of " +
-    s.steps + " steps agree on the top token (" + s.near_ties + " near-ties, " + s.splits + " splits); mean KL " +
+    s.steps + " steps agree on the " + (s.same_argmax === undefined || s.same_argmax === s.same_top ? "top token (" :
+    "token chosen, " + s.same_argmax + " on the logits' top token (") + s.near_ties + " near-ties, " + s.splits + " splits); mean KL " +
     LS.fmt(s.kl && s.kl.mean) + " nats."));
   var sides = LS.el("div", {className: "sides"});
   [["reference", d.reference], ["candidate", d.candidate]].forEach(function (x) {
