@@ -89,6 +89,25 @@ def test_a_python_engine_file_leaves_sys_path_as_it_was(tmp_path):
     assert sys.path == before
 
 
+def test_a_python_engine_file_runs_once_however_often_its_engine_is_constructed(tmp_path):
+    """diff constructs each engine to check its options, then again to record: the user's
+    file ran twice (a second model load at its top, prints twice). It runs as an import does:
+    once, and again only once edited."""
+    runs = tmp_path / "runs.txt"
+    body = ENGINE_FILE.replace("from engine_helper_h3 import NAME", "NAME = 'mine'")
+    count = f"open({str(runs)!r}, 'a').write('x')\n"
+    path = tmp_path / "eng_once.py"
+    path.write_text(count + body)
+    spec = f"py:{path}:Mine"
+    try:
+        first, second = open_engine(spec), open_engine(spec)
+        assert runs.read_text() == "x" and type(first) is type(second)
+        path.write_text(count + body.replace("'mine'", "'edited'"))
+        assert open_engine(spec).name == "edited" and runs.read_text() == "xx"
+    finally:
+        sys.modules.pop("eng_once", None)
+
+
 def test_loading_a_transformers_model_leaves_the_environment_and_asks_no_hub(tmp_path):
     """In a fresh process with no offline setting: the load asks the hub nothing (a local
     server stands in for it and counts requests), and sets no HF_HUB_OFFLINE."""

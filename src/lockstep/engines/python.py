@@ -25,11 +25,23 @@ from .base import Engine
 __all__ = ["load_python_engine"]
 
 
+#: engine files already run in this process, by resolved path and modification: a file is
+#: run once, as an import is, however many times its engines are constructed (diff constructs
+#: each engine before recording, to say a bad option at once, then again to record); an edited
+#: file runs again
+_FILES: dict[tuple[Path, int, int], Any] = {}
+
+
 def _module(where: str) -> Any:
     if where.endswith(".py"):
         path = Path(where)
         if not path.is_file():
             raise UsageError(f"py: engine file {where!r} not found")
+        stat = path.stat()
+        key = (path.resolve(), stat.st_mtime_ns, stat.st_size)
+        known = _FILES.get(key)
+        if known is not None:
+            return known
         spec = importlib.util.spec_from_file_location(path.stem, path)
         assert spec is not None and spec.loader is not None
         module = importlib.util.module_from_spec(spec)
@@ -40,6 +52,7 @@ def _module(where: str) -> Any:
             spec.loader.exec_module(module)
         finally:
             sys.path[:] = saved
+        _FILES[key] = module
         return module
     try:
         return importlib.import_module(where)
