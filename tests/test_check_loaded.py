@@ -110,6 +110,10 @@ def test_other_values_than_the_checkpoints_are_named_uncorrelated(saved):
     assert up.status == "different" and "uncorrelated with the checkpoint (r=" in up.note
     assert "holds" not in up.note  # no checkpoint tensor has these values
     assert gate.status == "different" and "uncorrelated" not in gate.note
+    # its values are not the checkpoint's: the layer is partly loaded, not merely "differs"
+    assert up.other_values and not gate.other_values
+    assert {s.layer: s.verdict for s in check.layers}["model.layers.1"] == "partly loaded"
+    assert check.not_loaded == ["model.layers.1"]
 
 
 def test_a_tensor_loaded_from_another_layer_is_named(saved):
@@ -125,6 +129,7 @@ def test_a_tensor_loaded_from_another_layer_is_named(saved):
     assert bad.name == "model.layers.1.mlp.up_proj.weight" and bad.status == "different"
     assert bad.note.startswith("holds model.layers.0.mlp.up_proj.weight's values: loaded from "
                                "the wrong tensor (uncorrelated with its own, r=")
+    assert bad.values_of == "model.layers.0.mlp.up_proj.weight" and not bad.other_values
     assert check.not_loaded == []
 
 

@@ -59,6 +59,19 @@ def test_wrong_rows_of_a_fused_weight_named(models):
     assert note.endswith("; model.layers.0.self_attn.q_proj.weight equal")
 
 
+def test_a_layer_the_engine_never_loaded_is_said_not_loaded(models):
+    """The engine's loader skips layer 1: its tensors keep the engine's own init, whose
+    spread is no default init's. Each is uncorrelated with the checkpoint and no other
+    tensor's values, so the layer is "not loaded" (it was "differs")."""
+    check = lockstep.check_loaded(LLM(models["llama"], bug="layer_not_loaded").model,
+                                  models["llama"])
+    bad = list(check.problems)
+    assert bad and all(p.layer == "model.layers.1" and p.other_values for p in bad)
+    assert any(p.status == "different" for p in bad)  # not all caught by an init's spread
+    assert {s.layer: s.verdict for s in check.layers}["model.layers.1"] == "not loaded"
+    assert check.not_loaded == ["model.layers.1"]
+
+
 def test_weights_command(tmp_path, models):
     """The nano-vLLM engine as a user's py: engine, its model directory given with --opt: its
     module tree comes from torch_module() (it has no .model)."""

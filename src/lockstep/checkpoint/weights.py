@@ -66,6 +66,16 @@ class ParamCheck:
     #: Pearson's r with the checkpoint's tensor where it is within noise (other values than
     #: the checkpoint's, whatever their spread), else None
     uncorrelated_r: float | None = None
+    #: the checkpoint tensor whose values it holds exactly, where that is another tensor's
+    values_of: str | None = None
+
+    @property
+    def other_values(self) -> bool:
+        """Values that are not the checkpoint's nor another tensor's: never loaded, whatever
+        their spread (a fresh init, an engine's own init)."""
+        return self.status == "fresh init" or (
+            self.status == "different" and self.uncorrelated_r is not None
+            and self.values_of is None)
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "checkpoint_name": self.checkpoint_name,
@@ -73,7 +83,8 @@ class ParamCheck:
                 "shape": None if self.shape is None else list(self.shape),
                 "checkpoint_dtype": self.checkpoint_dtype, "transform": self.transform,
                 "max_abs": json_number(self.max_abs), "rel_l2": json_number(self.rel_l2),
-                "note": self.note}
+                "note": self.note, "uncorrelated_r": json_number(self.uncorrelated_r),
+                "values_of": self.values_of}
 
 
 @dataclass(frozen=True)
@@ -217,7 +228,7 @@ def _whose_values(torch: Any, checks: list[ParamCheck], state: dict[str, Any],
             if _cast_equal(arr, t.to(torch.float64).numpy(), *_rounding(torch, t)):
                 found[c.name] = src.name
         del arr
-    return [replace(c, status="different",
+    return [replace(c, status="different", values_of=found[c.name],
                     note=f"holds {found[c.name]}'s values: loaded from the wrong tensor "
                          f"(uncorrelated with its own, r={c.uncorrelated_r:.2f})")
             if c.name in found else c for c in checks]
@@ -261,7 +272,7 @@ def _verdict(checks: list[ParamCheck]) -> str:
         return "missing from checkpoint"
     if counts["missing from model"] == len(checks):
         return "missing from model"
-    unloaded = counts["fresh init"] + counts["not materialized"]
+    unloaded = sum(c.other_values for c in checks) + counts["not materialized"]
     informative = sum(1 for c in checks if c.status == "equal" and not c.constant)
     if unloaded and not informative:
         return "not loaded"
