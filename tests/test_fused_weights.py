@@ -59,6 +59,32 @@ def test_wrong_rows_of_a_fused_weight_named(models):
     assert note.endswith("; model.layers.0.self_attn.q_proj.weight equal")
 
 
+def test_a_tensor_parallel_rank_of_fused_weights_holds_each_parts_shard(models):
+    """vLLM's QKV and gate/up parallel layers hold, on rank r, rows r of each part (q, k,
+    v; gate, up), stacked: each pairs as 'shard r of 2 (dim 0, each part)'. The stacked
+    parts' first half of rows (a loader that shards the fused tensor as one) is no shard."""
+    net = LLM(models["llama"]).model
+    with torch.no_grad():
+        for layer in net.model.layers:
+            for module, parts in ((layer.self_attn.qkv_proj, (128, 64, 64)),
+                                  (layer.mlp.gate_up_proj, (176, 176))):
+                rows, start, pieces = module.weight, 0, []
+                for n in parts:
+                    pieces.append(rows[start + n // 2:start + n])  # rank 1 of 2
+                    start += n
+                module.weight = torch.nn.Parameter(torch.cat(pieces))
+    check = lockstep.check_loaded(net, models["llama"])
+    assert check, check.problems
+    assert {p.transform for p in check.params if "qkv" in p.name or "gate_up" in p.name} == {
+        "shard 1 of 2 (dim 0, each part)"}
+    with torch.no_grad():  # layer 0's qkv: the first half of the stacked rows
+        qkv = net.model.layers[0].self_attn.qkv_proj
+        full = LLM(models["llama"]).model.model.layers[0].self_attn.qkv_proj.weight
+        qkv.weight = torch.nn.Parameter(full[:128].clone())
+    (bad,) = lockstep.check_loaded(net, models["llama"]).problems
+    assert bad.name == "model.layers.0.self_attn.qkv_proj.weight" and bad.status == "different"
+
+
 def test_a_layer_the_engine_never_loaded_is_said_not_loaded(models):
     """The engine's loader skips layer 1: its tensors keep the engine's own init, whose
     spread is no default init's. Each is uncorrelated with the checkpoint and no other

@@ -259,3 +259,33 @@ def test_recording_mistakes_are_usage_errors(tmp_path):
             lockstep.probe("q", X, shard=("diagonal", 0))
     assert rank_path(tmp_path / "new", 0, 2) == tmp_path / "new" / "rank0"
     assert json.loads((tmp_path / "new" / MANIFEST_FILE).read_text())["world_size"] == 2
+
+
+def test_weights_of_each_rank_are_its_shards_and_a_wrong_offset_is_named(tmp_path):
+    """``check_loaded`` on one rank of the TP engine: each column- and row-parallel weight
+    is the checkpoint's tensor's shard of this rank (every one was 'shape' before, a FAIL
+    on a correct engine). Rank 1 loading rank 0's rows of q_proj holds shard 0 where its 12
+    other sharded tensors hold shard 1: the offset is named, measured from the values."""
+    from rich.console import Console
+
+    from lockstep.checkpoint.weights_render import render_check
+
+    model = save_tiny("llama", tmp_path / "llama")
+    for rank in (0, 1):
+        check = lockstep.check_loaded(tp_llama.load(model, rank, 2), model)
+        assert check, check.problems
+        layout = {p.name: p.transform for p in check.params}
+        assert layout["model.layers.1.self_attn.q_proj.weight"] == f"shard {rank} of 2 (dim 0)"
+        assert layout["model.layers.1.mlp.down_proj.weight"] == f"shard {rank} of 2 (dim 1)"
+        assert layout["model.layers.1.input_layernorm.weight"] == ""  # replicated
+    console = Console(width=200, record=True, color_system=None)
+    console.print(*render_check(check))
+    assert "(14 as shard 1 of 2: one tensor-parallel rank's)" in console.export_text()
+
+    check = lockstep.check_loaded(tp_llama.load(model, 1, 2, "shard_offset"), model)
+    assert [(p.name, p.status) for p in check.problems] == [
+        (f"model.layers.{i}.self_attn.q_proj.weight", "different") for i in (0, 1)]
+    assert check.problems[0].note == ("holds shard 0 of 2 (dim 0) where 12 of the model's "
+                                      "sharded tensors hold shard 1: loaded at another rank's "
+                                      "offset")
+    assert {s.layer: s.verdict for s in check.layers}["model.layers.0"] == "differs"

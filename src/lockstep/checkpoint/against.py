@@ -15,7 +15,7 @@ import math
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -30,7 +30,8 @@ from .weight_mapping import Rename
 from .weight_names import ROPE_ROWS, canonical_weight, role
 
 __all__ = ["Heads", "heads_of", "config_heads", "error_budget", "layouts", "match_layout",
-           "pair_errors", "read_array", "PairResult", "AgainstReport", "against_checkpoints"]
+           "shard_of", "pair_errors", "read_array", "PairResult", "AgainstReport",
+           "against_checkpoints"]
 
 #: progress(done_pairs, total_pairs)
 Progress = Callable[[int, int], None]
@@ -141,10 +142,70 @@ def _then_rope_rows(fn: Callable[[np.ndarray], np.ndarray], d: int,
     return lambda x: _rope_rows(fn(x), d, to_halves=to_halves)
 
 
+_SHARD = re.compile(r"shard (\d+) of (\d+) \(dim (\d+)(, each part)?\)")
+
+
+def shard_of(transform: str) -> tuple[int, int, int] | None:
+    """(index, count, dim) of a shard layout's transform ("shard 1 of 2 (dim 0)"), else
+    None."""
+    m = _SHARD.fullmatch(transform)
+    return (int(m[1]), int(m[2]), int(m[3])) if m else None
+
+
+def _shard_dim(shape_a: tuple[int, ...], shape_b: tuple[int, ...]) -> tuple[int, int] | None:
+    """(dim, count) where B's shape is A's with one dimension divided by ``count`` >= 2: B
+    may be one tensor-parallel rank's shard of A (vLLM's column- and row-parallel layers)."""
+    if len(shape_a) != len(shape_b):
+        return None
+    differ = [d for d, (a, b) in enumerate(zip(shape_a, shape_b)) if a != b]
+    if len(differ) != 1:
+        return None
+    d = differ[0]
+    a, b = shape_a[d], shape_b[d]
+    return (d, a // b) if b and a % b == 0 and a // b >= 2 else None
+
+
+def _take_shard(x: np.ndarray, dim: int, index: int, count: int,
+                parts: Sequence[int]) -> np.ndarray:
+    """Shard ``index`` of ``count`` along ``dim``; with ``parts`` (the row counts of the parts
+    stacked into a fused tensor), that shard of each part, stacked (vLLM's QKV and
+    gate/up parallel layers hold each part's rows of their rank)."""
+    if parts and dim == 0:
+        out, lo = [], 0
+        for rows in parts:
+            size = rows // count
+            out.append(x[lo + index * size:lo + (index + 1) * size])
+            lo += rows
+        return np.concatenate(out)
+    size = x.shape[dim] // count
+    return x[(slice(None),) * dim + (slice(index * size, (index + 1) * size),)]
+
+
+def _shard_layouts(shape_a: tuple[int, ...], shape_b: tuple[int, ...],
+                   parts: Sequence[int]) -> list[Layout]:
+    found = _shard_dim(shape_a, shape_b)
+    if found is None:
+        return []
+    d, count = found
+    by_part = bool(parts) and d == 0 and sum(parts) == shape_a[0] and all(
+        rows % count == 0 for rows in parts)
+    if parts and d == 0 and not by_part:
+        return []  # a fused tensor whose parts do not split evenly: no shard of it
+    each = ", each part" if by_part else ""
+    rows = tuple(parts) if by_part else ()
+
+    def shard(i: int) -> Callable[[np.ndarray], np.ndarray]:
+        return lambda x: _take_shard(x, d, i, count, rows)
+
+    return [(f"shard {i} of {count} (dim {d}{each})", None, shard(i)) for i in range(count)]
+
+
 def layouts(key: str, shape_a: tuple[int, ...], shape_b: tuple[int, ...],
-            heads: Heads) -> list[Layout]:
+            heads: Heads, parts: Sequence[int] = ()) -> list[Layout]:
     """(transform, head_dim, function) candidates that give A's tensor B's shape, most
-    likely first; empty when no candidate does."""
+    likely first; empty when no candidate does. Where B's shape is A's with one dimension
+    divided, each shard of A along it is a candidate (``parts``: the row counts of the parts
+    a fused A stacks, each sharded on its own)."""
     base: list[tuple[str, Callable[[np.ndarray], np.ndarray]]] = []
     if shape_a == shape_b:
         base.append(("", lambda x: x))
@@ -160,7 +221,7 @@ def layouts(key: str, shape_a: tuple[int, ...], shape_b: tuple[int, ...],
                 for label, halves in (("rope_unpermute", True), ("rope_permute", False)):
                     out.append(("+".join(filter(None, (name, label))), d,
                                 _then_rope_rows(fn, d, halves)))
-    return out
+    return out or _shard_layouts(shape_a, shape_b, parts)
 
 
 def _piece_errors(xs: np.ndarray, bs: np.ndarray) -> tuple[float, float, float]:
@@ -194,7 +255,8 @@ def pair_errors(x: np.ndarray, b: np.ndarray) -> tuple[float, float]:
 
 
 def match_layout(a: np.ndarray, b: np.ndarray, key: str, heads: Heads,
-                 judge: Callable[[np.ndarray, np.ndarray], tuple[bool, float]]
+                 judge: Callable[[np.ndarray, np.ndarray], tuple[bool, float]],
+                 parts: Sequence[int] = ()
                  ) -> tuple[str, int | None, np.ndarray, bool] | None:
     """The first layout in which A transformed is good by ``judge(x, b) -> (good, error)``;
     else the one with a clearly smaller error than the first (unrelated values fit every
@@ -202,7 +264,7 @@ def match_layout(a: np.ndarray, b: np.ndarray, key: str, heads: Heads,
     gives A's tensor B's shape."""
     first: tuple[float, str, int | None, np.ndarray] | None = None
     best = first
-    for name, d, fn in layouts(key, a.shape, b.shape, heads):
+    for name, d, fn in layouts(key, a.shape, b.shape, heads, parts):
         x = fn(a)
         good, err = judge(x, b)
         if good:

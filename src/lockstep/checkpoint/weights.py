@@ -16,7 +16,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -30,6 +30,7 @@ from .against import (
     match_layout,
     pair_errors,
     read_array,
+    shard_of,
 )
 from .fused import fuse_parts, part_errors
 from .placement import PlacementMap, placement_map
@@ -234,8 +235,38 @@ def _whose_values(torch: Any, checks: list[ParamCheck], state: dict[str, Any],
             if c.name in found else c for c in checks]
 
 
+def _shard_offsets(checks: list[ParamCheck]) -> list[ParamCheck]:
+    """``checks`` with each tensor equal to another shard than the one most of the model's
+    sharded tensors hold (of the same count of shards) made "different": one tensor-parallel
+    rank holds one shard of every sharded weight, so a tensor equal to shard 0 where the
+    others hold shard 1 was loaded at the wrong offset. Nothing is said on a tie."""
+    held: dict[int, Counter[int]] = {}
+    for c in checks:
+        found = shard_of(c.transform) if c.status == "equal" else None
+        if found is not None:
+            held.setdefault(found[1], Counter())[found[0]] += 1
+    rank: dict[int, tuple[int, int]] = {}
+    for count, indices in held.items():
+        (top, n), *rest = indices.most_common(2) + [(-1, 0)]
+        if n > rest[0][1]:
+            rank[count] = (top, n)
+    out = []
+    for c in checks:
+        found = shard_of(c.transform) if c.status == "equal" else None
+        if found is None or found[1] not in rank or rank[found[1]][0] == found[0]:
+            out.append(c)
+            continue
+        index, count, dim = found
+        mine, n = rank[count]
+        out.append(replace(c, status="different", note=(
+            f"holds shard {index} of {count} (dim {dim}) where {n} of the model's sharded "
+            f"tensors hold shard {mine}: loaded at another rank's offset")))
+    return out
+
+
 def _compare(torch: Any, name: str, t: Any, src: TensorSource, arr: np.ndarray, key: str,
-             heads: Heads, layer: str, init_range: float | None, tied: bool) -> ParamCheck:
+             heads: Heads, layer: str, init_range: float | None, tied: bool,
+             parts: Sequence[int] = ()) -> ParamCheck:
     base = ParamCheck(name, src.name, "not materialized", layer,
                       str(t.dtype).removeprefix("torch."), tuple(t.shape), src.dtype,
                       note="the checkpoint's token embedding (tied lm_head)" if tied else "")
@@ -246,7 +277,7 @@ def _compare(torch: Any, name: str, t: Any, src: TensorSource, arr: np.ndarray, 
     p = cpu.to(wide).numpy()
     eps, tiny = _rounding(torch, cpu)
     found = match_layout(arr, p, key, heads, lambda x, b: (
-        True, 0.0) if _cast_equal(x, b, eps, tiny) else (False, pair_errors(b, x)[1]))
+        True, 0.0) if _cast_equal(x, b, eps, tiny) else (False, pair_errors(b, x)[1]), parts)
     if found is None:
         return replace(base, status="shape", note=f"checkpoint shape {list(src.shape)}")
     transform, _, x, equal = found
@@ -351,12 +382,13 @@ def check_loaded(model: Any, checkpoint: str | Path, *, heads: Heads | None = No
         arr = read_array(src)
         for name, tied in users[key]:
             check = _compare(torch, name, state[name], src, arr, key, geometry,
-                             layers[name], init_range, tied)
+                             layers[name], init_range, tied,
+                             [part.shape[0] for _, part in fused.get(key, ())])
             if key in fused:
                 check = _fused_note(check, state[name], arr, fused[key])
             checks.append(check)
         del arr
-    checks = _whose_values(torch, checks, state, keys, sources)
+    checks = _shard_offsets(_whose_values(torch, checks, state, keys, sources))
     order = {name: i for i, name in enumerate(state)}
     checks.sort(key=lambda c: order.get(c.name, len(order)))
     return LoadCheck(str(ckpt.path), ckpt.kind, tuple(checks), _summaries(checks),

@@ -3,10 +3,12 @@ where are they placed?) in the terminal (rich) and as JSON."""
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 from ..report.base import SubjectReport
 from ..textfmt import short
+from .against import shard_of
 
 if TYPE_CHECKING:
     from rich.console import Console, ConsoleOptions, RenderResult
@@ -26,8 +28,13 @@ def render_check(check: LoadCheck, *, rows: int = 40) -> list[Any]:
     problems = check.problems
     placement = check.placement
     if check and placement:
-        verdict = Text(f"PASS  all {len(check.params)} tensors equal to the checkpoint; every "
-                       f"module on {placement.device}, {placement.dtype}", style="bold green")
+        held = Counter(f"shard {f[0]} of {f[1]}" for f in map(shard_of, (
+            p.transform for p in check.params)) if f is not None)
+        shards = ", ".join(f"{n} as {which}" for which, n in held.most_common())
+        verdict = Text(f"PASS  all {len(check.params)} tensors equal to the checkpoint"
+                       + (f" ({shards}: one tensor-parallel rank's)" if shards else "")
+                       + f"; every module on {placement.device}, {placement.dtype}",
+                       style="bold green")
     else:
         words = [f"{len(problems)} of {len(check.params)} tensors not equal"] if problems else []
         if check.not_loaded:
