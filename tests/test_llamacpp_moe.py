@@ -146,3 +146,48 @@ def test_moe_names_in_the_tables():
     assert LLAMA_CPP_QWEN_MOE.lookup("ffn_gate-1") == ("layers.1.shared_expert.gate", None)
     assert LLAMA_CPP_QWEN_MOE.lookup("ffn_shexp-3") == ("layers.3.shared_expert.out", None)
     assert LLAMA_CPP_QWEN_MOE.lookup("ffn_out-3") == ("layers.3.mlp_out", None)
+
+
+def test_weights_of_fused_experts_pair_with_each_experts_tensors(tmp_path):
+    """transformers 5 holds a MoE layer's experts fused, ``experts.gate_up_proj`` [E, 2I, H]
+    and ``experts.down_proj`` [E, H, I] (parameters with no ``.weight``), where its own
+    checkpoint holds each expert's ``gate_proj``/``up_proj``/``down_proj``: ``weights`` of
+    the model against that checkpoint said 4 fused tensors missing from the checkpoint and
+    every expert's missing from the model. Each pairs with the experts' tensors stacked
+    (against the GGUF: ffn_gate_exps and ffn_up_exps joined expert by expert), the router
+    and the shared expert with llama.cpp's names, and vLLM's w13_weight/w2_weight too; a
+    changed expert is named."""
+    from safetensors.numpy import save_file
+
+    import lockstep
+    from lockstep.checkpoint.against import against_checkpoints
+
+    model = _tiny_qwen2_moe(tmp_path / "hf")
+    gguf_file = _write_gguf(model, tmp_path / "qwen2moe.gguf")
+    hf = "model.layers.1.mlp.experts.{}.{}_proj.weight"
+    for checkpoint, gate_up, down in (
+            (tmp_path / "hf", f"{hf.format(0, 'gate')} ... {hf.format(7, 'up')} (8 experts)",
+             f"{hf.format(0, 'down')} ... {hf.format(7, 'down')} (8 experts)"),
+            (gguf_file, "blk.1.ffn_gate_exps.weight+blk.1.ffn_up_exps.weight",
+             "blk.1.ffn_down_exps.weight")):
+        check = lockstep.check_loaded(model, checkpoint)
+        assert check, check.problems
+        names = {p.name: p.checkpoint_name for p in check.params}
+        assert names["model.layers.1.mlp.experts.gate_up_proj"] == gate_up
+        assert names["model.layers.1.mlp.experts.down_proj"] == down
+        assert not any(p.status.startswith("missing") for p in check.params)
+    assert against_checkpoints(gguf_file, tmp_path / "hf")
+
+    # vLLM's and SGLang's FusedMoE names for the same tensors
+    state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    vllm = {k.replace("experts.gate_up_proj", "experts.w13_weight")
+             .replace("experts.down_proj", "experts.w2_weight"): v for k, v in state.items()}
+    save_file(vllm, str(tmp_path / "vllm.safetensors"))
+    report = against_checkpoints(tmp_path / "vllm.safetensors", tmp_path / "hf")
+    assert report, [p for p in report.pairs if not p.ok]
+
+    with torch.no_grad():
+        model.model.layers[1].mlp.experts.gate_up_proj[5] *= 1.01
+    (bad,) = lockstep.check_loaded(model, gguf_file).problems
+    assert bad.name == "model.layers.1.mlp.experts.gate_up_proj" and bad.status == "different"
+    assert bad.note == "experts 5 (rel L2 0.01) of 8 differ; 7 equal"

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 import lockstep
 from engines.nano_vllm import LLM
@@ -41,10 +42,11 @@ def references(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path
     return out
 
 
-def nano_vllm(model: Path, out: Path, tokens: list[int], bug: str | None = None) -> list[int]:
+def nano_vllm(model: Path, out: Path, tokens: list[int], bug: str | None = None,
+              **options: Any) -> list[int]:
     """Record the nano-vLLM engine the way a user would: watch the model and the sampler,
     feed the reference's tokens."""
-    llm = LLM(model, bug=bug)
+    llm = LLM(model, bug=bug, **options)
     with lockstep.record(out, meta=llm.meta) as rec:
         rec.watch(llm.model)
         rec.watch(llm.sampler)
@@ -147,6 +149,34 @@ def test_nano_vllm_bug_free_from_the_command_line(tmp_path, references):
     done = _cli("compare", ref, tmp_path / "cand.lsd", "--json", tmp_path / "r.json")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "MATCH" in done.stdout
+
+
+def test_a_padded_vocabulary_is_compared_over_the_references_columns(tmp_path, references):
+    """The engine pads its vocabulary to a multiple of 128 (320 to 384 rows, zeros), as
+    vLLM's ParallelLMHead does, and its lm_head records the padded logits. They were
+    'incomparable: shapes differ' (the logits never compared: INCOMPLETE); their first 320
+    columns are the reference's, so the pair takes them, and the comparison is a MATCH.
+    The same padded weights are equal to the checkpoint's, padded with zeros."""
+    model, ref, tokens = references["llama"]
+    nano_vllm(model, tmp_path / "cand.lsd", tokens, vocab_multiple=128)
+    result = lockstep.compare(ref, tmp_path / "cand.lsd")
+    assert result.verdict == "match", (result.first_divergence, result.coverage.gaps)
+    heads = [p for p in result.results if p.ref_name == "lm_head"]
+    assert len(heads) == DECODE + 1
+    assert all(p.cand_transform == "slice(-1, 0, 320)" and p.error < 1e-5 for p in heads)
+    check = lockstep.check_loaded(LLM(model, vocab_multiple=128).model, model)
+    assert check, check.problems
+    assert {p.transform for p in check.params if "embed" in p.name or "lm_head" in p.name} == {
+        "padded to 384 (dim 0)"}
+    # a candidate whose logits differ in the reference's columns still diverges there
+    bad = LLM(model, vocab_multiple=128)
+    with torch.no_grad():
+        bad.model.lm_head.weight[:320] *= 1.5
+    with lockstep.record(tmp_path / "bad.lsd", meta=bad.meta) as rec:
+        rec.watch(bad.model)
+        bad.generate(PROMPT, DECODE, forced=tokens[:DECODE])
+    first = lockstep.compare(ref, tmp_path / "bad.lsd").first_divergence
+    assert first is not None and first.ref_name == "lm_head"
 
 
 def test_generate_tells_a_sampler_bug_from_logits_that_part(tmp_path, references):

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import lockstep
-from lockstep.align.layouts import layout_candidates
+from lockstep.align.layouts import Layout, layout_candidates
 from lockstep.align.pairing import align
 from lockstep.align.transforms import apply_transform
 from lockstep.engines.hf import HFEngine
@@ -247,6 +247,13 @@ def test_layout_candidates():
     assert first.cand_transform == "squeeze|permute(1, 0, 2)|reshape(7, 64)"
     assert layout_candidates((7, 64), (7, 4, 16))[0].cand_transform == "reshape(7, 64)"
     assert layout_candidates((7, 64), (7, 65)) == []
+    # a vocabulary padded to a multiple of 64 (320 to 384): the reference's columns, never
+    # plausible on shapes alone; with the last position of a prefill, the block too
+    assert layout_candidates((7, 320), (7, 384)) == [
+        Layout(cand_transform="slice(-1, 0, 320)", plausible=False)]
+    assert Layout(ref_transform="block(320, 4)", cand_transform="slice(-1, 0, 320)",
+                  plausible=False) in layout_candidates((1, 5, 320), (1, 384))
+    assert layout_candidates((7, 64), (7, 128)) == []  # twice as wide: not a padding
     blocks = layout_candidates((1, 1, 64), (16,))
     assert [b.ref_transform for b in blocks] == [f"block(16, {i})" for i in range(4)]
 

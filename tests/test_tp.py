@@ -289,3 +289,25 @@ def test_weights_of_each_rank_are_its_shards_and_a_wrong_offset_is_named(tmp_pat
                                       "sharded tensors hold shard 1: loaded at another rank's "
                                       "offset")
     assert {s.layer: s.verdict for s in check.layers}["model.layers.0"] == "differs"
+
+
+def test_a_vocabulary_parallel_rank_holds_its_rows_of_the_padded_vocabulary(tmp_path):
+    """vLLM's VocabParallelEmbedding pads the vocabulary (320 rows to 384 here) and gives
+    each rank a slice of the padded rows: rank 1 of 2 holds rows 192-383, of which the last
+    64 are zeros. That is 'shard 1 of 2 (dim 0, padded to 384)'; the same rows with
+    something other than zeros in the padding are not."""
+    import torch
+
+    model = save_tiny("llama", tmp_path / "llama")
+    net = tp_llama.load(model, 1, 2)
+    full = net.model.embed_tokens.weight.detach()
+    rows = torch.cat([full[192:], torch.zeros(64, full.shape[1])])
+    net.model.embed_tokens.weight = torch.nn.Parameter(rows.clone())
+    check = lockstep.check_loaded(net, model)
+    assert check, check.problems
+    embed = next(p for p in check.params if p.name == "model.embed_tokens.weight")
+    assert embed.transform == "shard 1 of 2 (dim 0, padded to 384)"
+    with torch.no_grad():
+        net.model.embed_tokens.weight[128:] = 1.0
+    (bad,) = lockstep.check_loaded(net, model).problems
+    assert bad.name == "model.embed_tokens.weight" and bad.status == "different"

@@ -19,6 +19,10 @@ far), ``kv_slot`` (decode writes K/V one slot past its own), ``swapped_args`` (t
 called as ``model(positions, input_ids)``), ``layer_not_loaded`` (layer 1 keeps random
 weights), ``greedy_temperature`` (the sampler draws at temperature 1 when greedy was asked),
 ``swapped_kv_rows`` (the loader packs v_proj where k_proj goes in ``qkv_proj``, and k where v).
+
+``vocab_multiple=N`` pads the vocabulary to a multiple of N rows, as vLLM's
+``VocabParallelEmbedding`` and ``ParallelLMHead`` do (64 by default there): the padding rows
+are zeros and the logits are cut back to the real vocabulary.
 """
 
 from __future__ import annotations
@@ -234,7 +238,7 @@ class DecoderLayer(nn.Module):
 class Model(nn.Module):
     def __init__(self, cfg: Any, qk_norm: bool, bug: str | None) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = nn.Embedding(cfg.vocab_padded, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, qk_norm, bug, i)
                                     for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.gemma)
@@ -255,7 +259,7 @@ class LMHead(nn.Module):
 
     def __init__(self, cfg: Any) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size))
+        self.weight = nn.Parameter(torch.empty(cfg.vocab_padded, cfg.hidden_size))
 
     def forward(self, x: Tensor) -> Tensor:
         if _CONTEXT.is_prefill:
@@ -295,6 +299,7 @@ class ForCausalLM(nn.Module):
         self.logits_processor = LogitsProcessor()
         self.sglang_logits = False
         self.final_softcap = getattr(cfg, "final_logit_softcapping", None)
+        self.vocab_size = cfg.vocab_size  # the logits' width, without the padding rows
 
     def forward(self, input_ids: Tensor, positions: Tensor) -> Tensor:
         return self.model(input_ids, positions)
@@ -304,6 +309,7 @@ class ForCausalLM(nn.Module):
             logits = self.logits_processor(hidden, self.lm_head).next_token_logits
         else:
             logits = self.lm_head(hidden)
+        logits = logits[..., :self.vocab_size]
         if self.final_softcap is not None:  # Gemma 2, after the lm_head (as vLLM's processor)
             logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
         return logits
@@ -357,7 +363,9 @@ def _load(model: ForCausalLM, directory: Path, tied: bool, bug: str | None) -> N
                     target[start:start + sizes[index]] = tensor
                     break
             else:
-                params[name].copy_(tensor)
+                target = params[name]
+                target[:tensor.shape[0]] = tensor
+                target[tensor.shape[0]:] = 0  # padded vocabulary rows, as vLLM's loader
 
 
 def _part_sizes(model: ForCausalLM, fused: str) -> list[int]:
@@ -379,11 +387,12 @@ class LLM:
 
     def __init__(self, directory: str | Path, *, bug: str | None = None,
                  dtype: torch.dtype = torch.float32, num_blocks: int = 64,
-                 logits: str = "vllm") -> None:
+                 logits: str = "vllm", vocab_multiple: int = 1) -> None:
         if bug is not None and bug not in BUGS:
             raise ValueError(f"unknown bug {bug!r}")
         directory = Path(directory)
         cfg = _config(directory)
+        cfg.vocab_padded = -(-cfg.vocab_size // vocab_multiple) * vocab_multiple
         self.bug = bug
         arch = cfg.architectures[0]
         torch.manual_seed(1234)  # the random init a skipped layer keeps
@@ -469,14 +478,17 @@ class NanoEngine(Engine):
     name = "nano-vllm-test"
 
     def __init__(self, spec: str, *, model: str, bug: str | None = None,
-                 dtype: str = "float32", num_blocks: int = 256, logits: str = "vllm") -> None:
+                 dtype: str = "float32", num_blocks: int = 256, logits: str = "vllm",
+                 vocab_multiple: int = 1) -> None:
         super().__init__(spec)
         self.directory, self.bug, self.num_blocks = Path(model), bug, int(num_blocks)
         self.dtype, self.logits = getattr(torch, dtype), logits
+        self.vocab_multiple = int(vocab_multiple)
 
     def load(self) -> None:
         self.llm = LLM(self.directory, bug=self.bug, dtype=self.dtype,
-                       num_blocks=self.num_blocks, logits=self.logits)
+                       num_blocks=self.num_blocks, logits=self.logits,
+                       vocab_multiple=self.vocab_multiple)
 
     def tokenize(self, text: str) -> list[int]:
         raise lockstep.UsageError(f"{self.spec}: the test engine has no tokenizer: give "

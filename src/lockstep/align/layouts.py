@@ -99,7 +99,24 @@ def layout_candidates(ref_shape: Sequence[int], cand_shape: Sequence[int]) -> li
     if nc < nr and nr % nc == 0 and len(c) == 1 and nr // nc <= 4096:
         out += [Layout(ref_transform=f"block({nc}, {b})", plausible=False)
                 for b in range(nr // nc)]
-    return out
+    return out or _padded(r, c, cand_shape)
+
+
+def _padded(r: tuple[int, ...], c: tuple[int, ...], cand_shape: Sequence[int]) -> list[Layout]:
+    """Where the candidate's last dim is the reference's and fewer than 256 more (and fewer
+    than the reference's), a multiple of 64: its first columns, then the
+    layouts that fit. A padded vocabulary: an engine that pads its lm_head's rows to a
+    multiple of 64 or 128 (vLLM's ParallelLMHead) and records its logits before cutting them
+    back. Never plausible on shapes alone: only what the values agree with is taken, and the
+    columns past the reference's are not compared."""
+    if not (r and c and cand_shape and cand_shape[-1] == c[-1] > r[-1] and c[-1] % 64 == 0
+            and c[-1] - r[-1] < min(256, r[-1])):
+        return []
+    cut = f"slice(-1, 0, {r[-1]})"
+    inner = layout_candidates(r, (*c[:-1], r[-1]))
+    return [Layout(ref_transform=lay.ref_transform,
+                   cand_transform="|".join(filter(None, (cut, lay.cand_transform))),
+                   plausible=False) for lay in inner]
 
 
 #: elements compared at most (an evenly strided sample of larger tensors: pairing needs

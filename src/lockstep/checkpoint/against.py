@@ -22,7 +22,7 @@ import numpy as np
 from ..atomic import write_json_file
 from ..jsontext import json_number
 from .errors import CheckpointError, UnreadableTensor
-from .fused import fuse_parts
+from .fused import fuse_parts, stack_experts
 from .paths import read_json
 from .sources import Checkpoint, open_checkpoint
 from .tensors import TensorSource
@@ -142,7 +142,7 @@ def _then_rope_rows(fn: Callable[[np.ndarray], np.ndarray], d: int,
     return lambda x: _rope_rows(fn(x), d, to_halves=to_halves)
 
 
-_SHARD = re.compile(r"shard (\d+) of (\d+) \(dim (\d+)(, each part)?\)")
+_SHARD = re.compile(r"shard (\d+) of (\d+) \(dim (\d+)(, each part|, padded to \d+)?\)")
 
 
 def shard_of(transform: str) -> tuple[int, int, int] | None:
@@ -152,9 +152,13 @@ def shard_of(transform: str) -> tuple[int, int, int] | None:
     return (int(m[1]), int(m[2]), int(m[3])) if m else None
 
 
-def _shard_dim(shape_a: tuple[int, ...], shape_b: tuple[int, ...]) -> tuple[int, int] | None:
-    """(dim, count) where B's shape is A's with one dimension divided by ``count`` >= 2: B
-    may be one tensor-parallel rank's shard of A (vLLM's column- and row-parallel layers)."""
+def _shard_dim(shape_a: tuple[int, ...], shape_b: tuple[int, ...]
+               ) -> tuple[int, int, int] | None:
+    """(dim, count, padded size) where B's shape is A's with one dimension divided by
+    ``count`` >= 2 (B may be one tensor-parallel rank's shard of A: vLLM's column- and
+    row-parallel layers), after A is padded along it with zero rows to a multiple of 64, fewer
+    than 256 per rank (a vocabulary padded as vLLM's VocabParallelEmbedding and
+    ParallelLMHead hold it, or Megatron's; with ``count`` 1, padding alone)."""
     if len(shape_a) != len(shape_b):
         return None
     differ = [d for d, (a, b) in enumerate(zip(shape_a, shape_b)) if a != b]
@@ -162,14 +166,21 @@ def _shard_dim(shape_a: tuple[int, ...], shape_b: tuple[int, ...]) -> tuple[int,
         return None
     d = differ[0]
     a, b = shape_a[d], shape_b[d]
-    return (d, a // b) if b and a % b == 0 and a // b >= 2 else None
+    if not b:
+        return None
+    count = -(-a // b)
+    padded = count * b
+    pad = padded - a
+    return (d, count, padded) if not pad or (padded % 64 == 0 and pad < min(256 * count, a)) \
+        else None
 
 
-def _take_shard(x: np.ndarray, dim: int, index: int, count: int,
-                parts: Sequence[int]) -> np.ndarray:
-    """Shard ``index`` of ``count`` along ``dim``; with ``parts`` (the row counts of the parts
-    stacked into a fused tensor), that shard of each part, stacked (vLLM's QKV and
-    gate/up parallel layers hold each part's rows of their rank)."""
+def _take_shard(x: np.ndarray, dim: int, index: int, count: int, parts: Sequence[int],
+                padded: int) -> np.ndarray:
+    """Shard ``index`` of ``count`` along ``dim`` of ``x`` padded with zeros to ``padded``;
+    with ``parts`` (the row counts of the parts stacked into a fused tensor), that shard of
+    each part, stacked (vLLM's QKV and gate/up parallel layers hold each part's rows of
+    their rank)."""
     if parts and dim == 0:
         out, lo = [], 0
         for rows in parts:
@@ -177,8 +188,14 @@ def _take_shard(x: np.ndarray, dim: int, index: int, count: int,
             out.append(x[lo + index * size:lo + (index + 1) * size])
             lo += rows
         return np.concatenate(out)
-    size = x.shape[dim] // count
-    return x[(slice(None),) * dim + (slice(index * size, (index + 1) * size),)]
+    size = padded // count
+    lo, hi = index * size, (index + 1) * size
+    piece = x[(slice(None),) * dim + (slice(lo, min(hi, x.shape[dim])),)]
+    if piece.shape[dim] == size:
+        return piece
+    zeros = list(piece.shape)
+    zeros[dim] = size - piece.shape[dim]
+    return np.concatenate([piece, np.zeros(zeros, dtype=x.dtype)], axis=dim)
 
 
 def _shard_layouts(shape_a: tuple[int, ...], shape_b: tuple[int, ...],
@@ -186,18 +203,21 @@ def _shard_layouts(shape_a: tuple[int, ...], shape_b: tuple[int, ...],
     found = _shard_dim(shape_a, shape_b)
     if found is None:
         return []
-    d, count = found
-    by_part = bool(parts) and d == 0 and sum(parts) == shape_a[0] and all(
+    d, count, padded = found
+    by_part = bool(parts) and d == 0 and padded == shape_a[0] and sum(parts) == padded and all(
         rows % count == 0 for rows in parts)
     if parts and d == 0 and not by_part:
         return []  # a fused tensor whose parts do not split evenly: no shard of it
-    each = ", each part" if by_part else ""
+    extra = ", each part" if by_part else (
+        f", padded to {padded}" if padded != shape_a[d] else "")
     rows = tuple(parts) if by_part else ()
 
     def shard(i: int) -> Callable[[np.ndarray], np.ndarray]:
-        return lambda x: _take_shard(x, d, i, count, rows)
+        return lambda x: _take_shard(x, d, i, count, rows, padded)
 
-    return [(f"shard {i} of {count} (dim {d}{each})", None, shard(i)) for i in range(count)]
+    if count == 1:
+        return [(f"padded to {padded} (dim {d})", None, shard(0))]
+    return [(f"shard {i} of {count} (dim {d}{extra})", None, shard(i)) for i in range(count)]
 
 
 def layouts(key: str, shape_a: tuple[int, ...], shape_b: tuple[int, ...],
@@ -450,6 +470,8 @@ def against_checkpoints(path_a: str | Path, path_b: str | Path, *, heads: Heads 
     keyed_a, keyed_b = _keyed(ckpt_a, rename, "cand"), _keyed(ckpt_b, rename, "ref")
     fuse_parts(keyed_b, list(keyed_a))
     fuse_parts(keyed_a, list(keyed_b))
+    stack_experts(keyed_b, list(keyed_a))
+    stack_experts(keyed_a, list(keyed_b))
     plan = list(_plan(keyed_a, keyed_b))
     results = []
     for i, (key, sa, sb, tied) in enumerate(plan):

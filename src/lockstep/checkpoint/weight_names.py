@@ -10,7 +10,8 @@ GGUF's ``blk.3.attn_q.weight``, transformers' ``model.layers.3.self_attn.q_proj.
 Meta's ``layers.3.attention.wq.weight``; Meta's ``feed_forward.w1``/``w3``/``w2`` are
 ``gate``/``up``/``down``, and ``output.weight`` is the lm_head in both GGUF and Meta files.
 The fused ``qkv`` and ``gate_up`` (vLLM's ``qkv_proj`` and ``gate_up_proj``) pair with their
-parts stacked by rows (checkpoint/fused.py).
+parts stacked by rows, and a MoE layer's experts held as one tensor with each expert's
+tensors stacked in turn (checkpoint/fused.py; the ``MOE`` table below).
 
 Wrapper prefixes (``base_model.model.`` from PEFT,
 ``module.`` from DDP, ``_orig_mod.`` from torch.compile) and PEFT's ``.base_layer`` are
@@ -23,13 +24,18 @@ import re
 from dataclasses import dataclass
 
 __all__ = ["WeightTable", "TABLES", "WRAPPERS", "unwrap", "canonical_weight", "layer_index",
-           "ROPE_ROWS", "FUSED", "role", "transformers_name"]
+           "ROPE_ROWS", "FUSED", "EXPERT_STACKS", "role", "transformers_name"]
 
 #: prefixes that wrappers put before the wrapped model's own names
 WRAPPERS = ("base_model.model.", "module.", "_orig_mod.")
 
 #: fused roles (vLLM, SGLang, Phi-3): the parts stacked by rows, in order (checkpoint/fused.py)
 FUSED = {"qkv": ("q", "k", "v"), "gate_up": ("gate", "up")}
+
+#: all experts' tensors stacked into one (checkpoint/fused.py): for each expert in turn, the
+#: rows of its parts in order
+EXPERT_STACKS = {"experts_gate_up": ("gate", "up"), "experts_gate": ("gate",),
+                 "experts_up": ("up",), "experts_down": ("down",)}
 
 #: canonical roles whose rows llama.cpp's and Meta's layouts order differently (RoPE pairs)
 ROPE_ROWS = frozenset({"q", "k"})
@@ -87,7 +93,38 @@ META_LLAMA = WeightTable.build("meta-llama", r"layers\.(\d+)", {
     "feed_forward.w1": "gate", "feed_forward.w3": "up", "feed_forward.w2": "down",
 }, {"tok_embeddings": "embed", "norm": "final_norm", "output": "lm_head"})
 
-TABLES: tuple[WeightTable, ...] = (GGUF, TRANSFORMERS, META_LLAMA)
+_MOE_BLOCK = r"(?:model\.)?layers\.(\d+)\.(?:mlp|block_sparse_moe)"
+_W = r"\.(weight|bias)"
+#: mixture-of-experts tensors. Each expert's own (``mlp.experts.E.gate_proj.weight`` in
+#: transformers checkpoints, ``block_sparse_moe.experts.E.w1`` in Mixtral's) are
+#: ``layers.N.experts.E.<gate|up|down>``; all experts' stacked into one 3-d tensor are
+#: ``layers.N.experts_<gate|up|down|gate_up>``: llama.cpp's ``ffn_*_exps``, transformers 5's
+#: fused ``experts.gate_up_proj`` and ``experts.down_proj`` (parameters with no ``.weight``),
+#: vLLM's and SGLang's ``experts.w13_weight`` and ``w2_weight``. The router is ``router``; a
+#: shared expert's tensors (Qwen2-MoE's ``shared_expert``, DeepSeek's ``shared_experts``,
+#: llama.cpp's ``ffn_*_shexp``) are ``shexp_<gate|up|down>``, its gate ``shexp_router``.
+MOE = WeightTable("moe", tuple((re.compile(pattern), template) for pattern, template in (
+    (_MOE_BLOCK + r"\.experts\.(\d+)\.(?:gate_proj|w1)" + _W, "layers.{0}.experts.{1}.gate.{2}"),
+    (_MOE_BLOCK + r"\.experts\.(\d+)\.(?:up_proj|w3)" + _W, "layers.{0}.experts.{1}.up.{2}"),
+    (_MOE_BLOCK + r"\.experts\.(\d+)\.(?:down_proj|w2)" + _W, "layers.{0}.experts.{1}.down.{2}"),
+    (_MOE_BLOCK + r"\.experts\.(?:gate_up_proj|w13_weight)()", "layers.{0}.experts_gate_up.weight"),
+    (_MOE_BLOCK + r"\.experts\.(?:down_proj|w2_weight)()", "layers.{0}.experts_down.weight"),
+    (_MOE_BLOCK + r"\.gate" + _W, "layers.{0}.router.{1}"),
+    (_MOE_BLOCK + r"\.shared_experts?\.gate_proj" + _W, "layers.{0}.shexp_gate.{1}"),
+    (_MOE_BLOCK + r"\.shared_experts?\.up_proj" + _W, "layers.{0}.shexp_up.{1}"),
+    (_MOE_BLOCK + r"\.shared_experts?\.down_proj" + _W, "layers.{0}.shexp_down.{1}"),
+    (_MOE_BLOCK + r"\.shared_expert_gate" + _W, "layers.{0}.shexp_router.{1}"),
+    (r"blk\.(\d+)\.ffn_gate_shexp" + _W, "layers.{0}.shexp_gate.{1}"),
+    (r"blk\.(\d+)\.ffn_up_shexp" + _W, "layers.{0}.shexp_up.{1}"),
+    (r"blk\.(\d+)\.ffn_down_shexp" + _W, "layers.{0}.shexp_down.{1}"),
+    (r"blk\.(\d+)\.ffn_gate_inp_shexp" + _W, "layers.{0}.shexp_router.{1}"),
+    (r"blk\.(\d+)\.ffn_gate_exps" + _W, "layers.{0}.experts_gate.{1}"),
+    (r"blk\.(\d+)\.ffn_up_exps" + _W, "layers.{0}.experts_up.{1}"),
+    (r"blk\.(\d+)\.ffn_down_exps" + _W, "layers.{0}.experts_down.{1}"),
+    (r"blk\.(\d+)\.ffn_gate_inp" + _W, "layers.{0}.router.{1}"),
+)))
+
+TABLES: tuple[WeightTable, ...] = (GGUF, TRANSFORMERS, META_LLAMA, MOE)
 
 _LAYER = re.compile(r"layers\.(\d+)\.")
 

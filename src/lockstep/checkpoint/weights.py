@@ -32,7 +32,7 @@ from .against import (
     read_array,
     shard_of,
 )
-from .fused import fuse_parts, part_errors
+from .fused import expert_errors, fuse_parts, part_errors, stack_experts
 from .placement import PlacementMap, placement_map
 from .sources import open_checkpoint
 from .tensors import TensorSource
@@ -330,6 +330,17 @@ def _fused_note(check: ParamCheck, t: Any, arr: np.ndarray, parts: list) -> Para
     return replace(check, note="; ".join(filter(None, (check.note, note))))
 
 
+def _experts_note(check: ParamCheck, t: Any, arr: np.ndarray) -> ParamCheck:
+    """Name the experts of an all-experts parameter that differ (the others are equal)."""
+    if check.status == "equal" or check.transform or t.device.type == "meta":
+        return check
+    errors = expert_errors(t.detach().to("cpu").float().numpy(), arr)
+    bad = [f"{i} (rel L2 {err:.3g})" for i, err in enumerate(errors) if not err <= 1e-6]
+    note = (f"experts {', '.join(bad[:8])}{' ...' if len(bad) > 8 else ''} of {len(errors)} "
+            f"differ; {len(errors) - len(bad)} equal")
+    return replace(check, note="; ".join(filter(None, (check.note, note))))
+
+
 def check_loaded(model: Any, checkpoint: str | Path, *, heads: Heads | None = None,
                  rename: Rename | None = None) -> LoadCheck:
     """Compare a torch ``nn.Module``'s parameters and buffers with the checkpoint at
@@ -359,6 +370,7 @@ def check_loaded(model: Any, checkpoint: str | Path, *, heads: Heads | None = No
         if rename is None or rename(src.name, "ref") is not None:
             sources.setdefault(canonical_weight(src.name)[0], src)
     fused = fuse_parts(sources, keys.values())
+    experts = stack_experts(sources, keys.values())
     users: dict[str, list[tuple[str, bool]]] = {}
     layers = {name: _layer_of(name) for name in state}
     by_index = {layer_index(keys[n]): layers[n] for n in state}
@@ -386,6 +398,8 @@ def check_loaded(model: Any, checkpoint: str | Path, *, heads: Heads | None = No
                              [part.shape[0] for _, part in fused.get(key, ())])
             if key in fused:
                 check = _fused_note(check, state[name], arr, fused[key])
+            if key in experts:
+                check = _experts_note(check, state[name], arr)
             checks.append(check)
         del arr
     checks = _shard_offsets(_whose_values(torch, checks, state, keys, sources))
