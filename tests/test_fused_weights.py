@@ -77,6 +77,23 @@ def test_a_tensor_parallel_rank_of_fused_weights_holds_each_parts_shard(models):
     assert check, check.problems
     assert {p.transform for p in check.params if "qkv" in p.name or "gate_up" in p.name} == {
         "shard 1 of 2 (dim 0, each part)"}
+    # 4 ranks, 2 KV heads: each rank holds one Q head and one KV head, KV head r // 2
+    net = LLM(models["llama"]).model
+    with torch.no_grad():
+        for layer in net.model.layers:
+            w = layer.self_attn.qkv_proj.weight
+            q, k, v = w[:128], w[128:192], w[192:]
+            layer.self_attn.qkv_proj.weight = torch.nn.Parameter(
+                torch.cat([q[96:128], k[32:64], v[32:64]]))  # rank 3
+            w = layer.mlp.gate_up_proj.weight
+            layer.mlp.gate_up_proj.weight = torch.nn.Parameter(
+                torch.cat([w[132:176], w[176 + 132:]]))
+    check = lockstep.check_loaded(net, models["llama"])
+    assert check, check.problems
+    assert {p.transform for p in check.params if "qkv" in p.name} == {
+        "shard 3 of 4 (dim 0, each part; the others' 1 of 2: KV heads held by 2 ranks)"}
+    assert {p.transform for p in check.params if "gate_up" in p.name} == {
+        "shard 3 of 4 (dim 0, each part)"}
     with torch.no_grad():  # layer 0's qkv: the first half of the stacked rows
         qkv = net.model.layers[0].self_attn.qkv_proj
         full = LLM(models["llama"]).model.model.layers[0].self_attn.qkv_proj.weight

@@ -142,7 +142,7 @@ def _then_rope_rows(fn: Callable[[np.ndarray], np.ndarray], d: int,
     return lambda x: _rope_rows(fn(x), d, to_halves=to_halves)
 
 
-_SHARD = re.compile(r"shard (\d+) of (\d+) \(dim (\d+)(, each part|, padded to \d+)?\)")
+_SHARD = re.compile(r"shard (\d+) of (\d+) \(dim (\d+)(, each part[^)]*|, padded to \d+)?\)")
 
 
 def shard_of(transform: str) -> tuple[int, int, int] | None:
@@ -175,19 +175,8 @@ def _shard_dim(shape_a: tuple[int, ...], shape_b: tuple[int, ...]
         else None
 
 
-def _take_shard(x: np.ndarray, dim: int, index: int, count: int, parts: Sequence[int],
-                padded: int) -> np.ndarray:
-    """Shard ``index`` of ``count`` along ``dim`` of ``x`` padded with zeros to ``padded``;
-    with ``parts`` (the row counts of the parts stacked into a fused tensor), that shard of
-    each part, stacked (vLLM's QKV and gate/up parallel layers hold each part's rows of
-    their rank)."""
-    if parts and dim == 0:
-        out, lo = [], 0
-        for rows in parts:
-            size = rows // count
-            out.append(x[lo + index * size:lo + (index + 1) * size])
-            lo += rows
-        return np.concatenate(out)
+def _take_shard(x: np.ndarray, dim: int, index: int, count: int, padded: int) -> np.ndarray:
+    """Shard ``index`` of ``count`` along ``dim`` of ``x`` padded with zeros to ``padded``."""
     size = padded // count
     lo, hi = index * size, (index + 1) * size
     piece = x[(slice(None),) * dim + (slice(lo, min(hi, x.shape[dim])),)]
@@ -198,22 +187,63 @@ def _take_shard(x: np.ndarray, dim: int, index: int, count: int, parts: Sequence
     return np.concatenate([piece, np.zeros(zeros, dtype=x.dtype)], axis=dim)
 
 
+def _part_counts(parts: Sequence[int], rows: int) -> tuple[int, int] | None:
+    """(count of the first part's shards, count of the others') where one shard of each part,
+    stacked, has ``rows`` rows: vLLM's QKV and merged column-parallel layers hold their rank's
+    rows of each part (q, k, v; gate, up). Where a rank holds fewer KV heads than the tensor
+    parallelism (fewer KV heads than ranks), K and V have fewer shards than Q, each held by
+    several ranks: their count divides Q's."""
+    first, rest = parts[0], list(parts[1:])
+    if not rest or len(set(rest)) != 1:
+        return None
+    for count in range(2, min(first, 1024) + 1):
+        if first % count:
+            continue
+        left = rows - first // count
+        if left <= 0 or left % len(rest):
+            continue
+        size = left // len(rest)
+        if rest[0] % size == 0 and count % (rest[0] // size) == 0:
+            return count, rest[0] // size
+    return None
+
+
+def _part_shards(parts: Sequence[int], rows: int) -> list[Layout]:
+    """Each rank's shard of each part of a fused A, stacked (see ``_part_counts``)."""
+    found = _part_counts(parts, rows)
+    if found is None:
+        return []
+    count, others = found
+    starts = [sum(parts[:j]) for j in range(len(parts))]
+
+    def shard(i: int) -> Callable[[np.ndarray], np.ndarray]:
+        held = [i] + [i // (count // others)] * (len(parts) - 1)
+        return lambda x: np.concatenate([
+            _take_shard(x[lo:lo + n], 0, k, count if j == 0 else others, n)
+            for j, (lo, n, k) in enumerate(zip(starts, parts, held))])
+
+    def label(i: int) -> str:
+        if others == count:
+            return f"shard {i} of {count} (dim 0, each part)"
+        return (f"shard {i} of {count} (dim 0, each part; the others' {i // (count // others)}"
+                f" of {others}: KV heads held by {count // others} ranks)")
+
+    return [(label(i), None, shard(i)) for i in range(count)]
+
+
 def _shard_layouts(shape_a: tuple[int, ...], shape_b: tuple[int, ...],
                    parts: Sequence[int]) -> list[Layout]:
+    if parts and len(shape_a) == len(shape_b) and shape_a[1:] == shape_b[1:] \
+            and sum(parts) == shape_a[0]:
+        return _part_shards(parts, shape_b[0])
     found = _shard_dim(shape_a, shape_b)
     if found is None:
         return []
     d, count, padded = found
-    by_part = bool(parts) and d == 0 and padded == shape_a[0] and sum(parts) == padded and all(
-        rows % count == 0 for rows in parts)
-    if parts and d == 0 and not by_part:
-        return []  # a fused tensor whose parts do not split evenly: no shard of it
-    extra = ", each part" if by_part else (
-        f", padded to {padded}" if padded != shape_a[d] else "")
-    rows = tuple(parts) if by_part else ()
+    extra = f", padded to {padded}" if padded != shape_a[d] else ""
 
     def shard(i: int) -> Callable[[np.ndarray], np.ndarray]:
-        return lambda x: _take_shard(x, d, i, count, rows, padded)
+        return lambda x: _take_shard(x, d, i, count, padded)
 
     if count == 1:
         return [(f"padded to {padded} (dim {d})", None, shard(0))]
