@@ -186,6 +186,21 @@ def test_weights_of_fused_experts_pair_with_each_experts_tensors(tmp_path):
     report = against_checkpoints(tmp_path / "vllm.safetensors", tmp_path / "hf")
     assert report, [p for p in report.pairs if not p.ok]
 
+    # rank 1 of 2 of vLLM's FusedMoE under tensor parallelism: each expert's rows 16-31 of
+    # gate and of up ([8, 32, 64]), and its down_proj's columns 16-31
+    ranked = _tiny_qwen2_moe(tmp_path / "again")
+    with torch.no_grad():
+        for layer in ranked.model.layers:
+            experts = layer.mlp.experts
+            w = experts.gate_up_proj
+            experts.gate_up_proj = torch.nn.Parameter(torch.cat([w[:, 16:32], w[:, 48:]], 1))
+            experts.down_proj = torch.nn.Parameter(experts.down_proj[:, :, 16:].clone())
+    check = lockstep.check_loaded(ranked, gguf_file)
+    assert check, check.problems
+    layout = {p.name: p.transform for p in check.params}
+    assert layout["model.layers.0.mlp.experts.gate_up_proj"] == "shard 1 of 2 (dim 1, each part)"
+    assert layout["model.layers.0.mlp.experts.down_proj"] == "shard 1 of 2 (dim 2)"
+
     with torch.no_grad():
         model.model.layers[1].mlp.experts.gate_up_proj[5] *= 1.01
     (bad,) = lockstep.check_loaded(model, gguf_file).problems

@@ -208,34 +208,38 @@ def _part_counts(parts: Sequence[int], rows: int) -> tuple[int, int] | None:
     return None
 
 
-def _part_shards(parts: Sequence[int], rows: int) -> list[Layout]:
-    """Each rank's shard of each part of a fused A, stacked (see ``_part_counts``)."""
+def _part_shards(parts: Sequence[int], rows: int, dim: int) -> list[Layout]:
+    """Each rank's shard of each part of a fused A along ``dim``, stacked (see
+    ``_part_counts``)."""
     found = _part_counts(parts, rows)
     if found is None:
         return []
     count, others = found
     starts = [sum(parts[:j]) for j in range(len(parts))]
+    lead = (slice(None),) * dim
 
     def shard(i: int) -> Callable[[np.ndarray], np.ndarray]:
         held = [i] + [i // (count // others)] * (len(parts) - 1)
         return lambda x: np.concatenate([
-            _take_shard(x[lo:lo + n], 0, k, count if j == 0 else others, n)
-            for j, (lo, n, k) in enumerate(zip(starts, parts, held))])
+            _take_shard(x[(*lead, slice(lo, lo + n))], dim, k, count if j == 0 else others, n)
+            for j, (lo, n, k) in enumerate(zip(starts, parts, held))], axis=dim)
 
     def label(i: int) -> str:
         if others == count:
-            return f"shard {i} of {count} (dim 0, each part)"
-        return (f"shard {i} of {count} (dim 0, each part; the others' {i // (count // others)}"
-                f" of {others}: KV heads held by {count // others} ranks)")
+            return f"shard {i} of {count} (dim {dim}, each part)"
+        return (f"shard {i} of {count} (dim {dim}, each part; the others' "
+                f"{i // (count // others)} of {others}: KV heads held by {count // others} "
+                "ranks)")
 
     return [(label(i), None, shard(i)) for i in range(count)]
 
 
 def _shard_layouts(shape_a: tuple[int, ...], shape_b: tuple[int, ...],
                    parts: Sequence[int]) -> list[Layout]:
-    if parts and len(shape_a) == len(shape_b) and shape_a[1:] == shape_b[1:] \
-            and sum(parts) == shape_a[0]:
-        return _part_shards(parts, shape_b[0])
+    dim = len(shape_a) - 2  # the parts are stacked by rows (of each expert, for 3-d experts)
+    if parts and dim >= 0 and len(shape_a) == len(shape_b) and sum(parts) == shape_a[dim] \
+            and all(a == b for d, (a, b) in enumerate(zip(shape_a, shape_b)) if d != dim):
+        return _part_shards(parts, shape_b[dim], dim)
     found = _shard_dim(shape_a, shape_b)
     if found is None:
         return []

@@ -330,6 +330,13 @@ def _fused_note(check: ParamCheck, t: Any, arr: np.ndarray, parts: list) -> Para
     return replace(check, note="; ".join(filter(None, (check.note, note))))
 
 
+def _expert_parts(key: str, src: TensorSource) -> list[int]:
+    """The rows of each part within each expert of an all-experts gate_up stack."""
+    if role(key) == "experts_gate_up" and len(src.shape) == 3 and src.shape[1] % 2 == 0:
+        return [src.shape[1] // 2] * 2
+    return []
+
+
 def _experts_note(check: ParamCheck, t: Any, arr: np.ndarray) -> ParamCheck:
     """Name the experts of an all-experts parameter that differ (the others are equal)."""
     if check.status == "equal" or check.transform or t.device.type == "meta":
@@ -395,7 +402,8 @@ def check_loaded(model: Any, checkpoint: str | Path, *, heads: Heads | None = No
         for name, tied in users[key]:
             check = _compare(torch, name, state[name], src, arr, key, geometry,
                              layers[name], init_range, tied,
-                             [part.shape[0] for _, part in fused.get(key, ())])
+                             [part.shape[0] for _, part in fused.get(key, ())]
+                             or _expert_parts(key, src))
             if key in fused:
                 check = _fused_note(check, state[name], arr, fused[key])
             if key in experts:
