@@ -326,3 +326,48 @@ def test_decode_vm(tmp_path, references, bug, mapped):
         assert result.verdict == "diverged"
         assert (first.step, first.ref_name) == (1, "model.layers.0.self_attn.q_norm")
         assert result.diagnosis.kind == "blocked_norm"
+
+
+@pytest.fixture(scope="module")
+def moe_reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, list[int]]:
+    """A tiny Qwen3-MoE (4 experts, top 2, renormalized; a router with spread-out logits)
+    saved as transformers saves it, and transformers' dump of it."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    root = tmp_path_factory.mktemp("moe")
+    torch.manual_seed(0)
+    model = Qwen3MoeForCausalLM(Qwen3MoeConfig(
+        vocab_size=320, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        num_experts=4, num_experts_per_tok=2, norm_topk_prob=True, max_position_embeddings=64))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("mlp.gate.weight"):
+                param.normal_(0, 0.5)
+    model.save_pretrained(root / "qwen3moe")
+    tokens = capture(f"hf:{root / 'qwen3moe'}", str(root / "ref.lsd"), tokens=PROMPT,
+                     decode=DECODE)
+    return root / "qwen3moe", root / "ref.lsd", tokens
+
+
+def test_a_fused_moe_engine_matches_and_its_renormalization_bug_is_measured(
+        tmp_path, moe_reference):
+    """vLLM's Qwen3-MoE shape: a router returning (logits, None), every expert in one
+    FusedMoE module (w13_weight, w2_weight) called with the router's logits, no routing
+    recorded. Bug-free it matches transformers and its weights are the checkpoint's. With the
+    top-k weights left unnormalized, the experts' output is diagnosed from what both dumps
+    hold: the reference's scaled per token by its top-2 probabilities' sum (it was the 'op'
+    fallback, naming the router's logits as the experts' input)."""
+    model, ref, tokens = moe_reference
+    assert lockstep.check_loaded(LLM(model).model, model)
+    nano_vllm(model, tmp_path / "good.lsd", tokens)
+    result = lockstep.compare(ref, tmp_path / "good.lsd")
+    assert result.verdict == "match", (result.first_divergence, result.coverage.gaps)
+    nano_vllm(model, tmp_path / "bad.lsd", tokens, bug="moe_no_renormalize")
+    result = lockstep.compare(ref, tmp_path / "bad.lsd")
+    first, found = result.first_divergence, result.diagnosis
+    assert first is not None and (first.step, first.ref_name) == (0, "model.layers.0.mlp.experts")
+    assert found is not None and found.kind == "moe", found
+    assert found.title.startswith("the experts' output is the reference's times each token's "
+                                  "top-2 routing weights' sum")
+    assert found.detail["top_k"] == 2 and found.detail["residual"] < 1e-5

@@ -1,5 +1,5 @@
-"""A nano-vLLM-style engine for Qwen3, Llama and Gemma 2, written for lockstep's acceptance
-tests.
+"""A nano-vLLM-style engine for Qwen3, Qwen3-MoE, Llama and Gemma 2, written for lockstep's
+acceptance tests.
 
 It has the shapes real engines have and transformers does not: flat ``(tokens, hidden)``
 activations (no batch dim), a fused ``qkv_proj`` (q, k, v rows stacked) and ``gate_up_proj``
@@ -18,7 +18,12 @@ Bugs, one switch each (``bug=``): ``decode_position`` (a decode token's position
 far), ``kv_slot`` (decode writes K/V one slot past its own), ``swapped_args`` (the model
 called as ``model(positions, input_ids)``), ``layer_not_loaded`` (layer 1 keeps random
 weights), ``greedy_temperature`` (the sampler draws at temperature 1 when greedy was asked),
-``swapped_kv_rows`` (the loader packs v_proj where k_proj goes in ``qkv_proj``, and k where v).
+``swapped_kv_rows`` (the loader packs v_proj where k_proj goes in ``qkv_proj``, and k where v),
+``moe_no_renormalize`` (the experts' top-k weights are not renormalized where the config asks).
+
+Qwen3-MoE as vLLM's ``qwen3_moe.py`` writes it: the router a ``ReplicatedLinear`` returning
+``(logits, None)``, the experts one ``FusedMoE`` module holding every expert's weights in
+``w13_weight`` and ``w2_weight``, called with the router's logits.
 
 ``vocab_multiple=N`` pads the vocabulary to a multiple of N rows, as vLLM's
 ``VocabParallelEmbedding`` and ``ParallelLMHead`` do (64 by default there): the padding rows
@@ -28,6 +33,7 @@ are zeros and the logits are cut back to the real vocabulary.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
@@ -41,7 +47,7 @@ import lockstep
 from lockstep.engines import Engine
 
 BUGS = ("decode_position", "kv_slot", "swapped_args", "layer_not_loaded", "greedy_temperature",
-        "swapped_kv_rows")
+        "swapped_kv_rows", "moe_no_renormalize")
 BLOCK_SIZE = 4  # KV cache slots per block
 
 
@@ -207,6 +213,61 @@ class MLP(nn.Module):
         return self.down_proj(self.act_fn(self.gate_up_proj(x)))
 
 
+class ReplicatedLinear(nn.Module):
+    """vLLM's: returns ``(output, bias)``; a MoE block's router is one."""
+
+    def __init__(self, n_in: int, n_out: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n_out, n_in))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, None]:
+        return F.linear(x, self.weight), None
+
+
+class FusedMoE(nn.Module):
+    """vLLM's fused experts: every expert's gate and up rows in ``w13_weight`` [E, 2I, H],
+    its down projection in ``w2_weight`` [E, H, I]; called with the router's logits, it
+    routes (softmax, top-k, renormalized where the config says) and runs the experts in one
+    module, with no module per expert."""
+
+    def __init__(self, cfg: Any, bug: str | None) -> None:
+        super().__init__()
+        e, i, h = cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size
+        self.w13_weight = nn.Parameter(torch.empty(e, 2 * i, h))
+        self.w2_weight = nn.Parameter(torch.empty(e, h, i))
+        self.top_k = cfg.num_experts_per_tok
+        self.renormalize = bool(getattr(cfg, "norm_topk_prob", False)) and \
+            bug != "moe_no_renormalize"
+
+    def forward(self, hidden_states: Tensor, router_logits: Tensor) -> Tensor:
+        weights = torch.softmax(router_logits.float(), -1)
+        top, chosen = torch.topk(weights, self.top_k, -1)
+        if self.renormalize:
+            top = top / top.sum(-1, keepdim=True)
+        out = torch.zeros_like(hidden_states)
+        for expert in range(self.w13_weight.shape[0]):
+            rows, slot = torch.where(chosen == expert)
+            if rows.numel():
+                x = hidden_states[rows]
+                gate, up = F.linear(x, self.w13_weight[expert]).chunk(2, -1)
+                y = F.linear(F.silu(gate) * up, self.w2_weight[expert])
+                out.index_add_(0, rows, y * top[rows, slot, None].to(y.dtype))
+        return out
+
+
+class SparseMoeBlock(nn.Module):
+    """vLLM's Qwen3-MoE block: ``router_logits, _ = self.gate(x)``, then the experts."""
+
+    def __init__(self, cfg: Any, bug: str | None) -> None:
+        super().__init__()
+        self.gate = ReplicatedLinear(cfg.hidden_size, cfg.num_experts)
+        self.experts = FusedMoE(cfg, bug)
+
+    def forward(self, x: Tensor) -> Tensor:
+        router_logits, _ = self.gate(x)
+        return self.experts(hidden_states=x, router_logits=router_logits)
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: Any, qk_norm: bool, bug: str | None, layer: int = 0) -> None:
         super().__init__()
@@ -217,7 +278,9 @@ class DecoderLayer(nn.Module):
         if gemma:
             self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, True)
             self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, True)
-        self.mlp = MLP(cfg)
+        sparse = cfg.num_experts and layer not in (getattr(cfg, "mlp_only_layers", None) or ()) \
+            and (layer + 1) % (getattr(cfg, "decoder_sparse_step", 1) or 1) == 0
+        self.mlp: nn.Module = SparseMoeBlock(cfg, bug) if sparse else MLP(cfg)
 
     def forward(self, positions: Tensor, hidden: Tensor,
                 residual: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -337,10 +400,14 @@ def _config(directory: Path) -> Any:
         setattr(cfg, key, value)
     cfg.head_dim = raw.get("head_dim") or raw["hidden_size"] // raw["num_attention_heads"]
     cfg.attention_bias = raw.get("attention_bias", False)
+    cfg.num_experts = raw.get("num_experts") or raw.get("num_local_experts") or 0
     cfg.gemma = raw["architectures"][0].startswith("Gemma2")
     cfg.rope_theta = raw.get("rope_theta") or (raw.get("rope_parameters") or {}).get(
         "rope_theta", 10000.0)
     return cfg
+
+
+_EXPERT = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight")
 
 
 def _load(model: ForCausalLM, directory: Path, tied: bool, bug: str | None) -> None:
@@ -353,6 +420,17 @@ def _load(model: ForCausalLM, directory: Path, tied: bool, bug: str | None) -> N
         for name, tensor in weights.items():
             if bug == "layer_not_loaded" and name.startswith("model.layers.1."):
                 continue  # the loader skips a layer: its random init stays
+            expert = _EXPERT.fullmatch(name)
+            if expert is not None:  # each expert's tensor into its slot of w13 or w2
+                layer, e, proj = expert.groups()
+                moe = f"model.layers.{layer}.mlp.experts."
+                rows = tensor.shape[0]
+                if proj == "down":
+                    params[moe + "w2_weight"][int(e)] = tensor
+                else:
+                    start = 0 if proj == "gate" else rows
+                    params[moe + "w13_weight"][int(e), start:start + rows] = tensor
+                continue
             for part, (fused, index) in ForCausalLM.packed.items():
                 if f".{part}." in name:
                     if bug == "swapped_kv_rows" and fused == "qkv_proj" and index:

@@ -20,5 +20,5 @@ INPUT_OF: dict[str, tuple[str, ...]] = {
     K.MLP_NORM: (K.ATTN_RESIDUAL, K.ATTN_OUT), K.GATE: (K.MLP_NORM,), K.UP: (K.MLP_NORM,),
     K.GATE_ACT: (K.GATE,), K.ACT: (K.GATE_ACT, K.UP, K.GATE), K.DOWN: (K.ACT, K.UP),
     K.MLP_OUT: (K.DOWN, K.ACT), "mlp": (K.ACT, K.UP), K.OUT: (K.MLP_OUT, K.DOWN, "mlp"),
-    K.LOGITS: (K.FINAL_NORM,),
+    K.LOGITS: (K.FINAL_NORM,), K.ROUTER: (K.MLP_NORM,), K.EXPERTS_OUT: (K.MLP_NORM,),
 }

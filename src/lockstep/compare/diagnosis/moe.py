@@ -196,6 +196,58 @@ def _token_errors(case: Case, op: str, layer: int) -> list[tuple[int, float]] | 
     return [(t, ev.rel_error(ref[t], cand[t])) for t in range(ref.shape[0])]
 
 
+def _top_k_sums(logits: np.ndarray) -> dict[int, np.ndarray]:
+    """For each k, the sum per token of the k largest softmax probabilities of ``logits``."""
+    z = logits - logits.max(-1, keepdims=True)
+    p = np.exp(z) / np.exp(z).sum(-1, keepdims=True)
+    ordered = -np.sort(-p, -1)
+    return {k: ordered[:, :k].sum(-1) for k in range(1, p.shape[-1])}
+
+
+def _fused(case: Case, layer: int) -> Diagnosis | None:
+    """The experts' output differs where the candidate records no routing (vLLM's and
+    SGLang's FusedMoE: routing, experts and their sum in one module, called with the router's
+    logits). With the router logits agreeing, the experts' output is measured against the
+    reference's scaled per token by the top-k probabilities' sum, for each k: a match means
+    the top-k weights are renormalized on one side only."""
+    router = _pair(case, K.ROUTER, layer)
+    logits = case.arrays(router) if router is not None else None
+    out = case.arrays(case.first)
+    if router is None or logits is None or out is None or not case.agrees(router):
+        return None
+    ref_logits = _as_2d(logits[0])
+    ref, cand = _as_2d(out[0]), _as_2d(out[1])
+    if ref.shape != cand.shape or ref.shape[0] != ref_logits.shape[0]:
+        return None
+    found = []
+    for k, sums in _top_k_sums(ref_logits).items():
+        for scale, how in ((sums, "not renormalized"), (1.0 / sums, "renormalized")):
+            found.append((ev.rel_error(cand, ref * scale[:, None]), k, how, sums))
+    err, k, how, sums = min(found, key=lambda f: f[0])
+    if not case.explains(err):
+        return None
+    lo, hi = float(sums.min()), float(sums.max())
+    if how == "not renormalized":
+        title = (f"the experts' output is the reference's times each token's top-{k} routing "
+                 f"weights' sum ({lo:.3g}-{hi:.3g}): the candidate does not renormalize the "
+                 f"top-{k} weights where the reference does")
+        checks = ["renormalize the top-k weights to sum to 1 where the config asks "
+                  "(norm_topk_prob, the fused MoE's renormalize flag)"]
+    else:
+        title = (f"the experts' output is the reference's divided by each token's top-{k} "
+                 f"routing weights' sum ({lo:.3g}-{hi:.3g}): the candidate renormalizes the "
+                 f"top-{k} weights where the reference does not")
+        checks = ["renormalize only where the config asks (norm_topk_prob, the fused MoE's "
+                  "renormalize flag)"]
+    evidence = [f"layer {layer}, step {case.first.step}: the router logits agree to "
+                f"{fmt(ev.rel_error(*logits))}; the candidate records no routing of its own "
+                "(its experts run as one module)",
+                f"the candidate's experts' output against the reference's scaled per token by "
+                f"that sum: relative L2 {fmt(err)} (unscaled {fmt(case.first.error)})"]
+    return make("moe", title, checks, evidence, layer=layer, top_k=k, renormalized=how,
+                residual=err, weight_sums=[float(x) for x in sums])
+
+
 @rule("moe")
 def moe(case: Case) -> Diagnosis | None:
     """Which tokens chose which experts, the router logits, the weights' sums, the experts."""
@@ -206,7 +258,7 @@ def moe(case: Case) -> Diagnosis | None:
         return None
     r = routing_of(case, role.layer)
     if r is None:
-        return None
+        return _fused(case, role.layer) if op == K.EXPERTS_OUT else None
     layer, bad = role.layer, case.good()
     logits = r.logit_error
     logit_line = (f"router logits agree to {fmt(logits)}" if logits <= max(bad, 1e-5)
