@@ -184,11 +184,15 @@ def _replay(replay: Any) -> Panel:
     body.append(Text("the reference's ops re-run on the candidate's recorded inputs"
                      + (", and the candidate's ops on the reference's" if other_way else "")
                      + f" ({replay.seconds:.2f} s)", style="dim"))
-    why_not = list(dict.fromkeys(op.reverse_note for op in replay.ops
-                                 if op.reverse is None and op.reverse_note))
+    why_not: dict[str, list[str]] = {}  # each reason, with the ops it kept from running
+    for op in replay.ops:
+        if op.reverse is None and op.reverse_note:
+            why_not.setdefault(op.reverse_note, []).append(op.reference)
     if why_not:  # the other way was tried and refused: say why, not just leave it out
+        reasons = [f"{', '.join(dict.fromkeys(ops))}: {note}"
+                   for note, ops in list(why_not.items())[:3]]
         body.append(Text(f"{'some' if other_way else 'none'} of the candidate's ops run on the "
-                         f"reference's inputs: {'; '.join(why_not[:3])}", style="dim"))
+                         f"reference's inputs; {'; '.join(reasons)}", style="dim"))
     return Panel(Group(*body), title="replay (the dual test)", expand=False)
 
 
