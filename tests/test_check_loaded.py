@@ -255,3 +255,49 @@ def test_weights_user_errors(tmp_path, capsys, saved, case):
     assert err.startswith("lockstep: error: ") and len(err.strip().splitlines()) == 1
     if case == "no_torch_model":
         assert "no torch model" in err and "str" in err
+
+
+def _to_float8(linear, scale, *, name="weight_scale", transposed=False):
+    """The linear's weight as an engine that quantizes when loading holds it (vLLM's
+    ``--quantization fp8``): float8 values and the scale they are multiplied by."""
+    w = linear.weight.detach()
+    full = scale if scale.dim() < 2 or scale.shape == w.shape else torch.repeat_interleave(
+        torch.repeat_interleave(scale, w.shape[0] // scale.shape[0], 0),
+        w.shape[1] // scale.shape[1], 1)
+    q = (w / full).to(torch.float8_e4m3fn)
+    del linear.weight
+    linear.weight = torch.nn.Parameter(q.t().contiguous() if transposed else q,
+                                       requires_grad=False)
+    setattr(linear, name, torch.nn.Parameter(scale.float(), requires_grad=False))
+    linear.input_scale = torch.nn.Parameter(torch.tensor(1.0), requires_grad=False)
+
+
+def test_float8_weights_with_their_scales_are_the_checkpoints(saved):
+    """An engine that quantized the float32 checkpoint to float8 when loading holds q and a
+    scale (w = q * scale): per tensor, per row, stored transposed (vLLM's CUTLASS layout), or
+    per 32 x 32 block (DeepSeek's weight_scale_inv). Each is the checkpoint's weight rounded
+    to float8 after the scale: equal; the scales are the engine's own, not checkpoint tensors
+    missing. Before, every such weight was 'different' and each scale 'missing from
+    checkpoint'. A weight off by 30% is still different."""
+    model, ref = saved
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        _to_float8(attn.q_proj, attn.q_proj.weight.detach().abs().max() / 448)
+        _to_float8(attn.o_proj, attn.o_proj.weight.detach().abs().max() / 448, transposed=True)
+        _to_float8(mlp.down_proj, mlp.down_proj.weight.detach().abs().amax(1, keepdim=True) / 448)
+        blocks = mlp.gate_proj.weight.detach().reshape(3, 32, 2, 32).abs().amax((1, 3)) / 448
+        _to_float8(mlp.gate_proj, blocks, name="weight_scale_inv")
+    check = lockstep.check_loaded(model, ref)
+    assert check, check.problems
+    by_name = {p.name: p for p in check.params}
+    assert not any("scale" in name for name in by_name)
+    o = by_name["model.layers.1.self_attn.o_proj.weight"]
+    assert (o.status, o.transform, o.dtype) == ("equal", "transpose", "float8_e4m3fn")
+    assert o.note == "float8, times model.layers.1.self_attn.o_proj.weight_scale"
+    assert by_name["model.layers.1.mlp.gate_proj.weight"].note.endswith("weight_scale_inv")
+    with torch.no_grad():
+        w = model.model.layers[1].mlp.down_proj.weight
+        w.copy_((w.float() * 1.3).to(torch.float8_e4m3fn))
+    (bad,) = lockstep.check_loaded(model, ref).problems
+    assert bad.name == "model.layers.1.mlp.down_proj.weight" and bad.status == "different"
+    assert 0.2 < bad.rel_l2 < 0.4  # measured on the values the weight stands for (q * scale)

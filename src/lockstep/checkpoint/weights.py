@@ -264,9 +264,41 @@ def _shard_offsets(checks: list[ParamCheck]) -> list[ParamCheck]:
     return out
 
 
+#: suffixes of the tensor that scales a float8 weight (w = q * scale): vLLM's and
+#: compressed-tensors' ``weight_scale``, DeepSeek's block-wise ``weight_scale_inv``
+_SCALES = (".weight_scale", ".weight_scale_inv")
+_BLOCKS = (128, 64, 32, 16, 256)
+
+
+def _scale_like(s: np.ndarray, shape: tuple[int, ...], parts: Sequence[int]
+                ) -> np.ndarray | None:
+    """A float8 weight's scale brought to the weight's ``shape``: one per tensor, one per
+    fused part (``parts``: their rows), per row, per column (a weight stored transposed, as
+    vLLM's CUTLASS path holds it), or per square block (DeepSeek's 128 x 128); None if it
+    fits none of these."""
+    flat = s.reshape(-1).astype(np.float64)
+    if flat.size == 1:
+        return np.full((1,) * len(shape), flat[0])
+    if len(shape) != 2:
+        return None
+    rows, cols = shape
+    if parts and flat.size == len(parts) and sum(parts) == rows:
+        return np.repeat(flat, parts)[:, None]
+    if flat.size == rows:
+        return flat[:, None]
+    if flat.size == cols:
+        return flat[None, :]
+    if s.ndim == 2:
+        for b in _BLOCKS:
+            if s.shape == (-(-rows // b), -(-cols // b)):
+                return np.repeat(np.repeat(s.astype(np.float64), b, 0), b, 1)[:rows, :cols]
+    return None
+
+
 def _compare(torch: Any, name: str, t: Any, src: TensorSource, arr: np.ndarray, key: str,
              heads: Heads, layer: str, init_range: float | None, tied: bool,
-             parts: Sequence[int] = ()) -> ParamCheck:
+             parts: Sequence[int] = (), scale: tuple[str, np.ndarray] | None = None
+             ) -> ParamCheck:
     base = ParamCheck(name, src.name, "not materialized", layer,
                       str(t.dtype).removeprefix("torch."), tuple(t.shape), src.dtype,
                       note="the checkpoint's token embedding (tied lm_head)" if tied else "")
@@ -276,14 +308,22 @@ def _compare(torch: Any, name: str, t: Any, src: TensorSource, arr: np.ndarray, 
     wide = torch.float64 if cpu.dtype == torch.float64 else torch.float32
     p = cpu.to(wide).numpy()
     eps, tiny = _rounding(torch, cpu)
+    unit = np.ones((1,) * p.ndim)
+    by = _scale_like(scale[1], p.shape, parts) if scale is not None else unit
+    if by is None:
+        by, scale = unit, None  # a scale that fits no known layout: compare as stored
+    if scale is not None:
+        base = replace(base, note=f"float8, times {scale[0]}")
     found = match_layout(arr, p, key, heads, lambda x, b: (
-        True, 0.0) if _cast_equal(x, b, eps, tiny) else (False, pair_errors(b, x)[1]), parts)
+        True, 0.0) if _cast_equal(x / by, b, eps, tiny) else (False, pair_errors(b * by, x)[1]),
+        parts)
     if found is None:
         return replace(base, status="shape", note=f"checkpoint shape {list(src.shape)}")
     transform, _, x, equal = found
     constant = bool(x.size) and bool(np.all(x.reshape(-1) == x.reshape(-1)[0]))
     if equal:
         return replace(base, status="equal", transform=transform, constant=constant)
+    p = p * by  # the values the weight stands for
     max_abs, rel = pair_errors(p, x)
     corr = _correlation(p, x)  # (once: the fresh-init test and the note both use it)
     r = corr[0] if corr is not None and _within_noise(corr) else None
@@ -328,6 +368,33 @@ def _fused_note(check: ParamCheck, t: Any, arr: np.ndarray, parts: list) -> Para
     good = [name for name, err in errors if err <= 1e-6]
     note = f"rows of {', '.join(bad)} differ" + (f"; {', '.join(good)} equal" if good else "")
     return replace(check, note="; ".join(filter(None, (check.note, note))))
+
+
+def _float8_scales(torch: Any, state: dict[str, Any], sources: dict[str, TensorSource]
+                   ) -> dict[str, Any]:
+    """{"by": {float8 weight: (its scale's name, the scale)}, "used": the scale and input-scale
+    tensors of those weights that the checkpoint lacks}: an engine that quantized a
+    higher-precision checkpoint to float8 when loading (vLLM's ``--quantization fp8``) holds
+    ``q`` and ``weight_scale`` where the checkpoint holds ``w = q * weight_scale``. Such
+    scales are the engine's own, not checkpoint tensors it failed to load; a float8
+    checkpoint's own weights compare as stored."""
+    by: dict[str, tuple[str, np.ndarray]] = {}
+    used: set[str] = set()
+    for name, t in state.items():
+        if not (name.endswith(".weight") and "float8" in str(t.dtype)):
+            continue
+        src = sources.get(canonical_weight(name)[0])
+        if src is None or src.dtype.upper().startswith(("F8", "FLOAT8")):  # float8 itself
+            continue
+        stem = name[:-len(".weight")]
+        for suffix in _SCALES:
+            scale = state.get(stem + suffix)
+            if scale is not None and scale.device.type != "meta":
+                by[name] = (stem + suffix, scale.detach().to("cpu").to(torch.float64).numpy())
+                used.update(n for n in (stem + suffix, stem + ".input_scale")
+                            if canonical_weight(n)[0] not in sources)
+                break
+    return {"by": by, "used": used}
 
 
 def _expert_parts(key: str, src: TensorSource) -> list[int]:
@@ -376,6 +443,8 @@ def check_loaded(model: Any, checkpoint: str | Path, *, heads: Heads | None = No
     for src in ckpt.tensors():
         if rename is None or rename(src.name, "ref") is not None:
             sources.setdefault(canonical_weight(src.name)[0], src)
+    scales = _float8_scales(torch, state, sources)
+    state = {n: t for n, t in state.items() if n not in scales["used"]}
     fused = fuse_parts(sources, keys.values())
     experts = stack_experts(sources, keys.values())
     users: dict[str, list[tuple[str, bool]]] = {}
@@ -403,7 +472,7 @@ def check_loaded(model: Any, checkpoint: str | Path, *, heads: Heads | None = No
             check = _compare(torch, name, state[name], src, arr, key, geometry,
                              layers[name], init_range, tied,
                              [part.shape[0] for _, part in fused.get(key, ())]
-                             or _expert_parts(key, src))
+                             or _expert_parts(key, src), scales["by"].get(name))
             if key in fused:
                 check = _fused_note(check, state[name], arr, fused[key])
             if key in experts:
