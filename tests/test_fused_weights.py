@@ -102,6 +102,26 @@ def test_a_tensor_parallel_rank_of_fused_weights_holds_each_parts_shard(models):
     assert bad.name == "model.layers.0.self_attn.qkv_proj.weight" and bad.status == "different"
 
 
+def test_a_float8_fused_weight_with_a_scale_per_part(models):
+    """A float8 qkv_proj with one scale per part (q, k, v), as a loader that quantized each
+    checkpoint tensor on its own holds it: each part's rows are that part over its scale."""
+    net = LLM(models["llama"]).model
+    with torch.no_grad():
+        for layer in net.model.layers:
+            qkv = layer.self_attn.qkv_proj
+            w, parts = qkv.weight.detach(), (128, 64, 64)
+            scale = torch.stack([piece.abs().max() / 448 for piece in w.split(parts)])
+            q = (w / scale.repeat_interleave(torch.tensor(parts))[:, None]).to(
+                torch.float8_e4m3fn)
+            del qkv.weight
+            qkv.weight = torch.nn.Parameter(q, requires_grad=False)
+            qkv.weight_scale = torch.nn.Parameter(scale, requires_grad=False)
+    check = lockstep.check_loaded(net, models["llama"])
+    assert check, check.problems
+    assert {p.note for p in check.params if "qkv" in p.name} == {
+        f"float8, times model.layers.{i}.self_attn.qkv_proj.weight_scale" for i in (0, 1)}
+
+
 def test_a_layer_the_engine_never_loaded_is_said_not_loaded(models):
     """The engine's loader skips layer 1: its tensors keep the engine's own init, whose
     spread is no default init's. Each is uncorrelated with the checkpoint and no other

@@ -443,10 +443,10 @@ def check_loaded(model: Any, checkpoint: str | Path, *, heads: Heads | None = No
     for src in ckpt.tensors():
         if rename is None or rename(src.name, "ref") is not None:
             sources.setdefault(canonical_weight(src.name)[0], src)
-    scales = _float8_scales(torch, state, sources)
-    state = {n: t for n, t in state.items() if n not in scales["used"]}
     fused = fuse_parts(sources, keys.values())
     experts = stack_experts(sources, keys.values())
+    scales = _float8_scales(torch, state, sources)
+    state = {n: t for n, t in state.items() if n not in scales["used"]}
     users: dict[str, list[tuple[str, bool]]] = {}
     layers = {name: _layer_of(name) for name in state}
     by_index = {layer_index(keys[n]): layers[n] for n in state}
