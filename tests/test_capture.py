@@ -351,3 +351,22 @@ def test_rope_patch_is_on_the_undo_list(tmp_path):
                                        "model.layers.0.self_attn.rope:1",
                                        "model.layers.1.self_attn.rope:0",
                                        "model.layers.1.self_attn.rope:1"]
+
+
+def test_a_probe_inside_compiled_code_records_the_real_values(tmp_path):
+    """lockstep.probe inside a torch.compile'd function runs as plain Python (a graph break),
+    on the real tensor, at each call; the function's result is unchanged."""
+
+    @torch.compile(backend="eager", dynamic=True)
+    def double_then_add(x: torch.Tensor) -> torch.Tensor:
+        y = lockstep.probe("doubled", x * 2)
+        return y + 1
+
+    xs = [torch.arange(n, dtype=torch.float32) for n in (3, 5)]
+    with lockstep.record(tmp_path / "d") as rec:
+        for x in xs:
+            with rec.step():
+                assert torch.equal(double_then_add(x), x * 2 + 1)
+    with lockstep.open_dump(tmp_path / "d") as dump:
+        got = [dump.read(r) for r in dump.records if r.name == "doubled"]
+    assert [g.tolist() for g in got] == [(x * 2).tolist() for x in xs]

@@ -374,3 +374,25 @@ def test_a_fused_moe_engine_matches_and_its_renormalization_bug_is_measured(
     assert found.title.startswith("the experts' output is the reference's times each token's "
                                   "top-2 routing weights' sum")
     assert found.detail["top_k"] == 2 and found.detail["residual"] < 1e-5
+
+
+def test_a_compiled_model_is_recorded_under_its_own_names(tmp_path, references):
+    """torch.compile traces a module's hooks with it: lockstep's hooks failed the engine's
+    forward inside Dynamo ('Cannot call numel() on tensor with symbolic sizes'). They run as
+    plain Python there (a graph break each), and the compiled model records under the names
+    it has uncompiled (no '_orig_mod'), so it pairs with transformers and matches. The
+    'eager' backend runs Dynamo, where the failure was, without compiling kernels."""
+    model, ref, tokens = references["llama"]
+    llm = LLM(model)
+    llm.model.model = torch.compile(llm.model.model, backend="eager", dynamic=True)
+    with lockstep.record(tmp_path / "cand.lsd", meta=llm.meta) as rec:
+        rec.watch(llm.model)
+        rec.watch(llm.sampler)
+        chosen = llm.generate(PROMPT, DECODE, forced=tokens[:DECODE])
+        rec.add_meta(generated_token_ids=chosen)
+    with lockstep.open_dump(tmp_path / "cand.lsd") as dump:
+        names = {r.name for r in dump.records}
+    assert "model.layers.1.self_attn.qkv_proj" in names
+    assert not any("_orig_mod" in n for n in names)
+    result = lockstep.compare(ref, tmp_path / "cand.lsd")
+    assert result.verdict == "match", (result.first_divergence, result.coverage.gaps)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import fnmatch
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
+from .eager import eager
+
 if TYPE_CHECKING:
     from .surface import RecorderSurface, Step
 
@@ -13,6 +15,18 @@ __all__ = ["watch_module"]
 
 def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix and name else prefix or name
+
+
+def _compiled_wrapper(module: Any) -> bool:
+    """``torch.compile(module)``'s wrapper (an OptimizedModule), whose ``_orig_mod`` is the
+    module itself."""
+    return hasattr(module, "_orig_mod") and type(module).__name__ == "OptimizedModule"
+
+
+def _plain(name: str) -> str:
+    """A module's name without the ``_orig_mod`` steps torch.compile's wrappers put in it:
+    a compiled model records under the names it has uncompiled."""
+    return ".".join(part for part in name.split(".") if part != "_orig_mod")
 
 
 def watch_module(rec: RecorderSurface, root: Any, *, prefix: str, inputs: bool | Sequence[str],
@@ -44,11 +58,13 @@ def watch_module(rec: RecorderSurface, root: Any, *, prefix: str, inputs: bool |
         def hook(module: Any, args: tuple[Any, ...], output: Any) -> None:
             rec.capture(name, output, role="output", opens_step=False, strict=False)
 
-        return hook_with_inputs if with_inputs else hook
+        return eager(hook_with_inputs if with_inputs else hook)
 
+    @eager
     def enter(module: Any, args: Any = None) -> None:
         scopes.append(rec.step(root=module).__enter__())
 
+    @eager
     def leave(module: Any, args: Any, output: Any) -> None:
         if scopes:
             scopes.pop().__exit__(None, None, None)
@@ -57,7 +73,9 @@ def watch_module(rec: RecorderSurface, root: Any, *, prefix: str, inputs: bool |
     # when forward raises (always_call), so no step scope is left open.
     handles.append(root.register_forward_pre_hook(enter))
     for name, module in root.named_modules():
-        full = _join(prefix, name)
+        if _compiled_wrapper(module):
+            continue  # its inner module records the same output, under the plain name
+        full = _join(prefix, _plain(name))
         if selected is None or selected(full):
             with_inputs = inputs is True or (inputs is not False and wants_inputs(full))
             handles.append(module.register_forward_hook(output_hook(full, with_inputs),

@@ -20,6 +20,7 @@ from ..errors import UsageError
 from ..store.sizing import SIZES, SizingWriter
 from ..store.writer import DumpWriter, check_name
 from .copies import check_mode
+from .eager import eager
 from .ranks import distributed_rank, rank_path, shard_field
 from .selection import Selection
 from .sink import Sink
@@ -68,13 +69,32 @@ def probe(name: str, value: Any, *, shard: tuple[str, int] | None = None) -> Any
     dim)`` (concatenated on ``dim``), ``("row", 0)`` (partial sums) or ``("replicated",
     0)``; stored as the record's ``shard`` field (docs/format.md "Ranks").
     """
+    if _ACTIVE is not None:
+        _eager_probe()(name, value, shard)
+    return value
+
+
+def _probe(name: str, value: Any, shard: tuple[str, int] | None) -> None:
     rec = _ACTIVE
     if rec is not None and rec.wants(name):
         if shard is None:
             rec.capture(name, value, role="probe", strict=False)
         else:
             rec.capture(name, value, role="probe", strict=False, shard=shard_field(shard))
-    return value
+
+
+_EAGER_PROBE: Any = None
+
+
+def _eager_probe() -> Any:
+    """``_probe`` run as plain Python inside torch.compile'd code (capture/eager.py), made
+    once torch is imported."""
+    global _EAGER_PROBE
+    if _EAGER_PROBE is None:
+        if "torch" not in sys.modules:
+            return _probe
+        _EAGER_PROBE = eager(_probe)
+    return _EAGER_PROBE
 
 
 class Recorder:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..errors import UsageError
+from .eager import eager
 
 if TYPE_CHECKING:
     from .surface import RecorderSurface
@@ -110,6 +111,7 @@ def trace_function(rec: RecorderSurface, spec: str, *,
             signature = None
 
         @functools.wraps(func)
+        @functools.partial(eager, recursive=False)  # its own frame; func may be compiled
         def traced(*args: Any, **kwargs: Any) -> Any:
             named: dict[str, Any]
             try:
@@ -143,6 +145,7 @@ def step_at(rec: RecorderSurface, spec: str) -> tuple[TraceInfo, Callable[[], No
 
     def wrap(func: Callable[..., Any], record_name: str) -> Callable[..., Any]:
         @functools.wraps(func)
+        @functools.partial(eager, recursive=False)
         def stepping(*args: Any, **kwargs: Any) -> Any:
             rec.step()
             return func(*args, **kwargs)
