@@ -370,3 +370,33 @@ def test_a_probe_inside_compiled_code_records_the_real_values(tmp_path):
     with lockstep.open_dump(tmp_path / "d") as dump:
         got = [dump.read(r) for r in dump.records if r.name == "doubled"]
     assert [g.tolist() for g in got] == [(x * 2).tolist() for x in xs]
+
+
+def test_run_program_records_a_compiled_model(tmp_path):
+    """`lockstep run` of an unmodified program that compiles its model: the hook that finds
+    the root module runs as plain Python inside compiled code too, and the records carry
+    the uncompiled names. The program's own output is unchanged."""
+    prog = tmp_path / "compiled.py"
+    prog.write_text("import torch\n"
+                    "torch.manual_seed(0)\n"
+                    "class Net(torch.nn.Module):\n"
+                    "    def __init__(self):\n"
+                    "        super().__init__()\n"
+                    "        self.layers = torch.nn.ModuleList(torch.nn.Linear(4, 4) "
+                    "for _ in range(2))\n"
+                    "    def forward(self, x):\n"
+                    "        for layer in self.layers:\n"
+                    "            x = torch.relu(layer(x))\n"
+                    "        return x\n"
+                    "net = torch.compile(Net(), backend='eager', dynamic=True)\n"
+                    "for n in (3, 5):\n"
+                    "    print(round(float(net(torch.ones(n, 4)).sum()), 4))\n")
+    plain = subprocess.run([sys.executable, str(prog)], capture_output=True, text=True)
+    out = subprocess.run([LOCKSTEP, "run", "--out", str(tmp_path / "d"), "--", "python",
+                          str(prog)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[:2] == plain.stdout.splitlines()[:2]
+    with lockstep.open_dump(tmp_path / "d") as d:
+        names = {r.name for r in d}
+        assert {"layers.0", "layers.1"} <= names and not any("_orig_mod" in n for n in names)
+        assert [r.shape for r in d if r.name == "layers.1"] == [(3, 4), (5, 4)]

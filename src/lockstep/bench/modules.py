@@ -18,6 +18,8 @@ import time
 from collections import defaultdict
 from typing import Any, Sequence
 
+from ..capture.eager import eager
+
 __all__ = ["module_times", "kind_of"]
 
 _LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)(?:\.|$)")
@@ -72,8 +74,9 @@ class _Timer:
                                                     else "other")
             inherited[name] = own or inherited.get(parent, "")
             self.modules.append((name, type(module).__name__, kind, _layer(name)))
-            self.handles.append(module.register_forward_pre_hook(self._pre(index)))
-            self.handles.append(module.register_forward_hook(self._post()))
+            # plain Python inside a torch.compile'd model (a graph break at each module)
+            self.handles.append(module.register_forward_pre_hook(eager(self._pre(index))))
+            self.handles.append(module.register_forward_hook(eager(self._post())))
 
     def _now(self) -> Any:
         if self.cuda:
