@@ -3,11 +3,15 @@
 TorchDynamo traces a compiled module's submodules together with their forward hooks, and a
 recorder's hook (it copies tensors to the host and writes files) is nothing it can trace: it
 failed the user's forward ("Cannot call numel() on tensor with symbolic sizes"). Each hook,
-probe and trace wrapper therefore hands itself, while Dynamo traces it, to a copy marked
-``torch.compiler.disable``: Dynamo breaks the graph there and runs it eagerly, on real
-tensors. The compiled program runs in more, smaller graphs while it is recorded; its values
-are the ones it computes. Outside compiled code the hook runs directly (one check, about
-0.08 us a call, where a disabled function's wrapper costs 0.6 us).
+probe and trace wrapper therefore hands itself, while Dynamo traces it, to one function
+marked ``torch.compiler.disable``: Dynamo breaks the graph there and runs the hook eagerly,
+on real tensors. The compiled program runs in more, smaller graphs while it is recorded; its
+values are the ones it computes.
+
+Outside compiled code a hook costs one ``is_compiling()`` check more. The disabled function
+is made the first time Dynamo traces a hook, not before: making one imports TorchDynamo
+(about 1 s), and a disabled wrapper per hook made the recording of SmolLM2's forward 1.21x
+a plain forward's where it was 1.15x (benchmarks/capture_overhead.py).
 """
 
 from __future__ import annotations
@@ -20,22 +24,33 @@ __all__ = ["eager"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+_OPAQUE: Callable[..., Any] | None = None
 
-def eager(fn: F, *, recursive: bool = True) -> F:
-    """``fn``, run as plain Python where TorchDynamo would trace it (``recursive=False``:
-    what it calls may still be compiled); ``fn`` itself where torch is not imported
-    (nothing is compiled then)."""
+
+def _call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    return fn(*args, **kwargs)
+
+
+def _opaque(compiler: Any) -> Callable[..., Any]:
+    """``_call``, never traced by Dynamo (nor what it calls): made once, when first needed."""
+    global _OPAQUE
+    if _OPAQUE is None:
+        _OPAQUE = compiler.disable(_call)
+    return _OPAQUE
+
+
+def eager(fn: F) -> F:
+    """``fn``, run as plain Python where TorchDynamo would trace it; ``fn`` itself where
+    torch is not imported (nothing is compiled then)."""
     compiler = getattr(sys.modules.get("torch"), "compiler", None)
-    disable = getattr(compiler, "disable", None)
     compiling = getattr(compiler, "is_compiling", None)
-    if disable is None or compiling is None:
+    if compiling is None or not hasattr(compiler, "disable"):
         return fn
-    opaque = disable(fn, recursive=recursive)
 
     @functools.wraps(fn)
     def run(*args: Any, **kwargs: Any) -> Any:
         if compiling():  # True only while Dynamo traces this call
-            return opaque(*args, **kwargs)
+            return _opaque(compiler)(fn, *args, **kwargs)
         return fn(*args, **kwargs)
 
     return cast(F, run)

@@ -111,7 +111,7 @@ def trace_function(rec: RecorderSurface, spec: str, *,
             signature = None
 
         @functools.wraps(func)
-        @functools.partial(eager, recursive=False)  # its own frame; func may be compiled
+        @eager  # plain Python in compiled code: func runs eagerly within it
         def traced(*args: Any, **kwargs: Any) -> Any:
             named: dict[str, Any]
             try:
@@ -145,7 +145,7 @@ def step_at(rec: RecorderSurface, spec: str) -> tuple[TraceInfo, Callable[[], No
 
     def wrap(func: Callable[..., Any], record_name: str) -> Callable[..., Any]:
         @functools.wraps(func)
-        @functools.partial(eager, recursive=False)
+        @eager
         def stepping(*args: Any, **kwargs: Any) -> Any:
             rec.step()
             return func(*args, **kwargs)
