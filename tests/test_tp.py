@@ -290,6 +290,14 @@ def test_weights_of_each_rank_are_its_shards_and_a_wrong_offset_is_named(tmp_pat
                                       "offset")
     assert {s.layer: s.verdict for s in check.layers}["model.layers.0"] == "differs"
 
+    # rank 1 holding rank 0's shards everywhere agrees with itself: only its rank tells
+    wrong = tp_llama.load(model, 0, 2)
+    assert lockstep.check_loaded(wrong, model)
+    check = lockstep.check_loaded(wrong, model, shard=(1, 2))
+    assert len(check.problems) == 14 and {p.status for p in check.problems} == {"different"}
+    assert check.problems[0].note == ("holds shard 0 of 2 (dim 0) where this is rank 1 of 2: "
+                                      "loaded at another rank's offset")
+
 
 def test_a_vocabulary_parallel_rank_holds_its_rows_of_the_padded_vocabulary(tmp_path):
     """vLLM's VocabParallelEmbedding pads the vocabulary (320 rows to 384 here) and gives

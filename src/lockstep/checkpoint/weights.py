@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -235,21 +236,27 @@ def _whose_values(torch: Any, checks: list[ParamCheck], state: dict[str, Any],
             if c.name in found else c for c in checks]
 
 
-def _shard_offsets(checks: list[ParamCheck]) -> list[ParamCheck]:
-    """``checks`` with each tensor equal to another shard than the one most of the model's
-    sharded tensors hold (of the same count of shards) made "different": one tensor-parallel
-    rank holds one shard of every sharded weight, so a tensor equal to shard 0 where the
-    others hold shard 1 was loaded at the wrong offset. Nothing is said on a tie."""
+def _shard_offsets(checks: list[ParamCheck], shard: tuple[int, int] | None
+                   ) -> list[ParamCheck]:
+    """``checks`` with each tensor equal to another shard than this rank's made "different".
+    One tensor-parallel rank holds one shard of every sharded weight. Its index is ``shard``'s
+    rank where the count of shards is its world size (given, or torch.distributed's);
+    otherwise the one most of the model's sharded tensors of that count hold: a tensor equal
+    to shard 0 where the others hold shard 1 was loaded at the wrong offset (nothing is said
+    on a tie, and a rank that holds another rank's shard everywhere can only be told by its
+    rank)."""
     held: dict[int, Counter[int]] = {}
     for c in checks:
         found = shard_of(c.transform) if c.status == "equal" else None
         if found is not None:
             held.setdefault(found[1], Counter())[found[0]] += 1
-    rank: dict[int, tuple[int, int]] = {}
+    rank: dict[int, tuple[int, str]] = {}
     for count, indices in held.items():
         (top, n), *rest = indices.most_common(2) + [(-1, 0)]
-        if n > rest[0][1]:
-            rank[count] = (top, n)
+        if shard is not None and shard[1] == count:
+            rank[count] = (shard[0], f"this is rank {shard[0]} of {count}")
+        elif n > rest[0][1]:
+            rank[count] = (top, f"{n} of the model's sharded tensors hold shard {top}")
     out = []
     for c in checks:
         found = shard_of(c.transform) if c.status == "equal" else None
@@ -257,11 +264,18 @@ def _shard_offsets(checks: list[ParamCheck]) -> list[ParamCheck]:
             out.append(c)
             continue
         index, count, dim = found
-        mine, n = rank[count]
         out.append(replace(c, status="different", note=(
-            f"holds shard {index} of {count} (dim {dim}) where {n} of the model's sharded "
-            f"tensors hold shard {mine}: loaded at another rank's offset")))
+            f"holds shard {index} of {count} (dim {dim}) where {rank[count][1]}: loaded at "
+            "another rank's offset")))
     return out
+
+
+def _distributed_rank() -> tuple[int, int] | None:
+    """(rank, world size) of torch.distributed's default group, when it is initialized."""
+    dist = getattr(sys.modules.get("torch"), "distributed", None)
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return None
+    return int(dist.get_rank()), int(dist.get_world_size())
 
 
 #: suffixes of the tensor that scales a float8 weight (w = q * scale): vLLM's and
@@ -416,14 +430,18 @@ def _experts_note(check: ParamCheck, t: Any, arr: np.ndarray) -> ParamCheck:
 
 
 def check_loaded(model: Any, checkpoint: str | Path, *, heads: Heads | None = None,
-                 rename: Rename | None = None) -> LoadCheck:
+                 rename: Rename | None = None, shard: tuple[int, int] | None = None
+                 ) -> LoadCheck:
     """Compare a torch ``nn.Module``'s parameters and buffers with the checkpoint at
     ``checkpoint`` (any format ``lockstep inspect`` reads), and map where they are placed.
 
     Fused parameters (``qkv_proj``, ``gate_up_proj``) pair with their parts stacked by rows.
     ``rename(name, side)`` gives the checkpoint's name for a model name (side "cand") and
     keeps a checkpoint name (side "ref"), or None to leave the tensor out (a mapping file's
-    rules and ignore globs: checkpoint/weight_mapping.py).
+    rules and ignore globs: checkpoint/weight_mapping.py). ``shard`` (rank, world size): the
+    tensor-parallel rank this model is, which each of its sharded weights should hold the
+    shard of (default: torch.distributed's rank, where it is initialized; without either, the
+    shard most of its sharded tensors hold).
 
     Raises CheckpointError (a LockstepError) for a missing, corrupt or truncated checkpoint.
     """
@@ -479,7 +497,8 @@ def check_loaded(model: Any, checkpoint: str | Path, *, heads: Heads | None = No
                 check = _experts_note(check, state[name], arr)
             checks.append(check)
         del arr
-    checks = _shard_offsets(_whose_values(torch, checks, state, keys, sources))
+    checks = _shard_offsets(_whose_values(torch, checks, state, keys, sources),
+                            shard or _distributed_rank())
     order = {name: i for i, name in enumerate(state)}
     checks.sort(key=lambda c: order.get(c.name, len(order)))
     return LoadCheck(str(ckpt.path), ckpt.kind, tuple(checks), _summaries(checks),
