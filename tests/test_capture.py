@@ -400,3 +400,17 @@ def test_run_program_records_a_compiled_model(tmp_path):
         names = {r.name for r in d}
         assert {"layers.0", "layers.1"} <= names and not any("_orig_mod" in n for n in names)
         assert [r.shape for r in d if r.name == "layers.1"] == [(3, 4), (5, 4)]
+
+
+def test_a_fullgraph_compiled_model_is_refused_with_what_to_do(tmp_path):
+    """fullgraph=True (vLLM's compile) refuses the graph break a recording needs: Dynamo's
+    error names lockstep's function and says what to do, rather than failing inside the
+    recorder's internals."""
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
+    compiled = torch.compile(net, backend="eager", fullgraph=True)
+    with lockstep.record(tmp_path / "d") as rec:
+        rec.watch(net)
+        with pytest.raises(Exception) as caught:
+            compiled(torch.ones(2, 4))
+    text = str(caught.value)
+    assert "lockstep_records_here" in text and "enforce_eager=True" in text

@@ -9,9 +9,14 @@ on real tensors. The compiled program runs in more, smaller graphs while it is r
 values are the ones it computes.
 
 Outside compiled code a hook costs one ``is_compiling()`` check more. The disabled function
-is made the first time Dynamo traces a hook, not before: making one imports TorchDynamo
-(about 1 s), and a disabled wrapper per hook made the recording of SmolLM2's forward 1.21x
-a plain forward's where it was 1.15x (benchmarks/capture_overhead.py).
+is made once, at a watch where TorchDynamo is already imported (a model was compiled), else
+the first time Dynamo traces a hook: making one imports TorchDynamo (about 1 s), and a
+disabled wrapper per hook made the recording of SmolLM2's forward 1.21x a plain forward's
+where it was 1.15x (benchmarks/capture_overhead.py).
+
+``torch.compile(fullgraph=True)`` (vLLM's) refuses graph breaks: Dynamo's error then names
+``lockstep_records_here`` and gives the reason, with what to do (record the model uncompiled,
+or compiled without ``fullgraph``).
 """
 
 from __future__ import annotations
@@ -25,17 +30,26 @@ __all__ = ["eager"]
 F = TypeVar("F", bound=Callable[..., Any])
 
 _OPAQUE: Callable[..., Any] | None = None
+_REASON = ("lockstep records here, in plain Python: a graph break, which fullgraph=True "
+           "refuses; record the model uncompiled (vLLM: enforce_eager=True) or compiled "
+           "without fullgraph")
 
 
-def _call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+def lockstep_records_here(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """The hook, run eagerly: a graph break, which ``torch.compile(fullgraph=True)`` refuses
+    (Dynamo's error names this function): record such a model eagerly (vLLM's
+    ``enforce_eager=True``) or compiled without ``fullgraph``."""
     return fn(*args, **kwargs)
 
 
 def _opaque(compiler: Any) -> Callable[..., Any]:
-    """``_call``, never traced by Dynamo (nor what it calls): made once, when first needed."""
+    """``lockstep_records_here``, never traced by Dynamo (nor what it calls): made once."""
     global _OPAQUE
     if _OPAQUE is None:
-        _OPAQUE = compiler.disable(_call)
+        try:
+            _OPAQUE = compiler.disable(lockstep_records_here, reason=_REASON)
+        except TypeError:  # a torch whose disable takes no reason
+            _OPAQUE = compiler.disable(lockstep_records_here)
     return _OPAQUE
 
 
@@ -46,6 +60,8 @@ def eager(fn: F) -> F:
     compiling = getattr(compiler, "is_compiling", None)
     if compiling is None or not hasattr(compiler, "disable"):
         return fn
+    if "torch._dynamo" in sys.modules:  # already imported (a model compiled): cheap to make
+        _opaque(compiler)  # now, so that Dynamo meets it, named, rather than its making
 
     @functools.wraps(fn)
     def run(*args: Any, **kwargs: Any) -> Any:
