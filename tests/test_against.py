@@ -217,6 +217,8 @@ def test_mismatch_missing_and_extra(tmp_path, capsys, monkeypatch):
                    "rope_freqs.weight": "extra", "layers.1.gate.weight": "shape"}
     gate = next(p for p in report["pairs"] if p["key"] == "layers.1.gate.weight")
     assert (gate["shape_a"], gate["shape_b"]) == ([48, 64], [96, 64])
+    # its rows are B's first half, but one tensor alone is cut short, not one rank's shard
+    assert gate["note"].startswith("A holds B's shard 0 of 2 (dim 0) alone: a tensor cut")
     down = next(p for p in report["pairs"] if p["key"] == "layers.0.down.weight")
     assert down["rel_l2"] == pytest.approx(0.5, abs=0.02) and down["transform"] == ""
     assert "layers.1.up.weight" in out and "rope_freqs.weight" in out
@@ -280,6 +282,30 @@ def test_transposed_and_permuted_safetensors(tmp_path, capsys):
     assert report and report.heads == Heads()
     q = next(p for p in report.pairs if p.key == "layers.1.q.weight")
     assert (q.transform, q.head_dim) == ("transpose+rope_unpermute", 16)
+
+
+def test_a_ranks_saved_shards_against_the_full_checkpoint(tmp_path, capsys):
+    """One tensor-parallel rank's state dict saved as it holds it (q/k/v and gate/up by
+    rows, o and down by columns, the rest whole), held against the full checkpoint: each
+    sharded tensor is rank 1's slice of the full one (it was 'shape')."""
+    model = trained()
+    ref = hf_dir(model, tmp_path / "hf")
+    state = {}
+    for name, t in model.state_dict().items():
+        if any(f".{p}." in name for p in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")):
+            t = t.chunk(2, 0)[1]
+        elif ".o_proj." in name or ".down_proj." in name:
+            t = t.chunk(2, 1)[1]
+        state[name] = t.contiguous()
+    (tmp_path / "rank1").mkdir()
+    save_file(state, str(tmp_path / "rank1" / "model.safetensors"))
+    code, report, out = run_against(tmp_path / "rank1" / "model.safetensors", ref,
+                                    tmp_path / "r.json", capsys)
+    assert code == 0, out
+    got = {p["key"]: (p["status"], p["transform"]) for p in report["pairs"]}
+    assert got["layers.1.q.weight"] == ("ok", "A = B's shard 1 of 2 (dim 0)")
+    assert got["layers.1.down.weight"] == ("ok", "A = B's shard 1 of 2 (dim 1)")
+    assert got["layers.1.attn_norm.weight"] == ("ok", "")
 
 
 def test_meta_reference_bin_against_transformers(tmp_path, capsys):

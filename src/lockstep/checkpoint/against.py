@@ -462,7 +462,11 @@ def _compare(key: str, sa: TensorSource, sb: TensorSource, tied: bool,
     budget = error_budget(sa.dtype) + error_budget(sb.dtype)
     base = PairResult(key, sa.name, sb.name, sa.dtype, sb.dtype, sa.shape, sb.shape, "shape",
                       tied=tied, budget=budget)
-    if not layouts(key, sa.shape, sb.shape, heads):
+    # A may be one tensor-parallel rank's shard of B (a rank's own state dict, saved): then
+    # B's slices are brought to A, and the transform says so
+    shard_of_b = not layouts(key, sa.shape, sb.shape, heads) and bool(
+        _shard_layouts(sb.shape, sa.shape, ()))
+    if not shard_of_b and not layouts(key, sa.shape, sb.shape, heads):
         return base
     try:
         for side, src in (("A", sa), ("B", sb)):
@@ -479,12 +483,26 @@ def _compare(key: str, sa: TensorSource, sb: TensorSource, tied: bool,
         errors[id(x)] = e = pair_errors(x, b)
         return e[1] <= budget, e[1]
 
-    found = match_layout(arr_a, arr_b, key, heads, judge)
+    found = match_layout(arr_b, arr_a, key, heads, judge) if shard_of_b else \
+        match_layout(arr_a, arr_b, key, heads, judge)
     assert found is not None
     transform, head_dim, x, ok = found
     max_abs, rel = errors[id(x)]
-    return replace(base, status="ok" if ok else "mismatch", transform=transform,
+    return replace(base, status="ok" if ok else "mismatch",
+                   transform=f"A = B's {transform}" if shard_of_b else transform,
                    head_dim=head_dim, max_abs=max_abs, rel_l2=rel)
+
+
+def _lone_shard(results: list[PairResult]) -> list[PairResult]:
+    """A tensor of A equal to a shard of B's is one rank's only beside others: alone, it is a
+    tensor cut short, its shape the problem."""
+    shards = [p for p in results if p.transform.startswith("A = B's shard")]
+    if len(shards) != 1:
+        return results
+    lone = shards[0]
+    return [replace(p, status="shape", note=f"A holds {p.transform.removeprefix('A = ')} "
+                    "alone: a tensor cut short (one rank's checkpoint shards others too)")
+            if p is lone else p for p in results]
 
 
 def against_checkpoints(path_a: str | Path, path_b: str | Path, *, heads: Heads | None = None,
@@ -521,6 +539,7 @@ def against_checkpoints(path_a: str | Path, path_b: str | Path, *, heads: Heads 
             results.append(_compare(key, sa, sb, tied, geometry))
         if progress is not None:
             progress(i + 1, len(plan))
+    results = _lone_shard(results)
     return AgainstReport(str(ckpt_a.path), str(ckpt_b.path), ckpt_a.kind, ckpt_b.kind,
                          geometry, tuple(results))
 
