@@ -385,9 +385,9 @@ def _fused_note(check: ParamCheck, t: Any, arr: np.ndarray, parts: list) -> Para
 
 
 def _float8_scales(torch: Any, state: dict[str, Any], sources: dict[str, TensorSource]
-                   ) -> dict[str, Any]:
-    """{"by": {float8 weight: (its scale's name, the scale)}, "used": the scale and input-scale
-    tensors of those weights that the checkpoint lacks}: an engine that quantized a
+                   ) -> tuple[dict[str, tuple[str, np.ndarray]], set[str]]:
+    """({float8 weight: (its scale's name, the scale)}, the scale and input-scale tensors of
+    those weights that the checkpoint lacks): an engine that quantized a
     higher-precision checkpoint to float8 when loading (vLLM's ``--quantization fp8``) holds
     ``q`` and ``weight_scale`` where the checkpoint holds ``w = q * weight_scale``. Such
     scales are the engine's own, not checkpoint tensors it failed to load; a float8
@@ -408,7 +408,7 @@ def _float8_scales(torch: Any, state: dict[str, Any], sources: dict[str, TensorS
                 used.update(n for n in (stem + suffix, stem + ".input_scale")
                             if canonical_weight(n)[0] not in sources)
                 break
-    return {"by": by, "used": used}
+    return by, used
 
 
 def _expert_parts(key: str, src: TensorSource) -> list[int]:
@@ -463,8 +463,8 @@ def check_loaded(model: Any, checkpoint: str | Path, *, heads: Heads | None = No
             sources.setdefault(canonical_weight(src.name)[0], src)
     fused = fuse_parts(sources, keys.values())
     experts = stack_experts(sources, keys.values())
-    scales = _float8_scales(torch, state, sources)
-    state = {n: t for n, t in state.items() if n not in scales["used"]}
+    scales, own = _float8_scales(torch, state, sources)
+    state = {n: t for n, t in state.items() if n not in own}
     users: dict[str, list[tuple[str, bool]]] = {}
     layers = {name: _layer_of(name) for name in state}
     by_index = {layer_index(keys[n]): layers[n] for n in state}
@@ -490,7 +490,7 @@ def check_loaded(model: Any, checkpoint: str | Path, *, heads: Heads | None = No
             check = _compare(torch, name, state[name], src, arr, key, geometry,
                              layers[name], init_range, tied,
                              [part.shape[0] for _, part in fused.get(key, ())]
-                             or _expert_parts(key, src), scales["by"].get(name))
+                             or _expert_parts(key, src), scales.get(name))
             if key in fused:
                 check = _fused_note(check, state[name], arr, fused[key])
             if key in experts:
