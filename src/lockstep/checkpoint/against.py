@@ -24,13 +24,14 @@ from ..jsontext import json_number
 from .errors import CheckpointError, UnreadableTensor
 from .fused import fuse_parts, stack_experts
 from .paths import read_json
+from .shards import Layout, shard_layouts
 from .sources import Checkpoint, open_checkpoint
 from .tensors import TensorSource
 from .weight_mapping import Rename
 from .weight_names import ROPE_ROWS, canonical_weight, role
 
 __all__ = ["Heads", "heads_of", "config_heads", "error_budget", "layouts", "match_layout",
-           "shard_of", "pair_errors", "read_array", "PairResult", "AgainstReport",
+           "pair_errors", "read_array", "PairResult", "AgainstReport",
            "against_checkpoints"]
 
 #: progress(done_pairs, total_pairs)
@@ -133,125 +134,10 @@ def _rope_rows(x: np.ndarray, d: int, *, to_halves: bool) -> np.ndarray:
     return x.reshape(*split, *rest).swapaxes(1, 2).reshape(x.shape)
 
 
-Layout = tuple[str, int | None, Callable[[np.ndarray], np.ndarray]]
-
-
 def _then_rope_rows(fn: Callable[[np.ndarray], np.ndarray], d: int,
                     to_halves: bool) -> Callable[[np.ndarray], np.ndarray]:
     """``fn``, then the RoPE row reordering of heads of ``d`` rows."""
     return lambda x: _rope_rows(fn(x), d, to_halves=to_halves)
-
-
-_SHARD = re.compile(r"shard (\d+) of (\d+) \(dim (\d+)(, each part[^)]*|, padded to \d+)?\)")
-
-
-def shard_of(transform: str) -> tuple[int, int, int] | None:
-    """(index, count, dim) of a shard layout's transform ("shard 1 of 2 (dim 0)"), else
-    None."""
-    m = _SHARD.fullmatch(transform)
-    return (int(m[1]), int(m[2]), int(m[3])) if m else None
-
-
-def _shard_dim(shape_a: tuple[int, ...], shape_b: tuple[int, ...]
-               ) -> tuple[int, int, int] | None:
-    """(dim, count, padded size) where B's shape is A's with one dimension divided by
-    ``count`` >= 2 (B may be one tensor-parallel rank's shard of A: vLLM's column- and
-    row-parallel layers), after A is padded along it with zero rows to a multiple of 64, fewer
-    than 256 per rank (a vocabulary padded as vLLM's VocabParallelEmbedding and
-    ParallelLMHead hold it, or Megatron's; with ``count`` 1, padding alone)."""
-    if len(shape_a) != len(shape_b):
-        return None
-    differ = [d for d, (a, b) in enumerate(zip(shape_a, shape_b)) if a != b]
-    if len(differ) != 1:
-        return None
-    d = differ[0]
-    a, b = shape_a[d], shape_b[d]
-    if not b:
-        return None
-    count = -(-a // b)
-    padded = count * b
-    pad = padded - a
-    return (d, count, padded) if not pad or (padded % 64 == 0 and pad < min(256 * count, a)) \
-        else None
-
-
-def _take_shard(x: np.ndarray, dim: int, index: int, count: int, padded: int) -> np.ndarray:
-    """Shard ``index`` of ``count`` along ``dim`` of ``x`` padded with zeros to ``padded``."""
-    size = padded // count
-    lo, hi = index * size, (index + 1) * size
-    piece = x[(slice(None),) * dim + (slice(lo, min(hi, x.shape[dim])),)]
-    if piece.shape[dim] == size:
-        return piece
-    zeros = list(piece.shape)
-    zeros[dim] = size - piece.shape[dim]
-    return np.concatenate([piece, np.zeros(zeros, dtype=x.dtype)], axis=dim)
-
-
-def _part_counts(parts: Sequence[int], rows: int) -> tuple[int, int] | None:
-    """(count of the first part's shards, count of the others') where one shard of each part,
-    stacked, has ``rows`` rows: vLLM's QKV and merged column-parallel layers hold their rank's
-    rows of each part (q, k, v; gate, up). Where a rank holds fewer KV heads than the tensor
-    parallelism (fewer KV heads than ranks), K and V have fewer shards than Q, each held by
-    several ranks: their count divides Q's."""
-    first, rest = parts[0], list(parts[1:])
-    if not rest or len(set(rest)) != 1:
-        return None
-    for count in range(2, min(first, 1024) + 1):
-        if first % count:
-            continue
-        left = rows - first // count
-        if left <= 0 or left % len(rest):
-            continue
-        size = left // len(rest)
-        if rest[0] % size == 0 and count % (rest[0] // size) == 0:
-            return count, rest[0] // size
-    return None
-
-
-def _part_shards(parts: Sequence[int], rows: int, dim: int) -> list[Layout]:
-    """Each rank's shard of each part of a fused A along ``dim``, stacked (see
-    ``_part_counts``)."""
-    found = _part_counts(parts, rows)
-    if found is None:
-        return []
-    count, others = found
-    starts = [sum(parts[:j]) for j in range(len(parts))]
-    lead = (slice(None),) * dim
-
-    def shard(i: int) -> Callable[[np.ndarray], np.ndarray]:
-        held = [i] + [i // (count // others)] * (len(parts) - 1)
-        return lambda x: np.concatenate([
-            _take_shard(x[(*lead, slice(lo, lo + n))], dim, k, count if j == 0 else others, n)
-            for j, (lo, n, k) in enumerate(zip(starts, parts, held))], axis=dim)
-
-    def label(i: int) -> str:
-        if others == count:
-            return f"shard {i} of {count} (dim {dim}, each part)"
-        return (f"shard {i} of {count} (dim {dim}, each part; the others' "
-                f"{i // (count // others)} of {others}: KV heads held by {count // others} "
-                "ranks)")
-
-    return [(label(i), None, shard(i)) for i in range(count)]
-
-
-def _shard_layouts(shape_a: tuple[int, ...], shape_b: tuple[int, ...],
-                   parts: Sequence[int]) -> list[Layout]:
-    dim = len(shape_a) - 2  # the parts are stacked by rows (of each expert, for 3-d experts)
-    if parts and dim >= 0 and len(shape_a) == len(shape_b) and sum(parts) == shape_a[dim] \
-            and all(a == b for d, (a, b) in enumerate(zip(shape_a, shape_b)) if d != dim):
-        return _part_shards(parts, shape_b[dim], dim)
-    found = _shard_dim(shape_a, shape_b)
-    if found is None:
-        return []
-    d, count, padded = found
-    extra = f", padded to {padded}" if padded != shape_a[d] else ""
-
-    def shard(i: int) -> Callable[[np.ndarray], np.ndarray]:
-        return lambda x: _take_shard(x, d, i, count, padded)
-
-    if count == 1:
-        return [(f"padded to {padded} (dim {d})", None, shard(0))]
-    return [(f"shard {i} of {count} (dim {d}{extra})", None, shard(i)) for i in range(count)]
 
 
 def layouts(key: str, shape_a: tuple[int, ...], shape_b: tuple[int, ...],
@@ -275,7 +161,7 @@ def layouts(key: str, shape_a: tuple[int, ...], shape_b: tuple[int, ...],
                 for label, halves in (("rope_unpermute", True), ("rope_permute", False)):
                     out.append(("+".join(filter(None, (name, label))), d,
                                 _then_rope_rows(fn, d, halves)))
-    return out or _shard_layouts(shape_a, shape_b, parts)
+    return out or shard_layouts(shape_a, shape_b, parts)
 
 
 def _piece_errors(xs: np.ndarray, bs: np.ndarray) -> tuple[float, float, float]:
@@ -465,7 +351,7 @@ def _compare(key: str, sa: TensorSource, sb: TensorSource, tied: bool,
     # A may be one tensor-parallel rank's shard of B (a rank's own state dict, saved): then
     # B's slices are brought to A, and the transform says so
     shard_of_b = not layouts(key, sa.shape, sb.shape, heads) and bool(
-        _shard_layouts(sb.shape, sa.shape, ()))
+        shard_layouts(sb.shape, sa.shape, ()))
     if not shard_of_b and not layouts(key, sa.shape, sb.shape, heads):
         return base
     try:

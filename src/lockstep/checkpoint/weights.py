@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import re
-import sys
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -31,10 +30,11 @@ from .against import (
     match_layout,
     pair_errors,
     read_array,
-    shard_of,
 )
+from .float8 import float8_scales, scale_like
 from .fused import expert_errors, fuse_parts, part_errors, stack_experts
 from .placement import PlacementMap, placement_map
+from .shards import distributed_rank, shard_offsets
 from .sources import open_checkpoint
 from .tensors import TensorSource
 from .weight_mapping import Rename
@@ -236,79 +236,6 @@ def _whose_values(torch: Any, checks: list[ParamCheck], state: dict[str, Any],
             if c.name in found else c for c in checks]
 
 
-def _shard_offsets(checks: list[ParamCheck], shard: tuple[int, int] | None
-                   ) -> list[ParamCheck]:
-    """``checks`` with each tensor equal to another shard than this rank's made "different".
-    One tensor-parallel rank holds one shard of every sharded weight. Its index is ``shard``'s
-    rank where the count of shards is its world size (given, or torch.distributed's);
-    otherwise the one most of the model's sharded tensors of that count hold: a tensor equal
-    to shard 0 where the others hold shard 1 was loaded at the wrong offset (nothing is said
-    on a tie, and a rank that holds another rank's shard everywhere can only be told by its
-    rank)."""
-    held: dict[int, Counter[int]] = {}
-    for c in checks:
-        found = shard_of(c.transform) if c.status == "equal" else None
-        if found is not None:
-            held.setdefault(found[1], Counter())[found[0]] += 1
-    rank: dict[int, tuple[int, str]] = {}
-    for count, indices in held.items():
-        (top, n), *rest = indices.most_common(2) + [(-1, 0)]
-        if shard is not None and shard[1] == count:
-            rank[count] = (shard[0], f"this is rank {shard[0]} of {count}")
-        elif n > rest[0][1]:
-            rank[count] = (top, f"{n} of the model's sharded tensors hold shard {top}")
-    out = []
-    for c in checks:
-        found = shard_of(c.transform) if c.status == "equal" else None
-        if found is None or found[1] not in rank or rank[found[1]][0] == found[0]:
-            out.append(c)
-            continue
-        index, count, dim = found
-        out.append(replace(c, status="different", note=(
-            f"holds shard {index} of {count} (dim {dim}) where {rank[count][1]}: loaded at "
-            "another rank's offset")))
-    return out
-
-
-def _distributed_rank() -> tuple[int, int] | None:
-    """(rank, world size) of torch.distributed's default group, when it is initialized."""
-    dist = getattr(sys.modules.get("torch"), "distributed", None)
-    if dist is None or not dist.is_available() or not dist.is_initialized():
-        return None
-    return int(dist.get_rank()), int(dist.get_world_size())
-
-
-#: suffixes of the tensor that scales a float8 weight (w = q * scale): vLLM's and
-#: compressed-tensors' ``weight_scale``, DeepSeek's block-wise ``weight_scale_inv``
-_SCALES = (".weight_scale", ".weight_scale_inv")
-_BLOCKS = (128, 64, 32, 16, 256)
-
-
-def _scale_like(s: np.ndarray, shape: tuple[int, ...], parts: Sequence[int]
-                ) -> np.ndarray | None:
-    """A float8 weight's scale brought to the weight's ``shape``: one per tensor, one per
-    fused part (``parts``: their rows), per row, per column (a weight stored transposed, as
-    vLLM's CUTLASS path holds it), or per square block (DeepSeek's 128 x 128); None if it
-    fits none of these."""
-    flat = s.reshape(-1).astype(np.float64)
-    if flat.size == 1:
-        return np.full((1,) * len(shape), flat[0])
-    if len(shape) != 2:
-        return None
-    rows, cols = shape
-    if parts and flat.size == len(parts) and sum(parts) == rows:
-        return np.repeat(flat, parts)[:, None]
-    if flat.size == rows:
-        return flat[:, None]
-    if flat.size == cols:
-        return flat[None, :]
-    if s.ndim == 2:
-        for b in _BLOCKS:
-            if s.shape == (-(-rows // b), -(-cols // b)):
-                return np.repeat(np.repeat(s.astype(np.float64), b, 0), b, 1)[:rows, :cols]
-    return None
-
-
 def _compare(torch: Any, name: str, t: Any, src: TensorSource, arr: np.ndarray, key: str,
              heads: Heads, layer: str, init_range: float | None, tied: bool,
              parts: Sequence[int] = (), scale: tuple[str, np.ndarray] | None = None
@@ -323,7 +250,7 @@ def _compare(torch: Any, name: str, t: Any, src: TensorSource, arr: np.ndarray, 
     p = cpu.to(wide).numpy()
     eps, tiny = _rounding(torch, cpu)
     unit = np.ones((1,) * p.ndim)
-    by = _scale_like(scale[1], p.shape, parts) if scale is not None else unit
+    by = scale_like(scale[1], p.shape, parts) if scale is not None else unit
     if by is None:
         by, scale = unit, None  # a scale that fits no known layout: compare as stored
     if scale is not None:
@@ -384,33 +311,6 @@ def _fused_note(check: ParamCheck, t: Any, arr: np.ndarray, parts: list) -> Para
     return replace(check, note="; ".join(filter(None, (check.note, note))))
 
 
-def _float8_scales(torch: Any, state: dict[str, Any], sources: dict[str, TensorSource]
-                   ) -> tuple[dict[str, tuple[str, np.ndarray]], set[str]]:
-    """({float8 weight: (its scale's name, the scale)}, the scale and input-scale tensors of
-    those weights that the checkpoint lacks): an engine that quantized a
-    higher-precision checkpoint to float8 when loading (vLLM's ``--quantization fp8``) holds
-    ``q`` and ``weight_scale`` where the checkpoint holds ``w = q * weight_scale``. Such
-    scales are the engine's own, not checkpoint tensors it failed to load; a float8
-    checkpoint's own weights compare as stored."""
-    by: dict[str, tuple[str, np.ndarray]] = {}
-    used: set[str] = set()
-    for name, t in state.items():
-        if not (name.endswith(".weight") and "float8" in str(t.dtype)):
-            continue
-        src = sources.get(canonical_weight(name)[0])
-        if src is None or src.dtype.upper().startswith(("F8", "FLOAT8")):  # float8 itself
-            continue
-        stem = name[:-len(".weight")]
-        for suffix in _SCALES:
-            scale = state.get(stem + suffix)
-            if scale is not None and scale.device.type != "meta":
-                by[name] = (stem + suffix, scale.detach().to("cpu").to(torch.float64).numpy())
-                used.update(n for n in (stem + suffix, stem + ".input_scale")
-                            if canonical_weight(n)[0] not in sources)
-                break
-    return by, used
-
-
 def _expert_parts(key: str, src: TensorSource) -> list[int]:
     """The rows of each part within each expert of an all-experts gate_up stack."""
     if role(key) == "experts_gate_up" and len(src.shape) == 3 and src.shape[1] % 2 == 0:
@@ -463,7 +363,7 @@ def check_loaded(model: Any, checkpoint: str | Path, *, heads: Heads | None = No
             sources.setdefault(canonical_weight(src.name)[0], src)
     fused = fuse_parts(sources, keys.values())
     experts = stack_experts(sources, keys.values())
-    scales, own = _float8_scales(torch, state, sources)
+    scales, own = float8_scales(torch, state, sources)
     state = {n: t for n, t in state.items() if n not in own}
     users: dict[str, list[tuple[str, bool]]] = {}
     layers = {name: _layer_of(name) for name in state}
@@ -497,8 +397,8 @@ def check_loaded(model: Any, checkpoint: str | Path, *, heads: Heads | None = No
                 check = _experts_note(check, state[name], arr)
             checks.append(check)
         del arr
-    checks = _shard_offsets(_whose_values(torch, checks, state, keys, sources),
-                            shard or _distributed_rank())
+    checks = shard_offsets(_whose_values(torch, checks, state, keys, sources),
+                           shard or distributed_rank())
     order = {name: i for i, name in enumerate(state)}
     checks.sort(key=lambda c: order.get(c.name, len(order)))
     return LoadCheck(str(ckpt.path), ckpt.kind, tuple(checks), _summaries(checks),

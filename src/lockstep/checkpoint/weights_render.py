@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..report.base import SubjectReport
 from ..textfmt import short
-from .against import shard_of
+from .shards import shard_of
 
 if TYPE_CHECKING:
     from rich.console import Console, ConsoleOptions, RenderResult
