@@ -26,13 +26,12 @@ from .fused import fuse_parts, stack_experts
 from .paths import read_json
 from .shards import Layout, shard_layouts
 from .sources import Checkpoint, open_checkpoint
-from .tensors import TensorSource
+from .tensors import TensorSource, read_array
 from .weight_mapping import Rename
 from .weight_names import ROPE_ROWS, canonical_weight, role
 
 __all__ = ["Heads", "heads_of", "config_heads", "error_budget", "layouts", "match_layout",
-           "pair_errors", "read_array", "PairResult", "AgainstReport",
-           "against_checkpoints"]
+           "pair_errors", "PairResult", "AgainstReport", "against_checkpoints"]
 
 #: progress(done_pairs, total_pairs)
 Progress = Callable[[int, int], None]
@@ -220,13 +219,6 @@ def match_layout(a: np.ndarray, b: np.ndarray, key: str, heads: Heads,
     return pick[1], pick[2], pick[3], False
 
 
-def read_array(src: TensorSource) -> np.ndarray:
-    """The whole tensor as a float array in its shape."""
-    parts = list(src.chunks())
-    flat = parts[0] if len(parts) == 1 else np.concatenate(parts)
-    return flat.reshape(src.shape)
-
-
 @dataclass(frozen=True)
 class PairResult:
     """One canonical tensor: its name, type and shape on each side, and how they compare."""
@@ -350,9 +342,9 @@ def _compare(key: str, sa: TensorSource, sb: TensorSource, tied: bool,
                       tied=tied, budget=budget)
     # A may be one tensor-parallel rank's shard of B (a rank's own state dict, saved): then
     # B's slices are brought to A, and the transform says so
-    shard_of_b = not layouts(key, sa.shape, sb.shape, heads) and bool(
-        shard_layouts(sb.shape, sa.shape, ()))
-    if not shard_of_b and not layouts(key, sa.shape, sb.shape, heads):
+    fits = bool(layouts(key, sa.shape, sb.shape, heads))
+    shard_of_b = not fits and bool(shard_layouts(sb.shape, sa.shape, ()))
+    if not fits and not shard_of_b:
         return base
     try:
         for side, src in (("A", sa), ("B", sb)):

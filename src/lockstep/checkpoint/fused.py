@@ -16,7 +16,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from .tensors import TensorSource
+from .tensors import TensorSource, read_array
 from .weight_names import EXPERT_STACKS, FUSED
 
 __all__ = ["fuse_parts", "part_errors", "stack_experts", "expert_errors"]
@@ -74,18 +74,16 @@ def part_errors(x: np.ndarray, b: np.ndarray, parts: Sequence[tuple[str, TensorS
     out, start = [], 0
     for _, src in parts:
         rows = src.shape[0]
-        xs, bs = x[start:start + rows].astype(np.float64), b[start:start + rows].astype(
-            np.float64)
-        norm = float(np.linalg.norm(bs))
-        diff = float(np.linalg.norm(xs - bs))
-        out.append((src.name, diff / norm if norm else (0.0 if diff == 0 else math.inf)))
+        out.append((src.name, _rel_l2(x[start:start + rows], b[start:start + rows])))
         start += rows
     return out
 
 
-def _read(src: TensorSource) -> np.ndarray:
-    parts = list(src.chunks())
-    return (parts[0] if len(parts) == 1 else np.concatenate(parts)).reshape(src.shape)
+def _rel_l2(x: np.ndarray, b: np.ndarray) -> float:
+    """``||x - b|| / ||b||`` in float64 (0 for two zero tensors, inf against zeros)."""
+    b64 = b.astype(np.float64)
+    norm, diff = float(np.linalg.norm(b64)), float(np.linalg.norm(x.astype(np.float64) - b64))
+    return diff / norm if norm else (0.0 if diff == 0 else math.inf)
 
 
 def _experts(sources: dict[str, TensorSource], prefix: str, part: str, suffix: str
@@ -104,7 +102,7 @@ def _in_turn(order: list[TensorSource]) -> Callable[[], Iterator[np.ndarray]]:
 def _joined(gate: TensorSource, up: TensorSource) -> Callable[[], Iterator[np.ndarray]]:
     """Expert by expert: its gate rows, then its up rows."""
     def chunks() -> Iterator[np.ndarray]:
-        g, u = _read(gate), _read(up)
+        g, u = read_array(gate), read_array(up)
         for i in range(g.shape[0]):
             yield g[i].reshape(-1)
             yield u[i].reshape(-1)
@@ -157,9 +155,4 @@ def stack_experts(sources: dict[str, TensorSource], wanted: Iterable[str]) -> di
 
 def expert_errors(x: np.ndarray, b: np.ndarray) -> list[float]:
     """The relative L2 error of each expert's slice (the first axis) of ``x`` against ``b``."""
-    out = []
-    for xs, bs in zip(x, b):
-        norm = float(np.linalg.norm(bs.astype(np.float64)))
-        diff = float(np.linalg.norm(xs.astype(np.float64) - bs))
-        out.append(diff / norm if norm else (0.0 if diff == 0 else math.inf))
-    return out
+    return [_rel_l2(xs, bs) for xs, bs in zip(x, b)]

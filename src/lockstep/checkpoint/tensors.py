@@ -10,7 +10,7 @@ import numpy as np
 
 from ..store.stats import array_stats
 
-__all__ = ["TensorSource", "TensorReport", "chunked_stats", "scaled_counts"]
+__all__ = ["TensorSource", "TensorReport", "chunked_stats", "scaled_counts", "read_array"]
 
 
 @dataclass
@@ -26,6 +26,13 @@ class TensorSource:
     #: each element ``chunks`` yields stands for this many of the tensor's (an expanded,
     #: stride-0 tensor is read once per stored element)
     repeat: int = 1
+
+
+def read_array(src: TensorSource) -> np.ndarray:
+    """The whole tensor as a float array in its shape."""
+    parts = list(src.chunks())
+    flat = parts[0] if len(parts) == 1 else np.concatenate(parts)
+    return flat.reshape(src.shape)
 
 
 def scaled_counts(stats: dict[str, Any], repeat: int) -> dict[str, Any]:

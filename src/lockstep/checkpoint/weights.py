@@ -16,7 +16,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -29,14 +29,13 @@ from .against import (
     heads_of,
     match_layout,
     pair_errors,
-    read_array,
 )
 from .float8 import float8_scales, scale_like
 from .fused import expert_errors, fuse_parts, part_errors, stack_experts
 from .placement import PlacementMap, placement_map
 from .shards import distributed_rank, shard_offsets
 from .sources import open_checkpoint
-from .tensors import TensorSource
+from .tensors import TensorSource, read_array
 from .weight_mapping import Rename
 from .weight_names import canonical_weight, layer_index, role
 
@@ -238,8 +237,8 @@ def _whose_values(torch: Any, checks: list[ParamCheck], state: dict[str, Any],
 
 def _compare(torch: Any, name: str, t: Any, src: TensorSource, arr: np.ndarray, key: str,
              heads: Heads, layer: str, init_range: float | None, tied: bool,
-             parts: Sequence[int] = (), scale: tuple[str, np.ndarray] | None = None
-             ) -> ParamCheck:
+             parts: Sequence[int] = (), scale: tuple[str, np.ndarray] | None = None,
+             breakdown: Callable[[np.ndarray, np.ndarray], str] | None = None) -> ParamCheck:
     base = ParamCheck(name, src.name, "not materialized", layer,
                       str(t.dtype).removeprefix("torch."), tuple(t.shape), src.dtype,
                       note="the checkpoint's token embedding (tied lm_head)" if tied else "")
@@ -272,6 +271,8 @@ def _compare(torch: Any, name: str, t: Any, src: TensorSource, arr: np.ndarray, 
     note = why or base.note or ("" if r is None else (
         f"uncorrelated with the checkpoint (r={r:.2f}): not its values, so never loaded or "
         "loaded from another tensor"))
+    if breakdown is not None and not transform:  # which parts (or experts) differ
+        note = "; ".join(filter(None, (note, breakdown(p, x))))
     return replace(base, status="fresh init" if why else "different", transform=transform,
                    max_abs=max_abs, rel_l2=rel, constant=constant, note=note, uncorrelated_r=r)
 
@@ -299,16 +300,24 @@ def _summaries(checks: list[ParamCheck]) -> tuple[LayerSummary, ...]:
                               _verdict(items)) for layer, items in groups.items())
 
 
-def _fused_note(check: ParamCheck, t: Any, arr: np.ndarray, parts: list) -> ParamCheck:
-    """Name the parts of a fused parameter that differ (its other parts are equal)."""
-    if check.status == "equal" or check.transform or t.device.type == "meta":
-        return check
-    p = t.detach().to("cpu").float().numpy()
-    errors = part_errors(p, arr, parts)
-    bad = [f"{name} (rel L2 {err:.3g})" for name, err in errors if not err <= 1e-6]
-    good = [name for name, err in errors if err <= 1e-6]
-    note = f"rows of {', '.join(bad)} differ" + (f"; {', '.join(good)} equal" if good else "")
-    return replace(check, note="; ".join(filter(None, (check.note, note))))
+def _parts_differing(parts: list[tuple[str, TensorSource]]
+                     ) -> Callable[[np.ndarray, np.ndarray], str]:
+    """A fused parameter's note: its parts whose rows differ, and those that are equal."""
+    def note(p: np.ndarray, x: np.ndarray) -> str:
+        errors = part_errors(p, x, parts)
+        bad = [f"{name} (rel L2 {err:.3g})" for name, err in errors if not err <= 1e-6]
+        good = [name for name, err in errors if err <= 1e-6]
+        return f"rows of {', '.join(bad)} differ" + (f"; {', '.join(good)} equal" if good
+                                                      else "")
+    return note
+
+
+def _experts_differing(p: np.ndarray, x: np.ndarray) -> str:
+    """An all-experts parameter's note: the experts that differ."""
+    errors = expert_errors(p, x)
+    bad = [f"{i} (rel L2 {err:.3g})" for i, err in enumerate(errors) if not err <= 1e-6]
+    return (f"experts {', '.join(bad[:8])}{' ...' if len(bad) > 8 else ''} of {len(errors)} "
+            f"differ; {len(errors) - len(bad)} equal")
 
 
 def _expert_parts(key: str, src: TensorSource) -> list[int]:
@@ -316,17 +325,6 @@ def _expert_parts(key: str, src: TensorSource) -> list[int]:
     if role(key) == "experts_gate_up" and len(src.shape) == 3 and src.shape[1] % 2 == 0:
         return [src.shape[1] // 2] * 2
     return []
-
-
-def _experts_note(check: ParamCheck, t: Any, arr: np.ndarray) -> ParamCheck:
-    """Name the experts of an all-experts parameter that differ (the others are equal)."""
-    if check.status == "equal" or check.transform or t.device.type == "meta":
-        return check
-    errors = expert_errors(t.detach().to("cpu").float().numpy(), arr)
-    bad = [f"{i} (rel L2 {err:.3g})" for i, err in enumerate(errors) if not err <= 1e-6]
-    note = (f"experts {', '.join(bad[:8])}{' ...' if len(bad) > 8 else ''} of {len(errors)} "
-            f"differ; {len(errors) - len(bad)} equal")
-    return replace(check, note="; ".join(filter(None, (check.note, note))))
 
 
 def check_loaded(model: Any, checkpoint: str | Path, *, heads: Heads | None = None,
@@ -390,11 +388,9 @@ def check_loaded(model: Any, checkpoint: str | Path, *, heads: Heads | None = No
             check = _compare(torch, name, state[name], src, arr, key, geometry,
                              layers[name], init_range, tied,
                              [part.shape[0] for _, part in fused.get(key, ())]
-                             or _expert_parts(key, src), scales.get(name))
-            if key in fused:
-                check = _fused_note(check, state[name], arr, fused[key])
-            if key in experts:
-                check = _experts_note(check, state[name], arr)
+                             or _expert_parts(key, src), scales.get(name),
+                             _parts_differing(fused[key]) if key in fused
+                             else _experts_differing if key in experts else None)
             checks.append(check)
         del arr
     checks = shard_offsets(_whose_values(torch, checks, state, keys, sources),

@@ -198,8 +198,8 @@ def _token_errors(case: Case, op: str, layer: int) -> list[tuple[int, float]] | 
 
 def _top_k_sums(logits: np.ndarray) -> dict[int, np.ndarray]:
     """For each k, the sum per token of the k largest softmax probabilities of ``logits``."""
-    z = logits - logits.max(-1, keepdims=True)
-    p = np.exp(z) / np.exp(z).sum(-1, keepdims=True)
+    e = np.exp(logits - logits.max(-1, keepdims=True))
+    p = e / e.sum(-1, keepdims=True)
     ordered = -np.sort(-p, -1)
     return {k: ordered[:, :k].sum(-1) for k in range(1, p.shape[-1])}
 
