@@ -7,6 +7,7 @@ that add the residual, logits outside forward, a sampler, probes with their own 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -177,6 +178,71 @@ def test_a_padded_vocabulary_is_compared_over_the_references_columns(tmp_path, r
         bad.generate(PROMPT, DECODE, forced=tokens[:DECODE])
     first = lockstep.compare(ref, tmp_path / "bad.lsd").first_divergence
     assert first is not None and first.ref_name == "lm_head"
+
+
+def test_a_chunked_prefill_is_compared_over_every_prompt_token(tmp_path, references):
+    """The engine feeds the 9-token prompt in chunks of 4 (vLLM's chunked prefill): three
+    forwards, three steps. They were compared as the last chunk's one token against the
+    reference's prefill, and the chunks before it left out: a MATCH that had looked at one
+    token of nine. Joined along their tokens, every token is compared."""
+    model, ref, tokens = references["llama"]
+    assert nano_vllm(model, tmp_path / "cand.lsd", tokens, prefill_chunk=4) == tokens
+    result = lockstep.compare(ref, tmp_path / "cand.lsd")
+    assert result.verdict == "match", (result.first_divergence, result.coverage.gaps)
+    (side,) = result.chunks.sides
+    assert [(g.steps, g.sizes) for g in side.groups] == [((0, 1, 2), (4, 4, 1))]
+    assert side.left_out == ()
+    by_ref = {(p.step, p.ref_name): p for p in result.results}
+    assert by_ref[(0, "model.layers.1.self_attn.o_proj")].cand_shape[0] == len(PROMPT)
+    assert by_ref[(0, "lm_head")].cand_shape[0] == 1  # the last position's logits
+    assert {p.step for p in result.results} == set(range(DECODE + 1))
+
+
+# a later chunk's bug -> the canonical op of the first divergence (in step 0, chunk 2)
+CHUNK_BUGS = {"chunk_causal": "layers.0.attn_heads", "chunk_positions": "layers.0.q_rope"}
+
+
+@pytest.mark.parametrize("bug", sorted(CHUNK_BUGS))
+def test_a_later_chunks_bug_is_found_in_that_chunk(tmp_path, references, bug):
+    """A later chunk masked top-left (SDPA's is_causal with fewer queries than keys), or fed
+    positions from 0 again. Compared as the last chunk alone, the first bug surfaced a layer
+    late (at layer 1's attention, through the cache) and the second not at layer 0."""
+    model, ref, tokens = references["llama"]
+    nano_vllm(model, tmp_path / "cand.lsd", tokens, bug=bug, prefill_chunk=4)
+    result = lockstep.compare(ref, tmp_path / "cand.lsd")
+    first = result.first_divergence
+    assert result.verdict == "diverged"
+    assert (first.step, first.canonical) == (0, CHUNK_BUGS[bug]), first
+    assert result.chunks.blamed[0] == 1 and result.chunks.chunk_errors[0][1] < 1e-5
+    assert result.diagnosis.kind == "chunk", result.diagnosis
+    assert result.diagnosis.detail["chunk"] == 1
+    if bug == "chunk_positions":
+        assert "positions of chunk 2" in result.diagnosis.checks[0]
+    else:
+        assert "attention mask of a later chunk" in result.diagnosis.checks[0]
+
+
+def test_diff_of_a_chunked_engine_from_the_command_line(tmp_path, references):
+    """``lockstep diff`` records both engines, joins the chunks, names the chunk and
+    replays the reference's ops on the joined step."""
+    model, _, _ = references["llama"]
+    done = _cli("diff", f"hf:{model}", NANO_SPEC, "--tokens", ",".join(map(str, PROMPT)),
+                "--decode", "2", "--cand-opt", f"model={model}", "--cand-opt",
+                "prefill_chunk=4", "--cand-opt", "bug=chunk_causal", "--out", tmp_path / "out",
+                "--json", tmp_path / "r.json")
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "one prefill fed in 3 chunks (4+4+1 tokens)" in done.stdout
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert "starts in the candidate's chunk 2 of 3 (step 1, tokens 4-7)" in \
+        report["chunks"]["blame"]
+    # the o_proj re-run on the joined step's input: it inherits the error (the last chunk's
+    # one row alone holds none of it) and introduces none
+    o_proj = {op["reference"]: op for op in report["replay"]["ops"]}[
+        "model.layers.0.self_attn.o_proj"]
+    assert o_proj["inherited"] > 0.1 and o_proj["introduced"] < 1e-5, o_proj
+    assert report["chunks"]["sides"][0]["groups"] == [{"steps": [0, 1, 2],
+                                                       "tokens": [4, 4, 1]}]
+    assert report["diagnosis"]["kind"] == "chunk"
 
 
 def test_generate_tells_a_sampler_bug_from_logits_that_part(tmp_path, references):

@@ -19,7 +19,14 @@ far), ``kv_slot`` (decode writes K/V one slot past its own), ``swapped_args`` (t
 called as ``model(positions, input_ids)``), ``layer_not_loaded`` (layer 1 keeps random
 weights), ``greedy_temperature`` (the sampler draws at temperature 1 when greedy was asked),
 ``swapped_kv_rows`` (the loader packs v_proj where k_proj goes in ``qkv_proj``, and k where v),
-``moe_no_renormalize`` (the experts' top-k weights are not renormalized where the config asks).
+``moe_no_renormalize`` (the experts' top-k weights are not renormalized where the config asks),
+``chunk_causal`` (a later prefill chunk masked with SDPA's ``is_causal``, which aligns
+top-left when queries are fewer than keys), ``chunk_positions`` (a later chunk's positions
+start from 0 again).
+
+``prefill_chunk=N`` feeds the prompt in chunks of N tokens, one forward each, as vLLM's and
+SGLang's chunked prefill do: a later chunk writes its K/V into the cache and attends over
+the cached earlier chunks and its own tokens.
 
 Qwen3-MoE as vLLM's ``qwen3_moe.py`` writes it: the router a ``ReplicatedLinear`` returning
 ``(logits, None)``, the experts one ``FusedMoE`` module holding every expert's weights in
@@ -47,7 +54,7 @@ import lockstep
 from lockstep.engines import Engine
 
 BUGS = ("decode_position", "kv_slot", "swapped_args", "layer_not_loaded", "greedy_temperature",
-        "swapped_kv_rows", "moe_no_renormalize")
+        "swapped_kv_rows", "moe_no_renormalize", "chunk_causal", "chunk_positions")
 BLOCK_SIZE = 4  # KV cache slots per block
 
 
@@ -126,22 +133,30 @@ class Attention(nn.Module):
         slots = ctx.slot_mapping
         self.k_cache.view(-1, self.n_kv_heads, self.head_dim)[slots] = k
         self.v_cache.view(-1, self.n_kv_heads, self.head_dim)[slots] = v
-        if ctx.is_prefill:
+        mask: Tensor | None = None
+        if ctx.is_prefill and ctx.context_len == q.shape[0]:  # a whole prompt at once
             keys, values, causal = k, v, True
-        else:  # the sequence's cached tokens, block by block
+        else:  # the sequence's cached tokens, block by block (decode, or a prefill chunk)
             keys = self.k_cache[ctx.block_table].reshape(-1, self.n_kv_heads,
                                                          self.head_dim)[:ctx.context_len]
             values = self.v_cache[ctx.block_table].reshape(-1, self.n_kv_heads,
                                                            self.head_dim)[:ctx.context_len]
             causal = False
+            if q.shape[0] > 1:  # a later chunk of a prefill: query i sees keys up to its own
+                if self.bug == "chunk_causal":  # SDPA's is_causal aligns top-left here
+                    causal = True
+                else:
+                    first = ctx.context_len - q.shape[0]
+                    mask = (torch.arange(ctx.context_len)[None]
+                            <= torch.arange(first, ctx.context_len)[:, None])
         groups = self.n_heads // self.n_kv_heads
         keys = keys.repeat_interleave(groups, dim=1)
         values = values.repeat_interleave(groups, dim=1)
         if self.softcap is not None or self.window is not None:
             return self._capped(q, keys, values)
         out = F.scaled_dot_product_attention(q.transpose(0, 1), keys.transpose(0, 1),
-                                             values.transpose(0, 1), is_causal=causal,
-                                             scale=self.scale)
+                                             values.transpose(0, 1), attn_mask=mask,
+                                             is_causal=causal, scale=self.scale)
         return out.transpose(0, 1)  # (tokens, heads, head_dim)
 
     def _capped(self, q: Tensor, keys: Tensor, values: Tensor) -> Tensor:
@@ -465,13 +480,14 @@ class LLM:
 
     def __init__(self, directory: str | Path, *, bug: str | None = None,
                  dtype: torch.dtype = torch.float32, num_blocks: int = 64,
-                 logits: str = "vllm", vocab_multiple: int = 1) -> None:
+                 logits: str = "vllm", vocab_multiple: int = 1,
+                 prefill_chunk: int | None = None) -> None:
         if bug is not None and bug not in BUGS:
             raise ValueError(f"unknown bug {bug!r}")
         directory = Path(directory)
         cfg = _config(directory)
         cfg.vocab_padded = -(-cfg.vocab_size // vocab_multiple) * vocab_multiple
-        self.bug = bug
+        self.bug, self.prefill_chunk = bug, prefill_chunk
         arch = cfg.architectures[0]
         torch.manual_seed(1234)  # the random init a skipped layer keeps
         self.model = ForCausalLM(cfg, qk_norm=arch.startswith("Qwen3"), bug=bug)
@@ -500,10 +516,11 @@ class LLM:
         return seq.block_table[position // BLOCK_SIZE] * BLOCK_SIZE + position % BLOCK_SIZE
 
     def _run(self, seq: Sequence_, ids: list[int], positions: list[int], slots: list[int],
-             prefill: bool, temperature: float) -> int:
+             prefill: bool, temperature: float, last: bool = True,
+             context_len: int | None = None) -> int:
         global _CONTEXT
         _CONTEXT = Context(prefill, torch.tensor(slots), torch.tensor(seq.block_table),
-                           len(seq.token_ids))
+                           context_len or len(seq.token_ids))
         input_ids, pos = torch.tensor(ids), torch.tensor(positions)
         lockstep.probe("input_ids", input_ids)  # what users probe: the step's inputs
         lockstep.probe("positions", pos)
@@ -513,7 +530,7 @@ class LLM:
             else:
                 hidden = self.model(input_ids, pos)
             logits = self.model.compute_logits(hidden)
-            if self.on_logits is not None:
+            if self.on_logits is not None and last:  # a prefill's last chunk, or decode
                 self.on_logits(logits[-1])
             return int(self.sampler(logits, temperature)[-1])
 
@@ -525,7 +542,13 @@ class LLM:
         n = len(prompt)
         try:
             slots = [self._slot(seq, i) for i in range(n)]
-            chosen = [self._run(seq, list(prompt), list(range(n)), slots, True, temperature)]
+            step = self.prefill_chunk or n  # vLLM's chunked prefill: one forward per chunk
+            for a in range(0, n, step):
+                b = min(n, a + step)
+                first = 0 if self.bug == "chunk_positions" else a  # positions from 0 again
+                token = self._run(seq, list(prompt[a:b]), list(range(first, first + b - a)),
+                                  slots[a:b], True, temperature, last=b == n, context_len=b)
+            chosen = [token]
             for i in range(decode):
                 fed = forced[i] if forced is not None and i < len(forced) else chosen[-1]
                 seq.token_ids.append(fed)
@@ -557,8 +580,9 @@ class NanoEngine(Engine):
 
     def __init__(self, spec: str, *, model: str, bug: str | None = None,
                  dtype: str = "float32", num_blocks: int = 256, logits: str = "vllm",
-                 vocab_multiple: int = 1) -> None:
+                 vocab_multiple: int = 1, prefill_chunk: int = 0) -> None:
         super().__init__(spec)
+        self.prefill_chunk = int(prefill_chunk) or None
         self.directory, self.bug, self.num_blocks = Path(model), bug, int(num_blocks)
         self.dtype, self.logits = getattr(torch, dtype), logits
         self.vocab_multiple = int(vocab_multiple)
@@ -566,7 +590,7 @@ class NanoEngine(Engine):
     def load(self) -> None:
         self.llm = LLM(self.directory, bug=self.bug, dtype=self.dtype,
                        num_blocks=self.num_blocks, logits=self.logits,
-                       vocab_multiple=self.vocab_multiple)
+                       vocab_multiple=self.vocab_multiple, prefill_chunk=self.prefill_chunk)
 
     def tokenize(self, text: str) -> list[int]:
         raise lockstep.UsageError(f"{self.spec}: the test engine has no tokenizer: give "

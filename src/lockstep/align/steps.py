@@ -26,7 +26,8 @@ import numpy as np
 
 from .kinds import FED_NAMES, Kind
 
-__all__ = ["StepMatch", "fed_per_step", "match_steps", "restep", "ID_NAMES", "POSITION_NAMES"]
+__all__ = ["StepMatch", "fed_per_step", "histories", "match_steps", "restep", "ID_NAMES",
+           "POSITION_NAMES"]
 
 ID_NAMES = FED_NAMES[Kind.INPUT_IDS]
 POSITION_NAMES = FED_NAMES[Kind.POSITIONS]
@@ -107,7 +108,7 @@ def fed_per_step(dump: Any) -> dict[int, Fed]:
             for s, rs in sorted(by_step.items())}
 
 
-def _histories(fed: dict[int, Fed]) -> dict[int, tuple[int, ...] | None]:
+def histories(fed: dict[int, Fed]) -> dict[int, tuple[int, ...] | None]:
     """Each step's ids with those fed before it in the same sequence: a decode step is known
     by everything it attends to, not by its one token. A sequence starts at position 0 (or,
     with no positions recorded, at a step fed several ids: a prefill)."""
@@ -138,7 +139,7 @@ def match_steps(ref: Any, cand: Any) -> StepMatch:
     if any(ids is None for ids, _ in ref_fed.values()) or \
             any(ids is None for ids, _ in cand_fed.values()):
         return _index(ref_fed, cand_fed, "a dump records no fed ids for some step")
-    ref_hist, cand_hist = _histories(ref_fed), _histories(cand_fed)
+    ref_hist, cand_hist = histories(ref_fed), histories(cand_fed)
     alike_by_index = sum(1 for s in ref_fed if s in cand_fed and ref_hist[s] == cand_hist[s])
     cand_order = list(cand_fed)
     pairs: list[tuple[int, int]] = []

@@ -28,12 +28,13 @@ from ..display import safe
 from ..store.dtypes import lookup
 from ..store.ranks import is_ranked, open_ranks
 from ..store.reader import Dump, Record, open_dump
+from .composed import ComposedDump, Parts, bounds, slice_errors
 from .layouts import relative_error
 
 if TYPE_CHECKING:
     from .mapping import MappingFile
 
-__all__ = ["Merge", "RankMerge", "MergedDump", "open_side", "merge_ranks", "shard_blame"]
+__all__ = ["Merge", "RankMerge", "open_side", "merge_ranks", "shard_blame"]
 
 RULES = ("col", "row", "replicated")
 _FIT = 1e-3  # a sum or a replica this close to the other side's record fits it outright
@@ -113,43 +114,24 @@ class RankMerge:
                 "counts": self.counts(), "merges": [m.as_dict() for m in self.merges]}
 
 
-class MergedDump(Dump):
+def _merged_dump(path: Path, ranks: Sequence[Dump], records: list[Record],
+                 parts: dict[int, Parts]) -> ComposedDump:
     """The ranks of a multi-rank recording seen as one dump: each record is a merged key."""
+    first = ranks[0]
+    meta = {k: v for k, v in first.meta.items() if k != "rank"}
+    errors = [d.error for d in ranks if d.error]
+    end = None if not all(d.complete for d in ranks) else \
+        ({"type": "end", "error": errors[0]} if errors else {"type": "end"})
+    return ComposedDump(path, first.header, records, meta, end, parts, ranks)
 
-    def __init__(self, path: Path, ranks: Sequence[Dump], records: list[Record],
-                 parts: dict[int, tuple[Merge, list[Record]]]) -> None:
-        first = ranks[0]
-        meta = {k: v for k, v in first.meta.items() if k != "rank"}
-        errors = [d.error for d in ranks if d.error]
-        end = None if not all(d.complete for d in ranks) else \
-            ({"type": "end", "error": errors[0]} if errors else {"type": "end"})
-        super().__init__(path, first.header, records, meta, end, 0)
-        self.ranks = list(ranks)
-        self._parts = parts  # merged seq -> (merge, the ranks' records)
 
-    def raw(self, record: Record) -> np.ndarray:
-        merge, parts = self._parts[record.seq]
-        if merge.rule == "col":
-            return np.concatenate([d.raw(r) for d, r in zip(self.ranks, parts)], axis=merge.dim)
-        if merge.rule == "row":
-            total = np.zeros(record.shape, dtype=np.float64 if record.dtype == "float64"
-                             else np.float32)
-            for d, r in zip(self.ranks, parts):
-                total += d.read(r)
-            return total
-        return self.ranks[merge.compared_rank].raw(parts[merge.compared_rank])
-
-    def release(self, record: Record) -> None:
-        for d, r in zip(self.ranks, self._parts[record.seq][1]):
-            d.release(r)
-
-    def trim(self) -> None:
-        for d in self.ranks:
-            d.trim()
-
-    def close(self) -> None:
-        for d in self.ranks:
-            d.close()
+def _parts(merge: Merge, ranks: Sequence[Dump], recs: list[Record]) -> Parts:
+    sources = tuple(zip(ranks, recs))
+    if merge.rule == "col":
+        return Parts("cat", sources, dim=merge.dim)
+    if merge.rule == "row":
+        return Parts("sum", sources)
+    return Parts("one", sources, pick=merge.compared_rank)
 
 
 def open_side(source: Dump | str | os.PathLike[str]) -> Dump | list[Dump]:
@@ -167,13 +149,6 @@ def _col_dim(shapes: list[tuple[int, ...]], target: tuple[int, ...] | None) -> i
             if all(s[:d] + s[d + 1:] == target[:d] + target[d + 1:] for s in shapes)
             and sum(s[d] for s in shapes) == target[d]]
     return fits[0] if len(fits) == 1 else None
-
-
-def _bounds(shapes: list[tuple[int, ...]], dim: int) -> tuple[int, ...]:
-    edges = [0]
-    for s in shapes:
-        edges.append(edges[-1] + s[dim])
-    return tuple(edges)
 
 
 def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
@@ -229,7 +204,7 @@ def _decide(ranks: Sequence[Dump], recs: list[Record], other: Dump | None,
                                       shapes[0][d + 1:] for s in shapes):
                 return replace(base, rule=None, why=f"{base.why}, but the ranks' shapes "
                                f"{shapes} do not concatenate on it")
-            return replace(base, rule="col", dim=d, bounds=_bounds(shapes, d))
+            return replace(base, rule="col", dim=d, bounds=bounds(shapes, d))
         if any(s != shapes[0] for s in shapes):
             return replace(base, why=f"{base.why}, but the ranks' shapes differ: {shapes}")
         if rule == "row":
@@ -239,7 +214,7 @@ def _decide(ranks: Sequence[Dump], recs: list[Record], other: Dump | None,
     target = counterpart.shape if counterpart is not None else None
     cat = _col_dim(shapes, target)
     if cat is not None and any(s != target for s in shapes):
-        return replace(base, rule="col", dim=cat, bounds=_bounds(shapes, cat),
+        return replace(base, rule="col", dim=cat, bounds=bounds(shapes, cat),
                        why=f"the shards concatenate on dim {cat} to the other side's shape")
     if any(s != shapes[0] for s in shapes):
         return replace(base, why=f"the ranks' shapes {shapes} differ and do not concatenate "
@@ -305,7 +280,7 @@ def _counterpart(other: Dump | None, r: Record, mapping: MappingFile | None) -> 
 
 
 def merge_ranks(ranks: Sequence[Dump], side: str, other: Dump | None = None,
-                mapping: MappingFile | None = None) -> tuple[MergedDump, RankMerge]:
+                mapping: MappingFile | None = None) -> tuple[ComposedDump, RankMerge]:
     """Merge ``ranks`` (rank order) into one dump, deciding each key's rule (module doc).
 
     ``mapping``: its ``[shard]`` rules apply to this side's names; its rename rules (on
@@ -313,7 +288,7 @@ def merge_ranks(ranks: Sequence[Dump], side: str, other: Dump | None = None,
     rename = mapping if side == "candidate" else None
     keyed: list[dict[tuple[int, str, int], Record]] = [{r.key: r for r in d} for d in ranks]
     records: list[Record] = []
-    parts: dict[int, tuple[Merge, list[Record]]] = {}
+    parts: dict[int, Parts] = {}
     merges: list[Merge] = []
     for r0 in ranks[0].records:
         recs = [k.get(r0.key) for k in keyed]
@@ -346,7 +321,7 @@ def merge_ranks(ranks: Sequence[Dump], side: str, other: Dump | None = None,
                      call=r0.call, offset=0, nbytes=numel * np.dtype(_storage(dtype)).itemsize,
                      stats=None, extra=extra)
         records.append(rec)
-        parts[rec.seq] = (merge, present)
+        parts[rec.seq] = _parts(merge, ranks, present)
     # keys only a later rank recorded
     first = set(keyed[0])
     for k in range(1, len(ranks)):
@@ -356,7 +331,7 @@ def merge_ranks(ranks: Sequence[Dump], side: str, other: Dump | None = None,
                 merges.append(Merge(r.step, r.name, r.call, None, "detected",
                                     why=f"rank 0 has no record of it (only rank {k} does)"))
     path = Path(ranks[0].path).parent
-    merged = MergedDump(path, ranks, records, parts)
+    merged = _merged_dump(path, ranks, records, parts)
     return merged, RankMerge(side, str(path), len(ranks), tuple(merges))
 
 
@@ -373,13 +348,4 @@ def shard_blame(merge: Merge, ref: np.ndarray,
     if merge.rule != "col" or ref.shape != cand.shape or merge.dim >= ref.ndim or \
             ref.shape[merge.dim] != merge.bounds[-1]:
         return None
-    out = []
-    for k in range(len(merge.bounds) - 1):
-        sl = [slice(None)] * ref.ndim
-        sl[merge.dim] = slice(merge.bounds[k], merge.bounds[k + 1])
-        a = ref[tuple(sl)].astype(np.float64)
-        b = cand[tuple(sl)].astype(np.float64)
-        scale = float(np.linalg.norm(a))
-        diff = float(np.linalg.norm(a - b))
-        out.append((k, diff / scale if scale > 0 else (0.0 if diff == 0 else math.inf)))
-    return tuple(out)
+    return slice_errors(ref, cand, merge.dim, merge.bounds)

@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
+from ..align.chunks import join_chunks
 from ..align.kinds import Kind as K
 from ..align.pairing import Alignment, Pair, align
 from ..align.steps import StepMatch, match_steps, restep
@@ -21,6 +22,7 @@ from ..errors import LockstepError
 from ..store.dtypes import FLOAT_KINDS
 from ..store.reader import Dump, Record, trimmer
 from .case import Case, is_logits, role_of
+from .chunked import ChunkReport, with_chunks
 from .coverage import Coverage, coverage_of
 from .diagnosis.model import Diagnosis
 from .diagnosis.moe import near_tie_flip
@@ -74,6 +76,7 @@ class Comparison:
     replay: Any = None  #: lockstep.replay.Replay: the dual test around the divergence, if run
     step_match: StepMatch | None = None  #: which candidate step was compared as which
     ranks: RankReport | None = None  #: how multi-rank sides were merged (compare.ranks)
+    chunks: ChunkReport | None = None  #: how chunked prefills were joined (compare.chunked)
 
     @property
     def by_statistics(self) -> int:
@@ -160,9 +163,19 @@ def _compare(ref: Dump, cand: Dump, tolerances: Tolerances,
              progress: Callable[[int, int], None] | None, mapping: MappingFile | None,
              use_tables: bool, cand_precision: str | None = None,
              strict: bool | None = None) -> Comparison:
-    step_match = match_steps(ref, cand)
     recorded = cand
+    ref, cand, chunked = join_chunks(ref, cand)  # a prefill fed in chunks is one step
+    step_match = match_steps(ref, cand)
     cand = restep(cand, step_match)  # candidate steps numbered as the reference steps they are
+    return with_chunks(_compare_steps(ref, cand, recorded, step_match, tolerances, progress,
+                                      mapping, use_tables, cand_precision, strict),
+                       chunked, ref, cand)
+
+
+def _compare_steps(ref: Dump, cand: Dump, recorded: Dump, step_match: StepMatch,
+                   tolerances: Tolerances, progress: Callable[[int, int], None] | None,
+                   mapping: MappingFile | None, use_tables: bool, cand_precision: str | None,
+                   strict: bool | None) -> Comparison:
     alignment: Alignment = align(ref, cand, mapping=mapping, use_tables=use_tables)
     cand_tol_meta = cand.meta if cand_precision is None else \
         {**cand.meta, "compute_dtype": cand_precision}

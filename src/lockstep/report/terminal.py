@@ -278,6 +278,8 @@ class ComparisonReport(Report):
             body += [Text(""), Text(c.step_match.describe())]
         if c.ranks is not None:  # multi-rank sides: how their ranks were merged
             body += [Text(""), *(Text(line) for line in c.ranks.lines())]
+        if c.chunks is not None:  # prefills fed in chunks: how their steps were joined
+            body += [Text(""), *(Text(line) for line in c.chunks.lines())]
         if c.coverage is not None and c.coverage.gaps:
             body += [Text(""), _gaps(c.coverage.gaps, c.verdict)]
         if c.first_divergence is not None:

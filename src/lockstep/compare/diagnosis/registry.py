@@ -18,6 +18,8 @@ The most specific explanation wins, so the order matters:
 - ``moe``: a mixture-of-experts layer: which tokens chose other experts, whether the router
   logits agree and the weights sum to 1, which experts' rows differ, whether the shared
   expert is in the sum.
+- ``chunk``: a prefill fed in chunks (joined into one step) agrees on its first chunk and
+  departs at a later one: the mask or cached keys of a later chunk, or its positions.
 - ``attention`` (kinds ``softcap``, ``window``, ``scale``): attention recomputed from the
   reference's q, k, v reproduces the candidate with the soft cap left out, another window,
   or another score scale.
@@ -39,6 +41,7 @@ from __future__ import annotations
 from .attention import attention
 from .batch import batch
 from .blocked_norm import blocked_norm
+from .chunk import chunk
 from .decode import decode
 from .embedding import embedding
 from .layout import layout
@@ -65,6 +68,7 @@ RULES: tuple[Rule, ...] = (
     layout,
     blocked_norm,
     moe,
+    chunk,
     attention,
     scale,
     embedding,

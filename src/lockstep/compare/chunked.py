@@ -1,0 +1,119 @@
+"""Comparing a side that fed its prefill in chunks (align.chunks joins them): say how each
+side's steps were joined, what could not be (then the comparison is incomplete, never a
+match), and which chunk a divergence lies in."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Any
+
+from ..align.chunks import ChunkGroup, Chunking, chunk_errors
+from ..align.transforms import apply_transform
+from ..display import safe
+from ..errors import LockstepError
+from ..store.reader import Dump, Record
+from .coverage import Gap
+
+__all__ = ["ChunkReport", "with_chunks"]
+
+_SHOWN = 10
+
+
+@dataclass(frozen=True)
+class ChunkReport:
+    """How each side's chunked prefills were joined, and the chunk a divergence lies in."""
+
+    sides: tuple[Chunking, ...]
+    #: the first divergence is in a joined step: (chunk, relative error of its rows)
+    chunk_errors: tuple[tuple[int, float], ...] = ()
+    side: str | None = None  #: the side whose chunks chunk_errors are
+    blamed: tuple[int, ...] = ()  #: the chunks (0-based) whose rows hold the error
+    blame: str | None = None  #: the same, in words
+
+    def lines(self) -> list[str]:
+        """What the terminal report prints."""
+        out = [line for s in self.sides for line in s.lines()]
+        return out + ([self.blame] if self.blame else [])
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"sides": [s.as_dict() for s in self.sides], "lines": self.lines(),
+                "side": self.side,
+                "chunk_errors": [{"chunk": k, "error": e if math.isfinite(e) else str(e)}
+                                 for k, e in self.chunk_errors],
+                "blamed_chunks": list(self.blamed), "blame": self.blame}
+
+
+def with_chunks(c: Any, sides: tuple[Chunking, ...], ref: Dump, cand: Dump) -> Any:
+    """The comparison with its chunk report. ``ref`` and ``cand`` are the views compared
+    (joined, the candidate's steps numbered as the reference's); ``c`` is a
+    compare.Comparison (not imported: comparison.py imports this module)."""
+    if not sides:
+        return c
+    report = ChunkReport(sides)
+    left = [(s, step, name, why) for s in sides for step, name, why in s.left_out]
+    if left and c.coverage is not None:
+        s, step, name, why = left[0]
+        reason = (f"{len(left)} record(s) of a chunked prefill could not be joined across "
+                  f"its chunks, so they were not compared; the first, the {s.side}'s "
+                  f"{safe(name or '(root)')}@{step}: {why}")
+        gap = Gap("chunks", reason, tuple(f"{safe(n or '(root)')}@{st}"
+                                          for _, st, n, _ in left[:_SHOWN]))
+        c = replace(c, coverage=replace(c.coverage, gaps=c.coverage.gaps + (gap,)))
+        if c.verdict in ("match", "drift"):
+            c = replace(c, verdict="incomplete")
+    if c.first_divergence is not None:
+        report = _blame(report, c, ref, cand)
+    return replace(c, chunks=report)
+
+
+def _by_seq(dump: Dump, seq: int) -> Record | None:
+    return next((r for r in dump.records if r.seq == seq), None)
+
+
+def _group(report: ChunkReport, c: Any) -> tuple[str, ChunkGroup] | None:
+    """The joined group the first divergence's step is, on either side."""
+    step = c.first_divergence.step
+    match = c.step_match
+    cand_step = next((cs for rs, cs in match.pairs if rs == step), step) \
+        if match is not None and match.method == "fed" else step
+    for s in report.sides:
+        g = s.group_of(cand_step if s.side == "candidate" else step)
+        if g is not None:
+            return s.side, g
+    return None
+
+
+def _blame(report: ChunkReport, c: Any, ref: Dump, cand: Dump) -> ChunkReport:
+    """Measure the first divergence chunk by chunk: the rows each chunk was fed."""
+    found = _group(report, c)
+    p = c.first_divergence
+    r_rec, c_rec = _by_seq(ref, p.ref_seq), _by_seq(cand, p.cand_seq)
+    if found is None or r_rec is None or c_rec is None or not (r_rec.has_data and
+                                                               c_rec.has_data):
+        return report
+    side, group = found
+    try:
+        a = apply_transform(p.ref_transform, ref.read(r_rec), ref.meta)
+        b = apply_transform(p.cand_transform, cand.read(c_rec), cand.meta)
+    except LockstepError:  # the layout does not fit: the pair was not measured
+        return report
+    finally:
+        ref.release(r_rec)
+        cand.release(c_rec)
+    errors = chunk_errors(group, a, b)
+    if errors is None:
+        return report
+    over = tuple(k for k, e in errors if not e <= p.tol)  # nan counts as over
+    if not over:
+        return replace(report, chunk_errors=errors, side=side)
+    def chunk(k: int) -> str:
+        return f"chunk {k + 1} of {len(group.sizes)} (step {group.steps[k]}, {group.span(k)})"
+
+    where = "; ".join(f"{chunk(k)}: {e:.3g}" for k, e in errors)
+    first = over[0]
+    matched = f", after {first} chunk{'s that match' if first > 1 else ' that matches'}" \
+        if first else ""
+    text = (f"the first divergence, {safe(p.ref_name or '(root)')}@{p.step}, starts in the "
+            f"{side}'s {chunk(first)}{matched}; relative error per chunk: {where}")
+    return replace(report, chunk_errors=errors, side=side, blamed=over, blame=text)

@@ -1,0 +1,141 @@
+"""A prefill fed in chunks is joined into one step before comparing (align.chunks): on
+dumps written by a small numpy "engine" through lockstep's probes, each rule (concatenated
+along the tokens, the last chunk's, left out) and each side (candidate, reference, both cut
+at other places), and which chunk a divergence starts in."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+import lockstep
+from lockstep.align.chunks import join_chunks
+from lockstep.store.reader import open_dump
+
+IDS = [5, 9, 2, 7, 3, 8, 1, 6, 4]
+WIDTH = 6
+TABLE = np.random.default_rng(0).standard_normal((16, WIDTH)).astype(np.float32)
+
+
+def run(out: Path, chunks: Sequence[int], decode: int = 2, bug: str | None = None,
+        odd: bool = False) -> None:
+    """Feed IDS in chunks of the given sizes, then ``decode`` steps. ``mix`` is each token's
+    row averaged with every row before it (a cache of the rows so far); ``keys`` is that
+    cache read back (every row so far); ``last`` the last row's mix alone. ``bug``:
+    ``own_chunk`` (a chunk mixes its own rows only) or ``positions`` (a later chunk's
+    positions from 0)."""
+    ids = list(IDS) + [10 + i for i in range(decode)]
+    cuts = [0]
+    for n in chunks:
+        cuts.append(cuts[-1] + n)
+    assert cuts[-1] == len(IDS)
+    cuts += [len(IDS) + i + 1 for i in range(decode)]
+    cache: list[np.ndarray] = []
+    with lockstep.record(out) as rec:
+        for k in range(len(cuts) - 1):
+            a, b = cuts[k], cuts[k + 1]
+            with rec.step():
+                fed = np.array(ids[a:b], dtype=np.int64)
+                start = 0 if bug == "positions" and k else a
+                lockstep.probe("input_ids", fed)
+                lockstep.probe("positions", np.arange(start, start + b - a))
+                x = TABLE[fed] + 0.01 * np.arange(start, start + b - a)[:, None]
+                lockstep.probe("x", x.astype(np.float32))
+                if bug == "own_chunk":
+                    cache = cache[:0]
+                rows = []
+                for row in x:
+                    cache.append(row)
+                    rows.append(np.mean(cache, axis=0))
+                mix = np.stack(rows).astype(np.float32)
+                lockstep.probe("mix", mix)
+                lockstep.probe("keys", np.stack(cache).astype(np.float32))
+                lockstep.probe("last", mix[-1:])
+                if odd:  # a record no rule can join: one row more than fed
+                    lockstep.probe("odd", np.zeros((b - a + 1, 2), np.float32))
+                else:
+                    lockstep.probe("odd", np.zeros((1, 2), np.float32))
+
+
+def test_a_candidate_prefill_in_chunks_is_joined_and_compared_over_every_token(tmp_path):
+    run(tmp_path / "ref", [9])
+    run(tmp_path / "cand", [4, 4, 1])
+    result = lockstep.compare(tmp_path / "ref", tmp_path / "cand")
+    assert result.verdict == "match", (result.first_divergence, result.coverage)
+    (side,) = result.chunks.sides
+    assert side.side == "candidate"
+    assert [(g.steps, g.sizes) for g in side.groups] == [((0, 1, 2), (4, 4, 1))]
+    assert dict(side.rules) == {"concatenated": 4, "last chunk": 3}  # ids, positions, x, mix
+    by = {(p.step, p.ref_name): p for p in result.results}
+    assert by[(0, "mix")].cand_shape == (9, WIDTH)  # every token, not the last chunk's
+    assert by[(0, "keys")].cand_shape == (9, WIDTH)  # grown to every token: the last's
+    assert by[(0, "last")].cand_shape == (1, WIDTH)
+    assert result.step_match.pairs == ((0, 0), (1, 3), (2, 4))
+    assert {p.step for p in result.results} == {0, 1, 2}
+
+
+def test_a_divergence_in_a_later_chunk_names_that_chunk(tmp_path):
+    run(tmp_path / "ref", [9])
+    run(tmp_path / "cand", [4, 4, 1], bug="own_chunk")
+    result = lockstep.compare(tmp_path / "ref", tmp_path / "cand")
+    first = result.first_divergence
+    assert result.verdict == "diverged" and (first.step, first.ref_name) == (0, "mix")
+    assert result.chunks.blamed == (1, 2) and result.chunks.side == "candidate"
+    errors = dict(result.chunks.chunk_errors)
+    assert errors[0] == 0.0 and errors[1] > 0.1
+    assert "chunk 2 of 3 (step 1, tokens 4-7), after 1 chunk that matches" in \
+        result.chunks.blame
+    assert result.diagnosis.kind == "chunk"
+    assert result.diagnosis.detail["chunk"] == 1
+
+
+def test_positions_fed_from_zero_again_are_shown(tmp_path):
+    run(tmp_path / "ref", [9])
+    run(tmp_path / "cand", [4, 5], bug="positions")
+    result = lockstep.compare(tmp_path / "ref", tmp_path / "cand")
+    # joined by the ids fed, though the second chunk's positions start a sequence again
+    assert [g.steps for g in result.chunks.sides[0].groups] == [(0, 1)]
+    assert result.first_divergence.ref_name == "positions"  # integers: exact
+    result_x = next(p for p in result.results if (p.step, p.ref_name) == (0, "x"))
+    assert result_x.error > 1e-3
+    assert any("chunk 2 (tokens 4-8 of the prefill) positions 0, 1, 2, 3, 4" in e
+               for e in result.diagnosis.evidence), result.diagnosis
+
+
+def test_the_reference_side_and_both_sides_cut_at_other_places(tmp_path):
+    run(tmp_path / "whole", [9])
+    run(tmp_path / "fours", [4, 4, 1])
+    run(tmp_path / "threes", [3, 3, 3])
+    result = lockstep.compare(tmp_path / "fours", tmp_path / "whole")
+    assert result.verdict == "match"
+    assert [(s.side, s.groups[0].steps) for s in result.chunks.sides] == \
+        [("reference", (0, 1, 2))]
+    assert result.steps == (0, 3, 4)  # the reference's own step numbers
+    result = lockstep.compare(tmp_path / "fours", tmp_path / "threes")
+    assert result.verdict == "match"
+    assert [(s.side, s.groups[0].sizes) for s in result.chunks.sides] == \
+        [("reference", (4, 4, 1)), ("candidate", (3, 3, 3))]
+
+
+def test_steps_fed_alike_on_both_sides_are_not_joined(tmp_path):
+    run(tmp_path / "a", [4, 5])
+    run(tmp_path / "b", [4, 5])
+    result = lockstep.compare(tmp_path / "a", tmp_path / "b")
+    assert result.verdict == "match" and result.chunks is None
+    with open_dump(tmp_path / "a") as a, open_dump(tmp_path / "b") as b:
+        ref, cand, sides = join_chunks(a, b)
+        assert ref is a and cand is b and sides == ()
+
+
+def test_a_record_no_rule_joins_is_listed_and_the_comparison_is_incomplete(tmp_path):
+    run(tmp_path / "ref", [9], odd=True)
+    run(tmp_path / "cand", [4, 5], odd=True)
+    result = lockstep.compare(tmp_path / "ref", tmp_path / "cand")
+    assert result.verdict == "incomplete"
+    (side,) = result.chunks.sides
+    assert [(step, name) for step, name, _ in side.left_out] == [(0, "odd")]
+    assert "neither concatenate" in side.left_out[0][2]
+    gap = next(g for g in result.coverage.gaps if g.what == "chunks")
+    assert gap.records == ("odd@0",)
