@@ -20,25 +20,27 @@ TABLE = np.random.default_rng(0).standard_normal((16, WIDTH)).astype(np.float32)
 
 
 def run(out: Path, chunks: Sequence[int], decode: int = 2, bug: str | None = None,
-        odd: bool = False) -> None:
+        odd: bool = False, cached: int = 0, square: bool = False) -> None:
     """Feed IDS in chunks of the given sizes, then ``decode`` steps. ``mix`` is each token's
     row averaged with every row before it (a cache of the rows so far); ``keys`` is that
     cache read back (every row so far); ``last`` the last row's mix alone. ``bug``:
     ``own_chunk`` (a chunk mixes its own rows only) or ``positions`` (a later chunk's
-    positions from 0)."""
+    positions from 0). ``cached``: the rows of the first tokens are in the cache before
+    the recording (a prefix cache), and ``chunks`` feed the rest. ``square``: a record
+    (tokens, tokens) whose token dim cannot be told."""
     ids = list(IDS) + [10 + i for i in range(decode)]
-    cuts = [0]
+    cuts = [cached]
     for n in chunks:
         cuts.append(cuts[-1] + n)
     assert cuts[-1] == len(IDS)
     cuts += [len(IDS) + i + 1 for i in range(decode)]
-    cache: list[np.ndarray] = []
+    cache: list[np.ndarray] = [TABLE[t] + 0.01 * i for i, t in enumerate(IDS[:cached])]
     with lockstep.record(out) as rec:
         for k in range(len(cuts) - 1):
             a, b = cuts[k], cuts[k + 1]
             with rec.step():
                 fed = np.array(ids[a:b], dtype=np.int64)
-                start = 0 if bug == "positions" and k else a
+                start = 0 if bug == "positions" and (k or cached) else a
                 lockstep.probe("input_ids", fed)
                 lockstep.probe("positions", np.arange(start, start + b - a))
                 x = TABLE[fed] + 0.01 * np.arange(start, start + b - a)[:, None]
@@ -53,6 +55,8 @@ def run(out: Path, chunks: Sequence[int], decode: int = 2, bug: str | None = Non
                 lockstep.probe("mix", mix)
                 lockstep.probe("keys", np.stack(cache).astype(np.float32))
                 lockstep.probe("last", mix[-1:])
+                if square:
+                    lockstep.probe("square", np.zeros((b - a, b - a), np.float32))
                 if odd:  # a record no rule can join: one row more than fed
                     lockstep.probe("odd", np.zeros((b - a + 1, 2), np.float32))
                 else:
@@ -139,3 +143,58 @@ def test_a_record_no_rule_joins_is_listed_and_the_comparison_is_incomplete(tmp_p
     assert "neither concatenate" in side.left_out[0][2]
     gap = next(g for g in result.coverage.gaps if g.what == "chunks")
     assert gap.records == ("odd@0",)
+
+
+def test_a_prefill_after_a_cached_prefix_is_compared_from_that_token_on(tmp_path):
+    """The candidate's first 5 tokens' rows were cached before the recording (vLLM's prefix
+    caching, SGLang's radix cache): its prefill feeds tokens 5-8, at positions 5-8. The
+    reference's prefill is compared from token 5 on; before, its 9 rows against the
+    candidate's 4 were 'shapes differ', and the comparison incomplete."""
+    run(tmp_path / "ref", [9])
+    run(tmp_path / "cand", [4], cached=5)
+    result = lockstep.compare(tmp_path / "ref", tmp_path / "cand")
+    assert result.verdict == "match", (result.first_divergence, result.coverage.gaps)
+    (cut,) = result.chunks.cuts
+    assert (cut.side, cut.step, cut.start, cut.tokens, cut.how) == ("reference", 0, 5, 9,
+                                                                    "positions")
+    assert "tokens 0-4 came from its prefix cache" in result.chunks.lines()[0]
+    by = {(p.step, p.ref_name): p for p in result.results}
+    assert by[(0, "mix")].ref_shape == (4, WIDTH) and by[(0, "mix")].error < 1e-6
+    assert by[(0, "keys")].ref_shape == (9, WIDTH)  # the cache read back: whole
+    # the other way round: the reference began after its cached prefix
+    result = lockstep.compare(tmp_path / "cand", tmp_path / "ref")
+    assert result.verdict == "match"
+    assert [(c.side, c.start) for c in result.chunks.cuts] == [("candidate", 5)]
+
+
+def test_a_cached_prefix_then_chunks(tmp_path):
+    run(tmp_path / "ref", [9])
+    run(tmp_path / "cand", [2, 2], cached=5, bug="own_chunk")
+    result = lockstep.compare(tmp_path / "ref", tmp_path / "cand")
+    assert [(c.start, c.how) for c in result.chunks.cuts] == [(5, "positions")]
+    assert [g.sizes for g in result.chunks.sides[0].groups] == [(2, 2)]
+    first = result.first_divergence
+    assert (first.step, first.ref_name) == (0, "mix")  # the first chunk forgot the cache
+    assert result.chunks.blamed[0] == 0
+
+
+def test_positions_from_zero_after_a_cached_prefix_are_cut_by_the_ids(tmp_path):
+    run(tmp_path / "ref", [9])
+    run(tmp_path / "cand", [4], cached=5, bug="positions")
+    result = lockstep.compare(tmp_path / "ref", tmp_path / "cand")
+    (cut,) = result.chunks.cuts
+    assert (cut.start, cut.how) == (5, "ids")
+    assert "or were cut off the prompt" in result.chunks.lines()[0]
+    assert result.verdict == "diverged"
+    assert result.first_divergence.ref_name == "positions"
+
+
+def test_a_record_whose_token_dim_cannot_be_told_is_not_cut(tmp_path):
+    run(tmp_path / "ref", [9], square=True)
+    run(tmp_path / "cand", [4], cached=5, square=True)
+    result = lockstep.compare(tmp_path / "ref", tmp_path / "cand")
+    assert result.verdict == "incomplete"
+    (cut,) = result.chunks.cuts
+    assert [name for name, _ in cut.left_out] == ["square"]
+    assert "which holds the tokens is not known" in cut.left_out[0][1]
+    assert any(g.what == "chunks" for g in result.coverage.gaps)

@@ -219,7 +219,46 @@ def test_a_later_chunks_bug_is_found_in_that_chunk(tmp_path, references, bug):
     if bug == "chunk_positions":
         assert "positions of chunk 2" in result.diagnosis.checks[0]
     else:
-        assert "attention mask of a later chunk" in result.diagnosis.checks[0]
+        assert "attention mask of chunk 2" in result.diagnosis.checks[0]
+
+
+def prefix_cached(model: Path, out: Path, tokens: list[int], bug: str | None = None,
+                  **options: Any) -> list[int]:
+    """The nano engine with prefix caching: a prompt sharing the first KV block (4 tokens)
+    is served first, unrecorded, so the recorded prefill computes tokens 4-8 alone."""
+    llm = LLM(model, bug=bug, prefix_cache=True, **options)
+    llm.serve_quietly(PROMPT[:4] + [1, 2, 3, 4, 5])
+    with lockstep.record(out, meta=llm.meta) as rec:
+        rec.watch(llm.model)
+        rec.watch(llm.sampler)
+        return llm.generate(PROMPT, DECODE, forced=tokens[:DECODE])
+
+
+# bug -> (canonical op of the first divergence, how the cut was found)
+PREFIX_BUGS = {None: (None, "positions"), "chunk_causal": ("layers.0.attn_heads", "positions"),
+               "chunk_positions": ("layers.0.q_rope", "ids")}
+
+
+@pytest.mark.parametrize("bug", list(PREFIX_BUGS), ids=lambda b: str(b))
+def test_a_prefill_after_a_cached_prefix(tmp_path, references, bug):
+    """vLLM's prefix caching: the recorded prefill feeds tokens 4-8 at positions 4-8. Before,
+    the reference's 9 rows against the candidate's 5 were 'shapes differ' and the
+    comparison incomplete; now the reference's prefill is compared from token 4 on. A mask
+    that ignores the cached keys, or positions from 0, are found at layer 0."""
+    model, ref, tokens = references["llama"]
+    assert prefix_cached(model, tmp_path / "cand.lsd", tokens, bug=bug) == tokens
+    result = lockstep.compare(ref, tmp_path / "cand.lsd")
+    op, how = PREFIX_BUGS[bug]
+    (cut,) = result.chunks.cuts
+    assert (cut.side, cut.step, cut.start, cut.how) == ("reference", 0, 4, how)
+    if op is None:
+        assert result.verdict == "match", (result.first_divergence, result.coverage.gaps)
+        by_ref = {(p.step, p.ref_name): p for p in result.results}
+        assert by_ref[(0, "model.layers.1.self_attn.o_proj")].ref_shape[-2] == 5
+        return
+    first = result.first_divergence
+    assert result.verdict == "diverged" and (first.step, first.canonical) == (0, op), first
+    assert result.diagnosis.kind == "chunk" and result.diagnosis.detail["cached_prefix"] == 4
 
 
 def test_diff_of_a_chunked_engine_from_the_command_line(tmp_path, references):

@@ -24,6 +24,10 @@ weights), ``greedy_temperature`` (the sampler draws at temperature 1 when greedy
 top-left when queries are fewer than keys), ``chunk_positions`` (a later chunk's positions
 start from 0 again).
 
+``prefix_cache=1`` keeps a prompt's full KV blocks after it is served, as vLLM's prefix
+caching does: a prompt served again computes only the tokens after its cached blocks (the
+``py:`` engine serves the prompt once, unrecorded, before the recorded run).
+
 ``prefill_chunk=N`` feeds the prompt in chunks of N tokens, one forward each, as vLLM's and
 SGLang's chunked prefill do: a later chunk writes its K/V into the cache and attends over
 the cached earlier chunks and its own tokens.
@@ -481,13 +485,15 @@ class LLM:
     def __init__(self, directory: str | Path, *, bug: str | None = None,
                  dtype: torch.dtype = torch.float32, num_blocks: int = 64,
                  logits: str = "vllm", vocab_multiple: int = 1,
-                 prefill_chunk: int | None = None) -> None:
+                 prefill_chunk: int | None = None, prefix_cache: bool = False) -> None:
         if bug is not None and bug not in BUGS:
             raise ValueError(f"unknown bug {bug!r}")
         directory = Path(directory)
         cfg = _config(directory)
         cfg.vocab_padded = -(-cfg.vocab_size // vocab_multiple) * vocab_multiple
         self.bug, self.prefill_chunk = bug, prefill_chunk
+        self.prefix_cache, self.quiet = prefix_cache, False
+        self.cached_blocks: dict[tuple[int, ...], int] = {}  # a prompt prefix -> its block
         arch = cfg.architectures[0]
         torch.manual_seed(1234)  # the random init a skipped layer keeps
         self.model = ForCausalLM(cfg, qk_norm=arch.startswith("Qwen3"), bug=bug)
@@ -522,8 +528,9 @@ class LLM:
         _CONTEXT = Context(prefill, torch.tensor(slots), torch.tensor(seq.block_table),
                            context_len or len(seq.token_ids))
         input_ids, pos = torch.tensor(ids), torch.tensor(positions)
-        lockstep.probe("input_ids", input_ids)  # what users probe: the step's inputs
-        lockstep.probe("positions", pos)
+        if not self.quiet:
+            lockstep.probe("input_ids", input_ids)  # what users probe: the step's inputs
+            lockstep.probe("positions", pos)
         with torch.no_grad():
             if self.bug == "swapped_args":
                 hidden = self.model(pos, input_ids)
@@ -540,10 +547,17 @@ class LLM:
         ``forced[i]`` when given: the reference's tokens)."""
         seq = Sequence_(list(prompt))
         n = len(prompt)
+        cached = 0
+        # vLLM's prefix caching: full blocks of a prompt served before are reused, and the
+        # prefill computes the tokens after them (the last token at least)
+        while self.prefix_cache and cached + BLOCK_SIZE < n and \
+                tuple(prompt[:cached + BLOCK_SIZE]) in self.cached_blocks:
+            seq.block_table.append(self.cached_blocks[tuple(prompt[:cached + BLOCK_SIZE])])
+            cached += BLOCK_SIZE
         try:
             slots = [self._slot(seq, i) for i in range(n)]
             step = self.prefill_chunk or n  # vLLM's chunked prefill: one forward per chunk
-            for a in range(0, n, step):
+            for a in range(cached, n, step):
                 b = min(n, a + step)
                 first = 0 if self.bug == "chunk_positions" else a  # positions from 0 again
                 token = self._run(seq, list(prompt[a:b]), list(range(first, first + b - a)),
@@ -560,8 +574,22 @@ class LLM:
                     slot += 1
                 chosen.append(self._run(seq, [fed], [position], [slot], False, temperature))
         finally:  # the sequence is finished: its blocks go back, as vLLM's scheduler frees them
-            self.free_blocks.extend(reversed(seq.block_table))
+            if self.prefix_cache:  # but the prompt's full blocks stay, cached
+                for i in range(n // BLOCK_SIZE):
+                    self.cached_blocks.setdefault(tuple(prompt[:(i + 1) * BLOCK_SIZE]),
+                                                  seq.block_table[i])
+            kept = set(self.cached_blocks.values())
+            self.free_blocks.extend(b for b in reversed(seq.block_table) if b not in kept)
         return chosen
+
+    def serve_quietly(self, prompt: Sequence[int]) -> None:
+        """Serve ``prompt`` once with no probes: what fills the prefix cache before a run
+        that is recorded."""
+        self.quiet = True
+        try:
+            self.generate(prompt, 0)
+        finally:
+            self.quiet = False
 
 
 #: the engine's ``py:`` spec, as a user would write it (with ``model=DIR`` as an option)
@@ -580,9 +608,11 @@ class NanoEngine(Engine):
 
     def __init__(self, spec: str, *, model: str, bug: str | None = None,
                  dtype: str = "float32", num_blocks: int = 256, logits: str = "vllm",
-                 vocab_multiple: int = 1, prefill_chunk: int = 0) -> None:
+                 vocab_multiple: int = 1, prefill_chunk: int = 0,
+                 prefix_cache: int = 0) -> None:
         super().__init__(spec)
         self.prefill_chunk = int(prefill_chunk) or None
+        self.prefix_cache = bool(int(prefix_cache))
         self.directory, self.bug, self.num_blocks = Path(model), bug, int(num_blocks)
         self.dtype, self.logits = getattr(torch, dtype), logits
         self.vocab_multiple = int(vocab_multiple)
@@ -590,7 +620,8 @@ class NanoEngine(Engine):
     def load(self) -> None:
         self.llm = LLM(self.directory, bug=self.bug, dtype=self.dtype,
                        num_blocks=self.num_blocks, logits=self.logits,
-                       vocab_multiple=self.vocab_multiple, prefill_chunk=self.prefill_chunk)
+                       vocab_multiple=self.vocab_multiple, prefill_chunk=self.prefill_chunk,
+                       prefix_cache=self.prefix_cache)
 
     def tokenize(self, text: str) -> list[int]:
         raise lockstep.UsageError(f"{self.spec}: the test engine has no tokenizer: give "
@@ -616,6 +647,8 @@ class NanoEngine(Engine):
 
     def generate(self, rec: Any, prompt_ids: Sequence[int], decode: int, *,
                  forced: Sequence[int] | None = None) -> list[int]:
+        if self.prefix_cache:  # the prompt was served before: its full blocks are cached
+            self.llm.serve_quietly(list(prompt_ids))
         rec.watch(self.llm.model)
         return self.llm.generate(list(prompt_ids), decode, forced=forced)
 

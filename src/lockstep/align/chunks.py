@@ -38,7 +38,7 @@ from .composed import ComposedDump, Parts, bounds, slice_errors
 from .steps import Fed, fed_per_step, histories
 from .transforms import squeeze
 
-__all__ = ["Chunking", "ChunkGroup", "join_chunks", "chunk_errors"]
+__all__ = ["Chunking", "ChunkGroup", "join_chunks", "chunk_errors", "token_dim"]
 
 _SHOWN = 8
 
@@ -153,17 +153,19 @@ def _groups(fed: dict[int, Fed], other_fed: dict[int, Fed]) -> list[ChunkGroup]:
     return groups
 
 
-def _token_dim(shapes: Sequence[tuple[int, ...]], counts: Sequence[int]) -> int | None:
-    """The first dim whose size in every chunk's record is the tokens that chunk was fed,
-    the other dims the same."""
+def token_dim(shapes: Sequence[tuple[int, ...]], counts: Sequence[int]) -> int | str | None:
+    """The dim whose size in every part's record is the tokens that part was fed, the other
+    dims the same; None when no dim is, and why when several are and they are not all of
+    size 1 (a (1, 4, T, 64) record fed 4 tokens: heads or tokens?)."""
     nd = len(shapes[0])
     if any(len(s) != nd for s in shapes):
         return None
-    for d in range(nd):
-        if all(s[d] == n for s, n in zip(shapes, counts)) and \
-                all(s[:d] + s[d + 1:] == shapes[0][:d] + shapes[0][d + 1:] for s in shapes):
-            return d
-    return None
+    fits = [d for d in range(nd) if all(s[d] == n for s, n in zip(shapes, counts)) and
+            all(s[:d] + s[d + 1:] == shapes[0][:d] + shapes[0][d + 1:] for s in shapes)]
+    if len(fits) > 1 and any(n != 1 for n in counts):  # (size-1 dims are one order)
+        return (f"dims {fits} of its shape {list(shapes[0])} all have the size of the tokens "
+                "fed: which holds the tokens is not known")
+    return fits[0] if fits else None
 
 
 def _grown(shapes: Sequence[tuple[int, ...]], ends: Sequence[int]) -> bool:
@@ -188,7 +190,9 @@ def _join(group: ChunkGroup, recs: list[Record | None]) -> tuple[str, int | None
     shapes = [r.shape for r in present]
     if len({r.dtype for r in present}) > 1:
         return f"its chunks recorded it in different dtypes: {sorted({r.dtype for r in present})}"
-    dim = _token_dim(shapes, group.sizes)
+    dim = token_dim(shapes, group.sizes)
+    if isinstance(dim, str):
+        return dim
     if dim is not None:
         if not all(r.has_data for r in present):
             return "recorded as statistics only: its chunks cannot be concatenated"

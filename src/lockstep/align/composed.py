@@ -6,7 +6,9 @@ Each composed record names its parts, each a record of some opened dump, and one
 
 * ``cat``: the parts concatenated along ``dim`` (column-parallel shards, a prefill's chunks);
 * ``sum``: the parts added (in float: row-parallel partial sums);
-* ``one``: part ``pick`` alone (a replica, the state after a prefill's last chunk).
+* ``one``: part ``pick`` alone (a replica, the state after a prefill's last chunk);
+* ``from``: the one part from index ``start`` on along ``dim`` (a prefill's tokens after the
+  prefix the other side took from its cache).
 
 Only the parts of the record being read are in memory; the dumps they come from keep owning
 their mappings (close this dump to close them).
@@ -25,17 +27,18 @@ from ..store.reader import Dump, Record
 
 __all__ = ["Parts", "ComposedDump", "bounds", "slice_errors"]
 
-RULES = ("cat", "sum", "one")
+RULES = ("cat", "sum", "one", "from")
 
 
 @dataclass(frozen=True)
 class Parts:
     """How one composed record is read from its parts."""
 
-    rule: str  #: "cat", "sum" or "one"
+    rule: str  #: "cat", "sum", "one" or "from"
     sources: tuple[tuple[Dump, Record], ...]
-    dim: int = 0  #: cat: the concatenated dimension (non-negative)
+    dim: int = 0  #: cat, from: the dimension concatenated, or cut (non-negative)
     pick: int = 0  #: one: the part read
+    start: int = 0  #: from: the first index kept along dim
 
 
 def bounds(shapes: Sequence[tuple[int, ...]], dim: int) -> tuple[int, ...]:
@@ -84,6 +87,10 @@ class ComposedDump(Dump):
                 total += d.read(r)
             return total
         d, r = parts.sources[parts.pick]
+        if parts.rule == "from":
+            index = [slice(None)] * len(r.shape)
+            index[parts.dim] = slice(parts.start, None)
+            return d.raw(r)[tuple(index)]
         return d.raw(r)
 
     def stats(self, record: Record) -> dict[str, Any]:

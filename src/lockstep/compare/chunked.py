@@ -1,6 +1,7 @@
-"""Comparing a side that fed its prefill in chunks (align.chunks joins them): say how each
-side's steps were joined, what could not be (then the comparison is incomplete, never a
-match), and which chunk a divergence lies in."""
+"""Comparing a side that fed its prefill in chunks (align.chunks joins them) or began it
+after a cached prefix (align.prefix cuts the other side's step to match): say how each
+side's steps were joined or cut, what could not be (then the comparison is incomplete, never
+a match), and which chunk a divergence lies in."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from ..align.chunks import ChunkGroup, Chunking, chunk_errors
+from ..align.prefix import PrefixCut
 from ..align.transforms import apply_transform
 from ..display import safe
 from ..errors import LockstepError
@@ -22,9 +24,11 @@ _SHOWN = 10
 
 @dataclass(frozen=True)
 class ChunkReport:
-    """How each side's chunked prefills were joined, and the chunk a divergence lies in."""
+    """How each side's chunked prefills were joined (and a step cut where the other side
+    began after a cached prefix), and the chunk a divergence lies in."""
 
     sides: tuple[Chunking, ...]
+    cuts: tuple[PrefixCut, ...] = ()
     #: the first divergence is in a joined step: (chunk, relative error of its rows)
     chunk_errors: tuple[tuple[int, float], ...] = ()
     side: str | None = None  #: the side whose chunks chunk_errors are
@@ -33,30 +37,34 @@ class ChunkReport:
 
     def lines(self) -> list[str]:
         """What the terminal report prints."""
-        out = [line for s in self.sides for line in s.lines()]
+        out = [line for c in self.cuts for line in c.lines()]
+        out += [line for s in self.sides for line in s.lines()]
         return out + ([self.blame] if self.blame else [])
 
     def as_dict(self) -> dict[str, Any]:
-        return {"sides": [s.as_dict() for s in self.sides], "lines": self.lines(),
+        return {"sides": [s.as_dict() for s in self.sides],
+                "prefix_cuts": [c.as_dict() for c in self.cuts], "lines": self.lines(),
                 "side": self.side,
                 "chunk_errors": [{"chunk": k, "error": e if math.isfinite(e) else str(e)}
                                  for k, e in self.chunk_errors],
                 "blamed_chunks": list(self.blamed), "blame": self.blame}
 
 
-def with_chunks(c: Any, sides: tuple[Chunking, ...], ref: Dump, cand: Dump) -> Any:
+def with_chunks(c: Any, sides: tuple[Chunking, ...], cuts: tuple[PrefixCut, ...], ref: Dump,
+                cand: Dump) -> Any:
     """The comparison with its chunk report. ``ref`` and ``cand`` are the views compared
-    (joined, the candidate's steps numbered as the reference's); ``c`` is a
+    (cut, joined, the candidate's steps numbered as the reference's); ``c`` is a
     compare.Comparison (not imported: comparison.py imports this module)."""
-    if not sides:
+    if not sides and not cuts:
         return c
-    report = ChunkReport(sides)
-    left = [(s, step, name, why) for s in sides for step, name, why in s.left_out]
+    report = ChunkReport(sides, cuts)
+    left = [(s.side, step, name, why) for s in sides for step, name, why in s.left_out]
+    left += [(x.side, x.step, name, why) for x in cuts for name, why in x.left_out]
     if left and c.coverage is not None:
-        s, step, name, why = left[0]
-        reason = (f"{len(left)} record(s) of a chunked prefill could not be joined across "
-                  f"its chunks, so they were not compared; the first, the {s.side}'s "
-                  f"{safe(name or '(root)')}@{step}: {why}")
+        side, step, name, why = left[0]
+        reason = (f"{len(left)} record(s) of a prefill fed in chunks or after a cached prefix "
+                  f"could not be joined or cut, so they were not compared; the first, the "
+                  f"{side}'s {safe(name or '(root)')}@{step}: {why}")
         gap = Gap("chunks", reason, tuple(f"{safe(n or '(root)')}@{st}"
                                           for _, st, n, _ in left[:_SHOWN]))
         c = replace(c, coverage=replace(c.coverage, gaps=c.coverage.gaps + (gap,)))

@@ -12,9 +12,9 @@ import os
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from ..align.chunks import join_chunks
 from ..align.kinds import Kind as K
 from ..align.pairing import Alignment, Pair, align
+from ..align.regroup import regroup
 from ..align.steps import StepMatch, match_steps, restep
 from ..align.transforms import apply_transform
 from ..align.verify import merged_meta
@@ -164,12 +164,12 @@ def _compare(ref: Dump, cand: Dump, tolerances: Tolerances,
              use_tables: bool, cand_precision: str | None = None,
              strict: bool | None = None) -> Comparison:
     recorded = cand
-    ref, cand, chunked = join_chunks(ref, cand)  # a prefill fed in chunks is one step
+    ref, cand, cuts, chunked = regroup(ref, cand)  # a prefill fed in chunks is one step
     step_match = match_steps(ref, cand)
     cand = restep(cand, step_match)  # candidate steps numbered as the reference steps they are
     return with_chunks(_compare_steps(ref, cand, recorded, step_match, tolerances, progress,
                                       mapping, use_tables, cand_precision, strict),
-                       chunked, ref, cand)
+                       chunked, cuts, ref, cand)
 
 
 def _compare_steps(ref: Dump, cand: Dump, recorded: Dump, step_match: StepMatch,

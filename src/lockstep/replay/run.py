@@ -27,7 +27,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..align.chunks import join_chunks
+from ..align.regroup import regroup
 from ..align.transforms import apply_transform
 from ..align.verify import merged_meta
 from ..errors import LockstepError
@@ -258,7 +258,7 @@ def replay_comparison(engine: Any, comparison: Any, prompt_ids: Sequence[int],
                     notes[i] = why
     ops: list[ReplayOp] = []
     with open_dump(comparison.reference.path) as ref, open_dump(comparison.candidate.path) as cand:
-        dumps = _Dumps(*join_chunks(ref, cand)[:2])  # as compared: chunked prefills joined
+        dumps = _Dumps(*regroup(ref, cand)[:2])  # as compared: chunked prefills joined
         weight_types = gguf_weight_types(dict(cand.meta), dict(ref.meta))
         for i, p in enumerate(targets):
             base = dict(step=p.step, reference=p.ref_name, candidate=p.cand_name, total=p.error)

@@ -1,6 +1,8 @@
-"""The ``chunk`` rule: a prefill fed in chunks (align.chunks joined them into one step)
-whose first chunk agrees while a later one does not: what a chunk that does not start at
-position 0 does differently (its attention over the cached earlier chunks, its positions)."""
+"""The ``chunk`` rule: a prefill fed in chunks (align.chunks joined them into one step) whose
+first chunk agrees while a later one does not, or a prefill computed after a cached prefix
+(align.prefix cut the other side's step) that departs at its attention or RoPE: what tokens
+that do not start at position 0 do differently (their attention over the cached ones, their
+positions)."""
 
 from __future__ import annotations
 
@@ -29,9 +31,20 @@ def _group(case: Case) -> ChunkGroup | None:
     return None
 
 
-def _positions(case: Case, group: ChunkGroup) -> list[str]:
-    """Where the candidate's recorded positions of the joined step do not go on one by one
-    from its first: the chunks whose positions are off, in words (with the values)."""
+def _cached(case: Case) -> tuple[int, str]:
+    """The tokens of a cached prefix the compared step leaves out (0: none), and the side
+    that took them from its cache (the other side's record was cut)."""
+    for rec, side in ((case.ref_record(case.first), "candidate"),
+                      (case.cand_record(case.first), "reference")):
+        start = rec.extra.get("from_token") if rec is not None else None
+        if type(start) is int and start > 0:
+            return start, side
+    return 0, ""
+
+
+def _positions(case: Case, group: ChunkGroup, base: int) -> list[str]:
+    """Where the candidate's recorded positions of the step do not go on one by one from
+    ``base``: the chunks whose positions are off, in words (with the values)."""
     step = case.first.step
     rec = next((r for r in case.cand.records if r.step == step and r.has_data and
                 (r.name in POSITION_NAMES or r.name.rsplit(".", 1)[-1] in POSITION_NAMES)),
@@ -39,24 +52,57 @@ def _positions(case: Case, group: ChunkGroup) -> list[str]:
     if rec is None or rec.numel != group.tokens[-1]:
         return []
     pos = np.asarray(case.cand.read(rec)).reshape(-1).astype(np.int64)
-    base = int(pos[0])  # the first chunk's first position: a cached prefix's length
     out = []
     for k in range(len(group.sizes)):
         a, b = group.tokens[k], group.tokens[k + 1]
         if not np.array_equal(pos[a:b], np.arange(base + a, base + b)):
             shown = ", ".join(str(int(v)) for v in pos[a:b][:8])
-            out.append(f"the candidate fed chunk {k + 1} ({group.span(k)} of the prefill) "
-                       f"positions {shown}{', ...' if b - a > 8 else ''}")
+            what = f"chunk {k + 1} ({group.span(k)} of the prefill)" if len(group.sizes) > 1 \
+                else f"its {b - a} tokens"
+            out.append(f"the candidate fed {what} positions {shown}"
+                       f"{', ...' if b - a > 8 else ''}, not from {base + a}")
     return out
+
+
+def _checks(case: Case, first_at: int, off: list[str], which: str) -> list[str] | None:
+    """What to check, by the op the divergence is at (None: not an op the cache or the
+    positions of ``which`` tokens explain)."""
+    op = case.role(case.first).op
+    if off or op in _ROPE:
+        return [f"the positions of {which}: they go on from {first_at}, not from 0",
+                f"the RoPE of {which}, which does not start at position 0 (its cos/sin rows)"]
+    if op in ATTN_OUT:
+        return [f"the attention mask of {which}: query i sees every cached key and its own "
+                "tokens' keys up to i (aligned bottom-right; torch's is_causal aligns "
+                "top-left when there are fewer queries than keys)",
+                "the cached keys and values it reads back (their slots, the block table, "
+                "the context length: cached tokens and new ones)",
+                f"the positions of {which}: they go on from {first_at}"]
+    return None
 
 
 @rule("chunk")
 def chunk(case: Case) -> Diagnosis | None:
     f = case.first
-    group = _group(case)
     arrays = case.arrays(f)
-    if group is None or arrays is None:
+    if arrays is None:
         return None
+    cached, side = _cached(case)
+    group = _group(case)
+    if group is None:  # one step computed after a cached prefix
+        if not cached:
+            return None
+        whole = ChunkGroup((f.step,), (int(np.squeeze(arrays[0]).shape[0]),))
+        off = _positions(case, whole, cached)
+        checks = _checks(case, cached, off, "the tokens after the cached prefix")
+        if checks is None:
+            return None
+        title = (f"the prefill computed after a cached prefix of {cached} tokens departs at "
+                 f"{label(f)}")
+        evidence = [f"the {side} took tokens 0-{cached - 1} from its prefix cache: every "
+                    "token it computed attends to them through the cache", *off]
+        return make("chunk", title, checks, evidence, cached_prefix=cached, chunk=None,
+                    chunks=1)
     errors = chunk_errors(group, *arrays)
     tol = max(case.good(f), f.tol)
     if errors is None or not errors[0][1] <= tol:  # the first chunk differs too: not this
@@ -71,25 +117,14 @@ def chunk(case: Case) -> Diagnosis | None:
              f"{k + 1} ({group.span(k)}), at {label(f)}")
     evidence = [f"relative L2 of {label(f)} per chunk: " + "; ".join(
         f"chunk {j + 1} ({group.span(j)}) {fmt(e)}" for j, e in errors),
-        f"the first chunk, which starts at position 0 and reads no cache, agrees "
-        f"(tolerance {fmt(tol)})"]
-    off = _positions(case, group)
+        "the first chunk, which " + (f"reads a cached prefix of {cached} tokens" if cached
+                                     else "starts at position 0 and reads no cache")
+        + f", agrees (tolerance {fmt(tol)})"]
+    off = _positions(case, group, cached)
     evidence += off
-    op = case.role(f).op
-    if off or op in _ROPE:
-        checks = [f"the positions of chunk {k + 1}: they go on from the previous chunk's end "
-                  f"({edges[k]}), not from 0",
-                  "the RoPE of a chunk that does not start at position 0 (its cos/sin rows)"]
-    elif op in ATTN_OUT:
-        checks = ["the attention mask of a later chunk: query i sees every cached key and "
-                  "its own chunk's keys up to i (aligned bottom-right; torch's is_causal "
-                  "aligns top-left when there are fewer queries than keys)",
-                  "the keys and values of the earlier chunks it reads back from the cache "
-                  "(their slots, the block table, the context length)",
-                  f"the positions of chunk {k + 1}: they go on from {edges[k]}"]
-    else:
-        checks = [f"what {label(f)} does for a chunk that does not start at position 0",
-                  "the attention of a later chunk over the cached earlier ones (its mask, the "
-                  "keys and values it reads back)"]
-    return make("chunk", title, checks, evidence, chunk=k, chunks=n,
+    checks = _checks(case, cached + edges[k], off, f"chunk {k + 1}") or [
+        f"what {label(f)} does for a chunk that does not start at position 0",
+        "the attention of a later chunk over the cached earlier ones (its mask, the keys and "
+        "values it reads back)"]
+    return make("chunk", title, checks, evidence, chunk=k, chunks=n, cached_prefix=cached,
                 chunk_errors=[e for _, e in errors], tokens=list(edges))
