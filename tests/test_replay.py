@@ -112,7 +112,7 @@ def test_replay_command_on_recorded_dumps(llama, tmp_path):
     import sys
 
     _diff(llama, tmp_path, o_proj_scale=1.01)  # leaves reference.lsd and candidate.lsd
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "80"}
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "lockstep.cli.main", "replay",
@@ -126,6 +126,10 @@ def test_replay_command_on_recorded_dumps(llama, tmp_path):
     assert data["replay"]["ops"][0]["reference"] == "model.layers.0.mlp.down_proj"
     assert data["replay"]["ops"][0]["where"] == "inherited"
     assert "replay (the dual test)" in got.stdout
+    # at 80 columns each op's name and figures are whole, not squeezed into a table
+    assert "│ step 0  model.layers.0.mlp.down_proj  inherited" in got.stdout, got.stdout
+    assert "error " in got.stdout and "its input's error " in got.stdout
+    assert "…" not in got.stdout.split("replay (the dual test)")[1].split("╰")[0]
     bad = cli("--at", "no.such.record")
     assert bad.returncode == 2 and "no compared pair has that reference name" in bad.stderr
 

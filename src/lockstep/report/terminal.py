@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from rich.console import Console, ConsoleOptions, Group, RenderResult
+from rich.padding import Padding
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
@@ -159,28 +160,28 @@ def _replay(replay: Any) -> Panel:
         body.append(Text(f"the first op's error is what {replay.precision} operands give: the "
                          f"candidate was compared as computing in {replay.precision} "
                          "(measured by replay, not declared)", style="bold"))
-    table = Table(box=None, padding=(0, 1))
     other_way = any(op.reverse is not None for op in replay.ops)
-    cols = ["step", "op (reference)", "error", "introduced here", "inherited input",
-            "bf16/fp16 give"] + (["cand op on ref input"] if other_way else []) + [""]
-    for col in cols:
-        table.add_column(col, justify="left" if col.startswith("op") or not col else "right",
-                         no_wrap=col.startswith("op"))
-    for op in replay.ops:
-        if op.introduced is None:
-            _row(table, str(op.step), op.reference, fmt(op.total), "-", "-", "-",
-                 *(["-"] if other_way else []), f"not replayed: {op.note}")
+    skipped = []
+    for op in replay.ops:  # two lines each: a table of 7 columns is unreadable at 80
+        if op.introduced is None:  # said below: a long reason
+            skipped.append(op)
             continue
-        rounding = "/".join(fmt(op.rounding[d]) if d in op.rounding else "-"
-                              for d in ("bfloat16", "float16"))
         where = op.where or ""
         if op.explained_by:
             where += f", {op.explained_by} rounding"
-        _row(table, str(op.step), op.reference, fmt(op.total), fmt(op.introduced),
-             fmt(op.inherited), rounding,
-             *([fmt(op.reverse) if op.reverse is not None else "-"] if other_way else []),
-             where)
-    body.append(table)
+        figures = [f"error {fmt(op.total)}", f"introduced here {fmt(op.introduced)}",
+                   f"its input's error {fmt(op.inherited)}"]
+        figures += [f"{short} rounding {fmt(op.rounding[d])}"
+                    for d, short in (("bfloat16", "bf16"), ("float16", "fp16"))
+                    if d in op.rounding]
+        if op.reverse is not None:
+            figures.append(f"the candidate's op on the reference's input {fmt(op.reverse)}")
+        body.append(Text.assemble(f"step {op.step}  ", (op.reference, "bold"),
+                                  f"  {where}" if where else ""))
+        body.append(Padding(Text("; ".join(figures)), (0, 0, 0, 4)))
+    for op in skipped:
+        body.append(Text(f"not replayed: {op.reference} (step {op.step}, error "
+                         f"{fmt(op.total)}): {op.note}"))
     body.append(Text("the reference's ops re-run on the candidate's recorded inputs"
                      + (", and the candidate's ops on the reference's" if other_way else "")
                      + f" ({replay.seconds:.2f} s)", style="dim"))
