@@ -20,14 +20,15 @@ TABLE = np.random.default_rng(0).standard_normal((16, WIDTH)).astype(np.float32)
 
 
 def run(out: Path, chunks: Sequence[int], decode: int = 2, bug: str | None = None,
-        odd: bool = False, cached: int = 0, square: bool = False) -> None:
+        odd: bool = False, cached: int = 0, square: bool = False, extras: bool = True) -> None:
     """Feed IDS in chunks of the given sizes, then ``decode`` steps. ``mix`` is each token's
     row averaged with every row before it (a cache of the rows so far); ``keys`` is that
     cache read back (every row so far); ``last`` the last row's mix alone. ``bug``:
     ``own_chunk`` (a chunk mixes its own rows only) or ``positions`` (a later chunk's
     positions from 0). ``cached``: the rows of the first tokens are in the cache before
     the recording (a prefix cache), and ``chunks`` feed the rest. ``square``: a record
-    (tokens, tokens) whose token dim cannot be told."""
+    (tokens, tokens) whose token dim cannot be told. ``extras=False``: only the ids,
+    positions, ``x`` and ``mix``."""
     ids = list(IDS) + [10 + i for i in range(decode)]
     cuts = [cached]
     for n in chunks:
@@ -53,6 +54,8 @@ def run(out: Path, chunks: Sequence[int], decode: int = 2, bug: str | None = Non
                     rows.append(np.mean(cache, axis=0))
                 mix = np.stack(rows).astype(np.float32)
                 lockstep.probe("mix", mix)
+                if not extras:
+                    continue
                 lockstep.probe("keys", np.stack(cache).astype(np.float32))
                 lockstep.probe("last", mix[-1:])
                 if square:
@@ -198,3 +201,78 @@ def test_a_record_whose_token_dim_cannot_be_told_is_not_cut(tmp_path):
     assert [name for name, _ in cut.left_out] == ["square"]
     assert "which holds the tokens is not known" in cut.left_out[0][1]
     assert any(g.what == "chunks" for g in result.coverage.gaps)
+
+
+def speculative(out: Path, verify: Sequence[tuple[int, int]], bug: str | None = None,
+                last: bool = False) -> None:
+    """Prefill IDS, then decode steps that each feed the next token and drafts: ``verify``
+    holds (drafts fed, drafts kept); a rejected draft is token 0 (a wrong guess), and its
+    position is fed again by the next step. The tokens kept are 10, 11, ... as in ``run``'s
+    decode. ``bug``: ``own_chunk`` (a verify step mixes its own rows only). ``last``: also
+    each step's last row alone."""
+    cache: list[np.ndarray] = []
+    with lockstep.record(out, meta={"prompt_token_ids": IDS}) as rec:
+        steps = [(list(IDS), 0)]
+        nxt = 10
+        for drafts, kept in verify:
+            fed = [nxt] + [nxt + 1 + j if j < kept else 0 for j in range(drafts)]
+            steps.append((fed, kept))
+            nxt += 1 + kept
+        pos = 0
+        for k, (fed_ids, kept) in enumerate(steps):
+            with rec.step():
+                fed = np.array(fed_ids, dtype=np.int64)
+                positions = np.arange(pos, pos + len(fed))
+                lockstep.probe("input_ids", fed)
+                lockstep.probe("positions", positions)
+                x = TABLE[fed] + 0.01 * positions[:, None]
+                lockstep.probe("x", x.astype(np.float32))
+                base = [] if bug == "own_chunk" and k else cache[:pos]
+                rows, seen = [], list(base)
+                for row in x:
+                    seen.append(row)
+                    rows.append(np.mean(seen, axis=0))
+                lockstep.probe("mix", np.stack(rows).astype(np.float32))
+                if last:
+                    lockstep.probe("last", np.stack(rows[-1:]).astype(np.float32))
+                cache = cache[:pos] + list(x)
+                pos += len(fed) if k == 0 else 1 + kept
+        rec.add_meta(generated_token_ids=list(range(10, nxt + 1)))
+
+
+def test_speculative_decoding_steps_drop_their_rejected_drafts_and_meet_single_steps(tmp_path):
+    """Each verify step fed the next token and 2 drafts and kept 1: its rejected draft's row
+    is cut off, and the reference's two single-token steps for the same tokens are joined
+    to meet it. Before, no verify step matched a reference step: INCOMPLETE."""
+    run(tmp_path / "ref", [9], decode=6, extras=False)
+    speculative(tmp_path / "cand", [(2, 1), (2, 1), (2, 1)])
+    result = lockstep.compare(tmp_path / "ref", tmp_path / "cand")
+    assert result.verdict == "match", (result.first_divergence, result.coverage.gaps)
+    cuts = result.chunks.drafts
+    assert [(c.side, c.step, c.fed, c.kept) for c in cuts] == [
+        ("candidate", 1, 3, 2), ("candidate", 2, 3, 2), ("candidate", 3, 3, 2)]
+    (side,) = result.chunks.sides
+    assert side.side == "reference" and not side.groups[0].prefill
+    assert [g.steps for g in side.groups] == [(1, 2), (3, 4), (5, 6)]
+    assert result.step_match.pairs == ((0, 0), (1, 1), (3, 2), (5, 3))
+    assert result.tokens.off_argmax == ()
+
+
+def test_a_verify_step_that_forgets_the_cache_diverges_there(tmp_path):
+    run(tmp_path / "ref", [9], decode=4, extras=False)
+    speculative(tmp_path / "cand", [(2, 1), (2, 1)], bug="own_chunk")
+    result = lockstep.compare(tmp_path / "ref", tmp_path / "cand")
+    first = result.first_divergence
+    assert result.verdict == "diverged" and (first.step, first.ref_name) == (1, "mix")
+    assert "starts in the reference's step 1;" in result.chunks.blame
+
+
+def test_a_verify_steps_last_row_alone_is_left_out_not_compared(tmp_path):
+    """A record holding a verify step's last row alone is a rejected draft's: it is left out
+    (incomplete), not compared with the reference's row of another token."""
+    run(tmp_path / "ref", [9], decode=2, extras=False)
+    speculative(tmp_path / "cand", [(2, 1)], last=True)
+    result = lockstep.compare(tmp_path / "ref", tmp_path / "cand")
+    (cut,) = result.chunks.drafts
+    assert [name for name, _ in cut.left_out] == ["last"]
+    assert result.verdict == "incomplete"

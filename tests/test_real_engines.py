@@ -17,6 +17,7 @@ import torch
 import lockstep
 from engines.nano_vllm import LLM
 from engines.nano_vllm import SPEC as NANO_SPEC
+from lockstep.align.steps import fed_per_step
 from lockstep.workflows.capture import capture
 from lockstep.zoo.families import tiny_family_model
 from models import save_tiny
@@ -261,6 +262,39 @@ def test_a_prefill_after_a_cached_prefix(tmp_path, references, bug):
     assert result.diagnosis.kind == "chunk" and result.diagnosis.detail["cached_prefix"] == 4
 
 
+@pytest.mark.parametrize("bug", [None, "chunk_causal"], ids=lambda b: str(b))
+def test_speculative_decoding_against_one_token_steps(tmp_path, references, bug):
+    """The engine decodes speculatively: its first decode step feeds the next token and 2
+    drafts (200, then 7: a wrong guess) and keeps 1. The rejected draft's rows are cut off,
+    and the reference's decode steps 1 and 2 are joined to meet the verify step. Before, no
+    step after the prefill was compared the right way: steps were matched by index, the
+    verify step's 3 rows against one reference row. A verify step masked top-left (SDPA's
+    is_causal with fewer queries than keys) diverges at it, at layer 0's attention."""
+    model, ref, tokens = references["llama"]
+    llm = LLM(model, bug=bug, speculative=2)
+    llm.proposer = lambda seen, k: [200, 7][:k]
+    with lockstep.record(tmp_path / "cand.lsd", meta={**llm.meta, "prompt_token_ids": PROMPT}
+                         ) as rec:
+        rec.watch(llm.model)
+        rec.watch(llm.sampler)
+        chosen = llm.generate(PROMPT, DECODE, forced=tokens[:DECODE])
+        rec.add_meta(generated_token_ids=chosen)
+    with lockstep.open_dump(tmp_path / "cand.lsd") as cand:
+        assert [len(ids) for ids, _ in fed_per_step(cand).values()] == [len(PROMPT), 3, 1]
+    result = lockstep.compare(ref, tmp_path / "cand.lsd")
+    assert [(d.step, d.fed, d.kept) for d in result.chunks.drafts] == [(1, 3, 2)]
+    (side,) = result.chunks.sides
+    assert side.side == "reference" and [g.steps for g in side.groups] == [(1, 2)]
+    if bug is None:
+        assert chosen == tokens
+        assert result.verdict == "match", (result.first_divergence, result.coverage.gaps)
+        assert result.tokens.off_argmax == ()
+        return
+    first = result.first_divergence
+    assert result.verdict == "diverged" and (first.step, first.canonical) == (
+        1, "layers.0.attn_heads"), first
+
+
 def test_diff_of_a_chunked_engine_from_the_command_line(tmp_path, references):
     """``lockstep diff`` records both engines, joins the chunks, names the chunk and
     replays the reference's ops on the joined step."""
@@ -280,7 +314,7 @@ def test_diff_of_a_chunked_engine_from_the_command_line(tmp_path, references):
         "model.layers.0.self_attn.o_proj"]
     assert o_proj["inherited"] > 0.1 and o_proj["introduced"] < 1e-5, o_proj
     assert report["chunks"]["sides"][0]["groups"] == [{"steps": [0, 1, 2],
-                                                       "tokens": [4, 4, 1]}]
+                                                       "tokens": [4, 4, 1], "prefill": True}]
     assert report["diagnosis"]["kind"] == "chunk"
 
 

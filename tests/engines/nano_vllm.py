@@ -28,6 +28,11 @@ start from 0 again).
 caching does: a prompt served again computes only the tokens after its cached blocks (the
 ``py:`` engine serves the prompt once, unrecorded, before the recorded run).
 
+``speculative=K`` decodes speculatively, as vLLM's n-gram proposer does: each decode step
+feeds the last token and up to K draft tokens (those that followed the latest earlier
+occurrence of the last tokens), keeps the drafts the rows before them chose, and drops the
+rest.
+
 ``prefill_chunk=N`` feeds the prompt in chunks of N tokens, one forward each, as vLLM's and
 SGLang's chunked prefill do: a later chunk writes its K/V into the cache and attends over
 the cached earlier chunks and its own tokens.
@@ -485,7 +490,8 @@ class LLM:
     def __init__(self, directory: str | Path, *, bug: str | None = None,
                  dtype: torch.dtype = torch.float32, num_blocks: int = 64,
                  logits: str = "vllm", vocab_multiple: int = 1,
-                 prefill_chunk: int | None = None, prefix_cache: bool = False) -> None:
+                 prefill_chunk: int | None = None, prefix_cache: bool = False,
+                 speculative: int = 0) -> None:
         if bug is not None and bug not in BUGS:
             raise ValueError(f"unknown bug {bug!r}")
         directory = Path(directory)
@@ -493,6 +499,8 @@ class LLM:
         cfg.vocab_padded = -(-cfg.vocab_size // vocab_multiple) * vocab_multiple
         self.bug, self.prefill_chunk = bug, prefill_chunk
         self.prefix_cache, self.quiet = prefix_cache, False
+        self.speculative = speculative  # draft tokens per decode step (0: none)
+        self.proposer: Any = None  # (tokens, k) -> drafts, in place of the n-gram proposer
         self.cached_blocks: dict[tuple[int, ...], int] = {}  # a prompt prefix -> its block
         arch = cfg.architectures[0]
         torch.manual_seed(1234)  # the random init a skipped layer keeps
@@ -539,7 +547,7 @@ class LLM:
             logits = self.model.compute_logits(hidden)
             if self.on_logits is not None and last:  # a prefill's last chunk, or decode
                 self.on_logits(logits[-1])
-            return int(self.sampler(logits, temperature)[-1])
+            return [int(t) for t in self.sampler(logits, temperature)]
 
     def generate(self, prompt: Sequence[int], decode: int, *,
                  forced: Sequence[int] | None = None, temperature: float = 0.0) -> list[int]:
@@ -561,18 +569,32 @@ class LLM:
                 b = min(n, a + step)
                 first = 0 if self.bug == "chunk_positions" else a  # positions from 0 again
                 token = self._run(seq, list(prompt[a:b]), list(range(first, first + b - a)),
-                                  slots[a:b], True, temperature, last=b == n, context_len=b)
+                                  slots[a:b], True, temperature, last=b == n, context_len=b)[-1]
             chosen = [token]
-            for i in range(decode):
+            while len(chosen) <= decode:
+                i = len(chosen) - 1
                 fed = forced[i] if forced is not None and i < len(forced) else chosen[-1]
-                seq.token_ids.append(fed)
-                position = len(seq.token_ids) - 1
-                slot = self._slot(seq, position)
+                # speculative decoding: the token and drafts verified in one forward
+                drafts = self.propose(seq.token_ids + [fed], min(self.speculative,
+                                                                 decode - i - 1))
+                start = len(seq.token_ids)
+                seq.token_ids.extend([fed, *drafts])
+                positions = list(range(start, len(seq.token_ids)))
+                slots = [self._slot(seq, p) for p in positions]
                 if self.bug == "decode_position":
-                    position += 1
+                    positions[0] += 1
                 if self.bug == "kv_slot":
-                    slot += 1
-                chosen.append(self._run(seq, [fed], [position], [slot], False, temperature))
+                    slots[0] += 1
+                rows = self._run(seq, [fed, *drafts], positions, slots, False, temperature)
+                kept = 0  # drafts kept: each the token the row before it chose (or forced)
+                while kept < len(drafts):
+                    j = i + 1 + kept
+                    want = forced[j] if forced is not None and j < len(forced) else rows[kept]
+                    if drafts[kept] != want:
+                        break
+                    kept += 1
+                del seq.token_ids[start + 1 + kept:]  # the rejected drafts leave the sequence
+                chosen.extend(rows[:kept + 1])
         finally:  # the sequence is finished: its blocks go back, as vLLM's scheduler frees them
             if self.prefix_cache:  # but the prompt's full blocks stay, cached
                 for i in range(n // BLOCK_SIZE):
@@ -581,6 +603,20 @@ class LLM:
             kept = set(self.cached_blocks.values())
             self.free_blocks.extend(b for b in reversed(seq.block_table) if b not in kept)
         return chosen
+
+    def propose(self, tokens: Sequence[int], k: int) -> list[int]:
+        """Up to ``k`` draft tokens (vLLM's n-gram proposer): the tokens that followed the
+        latest earlier occurrence of the last 3, 2 or 1 tokens."""
+        if k <= 0:
+            return []
+        if self.proposer is not None:
+            return list(self.proposer(tokens, k))[:k]
+        for n in (3, 2, 1):
+            tail = list(tokens[-n:])
+            for at in range(len(tokens) - n - 1, -1, -1):
+                if list(tokens[at:at + n]) == tail:
+                    return list(tokens[at + n:at + n + k])
+        return []
 
     def serve_quietly(self, prompt: Sequence[int]) -> None:
         """Serve ``prompt`` once with no probes: what fills the prefix cache before a run
@@ -609,8 +645,9 @@ class NanoEngine(Engine):
     def __init__(self, spec: str, *, model: str, bug: str | None = None,
                  dtype: str = "float32", num_blocks: int = 256, logits: str = "vllm",
                  vocab_multiple: int = 1, prefill_chunk: int = 0,
-                 prefix_cache: int = 0) -> None:
+                 prefix_cache: int = 0, speculative: int = 0) -> None:
         super().__init__(spec)
+        self.speculative = int(speculative)
         self.prefill_chunk = int(prefill_chunk) or None
         self.prefix_cache = bool(int(prefix_cache))
         self.directory, self.bug, self.num_blocks = Path(model), bug, int(num_blocks)
@@ -621,7 +658,7 @@ class NanoEngine(Engine):
         self.llm = LLM(self.directory, bug=self.bug, dtype=self.dtype,
                        num_blocks=self.num_blocks, logits=self.logits,
                        vocab_multiple=self.vocab_multiple, prefill_chunk=self.prefill_chunk,
-                       prefix_cache=self.prefix_cache)
+                       prefix_cache=self.prefix_cache, speculative=self.speculative)
 
     def tokenize(self, text: str) -> list[int]:
         raise lockstep.UsageError(f"{self.spec}: the test engine has no tokenizer: give "
@@ -639,10 +676,12 @@ class NanoEngine(Engine):
             raise lockstep.UsageError(f"{self.spec}: a prompt of tokens and a step at least")
         rows: list[Tensor] = []
         self.llm.on_logits = lambda last: rows.append(last.float().clone())
+        speculative, self.llm.speculative = self.llm.speculative, 0  # one row per step
         try:
             chosen = self.llm.generate(list(prompt_ids), steps - 1, forced=forced)
         finally:
             self.llm.on_logits = None
+            self.llm.speculative = speculative
         return chosen, torch.stack(rows).numpy()
 
     def generate(self, rec: Any, prompt_ids: Sequence[int], decode: int, *,

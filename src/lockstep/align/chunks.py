@@ -49,6 +49,7 @@ class ChunkGroup:
 
     steps: tuple[int, ...]  #: the recorded steps, in order; the first names the joined step
     sizes: tuple[int, ...]  #: tokens each step was fed
+    prefill: bool = True  #: the first step starts its sequence (else: decode steps joined)
 
     @property
     def step(self) -> int:
@@ -73,8 +74,19 @@ class ChunkGroup:
         first, last = self.steps[0], self.steps[-1]
         span = f"steps {first}-{last}" if self.steps == tuple(range(first, last + 1)) else \
             "steps " + ", ".join(map(str, self.steps))
+        if not self.prefill:
+            return (f"decode {span} fed {'+'.join(map(str, self.sizes))} tokens that the "
+                    f"other side fed in one step (speculative decoding), joined as step "
+                    f"{first}")
         return (f"{span} are one prefill fed in {len(self.steps)} chunks "
                 f"({'+'.join(map(str, self.sizes))} tokens), joined as step {first}")
+
+    def part(self, k: int) -> str:
+        """Part ``k`` in words: "chunk 2 of 3 (step 1, tokens 4-7)", or for joined decode
+        steps "step 3"."""
+        if not self.prefill:
+            return f"step {self.steps[k]}"
+        return f"chunk {k + 1} of {len(self.sizes)} (step {self.steps[k]}, {self.span(k)})"
 
 
 @dataclass(frozen=True)
@@ -102,8 +114,8 @@ class Chunking:
 
     def as_dict(self) -> dict[str, Any]:
         return {"side": self.side,
-                "groups": [{"steps": list(g.steps), "tokens": list(g.sizes)}
-                           for g in self.groups],
+                "groups": [{"steps": list(g.steps), "tokens": list(g.sizes),
+                            "prefill": g.prefill} for g in self.groups],
                 "records": dict(self.rules),
                 "left_out": [{"step": s, "name": n, "why": w} for s, n, w in self.left_out]}
 
@@ -136,6 +148,12 @@ def _groups(fed: dict[int, Fed], other_fed: dict[int, Fed]) -> list[ChunkGroup]:
         return []
     groups: list[ChunkGroup] = []
     steps = list(fed)
+
+    def group(run: list[int]) -> ChunkGroup:
+        h, ids = hist[run[0]], fed[run[0]][0]
+        return ChunkGroup(tuple(run), tuple(len(fed[s][0] or ()) for s in run),
+                          prefill=h is None or ids is None or len(h) == len(ids))
+
     run = [steps[0]] if steps else []
     so_far = hist[steps[0]] if steps else None
     for t in steps[1:]:
@@ -146,10 +164,10 @@ def _groups(fed: dict[int, Fed], other_fed: dict[int, Fed]) -> list[ChunkGroup]:
             so_far = so_far + ids
         else:
             if len(run) > 1:
-                groups.append(ChunkGroup(tuple(run), tuple(len(fed[s][0] or ()) for s in run)))
+                groups.append(group(run))
             run, so_far = [t], hist[t]
     if len(run) > 1:
-        groups.append(ChunkGroup(tuple(run), tuple(len(fed[s][0] or ()) for s in run)))
+        groups.append(group(run))
     return groups
 
 
@@ -168,11 +186,15 @@ def token_dim(shapes: Sequence[tuple[int, ...]], counts: Sequence[int]) -> int |
     return fits[0] if fits else None
 
 
-def _grown(shapes: Sequence[tuple[int, ...]], ends: Sequence[int]) -> bool:
-    """Each chunk's record holds every token fed so far (keys read back from the cache)."""
+def _grown(shapes: Sequence[tuple[int, ...]], sizes: Sequence[int]) -> bool:
+    """Each chunk's record holds every token fed so far (keys read back from the cache): along
+    one dim it grows by each chunk's tokens, the other dims the same."""
     nd = len(shapes[-1])
-    return any(all(len(s) == nd and s[d] == e and s[:d] + s[d + 1:] == shapes[-1][:d] +
-                   shapes[-1][d + 1:] for s, e in zip(shapes, ends)) for d in range(nd))
+    if any(len(s) != nd for s in shapes):
+        return False
+    return any(shapes[0][d] >= sizes[0] and all(
+        b[d] - a[d] == n and a[:d] + a[d + 1:] == b[:d] + b[d + 1:]
+        for a, b, n in zip(shapes, shapes[1:], sizes[1:])) for d in range(nd))
 
 
 def _join(group: ChunkGroup, recs: list[Record | None]) -> tuple[str, int | None] | str:
@@ -197,7 +219,7 @@ def _join(group: ChunkGroup, recs: list[Record | None]) -> tuple[str, int | None
         if not all(r.has_data for r in present):
             return "recorded as statistics only: its chunks cannot be concatenated"
         return "cat", dim
-    if all(s == shapes[-1] for s in shapes) or _grown(shapes, group.tokens[1:]):
+    if all(s == shapes[-1] for s in shapes) or _grown(shapes, group.sizes):
         return "last", None
     return (f"its shapes {[list(s) for s in shapes]} neither concatenate along the tokens "
             f"each chunk was fed ({list(group.sizes)}) nor stay the same")
@@ -249,6 +271,9 @@ def _joined(dump: Dump, groups: list[ChunkGroup], side: str) -> tuple[Dump, Chun
     records.sort(key=lambda x: (x.step, x.seq))
     view = ComposedDump(dump.path, dump.header, records, dict(dump.meta), dump.end, parts,
                         [dump])
+    # joined decode steps go on with their sequence, though fed several ids (align.steps)
+    view.continues = frozenset(g.step for g in groups if not g.prefill) | \
+        getattr(dump, "continues", frozenset())
     return view, Chunking(side, tuple(groups), tuple(counts.items()), tuple(left))
 
 

@@ -7,8 +7,9 @@ Each composed record names its parts, each a record of some opened dump, and one
 * ``cat``: the parts concatenated along ``dim`` (column-parallel shards, a prefill's chunks);
 * ``sum``: the parts added (in float: row-parallel partial sums);
 * ``one``: part ``pick`` alone (a replica, the state after a prefill's last chunk);
-* ``from``: the one part from index ``start`` on along ``dim`` (a prefill's tokens after the
-  prefix the other side took from its cache).
+* ``slice``: the one part from index ``start`` to ``stop`` along ``dim`` (a prefill's tokens
+  after the prefix the other side took from its cache; a decode step's rows without its
+  rejected draft tokens).
 
 Only the parts of the record being read are in memory; the dumps they come from keep owning
 their mappings (close this dump to close them).
@@ -27,18 +28,19 @@ from ..store.reader import Dump, Record
 
 __all__ = ["Parts", "ComposedDump", "bounds", "slice_errors"]
 
-RULES = ("cat", "sum", "one", "from")
+RULES = ("cat", "sum", "one", "slice")
 
 
 @dataclass(frozen=True)
 class Parts:
     """How one composed record is read from its parts."""
 
-    rule: str  #: "cat", "sum", "one" or "from"
+    rule: str  #: "cat", "sum", "one" or "slice"
     sources: tuple[tuple[Dump, Record], ...]
-    dim: int = 0  #: cat, from: the dimension concatenated, or cut (non-negative)
+    dim: int = 0  #: cat, slice: the dimension concatenated, or cut (non-negative)
     pick: int = 0  #: one: the part read
-    start: int = 0  #: from: the first index kept along dim
+    start: int = 0  #: slice: the first index kept along dim
+    stop: int | None = None  #: slice: the index after the last kept (None: the end)
 
 
 def bounds(shapes: Sequence[tuple[int, ...]], dim: int) -> tuple[int, ...]:
@@ -74,6 +76,9 @@ class ComposedDump(Dump):
                  parts: dict[int, Parts], owners: Sequence[Dump]) -> None:
         super().__init__(path, header, records, meta, end, 0)
         self.owners = list(owners)
+        #: steps that go on with their sequence though fed several ids (align.steps)
+        self.continues: frozenset[int] = frozenset().union(
+            *(getattr(d, "continues", frozenset()) for d in owners))
         self._parts = parts  # composed record's seq -> its parts
 
     def raw(self, record: Record) -> np.ndarray:
@@ -87,9 +92,9 @@ class ComposedDump(Dump):
                 total += d.read(r)
             return total
         d, r = parts.sources[parts.pick]
-        if parts.rule == "from":
+        if parts.rule == "slice":
             index = [slice(None)] * len(r.shape)
-            index[parts.dim] = slice(parts.start, None)
+            index[parts.dim] = slice(parts.start, parts.stop)
             return d.raw(r)[tuple(index)]
         return d.raw(r)
 

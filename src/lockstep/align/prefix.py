@@ -30,7 +30,7 @@ from .chunks import token_dim
 from .composed import ComposedDump, Parts
 from .steps import Fed, fed_per_step, histories
 
-__all__ = ["PrefixCut", "cut_prefixes"]
+__all__ = ["PrefixCut", "cut_prefixes", "cut_steps"]
 
 
 @dataclass(frozen=True)
@@ -120,36 +120,49 @@ def _found(late: dict[int, Fed], full: dict[int, Fed]) -> tuple[int, int, int, s
     return None
 
 
-def _cut(dump: Dump, step: int, start: int, n: int, side: str, other_step: int,
-         how: str, whole: dict[str, tuple[int, ...]]) -> tuple[Dump, PrefixCut]:
-    """``whole``: the late side's first-step shapes by name: a record of the same name and
-    shape there holds every token (the cache read back), so it is kept whole here."""
+def cut_steps(dump: Dump, cuts: dict[int, tuple[int, int, int]], note: str,
+              whole: dict[str, tuple[int, ...]] | None = None, others: str | None = None
+              ) -> tuple[ComposedDump, dict[int, tuple[tuple[str, str], ...]]]:
+    """``dump`` with each step of ``cuts`` (step -> (tokens it fed, start, stop)) cut to its
+    tokens ``start`` to ``stop`` along each record's token dim; records with no such dim kept
+    whole (or, with ``others``, left out for that reason), and so is a record whose name and
+    shape are in ``whole`` (the other side's, holding every token). Each cut record's extra
+    gets ``note: [start, stop]``. Returns the view and, per step, (name, why) of the records
+    that could not be cut (left out)."""
+    whole = whole or {}
     records: list[Record] = []
     parts: dict[int, Parts] = {}
-    left: list[tuple[str, str]] = []
+    left: dict[int, list[tuple[str, str]]] = {s: [] for s in cuts}
     for r in dump.records:
-        d = token_dim([r.shape], [n]) if r.step == step and whole.get(r.name) != r.shape \
-            else None
+        cut = cuts.get(r.step)
+        d = token_dim([r.shape], [cut[0]]) if cut is not None and \
+            whole.get(r.name) != r.shape else None
+        if d is None and cut is not None and others is not None:
+            left[r.step].append((r.name, others))
+            continue
         if d is None:
             records.append(r)
             parts[r.seq] = Parts("one", ((dump, r),))
             continue
+        assert cut is not None
         if isinstance(d, str):
-            left.append((r.name, d))
+            left[r.step].append((r.name, d))
             continue
         if not r.has_data:
-            left.append((r.name, "recorded as statistics only: its tokens cannot be cut"))
+            left[r.step].append((r.name, "recorded as statistics only: its tokens cannot be "
+                                 "cut"))
             continue
+        _, start, stop = cut
         shape = list(r.shape)
-        shape[d] -= start
+        shape[d] = stop - start
         itemsize = (r.nbytes or 0) // max(1, r.numel)
-        cut = replace(r, shape=tuple(shape), offset=0, stats=None,
-                      nbytes=math.prod(shape) * itemsize, extra={**r.extra, "from_token": start})
-        records.append(cut)
-        parts[r.seq] = Parts("from", ((dump, r),), dim=d, start=start)
+        records.append(replace(r, shape=tuple(shape), offset=0, stats=None,
+                               nbytes=math.prod(shape) * itemsize,
+                               extra={**r.extra, note: [start, stop]}))
+        parts[r.seq] = Parts("slice", ((dump, r),), dim=d, start=start, stop=stop)
     view = ComposedDump(dump.path, dump.header, records, dict(dump.meta), dump.end, parts,
                         [dump])
-    return view, PrefixCut(side, step, n, start, other_step, tuple(left), how)
+    return view, {s: tuple(x) for s, x in left.items()}
 
 
 def cut_prefixes(ref: Dump, cand: Dump) -> tuple[Dump, Dump, tuple[PrefixCut, ...]]:
@@ -164,7 +177,8 @@ def cut_prefixes(ref: Dump, cand: Dump) -> tuple[Dump, Dump, tuple[PrefixCut, ..
             continue
         first, u, k, how = found
         late_shapes = {r.name: r.shape for r in sides[late].records if r.step == first}
-        sides[full], cut = _cut(sides[full], u, k, len(fed[full][u][0] or ()), full, first,
-                                how, late_shapes)
+        n = len(fed[full][u][0] or ())
+        sides[full], left = cut_steps(sides[full], {u: (n, k, n)}, "from_token", late_shapes)
+        cut = PrefixCut(full, u, n, k, first, left[u], how)
         return sides["reference"], sides["candidate"], (cut,)
     return ref, cand, ()

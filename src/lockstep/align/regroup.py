@@ -1,20 +1,37 @@
 """The steps of two dumps regrouped along their tokens before the steps are matched: a step
-cut where the other side began its prefill after a cached prefix (align.prefix), then the
-chunks of a prefill fed in several forwards joined (align.chunks)."""
+cut where the other side began its prefill after a cached prefix (align.prefix), the rows of
+rejected speculative drafts cut off (align.drafts), then the steps one side fed in one step
+and the other in several joined (align.chunks: a chunked prefill, speculative decoding)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from ..store.reader import Dump
 from .chunks import Chunking, join_chunks
+from .drafts import DraftCut, cut_drafts
 from .prefix import PrefixCut, cut_prefixes
 
-__all__ = ["regroup"]
+__all__ = ["Regrouping", "regroup"]
 
 
-def regroup(ref: Dump, cand: Dump) -> tuple[Dump, Dump, tuple[PrefixCut, ...],
-                                             tuple[Chunking, ...]]:
+@dataclass(frozen=True)
+class Regrouping:
+    """What was cut and joined, on each side."""
+
+    cuts: tuple[PrefixCut, ...] = ()
+    drafts: tuple[DraftCut, ...] = ()
+    chunks: tuple[Chunking, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.cuts or self.drafts or self.chunks)
+
+
+def regroup(ref: Dump, cand: Dump) -> tuple[Dump, Dump, Regrouping]:
     """Both sides as compared: cut, then joined. The views share the dumps' mappings: close
     the dumps, not them."""
     ref, cand, cuts = cut_prefixes(ref, cand)
+    ref, ref_drafts = cut_drafts(ref, "reference")
+    cand, cand_drafts = cut_drafts(cand, "candidate")
     ref, cand, chunked = join_chunks(ref, cand)
-    return ref, cand, cuts, chunked
+    return ref, cand, Regrouping(cuts, ref_drafts + cand_drafts, chunked)

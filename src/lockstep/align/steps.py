@@ -108,10 +108,12 @@ def fed_per_step(dump: Any) -> dict[int, Fed]:
             for s, rs in sorted(by_step.items())}
 
 
-def histories(fed: dict[int, Fed]) -> dict[int, tuple[int, ...] | None]:
+def histories(fed: dict[int, Fed],
+              continues: frozenset[int] = frozenset()) -> dict[int, tuple[int, ...] | None]:
     """Each step's ids with those fed before it in the same sequence: a decode step is known
     by everything it attends to, not by its one token. A sequence starts at position 0 (or,
-    with no positions recorded, at a step fed several ids: a prefill)."""
+    with no positions recorded, at a step fed several ids: a prefill, unless the step is in
+    ``continues``: decode steps joined into one, align.chunks)."""
     out: dict[int, tuple[int, ...] | None] = {}
     history: tuple[int, ...] = ()
     for step, (ids, pos) in fed.items():
@@ -119,7 +121,8 @@ def histories(fed: dict[int, Fed]) -> dict[int, tuple[int, ...] | None]:
             out[step] = None
             history = ()
             continue
-        starts = pos[0] == 0 if pos else (len(ids) > 1 or not history)
+        starts = pos[0] == 0 if pos else ((len(ids) > 1 and step not in continues)
+                                          or not history)
         history = ids if starts else history + ids
         out[step] = history
     return out
@@ -139,7 +142,8 @@ def match_steps(ref: Any, cand: Any) -> StepMatch:
     if any(ids is None for ids, _ in ref_fed.values()) or \
             any(ids is None for ids, _ in cand_fed.values()):
         return _index(ref_fed, cand_fed, "a dump records no fed ids for some step")
-    ref_hist, cand_hist = histories(ref_fed), histories(cand_fed)
+    ref_hist = histories(ref_fed, getattr(ref, "continues", frozenset()))
+    cand_hist = histories(cand_fed, getattr(cand, "continues", frozenset()))
     alike_by_index = sum(1 for s in ref_fed if s in cand_fed and ref_hist[s] == cand_hist[s])
     cand_order = list(cand_fed)
     pairs: list[tuple[int, int]] = []

@@ -1,7 +1,7 @@
-"""Comparing a side that fed its prefill in chunks (align.chunks joins them) or began it
-after a cached prefix (align.prefix cuts the other side's step to match): say how each
-side's steps were joined or cut, what could not be (then the comparison is incomplete, never
-a match), and which chunk a divergence lies in."""
+"""Comparing sides whose steps were regrouped along their tokens (align.regroup): a prefill
+fed in chunks, begun after a cached prefix, speculative decoding steps. Say how each side's
+steps were cut and joined, what could not be (then the comparison is incomplete, never a
+match), and which chunk a divergence lies in."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from ..align.chunks import ChunkGroup, Chunking, chunk_errors
+from ..align.drafts import DraftCut
 from ..align.prefix import PrefixCut
+from ..align.regroup import Regrouping
 from ..align.transforms import apply_transform
 from ..display import safe
 from ..errors import LockstepError
@@ -29,6 +31,7 @@ class ChunkReport:
 
     sides: tuple[Chunking, ...]
     cuts: tuple[PrefixCut, ...] = ()
+    drafts: tuple[DraftCut, ...] = ()
     #: the first divergence is in a joined step: (chunk, relative error of its rows)
     chunk_errors: tuple[tuple[int, float], ...] = ()
     side: str | None = None  #: the side whose chunks chunk_errors are
@@ -38,32 +41,37 @@ class ChunkReport:
     def lines(self) -> list[str]:
         """What the terminal report prints."""
         out = [line for c in self.cuts for line in c.lines()]
+        out += [line for d in self.drafts[:_SHOWN] for line in d.lines()]
+        if len(self.drafts) > _SHOWN:
+            out.append(f"(and {len(self.drafts) - _SHOWN} more steps with rejected drafts)")
         out += [line for s in self.sides for line in s.lines()]
         return out + ([self.blame] if self.blame else [])
 
     def as_dict(self) -> dict[str, Any]:
         return {"sides": [s.as_dict() for s in self.sides],
-                "prefix_cuts": [c.as_dict() for c in self.cuts], "lines": self.lines(),
+                "prefix_cuts": [c.as_dict() for c in self.cuts],
+                "draft_cuts": [d.as_dict() for d in self.drafts], "lines": self.lines(),
                 "side": self.side,
                 "chunk_errors": [{"chunk": k, "error": e if math.isfinite(e) else str(e)}
                                  for k, e in self.chunk_errors],
                 "blamed_chunks": list(self.blamed), "blame": self.blame}
 
 
-def with_chunks(c: Any, sides: tuple[Chunking, ...], cuts: tuple[PrefixCut, ...], ref: Dump,
-                cand: Dump) -> Any:
+def with_chunks(c: Any, regrouped: Regrouping, ref: Dump, cand: Dump) -> Any:
     """The comparison with its chunk report. ``ref`` and ``cand`` are the views compared
     (cut, joined, the candidate's steps numbered as the reference's); ``c`` is a
     compare.Comparison (not imported: comparison.py imports this module)."""
-    if not sides and not cuts:
+    if not regrouped:
         return c
-    report = ChunkReport(sides, cuts)
-    left = [(s.side, step, name, why) for s in sides for step, name, why in s.left_out]
-    left += [(x.side, x.step, name, why) for x in cuts for name, why in x.left_out]
+    report = ChunkReport(regrouped.chunks, regrouped.cuts, regrouped.drafts)
+    left = [(s.side, step, name, why) for s in report.sides for step, name, why in s.left_out]
+    left += [(x.side, x.step, name, why) for x in report.cuts for name, why in x.left_out]
+    left += [(x.side, x.step, name, why) for x in report.drafts for name, why in x.left_out]
     if left and c.coverage is not None:
         side, step, name, why = left[0]
-        reason = (f"{len(left)} record(s) of a prefill fed in chunks or after a cached prefix "
-                  f"could not be joined or cut, so they were not compared; the first, the "
+        reason = (f"{len(left)} record(s) of steps regrouped along their tokens (chunks, a "
+                  f"cached prefix, speculative drafts) could not be joined or cut, so they "
+                  f"were not compared; the first, the "
                   f"{side}'s {safe(name or '(root)')}@{step}: {why}")
         gap = Gap("chunks", reason, tuple(f"{safe(n or '(root)')}@{st}"
                                           for _, st, n, _ in left[:_SHOWN]))
@@ -115,13 +123,12 @@ def _blame(report: ChunkReport, c: Any, ref: Dump, cand: Dump) -> ChunkReport:
     over = tuple(k for k, e in errors if not e <= p.tol)  # nan counts as over
     if not over:
         return replace(report, chunk_errors=errors, side=side)
-    def chunk(k: int) -> str:
-        return f"chunk {k + 1} of {len(group.sizes)} (step {group.steps[k]}, {group.span(k)})"
-
+    chunk = group.part
     where = "; ".join(f"{chunk(k)}: {e:.3g}" for k, e in errors)
     first = over[0]
-    matched = f", after {first} chunk{'s that match' if first > 1 else ' that matches'}" \
+    noun = "chunk" if group.prefill else "step"
+    matched = f", after {first} {noun}{'s that match' if first > 1 else ' that matches'}" \
         if first else ""
     text = (f"the first divergence, {safe(p.ref_name or '(root)')}@{p.step}, starts in the "
-            f"{side}'s {chunk(first)}{matched}; relative error per chunk: {where}")
+            f"{side}'s {chunk(first)}{matched}; relative error per {noun}: {where}")
     return replace(report, chunk_errors=errors, side=side, blamed=over, blame=text)

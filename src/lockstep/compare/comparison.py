@@ -164,12 +164,12 @@ def _compare(ref: Dump, cand: Dump, tolerances: Tolerances,
              use_tables: bool, cand_precision: str | None = None,
              strict: bool | None = None) -> Comparison:
     recorded = cand
-    ref, cand, cuts, chunked = regroup(ref, cand)  # a prefill fed in chunks is one step
+    ref, cand, regrouped = regroup(ref, cand)  # e.g. a prefill fed in chunks is one step
     step_match = match_steps(ref, cand)
     cand = restep(cand, step_match)  # candidate steps numbered as the reference steps they are
     return with_chunks(_compare_steps(ref, cand, recorded, step_match, tolerances, progress,
                                       mapping, use_tables, cand_precision, strict),
-                       chunked, cuts, ref, cand)
+                       regrouped, ref, cand)
 
 
 def _compare_steps(ref: Dump, cand: Dump, recorded: Dump, step_match: StepMatch,

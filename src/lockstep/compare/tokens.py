@@ -16,6 +16,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from ..align.kinds import Kind as K
+from ..align.steps import fed_per_step
 from ..store.reader import Dump, Record
 from .case import is_logits, role_of_name
 from .token_check import OffArgmax, TokenCheck
@@ -51,26 +52,51 @@ def _logits_record(dump: Dump, step: int) -> Record | None:
     return None
 
 
-def _off_argmax(dump: Dump, step: int, chosen: int) -> OffArgmax | None:
-    rec = _logits_record(dump, step)
-    if rec is None:
-        return None
-    values = dump.read(rec)  # (the last row alone in float64: a long prompt's logits are GBs)
-    row = np.asarray(values.reshape(-1, rec.shape[-1])[-1], dtype=np.float64)
-    dump.release(rec)
+def _rows(dump: Dump, rec: Record) -> np.ndarray:
+    values = dump.read(rec)
+    return values.reshape(-1, rec.shape[-1])
+
+
+def _off_argmax(row_values: np.ndarray, step: int, chosen: int,
+                name: str) -> OffArgmax | None:
+    row = np.asarray(row_values, dtype=np.float64)  # (one row in float64: logits are GBs)
     if row.size == 0:
         return None
     nan = np.isnan(row)
     row = np.where(nan, -np.inf, row)
     best = int(np.argmax(row))
     if not 0 <= chosen < row.size:
-        return OffArgmax(step, chosen, best, float("inf"), rec.name)
+        return OffArgmax(step, chosen, best, float("inf"), name)
     if nan[chosen]:  # no gap to measure: the chosen token's own logit is NaN
-        return OffArgmax(step, chosen, best, float("nan"), rec.name)
+        return OffArgmax(step, chosen, best, float("nan"), name)
     gap = float(row[best] - row[chosen])
     if gap <= _TIE * max(1.0, abs(float(row[best]))):
         return None
-    return OffArgmax(step, chosen, best, gap, rec.name)
+    return OffArgmax(step, chosen, best, gap, name)
+
+
+def _token_rows(dump: Dump) -> dict[int, list[tuple[int, int]]]:
+    """Per step with logits, (row, the index in ``generated_token_ids`` of the token that
+    row chose). A row predicts the token after the position it was fed: with positions
+    recorded, a step that fed several tokens and kept a logits row for each (speculative
+    decoding) chose several; without, step i's last row chose token i."""
+    fed = fed_per_step(dump)
+    first = next((pos for _, pos in fed.values() if pos), None)
+    prompt = dump.meta.get("prompt_token_ids")
+    n = len(prompt) if isinstance(prompt, list) and prompt else \
+        (first[-1] + 1 if first else None)
+    out: dict[int, list[tuple[int, int]]] = {}
+    for step in dump.steps:
+        rec = _logits_record(dump, step)
+        if rec is None:
+            continue
+        rows = rec.numel // rec.shape[-1] if rec.shape[-1] else 0
+        pos = fed.get(step, (None, None))[1]
+        if pos and n is not None and 0 < rows <= len(pos):
+            out[step] = [(j, pos[len(pos) - rows + j] + 1 - n) for j in range(rows)]
+        elif rows:
+            out[step] = [(rows - 1, step)]
+    return out
 
 
 def check_tokens(ref: Dump, cand: Dump) -> TokenCheck:
@@ -82,9 +108,16 @@ def check_tokens(ref: Dump, cand: Dump) -> TokenCheck:
                      None)
     off: list[OffArgmax] = []
     if cand_tokens is not None and _greedy(cand.meta):
-        steps = set(cand.steps)
-        for step, token in enumerate(cand_tokens):
-            found = _off_argmax(cand, step, token) if step in steps else None
-            if found is not None:
-                off.append(found)
+        for step, rows in sorted(_token_rows(cand).items()):
+            wanted = [(j, i) for j, i in rows if 0 <= i < len(cand_tokens)]
+            if not wanted:
+                continue
+            rec = _logits_record(cand, step)
+            assert rec is not None
+            values = _rows(cand, rec)
+            for j, i in wanted:
+                found = _off_argmax(values[j], step, cand_tokens[i], rec.name)
+                if found is not None:
+                    off.append(found)
+            cand.release(rec)
     return TokenCheck(ref_tokens, cand_tokens, split, tuple(off))

@@ -36,9 +36,9 @@ def _cached(case: Case) -> tuple[int, str]:
     that took them from its cache (the other side's record was cut)."""
     for rec, side in ((case.ref_record(case.first), "candidate"),
                       (case.cand_record(case.first), "reference")):
-        start = rec.extra.get("from_token") if rec is not None else None
-        if type(start) is int and start > 0:
-            return start, side
+        span = rec.extra.get("from_token") if rec is not None else None
+        if isinstance(span, list) and span and type(span[0]) is int and span[0] > 0:
+            return span[0], side
     return 0, ""
 
 
@@ -103,6 +103,8 @@ def chunk(case: Case) -> Diagnosis | None:
                     "token it computed attends to them through the cache", *off]
         return make("chunk", title, checks, evidence, cached_prefix=cached, chunk=None,
                     chunks=1)
+    if not group.prefill:  # decode steps joined (speculative decoding): not this rule
+        return None
     errors = chunk_errors(group, *arrays)
     tol = max(case.good(f), f.tol)
     if errors is None or not errors[0][1] <= tol:  # the first chunk differs too: not this

@@ -289,9 +289,9 @@ LS.pairsTable = function (sec, d) {
 
 LS.coverage = function (sec, d) {
   var cov = d.coverage;
-  if (d.chunks && d.chunks.lines)  // prefills fed in chunks, joined into one step each
+  if (d.chunks && d.chunks.lines)  // steps regrouped along their tokens (align.regroup)
     sec.appendChild(LS.el("div", {className: "panel", id: "chunks"},
-      LS.el("div", {style: "font-weight:600", text: "Chunked prefill"}),
+      LS.el("div", {style: "font-weight:600", text: "Steps cut and joined along their tokens (chunked prefill, prefix cache, speculative decoding)"}),
       LS.el("ul", {className: "plain"}, d.chunks.lines.map(function (t) { return LS.el("li", {text: t}); }))));
   if (cov) {
     sec.appendChild(LS.el("p", {text: cov.complete ? "Everything decisive was compared." : "Something decisive was not compared: the verdict cannot be trusted."}));
