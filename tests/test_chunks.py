@@ -276,3 +276,20 @@ def test_a_verify_steps_last_row_alone_is_left_out_not_compared(tmp_path):
     (cut,) = result.chunks.drafts
     assert [name for name, _ in cut.left_out] == ["last"]
     assert result.verdict == "incomplete"
+
+
+def test_joined_records_are_not_taken_for_repeats_of_each_other(tmp_path):
+    """A joined record has no place in the data file: its stand-in offset is its own, so
+    pairing does not set it aside as a repeat of another joined record (every one had
+    offset 0, and a structural pass over what was left paired llama.cpp's final norm with a
+    fused norm's residual output: a false DIVERGED)."""
+    from lockstep.align.pairing import _repeats
+
+    run(tmp_path / "ref", [9])
+    run(tmp_path / "cand", [4, 5])
+    with open_dump(tmp_path / "ref") as a, open_dump(tmp_path / "cand") as b:
+        _, cand, _ = join_chunks(a, b)
+        joined = [r for r in cand.records if "chunks" in r.extra]
+        assert len(joined) == 4 and all(r.offset < 0 for r in joined)
+        assert len({r.offset for r in joined}) == 4
+        assert not _repeats(cand)

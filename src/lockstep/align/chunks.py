@@ -261,11 +261,12 @@ def _joined(dump: Dump, groups: list[ChunkGroup], side: str) -> tuple[Dump, Chun
             shape = list(last.shape)
             shape[dim] = sum(x.shape[dim] for x in present)
             itemsize = (last.nbytes or 0) // max(1, last.numel)
-            rec = replace(last, step=g.step, shape=tuple(shape), offset=0, stats=None,
-                          nbytes=math.prod(shape) * itemsize,
+            joined = Parts("cat", tuple((dump, x) for x in present), dim=dim)
+            rec = replace(last, step=g.step, shape=tuple(shape), offset=joined.offset,
+                          stats=None, nbytes=math.prod(shape) * itemsize,
                           extra={**last.extra, "chunks": list(g.steps),
                                  "chunk_tokens": list(g.sizes)})
-            parts[rec.seq] = Parts("cat", tuple((dump, x) for x in present), dim=dim)
+            parts[rec.seq] = joined
             counts["concatenated"] += 1
         records.append(rec)
     records.sort(key=lambda x: (x.step, x.seq))

@@ -42,6 +42,15 @@ class Parts:
     start: int = 0  #: slice: the first index kept along dim
     stop: int | None = None  #: slice: the index after the last kept (None: the end)
 
+    @property
+    def offset(self) -> int:
+        """The composed record's stand-in ``offset``: negative (never a place in a data file),
+        the same for two records composed the same way of the same data (a module returning
+        its child's tensor: pairing sets such repeats aside), else different."""
+        key = (self.rule, tuple(r.offset for _, r in self.sources), self.dim, self.pick,
+               self.start, self.stop)
+        return -1 - (hash(key) & ((1 << 62) - 1))
+
 
 def bounds(shapes: Sequence[tuple[int, ...]], dim: int) -> tuple[int, ...]:
     """Where each part starts along ``dim`` once concatenated, then the end."""

@@ -156,10 +156,11 @@ def cut_steps(dump: Dump, cuts: dict[int, tuple[int, int, int]], note: str,
         shape = list(r.shape)
         shape[d] = stop - start
         itemsize = (r.nbytes or 0) // max(1, r.numel)
-        records.append(replace(r, shape=tuple(shape), offset=0, stats=None,
+        part = Parts("slice", ((dump, r),), dim=d, start=start, stop=stop)
+        records.append(replace(r, shape=tuple(shape), offset=part.offset, stats=None,
                                nbytes=math.prod(shape) * itemsize,
                                extra={**r.extra, note: [start, stop]}))
-        parts[r.seq] = Parts("slice", ((dump, r),), dim=d, start=start, stop=stop)
+        parts[r.seq] = part
     view = ComposedDump(dump.path, dump.header, records, dict(dump.meta), dump.end, parts,
                         [dump])
     return view, {s: tuple(x) for s, x in left.items()}

@@ -317,11 +317,12 @@ def merge_ranks(ranks: Sequence[Dump], side: str, other: Dump | None = None,
         extra = {k: v for k, v in r0.extra.items() if k not in ("rank", "shard")}
         extra["unshard"] = merge.rule
         numel = math.prod(shape)
+        how = _parts(merge, ranks, present)
         rec = Record(name=r0.name, step=r0.step, seq=r0.seq, dtype=dtype, shape=tuple(shape),
-                     call=r0.call, offset=0, nbytes=numel * np.dtype(_storage(dtype)).itemsize,
-                     stats=None, extra=extra)
+                     call=r0.call, offset=how.offset,
+                     nbytes=numel * np.dtype(_storage(dtype)).itemsize, stats=None, extra=extra)
         records.append(rec)
-        parts[rec.seq] = _parts(merge, ranks, present)
+        parts[rec.seq] = how
     # keys only a later rank recorded
     first = set(keyed[0])
     for k in range(1, len(ranks)):

@@ -399,9 +399,13 @@ class LlamaCppEngine(Engine):
             quant = buf.value.decode().split()[-1] if buf.value else None
         n_embd = int(L.llama_model_n_embd(m))
         n_head = int(L.llama_model_n_head(m))
+        arch = self._meta_str("general.architecture")
+        # the MLP width: what splits a fused gate_up of the other side (align.tables)
+        n_ff = self._meta_str(f"{arch}.feed_forward_length") if arch else None
         return {
             "quantization": quant or "unknown", "file_type": ftype,
-            "architecture": self._meta_str("general.architecture"),
+            "architecture": arch,
+            "n_ff": int(n_ff) if n_ff and n_ff.isdigit() else None,
             "vocab_size": int(L.llama_vocab_n_tokens(self.vocab)),
             "n_layer": int(L.llama_model_n_layer(m)), "n_embd": n_embd, "n_head": n_head,
             "n_head_kv": int(L.llama_model_n_head_kv(m)),
