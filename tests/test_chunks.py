@@ -20,7 +20,8 @@ TABLE = np.random.default_rng(0).standard_normal((16, WIDTH)).astype(np.float32)
 
 
 def run(out: Path, chunks: Sequence[int], decode: int = 2, bug: str | None = None,
-        odd: bool = False, cached: int = 0, square: bool = False, extras: bool = True) -> None:
+        odd: bool = False, cached: int = 0, square: bool = False, extras: bool = True,
+        vm: bool = False) -> None:
     """Feed IDS in chunks of the given sizes, then ``decode`` steps. ``mix`` is each token's
     row averaged with every row before it (a cache of the rows so far); ``keys`` is that
     cache read back (every row so far); ``last`` the last row's mix alone. ``bug``:
@@ -28,7 +29,8 @@ def run(out: Path, chunks: Sequence[int], decode: int = 2, bug: str | None = Non
     positions from 0). ``cached``: the rows of the first tokens are in the cache before
     the recording (a prefix cache), and ``chunks`` feed the rest. ``square``: a record
     (tokens, tokens) whose token dim cannot be told. ``extras=False``: only the ids,
-    positions, ``x`` and ``mix``."""
+    positions, ``x`` and ``mix``. ``vm``: a record ``vec`` without a token dim when a step is
+    fed one token (as a decode VM writes it)."""
     ids = list(IDS) + [10 + i for i in range(decode)]
     cuts = [cached]
     for n in chunks:
@@ -54,6 +56,8 @@ def run(out: Path, chunks: Sequence[int], decode: int = 2, bug: str | None = Non
                     rows.append(np.mean(cache, axis=0))
                 mix = np.stack(rows).astype(np.float32)
                 lockstep.probe("mix", mix)
+                if vm:  # one token's vector when fed one token, else a row each
+                    lockstep.probe("vec", mix[0] if len(mix) == 1 else mix)
                 if not extras:
                     continue
                 lockstep.probe("keys", np.stack(cache).astype(np.float32))
@@ -74,7 +78,8 @@ def test_a_candidate_prefill_in_chunks_is_joined_and_compared_over_every_token(t
     (side,) = result.chunks.sides
     assert side.side == "candidate"
     assert [(g.steps, g.sizes) for g in side.groups] == [((0, 1, 2), (4, 4, 1))]
-    assert dict(side.rules) == {"concatenated": 4, "last chunk": 3}  # ids, positions, x, mix
+    # ids, positions, x, mix; keys (grown), last, odd
+    assert dict(side.rules) == {"concatenated": 4, "stacked": 0, "last chunk": 3}
     by = {(p.step, p.ref_name): p for p in result.results}
     assert by[(0, "mix")].cand_shape == (9, WIDTH)  # every token, not the last chunk's
     assert by[(0, "keys")].cand_shape == (9, WIDTH)  # grown to every token: the last's
@@ -293,3 +298,18 @@ def test_joined_records_are_not_taken_for_repeats_of_each_other(tmp_path):
         assert len(joined) == 4 and all(r.offset < 0 for r in joined)
         assert len({r.offset for r in joined}) == 4
         assert not _repeats(cand)
+
+
+def test_a_prompt_fed_one_token_per_step_is_stacked_into_one_prefill(tmp_path):
+    """A simple engine (a decode VM) feeds the prompt one token per step, and writes each
+    token's vector without a token dim: stacked, the 9 steps are the reference's prefill."""
+    run(tmp_path / "ref", [9], vm=True)
+    run(tmp_path / "cand", [1] * 9, vm=True)
+    result = lockstep.compare(tmp_path / "ref", tmp_path / "cand")
+    assert result.verdict == "match", (result.first_divergence, result.coverage.gaps)
+    (side,) = result.chunks.sides
+    assert side.groups[0].sizes == (1,) * 9 and side.groups[0].prefill
+    assert dict(side.rules)["stacked"] == 1  # vec: (6,) per step, stacked to (9, 6)
+    by = {(p.step, p.ref_name): p for p in result.results}
+    assert by[(0, "vec")].cand_shape == (9, WIDTH) and by[(0, "vec")].error < 1e-6
+    assert by[(0, "mix")].cand_shape == (9, WIDTH)

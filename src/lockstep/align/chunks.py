@@ -18,6 +18,8 @@ Each record of a joined group is, by one rule:
 
 * its chunks' records concatenated along their token dim (the dim of each chunk's record
   whose size is the number of tokens that chunk was fed): per-token activations;
+* stacked along a new first dim, when a prompt was fed one token per step and each step's
+  record is that token's vector (the same shape each time, no dim of size 1);
 * the last chunk's record alone, when every chunk recorded the same shape (the logits of the
   last position, a sampled token, a state) or one grown to hold every token so far (keys and
   values read back from a cache);
@@ -198,8 +200,8 @@ def _grown(shapes: Sequence[tuple[int, ...]], sizes: Sequence[int]) -> bool:
 
 
 def _join(group: ChunkGroup, recs: list[Record | None]) -> tuple[str, int | None] | str:
-    """("cat", dim) or ("last", None) for one key's records across the group's chunks, or
-    why it cannot be joined."""
+    """("cat", dim), ("stack", None) or ("last", None) for one key's records across the
+    group's chunks, or why it cannot be joined."""
     last = recs[-1]
     present = [r for r in recs if r is not None]
     if last is None:
@@ -219,6 +221,11 @@ def _join(group: ChunkGroup, recs: list[Record | None]) -> tuple[str, int | None
         if not all(r.has_data for r in present):
             return "recorded as statistics only: its chunks cannot be concatenated"
         return "cat", dim
+    if set(group.sizes) == {1} and all(s == shapes[-1] for s in shapes) and \
+            1 not in shapes[-1] and group.prefill:
+        if not all(r.has_data for r in present):
+            return "recorded as statistics only: its steps cannot be stacked"
+        return "stack", None  # a prompt fed one token per step: one token's vector each
     if all(s == shapes[-1] for s in shapes) or _grown(shapes, group.sizes):
         return "last", None
     return (f"its shapes {[list(s) for s in shapes]} neither concatenate along the tokens "
@@ -231,7 +238,7 @@ def _joined(dump: Dump, groups: list[ChunkGroup], side: str) -> tuple[Dump, Chun
     records: list[Record] = []
     parts: dict[int, Parts] = {}
     left: list[tuple[int, str, str]] = []
-    counts = {"concatenated": 0, "last chunk": 0}
+    counts = {"concatenated": 0, "stacked": 0, "last chunk": 0}
     done: set[tuple[int, str, int]] = set()
     for r in dump.records:
         g = by_step.get(r.step)
@@ -256,18 +263,23 @@ def _joined(dump: Dump, groups: list[ChunkGroup], side: str) -> tuple[Dump, Chun
             parts[rec.seq] = Parts("one", ((dump, last),))
             counts["last chunk"] += 1
         else:
-            assert dim is not None
             present = [x for x in recs if x is not None]
-            shape = list(last.shape)
-            shape[dim] = sum(x.shape[dim] for x in present)
+            if rule == "stack":
+                shape = [len(present), *last.shape]
+                joined = Parts("stack", tuple((dump, x) for x in present))
+                counts["stacked"] += 1
+            else:
+                assert dim is not None
+                shape = list(last.shape)
+                shape[dim] = sum(x.shape[dim] for x in present)
+                joined = Parts("cat", tuple((dump, x) for x in present), dim=dim)
+                counts["concatenated"] += 1
             itemsize = (last.nbytes or 0) // max(1, last.numel)
-            joined = Parts("cat", tuple((dump, x) for x in present), dim=dim)
             rec = replace(last, step=g.step, shape=tuple(shape), offset=joined.offset,
                           stats=None, nbytes=math.prod(shape) * itemsize,
                           extra={**last.extra, "chunks": list(g.steps),
                                  "chunk_tokens": list(g.sizes)})
             parts[rec.seq] = joined
-            counts["concatenated"] += 1
         records.append(rec)
     records.sort(key=lambda x: (x.step, x.seq))
     view = ComposedDump(dump.path, dump.header, records, dict(dump.meta), dump.end, parts,

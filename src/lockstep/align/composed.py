@@ -5,6 +5,8 @@ several forwards joined into one step (align.chunks).
 Each composed record names its parts, each a record of some opened dump, and one rule:
 
 * ``cat``: the parts concatenated along ``dim`` (column-parallel shards, a prefill's chunks);
+* ``stack``: the parts stacked along a new first dim (a prompt fed one token per step, each
+  step's record one token's vector);
 * ``sum``: the parts added (in float: row-parallel partial sums);
 * ``one``: part ``pick`` alone (a replica, the state after a prefill's last chunk);
 * ``slice``: the one part from index ``start`` to ``stop`` along ``dim`` (a prefill's tokens
@@ -28,14 +30,14 @@ from ..store.reader import Dump, Record
 
 __all__ = ["Parts", "ComposedDump", "bounds", "slice_errors"]
 
-RULES = ("cat", "sum", "one", "slice")
+RULES = ("cat", "stack", "sum", "one", "slice")
 
 
 @dataclass(frozen=True)
 class Parts:
     """How one composed record is read from its parts."""
 
-    rule: str  #: "cat", "sum", "one" or "slice"
+    rule: str  #: "cat", "stack", "sum", "one" or "slice"
     sources: tuple[tuple[Dump, Record], ...]
     dim: int = 0  #: cat, slice: the dimension concatenated, or cut (non-negative)
     pick: int = 0  #: one: the part read
@@ -94,6 +96,8 @@ class ComposedDump(Dump):
         parts = self._parts[record.seq]
         if parts.rule == "cat":
             return np.concatenate([d.raw(r) for d, r in parts.sources], axis=parts.dim)
+        if parts.rule == "stack":
+            return np.stack([d.raw(r) for d, r in parts.sources])
         if parts.rule == "sum":
             total = np.zeros(record.shape, dtype=np.float64 if record.dtype == "float64"
                              else np.float32)
