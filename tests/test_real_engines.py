@@ -295,6 +295,27 @@ def test_speculative_decoding_against_one_token_steps(tmp_path, references, bug)
         1, "layers.0.attn_heads"), first
 
 
+def test_replay_of_a_speculative_step_runs_the_reference_at_its_last_joined_step(
+        tmp_path, references):
+    """The verify step (the next token and a draft, the n-gram proposer's) is compared with
+    the reference's decode steps 1 and 2 joined. Replay re-ran the reference at step 1 alone,
+    whose input is not the joined step's last row: 'no reference record holds this op's
+    input'. It re-runs step 2, and the o_proj's error is inherited, as it is."""
+    model, _, _ = references["llama"]
+    done = _cli("diff", f"hf:{model}", NANO_SPEC, "--tokens", ",".join(map(str, PROMPT)),
+                "--decode", "3", "--cand-opt", f"model={model}", "--cand-opt",
+                "speculative=2", "--cand-opt", "bug=chunk_causal", "--out", tmp_path / "out",
+                "--json", tmp_path / "r.json")
+    assert done.returncode == 1, done.stdout + done.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["first_divergence"]["step"] == 1
+    assert report["chunks"]["sides"][0]["groups"][0] == {"steps": [1, 2], "tokens": [1, 1],
+                                                          "prefill": False}
+    o_proj = {op["reference"]: op for op in report["replay"]["ops"]}[
+        "model.layers.0.self_attn.o_proj"]
+    assert o_proj["inherited"] > 0.1 and o_proj["introduced"] < 1e-5, o_proj
+
+
 def test_diff_of_a_chunked_engine_from_the_command_line(tmp_path, references):
     """``lockstep diff`` records both engines, joins the chunks, names the chunk and
     replays the reference's ops on the joined step."""

@@ -214,6 +214,18 @@ def _input_pair(comparison: Any, dumps: _Dumps, target: Any,
     return None
 
 
+def _recorded_step(comparison: Any, step: int) -> int:
+    """The reference step to re-run for compared step ``step``: itself, or, when the
+    comparison joined several reference steps into it (align.chunks), the last of them,
+    whose rows are the joined step's last (what the replay's rows are matched against)."""
+    chunks = getattr(comparison, "chunks", None)
+    for side in chunks.sides if chunks is not None else ():
+        group = side.group_of(step) if side.side == "reference" else None
+        if group is not None:
+            return group.steps[-1]
+    return step
+
+
 def replay_comparison(engine: Any, comparison: Any, prompt_ids: Sequence[int],
                       forced: Sequence[int] | None, *, max_ops: int = 6,
                       at: Any = None, candidate: Any = None,
@@ -231,7 +243,7 @@ def replay_comparison(engine: Any, comparison: Any, prompt_ids: Sequence[int],
     targets = _targets(comparison, root, max_ops, at, every=every)
     if not targets:
         return Replay([], seconds=time.perf_counter() - t0)
-    step = targets[0].step
+    step = _recorded_step(comparison, targets[0].step)
     modules: dict[str, Any] = {}
     notes: dict[int, str] = {}
     for i, p in enumerate(targets):
