@@ -135,9 +135,9 @@ def _straddled(known: tuple[int, ...], more: tuple[int, ...],
     """The other side fed, in one step, the last token of ``known`` and the first of
     ``more``: some step of it was fed across the boundary after ``known``."""
     cut = len(known)
-    for h, start in spans:
-        if start < cut < len(h) and h[:cut] == known and \
-                h[cut:cut + len(more)] == more[:len(h) - cut]:
+    for h, start in spans:  # (cheap tests first: many sequences make many spans)
+        if start < cut < len(h) and h[cut] == more[0] and h[cut - 1] == known[-1] and \
+                h[:cut] == known and h[cut:cut + len(more)] == more[:len(h) - cut]:
             return True
     return False
 
