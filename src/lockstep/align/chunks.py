@@ -37,10 +37,11 @@ import numpy as np
 from ..display import safe
 from ..store.reader import Dump, Record
 from .composed import ComposedDump, Parts, bounds, slice_errors
+from .cuts import token_dim
 from .steps import Fed, fed_per_step, histories
 from .transforms import squeeze
 
-__all__ = ["Chunking", "ChunkGroup", "join_chunks", "chunk_errors", "token_dim"]
+__all__ = ["Chunking", "ChunkGroup", "join_chunks", "chunk_errors"]
 
 _SHOWN = 8
 
@@ -171,21 +172,6 @@ def _groups(fed: dict[int, Fed], other_fed: dict[int, Fed]) -> list[ChunkGroup]:
     if len(run) > 1:
         groups.append(group(run))
     return groups
-
-
-def token_dim(shapes: Sequence[tuple[int, ...]], counts: Sequence[int]) -> int | str | None:
-    """The dim whose size in every part's record is the tokens that part was fed, the other
-    dims the same; None when no dim is, and why when several are and they are not all of
-    size 1 (a (1, 4, T, 64) record fed 4 tokens: heads or tokens?)."""
-    nd = len(shapes[0])
-    if any(len(s) != nd for s in shapes):
-        return None
-    fits = [d for d in range(nd) if all(s[d] == n for s, n in zip(shapes, counts)) and
-            all(s[:d] + s[d + 1:] == shapes[0][:d] + shapes[0][d + 1:] for s in shapes)]
-    if len(fits) > 1 and any(n != 1 for n in counts):  # (size-1 dims are one order)
-        return (f"dims {fits} of its shape {list(shapes[0])} all have the size of the tokens "
-                "fed: which holds the tokens is not known")
-    return fits[0] if fits else None
 
 
 def _grown(shapes: Sequence[tuple[int, ...]], sizes: Sequence[int]) -> bool:

@@ -19,7 +19,7 @@ from typing import Any
 
 from ..display import safe
 from ..store.reader import Dump
-from .prefix import cut_steps
+from .cuts import cut_steps
 from .steps import fed_per_step, histories
 
 __all__ = ["DraftCut", "cut_drafts"]

@@ -20,17 +20,15 @@ comparison is then incomplete, never a match.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from ..display import safe
-from ..store.reader import Dump, Record
-from .chunks import token_dim
-from .composed import ComposedDump, Parts
+from ..store.reader import Dump
+from .cuts import cut_steps
 from .steps import Fed, fed_per_step, histories
 
-__all__ = ["PrefixCut", "cut_prefixes", "cut_steps"]
+__all__ = ["PrefixCut", "cut_prefixes"]
 
 
 @dataclass(frozen=True)
@@ -118,52 +116,6 @@ def _found(late: dict[int, Fed], full: dict[int, Fed]) -> tuple[int, int, int, s
         if u_ids is not None and len(u_ids) > 1:  # only the first prefill is looked at
             return None
     return None
-
-
-def cut_steps(dump: Dump, cuts: dict[int, tuple[int, int, int]], note: str,
-              whole: dict[str, tuple[int, ...]] | None = None, others: str | None = None
-              ) -> tuple[ComposedDump, dict[int, tuple[tuple[str, str], ...]]]:
-    """``dump`` with each step of ``cuts`` (step -> (tokens it fed, start, stop)) cut to its
-    tokens ``start`` to ``stop`` along each record's token dim; records with no such dim kept
-    whole (or, with ``others``, left out for that reason), and so is a record whose name and
-    shape are in ``whole`` (the other side's, holding every token). Each cut record's extra
-    gets ``note: [start, stop]``. Returns the view and, per step, (name, why) of the records
-    that could not be cut (left out)."""
-    whole = whole or {}
-    records: list[Record] = []
-    parts: dict[int, Parts] = {}
-    left: dict[int, list[tuple[str, str]]] = {s: [] for s in cuts}
-    for r in dump.records:
-        cut = cuts.get(r.step)
-        d = token_dim([r.shape], [cut[0]]) if cut is not None and \
-            whole.get(r.name) != r.shape else None
-        if d is None and cut is not None and others is not None:
-            left[r.step].append((r.name, others))
-            continue
-        if d is None:
-            records.append(r)
-            parts[r.seq] = Parts("one", ((dump, r),))
-            continue
-        assert cut is not None
-        if isinstance(d, str):
-            left[r.step].append((r.name, d))
-            continue
-        if not r.has_data:
-            left[r.step].append((r.name, "recorded as statistics only: its tokens cannot be "
-                                 "cut"))
-            continue
-        _, start, stop = cut
-        shape = list(r.shape)
-        shape[d] = stop - start
-        itemsize = (r.nbytes or 0) // max(1, r.numel)
-        part = Parts("slice", ((dump, r),), dim=d, start=start, stop=stop)
-        records.append(replace(r, shape=tuple(shape), offset=part.offset, stats=None,
-                               nbytes=math.prod(shape) * itemsize,
-                               extra={**r.extra, note: [start, stop]}))
-        parts[r.seq] = part
-    view = ComposedDump(dump.path, dump.header, records, dict(dump.meta), dump.end, parts,
-                        [dump])
-    return view, {s: tuple(x) for s, x in left.items()}
 
 
 def cut_prefixes(ref: Dump, cand: Dump) -> tuple[Dump, Dump, tuple[PrefixCut, ...]]:
