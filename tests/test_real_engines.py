@@ -293,6 +293,10 @@ def test_speculative_decoding_against_one_token_steps(tmp_path, references, bug)
     first = result.first_divergence
     assert result.verdict == "diverged" and (first.step, first.canonical) == (
         1, "layers.0.attn_heads"), first
+    # the mask among the step's tokens, first: step 3, one token on both sides, agrees
+    assert result.diagnosis.kind == "chunk" and result.diagnosis.detail["speculative"]
+    assert result.diagnosis.detail["one_token_step"] == 3
+    assert "attention mask of a decode step fed 2 tokens" in result.diagnosis.checks[0]
 
 
 def test_replay_of_a_speculative_step_runs_the_reference_at_its_last_joined_step(

@@ -264,7 +264,7 @@ def _joined(dump: Dump, groups: list[ChunkGroup], side: str) -> tuple[Dump, Chun
             rec = replace(last, step=g.step, shape=tuple(shape), offset=joined.offset,
                           stats=None, nbytes=math.prod(shape) * itemsize,
                           extra={**last.extra, "chunks": list(g.steps),
-                                 "chunk_tokens": list(g.sizes)})
+                                 "chunk_tokens": list(g.sizes), "chunk_prefill": g.prefill})
             parts[rec.seq] = joined
         records.append(rec)
     records.sort(key=lambda x: (x.step, x.seq))

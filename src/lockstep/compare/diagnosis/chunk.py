@@ -27,7 +27,7 @@ def _group(case: Case) -> ChunkGroup | None:
         extra = rec.extra if rec is not None else {}
         steps, sizes = extra.get("chunks"), extra.get("chunk_tokens")
         if isinstance(steps, list) and isinstance(sizes, list) and len(steps) == len(sizes):
-            return ChunkGroup(tuple(steps), tuple(sizes))
+            return ChunkGroup(tuple(steps), tuple(sizes), extra.get("chunk_prefill") is not False)
     return None
 
 
@@ -103,8 +103,8 @@ def chunk(case: Case) -> Diagnosis | None:
                     "token it computed attends to them through the cache", *off]
         return make("chunk", title, checks, evidence, cached_prefix=cached, chunk=None,
                     chunks=1)
-    if not group.prefill:  # decode steps joined (speculative decoding): not this rule
-        return None
+    if not group.prefill:  # decode steps the other side fed at once: speculative decoding
+        return _verify_step(case, group)
     errors = chunk_errors(group, *arrays)
     tol = max(case.good(f), f.tol)
     if errors is None or not errors[0][1] <= tol:  # the first chunk differs too: not this
@@ -130,3 +130,56 @@ def chunk(case: Case) -> Diagnosis | None:
         "values it reads back)"]
     return make("chunk", title, checks, evidence, chunk=k, chunks=n, cached_prefix=cached,
                 chunk_errors=[e for _, e in errors], tokens=list(edges))
+
+
+def _verify_step(case: Case, group: ChunkGroup) -> Diagnosis | None:
+    """A decode step that fed several tokens at once (the token and its drafts) departs at
+    its attention, where one side fed the same tokens one per step: the mask among them, or
+    the KV cache (which a later one-token decode step, compared too, tells apart)."""
+    f = case.first
+    if case.role(f).op not in ATTN_OUT:
+        return None
+    n = sum(group.sizes)
+    one_by_one = "reference" if _joined_on(case.ref_record(f)) else "candidate"
+    at_once = "candidate" if one_by_one == "reference" else "reference"
+    title = (f"the {at_once}'s decode step of {n} tokens at once (speculative decoding: a "
+             f"token and the drafts it kept) departs at {label(f)}")
+    evidence = [f"the {one_by_one} fed the same tokens one per step (steps "
+                f"{', '.join(map(str, group.steps))})"]
+    given = case.input_of(f)
+    if given is not None and case.agrees(given):
+        evidence.append(f"its input {label(given)} agrees ({fmt(given.error)})")
+    arrays = case.arrays(f)
+    errors = chunk_errors(group, *arrays) if arrays is not None else None
+    if errors is not None:
+        evidence.append(f"relative L2 of {label(f)} per token: " + "; ".join(
+            f"step {group.steps[k]} {fmt(e)}" for k, e in errors))
+    # a later decode step fed one token on both sides: the same op there tells the mask
+    # among several tokens (that step is right) from the KV cache (that step is wrong too)
+    single = next((q for s in sorted({p.step for p in case.results if p.step > f.step})
+                   if (q := case.same_name(f, s)) is not None
+                   and not _joined_on(case.ref_record(q))
+                   and not _joined_on(case.cand_record(q))), None)
+    mask = (f"the attention mask of a decode step fed {n} tokens: query i sees every cached "
+            "key and the step's own keys up to i (aligned bottom-right; torch's is_causal "
+            "aligns top-left when there are fewer queries than keys)")
+    cache = ("the slots the step's tokens' keys and values are written to, and the context "
+             "length it reads (the cached tokens and all of the step's)")
+    checks = [mask, cache]
+    if single is not None:
+        if case.agrees(single):
+            evidence.append(f"at step {single.step}, fed one token on both sides, it agrees "
+                            f"({fmt(single.error)}): what differs is fed several at once")
+        else:
+            evidence.append(f"at step {single.step}, fed one token on both sides, it differs "
+                            f"too ({fmt(single.error)}): not the several tokens alone")
+            checks = [cache, mask]
+    checks.append("the positions of the drafts: one after the other from the step's first")
+    return make("chunk", title, checks, evidence, chunk=None, chunks=len(group.sizes),
+                cached_prefix=0, speculative=True, tokens=list(group.tokens),
+                one_token_step=single.step if single is not None else None)
+
+
+def _joined_on(rec: object) -> bool:
+    extra = getattr(rec, "extra", None)
+    return isinstance(extra, dict) and "chunks" in extra
