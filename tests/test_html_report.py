@@ -203,10 +203,13 @@ def test_a_chunked_prefill_is_shown_with_the_chunk_it_diverges_in(browser, tmp_p
     spec = f"py:{Path(__file__).parent / 'engines' / 'nano_vllm.py'}:NanoEngine"
     res = cli("diff", f"hf:{model}", spec, "--cand-opt", f"model={model}", "--cand-opt",
               "prefill_chunk=2", "--cand-opt", "bug=chunk_causal", "--tokens", "3,17,42,7,99",
-              "--no-replay", "--out", str(tmp_path / "d"), "--html", str(tmp_path / "r.html"))
+              "--decode", "2", "--no-replay", "--out", str(tmp_path / "d"), "--html",
+              str(tmp_path / "r.html"))
     assert res.returncode == 1, res.stdout + res.stderr
     page = browser.open((tmp_path / "r.html").as_uri())
     assert page.console_errors() == []
     panel = page.eval("document.getElementById('chunks').textContent")
     assert "the candidate's steps 0-2 are one prefill fed in 3 chunks (2+2+1 tokens)" in panel
     assert "starts in the candidate's chunk 2 of 3 (step 1, tokens 2-3)" in panel
+    steps = page.eval("document.getElementById('steps').textContent")
+    assert "candidate step -> reference step 3->1, 4->2" in steps

@@ -63,7 +63,8 @@ class StepMatch:
                 "candidate_steps": self.cand_steps,
                 "pairs": [{"reference": r, "candidate": c} for r, c in self.pairs],
                 "candidate_left_out": list(self.cand_left_out),
-                "reference_unmatched": list(self.ref_unmatched), "why": self.why}
+                "reference_unmatched": list(self.ref_unmatched), "why": self.why,
+                "line": self.describe() if self.noteworthy else None}
 
     def describe(self) -> str:
         """One line for the terminal."""

@@ -42,7 +42,7 @@ class RankReport:
         return out
 
     def as_dict(self) -> dict[str, Any]:
-        return {"sides": [s.as_dict() for s in self.sides],
+        return {"sides": [s.as_dict() for s in self.sides], "lines": self.lines(),
                 "shard_errors": [{"rank": r, "error": e if math.isfinite(e) else str(e)}
                                  for r, e in self.shard_errors],
                 "blamed_ranks": list(self.blamed), "blame": self.blame,

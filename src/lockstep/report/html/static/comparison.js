@@ -289,10 +289,16 @@ LS.pairsTable = function (sec, d) {
 
 LS.coverage = function (sec, d) {
   var cov = d.coverage;
-  if (d.chunks && d.chunks.lines)  // steps regrouped along their tokens (align.regroup)
-    sec.appendChild(LS.el("div", {className: "panel", id: "chunks"},
-      LS.el("div", {style: "font-weight:600", text: "Steps cut and joined along their tokens (chunked prefill, prefix cache, speculative decoding)"}),
-      LS.el("ul", {className: "plain"}, d.chunks.lines.map(function (t) { return LS.el("li", {text: t}); }))));
+  // how the two runs were lined up: steps matched, ranks merged, steps cut and joined
+  [["steps", "How the steps were matched", d.step_match && d.step_match.line ? [d.step_match.line] : []],
+   ["ranks", "Tensor-parallel ranks merged", (d.ranks && d.ranks.lines) || []],
+   ["chunks", "Steps cut and joined along their tokens (chunked prefill, prefix cache, speculative decoding)",
+    (d.chunks && d.chunks.lines) || []]].forEach(function (x) {
+    if (x[2].length)
+      sec.appendChild(LS.el("div", {className: "panel", id: x[0]},
+        LS.el("div", {style: "font-weight:600", text: x[1]}),
+        LS.el("ul", {className: "plain"}, x[2].map(function (t) { return LS.el("li", {text: t}); }))));
+  });
   if (cov) {
     sec.appendChild(LS.el("p", {text: cov.complete ? "Everything decisive was compared." : "Something decisive was not compared: the verdict cannot be trusted."}));
     if (cov.decisive && cov.decisive.length)
