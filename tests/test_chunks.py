@@ -313,3 +313,21 @@ def test_a_prompt_fed_one_token_per_step_is_stacked_into_one_prefill(tmp_path):
     by = {(p.step, p.ref_name): p for p in result.results}
     assert by[(0, "vec")].cand_shape == (9, WIDTH) and by[(0, "vec")].error < 1e-6
     assert by[(0, "mix")].cand_shape == (9, WIDTH)
+
+
+def test_lockstep_align_lines_the_steps_up_as_compare_does(tmp_path):
+    """``lockstep align`` paired the recorded steps by number: the reference's 9-token prefill
+    with the first chunk's 4 tokens, its decode steps with the later chunks, and the
+    candidate's decode steps with nothing. It now cuts, joins and matches steps as compare
+    does."""
+    import json
+
+    from lockstep.cli.main import main
+
+    run(tmp_path / "ref", [9])
+    run(tmp_path / "cand", [4, 4, 1])
+    assert main(["align", str(tmp_path / "ref"), str(tmp_path / "cand"), "--json",
+                 str(tmp_path / "a.json")]) == 0
+    report = json.loads((tmp_path / "a.json").read_text())
+    assert {p["step"] for p in report["pairs"]} == {0, 1, 2}
+    assert report["cand_only"] == []  # the decode steps 3 and 4 were left unpaired
