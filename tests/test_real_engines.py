@@ -299,44 +299,48 @@ def test_speculative_decoding_against_one_token_steps(tmp_path, references, bug)
     assert "attention mask of a decode step fed 2 tokens" in result.diagnosis.checks[0]
 
 
+def _diff_nano(references: Any, tmp_path: Path, decode: int,
+               *options: str) -> tuple[Any, dict[str, Any]]:
+    """``lockstep diff`` of transformers' Llama against the nano engine with ``options``,
+    which must diverge: (the process, its JSON report)."""
+    model, _, _ = references["llama"]
+    opts = [a for o in (f"model={model}", *options) for a in ("--cand-opt", o)]
+    done = _cli("diff", f"hf:{model}", NANO_SPEC, "--tokens", ",".join(map(str, PROMPT)),
+                "--decode", str(decode), *opts, "--out", tmp_path / "out",
+                "--json", tmp_path / "r.json")
+    assert done.returncode == 1, done.stdout + done.stderr
+    return done, json.loads((tmp_path / "r.json").read_text())
+
+
+def _replayed(report: dict[str, Any], name: str) -> dict[str, Any]:
+    """The replay's op of reference name ``name``."""
+    return {op["reference"]: op for op in report["replay"]["ops"]}[name]
+
+
 def test_replay_of_a_speculative_step_runs_the_reference_at_its_last_joined_step(
         tmp_path, references):
     """The verify step (the next token and a draft, the n-gram proposer's) is compared with
     the reference's decode steps 1 and 2 joined. Replay re-ran the reference at step 1 alone,
     whose input is not the joined step's last row: 'no reference record holds this op's
     input'. It re-runs step 2, and the o_proj's error is inherited, as it is."""
-    model, _, _ = references["llama"]
-    done = _cli("diff", f"hf:{model}", NANO_SPEC, "--tokens", ",".join(map(str, PROMPT)),
-                "--decode", "3", "--cand-opt", f"model={model}", "--cand-opt",
-                "speculative=2", "--cand-opt", "bug=chunk_causal", "--out", tmp_path / "out",
-                "--json", tmp_path / "r.json")
-    assert done.returncode == 1, done.stdout + done.stderr
-    report = json.loads((tmp_path / "r.json").read_text())
+    _, report = _diff_nano(references, tmp_path, 3, "speculative=2", "bug=chunk_causal")
     assert report["first_divergence"]["step"] == 1
     assert report["chunks"]["sides"][0]["groups"][0] == {"steps": [1, 2], "tokens": [1, 1],
                                                           "prefill": False}
-    o_proj = {op["reference"]: op for op in report["replay"]["ops"]}[
-        "model.layers.0.self_attn.o_proj"]
+    o_proj = _replayed(report, "model.layers.0.self_attn.o_proj")
     assert o_proj["inherited"] > 0.1 and o_proj["introduced"] < 1e-5, o_proj
 
 
 def test_diff_of_a_chunked_engine_from_the_command_line(tmp_path, references):
     """``lockstep diff`` records both engines, joins the chunks, names the chunk and
     replays the reference's ops on the joined step."""
-    model, _, _ = references["llama"]
-    done = _cli("diff", f"hf:{model}", NANO_SPEC, "--tokens", ",".join(map(str, PROMPT)),
-                "--decode", "2", "--cand-opt", f"model={model}", "--cand-opt",
-                "prefill_chunk=4", "--cand-opt", "bug=chunk_causal", "--out", tmp_path / "out",
-                "--json", tmp_path / "r.json")
-    assert done.returncode == 1, done.stdout + done.stderr
+    done, report = _diff_nano(references, tmp_path, 2, "prefill_chunk=4", "bug=chunk_causal")
     assert "one prefill fed in 3 chunks (4+4+1 tokens)" in done.stdout
-    report = json.loads((tmp_path / "r.json").read_text())
     assert "starts in the candidate's chunk 2 of 3 (step 1, tokens 4-7)" in \
         report["chunks"]["blame"]
     # the o_proj re-run on the joined step's input: it inherits the error (the last chunk's
     # one row alone holds none of it) and introduces none
-    o_proj = {op["reference"]: op for op in report["replay"]["ops"]}[
-        "model.layers.0.self_attn.o_proj"]
+    o_proj = _replayed(report, "model.layers.0.self_attn.o_proj")
     assert o_proj["inherited"] > 0.1 and o_proj["introduced"] < 1e-5, o_proj
     assert report["chunks"]["sides"][0]["groups"] == [{"steps": [0, 1, 2],
                                                        "tokens": [4, 4, 1], "prefill": True}]

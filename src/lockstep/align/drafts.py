@@ -20,7 +20,7 @@ from typing import Any
 from ..display import safe
 from ..store.reader import Dump
 from .cuts import cut_steps
-from .steps import fed_per_step, histories
+from .steps import fed_per_step, histories, prompt_length
 
 __all__ = ["DraftCut", "cut_drafts"]
 
@@ -54,11 +54,6 @@ class DraftCut:
                 "left_out": [{"name": n, "why": w} for n, w in self.left_out]}
 
 
-def _prompt_length(dump: Dump) -> int | None:
-    ids = dump.meta.get("prompt_token_ids")
-    return len(ids) if isinstance(ids, list) and ids else None
-
-
 def _generated(dump: Dump) -> int | None:
     ids = dump.meta.get("generated_token_ids")
     return len(ids) if isinstance(ids, list) else None
@@ -70,7 +65,7 @@ def cut_drafts(dump: Dump, side: str) -> tuple[Dump, tuple[DraftCut, ...]]:
     fed = fed_per_step(dump)
     hist = histories(fed)
     steps = list(fed)
-    prompt, generated = _prompt_length(dump), _generated(dump)
+    prompt, generated = prompt_length(dump.meta), _generated(dump)
     found: list[tuple[int, int, int]] = []  # (step, fed, kept)
     for i, s in enumerate(steps):
         ids, pos = fed[s]

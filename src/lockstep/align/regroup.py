@@ -11,8 +11,9 @@ from ..store.reader import Dump
 from .chunks import Chunking, join_chunks
 from .drafts import DraftCut, cut_drafts
 from .prefix import PrefixCut, cut_prefixes
+from .steps import StepMatch, match_steps, restep
 
-__all__ = ["Regrouping", "regroup"]
+__all__ = ["Regrouping", "regroup", "line_up"]
 
 
 @dataclass(frozen=True)
@@ -35,3 +36,11 @@ def regroup(ref: Dump, cand: Dump) -> tuple[Dump, Dump, Regrouping]:
     cand, cand_drafts = cut_drafts(cand, "candidate")
     ref, cand, chunked = join_chunks(ref, cand)
     return ref, cand, Regrouping(cuts, ref_drafts + cand_drafts, chunked)
+
+
+def line_up(ref: Dump, cand: Dump) -> tuple[Dump, Dump, Regrouping, StepMatch]:
+    """Both sides as compared: regrouped, then the candidate's steps numbered as the reference
+    steps they match (align.steps). What compare and ``lockstep align`` pair."""
+    ref, cand, regrouped = regroup(ref, cand)
+    step_match = match_steps(ref, cand)
+    return ref, restep(cand, step_match), regrouped, step_match

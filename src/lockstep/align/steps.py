@@ -27,7 +27,7 @@ import numpy as np
 from .kinds import FED_NAMES, Kind
 
 __all__ = ["StepMatch", "fed_per_step", "histories", "match_steps", "restep", "ID_NAMES",
-           "POSITION_NAMES"]
+           "POSITION_NAMES", "prompt_length"]
 
 ID_NAMES = FED_NAMES[Kind.INPUT_IDS]
 POSITION_NAMES = FED_NAMES[Kind.POSITIONS]
@@ -98,6 +98,13 @@ def _find(records: list[Any], names: tuple[str, ...]) -> Any:
         if (r.name in names or r.name.rsplit(".", 1)[-1] in names) and r.dtype in _INT:
             return r
     return None
+
+
+def prompt_length(meta: Any) -> int | None:
+    """The tokens of the prompt, from a run's ``prompt_token_ids`` metadata (None: not
+    given): the position of the first generated token."""
+    ids = meta.get("prompt_token_ids")
+    return len(ids) if isinstance(ids, list) and ids else None
 
 
 def fed_per_step(dump: Any) -> dict[int, Fed]:

@@ -40,16 +40,14 @@ def run(args: argparse.Namespace) -> int:
     from ..align.mapping import load_mapping
     from ..align.mapping_writer import mapping_text
     from ..align.pairing import align
-    from ..align.regroup import regroup
+    from ..align.regroup import line_up
     from ..align.render import AlignReport
-    from ..align.steps import match_steps, restep
     from ..store import open_dump
 
     mapping = load_mapping(args.mapping) if args.mapping else None
     with open_dump(args.reference) as ref_dump, open_dump(args.candidate) as cand_dump:
         # the steps as compare lines them up: cut and joined, then matched by what was fed
-        ref, cand, _ = regroup(ref_dump, cand_dump)
-        cand = restep(cand, match_steps(ref, cand))
+        ref, cand, _, _ = line_up(ref_dump, cand_dump)
         alignment = align(ref, cand, use_tables=not args.no_tables, mapping=mapping)
         steps = sorted(set(ref.steps) | set(cand.steps))
     if args.step is not None and args.step not in steps:

@@ -16,7 +16,7 @@ from ..align.regroup import Regrouping
 from ..align.transforms import apply_transform
 from ..display import safe
 from ..errors import LockstepError
-from ..store.reader import Dump, Record
+from ..store.reader import Dump
 from .coverage import Gap
 
 __all__ = ["ChunkReport", "with_chunks"]
@@ -83,10 +83,6 @@ def with_chunks(c: Any, regrouped: Regrouping, ref: Dump, cand: Dump) -> Any:
     return replace(c, chunks=report)
 
 
-def _by_seq(dump: Dump, seq: int) -> Record | None:
-    return next((r for r in dump.records if r.seq == seq), None)
-
-
 def _group(report: ChunkReport, c: Any) -> tuple[str, ChunkGroup] | None:
     """The joined group the first divergence's step is, on either side."""
     step = c.first_divergence.step
@@ -104,7 +100,7 @@ def _blame(report: ChunkReport, c: Any, ref: Dump, cand: Dump) -> ChunkReport:
     """Measure the first divergence chunk by chunk: the rows each chunk was fed."""
     found = _group(report, c)
     p = c.first_divergence
-    r_rec, c_rec = _by_seq(ref, p.ref_seq), _by_seq(cand, p.cand_seq)
+    r_rec, c_rec = ref.by_seq(p.ref_seq), cand.by_seq(p.cand_seq)
     if found is None or r_rec is None or c_rec is None or not (r_rec.has_data and
                                                                c_rec.has_data):
         return report

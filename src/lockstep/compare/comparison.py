@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from ..align.kinds import Kind as K
 from ..align.pairing import Alignment, Pair, align
-from ..align.regroup import regroup
-from ..align.steps import StepMatch, match_steps, restep
+from ..align.regroup import line_up
+from ..align.steps import StepMatch
 from ..align.transforms import apply_transform
 from ..align.verify import merged_meta
 from ..errors import LockstepError
@@ -164,9 +164,8 @@ def _compare(ref: Dump, cand: Dump, tolerances: Tolerances,
              use_tables: bool, cand_precision: str | None = None,
              strict: bool | None = None) -> Comparison:
     recorded = cand
-    ref, cand, regrouped = regroup(ref, cand)  # e.g. a prefill fed in chunks is one step
-    step_match = match_steps(ref, cand)
-    cand = restep(cand, step_match)  # candidate steps numbered as the reference steps they are
+    # e.g. a prefill fed in chunks is one step; candidate steps numbered as the reference's
+    ref, cand, regrouped, step_match = line_up(ref, cand)
     return with_chunks(_compare_steps(ref, cand, recorded, step_match, tolerances, progress,
                                       mapping, use_tables, cand_precision, strict),
                        regrouped, ref, cand)

@@ -11,7 +11,7 @@ from typing import Any
 
 from ..align.unshard import Merge, RankMerge, merge_ranks, open_side, shard_blame
 from ..display import safe
-from ..store.reader import Dump, Record
+from ..store.reader import Dump
 from .coverage import Gap
 
 __all__ = ["RankReport", "open_sides", "with_ranks"]
@@ -107,14 +107,10 @@ def with_ranks(c: Any, sides: tuple[RankMerge, ...], ref: Dump, cand: Dump) -> A
     return replace(c, ranks=report)
 
 
-def _by_seq(dump: Dump, seq: int) -> Record | None:
-    return next((r for r in dump.records if r.seq == seq), None)
-
-
 def _blame(report: RankReport, p: Any, ref: Dump, cand: Dump) -> RankReport:
     """Say how the first divergence's record was merged; when column-parallel, measure each
     rank's slice (records found by seq: the candidate's steps may have been renumbered)."""
-    r_rec, c_rec = _by_seq(ref, p.ref_seq), _by_seq(cand, p.cand_seq)
+    r_rec, c_rec = ref.by_seq(p.ref_seq), cand.by_seq(p.cand_seq)
     if r_rec is None or c_rec is None:
         return report
     for side in report.sides:

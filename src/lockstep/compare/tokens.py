@@ -16,7 +16,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from ..align.kinds import Kind as K
-from ..align.steps import fed_per_step
+from ..align.steps import fed_per_step, prompt_length
 from ..store.reader import Dump, Record
 from .case import is_logits, role_of_name
 from .token_check import OffArgmax, TokenCheck
@@ -82,9 +82,7 @@ def _token_rows(dump: Dump) -> dict[int, list[tuple[int, int]]]:
     decoding) chose several; without, step i's last row chose token i."""
     fed = fed_per_step(dump)
     first = next((pos for _, pos in fed.values() if pos), None)
-    prompt = dump.meta.get("prompt_token_ids")
-    n = len(prompt) if isinstance(prompt, list) and prompt else \
-        (first[-1] + 1 if first else None)
+    n = prompt_length(dump.meta) or (first[-1] + 1 if first else None)
     out: dict[int, list[tuple[int, int]]] = {}
     for step in dump.steps:
         rec = _logits_record(dump, step)

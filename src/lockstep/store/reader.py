@@ -162,6 +162,11 @@ class Dump:
     def in_step(self, step: int) -> list[Record]:
         return [r for r in self.records if r.step == step]
 
+    def by_seq(self, seq: int) -> Record | None:
+        """The record of capture number ``seq`` (a pair's record, whatever step a view of
+        the dump numbers it)."""
+        return next((r for r in self.records if r.seq == seq), None)
+
     def raw(self, record: Record) -> np.ndarray:
         """The stored elements, memory-mapped (read-only, no copy)."""
         if record.offset is None:
