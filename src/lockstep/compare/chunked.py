@@ -14,6 +14,7 @@ from ..align.drafts import DraftCut
 from ..align.prefix import PrefixCut
 from ..align.regroup import Regrouping
 from ..align.transforms import apply_transform
+from ..align.verify import merged_meta
 from ..display import safe
 from ..errors import LockstepError
 from ..store.reader import Dump
@@ -107,7 +108,7 @@ def _blame(report: ChunkReport, c: Any, ref: Dump, cand: Dump) -> ChunkReport:
     side, group = found
     try:
         a = apply_transform(p.ref_transform, ref.read(r_rec), ref.meta)
-        b = apply_transform(p.cand_transform, cand.read(c_rec), cand.meta)
+        b = apply_transform(p.cand_transform, cand.read(c_rec), merged_meta(ref, cand))
     except LockstepError:  # the layout does not fit: the pair was not measured
         return report
     finally:
