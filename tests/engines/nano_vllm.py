@@ -22,7 +22,16 @@ weights), ``greedy_temperature`` (the sampler draws at temperature 1 when greedy
 ``moe_no_renormalize`` (the experts' top-k weights are not renormalized where the config asks),
 ``chunk_causal`` (a later prefill chunk masked with SDPA's ``is_causal``, which aligns
 top-left when queries are fewer than keys), ``chunk_positions`` (a later chunk's positions
-start from 0 again).
+start from 0 again), ``batch_varlen`` (in a batch, a whole prompt attends over the step's
+new keys from the batch's first token on, one causal mask for the flat batch: no
+``cu_seqlens``), ``batch_last_index`` (in a batch, each sequence's logits are taken at its
+first token, ``query_start_loc[:-1]``, not its last).
+
+``generate_batch`` runs several prompts as vLLM v1 does: one flat batch per step, the
+running sequences' decode tokens first and then the prompts that join at that step (whole,
+or a chunk of ``prefill_chunk`` tokens per step), attention per sequence by
+``query_start_loc``, logits at each sequence's last token. It records what vLLM has: the
+flat ``input_ids`` and ``positions``, and no word of which token is whose.
 
 ``prefix_cache=1`` keeps a prompt's full KV blocks after it is served, as vLLM's prefix
 caching does: a prompt served again computes only the tokens after its cached blocks (the
@@ -48,6 +57,7 @@ are zeros and the logits are cut back to the real vocabulary.
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from dataclasses import dataclass, field
@@ -63,7 +73,8 @@ import lockstep
 from lockstep.engines import Engine
 
 BUGS = ("decode_position", "kv_slot", "swapped_args", "layer_not_loaded", "greedy_temperature",
-        "swapped_kv_rows", "moe_no_renormalize", "chunk_causal", "chunk_positions")
+        "swapped_kv_rows", "moe_no_renormalize", "chunk_causal", "chunk_positions",
+        "batch_varlen", "batch_last_index")
 BLOCK_SIZE = 4  # KV cache slots per block
 
 
@@ -75,6 +86,13 @@ class Context:
     slot_mapping: Tensor | None = None  # (tokens,): where each token's K/V is written
     block_table: Tensor | None = None  # (blocks,): the sequence's cache blocks
     context_len: int = 0  # tokens in the cache, this one included (decode)
+    # a batch (vLLM v1's flat batch): each sequence's first token in the step's flat tokens
+    # (and the end), its tokens in the cache after the step, its block table, and the rows
+    # the logits are taken from (each sequence's last token)
+    query_start_loc: list[int] | None = None
+    seq_lens: list[int] = field(default_factory=list)
+    block_tables: list[Tensor] = field(default_factory=list)
+    logits_rows: Tensor | None = None
 
 
 _CONTEXT = Context()
@@ -142,6 +160,8 @@ class Attention(nn.Module):
         slots = ctx.slot_mapping
         self.k_cache.view(-1, self.n_kv_heads, self.head_dim)[slots] = k
         self.v_cache.view(-1, self.n_kv_heads, self.head_dim)[slots] = v
+        if ctx.query_start_loc is not None:
+            return self._batched(ctx, q, k, v)
         mask: Tensor | None = None
         if ctx.is_prefill and ctx.context_len == q.shape[0]:  # a whole prompt at once
             keys, values, causal = k, v, True
@@ -167,6 +187,35 @@ class Attention(nn.Module):
                                              values.transpose(0, 1), attn_mask=mask,
                                              is_causal=causal, scale=self.scale)
         return out.transpose(0, 1)  # (tokens, heads, head_dim)
+
+    def _batched(self, ctx: Context, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """A flat batch, sequence by sequence (flash-attention's varlen kernel): each
+        sequence's queries over its cached keys, query i seeing keys up to its own
+        position."""
+        groups = self.n_heads // self.n_kv_heads
+        starts = ctx.query_start_loc or [0]
+        outs = []
+        for i, (a, b) in enumerate(itertools.pairwise(starts)):
+            if self.bug == "batch_varlen" and ctx.seq_lens[i] == b - a:
+                # a whole prompt attends over the step's new keys from the batch's first
+                # token on, under one causal mask: the kernel was not given cu_seqlens
+                keys, values = k[:b], v[:b]
+            else:
+                cache = (c[ctx.block_tables[i]].reshape(-1, self.n_kv_heads, self.head_dim)
+                         [:ctx.seq_lens[i]] for c in (self.k_cache, self.v_cache))
+                keys, values = cache
+            keys = keys.repeat_interleave(groups, dim=1)
+            values = values.repeat_interleave(groups, dim=1)
+            if self.softcap is not None or self.window is not None:
+                outs.append(self._capped(q[a:b], keys, values))
+                continue
+            n_q, n_k = b - a, keys.shape[0]
+            mask = torch.arange(n_k)[None] <= torch.arange(n_k - n_q, n_k)[:, None]
+            out = F.scaled_dot_product_attention(q[a:b].transpose(0, 1), keys.transpose(0, 1),
+                                                 values.transpose(0, 1), attn_mask=mask,
+                                                 scale=self.scale)
+            outs.append(out.transpose(0, 1))
+        return torch.cat(outs)
 
     def _capped(self, q: Tensor, keys: Tensor, values: Tensor) -> Tensor:
         """Gemma 2's attention: soft-capped scores, causal, and the sliding window."""
@@ -341,6 +390,14 @@ class Model(nn.Module):
         return hidden
 
 
+def _last_rows(x: Tensor) -> Tensor:
+    """The rows the logits are computed for: each sequence's last token (a batch), the last
+    position (a prefill), every row (a decode step, or a speculative verify step)."""
+    if _CONTEXT.logits_rows is not None:
+        return x[_CONTEXT.logits_rows]
+    return x[-1:] if _CONTEXT.is_prefill else x
+
+
 class LMHead(nn.Module):
     """At prefill, only each sequence's last position is turned into logits."""
 
@@ -349,9 +406,7 @@ class LMHead(nn.Module):
         self.weight = nn.Parameter(torch.empty(cfg.vocab_padded, cfg.hidden_size))
 
     def forward(self, x: Tensor) -> Tensor:
-        if _CONTEXT.is_prefill:
-            x = x[-1:]
-        return F.linear(x, self.weight)
+        return F.linear(_last_rows(x), self.weight)
 
 
 @dataclass
@@ -366,8 +421,7 @@ class LogitsProcessor(nn.Module):
     lm_head module itself never runs), and the result is a dataclass."""
 
     def forward(self, hidden: Tensor, lm_head: LMHead) -> LogitsProcessorOutput:
-        if _CONTEXT.is_prefill:
-            hidden = hidden[-1:]
+        hidden = _last_rows(hidden)
         return LogitsProcessorOutput(F.linear(hidden, lm_head.weight))
 
 
@@ -546,7 +600,7 @@ class LLM:
                 hidden = self.model(input_ids, pos)
             logits = self.model.compute_logits(hidden)
             if self.on_logits is not None and last:  # a prefill's last chunk, or decode
-                self.on_logits(logits[-1])
+                self.on_logits(0, logits[-1])
             return [int(t) for t in self.sampler(logits, temperature)]
 
     def generate(self, prompt: Sequence[int], decode: int, *,
@@ -604,6 +658,71 @@ class LLM:
             self.free_blocks.extend(b for b in reversed(seq.block_table) if b not in kept)
         return chosen
 
+    def generate_batch(self, prompts: Sequence[Sequence[int]], decode: int, *,
+                       forced: Sequence[Sequence[int] | None] | None = None,
+                       join_at: Sequence[int] | None = None) -> list[list[int]]:
+        """Every prompt, prefill then ``decode`` steps, as one flat batch per step (vLLM
+        v1's scheduler: the running sequences first, then those joining at that step);
+        returns each sequence's chosen tokens."""
+        global _CONTEXT
+        count = len(prompts)
+        joins = list(join_at or [0] * count)
+        seqs = [Sequence_(list(p)) for p in prompts]
+        fed = [0] * count  # prompt tokens computed so far
+        chosen: list[list[int]] = [[] for _ in prompts]
+        order: list[int] = []  # the sequences running, in the batch's order
+        step = 0
+        try:
+            while any(len(c) <= decode for c in chosen):
+                waiting = [i for i in range(count) if i not in order]
+                if waiting and not [i for i in order if len(chosen[i]) <= decode]:
+                    step = max(step, min(joins[i] for i in waiting))  # idle: move them up
+                order += [i for i in waiting if joins[i] <= step]
+                ids, positions, slots, starts, lens, rows = [], [], [], [0], [], []
+                for i in (i for i in order if len(chosen[i]) <= decode):
+                    seq, n = seqs[i], len(prompts[i])
+                    if fed[i] < n:  # (a chunk of) its prompt
+                        a = fed[i]
+                        fed[i] = min(n, a + (self.prefill_chunk or n))
+                        toks, pos = list(prompts[i][a:fed[i]]), list(range(a, fed[i]))
+                    else:  # a decode token: the reference's (teacher forcing) or its own
+                        k = len(chosen[i]) - 1
+                        force = forced[i] if forced is not None else None
+                        toks = [force[k] if force is not None and k < len(force)
+                                else chosen[i][-1]]
+                        seq.token_ids.extend(toks)
+                        pos = [len(seq.token_ids) - 1]
+                    ids += toks
+                    slots += [self._slot(seq, p) + (self.bug == "kv_slot" and p >= n)
+                              for p in pos]
+                    positions += [p + (self.bug == "decode_position" and p >= n) for p in pos]
+                    starts.append(len(ids))
+                    lens.append(pos[-1] + 1)  # (its cached tokens after this step)
+                    rows.append(i)
+                ends = starts[1:] if self.bug != "batch_last_index" else \
+                    [a + 1 for a in starts[:-1]]
+                _CONTEXT = Context(
+                    is_prefill=False, slot_mapping=torch.tensor(slots),
+                    query_start_loc=starts, seq_lens=lens,
+                    block_tables=[torch.tensor(seqs[i].block_table) for i in rows],
+                    logits_rows=torch.tensor([e - 1 for e in ends]))
+                input_ids, pos_t = torch.tensor(ids), torch.tensor(positions)
+                lockstep.probe("input_ids", input_ids)
+                lockstep.probe("positions", pos_t)
+                with torch.no_grad():
+                    logits = self.model.compute_logits(self.model(input_ids, pos_t))
+                    tokens = [int(t) for t in self.sampler(logits, 0.0)]
+                for j, i in enumerate(rows):
+                    if fed[i] == len(prompts[i]):  # a prompt's last chunk, or a decode step
+                        if self.on_logits is not None:
+                            self.on_logits(i, logits[j])
+                        chosen[i].append(tokens[j])
+                step += 1
+        finally:
+            for seq in seqs:
+                self.free_blocks.extend(reversed(seq.block_table))
+        return chosen
+
     def propose(self, tokens: Sequence[int], k: int) -> list[int]:
         """Up to ``k`` draft tokens (vLLM's n-gram proposer): the tokens that followed the
         latest earlier occurrence of the last 3, 2 or 1 tokens."""
@@ -641,6 +760,7 @@ class NanoEngine(Engine):
     SGLang-style ``LogitsProcessor`` returning a dataclass."""
 
     name = "nano-vllm-test"
+    batch_packed = True
 
     def __init__(self, spec: str, *, model: str, bug: str | None = None,
                  dtype: str = "float32", num_blocks: int = 256, logits: str = "vllm",
@@ -675,7 +795,7 @@ class NanoEngine(Engine):
         if not prompt_ids or steps < 1:
             raise lockstep.UsageError(f"{self.spec}: a prompt of tokens and a step at least")
         rows: list[Tensor] = []
-        self.llm.on_logits = lambda last: rows.append(last.float().clone())
+        self.llm.on_logits = lambda _, last: rows.append(last.float().clone())
         speculative, self.llm.speculative = self.llm.speculative, 0  # one row per step
         try:
             chosen = self.llm.generate(list(prompt_ids), steps - 1, forced=forced)
@@ -690,6 +810,27 @@ class NanoEngine(Engine):
             self.llm.serve_quietly(list(prompt_ids))
         rec.watch(self.llm.model)
         return self.llm.generate(list(prompt_ids), decode, forced=forced)
+
+    def generate_batch(self, rec: Any, prompts: Sequence[Sequence[int]], decode: int, *,
+                       forced: Sequence[Sequence[int] | None] | None = None,
+                       padding: str = "left", join_at: Sequence[int] | None = None
+                       ) -> list[list[int]]:
+        # vLLM packs: no padding, and no batch metadata (lockstep finds whose token is whose)
+        rec.watch(self.llm.model)
+        return self.llm.generate_batch(prompts, decode, forced=forced, join_at=join_at)
+
+    def decode_logits_batch(self, prompts: Sequence[Sequence[int]], steps: int, *,
+                            forced: Sequence[Sequence[int] | None] | None = None,
+                            padding: str = "left", join_at: Sequence[int] | None = None
+                            ) -> list[tuple[list[int], Any]]:
+        rows: list[list[Tensor]] = [[] for _ in prompts]
+        self.llm.on_logits = lambda i, last: rows[i].append(last.float().clone())
+        try:
+            chosen = self.llm.generate_batch(prompts, steps - 1, forced=forced,
+                                             join_at=join_at)
+        finally:
+            self.llm.on_logits = None
+        return [(c, torch.stack(r).numpy()) for c, r in zip(chosen, rows)]
 
     def meta(self) -> dict[str, Any]:
         return {**super().meta(), **self.llm.meta}

@@ -96,7 +96,12 @@ def layout_candidates(ref_shape: Sequence[int], cand_shape: Sequence[int]) -> li
                     + ("" if tuple(shape) == r else f"|reshape({target})"))
             out.append(Layout(cand_transform=spec, plausible=_mergeable(r, shape)))
         return sorted(out, key=lambda lay: not lay.plausible)
-    if nc < nr and nr % nc == 0 and len(c) == 1 and nr // nc <= 4096:
+    if nc < nr and nr % nc == 0 and len(c) == 1 and len(r) >= 2 and nc == r[-1]:
+        # one row of a reference with a row per token: the last token's, whatever the values
+        # say (an engine that takes its logits from another token is wrong, not "laid out":
+        # matching the row by values would hide that very bug)
+        out.append(Layout(ref_transform=f"block({nc}, {nr // nc - 1})", plausible=False))
+    elif nc < nr and nr % nc == 0 and len(c) == 1 and nr // nc <= 4096:
         out += [Layout(ref_transform=f"block({nc}, {b})", plausible=False)
                 for b in range(nr // nc)]
     return out or _padded(r, c, cand_shape)

@@ -31,6 +31,8 @@ class Segment:
     length: int  #: its real tokens in the step
     write: tuple[int, ...] = ()
     read: tuple[int, ...] = ()
+    #: where the engine fed positions other than the tokens' own: each token's offset
+    moved: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,8 @@ class StepLayout:
                 return array[seg.start:seg.start + seg.length]
             if array.ndim >= 2 and array.shape[0] == 1 and array.shape[1] == self.width:
                 return array[:, seg.start:seg.start + seg.length]
+            if array.ndim >= 1 and array.shape[0] == rows:  # one row per sequence: logits
+                return array[seg.row:seg.row + 1]
             return None
         if array.ndim == 0 or array.shape[0] != rows:
             return None

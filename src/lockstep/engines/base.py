@@ -80,6 +80,10 @@ class Engine(ABC):
             rec.add_meta(generated_token_ids=chosen)
         return chosen
 
+    #: the engine packs a batch's tokens into one flat run (vLLM, SGLang) rather than padding
+    #: rows; only what lockstep says while it records depends on it
+    batch_packed = False
+
     def can_batch(self) -> bool:
         """Whether the engine runs batches (overrides ``generate_batch``)."""
         return type(self).generate_batch is not Engine.generate_batch
@@ -94,8 +98,10 @@ class Engine(ABC):
                        padding: str = "left", join_at: Sequence[int] | None = None
                        ) -> list[list[int]]:
         """Record ``prompts`` run as one batch: each step is one forward of the sequences
-        running then, and the dump's ``batch`` metadata says which row is which sequence and
-        where its real tokens are (docs/batching.md). ``join_at[i]``: the batch step sequence
+        running then. Either the dump's ``batch`` metadata says which row is which sequence
+        and where its real tokens are, or each step records its ``input_ids`` and
+        ``positions`` and lockstep finds that from them (docs/batching.md); a declared
+        layout is checked against the recorded ids. ``join_at[i]``: the batch step sequence
         i joins at (continuous batching). Returns each sequence's chosen tokens."""
         raise self.no_batch()
 

@@ -45,8 +45,10 @@ class BatchReport(Report):
     def render(self, console: Console, options: ConsoleOptions) -> RenderResult:
         b = self.batch
         joins = [f"sequence {i} joins at step {s}" for i, s in enumerate(b.join_at) if s]
+        how = f"{b.padding} padding" if b.padding else \
+            "packed (whose token is whose found from the ids fed)"
         yield Text.assemble(("batch: ", "bold"), f"{len(b.sequences)} prompts as one batch, "
-                            f"{b.padding} padding" + "".join(f"; {j}" for j in joins)
+                            + how + "".join(f"; {j}" for j in joins)
                             + "; each compared with its prompt run alone")
         table = Table(show_lines=False, title_justify="left")
         for col in ("sequence", "prompt", "verdict", "first divergence", "diagnosis"):

@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..batching.infer import REQUEST_KEY
 from ..batching.result import BatchComparison
 from ..batching.split import split_batch
 from ..compare import Tolerances, compare
@@ -62,7 +63,8 @@ def capture_batch(spec: str, out: str | Path, *, prompts: Sequence[str] | None =
     with engine:
         ids = _prompt_ids(engine, prompts, tokens)
         joins = join_steps(len(ids), join_at)
-        announce(f"lockstep: recording {len(ids)} prompts as one batch ({padding} padding"
+        how = "packed" if engine.batch_packed else f"{padding} padding"
+        announce(f"lockstep: recording {len(ids)} prompts as one batch ({how}"
                  + (f", the last joining at step {join_at}" if join_at else "")
                  + f") + {decode} decode steps into {out}")
         meta = {**engine.meta(), "decode": decode}
@@ -70,6 +72,13 @@ def capture_batch(spec: str, out: str | Path, *, prompts: Sequence[str] | None =
                     **_selection(selection)) as rec:
             chosen = engine.generate_batch(rec, ids, decode, forced=forced, padding=padding,
                                            join_at=joins)
+            # what lockstep asked for and got back: whose token is whose is found from it
+            # and the ids each step was fed (batching.infer), or checked against it
+            rec.add_meta(**{REQUEST_KEY: {
+                "prompts": ids, "join_at": joins,
+                "forced_token_ids": [list(f) if f is not None else None
+                                     for f in (forced or [None] * len(ids))],
+                "generated_token_ids": [list(c) for c in chosen]}})
     return chosen
 
 
@@ -112,8 +121,9 @@ def batch_diff(ref_spec: str, cand_spec: str, out: str | Path, *,
     capture_batch(cand_spec, batched, tokens=ids, decode=decode, forced=forced,
                   padding=padding, join_at=joins[-1] or None, overwrite=True,
                   selection=selection, announce=announce, **(cand_options or {}))
-    with open_dump(batched) as dump:  # when each joined (an idle batch moves arrivals up)
-        joins = list((dump.meta.get("batch") or {}).get("join_at") or joins)
     parts = split_batch(batched, out, references=[str(p) for p in refs])
+    with open_dump(parts[0]) as part:  # as it ran: when each joined (an idle batch moves
+        ran = part.meta["batch_sequence"]   # arrivals up), and padded or packed
     results = tuple(compare(r, c, tolerances, mapping=mapping) for r, c in zip(refs, parts))
-    return BatchComparison(results, tuple(tuple(p) for p in ids), padding, tuple(joins))
+    return BatchComparison(results, tuple(tuple(p) for p in ids), ran.get("padding"),
+                           tuple(ran["join_at"]))

@@ -6,7 +6,8 @@ the batch explains it. Four kinds, each naming the sequence pair:
   its chosen token is the other sequence's, or its tensor is the other's solo value;
 - ``batch_positions``: RoPE at a left-padded sequence fits positions moved by its padding;
 - ``batch_mask``: the attention output of a padded sequence differs while its q, k and v
-  agree: padding keys were let in.
+  agree: padding keys were let in; or, in a packed batch, the tokens packed before it
+  were (the sequence packed first in that step agreeing is the evidence).
 
 The evidence is the layout the split dump carries in its metadata (``batch_sequence``,
 written by ``lockstep.batching.split``): each step's row, padding and KV slots, and every
@@ -15,17 +16,21 @@ sequence's written slots and solo reference.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from ...align.cuts import token_dim
 from ...align.kinds import Kind as K
+from ...align.steps import fed_per_step
 from ...store.reader import open_dump
 from ...textfmt import fmt
 from .. import evidence as ev
 from ..case import Case, input_sentence, label
+from ..pair_result import PairResult
 from .model import Diagnosis, make, rule
-from .rope import pairing_of, pre_rope, rope_views
+from .rope import heads_view, pairing_of, pre_rope, rope_views
 
 __all__ = ["batch", "BATCH_KINDS"]
 
@@ -182,7 +187,7 @@ def _padded_by(info: dict[str, Any], step: int) -> tuple[int, int | None]:
     """(padding tokens of this sequence's row at ``step``, the row sequence that set the
     width)."""
     steps = _steps(info)
-    if step >= len(steps):
+    if step >= len(steps) or steps[step].get("packed"):  # packed: no padding
         return 0, None
     st = steps[step]
     pad = int(st.get("width", 0)) - int(st.get("length", 0))
@@ -243,6 +248,176 @@ def _mask(case: Case, info: dict[str, Any], i: int) -> Diagnosis | None:
                 evidence, sequences=[i, j], padding=pad, step=f.step)
 
 
+_PACKED_CHECKS = ("the attention kernel's per-sequence boundaries: cu_seqlens (vLLM's "
+                  "query_start_loc) given to the varlen kernel, not one causal mask over "
+                  "the flat batch",
+                  "each sequence's key range: its own cached tokens (seq_lens, its block "
+                  "table row), starting at its own first token")
+
+
+def _same_op_error(case: Case, info: dict[str, Any], j: int, own_step: int) -> float | None:
+    """The first divergence's op, compared for sequence ``j`` at its step ``own_step``."""
+    f = case.first
+    cands, refs = info.get("candidates") or [], info.get("references") or []
+    if j >= min(len(cands), len(refs)):
+        return None
+    try:
+        with open_dump(str(refs[j])) as ref, open_dump(str(cands[j])) as cand:
+            r, c = (_as_compared(case, d, d.get(own_step, name, f.call), transform)
+                    for d, name, transform in ((ref, f.ref_name, f.ref_transform),
+                                               (cand, f.cand_name, f.cand_transform)))
+    except Exception:  # an unreadable dump: no evidence from it
+        return None
+    return None if r is None or c is None or r.size != c.size else \
+        ev.rel_error(r.reshape(-1), c.reshape(-1))
+
+
+def _as_compared(case: Case, dump: Any, rec: Any, transform: str | None) -> Any:
+    """A record of another sequence in the pair's layout: a transform that only reshapes
+    (its sizes are this sequence's token count) reads the record flat."""
+    out = case.read(dump, rec, transform)
+    if out is None and transform and all(t.strip().startswith(("reshape", "squeeze"))
+                                         for t in transform.split("|")):
+        out = case.read(dump, rec, None)
+    return out
+
+
+@dataclass(frozen=True)
+class _Packed:
+    """One sequence's segment of a packed batch step, read from its split dump."""
+
+    sequence: int
+    own_step: int  #: the step of its split dump
+    start: int  #: its first token in the step's flat batch
+    length: int
+    prefill: bool  #: its tokens are (a chunk of) its prompt
+
+
+def _packed_at(info: dict[str, Any], batch_step: int) -> list[_Packed]:
+    """Every sequence's segment of one batch step, in flat order."""
+    out = []
+    for j, path in enumerate(info.get("candidates") or []):
+        try:
+            with open_dump(str(path)) as dump:
+                meta = dict(dump.meta)
+        except Exception:  # an unreadable split dump: that sequence is left out
+            continue
+        prompt = len(meta.get("prompt_token_ids") or ())
+        for k, st in enumerate(_steps(meta.get("batch_sequence") or {})):
+            if int(st.get("batch_step", -1)) == batch_step:
+                out.append(_Packed(j, k, int(st.get("start", 0)), int(st.get("length", 0)),
+                                   int(st.get("position", 0)) < prompt))
+    return sorted(out, key=lambda p: p.start)
+
+
+def _reference_heads(case: Case, path: str, step: int, pair: PairResult, rows: int,
+                     head_dim: int) -> np.ndarray | None:
+    """A pair's reference tensor of another sequence's solo run, as (rows, heads, head_dim):
+    its token dim found across the run's steps (heads and tokens can be the same size)."""
+    try:
+        with open_dump(path) as dump:
+            fed = fed_per_step(dump)
+            recs = [(n, dump.get(n, pair.ref_name, pair.call)) for n in dump.steps]
+            known = [(r.shape, len(fed[n][0] or ())) for n, r in recs
+                     if r is not None and fed.get(n, (None, None))[0] is not None]
+            dim = token_dim([s for s, _ in known], [c for _, c in known]) if known else None
+            a = case.read(dump, dump.get(step, pair.ref_name, pair.call), None)
+    except Exception:  # an unreadable reference: no evidence from it
+        return None
+    if a is None:
+        return None
+    if isinstance(dim, int) and a.ndim > dim and a.shape[dim] == rows and \
+            a.size % (rows * head_dim) == 0:
+        return np.moveaxis(a, dim, 0).reshape(rows, -1, head_dim)
+    return heads_view(a, head_dim, rows)
+
+
+def _flat_attention(case: Case, info: dict[str, Any], i: int, segs: list[_Packed],
+                    inputs: list[PairResult]) -> float | None:
+    """How far from the candidate's attention output sequence ``i``'s queries land when they
+    attend, under one causal mask over the flat batch, to every key of the step from the
+    batch's first token through its own (the reference's q, k and v, which agree)."""
+    f, d = case.first, case.head_dim()
+    arrays = case.arrays(f)
+    mine = next((p for p in segs if p.sequence == i), None)
+    refs = info.get("references") or []
+    if not d or arrays is None or mine is None or len(refs) <= max(p.sequence for p in segs):
+        return None
+    q_pair, k_pair, v_pair = inputs
+    q = _reference_heads(case, str(refs[i]), mine.own_step, q_pair, mine.length, d)
+    out = heads_view(arrays[1], d, mine.length)
+    keys, values = [], []
+    for p in (p for p in segs if p.start <= mine.start):
+        k = _reference_heads(case, str(refs[p.sequence]), p.own_step, k_pair, p.length, d)
+        v = _reference_heads(case, str(refs[p.sequence]), p.own_step, v_pair, p.length, d)
+        if k is None or v is None:
+            return None
+        keys.append(k)
+        values.append(v)
+    if q is None or out is None or not keys or q.shape[1] % keys[0].shape[1]:
+        return None
+    groups = q.shape[1] // keys[0].shape[1]
+    k_all = np.repeat(np.concatenate(keys), groups, axis=1)
+    v_all = np.repeat(np.concatenate(values), groups, axis=1)
+    n, t = k_all.shape[0], q.shape[0]
+    scores = np.einsum("qhd,khd->hqk", q, k_all) / np.sqrt(d)
+    hidden = np.arange(n)[None] > np.arange(n - t, n)[:, None]
+    scores = np.where(hidden[None], -np.inf, scores)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    return ev.rel_error(np.einsum("hqk,khd->qhd", probs, v_all), out)
+
+
+def _packed_mask(case: Case, info: dict[str, Any], i: int) -> Diagnosis | None:
+    """A packed sequence's attention differs while its q, k and v agree, and either the
+    tokens packed before it, attended to as well, reproduce it, or a sequence of the same
+    kind (prefill or decode) packed before it in that step agrees."""
+    f = case.first
+    steps = _steps(info)
+    if f.step >= len(steps) or not steps[f.step].get("packed") or \
+            int(steps[f.step].get("start", 0)) == 0 or \
+            case.role(f).op not in (K.ATTN_HEADS, K.ATTN, K.ATTN_OUT):
+        return None
+    layer = case.role(f).layer
+    found = [case.find((op,), layer) for op in (K.Q_ROPE, K.K_ROPE, K.V)]
+    inputs = [p for p in found if p is not None]
+    if len(inputs) < 3 or not all(case.agrees(p) for p in inputs):
+        return None
+    st = steps[f.step]
+    batch_step, before = int(st.get("batch_step", f.step)), int(st["start"])
+    segs = _packed_at(info, batch_step)
+    mine = next((p for p in segs if p.sequence == i), None)
+    if mine is None:
+        return None
+    evidence = [f"at its step {f.step} (batch step {batch_step}) sequence {i}'s tokens were "
+                f"packed after {before} tokens of sequences "
+                f"{[p.sequence for p in segs if p.start < mine.start]} in one flat batch",
+                "q and k after RoPE and v agree: "
+                + ", ".join(f"{label(p)} {fmt(p.error)}" for p in inputs),
+                f"{label(f)} differs (relative L2 {fmt(f.error)})"]
+    detail: dict[str, Any] = {"sequences": [p.sequence for p in segs], "step": f.step,
+                              "batch_step": batch_step, "packed_after": before}
+    flat = _flat_attention(case, info, i, segs, inputs)
+    if flat is not None and case.explains(flat):
+        evidence.append(f"its queries attending to the step's keys from the batch's first "
+                        f"token through its own, under one causal mask, reproduce the "
+                        f"candidate: relative L2 {fmt(flat)}")
+        detail["error_flat_mask"] = flat
+    alike = [p for p in segs if p.start < mine.start and p.prefill == mine.prefill]
+    if alike:
+        err = _same_op_error(case, info, alike[0].sequence, alike[0].own_step)
+        if err is not None and err <= case.good():
+            evidence.append(f"sequence {alike[0].sequence}, packed before it in that step "
+                            f"and also in {'prefill' if mine.prefill else 'decode'}, agrees "
+                            f"at the same op (relative L2 {fmt(err)})")
+            detail["packed_before_error"] = err
+    if "error_flat_mask" not in detail and "packed_before_error" not in detail:
+        return None
+    return make("batch_mask", f"sequence {i}'s attention lets in the {before} tokens packed "
+                f"before it in the flat batch (batch step {batch_step}): the kernel does not "
+                "keep the sequences apart", _PACKED_CHECKS, evidence, **detail)
+
+
 @rule(*BATCH_KINDS)
 def batch(case: Case) -> Diagnosis | None:
     """A sequence split from a batched run (``batch_sequence`` in the candidate's metadata)
@@ -252,7 +427,8 @@ def batch(case: Case) -> Diagnosis | None:
     if not isinstance(info, dict) or not isinstance(info.get("sequence"), int):
         return None
     i = int(info["sequence"])
-    for test in (_shared, _reads_other, _token_leak, _values_leak, _positions, _mask):
+    for test in (_shared, _reads_other, _token_leak, _values_leak, _positions, _mask,
+                 _packed_mask):
         found = test(case, info, i)
         if found is not None:
             return found

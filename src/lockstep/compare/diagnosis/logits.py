@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from ...align.kinds import Kind as K
 from ...textfmt import fmt
 from .. import evidence as ev
@@ -11,6 +13,31 @@ from ..case import Case, label
 from .model import Diagnosis, make, rule
 
 __all__ = ["logits"]
+
+_ROW_CHECKS = ("the row each sequence's logits are computed from: its last token "
+               "(vLLM's logits_indices, query_start_loc[1:] - 1; SGLang's pruned states), "
+               "not its first, and not one past it",
+               "a padded batch: the last real column of each row, not the last column",
+               "a prefill fed in chunks: the logits of the last chunk's last token")
+
+
+def _other_row(case: Case) -> tuple[int, int, float] | None:
+    """(row, rows, error) where the candidate's one logits row is the reference's at a token
+    other than the last: the logits were taken from the wrong token."""
+    f = case.first
+    arrays = case.arrays(f)
+    full = case.read(case.ref, case.ref_record(f), None)
+    if arrays is None or full is None or f.ref_transform is None or \
+            not f.ref_transform.startswith("block("):
+        return None
+    cand = arrays[1].reshape(-1)
+    rows = full.reshape(-1, cand.size) if full.size % cand.size == 0 else None
+    if rows is None or len(rows) < 2:
+        return None
+    errors = [ev.rel_error(row, cand) for row in rows[:-1]]
+    best = int(np.argmin(errors))
+    return (best, len(rows), errors[best]) if case.explains(errors[best]) else None
+
 
 @rule("logits")
 def logits(case: Case) -> Diagnosis | None:
@@ -26,6 +53,15 @@ def logits(case: Case) -> Diagnosis | None:
                 f"logits differ ({fmt(f.error)})" if norm is not None else
                 "the final norm's output was not captured"]
     detail: dict[str, Any] = {"final_norm_error": norm.error if norm is not None else None}
+    row = _other_row(case)
+    if row is not None:
+        k, rows, err = row
+        evidence.append(f"the candidate's logits are the reference's at token {k} of the "
+                        f"step's {rows} (relative L2 {fmt(err)}), not at its last, token "
+                        f"{rows - 1}")
+        return make("logits", f"the logits are taken from token {k} of {rows}, not the last "
+                    "one: the row the next token is computed from", _ROW_CHECKS, evidence,
+                    **detail, row=k, rows=rows, row_error=err)
     bunched = False
     if arrays is not None:
         tail_c, top_c = ev.argmax_tail(arrays[1])

@@ -1,0 +1,223 @@
+"""Whose token is whose in a packed batch, measured from what each step was fed.
+
+A serving engine shaped like vLLM runs one flat batch per step: the running sequences'
+decode tokens and the prompts (or chunks of them) joining, back to back, with nothing in its
+tensors that says where one sequence ends. lockstep knows what it asked for (each prompt, the
+tokens each sequence was fed in decode: ``batch_request`` in the dump's metadata) and the dump
+holds what each step was fed (its ``input_ids`` and ``positions``). Each step's flat tokens
+are cut into segments, one per sequence, such that every segment is the next tokens that
+sequence had to be fed: a run of its prompt (a whole prompt or a chunk) or its one next decode
+token. The ids decide; the positions break ties between covers, and where the engine's
+positions are not the ones the tokens sit at, the segment keeps them (``moved``), which is
+evidence, not a reason to fail.
+
+A declared layout (``batch.steps``, written by an engine that knows its rows) is checked
+against the same fed ids (``check_declared``), never taken on its word.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from ..align.steps import fed_per_step
+from ..errors import UsageError
+from .layout import BatchLayout, Segment, StepLayout
+
+__all__ = ["BatchRequest", "infer_layout", "check_declared", "REQUEST_KEY"]
+
+REQUEST_KEY = "batch_request"  #: the metadata lockstep writes: what it asked of the engine
+_BUDGET = 20_000  # cover attempts per step before the best found so far is taken
+
+
+@dataclass(frozen=True)
+class BatchRequest:
+    """What lockstep asked the engine to run: the prompts, the step each was to join at,
+    and the tokens each sequence was fed after its prompt (the forced ones, else its own)."""
+
+    prompts: tuple[tuple[int, ...], ...]
+    join_at: tuple[int, ...]
+    fed: tuple[tuple[int, ...], ...]  #: per sequence, the decode tokens fed, in order
+    chosen: tuple[tuple[int, ...], ...]  #: per sequence, the tokens the engine chose
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any]) -> BatchRequest | None:
+        info = meta.get(REQUEST_KEY)
+        if not isinstance(info, dict):
+            return None
+        try:
+            prompts = tuple(tuple(int(t) for t in p) for p in info["prompts"])
+            joins = tuple(int(j) for j in info.get("join_at") or [0] * len(prompts))
+            chosen = tuple(tuple(int(t) for t in c)
+                           for c in info.get("generated_token_ids") or [()] * len(prompts))
+            forced = info.get("forced_token_ids") or [None] * len(prompts)
+        except (KeyError, TypeError, ValueError):
+            raise UsageError("the dump's batch_request metadata is not lists of token "
+                             "ids") from None
+        if not len(joins) == len(chosen) == len(forced) == len(prompts):
+            raise UsageError("the dump's batch_request metadata: prompts, join_at and tokens "
+                             "differ in count")
+        fed = []
+        for own, force in zip(chosen, forced):
+            force = [int(t) for t in force or ()]
+            # decode step k feeds the forced token k where given, else the one chosen at k
+            fed.append(tuple(force[k] if k < len(force) else own[k]
+                             for k in range(max(len(own) - 1, 0))))
+        return cls(prompts, joins, tuple(fed), chosen)
+
+    def stream(self, i: int) -> tuple[int, ...]:
+        """Every token sequence ``i`` was fed, by position."""
+        return self.prompts[i] + self.fed[i]
+
+
+@dataclass(frozen=True)
+class _Cut:
+    sequence: int
+    start: int
+    length: int
+    off: bool  #: its positions are not the tokens' own, or run on past its end
+
+
+def _runs(req: BatchRequest, done: list[int], ids: Sequence[int],
+          positions: Sequence[int] | None, j: int, i: int) -> list[tuple[int, bool]]:
+    """The lengths sequence ``i``'s segment may have from flat token ``j`` (longest first,
+    positions agreeing first), each with whether the positions speak against it: moved off
+    the tokens' own, or running on past its end."""
+    stream, at, n = req.stream(i), done[i], len(req.prompts[i])
+    if at >= len(stream) or stream[at] != ids[j]:
+        return []
+    if at >= n:  # a decode token: one per step (its predecessor is chosen in this step)
+        lengths = [1]
+    else:  # a run of the prompt: a chunk ends anywhere the ids still agree
+        most = 1
+        while j + most < len(ids) and at + most < n and stream[at + most] == ids[j + most]:
+            most += 1
+        lengths = list(range(most, 0, -1))
+    out = []
+    for length in lengths:
+        moved = positions is not None and \
+            list(positions[j:j + length]) != list(range(at, at + length))
+        # where the positions run on past this length, the segment is cut short of them
+        ends_run = positions is None or j + length >= len(ids) or \
+            positions[j + length] != positions[j + length - 1] + 1
+        out.append((length, moved or not ends_run))
+    return sorted(out, key=lambda lm: lm[1])  # stable: the longest agreeing first
+
+
+def _cover(req: BatchRequest, done: list[int], ids: Sequence[int],
+           positions: Sequence[int] | None, running: set[int]) -> list[_Cut] | None:
+    """The flat tokens of one step cut into one segment per sequence: the cover with the
+    fewest segments whose positions disagree, or None."""
+    best: list[_Cut] | None = None
+    best_moved = len(ids) + 1
+    tries = 0
+
+    def walk(j: int, used: set[int], cuts: list[_Cut], moved: int) -> bool:
+        nonlocal best, best_moved, tries
+        tries += 1
+        if moved >= best_moved or tries > _BUDGET:
+            return tries > _BUDGET
+        if j == len(ids):
+            best, best_moved = list(cuts), moved
+            return moved == 0  # nothing better than a cover whose positions all agree
+        order = sorted(running - used) + sorted(set(range(len(req.prompts))) - running - used)
+        for i in order:
+            for length, off in _runs(req, done, ids, positions, j, i):
+                cuts.append(_Cut(i, j, length, off))
+                if walk(j + length, used | {i}, cuts, moved + off):
+                    return True
+                cuts.pop()
+        return False
+
+    walk(0, set(), [], 0)
+    return best
+
+
+def infer_layout(dump: Any, req: BatchRequest) -> BatchLayout:
+    """The packed layout of ``dump``'s steps, found from each step's fed ``input_ids`` (and
+    ``positions``) and what lockstep asked for; a step that no sequence could have been fed
+    is a ``UsageError`` that names its first stray token."""
+    fed = fed_per_step(dump)
+    done = [0] * len(req.prompts)  # tokens of each sequence fed so far
+    joined: list[int | None] = [None] * len(req.prompts)
+    steps = []
+    for t, (ids, positions) in sorted(fed.items()):
+        if ids is None:
+            raise UsageError(f"batch step {t} has no input_ids record: lockstep cannot tell "
+                             "whose tokens the packed batch holds (probe the step's "
+                             "input_ids and positions, or write the batch layout: "
+                             "docs/batching.md)")
+        if positions is not None and len(positions) != len(ids):
+            positions = None
+        running = {i for i, s in enumerate(joined) if s is not None}
+        cuts = _cover(req, done, ids, positions, running)
+        if cuts is None:
+            raise UsageError(_stray(req, done, ids, positions, t))
+        segs = []
+        for row, cut in enumerate(cuts):
+            at = done[cut.sequence]
+            moved = () if positions is None else \
+                tuple(int(p) - q for p, q in zip(positions[cut.start:cut.start + cut.length],
+                                                  range(at, at + cut.length)))
+            segs.append(Segment(cut.sequence, row, cut.start, cut.length,
+                                moved=moved if any(moved) else ()))
+            done[cut.sequence] += cut.length
+            if joined[cut.sequence] is None:
+                joined[cut.sequence] = t
+        steps.append(StepLayout(t, True, len(ids), tuple(segs)))
+    missing = [i for i, s in enumerate(joined) if s is None]
+    if missing:
+        raise UsageError(f"sequence {missing[0]}'s tokens are in no step of the batch: the "
+                         "engine did not run its prompt")
+    return BatchLayout(None, req.prompts, tuple(int(s or 0) for s in joined), tuple(steps),
+                       req.chosen)
+
+
+def _stray(req: BatchRequest, done: list[int], ids: Sequence[int],
+           positions: Sequence[int] | None, step: int) -> str:
+    """The message for a step whose tokens no cover explains: its first token that no
+    sequence was due to be fed."""
+    j = 0
+    while j < len(ids):
+        fits = [(i, n) for i in range(len(req.prompts))
+                for n, _ in _runs(req, done, ids, positions, j, i)[:1]]
+        if not fits:
+            break
+        j += fits[0][1]
+    due = ", ".join(f"sequence {i}: {req.stream(i)[done[i]]}" for i in range(len(req.prompts))
+                    if done[i] < len(req.stream(i)))
+    at = f" at position {positions[j]}" if positions is not None and j < len(ids) else ""
+    token = ids[j] if j < len(ids) else ids[-1]
+    return (f"batch step {step}: token {token}{at} (flat index {j} of {len(ids)}) is not the "
+            f"next token of any sequence (due: {due or 'none'}): the engine fed a token "
+            "lockstep did not give it, so whose token is whose cannot be told")
+
+
+def check_declared(dump: Any, layout: BatchLayout, req: BatchRequest | None) -> None:
+    """A ``UsageError`` where the engine's declared layout puts a token in a sequence that
+    was not fed it (the step's recorded ``input_ids`` against the sequence's tokens)."""
+    if req is None:
+        return
+    fed = fed_per_step(dump)
+    done = [0] * len(req.prompts)
+    for st in layout.steps:
+        ids = fed.get(st.step, (None, None))[0]
+        for seg in st.segments:
+            want = req.stream(seg.sequence)[done[seg.sequence]:done[seg.sequence] + seg.length]
+            done[seg.sequence] += seg.length
+            if ids is None or len(ids) != _flat_width(st):
+                continue
+            got = tuple(ids[_flat_start(st, seg):_flat_start(st, seg) + seg.length])
+            if got != want:
+                raise UsageError(
+                    f"the dump's batch layout says step {st.step}'s row {seg.row} is sequence "
+                    f"{seg.sequence}, whose next tokens are {list(want)[:8]}, but that row was "
+                    f"fed {list(got)[:8]}: the layout the engine wrote is not the batch it ran")
+
+
+def _flat_width(st: StepLayout) -> int:
+    return st.width if st.packed else st.width * len(st.segments)
+
+
+def _flat_start(st: StepLayout, seg: Segment) -> int:
+    return seg.start if st.packed else seg.row * st.width + seg.start

@@ -1,0 +1,183 @@
+"""Packed batches as vLLM runs them: one flat batch per step, decode tokens and joining
+prompts back to back, and nothing in the engine's tensors or metadata that says whose token
+is whose. lockstep finds it from the ids (and positions) each step was fed and what it asked
+the engine to run, splits the batch per sequence and compares each with its solo run.
+
+The engine is tests/engines/nano_vllm.py's ``generate_batch``; the reference is
+transformers running each prompt alone."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import lockstep
+from engines.nano_vllm import SPEC as NANO_SPEC
+from lockstep.batching.infer import REQUEST_KEY
+from lockstep.batching.split import layout_of, split_batch
+from lockstep.capture.recorder import record
+from lockstep.errors import UsageError
+from lockstep.workflows.batch import batch_diff
+from models import save_tiny
+
+PROMPTS = [[3, 17, 42, 7, 99, 5, 64, 11, 200], [11, 250, 37, 4], [90, 12, 200]]
+DECODE = 3
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny("llama", tmp_path_factory.mktemp("packed") / "llama")
+
+
+def _run(model: Path, out: Path, **options: object):
+    """``diff --batch`` of transformers (each prompt alone) against the nano engine (all
+    three as one packed batch, the last joining at step 2)."""
+    return batch_diff(f"hf:{model}", NANO_SPEC, out, tokens=PROMPTS, decode=DECODE, join_at=2,
+                      cand_options={"model": str(model), **options})
+
+
+def _segments(path: Path) -> list[list[tuple[int, int, int]]]:
+    with lockstep.open_dump(path) as dump:
+        layout = layout_of(dump)
+    return [[(s.sequence, s.start, s.length) for s in st.segments] for st in layout.steps]
+
+
+@pytest.mark.parametrize("chunk", [0, 4])
+def test_a_packed_batch_is_split_by_what_each_step_was_fed(tmp_path, model, chunk):
+    result = _run(model, tmp_path, prefill_chunk=chunk)
+    assert [c.verdict for c in result.sequences] == ["match"] * 3, \
+        [(c.first_divergence, c.coverage) for c in result.sequences]
+    steps = _segments(tmp_path / "candidate.lsd")
+    if chunk == 0:  # whole prompts; the third joins at step 2 after the others' decode tokens
+        assert steps[:3] == [[(0, 0, 9), (1, 9, 4)], [(0, 0, 1), (1, 1, 1)],
+                             [(0, 0, 1), (1, 1, 1), (2, 2, 3)]]
+    else:  # chunks of 4: the first prompt's last chunk shares a step with the second's decode
+        assert steps[:3] == [[(0, 0, 4), (1, 4, 4)], [(0, 0, 4), (1, 4, 1)],
+                             [(0, 0, 1), (1, 1, 1), (2, 2, 3)]]
+    assert result.join_at == (0, 0, 2) and result.padding is None
+    # each sequence's logits row (the lm_head keeps one row per sequence) went to it, and a
+    # tensor two modules return stays one tensor in the split dump (pairing reads repeats)
+    with lockstep.open_dump(tmp_path / "candidate-1.lsd") as part:
+        assert part.get(0, "lm_head").shape == (1, 320)
+        assert part.get(0, "model.layers.1:1").offset == \
+            part.get(0, "model.layers.1.post_attention_layernorm:1").offset
+
+
+def test_attention_over_the_whole_flat_batch_is_reproduced(tmp_path, model):
+    """``batch_varlen``: a prompt attends to the step's new keys from the batch's first token
+    on. The first sequence of the step matches; the ones packed after it diverge at their
+    attention, and attending over the flat batch reproduces their output."""
+    result = _run(model, tmp_path, bug="batch_varlen")
+    assert [c.verdict for c in result.sequences] == ["match", "diverged", "diverged"]
+    for c in result.sequences[1:]:
+        f = c.first_divergence
+        assert (f.step, f.canonical) == (0, "layers.0.attn_heads"), f
+        assert c.diagnosis is not None and c.diagnosis.kind == "batch_mask", c.diagnosis
+        assert c.diagnosis.detail["error_flat_mask"] < 1e-5
+    # sequence 1 shares its step with sequence 0's prompt, which agrees
+    assert result.sequences[1].diagnosis.detail["packed_before_error"] < 1e-5
+    assert "packed after 9 tokens of sequences [0]" in result.sequences[1].diagnosis.evidence[0]
+
+
+def test_logits_taken_from_each_sequences_first_token(tmp_path, model):
+    """``batch_last_index``: a prompt's logits come from its first token. The candidate's
+    one row is compared with the reference's last, never matched to whichever row its
+    values fit, and the diagnosis names the row it came from."""
+    result = _run(model, tmp_path, bug="batch_last_index")
+    for c, prompt in zip(result.sequences, PROMPTS):
+        f = c.first_divergence
+        assert c.verdict == "diverged" and (f.step, f.canonical) == (0, "logits"), f
+        assert f.ref_transform == f"block(320, {len(prompt) - 1})"
+        assert c.diagnosis.kind == "logits"
+        assert (c.diagnosis.detail["row"], c.diagnosis.detail["rows"]) == (0, len(prompt))
+
+
+def test_a_decode_bug_in_a_packed_batch_is_not_blamed_on_the_packing(tmp_path, model):
+    """``kv_slot`` with chunked prefill: a sequence's first decode token is packed after
+    another's prefill chunk, which agrees; that is no evidence against the packing."""
+    result = _run(model, tmp_path, bug="kv_slot", prefill_chunk=4)
+    kinds = {c.diagnosis.kind for c in result.sequences if c.diagnosis is not None}
+    assert result.diverged == [0, 1, 2] and kinds == {"decode"}, kinds
+
+
+def test_positions_the_engine_moved_are_kept_as_evidence(tmp_path, model):
+    """``decode_position``: the ids still say whose token is whose; each decode segment keeps
+    the engine's offset, and the comparison names the rotation."""
+    result = _run(model, tmp_path, bug="decode_position")
+    assert all((c.first_divergence.step, c.first_divergence.canonical) ==
+               (1, "layers.0.q_rope") for c in result.sequences)
+    with lockstep.open_dump(tmp_path / "candidate.lsd") as dump:
+        layout = layout_of(dump)
+    assert [s.moved for s in layout.steps[0].segments] == [(), ()]
+    assert [s.moved for s in layout.steps[1].segments] == [(1,), (1,)]
+
+
+def test_diff_batch_of_a_packing_engine_from_the_command_line(tmp_path, model):
+    env = {**os.environ, "COLUMNS": "120"}
+    opts = ["--cand-opt", f"model={model}"]
+    done = subprocess.run([sys.executable, "-m", "lockstep.cli.main", "diff", f"hf:{model}",
+                           NANO_SPEC, "--batch", *[a for p in PROMPTS for a in
+                                                   ("--tokens", ",".join(map(str, p)))],
+                           "--decode", "2", *opts, "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "recording 3 prompts as one batch (packed)" in done.stderr + done.stdout
+    assert "3 prompts as one batch, packed (whose token is whose found from the ids fed)" \
+        in done.stdout
+
+
+# -- the inference alone, on dumps written by hand ------------------------------------------
+def _packed(path: Path, prompts: list[list[int]], chosen: list[list[int]],
+            steps: list[tuple[list[int], list[int]]], declared: dict | None = None) -> Path:
+    meta = {REQUEST_KEY: {"prompts": prompts, "join_at": [0] * len(prompts),
+                          "generated_token_ids": chosen}}
+    if declared is not None:
+        meta["batch"] = declared
+    with record(path, meta=meta, overwrite=True) as rec:
+        for ids, positions in steps:
+            with rec.step():
+                rec.capture("input_ids", np.array(ids, dtype=np.int64))
+                rec.capture("positions", np.array(positions, dtype=np.int64))
+                rec.capture("layers.0.out", np.ones((len(ids), 4), dtype=np.float32))
+    return path
+
+
+def test_sequences_sharing_a_prefix_are_told_apart_where_their_tokens_differ(tmp_path):
+    """Two prompts with the same first three tokens (a shared system prompt), each fed in
+    chunks of 3: the first step cannot tell them apart by ids and need not (either way
+    round holds the same tokens); the second step can and does."""
+    prompts = [[1, 2, 3, 4, 5], [1, 2, 3, 9]]
+    path = _packed(tmp_path / "b.lsd", prompts, [[7, 8], [6, 5]], [
+        ([1, 2, 3, 1, 2, 3], [0, 1, 2, 0, 1, 2]),
+        ([9, 4, 5], [3, 3, 4]),  # the second's last chunk first: the batch was reordered
+        ([7, 6], [5, 4])])
+    assert _segments(path) == [[(0, 0, 3), (1, 3, 3)], [(1, 0, 1), (0, 1, 2)],
+                               [(0, 0, 1), (1, 1, 1)]]
+
+
+def test_a_token_no_sequence_was_due_is_refused_with_its_place(tmp_path):
+    path = _packed(tmp_path / "b.lsd", [[1, 2, 3], [4, 5]], [[7, 8], [6, 5]], [
+        ([1, 2, 3, 4, 5], [0, 1, 2, 0, 1]),
+        ([7, 99], [3, 2])])  # sequence 1 was to be fed 6
+    with pytest.raises(UsageError, match=r"batch step 1: token 99 at position 2 \(flat index "
+                                         r"1 of 2\) is not the next token of any sequence"):
+        split_batch(path, tmp_path / "split")
+
+
+def test_a_declared_layout_that_puts_tokens_in_the_wrong_sequence_is_refused(tmp_path):
+    """An engine that writes its own layout is checked against what its rows were fed: here
+    it names the rows the wrong way round."""
+    declared = {"layout": "packed", "prompts": [[1, 2, 3], [4, 5]],
+                "steps": [{"rows": [1, 0], "cu_seqlens": [0, 3, 5]}]}
+    path = _packed(tmp_path / "b.lsd", [[1, 2, 3], [4, 5]], [[7], [6]],
+                   [([1, 2, 3, 4, 5], [0, 1, 2, 0, 1])], declared)
+    with pytest.raises(UsageError, match=r"says step 0's row 0 is sequence 1, whose next "
+                                         r"tokens are \[4, 5\], but that row was fed"):
+        split_batch(path, tmp_path / "split")
