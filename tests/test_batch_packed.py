@@ -70,20 +70,26 @@ def test_a_packed_batch_is_split_by_what_each_step_was_fed(tmp_path, model, chun
             part.get(0, "model.layers.1.post_attention_layernorm:1").offset
 
 
-def test_attention_over_the_whole_flat_batch_is_reproduced(tmp_path, model):
-    """``batch_varlen``: a prompt attends to the step's new keys from the batch's first token
-    on. The first sequence of the step matches; the ones packed after it diverge at their
-    attention, and attending over the flat batch reproduces their output."""
-    result = _run(model, tmp_path, bug="batch_varlen")
+@pytest.mark.parametrize("chunk", [0, 4])
+def test_attention_over_the_whole_flat_batch_is_reproduced(tmp_path, model, chunk):
+    """``batch_varlen``: a prompt (or a prompt's first chunk) attends to the step's new keys
+    from the batch's first token on. The first sequence of the step matches; the ones packed
+    after it diverge at their attention, and attending over the flat batch reproduces their
+    output, in the chunk where it happens when the prefill is chunked."""
+    result = _run(model, tmp_path, bug="batch_varlen", prefill_chunk=chunk)
     assert [c.verdict for c in result.sequences] == ["match", "diverged", "diverged"]
     for c in result.sequences[1:]:
         f = c.first_divergence
         assert (f.step, f.canonical) == (0, "layers.0.attn_heads"), f
         assert c.diagnosis is not None and c.diagnosis.kind == "batch_mask", c.diagnosis
         assert c.diagnosis.detail["error_flat_mask"] < 1e-5
-    # sequence 1 shares its step with sequence 0's prompt, which agrees
-    assert result.sequences[1].diagnosis.detail["packed_before_error"] < 1e-5
-    assert "packed after 9 tokens of sequences [0]" in result.sequences[1].diagnosis.evidence[0]
+    # sequence 1 shares its step with sequence 0's prompt (or first chunk), which agrees
+    one = result.sequences[1].diagnosis
+    assert one.detail["packed_before_error"] < 1e-5
+    before = 9 if chunk == 0 else 4  # sequence 0's prompt, or its first chunk
+    assert one.detail["packed_after"] == before
+    assert f"at batch step 0, its prompt came after {before} tokens of sequences [0]" in \
+        one.evidence[0]
 
 
 def test_logits_taken_from_each_sequences_first_token(tmp_path, model):

@@ -30,7 +30,7 @@ from .. import evidence as ev
 from ..case import Case, input_sentence, label
 from ..pair_result import PairResult
 from .model import Diagnosis, make, rule
-from .rope import heads_view, pairing_of, pre_rope, rope_views
+from .rope import pairing_of, pre_rope, rope_views
 
 __all__ = ["batch", "BATCH_KINDS"]
 
@@ -255,42 +255,28 @@ _PACKED_CHECKS = ("the attention kernel's per-sequence boundaries: cu_seqlens (v
                   "table row), starting at its own first token")
 
 
-def _same_op_error(case: Case, info: dict[str, Any], j: int, own_step: int) -> float | None:
-    """The first divergence's op, compared for sequence ``j`` at its step ``own_step``."""
-    f = case.first
-    cands, refs = info.get("candidates") or [], info.get("references") or []
-    if j >= min(len(cands), len(refs)):
-        return None
-    try:
-        with open_dump(str(refs[j])) as ref, open_dump(str(cands[j])) as cand:
-            r, c = (_as_compared(case, d, d.get(own_step, name, f.call), transform)
-                    for d, name, transform in ((ref, f.ref_name, f.ref_transform),
-                                               (cand, f.cand_name, f.cand_transform)))
-    except Exception:  # an unreadable dump: no evidence from it
-        return None
-    return None if r is None or c is None or r.size != c.size else \
-        ev.rel_error(r.reshape(-1), c.reshape(-1))
-
-
-def _as_compared(case: Case, dump: Any, rec: Any, transform: str | None) -> Any:
-    """A record of another sequence in the pair's layout: a transform that only reshapes
-    (its sizes are this sequence's token count) reads the record flat."""
-    out = case.read(dump, rec, transform)
-    if out is None and transform and all(t.strip().startswith(("reshape", "squeeze"))
-                                         for t in transform.split("|")):
-        out = case.read(dump, rec, None)
-    return out
-
-
 @dataclass(frozen=True)
 class _Packed:
-    """One sequence's segment of a packed batch step, read from its split dump."""
+    """One sequence's segment of a packed batch step, read from its split dump's metadata."""
 
     sequence: int
     own_step: int  #: the step of its split dump
     start: int  #: its first token in the step's flat batch
     length: int
-    prefill: bool  #: its tokens are (a chunk of) its prompt
+    position: int  #: its tokens before this segment
+    prompt: int  #: its prompt's length
+
+    @property
+    def prefill(self) -> bool:
+        return self.position < self.prompt
+
+
+def _segments(meta: dict[str, Any], sequence: int) -> list[_Packed]:
+    """A split dump's segments, one per step, from its metadata."""
+    prompt = len(meta.get("prompt_token_ids") or ())
+    return [_Packed(sequence, k, int(st.get("start", 0)), int(st.get("length", 0)),
+                    int(st.get("position", 0)), prompt)
+            for k, st in enumerate(_steps(meta.get("batch_sequence") or {}))]
 
 
 def _packed_at(info: dict[str, Any], batch_step: int) -> list[_Packed]:
@@ -302,80 +288,101 @@ def _packed_at(info: dict[str, Any], batch_step: int) -> list[_Packed]:
                 meta = dict(dump.meta)
         except Exception:  # an unreadable split dump: that sequence is left out
             continue
-        prompt = len(meta.get("prompt_token_ids") or ())
-        for k, st in enumerate(_steps(meta.get("batch_sequence") or {})):
-            if int(st.get("batch_step", -1)) == batch_step:
-                out.append(_Packed(j, k, int(st.get("start", 0)), int(st.get("length", 0)),
-                                   int(st.get("position", 0)) < prompt))
+        steps = _steps(meta.get("batch_sequence") or {})
+        out += [p for p, st in zip(_segments(meta, j), steps)
+                if int(st.get("batch_step", -1)) == batch_step]
     return sorted(out, key=lambda p: p.start)
 
 
-def _reference_heads(case: Case, path: str, step: int, pair: PairResult, rows: int,
-                     head_dim: int) -> np.ndarray | None:
-    """A pair's reference tensor of another sequence's solo run, as (rows, heads, head_dim):
-    its token dim found across the run's steps (heads and tokens can be the same size)."""
+def _token_rows(case: Case, path: str, step: int, name: str, call: int) -> np.ndarray | None:
+    """A record of the dump at ``path``, as (tokens, features): its token dim found across
+    the dump's steps (heads and tokens can be the same size)."""
     try:
         with open_dump(path) as dump:
             fed = fed_per_step(dump)
-            recs = [(n, dump.get(n, pair.ref_name, pair.call)) for n in dump.steps]
+            recs = [(n, dump.get(n, name, call)) for n in dump.steps]
             known = [(r.shape, len(fed[n][0] or ())) for n, r in recs
                      if r is not None and fed.get(n, (None, None))[0] is not None]
             dim = token_dim([s for s, _ in known], [c for _, c in known]) if known else None
-            a = case.read(dump, dump.get(step, pair.ref_name, pair.call), None)
-    except Exception:  # an unreadable reference: no evidence from it
+            a = case.read(dump, dump.get(step, name, call), None)
+    except Exception:  # an unreadable dump: no evidence from it
         return None
-    if a is None:
+    if a is None or not isinstance(dim, int) or a.ndim <= dim:
         return None
-    if isinstance(dim, int) and a.ndim > dim and a.shape[dim] == rows and \
-            a.size % (rows * head_dim) == 0:
-        return np.moveaxis(a, dim, 0).reshape(rows, -1, head_dim)
-    return heads_view(a, head_dim, rows)
+    a = np.moveaxis(a, dim, 0)
+    return a.reshape(a.shape[0], -1)
 
 
-def _flat_attention(case: Case, info: dict[str, Any], i: int, segs: list[_Packed],
+def _solo_rows(case: Case, path: str, seg: _Packed, name: str, call: int) -> np.ndarray | None:
+    """A segment's tokens in its sequence's solo run (prefill at step 0, then one token a
+    step), as (tokens, features)."""
+    if seg.position + seg.length <= seg.prompt:
+        step, rows = 0, slice(seg.position, seg.position + seg.length)
+    else:
+        step, rows = seg.position - seg.prompt + 1, slice(0, seg.length)
+    out = _token_rows(case, path, step, name, call)
+    return None if out is None or out[rows].shape[0] != seg.length else out[rows]
+
+
+def _segment_error(case: Case, info: dict[str, Any], seg: _Packed) -> float | None:
+    """The first divergence's op over one segment: the candidate's split step against the
+    same tokens of the sequence's solo reference."""
+    f = case.first
+    cands, refs = info.get("candidates") or [], info.get("references") or []
+    if seg.sequence >= min(len(cands), len(refs)):
+        return None
+    r = _solo_rows(case, str(refs[seg.sequence]), seg, f.ref_name, f.call)
+    c = _token_rows(case, str(cands[seg.sequence]), seg.own_step, f.cand_name, f.call)
+    return None if r is None or c is None or r.shape != c.shape else ev.rel_error(r, c)
+
+
+def _flat_attention(case: Case, info: dict[str, Any], mine: _Packed, segs: list[_Packed],
                     inputs: list[PairResult]) -> float | None:
-    """How far from the candidate's attention output sequence ``i``'s queries land when they
+    """How far from the candidate's attention output a segment's queries land when they
     attend, under one causal mask over the flat batch, to every key of the step from the
     batch's first token through its own (the reference's q, k and v, which agree)."""
-    f, d = case.first, case.head_dim()
-    arrays = case.arrays(f)
-    mine = next((p for p in segs if p.sequence == i), None)
-    refs = info.get("references") or []
-    if not d or arrays is None or mine is None or len(refs) <= max(p.sequence for p in segs):
+    d = case.head_dim()
+    refs, cands = info.get("references") or [], info.get("candidates") or []
+    if not d or len(refs) <= max(p.sequence for p in segs) or mine.sequence >= len(cands):
         return None
     q_pair, k_pair, v_pair = inputs
-    q = _reference_heads(case, str(refs[i]), mine.own_step, q_pair, mine.length, d)
-    out = heads_view(arrays[1], d, mine.length)
+    q = _solo_rows(case, str(refs[mine.sequence]), mine, q_pair.ref_name, q_pair.call)
+    out = _token_rows(case, str(cands[mine.sequence]), mine.own_step, case.first.cand_name,
+                      case.first.call)
     keys, values = [], []
     for p in (p for p in segs if p.start <= mine.start):
-        k = _reference_heads(case, str(refs[p.sequence]), p.own_step, k_pair, p.length, d)
-        v = _reference_heads(case, str(refs[p.sequence]), p.own_step, v_pair, p.length, d)
-        if k is None or v is None:
+        k = _solo_rows(case, str(refs[p.sequence]), p, k_pair.ref_name, k_pair.call)
+        v = _solo_rows(case, str(refs[p.sequence]), p, v_pair.ref_name, v_pair.call)
+        if k is None or v is None or k.shape[1] % d or v.shape != k.shape:
             return None
-        keys.append(k)
-        values.append(v)
-    if q is None or out is None or not keys or q.shape[1] % keys[0].shape[1]:
+        keys.append(k.reshape(p.length, -1, d))
+        values.append(v.reshape(p.length, -1, d))
+    if q is None or out is None or q.shape[1] % d or out.shape != q.shape:
         return None
-    groups = q.shape[1] // keys[0].shape[1]
+    q3 = q.reshape(mine.length, -1, d)
+    if q3.shape[1] % keys[0].shape[1]:
+        return None
+    groups = q3.shape[1] // keys[0].shape[1]
     k_all = np.repeat(np.concatenate(keys), groups, axis=1)
     v_all = np.repeat(np.concatenate(values), groups, axis=1)
-    n, t = k_all.shape[0], q.shape[0]
-    scores = np.einsum("qhd,khd->hqk", q, k_all) / np.sqrt(d)
+    n, t = k_all.shape[0], mine.length
+    scores = np.einsum("qhd,khd->hqk", q3, k_all) / np.sqrt(d)
     hidden = np.arange(n)[None] > np.arange(n - t, n)[:, None]
     scores = np.where(hidden[None], -np.inf, scores)
     probs = np.exp(scores - scores.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)
-    return ev.rel_error(np.einsum("hqk,khd->qhd", probs, v_all), out)
+    flat = np.einsum("hqk,khd->qhd", probs, v_all).reshape(t, -1)
+    return ev.rel_error(flat, out)
 
 
 def _packed_mask(case: Case, info: dict[str, Any], i: int) -> Diagnosis | None:
-    """A packed sequence's attention differs while its q, k and v agree, and either the
-    tokens packed before it, attended to as well, reproduce it, or a sequence of the same
-    kind (prefill or decode) packed before it in that step agrees."""
+    """A packed sequence's attention departs, while its q, k and v agree, at a segment
+    packed after other sequences' tokens, and either those tokens, attended to as well,
+    reproduce it, or a sequence of the same kind (prefill or decode) packed before it in
+    that step agrees."""
     f = case.first
     steps = _steps(info)
-    if f.step >= len(steps) or not steps[f.step].get("packed") or \
-            int(steps[f.step].get("start", 0)) == 0 or \
+    if not steps or not all(st.get("packed") for st in steps) or \
             case.role(f).op not in (K.ATTN_HEADS, K.ATTN, K.ATTN_OUT):
         return None
     layer = case.role(f).layer
@@ -383,21 +390,32 @@ def _packed_mask(case: Case, info: dict[str, Any], i: int) -> Diagnosis | None:
     inputs = [p for p in found if p is not None]
     if len(inputs) < 3 or not all(case.agrees(p) for p in inputs):
         return None
-    st = steps[f.step]
-    batch_step, before = int(st.get("batch_step", f.step)), int(st["start"])
-    segs = _packed_at(info, batch_step)
-    mine = next((p for p in segs if p.sequence == i), None)
-    if mine is None:
+    # the first of its segments (a prompt, a chunk, a decode token) where the op departs
+    for mine in _segments(dict(case.cand.meta), i):
+        err = _segment_error(case, info, mine)
+        if err is None:
+            return None
+        if err > case.good():
+            break
+    else:
         return None
-    evidence = [f"at its step {f.step} (batch step {batch_step}) sequence {i}'s tokens were "
-                f"packed after {before} tokens of sequences "
-                f"{[p.sequence for p in segs if p.start < mine.start]} in one flat batch",
+    if mine.start == 0:
+        return None  # packed first in its step: nothing was packed before it
+    batch_step = int(steps[mine.own_step].get("batch_step", mine.own_step))
+    segs = _packed_at(info, batch_step)
+    what = ("its prompt" if mine.length == mine.prompt else
+            f"its prompt's tokens {mine.position}-{mine.position + mine.length - 1}")
+    if not mine.prefill:
+        what = f"its decode token at position {mine.position}"
+    evidence = [f"at batch step {batch_step}, {what} came after {mine.start} tokens of "
+                f"sequences {[p.sequence for p in segs if p.start < mine.start]} in one flat "
+                f"batch; there {label(f)} departs (relative L2 {fmt(err)})",
                 "q and k after RoPE and v agree: "
-                + ", ".join(f"{label(p)} {fmt(p.error)}" for p in inputs),
-                f"{label(f)} differs (relative L2 {fmt(f.error)})"]
+                + ", ".join(f"{label(p)} {fmt(p.error)}" for p in inputs)]
     detail: dict[str, Any] = {"sequences": [p.sequence for p in segs], "step": f.step,
-                              "batch_step": batch_step, "packed_after": before}
-    flat = _flat_attention(case, info, i, segs, inputs)
+                              "batch_step": batch_step, "packed_after": mine.start,
+                              "segment_error": err}
+    flat = _flat_attention(case, info, mine, segs, inputs)
     if flat is not None and case.explains(flat):
         evidence.append(f"its queries attending to the step's keys from the batch's first "
                         f"token through its own, under one causal mask, reproduce the "
@@ -405,17 +423,17 @@ def _packed_mask(case: Case, info: dict[str, Any], i: int) -> Diagnosis | None:
         detail["error_flat_mask"] = flat
     alike = [p for p in segs if p.start < mine.start and p.prefill == mine.prefill]
     if alike:
-        err = _same_op_error(case, info, alike[0].sequence, alike[0].own_step)
-        if err is not None and err <= case.good():
+        other = _segment_error(case, info, alike[0])
+        if other is not None and other <= case.good():
             evidence.append(f"sequence {alike[0].sequence}, packed before it in that step "
                             f"and also in {'prefill' if mine.prefill else 'decode'}, agrees "
-                            f"at the same op (relative L2 {fmt(err)})")
-            detail["packed_before_error"] = err
+                            f"at the same op (relative L2 {fmt(other)})")
+            detail["packed_before_error"] = other
     if "error_flat_mask" not in detail and "packed_before_error" not in detail:
         return None
-    return make("batch_mask", f"sequence {i}'s attention lets in the {before} tokens packed "
-                f"before it in the flat batch (batch step {batch_step}): the kernel does not "
-                "keep the sequences apart", _PACKED_CHECKS, evidence, **detail)
+    return make("batch_mask", f"sequence {i}'s attention lets in the {mine.start} tokens "
+                f"packed before it in the flat batch (batch step {batch_step}): the kernel "
+                "does not keep the sequences apart", _PACKED_CHECKS, evidence, **detail)
 
 
 @rule(*BATCH_KINDS)
