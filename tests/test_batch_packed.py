@@ -125,6 +125,28 @@ def test_positions_the_engine_moved_are_kept_as_evidence(tmp_path, model):
     assert [s.moved for s in layout.steps[1].segments] == [(1,), (1,)]
 
 
+def test_a_prefix_from_the_cache_and_a_graph_padded_batch(tmp_path, model):
+    """``prefix_cache=1``: the third prompt shares its first 8 tokens (two KV blocks) with
+    the first, so when it joins it computes tokens 8-9 only. ``cuda_graph=1``: a decode-only
+    batch of three tokens is padded to four. Both split and match: the third sequence is
+    compared from token 8 on, and the padding goes to no sequence."""
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[0][:8] + [12, 200]]
+    result = batch_diff(f"hf:{model}", NANO_SPEC, tmp_path, tokens=prompts, decode=DECODE,
+                        join_at=2, cand_options={"model": str(model), "prefix_cache": 1,
+                                                 "cuda_graph": 1})
+    assert [c.verdict for c in result.sequences] == ["match"] * 3, \
+        [(c.first_divergence, c.coverage) for c in result.sequences]
+    with lockstep.open_dump(tmp_path / "candidate.lsd") as dump:
+        layout = layout_of(dump)
+    third = [(st.step, seg.start, seg.length, seg.position) for st, seg in layout.of(2)]
+    assert third[0] == (2, 2, 2, 8)  # tokens 8 and 9, after the two others' decode tokens
+    assert [st.width for st in layout.steps[:4]] == [13, 2, 4, 4]
+    assert sum(seg.length for seg in layout.steps[3].segments) == 3  # one token of padding
+    with lockstep.open_dump(tmp_path / "candidate-2.lsd") as part:
+        steps = part.meta["batch_sequence"]["steps"]
+    assert (steps[0]["position"], steps[1]["padding_after"]) == (8, 1)
+
+
 def test_diff_batch_of_a_packing_engine_from_the_command_line(tmp_path, model):
     env = {**os.environ, "COLUMNS": "120"}
     opts = ["--cand-opt", f"model={model}"]
@@ -168,10 +190,22 @@ def test_sequences_sharing_a_prefix_are_told_apart_where_their_tokens_differ(tmp
                                [(0, 0, 1), (1, 1, 1)]]
 
 
+def test_ids_alone_split_a_batch_without_positions(tmp_path):
+    prompts = [[1, 2, 3], [4, 5]]
+    path = tmp_path / "b.lsd"
+    with record(path, meta={REQUEST_KEY: {"prompts": prompts, "join_at": [0, 0],
+                                          "generated_token_ids": [[7, 8], [6, 5]]}}) as rec:
+        for ids in ([1, 2, 3, 4, 5], [6, 7]):  # the batch reordered: sequence 1 first
+            with rec.step():
+                rec.capture("input_ids", np.array(ids, dtype=np.int64))
+                rec.capture("layers.0.out", np.ones((len(ids), 4), dtype=np.float32))
+    assert _segments(path) == [[(0, 0, 3), (1, 3, 2)], [(1, 0, 1), (0, 1, 1)]]
+
+
 def test_a_token_no_sequence_was_due_is_refused_with_its_place(tmp_path):
     path = _packed(tmp_path / "b.lsd", [[1, 2, 3], [4, 5]], [[7, 8], [6, 5]], [
         ([1, 2, 3, 4, 5], [0, 1, 2, 0, 1]),
-        ([7, 99], [3, 2])])  # sequence 1 was to be fed 6
+        ([7, 99], [3, 2])])  # sequence 1 was to be fed 6: not padding, it is left out
     with pytest.raises(UsageError, match=r"batch step 1: token 99 at position 2 \(flat index "
                                          r"1 of 2\) is not the next token of any sequence"):
         split_batch(path, tmp_path / "split")

@@ -31,7 +31,11 @@ first token, ``query_start_loc[:-1]``, not its last).
 running sequences' decode tokens first and then the prompts that join at that step (whole,
 or a chunk of ``prefill_chunk`` tokens per step), attention per sequence by
 ``query_start_loc``, logits at each sequence's last token. It records what vLLM has: the
-flat ``input_ids`` and ``positions``, and no word of which token is whose.
+flat ``input_ids`` and ``positions``, and no word of which token is whose. With
+``prefix_cache=1`` a prompt's full blocks are cached once computed, and a prompt joining
+later that shares them computes only the tokens after; with ``cuda_graph=1`` a decode-only
+batch is padded to the next power of two with token 0 at position 0 (a captured graph's
+size), its padding written to a null slot.
 
 ``prefix_cache=1`` keeps a prompt's full KV blocks after it is served, as vLLM's prefix
 caching does: a prompt served again computes only the tokens after its cached blocks (the
@@ -215,7 +219,8 @@ class Attention(nn.Module):
                                                  values.transpose(0, 1), attn_mask=mask,
                                                  scale=self.scale)
             outs.append(out.transpose(0, 1))
-        return torch.cat(outs)
+        pad = q.shape[0] - starts[-1]  # a padded batch's rows past its sequences: zeros
+        return torch.cat([*outs, q.new_zeros(pad, *q.shape[1:])])
 
     def _capped(self, q: Tensor, keys: Tensor, values: Tensor) -> Tensor:
         """Gemma 2's attention: soft-capped scores, causal, and the sliding window."""
@@ -545,7 +550,7 @@ class LLM:
                  dtype: torch.dtype = torch.float32, num_blocks: int = 64,
                  logits: str = "vllm", vocab_multiple: int = 1,
                  prefill_chunk: int | None = None, prefix_cache: bool = False,
-                 speculative: int = 0) -> None:
+                 speculative: int = 0, cuda_graph: bool = False) -> None:
         if bug is not None and bug not in BUGS:
             raise ValueError(f"unknown bug {bug!r}")
         directory = Path(directory)
@@ -571,7 +576,9 @@ class LLM:
         for layer in self.model.model.layers:
             layer.self_attn.attn.k_cache = torch.zeros(shape, dtype=dtype)
             layer.self_attn.attn.v_cache = torch.zeros(shape, dtype=dtype)
-        self.free_blocks = list(range(num_blocks))[::-1]
+        self.free_blocks = list(range(num_blocks - 1))[::-1]
+        self.null_slot = (num_blocks - 1) * BLOCK_SIZE  # a block never handed out: padding
+        self.cuda_graph = cuda_graph
         self.on_logits: Any = None  # called with each step's last-position logits
         self.meta = {"engine": "nano-vllm-test", "architecture": arch,
                      "n_heads": cfg.num_attention_heads, "n_kv_heads": cfg.num_key_value_heads,
@@ -609,13 +616,9 @@ class LLM:
         ``forced[i]`` when given: the reference's tokens)."""
         seq = Sequence_(list(prompt))
         n = len(prompt)
-        cached = 0
         # vLLM's prefix caching: full blocks of a prompt served before are reused, and the
         # prefill computes the tokens after them (the last token at least)
-        while self.prefix_cache and cached + BLOCK_SIZE < n and \
-                tuple(prompt[:cached + BLOCK_SIZE]) in self.cached_blocks:
-            seq.block_table.append(self.cached_blocks[tuple(prompt[:cached + BLOCK_SIZE])])
-            cached += BLOCK_SIZE
+        cached = self._cached_prefix(seq, prompt) if self.prefix_cache else 0
         try:
             slots = [self._slot(seq, i) for i in range(n)]
             step = self.prefill_chunk or n  # vLLM's chunked prefill: one forward per chunk
@@ -681,6 +684,8 @@ class LLM:
                 ids, positions, slots, starts, lens, rows = [], [], [], [0], [], []
                 for i in (i for i in order if len(chosen[i]) <= decode):
                     seq, n = seqs[i], len(prompts[i])
+                    if not seq.block_table and self.prefix_cache:  # first scheduled: the
+                        fed[i] = self._cached_prefix(seq, prompts[i])  # blocks cached before
                     if fed[i] < n:  # (a chunk of) its prompt
                         a = fed[i]
                         fed[i] = min(n, a + (self.prefill_chunk or n))
@@ -701,6 +706,14 @@ class LLM:
                     rows.append(i)
                 ends = starts[1:] if self.bug != "batch_last_index" else \
                     [a + 1 for a in starts[:-1]]
+                if self.cuda_graph and len(ids) == len(rows) and \
+                        all(seqs[i].token_ids[-1] == ids[j] and len(seqs[i].token_ids) >
+                            len(prompts[i]) for j, i in enumerate(rows)):
+                    # a decode-only batch runs a captured graph: padded to its size with
+                    # token 0 at position 0, written to the null slot
+                    pad = (1 << (len(ids) - 1).bit_length()) - len(ids)
+                    ids, positions = ids + [0] * pad, positions + [0] * pad
+                    slots += [self.null_slot] * pad
                 _CONTEXT = Context(
                     is_prefill=False, slot_mapping=torch.tensor(slots),
                     query_start_loc=starts, seq_lens=lens,
@@ -717,11 +730,26 @@ class LLM:
                         if self.on_logits is not None:
                             self.on_logits(i, logits[j])
                         chosen[i].append(tokens[j])
+                    if self.prefix_cache:  # its prompt's full blocks, cached once computed
+                        for b in range(min(fed[i], len(prompts[i]) - 1) // BLOCK_SIZE):
+                            self.cached_blocks.setdefault(
+                                tuple(prompts[i][:(b + 1) * BLOCK_SIZE]), seqs[i].block_table[b])
                 step += 1
         finally:
+            kept = set(self.cached_blocks.values())
             for seq in seqs:
-                self.free_blocks.extend(reversed(seq.block_table))
+                self.free_blocks.extend(b for b in reversed(seq.block_table) if b not in kept)
         return chosen
+
+    def _cached_prefix(self, seq: Sequence_, prompt: Sequence[int]) -> int:
+        """vLLM's prefix caching: the prompt's full blocks that are cached go into its block
+        table; the tokens they hold (the last token is always computed)."""
+        cached = 0
+        while cached + BLOCK_SIZE < len(prompt) and \
+                tuple(prompt[:cached + BLOCK_SIZE]) in self.cached_blocks:
+            seq.block_table.append(self.cached_blocks[tuple(prompt[:cached + BLOCK_SIZE])])
+            cached += BLOCK_SIZE
+        return cached
 
     def propose(self, tokens: Sequence[int], k: int) -> list[int]:
         """Up to ``k`` draft tokens (vLLM's n-gram proposer): the tokens that followed the
@@ -765,9 +793,9 @@ class NanoEngine(Engine):
     def __init__(self, spec: str, *, model: str, bug: str | None = None,
                  dtype: str = "float32", num_blocks: int = 256, logits: str = "vllm",
                  vocab_multiple: int = 1, prefill_chunk: int = 0,
-                 prefix_cache: int = 0, speculative: int = 0) -> None:
+                 prefix_cache: int = 0, speculative: int = 0, cuda_graph: int = 0) -> None:
         super().__init__(spec)
-        self.speculative = int(speculative)
+        self.speculative, self.cuda_graph = int(speculative), bool(int(cuda_graph))
         self.prefill_chunk = int(prefill_chunk) or None
         self.prefix_cache = bool(int(prefix_cache))
         self.directory, self.bug, self.num_blocks = Path(model), bug, int(num_blocks)
@@ -778,7 +806,8 @@ class NanoEngine(Engine):
         self.llm = LLM(self.directory, bug=self.bug, dtype=self.dtype,
                        num_blocks=self.num_blocks, logits=self.logits,
                        vocab_multiple=self.vocab_multiple, prefill_chunk=self.prefill_chunk,
-                       prefix_cache=self.prefix_cache, speculative=self.speculative)
+                       prefix_cache=self.prefix_cache, speculative=self.speculative,
+                       cuda_graph=self.cuda_graph)
 
     def tokenize(self, text: str) -> list[int]:
         raise lockstep.UsageError(f"{self.spec}: the test engine has no tokenizer: give "

@@ -9,7 +9,10 @@ are cut into segments, one per sequence, such that every segment is the next tok
 sequence had to be fed: a run of its prompt (a whole prompt or a chunk) or its one next decode
 token. The ids decide; the positions break ties between covers, and where the engine's
 positions are not the ones the tokens sit at, the segment keeps them (``moved``), which is
-evidence, not a reason to fail.
+evidence, not a reason to fail. A prompt's first segment may start past a prefix its engine
+took from a cache (vLLM's prefix caching, SGLang's radix cache), where its recorded position
+says so; tokens at the end of a step that no sequence was due are the padding of a captured
+CUDA graph's batch size, left to no sequence.
 
 A declared layout (``batch.steps``, written by an engine that knows its rows) is checked
 against the same fed ids (``check_declared``), never taken on its word.
@@ -75,58 +78,73 @@ class _Cut:
     sequence: int
     start: int
     length: int
+    at: int  #: the position of its first token in its sequence
     off: bool  #: its positions are not the tokens' own, or run on past its end
 
 
+#: what a cover that leaves the step's last tokens to no sequence costs (a padded batch: a
+#: captured CUDA graph's size); any cover of every token is taken before one
+_TAIL = 1 << 20
+
+
 def _runs(req: BatchRequest, done: list[int], ids: Sequence[int],
-          positions: Sequence[int] | None, j: int, i: int) -> list[tuple[int, bool]]:
-    """The lengths sequence ``i``'s segment may have from flat token ``j`` (longest first,
-    positions agreeing first), each with whether the positions speak against it: moved off
-    the tokens' own, or running on past its end."""
-    stream, at, n = req.stream(i), done[i], len(req.prompts[i])
-    if at >= len(stream) or stream[at] != ids[j]:
-        return []
-    if at >= n:  # a decode token: one per step (its predecessor is chosen in this step)
-        lengths = [1]
-    else:  # a run of the prompt: a chunk ends anywhere the ids still agree
-        most = 1
-        while j + most < len(ids) and at + most < n and stream[at + most] == ids[j + most]:
-            most += 1
-        lengths = list(range(most, 0, -1))
+          positions: Sequence[int] | None, j: int, i: int) -> list[tuple[int, int, bool]]:
+    """The segments sequence ``i`` may have from flat token ``j``, as (length, the position
+    of its first token, whether the positions speak against it: moved off the tokens' own,
+    or running on past its end), positions agreeing first, then the longest. A sequence not
+    started yet may start where its recorded position says, past a prefix taken from a
+    cache."""
+    stream, n = req.stream(i), len(req.prompts[i])
+    starts = [done[i]]
+    if done[i] == 0 and positions is not None and 0 < int(positions[j]) < n:
+        starts.append(int(positions[j]))  # the tokens before it came from a prefix cache
     out = []
-    for length in lengths:
-        moved = positions is not None and \
-            list(positions[j:j + length]) != list(range(at, at + length))
-        # where the positions run on past this length, the segment is cut short of them
-        ends_run = positions is None or j + length >= len(ids) or \
-            positions[j + length] != positions[j + length - 1] + 1
-        out.append((length, moved or not ends_run))
-    return sorted(out, key=lambda lm: lm[1])  # stable: the longest agreeing first
+    for at in starts:
+        if at >= len(stream) or stream[at] != ids[j]:
+            continue
+        if at >= n:  # a decode token: one per step (its predecessor is chosen in this step)
+            lengths = [1]
+        else:  # a run of the prompt: a chunk ends anywhere the ids still agree
+            most = 1
+            while j + most < len(ids) and at + most < n and stream[at + most] == ids[j + most]:
+                most += 1
+            lengths = list(range(most, 0, -1))
+        for length in lengths:
+            moved = positions is not None and \
+                list(positions[j:j + length]) != list(range(at, at + length))
+            # where the positions run on past this length, the segment is cut short of them
+            ends_run = positions is None or j + length >= len(ids) or \
+                positions[j + length] != positions[j + length - 1] + 1
+            out.append((length, at, moved or not ends_run))
+    return sorted(out, key=lambda cut: cut[2])  # stable: the longest agreeing first
 
 
 def _cover(req: BatchRequest, done: list[int], ids: Sequence[int],
            positions: Sequence[int] | None, running: set[int]) -> list[_Cut] | None:
     """The flat tokens of one step cut into one segment per sequence: the cover with the
-    fewest segments whose positions disagree, or None."""
+    fewest segments whose positions disagree (one that leaves the last tokens to no
+    sequence only where none covers them all), or None."""
     best: list[_Cut] | None = None
-    best_moved = len(ids) + 1
+    best_cost = _TAIL * 2
     tries = 0
 
-    def walk(j: int, used: set[int], cuts: list[_Cut], moved: int) -> bool:
-        nonlocal best, best_moved, tries
+    def walk(j: int, used: set[int], cuts: list[_Cut], cost: int) -> bool:
+        nonlocal best, best_cost, tries
         tries += 1
-        if moved >= best_moved or tries > _BUDGET:
+        if cost >= best_cost or tries > _BUDGET:
             return tries > _BUDGET
         if j == len(ids):
-            best, best_moved = list(cuts), moved
-            return moved == 0  # nothing better than a cover whose positions all agree
+            best, best_cost = list(cuts), cost
+            return cost == 0  # nothing better than a cover whose positions all agree
         order = sorted(running - used) + sorted(set(range(len(req.prompts))) - running - used)
         for i in order:
-            for length, off in _runs(req, done, ids, positions, j, i):
-                cuts.append(_Cut(i, j, length, off))
-                if walk(j + length, used | {i}, cuts, moved + off):
+            for length, at, off in _runs(req, done, ids, positions, j, i):
+                cuts.append(_Cut(i, j, length, at, off))
+                if walk(j + length, used | {i}, cuts, cost + off):
                     return True
                 cuts.pop()
+        if cuts and cost + _TAIL < best_cost:  # the rest is padding
+            best, best_cost = list(cuts), cost + _TAIL
         return False
 
     walk(0, set(), [], 0)
@@ -151,17 +169,22 @@ def infer_layout(dump: Any, req: BatchRequest) -> BatchLayout:
             positions = None
         running = {i for i, s in enumerate(joined) if s is not None}
         cuts = _cover(req, done, ids, positions, running)
-        if cuts is None:
+        covered = sum(c.length for c in cuts or ())
+        # tokens left at the end are a padded batch's only while every sequence that runs
+        # and has tokens to be fed is in the step: else they are a token fed in its place
+        left_out = [i for i in running if done[i] < len(req.stream(i))
+                    and i not in {c.sequence for c in cuts or ()}]
+        if cuts is None or (covered < len(ids) and left_out):
             raise UsageError(_stray(req, done, ids, positions, t))
         segs = []
         for row, cut in enumerate(cuts):
-            at = done[cut.sequence]
+            at = cut.at
             moved = () if positions is None else \
                 tuple(int(p) - q for p, q in zip(positions[cut.start:cut.start + cut.length],
                                                   range(at, at + cut.length)))
             segs.append(Segment(cut.sequence, row, cut.start, cut.length,
-                                moved=moved if any(moved) else ()))
-            done[cut.sequence] += cut.length
+                                moved=moved if any(moved) else (), position=at))
+            done[cut.sequence] = at + cut.length
             if joined[cut.sequence] is None:
                 joined[cut.sequence] = t
         steps.append(StepLayout(t, True, len(ids), tuple(segs)))
@@ -180,7 +203,7 @@ def _stray(req: BatchRequest, done: list[int], ids: Sequence[int],
     j = 0
     while j < len(ids):
         fits = [(i, n) for i in range(len(req.prompts))
-                for n, _ in _runs(req, done, ids, positions, j, i)[:1]]
+                for n, _, _ in _runs(req, done, ids, positions, j, i)[:1]]
         if not fits:
             break
         j += fits[0][1]

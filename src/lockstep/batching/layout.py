@@ -33,6 +33,8 @@ class Segment:
     read: tuple[int, ...] = ()
     #: where the engine fed positions other than the tokens' own: each token's offset
     moved: tuple[int, ...] = ()
+    #: the position of its first token in its sequence (None: right after its last step's)
+    position: int | None = None
 
 
 @dataclass(frozen=True)

@@ -24,12 +24,15 @@ def _sequence_meta(meta: dict[str, Any], layout: BatchLayout, i: int,
     steps = []
     position = 0
     for st, seg in layout.of(i):
+        position = position if seg.position is None else seg.position
         steps.append({"batch_step": st.step, "row": seg.row, "rows": [s.sequence for s in
                                                                       st.segments],
                       "width": st.width, "start": seg.start, "length": seg.length,
                       "widest": st.widest, "position": position, "write": list(seg.write),
                       "read": list(seg.read), "packed": st.packed,
-                      "moved": list(seg.moved)})
+                      "moved": list(seg.moved),
+                      "padding_after": st.width - max(s.start + s.length for s in st.segments)
+                      if st.packed else 0})
         position += seg.length
     written = {str(j): sorted({s for _, seg in layout.of(j) for s in seg.write})
                for j in range(len(layout.prompts))}
