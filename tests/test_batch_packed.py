@@ -147,18 +147,35 @@ def test_a_prefix_from_the_cache_and_a_graph_padded_batch(tmp_path, model):
     assert (steps[0]["position"], steps[1]["padding_after"]) == (8, 1)
 
 
-def test_diff_batch_of_a_packing_engine_from_the_command_line(tmp_path, model):
-    env = {**os.environ, "COLUMNS": "120"}
-    opts = ["--cand-opt", f"model={model}"]
-    done = subprocess.run([sys.executable, "-m", "lockstep.cli.main", "diff", f"hf:{model}",
-                           NANO_SPEC, "--batch", *[a for p in PROMPTS for a in
-                                                   ("--tokens", ",".join(map(str, p)))],
-                           "--decode", "2", *opts, "--out", str(tmp_path / "out")],
-                          capture_output=True, text=True, env=env, timeout=300)
+def _cli(*args: object) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lockstep.cli.main", *map(str, args)],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "COLUMNS": "120"})
+
+
+def test_a_packing_engine_from_the_command_line(tmp_path, model):
+    """``diff --batch``; then the batched dump compared whole with one prompt's run is
+    refused with what to do, and ``lockstep split`` makes the comparable dumps."""
+    out = tmp_path / "out"
+    done = _cli("diff", f"hf:{model}", NANO_SPEC, "--batch",
+                *[a for p in PROMPTS for a in ("--tokens", ",".join(map(str, p)))],
+                "--decode", "2", "--cand-opt", f"model={model}", "--out", out)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "recording 3 prompts as one batch (packed)" in done.stderr + done.stdout
     assert "3 prompts as one batch, packed (whose token is whose found from the ids fed)" \
         in done.stdout
+    whole = _cli("compare", out / "reference-0.lsd", out / "candidate.lsd")
+    assert whole.returncode == 2
+    assert "is one batched run of 3 prompts and the reference is not: split it" in whole.stderr
+    split = _cli("split", out / "candidate.lsd", "--out", tmp_path / "split")
+    assert split.returncode == 0, split.stderr
+    assert "3 sequences, 3 batch steps, packed" in split.stdout
+    assert "sequence 1: " in split.stdout and "(4 prompt tokens, 3 steps from batch step 0)" \
+        in split.stdout.replace("\n", "")
+    again = _cli("split", out / "candidate.lsd", "--out", tmp_path / "split")
+    assert again.returncode == 2 and "exists (--overwrite replaces it)" in again.stderr
+    one = _cli("compare", out / "reference-1.lsd", tmp_path / "split" / "candidate-1.lsd")
+    assert one.returncode == 0, one.stdout
 
 
 # -- the inference alone, on dumps written by hand ------------------------------------------

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..errors import UsageError
 
-__all__ = ["Segment", "StepLayout", "BatchLayout", "CU_SEQLENS"]
+__all__ = ["Segment", "StepLayout", "BatchLayout", "CU_SEQLENS", "refuse_batch_against_run"]
 
 CU_SEQLENS = "cu_seqlens"  #: the record name of a packed step's sequence boundaries
 
@@ -128,3 +128,25 @@ class BatchLayout:
         """The steps ``sequence`` ran in, with its segment of each, in order."""
         return [(st, seg) for st in self.steps for seg in st.segments
                 if seg.sequence == sequence]
+
+
+def _batch_size(meta: Any) -> int | None:
+    """The prompts of a dump that records one batched run of several (None: not one)."""
+    for key in ("batch_request", "batch"):
+        info = meta.get(key)
+        if isinstance(info, dict) and isinstance(info.get("prompts"), list):
+            return len(info["prompts"])
+    return None
+
+
+def refuse_batch_against_run(ref: Any, cand: Any) -> None:
+    """A ``UsageError`` where one side is a whole batch and the other one run: its rows are
+    several sequences', and only a sequence split out of it is comparable."""
+    sizes = {side: _batch_size(d.meta) for side, d in (("reference", ref), ("candidate", cand))}
+    for side, dump in (("reference", ref), ("candidate", cand)):
+        other = "candidate" if side == "reference" else "reference"
+        if sizes[side] and not sizes[other]:
+            raise UsageError(f"the {side} {dump.path} is one batched run of {sizes[side]} "
+                             f"prompts and the {other} is not: split it into one dump per "
+                             f"sequence (lockstep split {dump.path} --out DIR) and compare "
+                             "the sequence's dump, or run both with lockstep diff --batch")

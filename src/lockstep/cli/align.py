@@ -42,11 +42,13 @@ def run(args: argparse.Namespace) -> int:
     from ..align.pairing import align
     from ..align.regroup import line_up
     from ..align.render import AlignReport
+    from ..batching.layout import refuse_batch_against_run
     from ..store import open_dump
 
     mapping = load_mapping(args.mapping) if args.mapping else None
     with open_dump(args.reference) as ref_dump, open_dump(args.candidate) as cand_dump:
         # the steps as compare lines them up: cut and joined, then matched by what was fed
+        refuse_batch_against_run(ref_dump, cand_dump)
         ref, cand, _, _ = line_up(ref_dump, cand_dump)
         alignment = align(ref, cand, use_tables=not args.no_tables, mapping=mapping)
         steps = sorted(set(ref.steps) | set(cand.steps))

@@ -18,6 +18,7 @@ from ..align.regroup import line_up
 from ..align.steps import StepMatch
 from ..align.transforms import apply_transform
 from ..align.verify import merged_meta
+from ..batching.layout import refuse_batch_against_run
 from ..errors import LockstepError
 from ..store.dtypes import FLOAT_KINDS
 from ..store.reader import Dump, Record, trimmer
@@ -163,6 +164,7 @@ def _compare(ref: Dump, cand: Dump, tolerances: Tolerances,
              progress: Callable[[int, int], None] | None, mapping: MappingFile | None,
              use_tables: bool, cand_precision: str | None = None,
              strict: bool | None = None) -> Comparison:
+    refuse_batch_against_run(ref, cand)
     recorded = cand
     # e.g. a prefill fed in chunks is one step; candidate steps numbered as the reference's
     ref, cand, regrouped, step_match = line_up(ref, cand)
