@@ -21,6 +21,7 @@ against the same fed ids (``check_declared``), never taken on its word.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Sequence
 
 from ..align.steps import fed_per_step
@@ -68,9 +69,13 @@ class BatchRequest:
                              for k in range(max(len(own) - 1, 0))))
         return cls(prompts, joins, tuple(fed), chosen)
 
+    @cached_property
+    def _streams(self) -> tuple[tuple[int, ...], ...]:
+        return tuple(p + f for p, f in zip(self.prompts, self.fed))
+
     def stream(self, i: int) -> tuple[int, ...]:
         """Every token sequence ``i`` was fed, by position."""
-        return self.prompts[i] + self.fed[i]
+        return self._streams[i]
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ to and its attention read.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -124,10 +125,17 @@ class BatchLayout:
         return cls(info.get("padding"), tuple(prompts), tuple(_ints(joins, "join_at")),
                    tuple(steps), tuple(tuple(t) for t in tokens))
 
+    @cached_property
+    def _by_sequence(self) -> dict[int, list[tuple[StepLayout, Segment]]]:
+        out: dict[int, list[tuple[StepLayout, Segment]]] = {}
+        for st in self.steps:
+            for seg in st.segments:
+                out.setdefault(seg.sequence, []).append((st, seg))
+        return out
+
     def of(self, sequence: int) -> list[tuple[StepLayout, Segment]]:
         """The steps ``sequence`` ran in, with its segment of each, in order."""
-        return [(st, seg) for st in self.steps for seg in st.segments
-                if seg.sequence == sequence]
+        return list(self._by_sequence.get(sequence, ()))
 
 
 def _batch_size(meta: Any) -> int | None:

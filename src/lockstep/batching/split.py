@@ -20,7 +20,8 @@ __all__ = ["split_batch", "layout_of"]
 
 
 def _sequence_meta(meta: dict[str, Any], layout: BatchLayout, i: int,
-                   paths: Sequence[Path], references: Sequence[str] | None) -> dict[str, Any]:
+                   paths: Sequence[Path], references: Sequence[str] | None,
+                   written: dict[str, list[int]]) -> dict[str, Any]:
     steps = []
     position = 0
     for st, seg in layout.of(i):
@@ -34,8 +35,6 @@ def _sequence_meta(meta: dict[str, Any], layout: BatchLayout, i: int,
                       "padding_after": st.width - max(s.start + s.length for s in st.segments)
                       if st.packed else 0})
         position += seg.length
-    written = {str(j): sorted({s for _, seg in layout.of(j) for s in seg.write})
-               for j in range(len(layout.prompts))}
     out = {k: v for k, v in meta.items() if k not in ("batch", REQUEST_KEY)}
     out.update(prompt_token_ids=list(layout.prompts[i]), decode=max(len(steps) - 1, 0),
                batch_sequence={"sequence": i, "sequences": len(layout.prompts),
@@ -74,8 +73,11 @@ def split_batch(batched: str | os.PathLike[str], out_dir: str | os.PathLike[str]
     with open_dump(batched) as dump:
         layout = layout_of(dump)
         paths = [out_dir / f"{name}-{i}.lsd" for i in range(len(layout.prompts))]
-        writers = [DumpWriter(p, _sequence_meta(dict(dump.meta), layout, i, paths, references),
-                              overwrite=overwrite) for i, p in enumerate(paths)]
+        slots = {str(j): sorted({s for _, seg in layout.of(j) for s in seg.write})
+                 for j in range(len(layout.prompts))}  # the KV slots each sequence wrote
+        writers = [DumpWriter(p, _sequence_meta(dict(dump.meta), layout, i, paths, references,
+                                                slots), overwrite=overwrite)
+                   for i, p in enumerate(paths)]
         own_step = {(st.step, seg.sequence): k for i in range(len(paths))
                     for k, (st, seg) in enumerate(layout.of(i))}
         written: dict[tuple[int, int | None, int | None], int | None] = {}
