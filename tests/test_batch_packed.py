@@ -238,3 +238,53 @@ def test_a_declared_layout_that_puts_tokens_in_the_wrong_sequence_is_refused(tmp
     with pytest.raises(UsageError, match=r"says step 0's row 0 is sequence 1, whose next "
                                          r"tokens are \[4, 5\], but that row was fed"):
         split_batch(path, tmp_path / "split")
+
+
+def test_a_preempted_sequence_computed_again_is_compared_at_every_step(tmp_path, model):
+    """``preempt=2``: at batch step 2 the second sequence loses its KV blocks and at step 3
+    is fed all its tokens again as one prefill (vLLM's recompute preemption). Its split dump
+    has that step cut to its new token, so every step of it is compared with its solo run's
+    (before, the reference's first three steps were joined to meet the recompute step and
+    the candidate's first two were left out)."""
+    result = _run(model, tmp_path, preempt=2)
+    assert [c.verdict for c in result.sequences] == ["match"] * 3
+    one = result.sequences[1]
+    assert one.chunks is not None and [r.as_dict() for r in one.chunks.recomputes] == [
+        {"side": "candidate", "step": 2, "fed": 6, "again": 5, "left_out": []}]
+    assert sorted({p.step for p in one.results}) == [0, 1, 2, 3]
+    assert one.step_match.pairs == ((0, 0), (1, 1), (2, 2), (3, 3))
+
+
+def _tokens_run(path: Path, steps: list[list[int]]) -> None:
+    """A one-sequence run fed ``steps`` (each a list of positions into IDS_RUN), each
+    token's row a function of its id and position: any two runs agree where they feed the
+    same tokens at the same positions."""
+    with record(path, overwrite=True) as rec:
+        for positions in steps:
+            with rec.step():
+                ids = np.array([IDS_RUN[p] for p in positions], dtype=np.int64)
+                rec.capture("input_ids", ids)
+                rec.capture("positions", np.array(positions, dtype=np.int64))
+                rec.capture("x", np.stack([np.full(4, t + 0.1 * p, np.float32)
+                                           for t, p in zip(ids, positions)]))
+
+
+IDS_RUN = [5, 9, 2, 7, 3, 8]
+
+
+def test_only_a_step_that_feeds_new_tokens_after_old_ones_is_cut(tmp_path):
+    """Recomputed (positions 0-4, then past the last one fed) is cut; a prefill run twice
+    (a warm-up: nothing new) is not, and steps fed alike are matched as before."""
+    from lockstep.align.regroup import regroup
+
+    _tokens_run(tmp_path / "ref.lsd", [[0, 1, 2], [3], [4], [5]])
+    _tokens_run(tmp_path / "again.lsd", [[0, 1, 2], [3], [0, 1, 2, 3, 4], [5]])
+    _tokens_run(tmp_path / "warm.lsd", [[0, 1, 2], [0, 1, 2], [3], [4], [5]])
+    with lockstep.open_dump(tmp_path / "ref.lsd") as ref:
+        for name, cut in (("again.lsd", [(2, 5, 4)]), ("warm.lsd", [])):
+            with lockstep.open_dump(tmp_path / name) as cand:
+                _, _, regrouped = regroup(ref, cand)
+                assert [(r.step, r.fed, r.again) for r in regrouped.recomputes] == cut
+    result = lockstep.compare(tmp_path / "ref.lsd", tmp_path / "again.lsd")
+    assert result.verdict == "match" and result.step_match.pairs == (
+        (0, 0), (1, 1), (2, 2), (3, 3))

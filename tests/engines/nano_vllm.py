@@ -35,7 +35,9 @@ flat ``input_ids`` and ``positions``, and no word of which token is whose. With
 ``prefix_cache=1`` a prompt's full blocks are cached once computed, and a prompt joining
 later that shares them computes only the tokens after; with ``cuda_graph=1`` a decode-only
 batch is padded to the next power of two with token 0 at position 0 (a captured graph's
-size), its padding written to a null slot.
+size), its padding written to a null slot; with ``preempt=T`` the last decoding sequence
+loses its KV blocks at batch step T and, as vLLM's recompute preemption does, is fed every
+token again (prompt, decode tokens, and the next) as a prefill at the next step.
 
 ``prefix_cache=1`` keeps a prompt's full KV blocks after it is served, as vLLM's prefix
 caching does: a prompt served again computes only the tokens after its cached blocks (the
@@ -550,7 +552,8 @@ class LLM:
                  dtype: torch.dtype = torch.float32, num_blocks: int = 64,
                  logits: str = "vllm", vocab_multiple: int = 1,
                  prefill_chunk: int | None = None, prefix_cache: bool = False,
-                 speculative: int = 0, cuda_graph: bool = False) -> None:
+                 speculative: int = 0, cuda_graph: bool = False,
+                 preempt: int | None = None) -> None:
         if bug is not None and bug not in BUGS:
             raise ValueError(f"unknown bug {bug!r}")
         directory = Path(directory)
@@ -579,6 +582,7 @@ class LLM:
         self.free_blocks = list(range(num_blocks - 1))[::-1]
         self.null_slot = (num_blocks - 1) * BLOCK_SIZE  # a block never handed out: padding
         self.cuda_graph = cuda_graph
+        self.preempt = preempt  # the batch step a decoding sequence is preempted at
         self.on_logits: Any = None  # called with each step's last-position logits
         self.meta = {"engine": "nano-vllm-test", "architecture": arch,
                      "n_heads": cfg.num_attention_heads, "n_kv_heads": cfg.num_key_value_heads,
@@ -674,6 +678,7 @@ class LLM:
         fed = [0] * count  # prompt tokens computed so far
         chosen: list[list[int]] = [[] for _ in prompts]
         order: list[int] = []  # the sequences running, in the batch's order
+        preempted: set[int] = set()  # sequences whose blocks were taken back
         step = 0
         try:
             while any(len(c) <= decode for c in chosen):
@@ -681,9 +686,20 @@ class LLM:
                 if waiting and not [i for i in order if len(chosen[i]) <= decode]:
                     step = max(step, min(joins[i] for i in waiting))  # idle: move them up
                 order += [i for i in waiting if joins[i] <= step]
+                if step == self.preempt:  # out of cache blocks: the last decoding sequence
+                    victim = [i for i in order if fed[i] == len(prompts[i]) and chosen[i]
+                              and len(chosen[i]) <= decode][-1:]  # gives its blocks back
+                    for i in victim:
+                        kept = set(self.cached_blocks.values())
+                        self.free_blocks.extend(b for b in reversed(seqs[i].block_table)
+                                                if b not in kept)
+                        seqs[i].block_table = []
+                        preempted.add(i)
                 ids, positions, slots, starts, lens, rows = [], [], [], [0], [], []
                 for i in (i for i in order if len(chosen[i]) <= decode):
                     seq, n = seqs[i], len(prompts[i])
+                    if i in preempted and step == self.preempt:
+                        continue  # waiting for blocks; recomputed at the next step
                     if not seq.block_table and self.prefix_cache:  # first scheduled: the
                         fed[i] = self._cached_prefix(seq, prompts[i])  # blocks cached before
                     if fed[i] < n:  # (a chunk of) its prompt
@@ -697,6 +713,9 @@ class LLM:
                                 else chosen[i][-1]]
                         seq.token_ids.extend(toks)
                         pos = [len(seq.token_ids) - 1]
+                        if i in preempted:  # vLLM's recompute: every token again, a prefill
+                            preempted.discard(i)
+                            toks, pos = list(seq.token_ids), list(range(len(seq.token_ids)))
                     ids += toks
                     slots += [self._slot(seq, p) + (self.bug == "kv_slot" and p >= n)
                               for p in pos]
@@ -793,9 +812,11 @@ class NanoEngine(Engine):
     def __init__(self, spec: str, *, model: str, bug: str | None = None,
                  dtype: str = "float32", num_blocks: int = 256, logits: str = "vllm",
                  vocab_multiple: int = 1, prefill_chunk: int = 0,
-                 prefix_cache: int = 0, speculative: int = 0, cuda_graph: int = 0) -> None:
+                 prefix_cache: int = 0, speculative: int = 0, cuda_graph: int = 0,
+                 preempt: int = -1) -> None:
         super().__init__(spec)
         self.speculative, self.cuda_graph = int(speculative), bool(int(cuda_graph))
+        self.preempt = int(preempt) if int(preempt) >= 0 else None
         self.prefill_chunk = int(prefill_chunk) or None
         self.prefix_cache = bool(int(prefix_cache))
         self.directory, self.bug, self.num_blocks = Path(model), bug, int(num_blocks)
@@ -807,7 +828,7 @@ class NanoEngine(Engine):
                        num_blocks=self.num_blocks, logits=self.logits,
                        vocab_multiple=self.vocab_multiple, prefill_chunk=self.prefill_chunk,
                        prefix_cache=self.prefix_cache, speculative=self.speculative,
-                       cuda_graph=self.cuda_graph)
+                       cuda_graph=self.cuda_graph, preempt=self.preempt)
 
     def tokenize(self, text: str) -> list[int]:
         raise lockstep.UsageError(f"{self.spec}: the test engine has no tokenizer: give "

@@ -9,10 +9,11 @@ import math
 from dataclasses import replace
 from typing import Sequence
 
+from ..display import safe
 from ..store.reader import Dump, Record
 from .composed import ComposedDump, Parts
 
-__all__ = ["token_dim", "cut_steps"]
+__all__ = ["token_dim", "cut_steps", "not_cut_lines", "not_cut_dicts"]
 
 
 def token_dim(shapes: Sequence[tuple[int, ...]], counts: Sequence[int]) -> int | str | None:
@@ -28,6 +29,17 @@ def token_dim(shapes: Sequence[tuple[int, ...]], counts: Sequence[int]) -> int |
         return (f"dims {fits} of its shape {list(shapes[0])} all have the size of the tokens "
                 "fed: which holds the tokens is not known")
     return fits[0] if fits else None
+
+
+def not_cut_lines(left_out: Sequence[tuple[str, str]], step: int) -> list[str]:
+    """The records of a cut step that could not be cut, one line each for the report."""
+    return [f"not cut, so not compared: {safe(name or '(root)')}@{step}: {why}"
+            for name, why in left_out]
+
+
+def not_cut_dicts(left_out: Sequence[tuple[str, str]]) -> list[dict[str, str]]:
+    """The same for the JSON report."""
+    return [{"name": n, "why": w} for n, w in left_out]
 
 
 def cut_steps(dump: Dump, cuts: dict[int, tuple[int, int, int]], note: str,

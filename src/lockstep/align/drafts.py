@@ -17,9 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..display import safe
 from ..store.reader import Dump
-from .cuts import cut_steps
+from .cuts import cut_steps, not_cut_dicts, not_cut_lines
 from .steps import fed_per_step, histories, prompt_length
 
 __all__ = ["DraftCut", "cut_drafts"]
@@ -45,13 +44,12 @@ class DraftCut:
         out = [f"the {self.side}'s step {self.step} fed {self.fed} tokens (speculative "
                f"decoding: its last token and {self.fed - 1} drafts) and kept {self.kept}: "
                f"{rows} not compared"]
-        out += [f"not cut, so not compared: {safe(name or '(root)')}@{self.step}: {why}"
-                for name, why in self.left_out]
+        out += not_cut_lines(self.left_out, self.step)
         return out
 
     def as_dict(self) -> dict[str, Any]:
         return {"side": self.side, "step": self.step, "fed": self.fed, "kept": self.kept,
-                "left_out": [{"name": n, "why": w} for n, w in self.left_out]}
+                "left_out": not_cut_dicts(self.left_out)}
 
 
 def _generated(dump: Dump) -> int | None:

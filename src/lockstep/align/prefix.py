@@ -23,9 +23,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..display import safe
 from ..store.reader import Dump
-from .cuts import cut_steps
+from .cuts import cut_steps, not_cut_dicts, not_cut_lines
 from .steps import Fed, fed_per_step, histories
 
 __all__ = ["PrefixCut", "cut_prefixes"]
@@ -63,14 +62,13 @@ class PrefixCut:
                      f"alone, its positions not starting at {self.start}: {cached} came "
                      "from a prefix cache, or were cut off the prompt")
         out = [f"{first}; {compared}"]
-        out += [f"not cut, so not compared: {safe(name or '(root)')}@{self.step}: {why}"
-                for name, why in self.left_out]
+        out += not_cut_lines(self.left_out, self.step)
         return out
 
     def as_dict(self) -> dict[str, Any]:
         return {"side": self.side, "step": self.step, "tokens": self.tokens,
                 "start": self.start, "other_step": self.other_step, "how": self.how,
-                "left_out": [{"name": n, "why": w} for n, w in self.left_out]}
+                "left_out": not_cut_dicts(self.left_out)}
 
 
 def _first_position(fed: dict[int, Fed], hist: dict[int, tuple[int, ...] | None],

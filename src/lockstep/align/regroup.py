@@ -11,6 +11,7 @@ from ..store.reader import Dump
 from .chunks import Chunking, join_chunks
 from .drafts import DraftCut, cut_drafts
 from .prefix import PrefixCut, cut_prefixes
+from .recompute import RecomputeCut, cut_recomputes
 from .steps import StepMatch, match_steps, restep
 
 __all__ = ["Regrouping", "regroup", "line_up"]
@@ -23,9 +24,10 @@ class Regrouping:
     cuts: tuple[PrefixCut, ...] = ()
     drafts: tuple[DraftCut, ...] = ()
     chunks: tuple[Chunking, ...] = ()
+    recomputes: tuple[RecomputeCut, ...] = ()
 
     def __bool__(self) -> bool:
-        return bool(self.cuts or self.drafts or self.chunks)
+        return bool(self.cuts or self.drafts or self.chunks or self.recomputes)
 
 
 def regroup(ref: Dump, cand: Dump) -> tuple[Dump, Dump, Regrouping]:
@@ -34,8 +36,11 @@ def regroup(ref: Dump, cand: Dump) -> tuple[Dump, Dump, Regrouping]:
     ref, cand, cuts = cut_prefixes(ref, cand)
     ref, ref_drafts = cut_drafts(ref, "reference")
     cand, cand_drafts = cut_drafts(cand, "candidate")
+    ref, ref_again = cut_recomputes(ref, "reference")
+    cand, cand_again = cut_recomputes(cand, "candidate")
     ref, cand, chunked = join_chunks(ref, cand)
-    return ref, cand, Regrouping(cuts, ref_drafts + cand_drafts, chunked)
+    return ref, cand, Regrouping(cuts, ref_drafts + cand_drafts, chunked,
+                                 ref_again + cand_again)
 
 
 def line_up(ref: Dump, cand: Dump) -> tuple[Dump, Dump, Regrouping, StepMatch]:

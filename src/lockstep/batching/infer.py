@@ -11,8 +11,10 @@ token. The ids decide; the positions break ties between covers, and where the en
 positions are not the ones the tokens sit at, the segment keeps them (``moved``), which is
 evidence, not a reason to fail. A prompt's first segment may start past a prefix its engine
 took from a cache (vLLM's prefix caching, SGLang's radix cache), where its recorded position
-says so; tokens at the end of a step that no sequence was due are the padding of a captured
-CUDA graph's batch size, left to no sequence.
+says so, and a sequence preempted and computed again (vLLM's recompute) is fed its tokens
+again from where its recorded position says, up to its next decode token; tokens at the end
+of a step that no sequence was due are the padding of a captured CUDA graph's batch size,
+left to no sequence.
 
 A declared layout (``batch.steps``, written by an engine that knows its rows) is checked
 against the same fed ids (``check_declared``), never taken on its word.
@@ -101,17 +103,25 @@ def _runs(req: BatchRequest, done: list[int], ids: Sequence[int],
     cache."""
     stream, n = req.stream(i), len(req.prompts[i])
     starts = [done[i]]
-    if done[i] == 0 and positions is not None and 0 < int(positions[j]) < n:
-        starts.append(int(positions[j]))  # the tokens before it came from a prefix cache
+    where = int(positions[j]) if positions is not None else None
+    if where is not None and done[i] == 0 and 0 < where < n:
+        starts.append(where)  # the tokens before it came from a prefix cache
+    if where is not None and 0 <= where < done[i]:
+        starts.append(where)  # preempted, and computed again from there (vLLM's recompute)
     out = []
     for at in starts:
         if at >= len(stream) or stream[at] != ids[j]:
             continue
-        if at >= n:  # a decode token: one per step (its predecessor is chosen in this step)
+        # a run of its prompt ends anywhere the ids still agree; one computed again runs up
+        # to its next decode token; a decode token is one per step (its predecessor is
+        # chosen in this step)
+        end = done[i] + 1 if at < done[i] else n
+        if at >= end:
             lengths = [1]
-        else:  # a run of the prompt: a chunk ends anywhere the ids still agree
+        else:
             most = 1
-            while j + most < len(ids) and at + most < n and stream[at + most] == ids[j + most]:
+            while j + most < len(ids) and at + most < min(end, len(stream)) and \
+                    stream[at + most] == ids[j + most]:
                 most += 1
             lengths = list(range(most, 0, -1))
         for length in lengths:

@@ -12,6 +12,7 @@ from typing import Any
 from ..align.chunks import ChunkGroup, Chunking, chunk_errors
 from ..align.drafts import DraftCut
 from ..align.prefix import PrefixCut
+from ..align.recompute import RecomputeCut
 from ..align.regroup import Regrouping
 from ..align.transforms import apply_transform
 from ..align.verify import merged_meta
@@ -33,6 +34,7 @@ class ChunkReport:
     sides: tuple[Chunking, ...]
     cuts: tuple[PrefixCut, ...] = ()
     drafts: tuple[DraftCut, ...] = ()
+    recomputes: tuple[RecomputeCut, ...] = ()
     #: the first divergence is in a joined step: (chunk, relative error of its rows)
     chunk_errors: tuple[tuple[int, float], ...] = ()
     side: str | None = None  #: the side whose chunks chunk_errors are
@@ -45,13 +47,16 @@ class ChunkReport:
         out += [line for d in self.drafts[:_SHOWN] for line in d.lines()]
         if len(self.drafts) > _SHOWN:
             out.append(f"(and {len(self.drafts) - _SHOWN} more steps with rejected drafts)")
+        out += [line for r in self.recomputes for line in r.lines()]
         out += [line for s in self.sides for line in s.lines()]
         return out + ([self.blame] if self.blame else [])
 
     def as_dict(self) -> dict[str, Any]:
         return {"sides": [s.as_dict() for s in self.sides],
                 "prefix_cuts": [c.as_dict() for c in self.cuts],
-                "draft_cuts": [d.as_dict() for d in self.drafts], "lines": self.lines(),
+                "draft_cuts": [d.as_dict() for d in self.drafts],
+                "recompute_cuts": [r.as_dict() for r in self.recomputes],
+                "lines": self.lines(),
                 "side": self.side,
                 "chunk_errors": [{"chunk": k, "error": e if math.isfinite(e) else str(e)}
                                  for k, e in self.chunk_errors],
@@ -64,14 +69,18 @@ def with_chunks(c: Any, regrouped: Regrouping, ref: Dump, cand: Dump) -> Any:
     compare.Comparison (not imported: comparison.py imports this module)."""
     if not regrouped:
         return c
-    report = ChunkReport(regrouped.chunks, regrouped.cuts, regrouped.drafts)
+    report = ChunkReport(regrouped.chunks, regrouped.cuts, regrouped.drafts,
+                         regrouped.recomputes)
     left = [(s.side, step, name, why) for s in report.sides for step, name, why in s.left_out]
     left += [(x.side, x.step, name, why) for x in report.cuts for name, why in x.left_out]
     left += [(x.side, x.step, name, why) for x in report.drafts for name, why in x.left_out]
+    left += [(x.side, x.step, name, why) for x in report.recomputes
+             for name, why in x.left_out]
     if left and c.coverage is not None:
         side, step, name, why = left[0]
         reason = (f"{len(left)} record(s) of steps regrouped along their tokens (chunks, a "
-                  f"cached prefix, speculative drafts) could not be joined or cut, so they "
+                  f"cached prefix, speculative drafts, a sequence computed again) could not "
+                  f"be joined or cut, so they "
                   f"were not compared; the first, the "
                   f"{side}'s {safe(name or '(root)')}@{step}: {why}")
         gap = Gap("chunks", reason, tuple(f"{safe(n or '(root)')}@{st}"
