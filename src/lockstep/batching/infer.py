@@ -130,7 +130,9 @@ def _runs(req: BatchRequest, done: list[int], ids: Sequence[int],
             # where the positions run on past this length, the segment is cut short of them
             ends_run = positions is None or j + length >= len(ids) or \
                 positions[j + length] != positions[j + length - 1] + 1
-            out.append((length, at, moved or not ends_run))
+            # a start past a cache or fed again costs what moved positions cost: a sequence
+            # going on where it was wins a tie (the same ids fed to two sequences)
+            out.append((length, at, moved or not ends_run or at != done[i]))
     return sorted(out, key=lambda cut: cut[2])  # stable: the longest agreeing first
 
 
