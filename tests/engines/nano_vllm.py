@@ -700,8 +700,9 @@ class LLM:
                     seq, n = seqs[i], len(prompts[i])
                     if i in preempted and step == self.preempt:
                         continue  # waiting for blocks; recomputed at the next step
-                    if not seq.block_table and self.prefix_cache:  # first scheduled: the
-                        fed[i] = self._cached_prefix(seq, prompts[i])  # blocks cached before
+                    if not seq.block_table and self.prefix_cache and i not in preempted:
+                        # first scheduled: the blocks of its prompt cached before
+                        fed[i] = self._cached_prefix(seq, prompts[i])
                     if fed[i] < n:  # (a chunk of) its prompt
                         a = fed[i]
                         fed[i] = min(n, a + (self.prefill_chunk or n))
@@ -714,8 +715,11 @@ class LLM:
                         seq.token_ids.extend(toks)
                         pos = [len(seq.token_ids) - 1]
                         if i in preempted:  # vLLM's recompute: every token again, a prefill
-                            preempted.discard(i)
-                            toks, pos = list(seq.token_ids), list(range(len(seq.token_ids)))
+                            preempted.discard(i)  # (after the prompt's blocks still cached)
+                            a = self._cached_prefix(seq, prompts[i]) if self.prefix_cache \
+                                else 0
+                            toks = list(seq.token_ids[a:])
+                            pos = list(range(a, len(seq.token_ids)))
                     ids += toks
                     slots += [self._slot(seq, p) + (self.bug == "kv_slot" and p >= n)
                               for p in pos]
