@@ -75,3 +75,27 @@ def test_from_the_command_line(tmp_path, reference):
                           timeout=300)
     assert done.returncode == 1, done.stdout + done.stderr
     assert "DIVERGED" in done.stdout and "logits" in done.stdout
+
+
+class _NoNorms(NumpyLlama):
+    """The engine with a hand-kept tag list that leaves its layer norms out: nothing it
+    records stands for the residual between attention and the MLP."""
+
+    def _put(self, name, x):
+        return x if name.endswith((".norm1", ".norm2")) else super()._put(name, x)
+
+
+def test_a_partial_tag_list_is_never_paired_with_the_wrong_residual(tmp_path, reference):
+    """Without its norms, the layer output ``l0.out`` agrees by cosine (0.98) with the
+    reference's residual before the MLP as well as (1.0) with the layer's output. Both read
+    as agreeing by cosine; the pair whose values are the same wins. It was paired with the
+    residual before: DIVERGED, relative error 0.18, on an engine with no bug."""
+    model, ref, tokens = reference
+    _NoNorms(model).generate(tmp_path / "np.lsd", PROMPT, DECODE, forced=tokens[:DECODE])
+    result = lockstep.compare(ref, tmp_path / "np.lsd")
+    assert result.verdict != "diverged", result.first_divergence
+    by_ref = {(p.step, p.ref_name): p for p in result.results}
+    for step in range(DECODE + 1):
+        assert by_ref[(step, "model.layers.0")].cand_name == "l0.out"
+        assert (step, "model.layers.0.post_attention_layernorm:input.0") not in by_ref
+    assert all(p.error < 1e-4 for p in result.results)

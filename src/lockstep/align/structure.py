@@ -147,14 +147,17 @@ class _Scorer:
         return [keys[0], keys[1], keys[len(keys) // 2]]
 
     def _try(self, a: Template, b: Template, keys: list[tuple[int, int, int]],
-             lay: Layout) -> tuple[int, float]:
-        """(instances agreeing, summed cosine) under one layout."""
+             lay: Layout) -> tuple[int, float, int]:
+        """(instances agreeing, summed cosine, instances compared) under one layout (an
+        instance of other shapes than the first, a prefill's beside a decode step's, is not
+        compared under the first's layout)."""
         r0, c0 = a.instances[keys[0]], b.instances[keys[0]]
-        agree, total_cos = 0, 0.0
+        agree, total_cos, compared = 0, 0.0, 0
         for key in keys:
             r, c = a.instances[key], b.instances[key]
             if r.shape != r0.shape or c.shape != c0.shape:
                 continue
+            compared += 1
             try:
                 cos = agreement(
                     apply_transform(lay.ref_transform, self.read(self.ref, r), self.ref.meta),
@@ -164,7 +167,7 @@ class _Scorer:
                 cos = -1.0
             agree += cos >= AGREE_COSINE
             total_cos += max(cos, 0.0)
-        return agree, total_cos
+        return agree, total_cos, compared
 
     def readable(self, p: TemplatePair) -> bool:
         keys = self.shared_keys(p.ref, p.cand)
@@ -204,7 +207,7 @@ class _Scorer:
         if not (r0.has_data and c0.has_data):
             return (layouts[0], 0, 0, 0.0) if layouts[0].plausible else None
         scored = [(self._try(a, b, keys, lay), lay) for lay in layouts]
-        (agree, total), best = max(scored, key=lambda s: s[0])
+        (agree, total, compared), best = max(scored, key=lambda s: s[0][:2])
         if not agree and a.layer_bound and not best.ref_transform:
             for convention in CONVENTIONS:
                 for lay in layouts[:3]:
@@ -213,10 +216,12 @@ class _Scorer:
                                     convention=True)
                     found = self._try(a, b, keys, option)
                     if found[0] * 2 > len(keys):
-                        return option, found[0], len(keys), found[1] / len(keys)
+                        return option, found[0], len(keys), found[1] / max(found[2], 1)
         if not agree and not layouts[0].plausible:
             return None  # an implausible layout needs values to vouch for it
-        return (best if agree else layouts[0]), agree, len(keys), total / len(keys)
+        # the mean cosine of the instances compared (not of every one sampled: a decode
+        # step's instance beside a prefill's is not compared, and would pull it below)
+        return (best if agree else layouts[0]), agree, len(keys), total / max(compared, 1)
 
 
 def _score(scorer: _Scorer, a: Template, b: Template, need_values: bool, *,
@@ -241,6 +246,11 @@ def _score(scorer: _Scorer, a: Template, b: Template, need_values: bool, *,
     score += 0.5 * name_sim + (0.5 if agree and not layout.label else 0.0)
     # closer values win among agreeing ones (a norm's output agrees with its input, less so)
     score += 2.0 * max(cosine - AGREE_COSINE, 0.0) / (1.0 - AGREE_COSINE) if agree else 0.0
+    if agree:  # and values that are the same, to a relative error a cosine cannot tell
+        # (a residual before and after the MLP's small addition: cosine 0.98 against 1.0)
+        err = scorer.error(TemplatePair(a, b, layout, 0.0, "", agree, tried, ((), ())))
+        score += min(max(-math.log10(max(err, 1e-12)) / 6.0, 0.0), 1.0) \
+            if math.isfinite(err) else 0.0
     shape = "x".join(map(str, squeeze_shape(a.shape))) or "scalar"
     parts = [f"shape {shape}" + (f" via {layout.label}" if layout.label else "")]
     if tried:
