@@ -224,7 +224,8 @@ def test_a_token_no_sequence_was_due_is_refused_with_its_place(tmp_path):
         ([1, 2, 3, 4, 5], [0, 1, 2, 0, 1]),
         ([7, 99], [3, 2])])  # sequence 1 was to be fed 6: not padding, it is left out
     with pytest.raises(UsageError, match=r"batch step 1: token 99 at position 2 \(flat index "
-                                         r"1 of 2\) is not the next token of any sequence"):
+                                         r"1 of 2\) is not the next token of any sequence "
+                                         r"\(due: sequence 1: 6\)"):
         split_batch(path, tmp_path / "split")
 
 
@@ -288,3 +289,16 @@ def test_only_a_step_that_feeds_new_tokens_after_old_ones_is_cut(tmp_path):
     result = lockstep.compare(tmp_path / "ref.lsd", tmp_path / "again.lsd")
     assert result.verdict == "match" and result.step_match.pairs == (
         (0, 0), (1, 1), (2, 2), (3, 3))
+
+
+def test_a_graph_padded_step_that_a_preempted_sequence_sits_out(tmp_path, model):
+    """Four sequences decode; at batch step 2 the fourth is preempted, so three decode
+    tokens run padded to four (a captured graph's size) while it waits: the padding is not
+    a token fed in its place. It is computed again at step 3 and every sequence matches."""
+    prompts = [*PROMPTS, [7, 99, 5, 64, 11]]
+    result = batch_diff(f"hf:{model}", NANO_SPEC, tmp_path, tokens=prompts, decode=DECODE,
+                        cand_options={"model": str(model), "cuda_graph": 1, "preempt": 2})
+    assert [c.verdict for c in result.sequences] == ["match"] * 4
+    with lockstep.open_dump(tmp_path / "candidate.lsd") as dump:
+        step = layout_of(dump).steps[2]
+    assert step.width == 4 and [s.sequence for s in step.segments] == [0, 1, 2]

@@ -34,8 +34,8 @@ or a chunk of ``prefill_chunk`` tokens per step), attention per sequence by
 flat ``input_ids`` and ``positions``, and no word of which token is whose. With
 ``prefix_cache=1`` a prompt's full blocks are cached once computed, and a prompt joining
 later that shares them computes only the tokens after; with ``cuda_graph=1`` a decode-only
-batch is padded to the next power of two with token 0 at position 0 (a captured graph's
-size), its padding written to a null slot; with ``preempt=T`` the last decoding sequence
+batch is padded to vLLM's next captured graph size (1, 2, 4, then multiples of 8) with token
+0 at position 0, its padding written to a null slot; with ``preempt=T`` the last decoding sequence
 loses its KV blocks at batch step T and, as vLLM's recompute preemption does, is fed every
 token again (prompt, decode tokens, and the next) as a prefill at the next step.
 
@@ -734,7 +734,9 @@ class LLM:
                             len(prompts[i]) for j, i in enumerate(rows)):
                     # a decode-only batch runs a captured graph: padded to its size with
                     # token 0 at position 0, written to the null slot
-                    pad = (1 << (len(ids) - 1).bit_length()) - len(ids)
+                    size = next((c for c in (1, 2, 4) if c >= len(ids)), None) or \
+                        -(-len(ids) // 8) * 8
+                    pad = size - len(ids)  # vLLM's capture sizes: 1, 2, 4, then 8, 16, ...
                     ids, positions = ids + [0] * pad, positions + [0] * pad
                     slots += [self.null_slot] * pad
                 _CONTEXT = Context(

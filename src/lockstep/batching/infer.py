@@ -187,11 +187,10 @@ def infer_layout(dump: Any, req: BatchRequest) -> BatchLayout:
         running = {i for i, s in enumerate(joined) if s is not None}
         cuts = _cover(req, done, ids, positions, running)
         covered = sum(c.length for c in cuts or ())
-        # tokens left at the end are a padded batch's only while every sequence that runs
-        # and has tokens to be fed is in the step: else they are a token fed in its place
         left_out = [i for i in running if done[i] < len(req.stream(i))
                     and i not in {c.sequence for c in cuts or ()}]
-        if cuts is None or (covered < len(ids) and left_out):
+        if cuts is None or (covered < len(ids) and left_out and
+                            not _graph_padded(covered, len(ids))):
             raise UsageError(_stray(req, done, ids, positions, t))
         segs = []
         for row, cut in enumerate(cuts):
@@ -213,19 +212,33 @@ def infer_layout(dump: Any, req: BatchRequest) -> BatchLayout:
                        req.chosen)
 
 
+def _graph_padded(covered: int, width: int) -> bool:
+    """Whether ``width - covered`` tokens at the end of a step are a captured CUDA graph's
+    padding whatever sequences sat the step out (a preempted one): the width is the next
+    size such graphs are captured at after the tokens the sequences fed (vLLM's 1, 2, 4, 8,
+    16, 24, ...; SGLang's 1, 2, 4, 8, 12, 16, 24, ...). Otherwise the tokens are padding only
+    while every sequence that runs and has tokens to be fed is in the step: else they are a
+    token fed in a sequence's place."""
+    if covered <= 4:
+        return width == next(c for c in (1, 2, 4) if c >= covered)
+    eights = -(-covered // 8) * 8
+    return width == eights or (covered <= 12 and width == 12)
+
+
 def _stray(req: BatchRequest, done: list[int], ids: Sequence[int],
            positions: Sequence[int] | None, step: int) -> str:
     """The message for a step whose tokens no cover explains: its first token that no
-    sequence was due to be fed."""
-    j = 0
+    sequence was due to be fed, and what the sequences not placed before it were due."""
+    j, placed = 0, set()
     while j < len(ids):
-        fits = [(i, n) for i in range(len(req.prompts))
+        fits = [(i, n) for i in range(len(req.prompts)) if i not in placed
                 for n, _, _ in _runs(req, done, ids, positions, j, i)[:1]]
         if not fits:
             break
+        placed.add(fits[0][0])
         j += fits[0][1]
     due = ", ".join(f"sequence {i}: {req.stream(i)[done[i]]}" for i in range(len(req.prompts))
-                    if done[i] < len(req.stream(i)))
+                    if done[i] < len(req.stream(i)) and i not in placed)
     at = f" at position {positions[j]}" if positions is not None and j < len(ids) else ""
     token = ids[j] if j < len(ids) else ids[-1]
     return (f"batch step {step}: token {token}{at} (flat index {j} of {len(ids)}) is not the "
