@@ -16,7 +16,9 @@ sequence's written slots and solo reference.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -279,18 +281,28 @@ def _segments(meta: dict[str, Any], sequence: int) -> list[_Packed]:
             for k, st in enumerate(_steps(meta.get("batch_sequence") or {}))]
 
 
+@lru_cache(maxsize=4096)
+def _split_segments(path: str, stamp: tuple[int, int]) -> tuple[tuple[int, _Packed], ...]:
+    """A split dump's segments, each with its batch step (read once per file version: every
+    diverged sequence of a batch reads every other's)."""
+    with open_dump(path) as dump:
+        meta = dict(dump.meta)
+    steps = _steps(meta.get("batch_sequence") or {})
+    seq = int((meta.get("batch_sequence") or {}).get("sequence", -1))
+    return tuple((int(st.get("batch_step", -1)), p)
+                 for p, st in zip(_segments(meta, seq), steps))
+
+
 def _packed_at(info: dict[str, Any], batch_step: int) -> list[_Packed]:
     """Every sequence's segment of one batch step, in flat order."""
     out = []
-    for j, path in enumerate(info.get("candidates") or []):
+    for path in info.get("candidates") or []:
         try:
-            with open_dump(str(path)) as dump:
-                meta = dict(dump.meta)
+            st = os.stat(path)
+            found = _split_segments(str(path), (st.st_mtime_ns, st.st_size))
         except Exception:  # an unreadable split dump: that sequence is left out
             continue
-        steps = _steps(meta.get("batch_sequence") or {})
-        out += [p for p, st in zip(_segments(meta, j), steps)
-                if int(st.get("batch_step", -1)) == batch_step]
+        out += [p for b, p in found if b == batch_step]
     return sorted(out, key=lambda p: p.start)
 
 
