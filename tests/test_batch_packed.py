@@ -145,6 +145,11 @@ def test_a_prefix_from_the_cache_and_a_graph_padded_batch(tmp_path, model):
     with lockstep.open_dump(tmp_path / "candidate-2.lsd") as part:
         steps = part.meta["batch_sequence"]["steps"]
     assert (steps[0]["position"], steps[1]["padding_after"]) == (8, 1)
+    assert result.notes == (
+        "sequence 2's prefill starts at token 8: the tokens before came from the engine's "
+        "prefix cache",
+        "batch steps [3] hold tokens past their sequences' (a CUDA graph's padding), compared "
+        "with none")
 
 
 def _cli(*args: object) -> subprocess.CompletedProcess:
@@ -249,6 +254,8 @@ def test_a_preempted_sequence_computed_again_is_compared_at_every_step(tmp_path,
     the candidate's first two were left out)."""
     result = _run(model, tmp_path, preempt=2)
     assert [c.verdict for c in result.sequences] == ["match"] * 3
+    assert result.notes == ("sequence 1 was fed its tokens again from token 0 at batch step 3 "
+                            "(preempted and computed again)",)
     one = result.sequences[1]
     assert one.chunks is not None and [r.as_dict() for r in one.chunks.recomputes] == [
         {"side": "candidate", "step": 2, "fed": 6, "again": 5, "left_out": []}]
@@ -266,8 +273,10 @@ def _tokens_run(path: Path, steps: list[list[int]]) -> None:
                 ids = np.array([IDS_RUN[p] for p in positions], dtype=np.int64)
                 rec.capture("input_ids", ids)
                 rec.capture("positions", np.array(positions, dtype=np.int64))
-                rec.capture("x", np.stack([np.full(4, t + 0.1 * p, np.float32)
-                                           for t, p in zip(ids, positions)]))
+                x = np.stack([np.full(4, t + 0.1 * p, np.float32)
+                              for t, p in zip(ids, positions)])
+                rec.capture("x", x)
+                rec.capture("heads", np.stack([x, -x], axis=1))  # (tokens, 2 heads, 4)
 
 
 IDS_RUN = [5, 9, 2, 7, 3, 8]
@@ -289,6 +298,28 @@ def test_only_a_step_that_feeds_new_tokens_after_old_ones_is_cut(tmp_path):
     result = lockstep.compare(tmp_path / "ref.lsd", tmp_path / "again.lsd")
     assert result.verdict == "match" and result.step_match.pairs == (
         (0, 0), (1, 1), (2, 2), (3, 3))
+
+
+def test_a_cut_step_whose_token_dim_one_step_cannot_tell_is_told_by_the_others(tmp_path):
+    """Fed again from token 3 in a step of two tokens, the (tokens, 2 heads, 4) record has
+    two dims of size 2; the record's other steps (3 tokens, 1 token) say which is the
+    tokens', so it is cut and compared, not left out (it was: INCOMPLETE)."""
+    _tokens_run(tmp_path / "ref.lsd", [[0, 1, 2], [3], [4], [5]])
+    _tokens_run(tmp_path / "again.lsd", [[0, 1, 2], [3], [3, 4], [5]])
+    result = lockstep.compare(tmp_path / "ref.lsd", tmp_path / "again.lsd")
+    assert result.verdict == "match", result.coverage
+    assert [r.as_dict()["left_out"] for r in result.chunks.recomputes] == [[]]
+    assert any(p.step == 2 and p.ref_name == "heads" for p in result.results)
+
+
+def test_a_cover_that_leaves_less_to_padding_wins(tmp_path):
+    """Both decode positions moved by one (a position bug), then a token of padding: the
+    cover of both sequences (two moved segments) wins over one that leaves the second
+    sequence's token to the padding (one moved segment): that refused the step."""
+    path = _packed(tmp_path / "b.lsd", [[1, 2, 3], [4, 5]], [[7, 8], [6, 9]], [
+        ([1, 2, 3, 4, 5], [0, 1, 2, 0, 1]),
+        ([7, 6, 0], [4, 3, 0])])
+    assert _segments(path)[1] == [(0, 0, 1), (1, 1, 1)]
 
 
 def test_a_graph_padded_step_that_a_preempted_sequence_sits_out(tmp_path, model):

@@ -12,6 +12,7 @@ from typing import Sequence
 from ..display import safe
 from ..store.reader import Dump, Record
 from .composed import ComposedDump, Parts
+from .steps import Fed, fed_per_step
 
 __all__ = ["token_dim", "cut_steps", "not_cut_lines", "not_cut_dicts"]
 
@@ -29,6 +30,14 @@ def token_dim(shapes: Sequence[tuple[int, ...]], counts: Sequence[int]) -> int |
         return (f"dims {fits} of its shape {list(shapes[0])} all have the size of the tokens "
                 "fed: which holds the tokens is not known")
     return fits[0] if fits else None
+
+
+def _token_dim_across(dump: Dump, name: str, fed: dict[int, Fed]) -> int | str | None:
+    """The token dim of ``name``'s records across the dump's steps, each fed its own count
+    of tokens (steps fed different counts tell apart dims one step cannot)."""
+    known = [(r.shape, len(fed[r.step][0] or ())) for r in dump.records
+             if r.name == name and fed.get(r.step, (None, None))[0] is not None]
+    return token_dim([s for s, _ in known], [n for _, n in known]) if known else None
 
 
 def not_cut_lines(left_out: Sequence[tuple[str, str]], step: int) -> list[str]:
@@ -55,10 +64,18 @@ def cut_steps(dump: Dump, cuts: dict[int, tuple[int, int, int]], note: str,
     records: list[Record] = []
     parts: dict[int, Parts] = {}
     left: dict[int, list[tuple[str, str]]] = {s: [] for s in cuts}
+    across: dict[str, int | str | None] = {}  # a name's token dim, told by all its steps
+    fed: dict[int, Fed] | None = None
     for r in dump.records:
         cut = cuts.get(r.step)
         d = token_dim([r.shape], [cut[0]]) if cut is not None and \
             whole.get(r.name) != r.shape else None
+        if isinstance(d, str) and cut is not None:  # (2, 2, 32) fed 2: other steps may tell
+            if r.name not in across:
+                fed = fed if fed is not None else fed_per_step(dump)
+                across[r.name] = _token_dim_across(dump, r.name, fed)
+            told = across[r.name]
+            d = told if isinstance(told, int) and r.shape[told] == cut[0] else d
         if d is None and cut is not None and others is not None:
             left[r.step].append((r.name, others))
             continue

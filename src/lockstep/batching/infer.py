@@ -89,8 +89,9 @@ class _Cut:
     off: bool  #: its positions are not the tokens' own, or run on past its end
 
 
-#: what a cover that leaves the step's last tokens to no sequence costs (a padded batch: a
-#: captured CUDA graph's size); any cover of every token is taken before one
+#: what a cover that leaves the step's last tokens to no sequence costs per token (a padded
+#: batch: a captured CUDA graph's size); any cover of every token is taken before one, and
+#: one that leaves fewer before one that leaves more
 _TAIL = 1 << 20
 
 
@@ -142,7 +143,7 @@ def _cover(req: BatchRequest, done: list[int], ids: Sequence[int],
     fewest segments whose positions disagree (one that leaves the last tokens to no
     sequence only where none covers them all), or None."""
     best: list[_Cut] | None = None
-    best_cost = _TAIL * 2
+    best_cost = _TAIL * (len(ids) + 1)
     tries = 0
 
     def walk(j: int, used: set[int], cuts: list[_Cut], cost: int) -> bool:
@@ -160,8 +161,9 @@ def _cover(req: BatchRequest, done: list[int], ids: Sequence[int],
                 if walk(j + length, used | {i}, cuts, cost + off):
                     return True
                 cuts.pop()
-        if cuts and cost + _TAIL < best_cost:  # the rest is padding
-            best, best_cost = list(cuts), cost + _TAIL
+        tail = cost + _TAIL * (len(ids) - j)  # the rest is padding: the less the better
+        if cuts and tail < best_cost:
+            best, best_cost = list(cuts), tail
         return False
 
     walk(0, set(), [], 0)

@@ -17,7 +17,8 @@ import numpy as np
 
 from ..errors import UsageError
 
-__all__ = ["Segment", "StepLayout", "BatchLayout", "CU_SEQLENS", "refuse_batch_against_run"]
+__all__ = ["Segment", "StepLayout", "BatchLayout", "CU_SEQLENS", "refuse_batch_against_run",
+           "layout_notes"]
 
 CU_SEQLENS = "cu_seqlens"  #: the record name of a packed step's sequence boundaries
 
@@ -158,3 +159,31 @@ def refuse_batch_against_run(ref: Any, cand: Any) -> None:
                              f"prompts and the {other} is not: split it into one dump per "
                              f"sequence (lockstep split {dump.path} --out DIR) and compare "
                              "the sequence's dump, or run both with lockstep diff --batch")
+
+
+def layout_notes(layout: BatchLayout) -> tuple[str, ...]:
+    """What the batch did beyond packing or padding its sequences, one sentence each: a
+    prefill after a cached prefix, a sequence fed its tokens again, steps padded past their
+    sequences' tokens, positions that are not the tokens' own."""
+    notes: list[str] = []
+    for i in range(len(layout.prompts)):
+        done = 0
+        for st, seg in layout.of(i):
+            at = done if seg.position is None else seg.position
+            if at and not done:
+                notes.append(f"sequence {i}'s prefill starts at token {at}: the tokens before "
+                             "came from the engine's prefix cache")
+            elif at < done:
+                notes.append(f"sequence {i} was fed its tokens again from token {at} at "
+                             f"batch step {st.step} (preempted and computed again)")
+            done = at + seg.length
+        moved = [st.step for st, seg in layout.of(i) if seg.moved]
+        if moved:
+            notes.append(f"sequence {i}'s positions are not its tokens' own at batch steps "
+                         f"{moved[:8]}{' ...' if len(moved) > 8 else ''}")
+    padded = [st.step for st in layout.steps if st.packed and st.segments and
+              st.width > max(s.start + s.length for s in st.segments)]
+    if padded:
+        notes.append(f"batch steps {padded[:8]}{' ...' if len(padded) > 8 else ''} hold tokens "
+                     "past their sequences' (a CUDA graph's padding), compared with none")
+    return tuple(notes)

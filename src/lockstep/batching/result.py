@@ -27,6 +27,8 @@ class BatchComparison:
     prompts: tuple[tuple[int, ...], ...]
     padding: str | None
     join_at: tuple[int, ...]
+    #: what the batch did beyond packing or padding (batching.layout.layout_notes)
+    notes: tuple[str, ...] = ()
 
     @property
     def verdict(self) -> str:

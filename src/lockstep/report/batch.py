@@ -35,7 +35,7 @@ class BatchReport(Report):
     def to_json(self) -> dict[str, Any]:
         b = self.batch
         return {"kind": "batch", "verdict": b.verdict, "padding": b.padding,
-                "join_at": list(b.join_at), "diverged": b.diverged,
+                "join_at": list(b.join_at), "notes": list(b.notes), "diverged": b.diverged,
                 "sequences": [{"sequence": i, "prompt_token_ids": list(b.prompts[i]),
                                "report": report_dict(c)} for i, c in enumerate(b.sequences)]}
 
@@ -50,6 +50,8 @@ class BatchReport(Report):
         yield Text.assemble(("batch: ", "bold"), f"{len(b.sequences)} prompts as one batch, "
                             + how + "".join(f"; {j}" for j in joins)
                             + "; each compared with its prompt run alone")
+        for note in b.notes:
+            yield Text(f"  {note}")
         table = Table(show_lines=False, title_justify="left")
         for col in ("sequence", "prompt", "verdict", "first divergence", "diagnosis"):
             table.add_column(col, overflow="fold")

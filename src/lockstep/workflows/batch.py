@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from ..batching.infer import REQUEST_KEY
+from ..batching.layout import layout_notes
 from ..batching.result import BatchComparison
-from ..batching.split import split_batch
+from ..batching.split import layout_of, split_batch
 from ..compare import Tolerances, compare
 from ..engines import open_engine
 from ..engines.rerun import fed_tokens
@@ -124,6 +125,8 @@ def batch_diff(ref_spec: str, cand_spec: str, out: str | Path, *,
     parts = split_batch(batched, out, references=[str(p) for p in refs])
     with open_dump(parts[0]) as part:  # as it ran: when each joined (an idle batch moves
         ran = part.meta["batch_sequence"]   # arrivals up), and padded or packed
+    with open_dump(batched) as dump:
+        notes = layout_notes(layout_of(dump))
     results = tuple(compare(r, c, tolerances, mapping=mapping) for r, c in zip(refs, parts))
     return BatchComparison(results, tuple(tuple(p) for p in ids), ran.get("padding"),
-                           tuple(ran["join_at"]))
+                           tuple(ran["join_at"]), notes)
