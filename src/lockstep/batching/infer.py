@@ -99,9 +99,10 @@ def _runs(req: BatchRequest, done: list[int], ids: Sequence[int],
           positions: Sequence[int] | None, j: int, i: int) -> list[tuple[int, int, bool]]:
     """The segments sequence ``i`` may have from flat token ``j``, as (length, the position
     of its first token, whether the positions speak against it: moved off the tokens' own,
-    or running on past its end), positions agreeing first, then the longest. A sequence not
-    started yet may start where its recorded position says, past a prefix taken from a
-    cache."""
+    or running on past its end, or a start other than where the sequence was), positions
+    agreeing first, then the longest. Where its recorded position says so, a sequence not
+    started yet may start past a prefix taken from a cache, and one that has started may be
+    fed again from an earlier token up to its next (preempted and computed again)."""
     stream, n = req.stream(i), len(req.prompts[i])
     starts = [done[i]]
     where = int(positions[j]) if positions is not None else None
@@ -140,8 +141,9 @@ def _runs(req: BatchRequest, done: list[int], ids: Sequence[int],
 def _cover(req: BatchRequest, done: list[int], ids: Sequence[int],
            positions: Sequence[int] | None, running: set[int]) -> list[_Cut] | None:
     """The flat tokens of one step cut into one segment per sequence: the cover with the
-    fewest segments whose positions disagree (one that leaves the last tokens to no
-    sequence only where none covers them all), or None."""
+    fewest segments the positions speak against, or, where no cover takes every token, the
+    one that leaves the fewest at the end to no sequence; None where not even the first
+    token is any sequence's. Sequences running are tried first, in order."""
     best: list[_Cut] | None = None
     best_cost = _TAIL * (len(ids) + 1)
     tries = 0
