@@ -14,7 +14,7 @@ from ..store.reader import Dump, Record
 from .composed import ComposedDump, Parts
 from .steps import Fed, fed_per_step
 
-__all__ = ["token_dim", "cut_steps", "not_cut_lines", "not_cut_dicts"]
+__all__ = ["token_dim", "token_dim_across", "cut_steps", "not_cut_lines", "not_cut_dicts"]
 
 
 def token_dim(shapes: Sequence[tuple[int, ...]], counts: Sequence[int]) -> int | str | None:
@@ -32,7 +32,7 @@ def token_dim(shapes: Sequence[tuple[int, ...]], counts: Sequence[int]) -> int |
     return fits[0] if fits else None
 
 
-def _token_dim_across(dump: Dump, name: str, fed: dict[int, Fed]) -> int | str | None:
+def token_dim_across(dump: Dump, name: str, fed: dict[int, Fed]) -> int | str | None:
     """The token dim of ``name``'s records across the dump's steps, each fed its own count
     of tokens (steps fed different counts tell apart dims one step cannot)."""
     known = [(r.shape, len(fed[r.step][0] or ())) for r in dump.records
@@ -73,7 +73,7 @@ def cut_steps(dump: Dump, cuts: dict[int, tuple[int, int, int]], note: str,
         if isinstance(d, str) and cut is not None:  # (2, 2, 32) fed 2: other steps may tell
             if r.name not in across:
                 fed = fed if fed is not None else fed_per_step(dump)
-                across[r.name] = _token_dim_across(dump, r.name, fed)
+                across[r.name] = token_dim_across(dump, r.name, fed)
             told = across[r.name]
             d = told if isinstance(told, int) and r.shape[told] == cut[0] else d
         if d is None and cut is not None and others is not None:

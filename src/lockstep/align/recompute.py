@@ -23,6 +23,7 @@ from .steps import fed_per_step
 
 __all__ = ["RecomputeCut", "cut_recomputes"]
 
+
 @dataclass(frozen=True)
 class RecomputeCut:
     """A step that fed its sequence's tokens again, cut to the ones it fed for the first
@@ -52,16 +53,17 @@ def cut_recomputes(dump: Dump, side: str) -> tuple[Dump, tuple[RecomputeCut, ...
     (module doc); the dump itself when there is none. The view shares the dump's mapping:
     close the dump."""
     seen: dict[int, int] = {}  # position -> the id fed there
+    last = -1  # the last position fed so far
     found: list[tuple[int, int, int]] = []  # (step, fed, again)
     for s, (ids, pos) in fed_per_step(dump).items():
         if not ids or not pos or len(pos) != len(ids):
             continue
-        last = max(seen) if seen else -1
         again = last + 1 - pos[0]
-        if seen and 0 < again < len(ids) and list(pos) == list(range(pos[0], pos[-1] + 1)) \
+        if 0 < again < len(ids) and list(pos) == list(range(pos[0], pos[-1] + 1)) \
                 and all(seen.get(p) == t for p, t in zip(pos[:again], ids[:again])):
             found.append((s, len(ids), again))
         seen.update(zip(pos, ids))
+        last = max(last, *pos)
     if not found:
         return dump, ()
     # what the step keeps ends where it ends: a record with no token dim (the last

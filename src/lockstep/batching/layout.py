@@ -53,6 +53,13 @@ class StepLayout:
         """The sequence with the most tokens in the step (the one the others are padded to)."""
         return max(self.segments, key=lambda s: s.length).sequence
 
+    @property
+    def padding_after(self) -> int:
+        """Packed: the tokens at the end that are no sequence's (a CUDA graph's padding)."""
+        if not self.packed or not self.segments:
+            return 0
+        return self.width - max(s.start + s.length for s in self.segments)
+
     def piece(self, array: np.ndarray, seg: Segment) -> np.ndarray | None:
         """``seg``'s part of a record of this step, batch dim kept (None: the record is not
         laid out by the batch: one shared value, copied whole)."""
@@ -138,6 +145,17 @@ class BatchLayout:
         """The steps ``sequence`` ran in, with its segment of each, in order."""
         return list(self._by_sequence.get(sequence, ()))
 
+    def positions(self, sequence: int) -> list[tuple[StepLayout, Segment, int]]:
+        """``of(sequence)`` with the position of each segment's first token in its sequence
+        (right after the last segment's, unless the segment says where: past a cached
+        prefix, or fed again)."""
+        out, done = [], 0
+        for st, seg in self.of(sequence):
+            at = done if seg.position is None else seg.position
+            out.append((st, seg, at))
+            done = at + seg.length
+        return out
+
 
 def _batch_size(meta: Any) -> int | None:
     """The prompts of a dump that records one batched run of several (None: not one)."""
@@ -168,8 +186,7 @@ def layout_notes(layout: BatchLayout) -> tuple[str, ...]:
     notes: list[str] = []
     for i in range(len(layout.prompts)):
         done = 0
-        for st, seg in layout.of(i):
-            at = done if seg.position is None else seg.position
+        for st, seg, at in layout.positions(i):
             if at and not done:
                 notes.append(f"sequence {i}'s prefill starts at token {at}: the tokens before "
                              "came from the engine's prefix cache")
@@ -181,8 +198,7 @@ def layout_notes(layout: BatchLayout) -> tuple[str, ...]:
         if moved:
             notes.append(f"sequence {i}'s positions are not its tokens' own at batch steps "
                          f"{moved[:8]}{' ...' if len(moved) > 8 else ''}")
-    padded = [st.step for st in layout.steps if st.packed and st.segments and
-              st.width > max(s.start + s.length for s in st.segments)]
+    padded = [st.step for st in layout.steps if st.padding_after]
     if padded:
         notes.append(f"batch steps {padded[:8]}{' ...' if len(padded) > 8 else ''} hold tokens "
                      "past their sequences' (a CUDA graph's padding), compared with none")

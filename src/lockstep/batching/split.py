@@ -23,18 +23,13 @@ def _sequence_meta(meta: dict[str, Any], layout: BatchLayout, i: int,
                    paths: Sequence[Path], references: Sequence[str] | None,
                    written: dict[str, list[int]]) -> dict[str, Any]:
     steps = []
-    position = 0
-    for st, seg in layout.of(i):
-        position = position if seg.position is None else seg.position
+    for st, seg, position in layout.positions(i):
         steps.append({"batch_step": st.step, "row": seg.row, "rows": [s.sequence for s in
                                                                       st.segments],
                       "width": st.width, "start": seg.start, "length": seg.length,
                       "widest": st.widest, "position": position, "write": list(seg.write),
                       "read": list(seg.read), "packed": st.packed,
-                      "moved": list(seg.moved),
-                      "padding_after": st.width - max(s.start + s.length for s in st.segments)
-                      if st.packed else 0})
-        position += seg.length
+                      "moved": list(seg.moved), "padding_after": st.padding_after})
     out = {k: v for k, v in meta.items() if k not in ("batch", REQUEST_KEY)}
     out.update(prompt_token_ids=list(layout.prompts[i]), decode=max(len(steps) - 1, 0),
                batch_sequence={"sequence": i, "sequences": len(layout.prompts),
@@ -65,13 +60,13 @@ def layout_of(dump: Any) -> BatchLayout:
 
 def split_batch(batched: str | os.PathLike[str], out_dir: str | os.PathLike[str], *,
                 references: Sequence[str] | None = None, overwrite: bool = True,
-                name: str = "candidate") -> list[Path]:
+                name: str = "candidate", layout: BatchLayout | None = None) -> list[Path]:
     """Write ``out_dir``/``name``-I.lsd for each sequence I of the batched dump; returns the
     paths. ``references``: each sequence's solo reference dump (the diagnosis reads the
-    others' tokens)."""
+    others' tokens); ``layout``: the dump's layout, where the caller found it already."""
     out_dir = Path(out_dir)
     with open_dump(batched) as dump:
-        layout = layout_of(dump)
+        layout = layout or layout_of(dump)
         paths = [out_dir / f"{name}-{i}.lsd" for i in range(len(layout.prompts))]
         slots = {str(j): sorted({s for _, seg in layout.of(j) for s in seg.write})
                  for j in range(len(layout.prompts))}  # the KV slots each sequence wrote

@@ -50,7 +50,8 @@ def run(args: argparse.Namespace) -> int:
     taken = [str(p) for p in targets if p.exists()]
     if taken and not args.overwrite:
         raise UsageError(f"{taken[0]} exists (--overwrite replaces it)")
-    paths = split_batch(args.dump, out, references=args.reference, name=args.name)
+    paths = split_batch(args.dump, out, references=args.reference, name=args.name,
+                        layout=layout)
     console = output.stdout()
     how = f"{layout.padding} padding" if layout.padding else "packed"
     console.print(text(f"{args.dump}: {count} sequences, {len(layout.steps)} batch steps, "

@@ -122,11 +122,9 @@ def batch_diff(ref_spec: str, cand_spec: str, out: str | Path, *,
     capture_batch(cand_spec, batched, tokens=ids, decode=decode, forced=forced,
                   padding=padding, join_at=joins[-1] or None, overwrite=True,
                   selection=selection, announce=announce, **(cand_options or {}))
-    parts = split_batch(batched, out, references=[str(p) for p in refs])
-    with open_dump(parts[0]) as part:  # as it ran: when each joined (an idle batch moves
-        ran = part.meta["batch_sequence"]   # arrivals up), and padded or packed
-    with open_dump(batched) as dump:
-        notes = layout_notes(layout_of(dump))
+    with open_dump(batched) as dump:  # as it ran: when each joined (an idle batch moves
+        layout = layout_of(dump)      # arrivals up), padded or packed, what else it did
+    parts = split_batch(batched, out, references=[str(p) for p in refs], layout=layout)
     results = tuple(compare(r, c, tolerances, mapping=mapping) for r, c in zip(refs, parts))
-    return BatchComparison(results, tuple(tuple(p) for p in ids), ran.get("padding"),
-                           tuple(ran["join_at"]), notes)
+    return BatchComparison(results, tuple(tuple(p) for p in ids), layout.padding,
+                           layout.join_at, layout_notes(layout))

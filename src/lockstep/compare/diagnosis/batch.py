@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from ...align.cuts import token_dim
+from ...align.cuts import token_dim_across
 from ...align.kinds import Kind as K
 from ...align.steps import fed_per_step
 from ...store.reader import open_dump
@@ -31,6 +31,7 @@ from ...textfmt import fmt
 from .. import evidence as ev
 from ..case import Case, input_sentence, label
 from ..pair_result import PairResult
+from .attention import attend
 from .model import Diagnosis, make, rule
 from .rope import pairing_of, pre_rope, rope_views
 
@@ -311,11 +312,7 @@ def _token_rows(case: Case, path: str, step: int, name: str, call: int) -> np.nd
     the dump's steps (heads and tokens can be the same size)."""
     try:
         with open_dump(path) as dump:
-            fed = fed_per_step(dump)
-            recs = [(n, dump.get(n, name, call)) for n in dump.steps]
-            known = [(r.shape, len(fed[n][0] or ())) for n, r in recs
-                     if r is not None and fed.get(n, (None, None))[0] is not None]
-            dim = token_dim([s for s, _ in known], [c for _, c in known]) if known else None
+            dim = token_dim_across(dump, name, fed_per_step(dump))
             a = case.read(dump, dump.get(step, name, call), None)
     except Exception:  # an unreadable dump: no evidence from it
         return None
@@ -374,16 +371,10 @@ def _flat_attention(case: Case, info: dict[str, Any], mine: _Packed, segs: list[
     q3 = q.reshape(mine.length, -1, d)
     if q3.shape[1] % keys[0].shape[1]:
         return None
-    groups = q3.shape[1] // keys[0].shape[1]
-    k_all = np.repeat(np.concatenate(keys), groups, axis=1)
-    v_all = np.repeat(np.concatenate(values), groups, axis=1)
-    n, t = k_all.shape[0], mine.length
-    scores = np.einsum("qhd,khd->hqk", q3, k_all) / np.sqrt(d)
-    hidden = np.arange(n)[None] > np.arange(n - t, n)[:, None]
-    scores = np.where(hidden[None], -np.inf, scores)
-    probs = np.exp(scores - scores.max(-1, keepdims=True))
-    probs /= probs.sum(-1, keepdims=True)
-    flat = np.einsum("hqk,khd->qhd", probs, v_all).reshape(t, -1)
+    # the reference's own scale and soft cap (its metadata), over the flat batch's keys
+    meta = case.ref.meta
+    flat = attend(q3, np.concatenate(keys), np.concatenate(values),
+                  float(meta.get("attn_scale") or d ** -0.5), meta.get("attn_softcap"), None)
     return ev.rel_error(flat, out)
 
 

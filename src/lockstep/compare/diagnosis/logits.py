@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
 from ...align.kinds import Kind as K
 from ...textfmt import fmt
 from .. import evidence as ev
@@ -31,12 +29,13 @@ def _other_row(case: Case) -> tuple[int, int, float] | None:
             not f.ref_transform.startswith("block("):
         return None
     cand = arrays[1].reshape(-1)
-    rows = full.reshape(-1, cand.size) if full.size % cand.size == 0 else None
-    if rows is None or len(rows) < 2:
+    if full.size % cand.size or full.size // cand.size < 2:
         return None
-    errors = [ev.rel_error(row, cand) for row in rows[:-1]]
-    best = int(np.argmin(errors))
-    return (best, len(rows), errors[best]) if case.explains(errors[best]) else None
+    rows = full.reshape(-1, cand.size)
+    best = ev.match_row(rows[:-1], cand, case.good())
+    err = ev.rel_error(rows[best], cand) if best is not None else None
+    return (best, len(rows), err) if best is not None and err is not None and \
+        case.explains(err) else None
 
 
 @rule("logits")

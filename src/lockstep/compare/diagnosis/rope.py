@@ -31,7 +31,7 @@ def before_after(pre: PairResult, post: PairResult) -> str:
             f"{label(post)} does not ({fmt(post.error)})")
 
 
-def heads_view(a: np.ndarray, head_dim: int, rows: int) -> np.ndarray | None:
+def _heads(a: np.ndarray, head_dim: int, rows: int) -> np.ndarray | None:
     """``a`` as (rows, heads, head_dim), from (rows, H*D), (rows, H, D) or (H, rows, D)."""
     s = ev.squeeze(a)
     if s.size % (head_dim * rows):
@@ -51,7 +51,7 @@ def rope_views(case: Case, pre: PairResult
         return None
     x0 = ev.squeeze(xa[0])
     rows = x0.shape[0] if x0.ndim == 3 or (x0.ndim == 2 and x0.shape[-1] != d) else 1
-    x, r, c = (heads_view(a, d, rows) for a in (xa[0], *arrays))
+    x, r, c = (_heads(a, d, rows) for a in (xa[0], *arrays))
     if x is None or r is None or c is None or not x.shape == r.shape == c.shape:
         return None
     return x, r, c, d
