@@ -183,6 +183,42 @@ def test_a_packing_engine_from_the_command_line(tmp_path, model):
     assert one.returncode == 0, one.stdout
 
 
+@pytest.mark.parametrize("bug", [None, "chunk_causal"], ids=str)
+def test_speculative_decoding_in_a_packed_batch(tmp_path, model, bug):
+    """``speculative=2``: each sequence's first decode step feeds its token and two drafts
+    in its segment of the flat batch (the next token, kept, then a wrong one) and every row
+    of it is sampled. The drafts are found from the positions after the decode token, the
+    sequence goes on after the one it kept, and each split dump is a speculative run of one
+    sequence: the rejected draft's rows cut, the reference's steps 1 and 2 joined to meet
+    the verify step. Before, the first verify step was refused ('token 200 at position 10
+    is not the next token of any sequence'). A verify step masked top-left is found there,
+    at layer 0's attention, as speculative decoding, for every sequence."""
+    result = _run(model, tmp_path, speculative=2, proposer="forced", bug=bug)
+    with lockstep.open_dump(tmp_path / "candidate.lsd") as dump:
+        layout = layout_of(dump)
+    assert [[(s.sequence, s.length, s.drafts, s.rejected) for s in st.segments]
+            for st in layout.steps] == [
+        [(0, 9, 0, 0), (1, 4, 0, 0)], [(0, 3, 2, 1), (1, 3, 2, 1)],
+        [(0, 1, 0, 0), (1, 1, 0, 0), (2, 3, 0, 0)], [(2, 3, 2, 1)], [(2, 1, 0, 0)]]
+    assert result.notes == tuple(f"sequence {i} verified speculative drafts at 1 batch "
+                                 "steps: 1 of 2 kept" for i in range(3))
+    with lockstep.open_dump(tmp_path / "candidate-2.lsd") as part:
+        assert part.get(1, "lm_head").shape == (3, 320)  # every row of its verify step
+    for c in result.sequences:
+        assert [(d.step, d.fed, d.kept) for d in c.chunks.drafts] == [(1, 3, 2)]
+        (side,) = c.chunks.sides
+        assert side.side == "reference" and [g.steps for g in side.groups] == [(1, 2)]
+    if bug is None:
+        assert [c.verdict for c in result.sequences] == ["match"] * 3, \
+            [(c.first_divergence, c.coverage) for c in result.sequences]
+        return
+    for c in result.sequences:
+        f = c.first_divergence
+        assert c.verdict == "diverged" and (f.step, f.canonical) == (
+            1, "layers.0.attn_heads"), f
+        assert c.diagnosis.kind == "chunk" and c.diagnosis.detail["speculative"]
+
+
 # -- the inference alone, on dumps written by hand ------------------------------------------
 def _packed(path: Path, prompts: list[list[int]], chosen: list[list[int]],
             steps: list[tuple[list[int], list[int]]], declared: dict | None = None) -> Path:
@@ -210,6 +246,24 @@ def test_sequences_sharing_a_prefix_are_told_apart_where_their_tokens_differ(tmp
         ([7, 6], [5, 4])])
     assert _segments(path) == [[(0, 0, 3), (1, 3, 3)], [(1, 0, 1), (0, 1, 2)],
                                [(0, 0, 1), (1, 1, 1)]]
+
+
+def test_drafts_are_told_from_the_next_sequences_token_by_what_costs_least(tmp_path):
+    """A decode token followed by the other sequence's at the next position reads as two
+    decode tokens, not a token and a draft with the other sequence sitting out; a token at
+    the next position that is no one's due token at its own position is a draft (the
+    cheaper reading than the other sequence fed at a moved position), rejected, and its
+    position is fed again."""
+    prompts = [[1, 2, 3], [4, 5, 6, 7]]
+    path = _packed(tmp_path / "b.lsd", prompts, [[8, 9, 10], [11, 12, 13]], [
+        ([1, 2, 3, 4, 5, 6, 7], [0, 1, 2, 0, 1, 2, 3]),
+        ([8, 11], [3, 4]),  # sequence 0's token at 3, sequence 1's at 4: no draft
+        ([9, 12, 12], [4, 5, 6])])  # 12 at 6 is sequence 0's draft, not sequence 1's
+    with lockstep.open_dump(path) as dump:
+        layout = layout_of(dump)
+    assert [[(s.sequence, s.start, s.length, s.drafts, s.rejected) for s in st.segments]
+            for st in layout.steps[1:]] == [[(0, 0, 1, 0, 0), (1, 1, 1, 0, 0)],
+                                            [(0, 0, 1, 0, 0), (1, 1, 2, 1, 1)]]
 
 
 def test_ids_alone_split_a_batch_without_positions(tmp_path):

@@ -46,7 +46,9 @@ caching does: a prompt served again computes only the tokens after its cached bl
 ``speculative=K`` decodes speculatively, as vLLM's n-gram proposer does: each decode step
 feeds the last token and up to K draft tokens (those that followed the latest earlier
 occurrence of the last tokens), keeps the drafts the rows before them chose, and drops the
-rest.
+rest. In a batch too: a decoding sequence's segment of the flat batch is its token and its
+drafts, and every row of it is sampled (vLLM's ``logits_indices``). ``proposer=forced``
+(batches under teacher forcing) proposes the next forced token, kept, then wrong ones.
 
 ``prefill_chunk=N`` feeds the prompt in chunks of N tokens, one forward each, as vLLM's and
 SGLang's chunked prefill do: a later chunk writes its K/V into the cache and attends over
@@ -216,7 +218,10 @@ class Attention(nn.Module):
                 outs.append(self._capped(q[a:b], keys, values))
                 continue
             n_q, n_k = b - a, keys.shape[0]
-            mask = torch.arange(n_k)[None] <= torch.arange(n_k - n_q, n_k)[:, None]
+            # query i sees keys up to its own position; chunk_causal: top-left, as if the
+            # keys began with the queries (a later chunk, or a step verifying drafts)
+            first = 0 if self.bug == "chunk_causal" else n_k - n_q
+            mask = torch.arange(n_k)[None] <= torch.arange(first, first + n_q)[:, None]
             out = F.scaled_dot_product_attention(q[a:b].transpose(0, 1), keys.transpose(0, 1),
                                                  values.transpose(0, 1), attn_mask=mask,
                                                  scale=self.scale)
@@ -696,6 +701,7 @@ class LLM:
                         seqs[i].block_table = []
                         preempted.add(i)
                 ids, positions, slots, starts, lens, rows = [], [], [], [0], [], []
+                drafted: list[list[int]] = []  # per row, the drafts it fed after its token
                 for i in (i for i in order if len(chosen[i]) <= decode):
                     seq, n = seqs[i], len(prompts[i])
                     if i in preempted and step == self.preempt:
@@ -703,6 +709,7 @@ class LLM:
                     if not seq.block_table and self.prefix_cache and i not in preempted:
                         # first scheduled: the blocks of its prompt cached before
                         fed[i] = self._cached_prefix(seq, prompts[i])
+                    drafts: list[int] = []
                     if fed[i] < n:  # (a chunk of) its prompt
                         a = fed[i]
                         fed[i] = min(n, a + (self.prefill_chunk or n))
@@ -712,8 +719,12 @@ class LLM:
                         force = forced[i] if forced is not None else None
                         toks = [force[k] if force is not None and k < len(force)
                                 else chosen[i][-1]]
+                        if self.speculative and i not in preempted:  # verified in one go
+                            drafts = self.propose(seq.token_ids + toks, min(
+                                self.speculative, decode - len(chosen[i])))
+                            toks += drafts
                         seq.token_ids.extend(toks)
-                        pos = [len(seq.token_ids) - 1]
+                        pos = list(range(len(seq.token_ids) - len(toks), len(seq.token_ids)))
                         if i in preempted:  # vLLM's recompute: every token again, a prefill
                             preempted.discard(i)  # (after the prompt's blocks still cached)
                             a = self._cached_prefix(seq, prompts[i]) if self.prefix_cache \
@@ -727,8 +738,13 @@ class LLM:
                     starts.append(len(ids))
                     lens.append(pos[-1] + 1)  # (its cached tokens after this step)
                     rows.append(i)
+                    drafted.append(drafts)
                 ends = starts[1:] if self.bug != "batch_last_index" else \
                     [a + 1 for a in starts[:-1]]
+                # the rows sampled: each sequence's last token, or every token of one that
+                # verifies drafts (vLLM's logits_indices)
+                sampled = [list(range(a, e)) if d else [e - 1]
+                           for a, e, d in zip(starts, ends, drafted)]
                 if self.cuda_graph and len(ids) == len(rows) and \
                         all(seqs[i].token_ids[-1] == ids[j] and len(seqs[i].token_ids) >
                             len(prompts[i]) for j, i in enumerate(rows)):
@@ -743,18 +759,31 @@ class LLM:
                     is_prefill=False, slot_mapping=torch.tensor(slots),
                     query_start_loc=starts, seq_lens=lens,
                     block_tables=[torch.tensor(seqs[i].block_table) for i in rows],
-                    logits_rows=torch.tensor([e - 1 for e in ends]))
+                    logits_rows=torch.tensor([r for rs in sampled for r in rs]))
                 input_ids, pos_t = torch.tensor(ids), torch.tensor(positions)
                 lockstep.probe("input_ids", input_ids)
                 lockstep.probe("positions", pos_t)
                 with torch.no_grad():
                     logits = self.model.compute_logits(self.model(input_ids, pos_t))
                     tokens = [int(t) for t in self.sampler(logits, 0.0)]
+                at = 0  # the sampled row each sequence's start at
                 for j, i in enumerate(rows):
+                    first, at = at, at + len(sampled[j])
                     if fed[i] == len(prompts[i]):  # a prompt's last chunk, or a decode step
+                        drafts, kept = drafted[j], 0  # kept: each the token chosen before
+                        force = forced[i] if forced is not None else None
+                        while kept < len(drafts):
+                            k = len(chosen[i]) + kept
+                            want = force[k] if force is not None and k < len(force) else \
+                                tokens[first + kept]
+                            if drafts[kept] != want:
+                                break
+                            kept += 1
+                        if len(drafts) > kept:  # the rejected drafts leave the sequence
+                            del seqs[i].token_ids[len(seqs[i].token_ids) - len(drafts) + kept:]
                         if self.on_logits is not None:
-                            self.on_logits(i, logits[j])
-                        chosen[i].append(tokens[j])
+                            self.on_logits(i, logits[first])
+                        chosen[i].extend(tokens[first:first + kept + 1])
                     if self.prefix_cache:  # its prompt's full blocks, cached once computed
                         for b in range(min(fed[i], len(prompts[i]) - 1) // BLOCK_SIZE):
                             self.cached_blocks.setdefault(
@@ -819,8 +848,11 @@ class NanoEngine(Engine):
                  dtype: str = "float32", num_blocks: int = 256, logits: str = "vllm",
                  vocab_multiple: int = 1, prefill_chunk: int = 0,
                  prefix_cache: int = 0, speculative: int = 0, cuda_graph: int = 0,
-                 preempt: int = -1) -> None:
+                 preempt: int = -1, proposer: str = "ngram") -> None:
         super().__init__(spec)
+        if proposer not in ("ngram", "forced"):
+            raise lockstep.UsageError(f"{spec}: proposer={proposer}: ngram or forced")
+        self.proposer = proposer
         self.speculative, self.cuda_graph = int(speculative), bool(int(cuda_graph))
         self.preempt = int(preempt) if int(preempt) >= 0 else None
         self.prefill_chunk = int(prefill_chunk) or None
@@ -873,7 +905,12 @@ class NanoEngine(Engine):
                        ) -> list[list[int]]:
         # vLLM packs: no padding, and no batch metadata (lockstep finds whose token is whose)
         rec.watch(self.llm.model)
-        return self.llm.generate_batch(prompts, decode, forced=forced, join_at=join_at)
+        if self.proposer == "forced" and forced is not None:
+            self.llm.proposer = _forced_proposer(prompts, forced)
+        try:
+            return self.llm.generate_batch(prompts, decode, forced=forced, join_at=join_at)
+        finally:
+            self.llm.proposer = None
 
     def decode_logits_batch(self, prompts: Sequence[Sequence[int]], steps: int, *,
                             forced: Sequence[Sequence[int] | None] | None = None,
@@ -881,12 +918,30 @@ class NanoEngine(Engine):
                             ) -> list[tuple[list[int], Any]]:
         rows: list[list[Tensor]] = [[] for _ in prompts]
         self.llm.on_logits = lambda i, last: rows[i].append(last.float().clone())
+        speculative, self.llm.speculative = self.llm.speculative, 0  # one row per step
         try:
             chosen = self.llm.generate_batch(prompts, steps - 1, forced=forced,
                                              join_at=join_at)
         finally:
             self.llm.on_logits = None
+            self.llm.speculative = speculative
         return [(c, torch.stack(r).numpy()) for c, r in zip(chosen, rows)]
 
     def meta(self) -> dict[str, Any]:
         return {**super().meta(), **self.llm.meta}
+
+
+def _forced_proposer(prompts: Sequence[Sequence[int]],
+                     forced: Sequence[Sequence[int] | None]) -> Any:
+    """A proposer that knows the tokens each sequence will be fed (the reference's): its
+    first draft is the next of them, kept; the others are that token plus 1, 2, ...,
+    rejected. Every verify step keeps one draft and rejects the rest."""
+    streams = [list(p) + list(f or ()) for p, f in zip(prompts, forced)]
+
+    def propose(tokens: Sequence[int], k: int) -> list[int]:
+        for stream in streams:
+            if list(stream[:len(tokens)]) == list(tokens) and len(stream) > len(tokens):
+                nxt = stream[len(tokens)]
+                return [nxt] + [nxt - d if nxt >= d else nxt + d for d in range(1, k)]
+        return []
+    return propose

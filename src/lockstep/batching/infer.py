@@ -14,7 +14,9 @@ took from a cache (vLLM's prefix caching, SGLang's radix cache), where its recor
 says so, and a sequence preempted and computed again (vLLM's recompute) is fed its tokens
 again from where its recorded position says, up to its next decode token; tokens at the end
 of a step that no sequence was due are the padding of a captured CUDA graph's batch size,
-left to no sequence.
+left to no sequence. A decode token may carry draft tokens after it (speculative decoding,
+vLLM's n-gram or EAGLE proposers): the step verifies them, the sequence keeps those that are
+its next tokens, and is fed the rest's positions again.
 
 A declared layout (``batch.steps``, written by an engine that knows its rows) is checked
 against the same fed ids (``check_declared``), never taken on its word.
@@ -86,23 +88,30 @@ class _Cut:
     start: int
     length: int
     at: int  #: the position of its first token in its sequence
-    off: bool  #: its positions are not the tokens' own, or run on past its end
+    drafts: int  #: draft tokens fed after its decode token (speculative decoding)
 
 
 #: what a cover that leaves the step's last tokens to no sequence costs per token (a padded
 #: batch: a captured CUDA graph's size); any cover of every token is taken before one, and
 #: one that leaves fewer before one that leaves more
 _TAIL = 1 << 20
+_OFF = 2  #: what a segment the positions speak against costs
+_DRAFT = 1  #: what each draft token costs: the cover with fewer wins, but it beats a moved
 
 
 def _runs(req: BatchRequest, done: list[int], ids: Sequence[int],
-          positions: Sequence[int] | None, j: int, i: int) -> list[tuple[int, int, bool]]:
+          positions: Sequence[int] | None, j: int, i: int
+          ) -> list[tuple[int, int, int, int]]:
     """The segments sequence ``i`` may have from flat token ``j``, as (length, the position
-    of its first token, whether the positions speak against it: moved off the tokens' own,
-    or running on past its end, or a start other than where the sequence was), positions
-    agreeing first, then the longest. Where its recorded position says so, a sequence not
-    started yet may start past a prefix taken from a cache, and one that has started may be
-    fed again from an earlier token up to its next (preempted and computed again)."""
+    of its first token, its cost, the drafts in it), the cheapest first, then the longest.
+    A segment costs where the positions speak against it (moved off the tokens' own, or a
+    run of its prompt that they run on past, or a start other than where the sequence was)
+    and, less, for each draft it carries. Where its recorded position says so, a sequence
+    not started yet may start past a prefix taken from a cache, and one that has started
+    may be fed again from an earlier token up to its next (preempted and computed again).
+    A decode token may be followed by draft tokens at the positions after it, any ids
+    (speculative decoding: the step verifies them; those the sequence does not keep are fed
+    again later)."""
     stream, n = req.stream(i), len(req.prompts[i])
     starts = [done[i]]
     where = int(positions[j]) if positions is not None else None
@@ -118,8 +127,12 @@ def _runs(req: BatchRequest, done: list[int], ids: Sequence[int],
         # to its next decode token; a decode token is one per step (its predecessor is
         # chosen in this step)
         end = done[i] + 1 if at < done[i] else n
-        if at >= end:
-            lengths = [1]
+        if at >= end:  # a decode token, and any drafts at the positions after it
+            most = 1
+            while positions is not None and j + most < len(ids) and \
+                    positions[j + most] == positions[j] + most:
+                most += 1
+            lengths = list(range(most, 0, -1))
         else:
             most = 1
             while j + most < len(ids) and at + most < min(end, len(stream)) and \
@@ -129,21 +142,25 @@ def _runs(req: BatchRequest, done: list[int], ids: Sequence[int],
         for length in lengths:
             moved = positions is not None and \
                 list(positions[j:j + length]) != list(range(at, at + length))
-            # where the positions run on past this length, the segment is cut short of them
-            ends_run = positions is None or j + length >= len(ids) or \
-                positions[j + length] != positions[j + length - 1] + 1
+            # where the positions run on past a run of its prompt, it is cut short of them
+            # (after a decode token, they may be the next sequence's)
+            cut_short = at < end and positions is not None and j + length < len(ids) and \
+                positions[j + length] == positions[j + length - 1] + 1
             # a start past a cache or fed again costs what moved positions cost: a sequence
             # going on where it was wins a tie (the same ids fed to two sequences)
-            out.append((length, at, moved or not ends_run or at != done[i]))
-    return sorted(out, key=lambda cut: cut[2])  # stable: the longest agreeing first
+            drafts = length - 1 if at >= end else 0
+            out.append((length, at, _OFF * (moved or cut_short or at != done[i]) +
+                        _DRAFT * drafts, drafts))
+    return sorted(out, key=lambda cut: cut[2])  # stable: the cheapest, then the longest
 
 
 def _cover(req: BatchRequest, done: list[int], ids: Sequence[int],
            positions: Sequence[int] | None, running: set[int]) -> list[_Cut] | None:
-    """The flat tokens of one step cut into one segment per sequence: the cover with the
-    fewest segments the positions speak against, or, where no cover takes every token, the
-    one that leaves the fewest at the end to no sequence; None where not even the first
-    token is any sequence's. Sequences running are tried first, in order."""
+    """The flat tokens of one step cut into one segment per sequence: the cheapest cover
+    (the fewest segments the positions speak against, then the fewest drafts), or,
+    where no cover takes every token, the one that leaves the fewest at the end to no
+    sequence; None where not even the first token is any sequence's. Sequences running are
+    tried first, in order."""
     best: list[_Cut] | None = None
     best_cost = _TAIL * (len(ids) + 1)
     tries = 0
@@ -158,9 +175,9 @@ def _cover(req: BatchRequest, done: list[int], ids: Sequence[int],
             return cost == 0  # nothing better than a cover whose positions all agree
         order = sorted(running - used) + sorted(set(range(len(req.prompts))) - running - used)
         for i in order:
-            for length, at, off in _runs(req, done, ids, positions, j, i):
-                cuts.append(_Cut(i, j, length, at, off))
-                if walk(j + length, used | {i}, cuts, cost + off):
+            for length, at, price, drafts in _runs(req, done, ids, positions, j, i):
+                cuts.append(_Cut(i, j, length, at, drafts))
+                if walk(j + length, used | {i}, cuts, cost + price):
                     return True
                 cuts.pop()
         tail = cost + _TAIL * (len(ids) - j)  # the rest is padding: the less the better
@@ -202,9 +219,15 @@ def infer_layout(dump: Any, req: BatchRequest) -> BatchLayout:
             moved = () if positions is None else \
                 tuple(int(p) - q for p, q in zip(positions[cut.start:cut.start + cut.length],
                                                   range(at, at + cut.length)))
+            stream = req.stream(cut.sequence)
+            kept = 0  # drafts kept: those that are the sequence's next tokens
+            while kept < cut.drafts and at + 1 + kept < len(stream) and \
+                    stream[at + 1 + kept] == ids[cut.start + 1 + kept]:
+                kept += 1
             segs.append(Segment(cut.sequence, row, cut.start, cut.length,
-                                moved=moved if any(moved) else (), position=at))
-            done[cut.sequence] = at + cut.length
+                                moved=moved if any(moved) else (), position=at,
+                                drafts=cut.drafts, rejected=cut.drafts - kept))
+            done[cut.sequence] = at + cut.length - (cut.drafts - kept)
             if joined[cut.sequence] is None:
                 joined[cut.sequence] = t
         steps.append(StepLayout(t, True, len(ids), tuple(segs)))
@@ -236,7 +259,7 @@ def _stray(req: BatchRequest, done: list[int], ids: Sequence[int],
     j, placed = 0, set()
     while j < len(ids):
         fits = [(i, n) for i in range(len(req.prompts)) if i not in placed
-                for n, _, _ in _runs(req, done, ids, positions, j, i)[:1]]
+                for n, _, _, _ in _runs(req, done, ids, positions, j, i)[:1]]
         if not fits:
             break
         placed.add(fits[0][0])

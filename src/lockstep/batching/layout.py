@@ -37,6 +37,14 @@ class Segment:
     moved: tuple[int, ...] = ()
     #: the position of its first token in its sequence (None: right after its last step's)
     position: int | None = None
+    drafts: int = 0  #: draft tokens fed after its decode token (speculative decoding)
+    rejected: int = 0  #: of those, the last ones the sequence did not keep
+
+    @property
+    def samples(self) -> int:
+        """Its rows of a record with one row per sequence (the logits): its last token's,
+        or each token's of a decode token verifying drafts."""
+        return 1 + self.drafts
 
 
 @dataclass(frozen=True)
@@ -63,15 +71,17 @@ class StepLayout:
     def piece(self, array: np.ndarray, seg: Segment) -> np.ndarray | None:
         """``seg``'s part of a record of this step, batch dim kept (None: the record is not
         laid out by the batch: one shared value, copied whole)."""
-        rows = len(self.segments)
         if self.packed:
             if array.ndim >= 1 and array.shape[0] == self.width:
                 return array[seg.start:seg.start + seg.length]
             if array.ndim >= 2 and array.shape[0] == 1 and array.shape[1] == self.width:
                 return array[:, seg.start:seg.start + seg.length]
-            if array.ndim >= 1 and array.shape[0] == rows:  # one row per sequence: logits
-                return array[seg.row:seg.row + 1]
+            sampled = [s.samples for s in self.segments]
+            if array.ndim >= 1 and array.shape[0] == sum(sampled):  # logits: a row per
+                first = sum(sampled[:seg.row])  # sequence, or per token verifying drafts
+                return array[first:first + seg.samples]
             return None
+        rows = len(self.segments)
         if array.ndim == 0 or array.shape[0] != rows:
             return None
         if array.ndim >= 2 and array.shape[1] == self.width:
@@ -147,13 +157,13 @@ class BatchLayout:
 
     def positions(self, sequence: int) -> list[tuple[StepLayout, Segment, int]]:
         """``of(sequence)`` with the position of each segment's first token in its sequence
-        (right after the last segment's, unless the segment says where: past a cached
-        prefix, or fed again)."""
+        (right after the last segment's tokens kept, unless the segment says where: past a
+        cached prefix, or fed again)."""
         out, done = [], 0
         for st, seg in self.of(sequence):
             at = done if seg.position is None else seg.position
             out.append((st, seg, at))
-            done = at + seg.length
+            done = at + seg.length - seg.rejected
         return out
 
 
@@ -193,7 +203,13 @@ def layout_notes(layout: BatchLayout) -> tuple[str, ...]:
             elif at < done:
                 notes.append(f"sequence {i} was fed its tokens again from token {at} at "
                              f"batch step {st.step} (preempted and computed again)")
-            done = at + seg.length
+            done = at + seg.length - seg.rejected
+        drafted = [seg for _, seg in layout.of(i) if seg.drafts]
+        if drafted:
+            fed = sum(seg.drafts for seg in drafted)
+            kept = fed - sum(seg.rejected for seg in drafted)
+            notes.append(f"sequence {i} verified speculative drafts at {len(drafted)} batch "
+                         f"steps: {kept} of {fed} kept")
         moved = [st.step for st, seg in layout.of(i) if seg.moved]
         if moved:
             notes.append(f"sequence {i}'s positions are not its tokens' own at batch steps "

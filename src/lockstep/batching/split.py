@@ -29,7 +29,8 @@ def _sequence_meta(meta: dict[str, Any], layout: BatchLayout, i: int,
                       "width": st.width, "start": seg.start, "length": seg.length,
                       "widest": st.widest, "position": position, "write": list(seg.write),
                       "read": list(seg.read), "packed": st.packed,
-                      "moved": list(seg.moved), "padding_after": st.padding_after})
+                      "moved": list(seg.moved), "padding_after": st.padding_after,
+                      "drafts": seg.drafts, "rejected": seg.rejected})
     out = {k: v for k, v in meta.items() if k not in ("batch", REQUEST_KEY)}
     out.update(prompt_token_ids=list(layout.prompts[i]), decode=max(len(steps) - 1, 0),
                batch_sequence={"sequence": i, "sequences": len(layout.prompts),
