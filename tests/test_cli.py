@@ -161,3 +161,12 @@ def test_diff_against_a_users_python_engine(models, tmp_path):
     bad = lockstep("diff", f"hf:{models / 'good'}", f"py:{tmp_path / 'my_engine.py'}:nothing",
                    "--tokens", "1", "--out", str(tmp_path / "e"))
     assert bad.returncode == 2 and "has no 'nothing'" in bad.stderr
+
+
+def test_python_dash_m_runs_the_command(tmp_path):
+    """``python -m lockstep`` is the command where its script is not on PATH (it was 'No
+    module named lockstep.__main__'): the same parser, exit codes and messages."""
+    done = subprocess.run([sys.executable, "-m", "lockstep", "compare", str(tmp_path / "a"),
+                           str(tmp_path / "b")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "no such dump" in done.stderr, done.stderr
+    assert done.stdout == "" and "Traceback" not in done.stderr

@@ -54,6 +54,8 @@ def test_bug_free_matches(tmp_path, reference):
 @pytest.mark.parametrize("bug, step, ref_name, kind", [
     ("transposed_lm_head", 0, "lm_head", "logits"),
     ("rope_base", 0, "model.layers.0.self_attn.rope:0", "rope"),
+    # re-enacted from the reference's own gate and up projections
+    ("gelu", 0, "model.layers.0.mlp.down_proj:input.0", "act"),
 ])
 def test_bug_localized(tmp_path, reference, bug, step, ref_name, kind):
     model, ref, tokens = reference

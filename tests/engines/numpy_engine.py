@@ -11,7 +11,7 @@ kernel holds it: ``(heads, tokens, head_dim)`` at prefill, ``(heads, head_dim)``
 Bugs (``bug=``): ``transposed_lm_head`` reads the row-major ``[vocab, hidden]`` lm_head as
 if it were ``[hidden, vocab]`` (a GEMM transpose flag left off); ``rope_base`` reads only the
 old top-level ``rope_theta`` of config.json, so it runs RoPE at base 10000 (the mistake this
-engine first had).
+engine first had); ``gelu`` gates the MLP with GELU (tanh) where Llama's is SiLU.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from safetensors.numpy import load_file
 
 from lockstep.store.writer import DumpWriter
 
-BUGS = ("transposed_lm_head", "rope_base")
+BUGS = ("transposed_lm_head", "rope_base", "gelu")
 
 
 def _rms(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
@@ -34,6 +34,10 @@ def _rms(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
 
 def _silu(x: np.ndarray) -> np.ndarray:
     return x / (1.0 + np.exp(-x))
+
+
+def _gelu_tanh(x: np.ndarray) -> np.ndarray:
+    return 0.5 * x * (1.0 + np.tanh(0.7978845608028654 * (x + 0.044715 * x ** 3)))
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
@@ -107,7 +111,8 @@ class NumpyLlama:
         h = self._put(f"{t}.norm2", _rms(x, w["post_attention_layernorm.weight"], self.eps))
         gate = self._put(f"{t}.gate", h @ w["mlp.gate_proj.weight"].T)
         up = self._put(f"{t}.up", h @ w["mlp.up_proj.weight"].T)
-        act = self._put(f"{t}.act", _silu(gate) * up)
+        gated = _gelu_tanh(gate) if self.bug == "gelu" else _silu(gate)
+        act = self._put(f"{t}.act", gated * up)
         down = self._put(f"{t}.down", act @ w["mlp.down_proj.weight"].T)
         return self._put(f"{t}.out", x + down)
 

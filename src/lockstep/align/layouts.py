@@ -48,6 +48,7 @@ class Layout:
     cand_transform: str | None = None
     plausible: bool = True  #: the dims line up without looking at values
     convention: bool = False  #: includes a RoPE layout permutation of the head dim
+    last_row: bool = False  #: the reference's last row (of one per token): one to one
 
     @property
     def label(self) -> str | None:
@@ -100,7 +101,7 @@ def layout_candidates(ref_shape: Sequence[int], cand_shape: Sequence[int]) -> li
         # one row of a reference with a row per token: the last token's, whatever the values
         # say (an engine that takes its logits from another token is wrong, not "laid out":
         # matching the row by values would hide that very bug)
-        out.append(Layout(ref_transform=f"block({nc}, {nr // nc - 1})", plausible=False))
+        out.append(Layout(ref_transform=f"block({nc}, {nr // nc - 1})", last_row=True))
     elif nc < nr and nr % nc == 0 and len(c) == 1 and nr // nc <= 4096:
         out += [Layout(ref_transform=f"block({nc}, {b})", plausible=False)
                 for b in range(nr // nc)]

@@ -32,7 +32,7 @@ from .layouts import Layout, agreement, layout_candidates, squeeze_shape
 from .pairs import Alignment, Pair
 from .structure import pair_templates
 from .tables import NameTable, detect_table
-from .transforms import apply_transform
+from .transforms import apply_transform, merged_meta
 from .verify import check_pairs
 
 if TYPE_CHECKING:
@@ -194,7 +194,8 @@ def _fit_layout(ref: Dump, cand: Dump, pair: Pair,
             for option in layouts:
                 try:
                     cos = agreement(apply_transform(option.ref_transform, r, ref.meta),
-                                    apply_transform(option.cand_transform, c, cand.meta),
+                                    apply_transform(option.cand_transform, c,
+                                                    merged_meta(ref, cand)),
                                     trimmer(ref, cand))
                 except Exception:  # a layout that does not apply here
                     continue
@@ -245,8 +246,13 @@ def align(ref: Dump, cand: Dump, *, use_tables: bool = True,
     left_cand = [c for s in steps for c in s.free_cand.values() if c.seq not in repeats[1]
                  and (tables is None or _canonical(tables[1], c.name) is None)]
     if left_ref and left_cand:
-        _by_structure(ref, cand, steps, left_ref, left_cand, read,
-                      need_values=tables is not None or bool(mapping and mapping.rules))
+        # what is left after a table, or a mapping that paired most records, often has no
+        # counterpart: a pair there needs values that agree. After a mapping of a few rules
+        # (the names lockstep could not pair), the rest is aligned as with no mapping
+        mapped = sum(len(s.pairs) for s in steps)
+        need_values = tables is not None or bool(
+            mapping and mapping.rules and mapped >= len(left_cand))
+        _by_structure(ref, cand, steps, left_ref, left_cand, read, need_values=need_values)
     aliased = _drop_repeats(steps, *repeats)
     chosen: dict = {}
     pairs = [_fit_layout(ref, cand, p, read, chosen) for s in steps for p in s.pairs]

@@ -108,12 +108,35 @@ def prompt_length(meta: Any) -> int | None:
 
 
 def fed_per_step(dump: Any) -> dict[int, Fed]:
-    """Each step's fed ids and positions (None where the dump has no such record)."""
+    """Each step's fed ids and positions (None where the dump has no such record). Fed ids
+    under a name of the engine's own are found by their values (``_ids_by_value``)."""
     by_step: dict[int, list[Any]] = {}
     for r in dump.records:
         by_step.setdefault(r.step, []).append(r)
-    return {s: (_ints(dump, _find(rs, ID_NAMES)), _ints(dump, _find(rs, POSITION_NAMES)))
+    names = ID_NAMES
+    if by_step and not any(_find(rs, ID_NAMES) for rs in by_step.values()):
+        names = _ids_by_value(dump, by_step[min(by_step)]) or names
+    return {s: (_ints(dump, _find(rs, names)), _ints(dump, _find(rs, POSITION_NAMES)))
             for s, rs in sorted(by_step.items())}
+
+
+def _ids_by_value(dump: Any, first: list[Any]) -> tuple[str, ...] | None:
+    """The name of the record of integers that holds the first step's fed ids, where the
+    engine names it its own way (``tok_ids``): in the first step, the prompt's tokens or a
+    run of at least two of them (a prefill after a cached prefix, a first chunk)."""
+    prompt = dump.meta.get("prompt_token_ids")
+    if not isinstance(prompt, list) or not prompt:
+        return None
+    text = "," + ",".join(map(str, prompt)) + ","
+    for r in first:
+        if r.dtype not in _INT or not r.has_data or r.numel > len(prompt) or \
+                sum(d > 1 for d in r.shape) > 1:
+            continue
+        values = _ints(dump, r)
+        if values and (len(values) >= 2 or len(prompt) == 1) and \
+                "," + ",".join(map(str, values)) + "," in text:
+            return (r.name,)
+    return None
 
 
 def histories(fed: dict[int, Fed],

@@ -27,6 +27,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from ..store.reader import Dump, Record, trimmer
+from .kinds import Kind, guess
 from .layouts import (
     AGREE_COSINE,
     Layout,
@@ -36,7 +37,8 @@ from .layouts import (
     same_kind,
     squeeze_shape,
 )
-from .transforms import apply_transform
+from .tables import table_canonical
+from .transforms import apply_transform, merged_meta
 
 __all__ = ["Template", "TemplatePair", "templates_of", "pair_templates", "layer_of"]
 
@@ -139,9 +141,14 @@ class _Scorer:
 
     def __init__(self, ref: Dump, cand: Dump, read: Reader) -> None:
         self.ref, self.cand, self.read = ref, cand, read
+        self.cand_meta = merged_meta(ref, cand)
 
     def shared_keys(self, a: Template, b: Template) -> list[tuple[int, int, int]]:
+        """The instances to read: the first shared ones whose data both sides kept (a
+        statistics-only prefill leaves its decode steps to speak), else the first shared."""
         keys = sorted(set(a.instances) & set(b.instances))
+        kept = [k for k in keys if a.instances[k].has_data and b.instances[k].has_data]
+        keys = kept or keys
         if len(keys) <= _SAMPLES:
             return keys
         return [keys[0], keys[1], keys[len(keys) // 2]]
@@ -161,7 +168,7 @@ class _Scorer:
             try:
                 cos = agreement(
                     apply_transform(lay.ref_transform, self.read(self.ref, r), self.ref.meta),
-                    apply_transform(lay.cand_transform, self.read(self.cand, c), self.cand.meta),
+                    apply_transform(lay.cand_transform, self.read(self.cand, c), self.cand_meta),
                     trimmer(self.ref, self.cand))
             except Exception:  # a layout that does not apply to this instance
                 cos = -1.0
@@ -186,7 +193,7 @@ class _Scorer:
             err = relative_error(
                 apply_transform(p.layout.ref_transform, self.read(self.ref, r), self.ref.meta),
                 apply_transform(p.layout.cand_transform, self.read(self.cand, c),
-                                self.cand.meta), trimmer(self.ref, self.cand))
+                                self.cand_meta), trimmer(self.ref, self.cand))
         except Exception:  # a layout that does not apply to this instance
             return math.inf
         return math.inf if math.isnan(err) else err
@@ -209,14 +216,16 @@ class _Scorer:
         scored = [(self._try(a, b, keys, lay), lay) for lay in layouts]
         (agree, total, compared), best = max(scored, key=lambda s: s[0][:2])
         if not agree and a.layer_bound and not best.ref_transform:
-            for convention in CONVENTIONS:
-                for lay in layouts[:3]:
-                    spec = "|".join(filter(None, (convention, lay.cand_transform)))
-                    option = Layout(cand_transform=spec, plausible=lay.plausible,
-                                    convention=True)
-                    found = self._try(a, b, keys, option)
-                    if found[0] * 2 > len(keys):
-                        return option, found[0], len(keys), found[1] / max(found[2], 1)
+            # the best RoPE convention where one agrees (as any layout: an instance read
+            # agreeing; a layer past a bug, or a decode step, may not)
+            options = [Layout(cand_transform="|".join(filter(None, (convention,
+                                                                    lay.cand_transform))),
+                              plausible=lay.plausible, convention=True)
+                       for convention in CONVENTIONS for lay in layouts[:3]]
+            found, option = max(((self._try(a, b, keys, o), o) for o in options),
+                                key=lambda s: s[0][:2])
+            if found[0]:
+                return option, found[0], len(keys), found[1] / max(found[2], 1)
         if not agree and not layouts[0].plausible:
             return None  # an implausible layout needs values to vouch for it
         # the mean cosine of the instances compared (not of every one sampled: a decode
@@ -234,7 +243,7 @@ def _score(scorer: _Scorer, a: Template, b: Template, need_values: bool, *,
     if found is None:
         return None
     layout, agree, tried, cosine = found
-    if layout.ref_transform and not blocks:
+    if layout.ref_transform and not blocks and not layout.last_row:
         return None  # blocks pair after the one-to-one alignment (several to a reference)
     if need_values and not agree:
         return None
@@ -244,8 +253,11 @@ def _score(scorer: _Scorer, a: Template, b: Template, need_values: bool, *,
     # record tensors with the same values, a tie that the layout-free one wins)
     score = (1.0 if agree or not tried else 0.25) + 3.0 * (agree / tried if tried else 0.0)
     score += 0.5 * name_sim + (0.5 if agree and not layout.label else 0.0)
-    # closer values win among agreeing ones (a norm's output agrees with its input, less so)
-    score += 2.0 * max(cosine - AGREE_COSINE, 0.0) / (1.0 - AGREE_COSINE) if agree else 0.0
+    # closer values win among agreeing ones (a norm's output agrees with its input, less so);
+    # among ones that never agree, the closest is still the tensor the candidate's is meant
+    # to be (silu(up) * gate: 0.82 with the down projection's input, 0.17 with the gate's)
+    score += 2.0 * max(cosine - AGREE_COSINE, 0.0) / (1.0 - AGREE_COSINE) if agree else \
+        0.5 * max(cosine, 0.0)
     if agree:  # and values that are the same, to a relative error a cosine cannot tell
         # (a residual before and after the MLP's small addition: cosine 0.98 against 1.0)
         err = scorer.error(TemplatePair(a, b, layout, 0.0, "", agree, tried, ((), ())))
@@ -337,22 +349,34 @@ def _ambiguity(pairs: list[TemplatePair], ref: Sequence[Template],
     return out
 
 
+def _after_rope(t: Template) -> bool:
+    """Whether a reference template holds q or k after RoPE (by its name tables' kind)."""
+    name = next(iter(t.instances.values())).name
+    canonical = table_canonical(name)
+    kind = canonical.rsplit(".", 1)[-1] if canonical else guess(name)[1]
+    return kind in (Kind.Q_ROPE, Kind.K_ROPE)
+
+
 def _conventions(pairs: list[TemplatePair]) -> list[TemplatePair]:
-    """Keep a RoPE layout convention (values agree only after permuting the head dim) only
-    where a later tensor of the layer agrees as is: the candidate stores q/k in the other
-    RoPE layout (llama.cpp's GGUF weights do). A layout bug also matches after a
-    permutation, but then nothing downstream agrees: that pair keeps no transform, and the
-    diagnosis names the layout."""
+    """Keep a RoPE layout convention (values agree only after permuting the head dim)
+    where q or k after RoPE agrees under it too (the engine's RoPE rotates its layout's
+    pairs: llama.cpp's GGUF weights hold q/k so), or where a later tensor of the layer
+    agrees as is. A layout bug also matches after a permutation, but then neither holds:
+    that pair keeps no transform, and the diagnosis names the layout. (A bug in attention
+    makes every later tensor disagree; q and k after RoPE still vouch for the layout.)"""
+    rotated = any(p.layout.convention and p.agree and _after_rope(p.ref) for p in pairs)
     out = []
     for i, p in enumerate(pairs):
         if p.layout.convention:
             later = any(q.agree and not q.layout.convention for q in pairs[i + 1:]
                         if q.ref.layer_bound)
-            if later:
+            if later or rotated:
+                why = ("q/k after RoPE agree under it too" if rotated else
+                       "later tensors agree as is")
                 p = TemplatePair(p.ref, p.cand, p.layout, 0.9,
                                  p.evidence + "; values agree only after a RoPE layout "
-                                 "permutation while later tensors agree as is: the "
-                                 "candidate's layout convention", p.agree, p.tried, p.shapes)
+                                 f"permutation and {why}: the candidate's layout "
+                                 "convention", p.agree, p.tried, p.shapes)
             else:
                 p = TemplatePair(p.ref, p.cand, Layout(), 0.3,
                                  p.evidence.split(" via ")[0] + "; values agree only after a "

@@ -31,8 +31,8 @@ import numpy as np
 
 from ..errors import LockstepError, UsageError
 
-__all__ = ["Transform", "parse_transform", "apply_transform", "meta_size", "STEP_NAMES",
-           "squeeze_shape", "squeeze"]
+__all__ = ["Transform", "parse_transform", "apply_transform", "meta_size", "merged_meta",
+           "STEP_NAMES", "squeeze_shape", "squeeze"]
 
 _STEP = re.compile(r"^\s*([a-z_]+)\s*(?:\((.*)\))?\s*$")
 _SYMBOLS = {"head_dim": ("head_dim",), "n_heads": ("n_heads", "n_head", "num_attention_heads"),
@@ -245,3 +245,10 @@ def apply_transform(spec: str | None, arr: np.ndarray, meta: Mapping[str, Any]) 
     if not spec:
         return arr
     return parse_transform(spec)(arr, meta)
+
+
+def merged_meta(ref: Any, cand: Any) -> Mapping[str, object]:
+    """The metadata the candidate's transforms read: its run metadata, with the reference's
+    sizes where it gives none (a table's ``slice(-1, 0, n_ff)``, a RoPE layout's
+    ``head_dim``, on a candidate that records no model sizes: the same model's)."""
+    return {**ref.meta, **{k: v for k, v in cand.meta.items() if v is not None}}

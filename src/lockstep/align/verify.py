@@ -27,7 +27,7 @@ from ..store.reader import Dump, Record, trimmer
 from .layouts import layout_candidates, relative_error, same_kind
 from .pairs import Pair
 from .structure import layer_of
-from .transforms import apply_transform
+from .transforms import apply_transform, merged_meta
 
 __all__ = ["check_pairs", "same_kind", "pair_error"]
 
@@ -58,12 +58,6 @@ def pair_error(ref: Dump, cand: Dump, r: Record, c: Record, ref_transform: str |
     finally:  # sampled: the pages need not stay in this process (a huge logits tensor)
         ref.release(r)
         cand.release(c)
-
-
-def merged_meta(ref: Dump, cand: Dump) -> Mapping[str, object]:
-    """The candidate's run metadata, with the reference's sizes where it gives none (a
-    table's ``slice(-1, 0, n_ff)`` on a candidate that records no model sizes)."""
-    return {**ref.meta, **{k: v for k, v in cand.meta.items() if v is not None}}
 
 
 def _template(rec: Record) -> tuple[int | None, str]:

@@ -17,7 +17,7 @@ import numpy as np
 from ..align import kinds
 from ..align.kinds import Kind
 from ..align.tables import table_canonical
-from ..align.transforms import apply_transform, meta_size
+from ..align.transforms import apply_transform, merged_meta, meta_size
 from ..errors import LockstepError
 from ..store.reader import Dump, Record
 from ..textfmt import fmt
@@ -119,8 +119,9 @@ class Case:
         """One side's tensor in the compared layout (None without data or on a bad layout)."""
         if rec is None or not rec.has_data:
             return None
+        meta = merged_meta(self.ref, self.cand) if dump is self.cand else dump.meta
         try:
-            return np.asarray(apply_transform(transform, dump.read(rec), dump.meta),
+            return np.asarray(apply_transform(transform, dump.read(rec), meta),
                               dtype=np.float64)
         except LockstepError:
             return None

@@ -14,8 +14,7 @@ from ..align.drafts import DraftCut
 from ..align.prefix import PrefixCut
 from ..align.recompute import RecomputeCut
 from ..align.regroup import Regrouping
-from ..align.transforms import apply_transform
-from ..align.verify import merged_meta
+from ..align.transforms import apply_transform, merged_meta
 from ..display import safe
 from ..errors import LockstepError
 from ..store.reader import Dump

@@ -16,8 +16,7 @@ from ..align.kinds import Kind as K
 from ..align.pairing import Alignment, Pair, align
 from ..align.regroup import line_up
 from ..align.steps import StepMatch
-from ..align.transforms import apply_transform
-from ..align.verify import merged_meta
+from ..align.transforms import apply_transform, merged_meta
 from ..batching.layout import refuse_batch_against_run
 from ..errors import LockstepError
 from ..store.dtypes import FLOAT_KINDS

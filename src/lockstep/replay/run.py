@@ -28,8 +28,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..align.regroup import regroup
-from ..align.transforms import apply_transform
-from ..align.verify import merged_meta
+from ..align.transforms import apply_transform, merged_meta
 from ..errors import LockstepError
 from ..store.reader import Dump
 from .ops import (

@@ -78,7 +78,7 @@ _ALL = (
     Bug("gqa_tiled_kv",
         "Grouped-query attention repeats the KV heads by tiling (0, 1, 0, 1) instead of "
         "interleaving (0, 0, 1, 1), so query heads attend with the wrong KV head.",
-        "https://github.com/onnx/onnx/pull/7274", "prefill", 0, "layers.0.attn_heads", "op"),
+        "https://github.com/onnx/onnx/pull/7274", "prefill", 0, "layers.0.attn_heads", "gqa"),
     Bug("norm_unit_offset",
         "Every RMSNorm scales by (1 + weight), Gemma's convention, on Llama/Qwen3 weights that "
         "already hold the whole scale.",
@@ -101,7 +101,7 @@ _ALL = (
         "Attention applies the causal mask only when no KV cache is attached, and the engine "
         "always attaches one, so prefill tokens attend to later tokens.",
         "https://github.com/Mikyx-1/TinyLLM/issues/17",
-        "prefill", 0, "layers.0.attn_heads", "op"),
+        "prefill", 0, "layers.0.attn_heads", "mask"),
 )
 
 _QWEN3_MOE, _QWEN2_MOE, _MOE = ("qwen3_moe",), ("qwen2_moe",), ("qwen3_moe", "qwen2_moe")

@@ -45,7 +45,7 @@ FAMILY_BUGS = (
     Bug("gelu_exact",
         "The MLP gate uses exact (erf) GELU where Gemma's weights were trained with the tanh "
         "approximation (hidden_activation gelu_pytorch_tanh).",
-        _GH + "vllm-project/vllm/issues/3411", "prefill", 0, "layers.0.act", "op",
+        _GH + "vllm-project/vllm/issues/3411", "prefill", 0, "layers.0.act", "act",
         families=("gemma2",)),
     # -- Gemma 3 ------------------------------------------------------------------------------
     Bug("local_rope_global_theta",

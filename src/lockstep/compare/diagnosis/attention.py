@@ -1,11 +1,13 @@
 """Attention re-enacted from the reference's own q, k and v, to say what the candidate's
-attention does differently: its soft cap (``softcap``), its sliding window (``window``) or the
-scale of its scores (``scale``).
+attention does differently: its soft cap (``softcap``), its sliding window (``window``), the
+scale of its scores (``scale``), which kv head each query head reads (``gqa``) or its causal
+mask (``mask``).
 
 The reference's metadata names the constants its config sets (``attn_scale``,
-``attn_softcap``, ``sliding_window``, ``sliding_layers``; engines/hf_attention.py). With them
-the reference's attention output is recomputed (it must be reproduced), then each variant
-that changes one thing; a variant that reproduces the candidate is the diagnosis."""
+``attn_softcap``, ``sliding_window``, ``sliding_layers``; engines/hf_attention.py), and the
+head counts. With them the reference's attention output is recomputed (it must be
+reproduced), then each variant that changes one thing; a variant that reproduces the
+candidate is the diagnosis."""
 
 from __future__ import annotations
 
@@ -26,19 +28,28 @@ _REPRODUCED = 1e-4  # relative L2 under which the re-enactment reproduces the re
 
 
 def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, softcap: float | None,
-           window: int | None) -> np.ndarray:
+           window: int | None, *, tiled: bool = False, causal: bool = True,
+           rows: np.ndarray | None = None) -> np.ndarray:
     """Causal grouped-query attention of the last T of S positions; q is (T, H, D), k and v
-    (S, Hkv, D); a query sees keys j with pos - window < j <= pos. Returns (T, H * D)."""
+    (S, Hkv, D); a query sees keys j with pos - window < j <= pos. Query head h reads kv
+    head h // (H / Hkv), or h % Hkv where ``tiled``; ``causal=False`` lets every query see
+    every key. Returns (T, H * D), or only the queries ``rows`` (indices into T)."""
     t, heads, d = q.shape
     s, kv_heads = k.shape[0], k.shape[1]
+    q_count = t
+    if rows is not None:
+        q, t = q[rows], len(rows)
     group = heads // kv_heads
-    kk, vv = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)  # (S, H, D)
+    if tiled:
+        kk, vv = np.tile(k, (1, group, 1)), np.tile(v, (1, group, 1))
+    else:
+        kk, vv = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)  # (S, H, D)
     scores = np.einsum("thd,shd->hts", q, kk) * scale
     if softcap is not None:
         scores = np.tanh(scores / softcap) * softcap
-    pos = np.arange(s - t, s)[:, None]
+    pos = (np.arange(s - t, s) if rows is None else s - q_count + rows)[:, None]
     keys = np.arange(s)[None]
-    visible = keys <= pos
+    visible = keys <= pos if causal else np.ones((t, s), dtype=bool)
     if window is not None:
         visible &= keys > pos - window
     scores = np.where(visible[None], scores, -np.inf)
@@ -48,39 +59,69 @@ def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, softcap: f
     return np.einsum("hts,shd->thd", probs, vv).reshape(t, heads * d)
 
 
-def _inputs(case: Case, layer: int, heads: int, kv_heads: int, d: int
-            ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """The reference's q of this step and k, v of every step up to it."""
+def _orders(a: np.ndarray, heads: int, d: int) -> list[np.ndarray]:
+    """``a`` as (tokens, heads, d): read as tokens first, and, where its dims allow, as
+    heads first (transformers keeps q/k after RoPE as (batch, heads, tokens, d))."""
+    x = ev.squeeze(a)
+    out = [x.reshape(-1, heads, d)]
+    if x.ndim == 3 and x.shape[0] == heads and x.shape[2] == d:
+        out.insert(0 if x.shape[1] != heads else 1, np.swapaxes(x, 0, 1))
+    return out
+
+
+_SCORES = 1 << 22  #: attention scores re-enacted at most (queries x keys x heads)
+
+
+def _rows(t: int, s: int, heads: int) -> np.ndarray:
+    """The queries re-enacted: every one, or evenly spaced ones where all of them would
+    make more than ``_SCORES`` scores (a long prefill): the first and last among them."""
+    n = max(2, min(t, _SCORES // max(s * heads, 1)))
+    return np.unique(np.linspace(0, t - 1, n).round().astype(int))
+
+
+def _inputs(case: Case, layer: int, heads: int, kv_heads: int, d: int, ref_out: np.ndarray,
+            attend_as: Any) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], float] | None:
+    """The reference's q of this step and k, v of every step up to it, (tokens, heads, d),
+    in the order of dims that reproduces the reference's attention output best (on the
+    queries ``_rows`` picks), with that error."""
     f = case.first
     q = case.find((K.Q_ROPE,), layer)
     qa = case.arrays(q) if q is not None else None
     if qa is None:
         return None
-    ks, vs = [], []
+    ks: list[list[np.ndarray]] = []
+    vs = []
     for step in range(f.step + 1):
         k, v = case.find((K.K_ROPE,), layer, step=step), case.find((K.V,), layer, step=step)
         ka, va = (case.arrays(k) if k else None), (case.arrays(v) if v else None)
         if ka is None or va is None:
             return None
-        ks.append(ka[0].reshape(-1, kv_heads, d))
+        ks.append(_orders(ka[0], kv_heads, d))
         vs.append(va[0].reshape(-1, kv_heads, d))
-    return qa[0].reshape(-1, heads, d), np.concatenate(ks), np.concatenate(vs)
+    best: tuple[tuple[np.ndarray, np.ndarray, np.ndarray], float] | None = None
+    for qq in _orders(qa[0], heads, d):
+        for order in range(max(len(k) for k in ks)):
+            kk = np.concatenate([k[min(order, len(k) - 1)] for k in ks])
+            if kk.shape[0] != np.concatenate(vs).shape[0]:
+                continue
+            inputs = (qq, kk, np.concatenate(vs))
+            rows = _rows(qq.shape[0], kk.shape[0], heads)
+            err = ev.rel_error(ref_out[rows], attend_as(*inputs, rows=rows))
+            if best is None or err < best[1]:
+                best = inputs, err
+    return best
 
 
-@rule("softcap", "window", "scale")
+@rule("softcap", "window", "scale", "gqa", "mask")
 def attention(case: Case) -> Diagnosis | None:
     f = case.first
     role = case.role(f)
     meta = case.ref.meta
-    if role.op != K.ATTN_HEADS or role.layer is None or not any(
-            k in meta for k in ("attn_scale", "attn_softcap", "sliding_window")):
+    if role.op != K.ATTN_HEADS or role.layer is None:
         return None
     heads, kv_heads, d = case.meta("n_heads"), case.meta("n_kv_heads"), case.meta("head_dim")
     arrays = case.arrays(f)
     if not heads or not kv_heads or not d or arrays is None:
-        return None
-    inputs = _inputs(case, role.layer, heads, kv_heads, d)
-    if inputs is None:
         return None
     layer = role.layer
     scale = float(meta.get("attn_scale") or d ** -0.5)
@@ -89,10 +130,13 @@ def attention(case: Case) -> Diagnosis | None:
     sliding = layer in (meta.get("sliding_layers") or ())
     ref_window = window if sliding else None
     ref_out, cand_out = (a.reshape(-1, heads * d) for a in arrays)
-    ref_fit = ev.rel_error(ref_out, attend(*inputs, scale, cap, ref_window))
-    if ref_fit > _REPRODUCED:
+    found = _inputs(case, layer, heads, kv_heads, d, ref_out,
+                    lambda q, k, v, rows: attend(q, k, v, scale, cap, ref_window, rows=rows))
+    if found is None or found[1] > _REPRODUCED:
         return None
+    inputs, ref_fit = found
     keys = inputs[1].shape[0]
+    rows = _rows(inputs[0].shape[0], keys, heads)
     variants: list[tuple[str, str, dict[str, Any], list[str]]] = []
     if cap is not None:
         variants.append(("softcap", f"the attention scores are capped at {cap:g} on one side "
@@ -127,13 +171,31 @@ def attention(case: Case) -> Diagnosis | None:
                          dict(window=window),
                          ["which layers slide: the config's layer_types (Gemma 2: the even "
                           "layers), not every layer"]))
+    if 1 < kv_heads < heads:
+        variants.append(("gqa", f"query head h reads kv head h mod {kv_heads} (the kv heads "
+                         f"tiled) where the reference's reads h // {heads // kv_heads} (each "
+                         f"kv head shared by {heads // kv_heads} consecutive query heads)",
+                         dict(tiled=True),
+                         ["how the kv heads are expanded for grouped-query attention: "
+                          "repeat_interleave along the head dim (transformers' repeat_kv), "
+                          "not repeat/tile", "the kv head index in the kernel: "
+                          f"h // {heads // kv_heads}, not h % {kv_heads}"]))
+    if inputs[0].shape[0] > 1:
+        variants.append(("mask", f"the causal mask is missing: layer {layer}'s queries attend "
+                         "to later positions too", dict(causal=False),
+                         ["the mask passed to the attention kernel at prefill (is_causal, or "
+                          "an additive mask of -inf above the diagonal)",
+                          "a softmax over every key of the step: keys after the query's "
+                          "position must be excluded"]))
     for kind, title, change, checks in variants:
         args = {**dict(scale=scale, softcap=cap, window=ref_window), **change}
-        err = ev.rel_error(cand_out, attend(*inputs, **args))
+        err = ev.rel_error(cand_out[rows], attend(*inputs, **args, rows=rows))
         if not case.explains(err):
             continue
+        some = "" if len(rows) == inputs[0].shape[0] else \
+            f", {len(rows)} of its {inputs[0].shape[0]} queries"
         evidence = [f"attention recomputed from the reference's q, k and v of layer {layer} "
-                    f"({keys} keys) reproduces the reference's {label(f)}: relative L2 "
+                    f"({keys} keys{some}) reproduces the reference's {label(f)}: relative L2 "
                     f"{fmt(ref_fit)}",
                     f"with {', '.join(f'{k} {v}' for k, v in change.items())} it reproduces "
                     f"the candidate's: relative L2 {fmt(err)} (unchanged: {fmt(f.error)})"]

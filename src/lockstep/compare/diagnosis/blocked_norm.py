@@ -64,11 +64,16 @@ def blocked_norm(case: Case) -> Diagnosis | None:
         (r, c), count = arrays, 0
     head_dim = case.head_dim(r)
     shape = ev.squeeze(r).shape
-    extents = [d for d in (head_dim, shape[-1] if shape else None) if d and r.size % d == 0]
+    qk_norm = role.op in (K.Q_NORM, K.K_NORM)
+    # a QK-norm's extent is the head, any other norm's the row: tried first. The input, where
+    # recorded, says which extent the factors come from (rms over it / rms over the block)
+    order = (head_dim, shape[-1] if shape else None)
+    extents = [d for d in (order if qk_norm else order[::-1]) if d and r.size % d == 0]
     inp = case.input_of(f)
     inp_arrays = case.arrays(inp) if inp is not None else None
     x = inp_arrays[0] if inp_arrays is not None else None
     eps = float(case.ref.meta.get("rms_norm_eps") or case.cand.meta.get("rms_norm_eps") or 1e-6)
+    found = []
     for extent in dict.fromkeys(extents):
         bs = ev.block_scales(r, c, extent, case.good())
         if bs is None or not case.explains(bs.residual):
@@ -79,33 +84,37 @@ def blocked_norm(case: Case) -> Diagnosis | None:
             confirmed = float(np.max(np.abs(predicted - np.asarray(bs.scales)) /
                                      np.maximum(np.abs(predicted), 1e-30)))
         varies = bs.per_extent > 1 and bs.spread > 1e-2
-        if not varies and (confirmed is None or confirmed > 1e-2):
-            continue
-        unit = "head" if extent == head_dim else "row"
-        which = "QK-norm" if role.op in (K.Q_NORM, K.K_NORM) else "RMSNorm"
-        evidence = [f"candidate/reference is one factor per {bs.block}-element block "
-                    f"(residual {fmt(bs.residual)} against an error of {fmt(f.error)})"]
-        if varies:
-            evidence.append(f"the factors of blocks within one {extent}-element extent differ "
-                            f"by up to {100 * bs.spread:.3g}%")
-        if confirmed is not None and confirmed <= 1e-2 and inp is not None:
-            evidence.append(f"each factor is rms over the {unit} / rms over the block of "
-                            f"the input {label(inp)} (largest difference "
-                            f"{100 * confirmed:.2g}%)")
-        if gathered is not None:
-            evidence.append(f"gathered from {count} candidate blocks of the reference's "
-                            f"{f.ref_name} ({len(bs.blocks)} blocks of {bs.block} compared)")
-        checks = [f"the norm's reduction: the mean of squares must run over all {extent} "
-                  f"elements (the {unit}), not over the {bs.block} one thread block or "
-                  "tile holds (a partial sum never reduced across tiles)",
-                  "the norm weight slice per block is not the cause: the ratio does not "
-                  "depend on it"]
-        detail: dict[str, Any] = {"block": bs.block, "extent": extent,
-                                  "blocks_compared": len(bs.blocks), "residual": bs.residual,
-                                  "spread": bs.spread, "input_mismatch": confirmed}
-        if extent == head_dim:
-            detail["head_dim"] = extent
-        return make("blocked_norm", f"{which} computed over {bs.block}-element blocks "
-                    f"instead of the {unit}'s {extent} elements ({label(f)}, step {f.step})",
-                    checks, evidence, **detail)
-    return None
+        if varies or (confirmed is not None and confirmed <= 1e-2):
+            found.append((extent, bs, confirmed, varies))
+    if not found:
+        return None
+    # the extent the input confirms, else the first that fits
+    extent, bs, confirmed, varies = min(
+        found, key=lambda e: not (e[2] is not None and e[2] <= 1e-2))
+    unit = "head" if extent == head_dim else "row"
+    which = "QK-norm" if qk_norm else "RMSNorm"
+    evidence = [f"candidate/reference is one factor per {bs.block}-element block "
+                f"(residual {fmt(bs.residual)} against an error of {fmt(f.error)})"]
+    if varies:
+        evidence.append(f"the factors of blocks within one {extent}-element extent differ "
+                        f"by up to {100 * bs.spread:.3g}%")
+    if confirmed is not None and confirmed <= 1e-2 and inp is not None:
+        evidence.append(f"each factor is rms over the {unit} / rms over the block of "
+                        f"the input {label(inp)} (largest difference "
+                        f"{100 * confirmed:.2g}%)")
+    if gathered is not None:
+        evidence.append(f"gathered from {count} candidate blocks of the reference's "
+                        f"{f.ref_name} ({len(bs.blocks)} blocks of {bs.block} compared)")
+    checks = [f"the norm's reduction: the mean of squares must run over all {extent} "
+              f"elements (the {unit}), not over the {bs.block} one thread block or "
+              "tile holds (a partial sum never reduced across tiles)",
+              "the norm weight slice per block is not the cause: the ratio does not "
+              "depend on it"]
+    detail: dict[str, Any] = {"block": bs.block, "extent": extent,
+                              "blocks_compared": len(bs.blocks), "residual": bs.residual,
+                              "spread": bs.spread, "input_mismatch": confirmed}
+    if extent == head_dim:
+        detail["head_dim"] = extent
+    return make("blocked_norm", f"{which} computed over {bs.block}-element blocks "
+                f"instead of the {unit}'s {extent} elements ({label(f)}, step {f.step})",
+                checks, evidence, **detail)

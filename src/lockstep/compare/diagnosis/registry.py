@@ -38,6 +38,7 @@ here. ``KINDS`` and the zoo's list of diagnoses follow from ``RULES``.
 
 from __future__ import annotations
 
+from .act import act
 from .attention import attention
 from .batch import batch
 from .blocked_norm import blocked_norm
@@ -70,6 +71,7 @@ RULES: tuple[Rule, ...] = (
     moe,
     chunk,
     attention,
+    act,
     scale,
     embedding,
     decode,
