@@ -73,8 +73,8 @@ def test_llamacpp_as_the_reference_drifts_too(reference):
     """Roles swapped: llama.cpp is the reference, transformers' modules the candidate.
     llama.cpp's graph holds tensors no module returns (attention scores, the norm before
     its weight, KV cache views); counted as uncompared layer records they made the
-    comparison INCOMPLETE (750 of 3000, 25%). Those with no candidate record of their size at
-    their step are not counted, and the report says how many; the verdict is drift, as the
+    comparison INCOMPLETE (750 of 3000, 25%). Those with no unpaired candidate record of their
+    size at their step are not counted, and the report says how many; the verdict is drift, as the
     other way round. llama.cpp's metadata gives the MLP width (n_ff), which splits a fused
     gate_up of the other side."""
     from lockstep import compare, open_dump
@@ -84,7 +84,7 @@ def test_llamacpp_as_the_reference_drifts_too(reference):
     result = compare(reference / "candidate.lsd", reference / "reference.lsd")
     assert result.verdict == "drift", (result.first_divergence, result.coverage.gaps)
     share = result.coverage.decisive[-1]
-    assert "more have no candidate record of their size at their step" in share, share
+    assert "more have no unpaired candidate record of their size at their step" in share, share
 
 
 def _permute_rows(raw: np.ndarray) -> None:

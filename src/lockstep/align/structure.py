@@ -305,6 +305,37 @@ def _align_ordered(ref: Sequence[Template], cand: Sequence[Template],
     return sorted(pairs, key=lambda p: rank[id(p.ref)])
 
 
+def _alone_in_shape(scorer: _Scorer, ref: Sequence[Template], cand: Sequence[Template],
+                    found: Sequence[TemplatePair], need_values: bool) -> list[TemplatePair]:
+    """A leftover candidate template and the leftover reference template of its dims (the
+    same dims in any order: (tokens, heads, head_dim) and (heads, tokens, head_dim)) pair,
+    whatever their order against the pairs found: the only one, or the one whose values are
+    clearly the closest (cosine twice the next one's). An engine may run RoPE on q after
+    computing k and v (llama.cpp rotates q first), and where their values disagree (a RoPE
+    bug) nothing else would pair them."""
+    used_ref, used_cand = {id(p.ref) for p in found}, {id(p.cand) for p in found}
+
+    def dims(t: Template) -> tuple[int, ...]:
+        return tuple(sorted(squeeze_shape(t.shape)))
+
+    left_ref = [t for t in ref if id(t) not in used_ref]
+    out = []
+    for c in (t for t in cand if id(t) not in used_cand and len(dims(t)) >= 2):
+        hits = [h for h in (_score(scorer, r, c, need_values) for r in left_ref
+                            if dims(r) == dims(c)) if h is not None]
+        hits.sort(key=lambda h: -h[1].cosine)
+        if not hits or (len(hits) > 1 and hits[0][1].cosine < 2.0 * max(hits[1][1].cosine,
+                                                                        0.05)):
+            continue
+        p = hits[0][1]
+        left_ref.remove(p.ref)
+        out.append(TemplatePair(p.ref, p.cand, p.layout, min(p.confidence, 0.6),
+                                p.evidence + "; the tensor of these dims left on either side "
+                                "whose values are closest (computed in another order)",
+                                p.agree, p.tried, p.shapes, p.cosine))
+    return out
+
+
 def _lcs(n: int, m: int, cells: dict[tuple[int, int], tuple[float, TemplatePair]]
          ) -> list[TemplatePair]:
     """Order-preserving pairs maximising the total score."""
@@ -490,6 +521,7 @@ def pair_templates(ref: Dump, cand: Dump, ref_records: Sequence[Record],
         a = [t for t in rt if t.layer_bound == bound]
         b = [t for t in ct if t.layer_bound == bound]
         found = _align_ordered(a, b, lambda x, y: _score(scorer, x, y, need_values))
+        found += _alone_in_shape(scorer, a, b, found, need_values)
         pairs += _ambiguity(_conventions(found), a, b)
     used_ref = {p.ref.name for p in pairs}
     used_cand = {p.cand.name for p in pairs}

@@ -200,6 +200,12 @@ class Case:
         p = p or self.first
         return max(DRIFT_FACTOR * p.noise, 2.0 * p.inherited, 1e-6)
 
+    def reproduces(self, fit: float) -> bool:
+        """A re-enactment from the reference's own inputs that leaves this error against the
+        reference reproduces it: to 1e-4, or to a hundredth of the divergence (llama.cpp's
+        float16 KV cache leaves 3e-4 against attention recomputed in float32)."""
+        return fit <= max(1e-4, self.first.error / 100)
+
     def explains(self, err: float) -> bool:
         """An explanation leaving this error accounts for the first divergence's."""
         return err <= self.good() and err * JUMP_FACTOR <= self.first.error

@@ -9,9 +9,10 @@ of them is left unpaired, or paired but incomparable, the verdict is ``incomplet
 - the final norm, at every step the reference records it;
 - every layer of the reference at every step: a layer none of whose records was compared;
 - more than ``LAYER_SHARE`` (20%) of the reference's layer records (of all its records when
-  no name carries a layer index) that the candidate could pair: a record no candidate record
-  of its element count at its step could pair with (llama.cpp's attention scores or KV cache
-  views, when it is the reference) is not counted, and the report says how many;
+  no name carries a layer index) that the candidate could pair: a record no unpaired
+  candidate record of its element count at its step could pair with (llama.cpp's attention
+  scores, KV cache views or the steps inside an op, when it is the reference, beside a
+  candidate whose records were all paired) is not counted, and the report says how many;
 - every rank of a dump that records ranks (docs/format.md): a rank none of whose records was
   compared (a tensor-parallel shard left out).
 
@@ -288,21 +289,23 @@ def coverage_of(pairs: Iterable[tuple[Record, Record, str | None]],
                                          f"{at_steps(at)}", missing))
 
     # the share of (layer) records left uncompared, of those the candidate could pair: a
-    # record with no candidate record of its size at its step (llama.cpp's attention scores,
-    # its KV cache views, when it is the reference) had nothing to pair with
+    # record with no unpaired candidate record of its size at its step had nothing to pair
+    # with (llama.cpp's attention scores, its KV cache views and the steps inside an op, when
+    # it is the reference, beside a candidate whose every record was paired)
     sizes: dict[int, set[int]] = {}
-    for rec, _, _ in cand.state.values():
-        sizes.setdefault(rec.step, set()).add(rec.numel)
+    for rec, state, _ in cand.state.values():
+        if state == UNPAIRED:
+            sizes.setdefault(rec.step, set()).add(rec.numel)
     whole = layer_states or everything
-    pool = [s for s in whole if s[1] == PAIRED or s[0].numel in sizes.get(s[0].step, ())]
+    pool = [s for s in whole if s[1] != UNPAIRED or s[0].numel in sizes.get(s[0].step, ())]
     left = [s for s in pool if s[1] != PAIRED]
     what = "layer records" if layer_states else "records"
     if pool:
         alone = len(whole) - len(pool)
         decisive.append(f"at most {LAYER_SHARE:.0%} of the reference's {what} uncompared: "
                         f"{len(left)} of {len(pool)}" + (
-                            f" ({alone} more have no candidate record of their size at their "
-                            "step to pair with)" if alone else ""))
+                            f" ({alone} more have no unpaired candidate record of their size "
+                            "at their step to pair with)" if alone else ""))
     if pool and len(left) > LAYER_SHARE * len(pool) and not lost:
         gaps.append(suggest.gap("layers", f"{len(left)} of the reference's {len(pool)} {what} "
                                           f"({len(left) / len(pool):.0%}) were not compared "

@@ -222,42 +222,53 @@ class BlockScales:
 
 def block_scales(ref: np.ndarray, cand: np.ndarray, extent: int, good: float,
                  sizes: Sequence[int] = (64, 32, 16, 8)) -> BlockScales | None:
-    """The largest block size (below ``extent``, dividing it) for which one factor per block
-    explains the candidate to within ``good``; None if none does.
+    """The block size (below ``extent``, dividing it) for which one factor per block explains
+    the candidate to within ``good``, and nearly as well as any size does: the largest whose
+    residual is within twice the smallest (a block of b is also one of each divisor of b;
+    with noise, a larger block than the true one can still pass ``good``, far worse than
+    it); None if none does.
 
     NaN marks elements not compared (blocks the candidate did not record); blocks holding
     any are left out.
     """
+    fits = [f for f in (_block_fit(ref, cand, extent, good, b)
+                        for b in sorted(sizes, reverse=True)) if f is not None]
+    if not fits:
+        return None
+    best = min(f.residual for f in fits)
+    return next(f for f in fits if f.residual <= 2.0 * best)
+
+
+def _block_fit(ref: np.ndarray, cand: np.ndarray, extent: int, good: float,
+               b: int) -> BlockScales | None:
+    """One factor per block of ``b``: its fit, where it explains the candidate within
+    ``good``."""
     r = np.asarray(ref, dtype=np.float64).reshape(-1)
     c = np.asarray(cand, dtype=np.float64).reshape(-1)
-    if r.size != c.size or extent <= 1 or r.size % extent:
+    if r.size != c.size or extent <= 1 or r.size % extent or b >= extent or extent % b:
         return None
-    for b in sorted(sizes, reverse=True):
-        if b >= extent or extent % b:
-            continue
-        rb, cb = r.reshape(-1, b), c.reshape(-1, b)
-        covered = np.isfinite(rb).all(axis=1) & np.isfinite(cb).all(axis=1)
-        if not covered.any():
-            continue
-        rr, cc = rb[covered], cb[covered]
-        den = (rr * rr).sum(axis=1)
-        scales = np.where(den > 0, (rr * cc).sum(axis=1) / np.where(den > 0, den, 1.0), 1.0)
-        norm = float(np.linalg.norm(rr))
-        if norm == 0.0:
-            continue
-        residual = float(np.linalg.norm(cc - scales[:, None] * rr)) / norm
-        if residual > good:
-            continue
-        ids = np.flatnonzero(covered)
-        groups = ids * b // extent
-        spread = 0.0
-        for g in np.unique(groups):
-            s = scales[groups == g]
-            if s.size > 1:
-                spread = max(spread, float((s.max() - s.min()) / max(np.abs(s).mean(), 1e-30)))
-        return BlockScales(b, extent, tuple(int(i) for i in ids),
-                           tuple(float(s) for s in scales), residual, spread)
-    return None
+    rb, cb = r.reshape(-1, b), c.reshape(-1, b)
+    covered = np.isfinite(rb).all(axis=1) & np.isfinite(cb).all(axis=1)
+    if not covered.any():
+        return None
+    rr, cc = rb[covered], cb[covered]
+    den = (rr * rr).sum(axis=1)
+    scales = np.where(den > 0, (rr * cc).sum(axis=1) / np.where(den > 0, den, 1.0), 1.0)
+    norm = float(np.linalg.norm(rr))
+    if norm == 0.0:
+        return None
+    residual = float(np.linalg.norm(cc - scales[:, None] * rr)) / norm
+    if residual > good:
+        return None
+    ids = np.flatnonzero(covered)
+    groups = ids * b // extent
+    spread = 0.0
+    for g in np.unique(groups):
+        s = scales[groups == g]
+        if s.size > 1:
+            spread = max(spread, float((s.max() - s.min()) / max(np.abs(s).mean(), 1e-30)))
+    return BlockScales(b, extent, tuple(int(i) for i in ids),
+                       tuple(float(s) for s in scales), residual, spread)
 
 
 def block_rms_ratio(x: np.ndarray, extent: int, block: int, blocks: Sequence[int],

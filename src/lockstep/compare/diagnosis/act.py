@@ -21,7 +21,6 @@ from .model import Diagnosis, make, rule
 
 __all__ = ["act"]
 
-_REPRODUCED = 1e-4  # relative L2 under which the re-enactment reproduces the reference
 _ROWS = 64  # token rows re-enacted at most
 
 
@@ -77,7 +76,7 @@ def act(case: Case) -> Diagnosis | None:
     gate, up, ref_act, cand_act = gate[rows], up[rows], ref_act[rows], cand_act[rows]
     fits = {name: ev.rel_error(ref_act, fn(gate) * up) for name, fn in ACTIVATIONS.items()}
     own = min(fits, key=lambda name: fits[name])
-    if fits[own] > _REPRODUCED:
+    if not case.reproduces(fits[own]):
         return None
     fn = ACTIVATIONS[own]
     # (name, what the candidate computes, title, its values, what to check)

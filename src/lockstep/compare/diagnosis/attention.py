@@ -24,7 +24,6 @@ from .model import Diagnosis, make, rule
 
 __all__ = ["attention", "attend"]
 
-_REPRODUCED = 1e-4  # relative L2 under which the re-enactment reproduces the reference
 
 
 def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, softcap: float | None,
@@ -132,7 +131,7 @@ def attention(case: Case) -> Diagnosis | None:
     ref_out, cand_out = (a.reshape(-1, heads * d) for a in arrays)
     found = _inputs(case, layer, heads, kv_heads, d, ref_out,
                     lambda q, k, v, rows: attend(q, k, v, scale, cap, ref_window, rows=rows))
-    if found is None or found[1] > _REPRODUCED:
+    if found is None or not case.reproduces(found[1]):
         return None
     inputs, ref_fit = found
     keys = inputs[1].shape[0]
