@@ -219,6 +219,10 @@ def test_bug_localized(tmp_path, engine_bin, setup, bug, how, step, ref_name, ki
         (first, result.diagnosis)
     if kind is not None:
         assert result.diagnosis is not None and result.diagnosis.kind == kind, result.diagnosis
+    if bug == "rope_neox":  # told in the engine's own layout (it was 'appears at RoPE')
+        detail = result.diagnosis.detail
+        assert (detail["cause"], detail["candidate_pairing"], detail["layout"]) == (
+            "pairing", "halfsplit", "candidate"), result.diagnosis.title
 
 
 def test_blocked_norm_names_the_row(tmp_path, engine_bin, setup):

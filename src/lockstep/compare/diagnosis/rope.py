@@ -9,6 +9,8 @@ from typing import Any
 import numpy as np
 
 from ...align.kinds import Kind as K
+from ...align.transforms import apply_transform
+from ...errors import LockstepError
 from ...textfmt import fmt
 from .. import evidence as ev
 from ..case import Case, label
@@ -101,7 +103,10 @@ def rope(case: Case) -> Diagnosis | None:
     elif pre is not None:
         views = rope_views(case, pre)
         if views is not None:
-            title = _rope_tests(case, *views, evidence, detail) or title
+            found = _rope_tests(case, *views, evidence, detail)
+            if found is None and _convention(pre) is not None:
+                found = _in_own_layout(case, views, pre, f, evidence, detail)
+            title = found or title
     checks = ["the RoPE pair convention: interleaved (2i, 2i+1; GGUF, Meta) vs half-split "
               "(i, i+head_dim/2; transformers), and Q/K weights permuted by a conversion",
               "the RoPE base (rope_theta) and scaling (rope_scaling, partial rotary dims)",
@@ -113,6 +118,41 @@ def rope(case: Case) -> Diagnosis | None:
     elif role.op == K.POSITIONS:
         checks.insert(0, checks.pop(2))
     return make("rope", title, checks, evidence, **detail)
+
+
+#: a RoPE layout convention the pairing applies to the candidate, and the one that undoes it
+_INVERSE = {"rope_interleaved": "rope_halfsplit", "rope_halfsplit": "rope_interleaved"}
+
+
+def _convention(p: PairResult) -> str | None:
+    """The RoPE layout convention a pair's candidate transform starts with, if any."""
+    first = (p.cand_transform or "").split("|")[0]
+    return first if first in _INVERSE else None
+
+
+def _in_own_layout(case: Case, views: tuple[np.ndarray, np.ndarray, np.ndarray, int],
+                   pre: PairResult, f: PairResult, evidence: list[str],
+                   detail: dict[str, Any]) -> str | None:
+    """The RoPE tests with q/k in the candidate's own layout (its q/k before RoPE paired
+    through a RoPE layout convention: weights in the other RoPE order, a GGUF's): there the
+    reference's rotation has the candidate layout's pairs, and a rotation of the other pairs
+    is the classic mismatch of GGUF weights and NeoX RoPE. The candidate after RoPE is taken
+    as it is, or with its own pair's convention undone."""
+    x, r, c, d = views
+    back = _INVERSE[str(_convention(pre))]
+    meta = {"head_dim": d}
+    try:
+        x, r = apply_transform(back, x, meta), apply_transform(back, r, meta)
+        c = apply_transform(back, c, meta) if _convention(f) else c
+    except LockstepError:
+        return None
+    title = _rope_tests(case, x, r, c, d, evidence, detail)
+    if title is not None:
+        detail["layout"] = "candidate"
+        evidence.append("tested with q/k in the candidate's own layout (its q/k weights hold "
+                        "the other RoPE order, as a GGUF's do)")
+        title += " (in the candidate's layout: its q/k weights are in the other RoPE order)"
+    return title
 
 
 def _rope_tests(case: Case, x: np.ndarray, r: np.ndarray, c: np.ndarray, d: int,
