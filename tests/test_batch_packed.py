@@ -219,6 +219,20 @@ def test_speculative_decoding_in_a_packed_batch(tmp_path, model, bug):
         assert c.diagnosis.kind == "chunk" and c.diagnosis.detail["speculative"]
 
 
+def test_a_decode_step_masked_top_left_is_named(tmp_path, model):
+    """``chunk_causal`` in the flat batch: a decode token sees key 0 alone (SDPA's is_causal
+    aligns the mask top-left when queries are fewer than keys). Attention re-enacted from the
+    reference's q, k and v with that mask reproduces each sequence's; it was 'the KV cache
+    (written slot or read range)'."""
+    result = _run(model, tmp_path, bug="chunk_causal")
+    for c in result.sequences:
+        f = c.first_divergence
+        assert c.verdict == "diverged" and (f.step, f.canonical) == (
+            1, "layers.0.attn_heads"), f
+        assert c.diagnosis.kind == "mask" and c.diagnosis.detail["candidate"] == {
+            "top_left": True}, c.diagnosis.title
+
+
 # -- the inference alone, on dumps written by hand ------------------------------------------
 def _packed(path: Path, prompts: list[list[int]], chosen: list[list[int]],
             steps: list[tuple[list[int], list[int]]], declared: dict | None = None) -> Path:

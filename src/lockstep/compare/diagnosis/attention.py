@@ -28,11 +28,12 @@ __all__ = ["attention", "attend"]
 
 def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, softcap: float | None,
            window: int | None, *, tiled: bool = False, causal: bool = True,
-           rows: np.ndarray | None = None) -> np.ndarray:
+           top_left: bool = False, rows: np.ndarray | None = None) -> np.ndarray:
     """Causal grouped-query attention of the last T of S positions; q is (T, H, D), k and v
     (S, Hkv, D); a query sees keys j with pos - window < j <= pos. Query head h reads kv
     head h // (H / Hkv), or h % Hkv where ``tiled``; ``causal=False`` lets every query see
-    every key. Returns (T, H * D), or only the queries ``rows`` (indices into T)."""
+    every key; ``top_left`` puts query i at position i (the mask aligned to the first keys).
+    Returns (T, H * D), or only the queries ``rows`` (indices into T)."""
     t, heads, d = q.shape
     s, kv_heads = k.shape[0], k.shape[1]
     q_count = t
@@ -46,7 +47,8 @@ def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, softcap: f
     scores = np.einsum("thd,shd->hts", q, kk) * scale
     if softcap is not None:
         scores = np.tanh(scores / softcap) * softcap
-    pos = (np.arange(s - t, s) if rows is None else s - q_count + rows)[:, None]
+    first = 0 if top_left else s - q_count
+    pos = (first + (np.arange(t) if rows is None else rows))[:, None]
     keys = np.arange(s)[None]
     visible = keys <= pos if causal else np.ones((t, s), dtype=bool)
     if window is not None:
@@ -186,6 +188,14 @@ def attention(case: Case) -> Diagnosis | None:
                           "an additive mask of -inf above the diagonal)",
                           "a softmax over every key of the step: keys after the query's "
                           "position must be excluded"]))
+    if keys > inputs[0].shape[0]:
+        variants.append(("mask", f"the causal mask is aligned top-left: layer {layer}'s query "
+                         f"i sees keys 0..i, not the keys up to its own position (the "
+                         f"{keys - inputs[0].shape[0]} cached before the step's "
+                         f"{inputs[0].shape[0]} queries)", dict(top_left=True),
+                         ["the mask of a step with fewer queries than keys (a decode step, "
+                          "a later chunk, a verify step of drafts): torch's SDPA is_causal "
+                          "aligns it top-left; pass an explicit mask or the query offset"]))
     for kind, title, change, checks in variants:
         args = {**dict(scale=scale, softcap=cap, window=ref_window), **change}
         err = ev.rel_error(cand_out[rows], attend(*inputs, **args, rows=rows))
