@@ -174,7 +174,7 @@ O_IN = "model.layers.0.self_attn.o_proj:input.0"
 BUGS = {  # bug: (step, reference record, diagnosis kind)
     "rope_neox": (0, "model.layers.0.self_attn.rope:0", "rope"),
     "norm_block16": (0, "model.layers.0.input_layernorm", "blocked_norm"),
-    "kv_stale": (1, O_IN, "decode"),
+    "kv_stale": (1, O_IN, "mask"),
     "gqa_map": (0, O_IN, "gqa"),
     "transposed_lm_head": (0, "lm_head", "logits"),
     "swap_gate_up": (0, "model.layers.0.mlp.down_proj:input.0", "act"),

@@ -338,9 +338,13 @@ def test_decode_position_off_by_one(tmp_path, mini, reference, tables):
 
 
 def test_decode_kv_cache(tmp_path, mini, reference):
+    """Decode attends before writing its own K/V: attention re-enacted from the reference's
+    q, k and v without each query's own key reproduces it (it was the decode rule's 'the KV
+    cache (written slot or read range)')."""
     result, d = diagnosed(tmp_path, mini, reference, bug="kv_cache")
     assert result.first_divergence.ref_name == "model.layers.0.self_attn.o_proj:input.0"
-    assert d.kind == "decode" and d.detail["cause"] == "kv_cache" and d.detail["layer"] == 0
+    assert d.kind == "mask" and d.detail["candidate"] == {"own_key": False}, d.title
+    assert d.detail["layer"] == 0 and "the key just written is not read" in d.title
 
 
 def test_rope_pairing(tmp_path, mini, reference):

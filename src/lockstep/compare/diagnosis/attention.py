@@ -28,11 +28,13 @@ __all__ = ["attention", "attend"]
 
 def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, softcap: float | None,
            window: int | None, *, tiled: bool = False, causal: bool = True,
-           top_left: bool = False, rows: np.ndarray | None = None) -> np.ndarray:
+           top_left: bool = False, own_key: bool = True,
+           rows: np.ndarray | None = None) -> np.ndarray:
     """Causal grouped-query attention of the last T of S positions; q is (T, H, D), k and v
     (S, Hkv, D); a query sees keys j with pos - window < j <= pos. Query head h reads kv
     head h // (H / Hkv), or h % Hkv where ``tiled``; ``causal=False`` lets every query see
-    every key; ``top_left`` puts query i at position i (the mask aligned to the first keys).
+    every key; ``top_left`` puts query i at position i (the mask aligned to the first keys);
+    ``own_key=False`` hides each query's own position's key (j < pos).
     Returns (T, H * D), or only the queries ``rows`` (indices into T)."""
     t, heads, d = q.shape
     s, kv_heads = k.shape[0], k.shape[1]
@@ -50,7 +52,8 @@ def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, softcap: f
     first = 0 if top_left else s - q_count
     pos = (first + (np.arange(t) if rows is None else rows))[:, None]
     keys = np.arange(s)[None]
-    visible = keys <= pos if causal else np.ones((t, s), dtype=bool)
+    visible = (keys <= pos if own_key else keys < pos) if causal else \
+        np.ones((t, s), dtype=bool)
     if window is not None:
         visible &= keys > pos - window
     scores = np.where(visible[None], scores, -np.inf)
@@ -196,6 +199,13 @@ def attention(case: Case) -> Diagnosis | None:
                          ["the mask of a step with fewer queries than keys (a decode step, "
                           "a later chunk, a verify step of drafts): torch's SDPA is_causal "
                           "aligns it top-left; pass an explicit mask or the query offset"]))
+    if keys > inputs[0].shape[0]:
+        variants.append(("mask", f"the key just written is not read: layer {layer}'s query at "
+                         f"position p sees keys 0..p-1, not its own (the KV cache read one "
+                         f"short at step {f.step})", dict(own_key=False),
+                         ["the length of the cache the attention reads at decode: the tokens "
+                          "so far including the one just written (seq_len + 1, not seq_len)",
+                          "the order of the cache write and the attention read"]))
     for kind, title, change, checks in variants:
         args = {**dict(scale=scale, softcap=cap, window=ref_window), **change}
         err = ev.rel_error(cand_out[rows], attend(*inputs, **args, rows=rows))
