@@ -226,3 +226,18 @@ def test_cli_unknown_step(c_engine, tiny, tmp_path, capsys):
     out = run_engine(c_engine, tiny["gguf"], tmp_path / "c.lsd")
     assert main(["check", str(out), "--step", "9"]) == 2
     assert "has no step 9 (its steps: 0, 1, 2, 3, 4)" in capsys.readouterr().err
+
+
+def test_a_recording_that_did_not_end_is_a_red_flag(c_engine, tiny, tmp_path):
+    """The engine killed after 20 records (abort()): the dump reads, and its missing end line
+    is the flag, with the last record written. It was 'no red flags'. An empty dump too."""
+    import lockstep
+
+    done = c_llama.run(c_engine, tiny["gguf"], tmp_path / "c.lsd", PROMPT, 4, FORCED,
+                       "--abort-after", "20")
+    assert done.returncode != 0
+    (flag,) = [f for f in red(tmp_path / "c.lsd") if f.check == "ending"]
+    assert (flag.step, flag.figures["records"]) == (0, 20) and "did not end" in flag.message
+    with lockstep.record(tmp_path / "empty.lsd"):
+        pass
+    assert [f.check for f in red(tmp_path / "empty.lsd")] == ["ending"]

@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     console = output.stdout()
     red = report.red
     console.print(text(f"{report.dump}: {report.records} records checked, steps "
-                       f"{', '.join(map(str, report.steps[:20]))}"
+                       f"{', '.join(map(str, report.steps[:20])) or 'none'}"
                        f"{' ...' if len(report.steps) > 20 else ''}"))
     if report.flags:
         table = Table(title="red flags" if red else "information")

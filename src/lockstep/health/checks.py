@@ -6,6 +6,7 @@ from typing import Callable
 
 from .attention import check_attention
 from .constant import check_constant
+from .ending import check_ending
 from .flags import CheckResult
 from .layers import check_explode, check_skipped
 from .logits import check_logits
@@ -18,6 +19,7 @@ __all__ = ["CHECKS"]
 
 #: name: check(view) -> CheckResult; adding a check is one function and one line here
 CHECKS: dict[str, Callable[[DumpView], CheckResult]] = {
+    "ending": check_ending,
     "nonfinite": check_nonfinite,
     "constant": check_constant,
     "attention": check_attention,
