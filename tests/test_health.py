@@ -241,3 +241,26 @@ def test_a_recording_that_did_not_end_is_a_red_flag(c_engine, tiny, tmp_path):
     with lockstep.record(tmp_path / "empty.lsd"):
         pass
     assert [f.check for f in red(tmp_path / "empty.lsd")] == ["ending"]
+
+
+def test_a_mask_of_zeros_and_ones_is_not_taken_for_attention(tmp_path):
+    """An engine's own float mask over the keys (0 and 1, rows summing to the keys seen),
+    under a name no table knows, is not attention probabilities: no row-sum flag. Its
+    softmax under a name of its own is, and a row off 1 is flagged."""
+    import numpy as np
+
+    import lockstep
+
+    keys = 5
+    visible = np.tril(np.ones((keys, keys), dtype=np.float32))
+    scores = np.where(visible > 0, np.random.default_rng(0).standard_normal((keys, keys)),
+                      -np.inf)
+    probs = np.exp(scores - scores.max(1, keepdims=True)).astype(np.float32)
+    probs /= probs.sum(1, keepdims=True)
+    with lockstep.record(tmp_path / "m.lsd", meta={"prompt_token_ids": [1, 2, 3, 4, 5]}) as rec:
+        with rec.step():
+            rec.capture("input_ids", np.array([1, 2, 3, 4, 5]))
+            rec.capture("L0.vis", visible)
+            rec.capture("L0.w", probs * np.float32(0.5))  # not normalized
+    flags = red(tmp_path / "m.lsd")
+    assert [(f.check, f.record) for f in flags] == [("attention_sum", "L0.w")], flags

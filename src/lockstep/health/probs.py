@@ -36,7 +36,9 @@ def _by_values(view: DumpView, e: Entry) -> bool:
     rows = view.rows(e)
     if rows is None or not np.isfinite(rows).all():
         return False
-    return bool(rows.min() >= 0 and rows.max() <= 1 + _TOLERANCE and (rows.max(1) > 0).all())
+    # weights strictly between 0 and 1 somewhere: a mask of 0s and 1s is not probabilities
+    return bool(rows.min() >= 0 and rows.max() <= 1 + _TOLERANCE and (rows.max(1) > 0).all()
+                and ((rows > 0) & (rows < 1)).any())
 
 
 def attention_probs(view: DumpView, step: int) -> list[Entry]:
