@@ -56,6 +56,8 @@ def test_bug_free_matches(tmp_path, reference):
     ("rope_base", 0, "model.layers.0.self_attn.rope:0", "rope"),
     # re-enacted from the reference's own gate and up projections
     ("gelu", 0, "model.layers.0.mlp.down_proj:input.0", "act"),
+    # attention re-enacted from the reference's q, k and v with the scale 1/head_dim
+    ("scale_by_dim", 0, "model.layers.0.self_attn.o_proj:input.0", "scale"),
 ])
 def test_bug_localized(tmp_path, reference, bug, step, ref_name, kind):
     model, ref, tokens = reference

@@ -11,7 +11,8 @@ kernel holds it: ``(heads, tokens, head_dim)`` at prefill, ``(heads, head_dim)``
 Bugs (``bug=``): ``transposed_lm_head`` reads the row-major ``[vocab, hidden]`` lm_head as
 if it were ``[hidden, vocab]`` (a GEMM transpose flag left off); ``rope_base`` reads only the
 old top-level ``rope_theta`` of config.json, so it runs RoPE at base 10000 (the mistake this
-engine first had); ``gelu`` gates the MLP with GELU (tanh) where Llama's is SiLU.
+engine first had); ``gelu`` gates the MLP with GELU (tanh) where Llama's is SiLU;
+``scale_by_dim`` scales the attention scores by 1/head_dim instead of 1/sqrt(head_dim).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from safetensors.numpy import load_file
 
 from lockstep.store.writer import DumpWriter
 
-BUGS = ("transposed_lm_head", "rope_base", "gelu")
+BUGS = ("transposed_lm_head", "rope_base", "gelu", "scale_by_dim")
 
 
 def _rms(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
@@ -99,7 +100,9 @@ class NumpyLlama:
         self.v_cache[i].append(v.reshape(n, self.kv, self.d))
         keys = np.concatenate(self.k_cache[i]).repeat(self.h // self.kv, 1)  # (S, H, D)
         values = np.concatenate(self.v_cache[i]).repeat(self.h // self.kv, 1)
-        scores = np.einsum("thd,shd->hts", q, keys) / np.sqrt(self.d)
+        # scale_by_dim: 1/head_dim where attention scales by 1/sqrt(head_dim)
+        scale = 1.0 / self.d if self.bug == "scale_by_dim" else 1.0 / np.sqrt(self.d)
+        scores = np.einsum("thd,shd->hts", q, keys) * scale
         total = keys.shape[0]
         future = np.arange(total)[None, :] > (total - n + np.arange(n))[:, None]
         scores = np.where(future[None], -np.inf, scores)

@@ -150,6 +150,12 @@ def attention(case: Case) -> Diagnosis | None:
                          ["the soft cap passed to the attention kernel (attn_logit_softcapping"
                           "): 0 or None disables it; a kernel without soft-cap support "
                           "silently drops it"]))
+    for wrong, name in ((1.0 / d, f"1/{d} (1/head_dim)"), (1.0, "1 (no scale)")):
+        if abs(scale - wrong) > 1e-9 * scale:
+            variants.append(("scale", f"the attention scores are scaled by {name} where the "
+                             f"reference scales them by {scale:.4g}", dict(scale=wrong),
+                             [f"the scale of the scores: {scale:.4g} (1/sqrt(head_dim), or "
+                              "query_pre_attn_scalar where the config sets it), applied once"]))
     if abs(scale - d ** -0.5) > 1e-9 * scale:
         variants.append(("scale", f"the attention scores differ by a constant factor "
                          f"{d ** -0.5 / scale:.4g}: the candidate scales them by 1/√{d} "
