@@ -9,6 +9,7 @@ import pytest
 
 from lockstep.align import kinds
 from lockstep.align.kinds import Canonical, Kind
+from lockstep.align.roles import Role, role_of_name
 from lockstep.align.tables import (
     TABLES,
     TRANSFORMERS_LLAMA,
@@ -16,7 +17,7 @@ from lockstep.align.tables import (
     Rule,
     table_canonical,
 )
-from lockstep.compare.case import Role, is_logits, role_of_name
+from lockstep.compare.case import is_logits
 
 
 def test_a_template_naming_no_kind_fails_when_the_rule_is_made():

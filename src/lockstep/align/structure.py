@@ -27,7 +27,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from ..store.reader import Dump, Record, trimmer
-from .kinds import Kind, guess
+from .kinds import Kind
 from .layouts import (
     AGREE_COSINE,
     Layout,
@@ -37,7 +37,7 @@ from .layouts import (
     same_kind,
     squeeze_shape,
 )
-from .tables import table_canonical
+from .roles import role_of_name
 from .transforms import apply_transform, merged_meta
 
 __all__ = ["Template", "TemplatePair", "templates_of", "pair_templates", "layer_of"]
@@ -381,11 +381,8 @@ def _ambiguity(pairs: list[TemplatePair], ref: Sequence[Template],
 
 
 def _after_rope(t: Template) -> bool:
-    """Whether a reference template holds q or k after RoPE (by its name tables' kind)."""
-    name = next(iter(t.instances.values())).name
-    canonical = table_canonical(name)
-    kind = canonical.rsplit(".", 1)[-1] if canonical else guess(name)[1]
-    return kind in (Kind.Q_ROPE, Kind.K_ROPE)
+    """Whether a reference template holds q or k after RoPE (by its name's role)."""
+    return role_of_name(next(iter(t.instances.values())).name).op in (Kind.Q_ROPE, Kind.K_ROPE)
 
 
 def _conventions(pairs: list[TemplatePair]) -> list[TemplatePair]:

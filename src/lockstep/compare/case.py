@@ -9,14 +9,13 @@ for the divergence.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
 from ..align import kinds
 from ..align.kinds import Kind
-from ..align.tables import table_canonical
+from ..align.roles import Role, role_of_canonical, role_of_name, table_role
 from ..align.transforms import apply_transform, merged_meta, meta_size
 from ..errors import LockstepError
 from ..store.reader import Dump, Record
@@ -28,53 +27,20 @@ from .pair_result import DRIFT_FACTOR, JUMP_FACTOR, PairResult
 if TYPE_CHECKING:
     from .token_check import TokenCheck
 
-__all__ = ["Case", "Role", "role_of", "role_of_name", "is_logits", "label", "input_sentence"]
+__all__ = ["Case", "role_of", "is_logits", "label", "input_sentence"]
 
 
 # -- what each pair is ------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Role:
-    """What op a pair holds: its layer (None outside the layers) and canonical op name."""
-
-    layer: int | None
-    op: str  #: "q", "q_rope", "attn_heads", "logits", ...; "" when unknown
-
-
-def _from_canonical(canonical: str) -> Role:
-    parts = kinds.parse(canonical)
-    if parts is None:  # a name no Kind stands for (a newer version's): as it reads
-        return Role(*kinds.split_layer(canonical))
-    if parts.kind is Kind.TOK_EMBED and not parts.scope:
-        return Role(parts.layer, Kind.EMBED)
-    return Role(parts.layer, parts.op)
-
-
-def _guess(name: str) -> Role:
-    """The op a recorded name stands for when no name table knows it (align.kinds.guess)."""
-    layer, kind = kinds.guess(name)
-    return Role(layer, kind or "")
-
-
-def _table_role(name: str) -> Role | None:
-    canonical = table_canonical(name)
-    return None if canonical is None else _from_canonical(canonical)
-
-
-def role_of_name(name: str) -> Role:
-    """The op one recorded name stands for: a name table's, else a guess."""
-    return _table_role(name) or _guess(name)
-
-
 def role_of(p: PairResult) -> Role:
     """The pair's op: its canonical name, a name table's, or a guess from the names."""
     if p.canonical:
-        return _from_canonical(p.canonical)
+        return role_of_canonical(p.canonical)
     for name in (p.ref_name, p.cand_name):
-        role = _table_role(name)
+        role = table_role(name)
         if role is not None:
             return role
-    role = _guess(p.ref_name)
-    return role if role.op else _guess(p.cand_name)
+    role = role_of_name(p.ref_name)
+    return role if role.op else role_of_name(p.cand_name)
 
 
 def is_logits(record: Record | str, meta: Mapping[str, Any]) -> bool:

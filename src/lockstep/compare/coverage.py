@@ -31,8 +31,9 @@ from typing import Any, Iterable, Mapping, Sequence
 from ..align.kinds import Kind as K
 from ..align.layouts import layout_candidates, squeeze_shape
 from ..align.mapping_writer import rules_text
+from ..align.roles import Role, role_of_name
 from ..store.reader import Record
-from .case import Role, is_logits, role_of_name
+from .case import is_logits
 
 __all__ = ["Coverage", "Count", "Gap", "Closest", "coverage_of", "LAYER_SHARE", "steps_text"]
 

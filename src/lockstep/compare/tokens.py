@@ -16,9 +16,10 @@ from typing import Any, Mapping
 import numpy as np
 
 from ..align.kinds import Kind as K
+from ..align.roles import role_of_name
 from ..align.steps import fed_per_step, prompt_length
 from ..store.reader import Dump, Record
-from .case import is_logits, role_of_name
+from .case import is_logits
 from .token_check import OffArgmax, TokenCheck
 
 __all__ = ["check_tokens", "chosen_tokens"]

@@ -1,7 +1,7 @@
 """A dump as the health checks read it: each record with its role (layer, op), the steps to
 check, the layer outputs of a step, the tokens fed, and values read as float rows.
 
-Roles come from lockstep's name tables and guesses (``compare.case.role_of_name``: the
+Roles come from lockstep's name tables and guesses (``align.roles.role_of_name``: the
 layer of an engine's own ``L0.xq`` too). A layer's output, where no name says which record
 it is, comes from the structure: the last record of that layer in the step with the hidden
 width and one row per token fed.
@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from ..align.kinds import FED_NAMES, Kind
-from ..compare.case import role_of_name
+from ..align.roles import role_of_name
 from ..store import Dump, Record
 
 __all__ = ["Entry", "DumpView", "FLOAT_DTYPES", "STAT_KEYS"]

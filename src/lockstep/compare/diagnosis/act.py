@@ -14,9 +14,10 @@ from typing import Callable
 import numpy as np
 
 from ...align.kinds import Kind as K
+from ...align.roles import role_of_name
 from ...textfmt import fmt
 from .. import evidence as ev
-from ..case import Case, label, role_of_name
+from ..case import Case, label
 from .model import Diagnosis, make, rule
 
 __all__ = ["act"]
