@@ -10,12 +10,14 @@ width and one row per token fed.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
 
-from ..align.kinds import FED_NAMES, Kind
+from ..align.kinds import Kind
 from ..align.roles import role_of_name
+from ..align.steps import Fed, fed_per_step
 from ..store import Dump, Record
 
 __all__ = ["Entry", "DumpView", "FLOAT_DTYPES", "STAT_KEYS"]
@@ -88,14 +90,15 @@ class DumpView:
         return v.reshape(-1, v.shape[-1])
 
     # -- tokens -------------------------------------------------------------------------------
+    @cached_property
+    def _fed(self) -> dict[int, Fed]:
+        return fed_per_step(self.dump)
+
     def fed(self, step: int) -> list[int] | None:
-        """The token ids fed at ``step``, where a record holds them."""
-        names = FED_NAMES[Kind.INPUT_IDS] + ("tok_ids",)
-        for e in self.in_step(step):
-            if (e.op == Kind.INPUT_IDS or e.name in names) and e.record.has_data:
-                ids = np.asarray(self.dump.read(e.record)).reshape(-1)
-                return [int(i) for i in ids]
-        return None
+        """The token ids fed at ``step``, where a record holds them (``align.steps``: under
+        an engine's own name too, found by the prompt's tokens)."""
+        ids = self._fed.get(step, (None, None))[0]
+        return None if ids is None else list(ids)
 
     def tokens(self, step: int) -> int | None:
         """How many tokens ``step`` ran: from the ids fed, else the embedding's rows."""
