@@ -25,7 +25,6 @@ from .model import Diagnosis, make, rule
 __all__ = ["attention", "attend"]
 
 
-
 def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, softcap: float | None,
            window: int | None, *, tiled: bool = False, causal: bool = True,
            top_left: bool = False, own_key: bool = True,
@@ -102,13 +101,14 @@ def _inputs(case: Case, layer: int, heads: int, kv_heads: int, d: int, ref_out: 
             return None
         ks.append(_orders(ka[0], kv_heads, d))
         vs.append(va[0].reshape(-1, kv_heads, d))
+    vv = np.concatenate(vs)
     best: tuple[tuple[np.ndarray, np.ndarray, np.ndarray], float] | None = None
     for qq in _orders(qa[0], heads, d):
         for order in range(max(len(k) for k in ks)):
             kk = np.concatenate([k[min(order, len(k) - 1)] for k in ks])
-            if kk.shape[0] != np.concatenate(vs).shape[0]:
+            if kk.shape[0] != vv.shape[0]:
                 continue
-            inputs = (qq, kk, np.concatenate(vs))
+            inputs = (qq, kk, vv)
             rows = _rows(qq.shape[0], kk.shape[0], heads)
             err = ev.rel_error(ref_out[rows], attend_as(*inputs, rows=rows))
             if best is None or err < best[1]:
@@ -205,7 +205,6 @@ def attention(case: Case) -> Diagnosis | None:
                          ["the mask of a step with fewer queries than keys (a decode step, "
                           "a later chunk, a verify step of drafts): torch's SDPA is_causal "
                           "aligns it top-left; pass an explicit mask or the query offset"]))
-    if keys > inputs[0].shape[0]:
         variants.append(("mask", f"the key just written is not read: layer {layer}'s query at "
                          f"position p sees keys 0..p-1, not its own (the KV cache read one "
                          f"short at step {f.step})", dict(own_key=False),
