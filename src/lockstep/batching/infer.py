@@ -224,10 +224,11 @@ def infer_layout(dump: Any, req: BatchRequest) -> BatchLayout:
             while kept < cut.drafts and at + 1 + kept < len(stream) and \
                     stream[at + 1 + kept] == ids[cut.start + 1 + kept]:
                 kept += 1
-            segs.append(Segment(cut.sequence, row, cut.start, cut.length,
-                                moved=moved if any(moved) else (), position=at,
-                                drafts=cut.drafts, rejected=cut.drafts - kept))
-            done[cut.sequence] = at + cut.length - (cut.drafts - kept)
+            seg = Segment(cut.sequence, row, cut.start, cut.length,
+                          moved=moved if any(moved) else (), position=at,
+                          drafts=cut.drafts, rejected=cut.drafts - kept)
+            segs.append(seg)
+            done[cut.sequence] = at + seg.kept
             if joined[cut.sequence] is None:
                 joined[cut.sequence] = t
         steps.append(StepLayout(t, True, len(ids), tuple(segs)))

@@ -41,6 +41,11 @@ class Segment:
     rejected: int = 0  #: of those, the last ones the sequence did not keep
 
     @property
+    def kept(self) -> int:
+        """Its tokens the sequence kept: all but the drafts it rejected (fed again later)."""
+        return self.length - self.rejected
+
+    @property
     def samples(self) -> int:
         """Its rows of a record with one row per sequence (the logits): its last token's,
         or each token's of a decode token verifying drafts."""
@@ -163,7 +168,7 @@ class BatchLayout:
         for st, seg in self.of(sequence):
             at = done if seg.position is None else seg.position
             out.append((st, seg, at))
-            done = at + seg.length - seg.rejected
+            done = at + seg.kept
         return out
 
 
@@ -203,7 +208,7 @@ def layout_notes(layout: BatchLayout) -> tuple[str, ...]:
             elif at < done:
                 notes.append(f"sequence {i} was fed its tokens again from token {at} at "
                              f"batch step {st.step} (preempted and computed again)")
-            done = at + seg.length - seg.rejected
+            done = at + seg.kept
         drafted = [seg for _, seg in layout.of(i) if seg.drafts]
         if drafted:
             fed = sum(seg.drafts for seg in drafted)
