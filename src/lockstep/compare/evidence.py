@@ -231,7 +231,11 @@ def block_scales(ref: np.ndarray, cand: np.ndarray, extent: int, good: float,
     NaN marks elements not compared (blocks the candidate did not record); blocks holding
     any are left out.
     """
-    fits = [f for f in (_block_fit(ref, cand, extent, good, b)
+    r = np.asarray(ref, dtype=np.float64).reshape(-1)
+    c = np.asarray(cand, dtype=np.float64).reshape(-1)
+    if r.size != c.size or extent <= 1 or r.size % extent:
+        return None
+    fits = [f for f in (_block_fit(r, c, extent, good, b)
                         for b in sorted(sizes, reverse=True)) if f is not None]
     if not fits:
         return None
@@ -239,13 +243,11 @@ def block_scales(ref: np.ndarray, cand: np.ndarray, extent: int, good: float,
     return next(f for f in fits if f.residual <= 2.0 * best)
 
 
-def _block_fit(ref: np.ndarray, cand: np.ndarray, extent: int, good: float,
+def _block_fit(r: np.ndarray, c: np.ndarray, extent: int, good: float,
                b: int) -> BlockScales | None:
-    """One factor per block of ``b``: its fit, where it explains the candidate within
-    ``good``."""
-    r = np.asarray(ref, dtype=np.float64).reshape(-1)
-    c = np.asarray(cand, dtype=np.float64).reshape(-1)
-    if r.size != c.size or extent <= 1 or r.size % extent or b >= extent or extent % b:
+    """One factor per block of ``b`` of the flat float64 ``r`` and ``c``: its fit, where it
+    explains the candidate within ``good``."""
+    if b >= extent or extent % b:
         return None
     rb, cb = r.reshape(-1, b), c.reshape(-1, b)
     covered = np.isfinite(rb).all(axis=1) & np.isfinite(cb).all(axis=1)
