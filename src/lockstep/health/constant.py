@@ -41,12 +41,7 @@ def _min_max(view: DumpView, e: Entry) -> tuple[float, float] | None:
         if v.size == 0 or not bool(np.isfinite(v).all()):
             return None
         return float(v.min()), float(v.max())
-    st = e.record.stats or {}
-    lo, hi = st.get("min"), st.get("max")
-    if st.get("nan") or st.get("inf") or not isinstance(lo, (int, float)) or \
-            not isinstance(hi, (int, float)):
-        return None
-    return float(lo), float(hi)
+    return view.stored_range(e)
 
 
 def check_constant(view: DumpView) -> CheckResult:

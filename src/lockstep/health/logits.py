@@ -27,13 +27,9 @@ def _last_row(view: DumpView, e: Entry) -> np.ndarray | None:
 def _spread(view: DumpView, e: Entry, row: np.ndarray | None) -> float | None:
     if row is not None:
         return float(row.max() - row.min())
-    st = e.record.stats or {}
-    lo, hi = st.get("min"), st.get("max")
     one_row = e.record.shape and e.record.numel == e.record.shape[-1]
-    if one_row and isinstance(lo, (int, float)) and isinstance(hi, (int, float)) and \
-            not st.get("nan") and not st.get("inf"):
-        return float(hi) - float(lo)
-    return None
+    stored = view.stored_range(e) if one_row else None
+    return None if stored is None else stored[1] - stored[0]
 
 
 def check_logits(view: DumpView) -> CheckResult:

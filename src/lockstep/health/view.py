@@ -65,6 +65,7 @@ class DumpView:
             self._by_step.setdefault(e.step, []).append(e)
         self.all_steps = sorted(self._by_step)
         self.steps = [s for s in self.all_steps if step is None or s == step]
+        self._outputs: dict[int, dict[int, Entry]] = {}  # layer_outputs, found once a step
 
     # -- records ------------------------------------------------------------------------------
     def in_step(self, step: int) -> list[Entry]:
@@ -127,7 +128,12 @@ class DumpView:
     def layer_outputs(self, step: int) -> dict[int, Entry]:
         """Each layer's output record at ``step``, by layer: the first record named a layer
         output, else the last float record of the layer with the hidden width and one row per
-        token (an engine's own names)."""
+        token (an engine's own names). Found once per step: most checks read them."""
+        if step not in self._outputs:
+            self._outputs[step] = self._find_outputs(step)
+        return self._outputs[step]
+
+    def _find_outputs(self, step: int) -> dict[int, Entry]:
         named: dict[int, Entry] = {}
         last: dict[int, Entry] = {}
         width, tokens = self.hidden(step), self.tokens(step)
@@ -141,6 +147,16 @@ class DumpView:
                     tokens is None or e.record.numel == tokens * width):
                 last[e.layer] = e
         return dict(sorted((named or last).items()))
+
+    def stored_range(self, e: Entry) -> tuple[float, float] | None:
+        """A statistics-only record's (min, max), where its stored statistics give them and
+        hold no NaN or Inf."""
+        st = e.record.stats or {}
+        lo, hi = st.get("min"), st.get("max")
+        if st.get("nan") or st.get("inf") or not isinstance(lo, (int, float)) or \
+                not isinstance(hi, (int, float)):
+            return None
+        return float(lo), float(hi)
 
     def same_stats(self, a: Entry, b: Entry) -> bool | None:
         """Whether two stats-only records' statistics are all equal (and not all zero: the
