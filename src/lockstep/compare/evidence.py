@@ -22,7 +22,7 @@ __all__ = ["squeeze", "rel_error", "NonFinite", "nonfinite", "ValueRange", "valu
            "zeroed", "fit_scale", "confined", "LayoutFix", "find_layout", "BlockScales",
            "block_scales", "block_rms_ratio", "rotation", "rotate", "rope_angles",
            "rope_base", "table_base", "match_row", "index_errors", "argmax_tail", "IdDiff",
-           "describe_ids"]
+           "describe_ids", "spaced_rows"]
 
 #: layouts are searched only on tensors up to this many elements (the search copies them)
 LAYOUT_MAX_ELEMENTS = 1 << 24
@@ -31,6 +31,12 @@ LAYOUT_MAX_ELEMENTS = 1 << 24
 def squeeze(a: np.ndarray) -> np.ndarray:
     """``a`` as float64 without its size-1 dims."""
     return squeeze_dims(np.asarray(a, dtype=np.float64))
+
+
+def spaced_rows(total: int, most: int) -> np.ndarray:
+    """At most ``most`` row indices of ``total``, evenly spaced, the first and last among
+    them: the rows a re-enactment reads of a long prefill."""
+    return np.unique(np.linspace(0, total - 1, min(total, most)).round().astype(int))
 
 
 def rel_error(ref: np.ndarray, cand: np.ndarray) -> float:

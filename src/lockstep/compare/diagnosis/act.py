@@ -73,7 +73,7 @@ def act(case: Case) -> Diagnosis | None:
         return None
     width = ev.squeeze(ref_act).shape[-1]
     gate, up, ref_act, cand_act = (a.reshape(-1, width) for a in (*found, ref_act, cand_act))
-    rows = np.unique(np.linspace(0, len(gate) - 1, min(len(gate), _ROWS)).round().astype(int))
+    rows = ev.spaced_rows(len(gate), _ROWS)
     gate, up, ref_act, cand_act = gate[rows], up[rows], ref_act[rows], cand_act[rows]
     fits = {name: ev.rel_error(ref_act, fn(gate) * up) for name, fn in ACTIVATIONS.items()}
     own = min(fits, key=lambda name: fits[name])

@@ -78,8 +78,7 @@ _SCORES = 1 << 22  #: attention scores re-enacted at most (queries x keys x head
 def _rows(t: int, s: int, heads: int) -> np.ndarray:
     """The queries re-enacted: every one, or evenly spaced ones where all of them would
     make more than ``_SCORES`` scores (a long prefill): the first and last among them."""
-    n = max(2, min(t, _SCORES // max(s * heads, 1)))
-    return np.unique(np.linspace(0, t - 1, n).round().astype(int))
+    return ev.spaced_rows(t, max(2, _SCORES // max(s * heads, 1)))
 
 
 def _inputs(case: Case, layer: int, heads: int, kv_heads: int, d: int, ref_out: np.ndarray,
