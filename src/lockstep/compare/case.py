@@ -65,6 +65,7 @@ class Case:
                  tokens: TokenCheck | None = None) -> None:
         self.first = first  #: the first divergence
         self.ref, self.cand = ref, cand
+        self._cand_meta = merged_meta(ref, cand)  #: what the candidate's transforms read
         self.results = results  #: every compared pair, in step and capture order
         self.tokens = tokens  #: the chosen tokens of both runs (compare.tokens)
         self.step = [p for p in results if p.step == first.step]
@@ -85,7 +86,7 @@ class Case:
         """One side's tensor in the compared layout (None without data or on a bad layout)."""
         if rec is None or not rec.has_data:
             return None
-        meta = merged_meta(self.ref, self.cand) if dump is self.cand else dump.meta
+        meta = self._cand_meta if dump is self.cand else dump.meta
         try:
             return np.asarray(apply_transform(transform, dump.read(rec), meta),
                               dtype=np.float64)
