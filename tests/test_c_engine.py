@@ -180,6 +180,7 @@ BUGS = {  # bug: (step, reference record, diagnosis kind)
     "swap_gate_up": (0, "model.layers.0.mlp.down_proj:input.0", "act"),
     "no_causal_mask": (0, O_IN, "mask"),
     "decode_pos": (1, "model.layers.0.self_attn.rope:0", "decode"),
+    "rms_eps": (0, "model.layers.0.input_layernorm", "norm_eps"),
 }
 @pytest.mark.parametrize("bug, how, step, ref_name, kind", [
     pytest.param(bug, how, *expected, id=f"{bug}-{how}")
@@ -327,6 +328,31 @@ def test_a_dequantization_bug_is_put_at_the_first_q4_1_matmul(tmp_path, c_engine
     assert result.diagnosis is not None and result.diagnosis.kind == "op", result.diagnosis
 
 
+def test_declared_quantization_does_not_hide_a_wrong_norm_epsilon(tmp_path, c_engine, setup,
+                                                                 quantized):
+    """The engine declares its GGUF's quantization (Q4_1) as engines on quantized files do,
+    and dequantizes every weight at load: it computes what its run of the F32 file of the
+    dequantized values computes. With the RMSNorm's epsilon hard-coded, the error enters at
+    layer 0's norm from an exact embedding: no weight is quantized there. Before: DRIFT (the
+    declared Q4_1 let 5% pass as quantization noise); now DIVERGED there, the epsilon named."""
+    run_engine(c_engine, quantized["dq"], tmp_path / "ref.lsd", setup["tokens"])
+    run_engine(c_engine, quantized["q"], tmp_path / "c.lsd", setup["tokens"], "--bug", "rms_eps")
+    with lockstep.open_dump(tmp_path / "c.lsd") as dump:
+        assert dump.meta["quantization"] == "Q4_1"
+    result = lockstep.compare(tmp_path / "ref.lsd", tmp_path / "c.lsd")
+    first = result.first_divergence
+    assert result.verdict == "diverged", (result.precision, [
+        (p.ref_name, p.error, p.tol, p.noise) for p in result.results[:4]])
+    assert first is not None and (first.step, first.ref_name) == (0, "L0.attn_in"), first
+    assert first.error < 5e-2  # within what the declared Q4_1 allowed as noise
+    assert result.precision is not None and result.precision.steps[0] == 0
+    assert "no weights to quantize" in result.precision.why
+    d = result.diagnosis
+    assert d is not None and d.kind == "norm_eps", d
+    # the tiny model's epsilon is 1e-6: the engine's bug adds 1e-5 instead
+    assert d.detail["difference"] == pytest.approx(9e-6, rel=0.05), d.title
+
+
 # ------------------------------------------------------------------ SmolLM2 against llama.cpp
 
 SMOL_PROMPT = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28,
@@ -352,6 +378,7 @@ SMOL_CASES = {  # bug: (verdict, step, reference record, diagnosis kind)
     "norm_block16": ("diverged", 0, "attn_norm-0", "blocked_norm"),
     "gqa_map": ("diverged", 0, "kqv_out-0", "gqa"),
     "rope_neox": ("diverged", 0, "Qcur-0:rope", "rope"),
+    "rms_eps": ("diverged", 0, "attn_norm-0", "norm_eps"),
 }
 
 
@@ -364,7 +391,9 @@ def test_smollm2_q4_1_against_llamacpp(tmp_path, c_engine, smollm2, bug):
     28%); the blocked norm and the tiled kv heads were 'op' (block sizes tried largest first
     under llama.cpp's looser tolerance; attention recomputed in float32 reproduces llama.cpp's
     float16 KV cache to 3e-4 only); llama.cpp's q after RoPE, computed before k and v, was
-    never paired when its values disagreed, and the RoPE bug was put at k."""
+    never paired when its values disagreed, and the RoPE bug was put at k; the engine's
+    RMSNorm epsilon hard-coded (1e-6 for SmolLM2's 1e-5) was DRIFT once the engine declared
+    its Q4_1 weights, as llama.cpp does (both quantized: matched within 5%)."""
     done = run_engine(c_engine, smollm2["gguf"], tmp_path / "c.lsd", smollm2["tokens"],
                       *(["--bug", bug] if bug else []), hparams=False, prompt=SMOL_PROMPT,
                       decode=SMOL_DECODE)

@@ -22,6 +22,15 @@ def _linear_in(dtype: torch.dtype) -> Any:
     return forward
 
 
+def bf16_linears(model: Any, dtype: torch.dtype) -> Any:
+    """``model`` with every linear run on ``dtype`` operands and a float32 result."""
+    forward = _linear_in(dtype)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.forward = types.MethodType(forward, module)
+    return model
+
+
 class PrecisionEngine(HFEngine):
     name = "precision-test-engine"
 
@@ -43,7 +52,4 @@ class PrecisionEngine(HFEngine):
             if self.up_scale is not None:
                 layer.mlp.up_proj.weight.mul_(float(self.up_scale))
         if self.operands:
-            forward = _linear_in(getattr(torch, self.operands))
-            for module in self.model.modules():
-                if isinstance(module, torch.nn.Linear):
-                    module.forward = types.MethodType(forward, module)
+            bf16_linears(self.model, getattr(torch, self.operands))

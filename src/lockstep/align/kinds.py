@@ -191,6 +191,7 @@ _NORM_OF = {Kind.Q: Kind.Q_NORM, Kind.K: Kind.K_NORM}
 _ROPE_WORDS = {"rope", "rotary", "rot"}
 _QK_NORM_WORDS = {"norm", "layernorm"}
 _NORM_WORDS = {"norm", "layernorm", "rmsnorm"}
+_INPUT_WORDS = {"in", "inp", "input"}  # a block's input: ``attn_in``, ``ffn_inp``
 _EMBED_WORDS = {"embed", "embedding", "embeddings", "embd", "wte"}
 _ROPE_TABLE_WORDS = {"cos", "sin", "freqs"}
 
@@ -222,6 +223,10 @@ def guess(name: str) -> tuple[int | None, Kind | None]:
         kind = qkv
     elif words & _NORM_WORDS:
         kind = Kind.FINAL_NORM if layer is None else Kind.ATTN_NORM
+    elif layer is not None and words & _INPUT_WORDS and words & {"attn", "attention"}:
+        kind = Kind.ATTN_NORM  # a layer's attention input (``L0.attn_in``): its norm's output
+    elif layer is not None and words & _INPUT_WORDS and words & {"ffn", "mlp"}:
+        kind = Kind.MLP_NORM
     elif {"o", "proj"} <= words:
         kind = Kind.ATTN_OUT
     elif words & {"attn", "attention"}:

@@ -30,6 +30,7 @@ from .diagnosis.run import diagnose_safely
 from .diagnosis.sampling import sampling_diagnosis
 from .metrics import ShapeMismatch, TensorMetrics, tensor_metrics
 from .pair_result import PairResult, decide, inherited_errors
+from .precision import PrecisionCheck, declarations, hold_declared_noise
 from .ranks import RankReport, open_sides, with_ranks
 from .statistics import NOTE as STATS_NOTE
 from .statistics import by_statistics, stats_error
@@ -77,6 +78,8 @@ class Comparison:
     step_match: StepMatch | None = None  #: which candidate step was compared as which
     ranks: RankReport | None = None  #: how multi-rank sides were merged (compare.ranks)
     chunks: ChunkReport | None = None  #: how chunked prefills were joined (compare.chunked)
+    #: steps where a precision a dump declared was not taken as noise (compare.precision)
+    precision: PrecisionCheck | None = None
 
     @property
     def by_statistics(self) -> int:
@@ -179,6 +182,9 @@ def _compare_steps(ref: Dump, cand: Dump, recorded: Dump, step_match: StepMatch,
     alignment: Alignment = align(ref, cand, mapping=mapping, use_tables=use_tables)
     cand_tol_meta = cand.meta if cand_precision is None else \
         {**cand.meta, "compute_dtype": cand_precision}
+    # the same tolerances from what was measured alone: the stored dtypes, a replay's precision
+    cand_measured_meta = {} if cand_precision is None else {"compute_dtype": cand_precision}
+    undeclared: dict[tuple[int, int], Tolerance] = {}  # (step, ref seq) -> undeclared
     measured: list[PairResult] = []
     unmeasurable: list[PairResult] = []
     covered: list[tuple[Record, Record, str | None]] = []
@@ -186,6 +192,8 @@ def _compare_steps(ref: Dump, cand: Dump, recorded: Dump, step_match: StepMatch,
     for i, pair in enumerate(alignment.pairs):
         r, c = pair.ref, pair.cand
         tol = tolerances.for_pair(r.name, r.dtype, c.dtype, ref.meta, cand_tol_meta)
+        undeclared[r.step, r.seq] = tolerances.for_pair(r.name, r.dtype, c.dtype, {},
+                                                         cand_measured_meta)
         error, metrics, note = _measure(ref, cand, pair, tol)
         result = PairResult(step=r.step, ref_name=r.name, cand_name=c.name, ref_seq=r.seq,
                             cand_seq=c.seq, call=r.call, how=pair.how, ref_shape=r.shape,
@@ -204,6 +212,9 @@ def _compare_steps(ref: Dump, cand: Dump, recorded: Dump, step_match: StepMatch,
     inherited = inherited_errors([p.step for p in measured], [p.ref_name for p in measured],
                                  [p.error for p in measured])
     measured = [replace(p, inherited=h) for p, h in zip(measured, inherited)]
+    measured, precision = hold_declared_noise(
+        measured, [undeclared[p.step, p.ref_seq] for p in measured],
+        {"reference": declarations(ref.meta), "candidate": declarations(cand.meta)})
     verdict, first = decide(measured)
     results = sorted(measured + unmeasurable, key=lambda p: (p.step, p.ref_seq))
     tokens = check_tokens(ref, cand)
@@ -223,7 +234,8 @@ def _compare_steps(ref: Dump, cand: Dump, recorded: Dump, step_match: StepMatch,
     comparison = Comparison(verdict=verdict, first_divergence=first, results=tuple(results),
                             ref_only=alignment.ref_only, cand_only=alignment.cand_only,
                             reference=DumpSummary.of(ref), candidate=DumpSummary.of(recorded),
-                            coverage=coverage, tokens=tokens, step_match=step_match)
+                            coverage=coverage, tokens=tokens, step_match=step_match,
+                            precision=precision)
     if verdict == "diverged" and not by_tokens and _near_tie_flip(comparison, ref, cand):
         # a routing choice flipped where the router's logits were nearly tied: precision
         comparison = replace(comparison, verdict="drift" if coverage.complete else "incomplete",

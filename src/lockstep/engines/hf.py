@@ -238,6 +238,7 @@ class HFEngine(TransformersTokenizerEngine):
                 "n_heads": getattr(config, "num_attention_heads", None),
                 "n_kv_heads": getattr(config, "num_key_value_heads", None),
                 "n_ff": getattr(config, "intermediate_size", None),
+                "rms_norm_eps": getattr(config, "rms_norm_eps", None),
                 "head_dim": getattr(config, "head_dim", None) or (
                     config.hidden_size // config.num_attention_heads
                     if config is not None and getattr(config, "num_attention_heads", None)

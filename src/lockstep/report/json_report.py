@@ -100,6 +100,7 @@ def report_dict(c: Comparison) -> dict[str, Any]:
         "step_match": c.step_match.to_json() if c.step_match is not None else None,
         "ranks": c.ranks.as_dict() if c.ranks is not None else None,
         "chunks": c.chunks.as_dict() if c.chunks is not None else None,
+        "precision": c.precision.as_dict() if c.precision is not None else None,
         "reference_dump": _side(c.reference),
         "candidate_dump": _side(c.candidate),
         "summary": {

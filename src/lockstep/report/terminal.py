@@ -281,6 +281,8 @@ class ComparisonReport(Report):
             body += [Text(""), *(Text(line) for line in c.ranks.lines())]
         if c.chunks is not None:  # prefills fed in chunks: how their steps were joined
             body += [Text(""), *(Text(line) for line in c.chunks.lines())]
+        if c.precision is not None:  # a declared precision the first layer did not show
+            body += [Text(""), Text(f"precision: {c.precision.sentence()}")]
         if c.coverage is not None and c.coverage.gaps:
             body += [Text(""), _gaps(c.coverage.gaps, c.verdict)]
         if c.first_divergence is not None:

@@ -53,6 +53,12 @@
  *   explode             layer 1 (0 in a 1-layer model) adds its MLP residual 1000 times
  *   zero_q              the Q projection's weights read as zeros (uniform attention)
  *   embd_first          every position reads the first token's embedding row
+ *   rms_eps             every RMSNorm adds a hard-coded epsilon, 1e-6 (1e-5 where the
+ *                       GGUF's is 1e-6), not the GGUF's layer_norm_rms_epsilon
+ *
+ * The header meta says "quantization" (the type of the quantized weights, e.g. "Q4_1") when
+ * the GGUF holds quantized weights, as engines on quantized checkpoints declare it; every
+ * weight is dequantized to float32 at load, so the engine computes in float32 all the same.
  */
 #define _POSIX_C_SOURCE 200809L
 #include <math.h>
@@ -229,6 +235,7 @@ typedef struct {
     size_t size;
     int n_layer, dim, ffn, n_head, n_kv, head_dim, vocab;
     double rope_base, eps;
+    const char *quant; /* the type of the quantized weights (the most common), or NULL */
     tensor *tensors;
     uint64_t n_tensors;
 } gguf;
@@ -299,6 +306,12 @@ static void gguf_load(gguf *g, const char *path) {
     }
     uint64_t start = (uint64_t)(c.p - g->file);
     start = (start + alignment - 1) / alignment * alignment;
+    uint64_t n_q4 = 0, n_q8 = 0; /* quantized weights, by type */
+    for (uint64_t i = 0; i < g->n_tensors; i++) {
+        n_q4 += g->tensors[i].type == G_Q4_1;
+        n_q8 += g->tensors[i].type == G_Q8_0;
+    }
+    g->quant = n_q4 + n_q8 == 0 ? NULL : type_name(n_q4 >= n_q8 ? G_Q4_1 : G_Q8_0);
     for (uint64_t i = 0; i < g->n_tensors; i++) {
         tensor *t = &g->tensors[i];
         uint64_t n = t->ne[0] * t->ne[1] * t->ne[2] * t->ne[3];
@@ -478,12 +491,12 @@ typedef struct {
 enum { BUG_NONE, BUG_ROPE_NEOX, BUG_NORM_BLOCK16, BUG_KV_STALE, BUG_GQA_MAP, BUG_LM_HEAD_T,
        BUG_SWAP_GATE_UP, BUG_NO_CAUSAL, BUG_DECODE_POS, BUG_Q4_INTERLEAVED, BUG_Q4_NO_MIN,
        BUG_SOFTMAX_NO_NORM, BUG_ROPE_OFF, BUG_ZERO_V, BUG_SKIP_LAYER, BUG_STUCK, BUG_KV_POS0,
-       BUG_NAN_AT, BUG_EXPLODE, BUG_ZERO_Q, BUG_EMBD_FIRST };
+       BUG_NAN_AT, BUG_EXPLODE, BUG_ZERO_Q, BUG_EMBD_FIRST, BUG_RMS_EPS };
 static const char *BUGS[] = {"", "rope_neox", "norm_block16", "kv_stale", "gqa_map",
                              "transposed_lm_head", "swap_gate_up", "no_causal_mask",
                              "decode_pos", "q4_interleaved", "q4_no_min", "softmax_no_norm",
                              "rope_off", "zero_v", "skip_layer", "stuck", "kv_pos0", "nan_at",
-                             "explode", "zero_q", "embd_first"};
+                             "explode", "zero_q", "embd_first", "rms_eps"};
 static int bug = BUG_NONE;
 static int stuck_id = -1, stuck_start = -1; /* bug stuck: the first decode step's token, position */
 
@@ -793,6 +806,7 @@ int main(int argc, char **argv) {
     model m;
     memset(&m, 0, sizeof m);
     model_load(&m, gguf_path, n_prompt + decode + 1);
+    if (bug == BUG_RMS_EPS) m.g.eps = fabs(m.g.eps - 1e-6) < 1e-9 ? 1e-5 : 1e-6;
 
     char path[4096];
     mkdir(dump, 0777);
@@ -805,6 +819,7 @@ int main(int argc, char **argv) {
           "{\"engine\":\"c-llama\",\"model\":", idx);
     json_str(gguf_path);
     fprintf(idx, ",\"dtype\":\"float32\",\"vocab_size\":%d", m.g.vocab);
+    if (m.g.quant) fprintf(idx, ",\"quantization\":\"%s\"", m.g.quant);
     if (hparams_meta)
         fprintf(idx, ",\"n_heads\":%d,\"n_kv_heads\":%d,\"head_dim\":%d", m.g.n_head, m.g.n_kv,
                 m.g.head_dim);

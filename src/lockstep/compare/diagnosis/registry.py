@@ -15,6 +15,8 @@ The most specific explanation wins, so the order matters:
   half-split RoPE order of the candidate matches the reference.
 - ``blocked_norm``: cand/ref is one factor per block of b elements (b < head_dim), the
   factors differ between blocks, or equal rms(head)/rms(block) of the norm's input.
+- ``norm_eps``: each row of a norm's output is one factor of the reference's, and the
+  factors follow the rows' mean squares as another epsilon makes them.
 - ``moe``: a mixture-of-experts layer: which tokens chose other experts, whether the router
   logits agree and the weights sum to 1, which experts' rows differ, whether the shared
   expert is in the sum.
@@ -50,6 +52,7 @@ from .logits import logits
 from .model import Rule
 from .moe import moe
 from .nan import nan
+from .norm_eps import norm_eps
 from .op import op
 from .rope import rope
 from .sampling import sampling
@@ -68,6 +71,7 @@ RULES: tuple[Rule, ...] = (
     stale,
     layout,
     blocked_norm,
+    norm_eps,
     moe,
     chunk,
     attention,
