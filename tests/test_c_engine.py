@@ -22,6 +22,7 @@ agree'); a row norm over 16-element blocks was said to be over the head's 32.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -157,6 +158,32 @@ def test_bug_free_without_head_dim_in_its_meta_matches(tmp_path, c_engine, setup
     run_engine(c_engine, setup["gguf"], tmp_path / "c.lsd", setup["tokens"], hparams=False)
     result = compare(setup, tmp_path / "c.lsd")
     assert result.verdict == "match", (result.first_divergence, result.diagnosis)
+
+
+def _declare(dump: Path, **meta: object) -> None:
+    """Rewrite the header of a dump the engine wrote, its meta updated with ``meta``."""
+    index = dump / "index.jsonl"
+    head, rest = index.read_text().split("\n", 1)
+    header = json.loads(head)
+    header["meta"].update(meta)
+    index.write_text(json.dumps(header) + "\n" + rest)
+
+
+@pytest.mark.parametrize("bug, verdict, ref_name", [
+    ("", "match", None), ("rope_neox", "diverged", "model.layers.0.self_attn.rope:0")])
+def test_a_wrong_head_size_in_the_candidates_meta_is_not_believed(tmp_path, c_engine, setup,
+                                                                  bug, verdict, ref_name):
+    """The engine computes with 4 heads of 32 but its metadata says 8 of 16 (a writer's
+    slip). The reference's sizes, which it ran with, unfold the candidate's q/k: before,
+    the candidate's were read and the bug-free engine was DIVERGED at q_proj ~ L0.xq (op,
+    'the op's weights or kernel'), every feature of its q moved."""
+    run_engine(c_engine, setup["gguf"], tmp_path / "c.lsd", setup["tokens"],
+               *(["--bug", bug] if bug else []))
+    _declare(tmp_path / "c.lsd", n_heads=8, n_kv_heads=4, head_dim=16)
+    result = compare(setup, tmp_path / "c.lsd")
+    first = result.first_divergence
+    assert result.verdict == verdict, (first, result.diagnosis)
+    assert (first.ref_name if first else None) == ref_name
 
 
 def test_a_gguf_with_another_alignment_runs_the_same(tmp_path, c_engine, setup):

@@ -250,5 +250,16 @@ def apply_transform(spec: str | None, arr: np.ndarray, meta: Mapping[str, Any]) 
 def merged_meta(ref: Any, cand: Any) -> Mapping[str, object]:
     """The metadata the candidate's transforms read: its run metadata, with the reference's
     sizes where it gives none (a table's ``slice(-1, 0, n_ff)``, a RoPE layout's
-    ``head_dim``, on a candidate that records no model sizes: the same model's)."""
-    return {**ref.meta, **{k: v for k, v in cand.meta.items() if v is not None}}
+    ``head_dim``, on a candidate that records no model sizes: the same model's) or another
+    value."""
+    merged = {**ref.meta, **{k: v for k, v in cand.meta.items() if v is not None}}
+    for symbol, keys in _SYMBOLS.items():  # both give a size, and they differ: one is wrong
+        ref_size = meta_size(ref.meta, symbol)
+        if ref_size is not None and meta_size(cand.meta, symbol) not in (None, ref_size):
+            # the reference's, which ran with it: the candidate's tensors are of the same
+            # model (the weights fix the sizes), and a metadata writer's slip must not
+            # unfold them wrong (a wrong head_dim moved every q/k feature)
+            for key in keys:
+                merged.pop(key, None)
+            merged[keys[0]] = ref_size
+    return merged

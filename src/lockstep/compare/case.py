@@ -197,7 +197,7 @@ class Case:
 
     def meta(self, symbol: str) -> int | None:
         """A model size from either run's metadata (``head_dim``, ``n_heads``, ...)."""
-        return meta_size(self.cand.meta, symbol) or meta_size(self.ref.meta, symbol)
+        return meta_size(self._cand_meta, symbol)  # (the reference's where both give one)
 
     def head_dim(self, r: np.ndarray | None = None) -> int | None:
         """head_dim from the metadata, else the last dim of a per-head tensor."""
