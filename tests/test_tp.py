@@ -247,6 +247,34 @@ def test_an_annotation_that_does_not_fit_the_shapes_is_undecided(tmp_path):
         [("reference", (0, 2, 8)), ("candidate", (0, 4, 8))]
 
 
+def _annotated_rows(path: Path, parts: tuple[np.ndarray, ...]) -> Path:
+    """Each rank probes its part as ``o`` annotated as a row-parallel partial sum."""
+    path.mkdir()
+    (path / MANIFEST_FILE).write_text(json.dumps(manifest(len(parts))))
+    for rank, part in enumerate(parts):
+        with lockstep.record(rank_dir(path, rank), meta={"rank": rank, "world_size": 2}):
+            lockstep.probe("o", part, shard=("row", 0))
+    return path
+
+
+def test_a_row_annotation_on_the_reduced_output_is_one_copy(tmp_path):
+    """A RowParallelLinear's output recorded after its all-reduce, annotated as the layer's
+    partial sums ("row"): every rank holds the same values, which partial sums of different
+    shards never do. Before: summed, DIVERGED at o ("OP o is 2 x the reference's while its
+    input agrees"); now one copy, a match, and the merge says why. Real partial sums so
+    annotated are still summed."""
+    ref = single(tmp_path / "ref", {"o": X})
+    c = lockstep.compare(ref, _annotated_rows(tmp_path / "reduced", (X, X.copy())))
+    assert c.verdict == "match", (c.first_divergence, c.diagnosis)
+    merge = c.ranks.sides[0].find(0, "o", 0) if c.ranks else None
+    assert merge is not None and (merge.rule, merge.how) == ("replicated", "annotated")
+    assert "every rank holds the same values" in merge.why
+    part = np.random.default_rng(1).standard_normal(X.shape).astype(np.float32)
+    c = lockstep.compare(ref, _annotated_rows(tmp_path / "partial", (part, X - part)))
+    assert c.verdict == "match"
+    assert c.ranks is not None and c.ranks.sides[0].merges[0].rule == "row"
+
+
 def test_recording_mistakes_are_usage_errors(tmp_path):
     from lockstep.capture.ranks import rank_path
     from lockstep.errors import UsageError

@@ -157,6 +157,12 @@ def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
         np.array_equal(a.reshape(-1).view(np.uint8), b.reshape(-1).view(np.uint8))
 
 
+def _all_same(ranks: Sequence[Dump], recs: list[Record]) -> bool:
+    """Every rank's record holds rank 0's bits."""
+    return all(_same_bits(ranks[0].raw(recs[0]), ranks[k].raw(recs[k]))
+               for k in range(1, len(recs)))
+
+
 def _replica_gaps(ranks: Sequence[Dump], recs: list[Record]) -> tuple[tuple[int, float], ...]:
     """(rank, relative difference from rank 0) of each replica not bitwise equal to rank 0's."""
     base = ranks[0].raw(recs[0])
@@ -208,6 +214,13 @@ def _decide(ranks: Sequence[Dump], recs: list[Record], other: Dump | None,
         if any(s != shapes[0] for s in shapes):
             return replace(base, why=f"{base.why}, but the ranks' shapes differ: {shapes}")
         if rule == "row":
+            if len(recs) > 1 and _all_same(ranks, recs):
+                # partial sums of different shards are never the same bits: this is the
+                # all-reduced output (annotated as the layer's), and summing it would be
+                # world_size times the value
+                return _replicated(replace(base, why=f"{base.why}, but every rank holds the "
+                                           "same values: the sum already taken, one copy"),
+                                   ranks, recs, other, counterpart)
             return replace(base, rule="row")
         return _replicated(base, ranks, recs, other, counterpart)
     # detected
@@ -221,8 +234,7 @@ def _decide(ranks: Sequence[Dump], recs: list[Record], other: Dump | None,
                        "to the other side's record" if target else
                        f"the ranks' shapes {shapes} differ and the other side has no record "
                        "of this name to fit")
-    if all(_same_bits(ranks[0].raw(recs[0]), ranks[k].raw(recs[k]))
-           for k in range(1, len(recs))):
+    if _all_same(ranks, recs):
         return replace(base, rule="replicated", why="every rank holds the same values")
     if counterpart is None or other is None or not counterpart.has_data or target != shapes[0]:
         return replace(base, why="the ranks differ and the other side has no record of the "
