@@ -213,3 +213,19 @@ def test_a_chunked_prefill_is_shown_with_the_chunk_it_diverges_in(browser, tmp_p
     assert "starts in the candidate's chunk 2 of 3 (step 1, tokens 2-3)" in panel
     steps = page.eval("document.getElementById('steps').textContent")
     assert "candidate step -> reference step 3->1, 4->2" in steps
+
+
+def test_a_declared_precision_not_taken_is_said(browser, tmp_path):
+    """The page says what the candidate declared and why it was not taken as noise."""
+    from models import tiny
+    from test_declared_precision import _record, _scaled
+
+    ref = _record(tiny("llama"), tmp_path / "ref.lsd")
+    cand = _record(_scaled(1.03), tmp_path / "cand.lsd", quantization="Q4_1")
+    res = cli("compare", str(ref), str(cand), "--html", str(tmp_path / "r.html"))
+    assert res.returncode == 1, res.stdout + res.stderr
+    page = browser.open((tmp_path / "r.html").as_uri())
+    assert page.console_errors() == []
+    panel = page.eval("document.getElementById('precision').textContent")
+    assert "the candidate declares quantization Q4_1, but every tensor of layer 0 agrees" \
+        in panel, panel

@@ -293,7 +293,9 @@ LS.coverage = function (sec, d) {
   [["steps", "How the steps were matched", d.step_match && d.step_match.line ? [d.step_match.line] : []],
    ["ranks", "Tensor-parallel ranks merged", (d.ranks && d.ranks.lines) || []],
    ["chunks", "Steps cut and joined along their tokens (chunked prefill, prefix cache, speculative decoding)",
-    (d.chunks && d.chunks.lines) || []]].forEach(function (x) {
+    (d.chunks && d.chunks.lines) || []],
+   ["precision", "A declared precision not taken as noise",
+    d.precision ? [d.precision.sentence] : []]].forEach(function (x) {
     if (x[2].length)
       sec.appendChild(LS.el("div", {className: "panel", id: x[0]},
         LS.el("div", {style: "font-weight:600", text: x[1]}),
