@@ -55,7 +55,7 @@ def watch_module(rec: RecorderSurface, root: Any, *, prefix: str, inputs: bool |
     # per module cost a watch of SmolLM2 (397 modules) several milliseconds.
     @eager
     def hook(module: Any, args: tuple[Any, ...], output: Any) -> None:
-        rec.capture(names[id(module)], output, role="output", opens_step=False, strict=False)
+        rec.capture_output(names[id(module)], output)
 
     @eager
     def hook_with_inputs(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any],

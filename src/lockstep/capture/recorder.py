@@ -31,6 +31,7 @@ __all__ = ["Recorder", "record", "probe", "active"]
 
 _ACTIVE: Recorder | None = None
 _SKIPPED_KEPT = 50  # distinct skipped records listed in the dump's metadata
+_NO_FIELDS: dict[str, Any] = {}  # (never changed)
 
 
 class _NoTensor:
@@ -256,6 +257,15 @@ class Recorder:
                     continue
                 self._names.add(full)
             self._capture_one(full, tensor, role, strict, fields)
+
+    def capture_output(self, name: str, value: Any) -> None:
+        """A watched module's output: ``capture(name, value, role="output",
+        opens_step=False, strict=False)``, with the common case (a bare tensor under a name
+        already checked) one call shorter: module hooks run it hundreds of times a forward."""
+        if type(value) is _TENSOR and name in self._names and not self._closed:
+            self._capture_one(name, value, "output", False, _NO_FIELDS)
+        else:
+            self.capture(name, value, role="output", opens_step=False, strict=False)
 
     def _capture_one(self, full: str, tensor: Any, role: str | None, strict: bool,
                      extra: dict[str, Any]) -> None:

@@ -108,7 +108,8 @@ class DumpWriter:
 
     def write(self, name: str, step: int, dtype: str, shape: tuple[int, ...],
               data: memoryview | bytes | None, stats: dict[str, Any] | None = None, *,
-              call: int = 0, at: int | None = None, **extra: Any) -> int:
+              call: int = 0, at: int | None = None, role: str | None = None,
+              **extra: Any) -> int:
         """Append one tensor record; ``data`` None writes statistics only. Returns its seq.
 
         ``at`` points the record at data already written at that offset (the same tensor
@@ -139,7 +140,7 @@ class DumpWriter:
         elif at is not None:
             offset = at
         self._lines.append(self._tensor_line(head, step, call, form[0], offset, nbytes, stats,
-                                             extra))
+                                             role, extra))
         if offset is not None and offset + nbytes > self._out:
             self._unsure.append((len(self._lines) - 1, offset + nbytes))
         self._records += 1
@@ -161,7 +162,8 @@ class DumpWriter:
         return form
 
     def _tensor_line(self, head: str, step: int, call: int, form: str, offset: int | None,
-                     nbytes: int, stats: dict[str, Any] | None, extra: dict[str, Any]) -> str:
+                     nbytes: int, stats: dict[str, Any] | None, role: str | None,
+                     extra: dict[str, Any]) -> str:
         """The line json.dumps would give (same keys, order, separators), built from pieces
         cached per name (``head``) and per dtype and shape (``form``): this runs once per
         captured tensor, on the engine's thread."""
@@ -169,15 +171,20 @@ class DumpWriter:
                 f'{"null" if offset is None else offset},"nbytes":'
                 f'{"null" if offset is None else nbytes},"stats":'
                 f'{"null" if stats is None else _ENCODE(stats)}')
+        if role is not None:  # (the first field after stats, as when it came in ``extra``)
+            line += self._extras.get(("role", role)) or self._extra("role", role)
         for key, value in extra.items():
             if value is not None:
-                part = self._extras.get((key, value)) if type(value) is str else None
-                if part is None:
-                    part = f",{_TEXT(key)}:{_TEXT(value) if type(value) is str else _ENCODE(value)}"
-                    if type(value) is str:
-                        self._extras[(key, value)] = part
-                line += part
+                if type(value) is str:
+                    line += self._extras.get((key, value)) or self._extra(key, value)
+                else:
+                    line += f",{_TEXT(key)}:{_ENCODE(value)}"
         return line + "}\n"
+
+    def _extra(self, key: str, value: str) -> str:
+        """A text field's part of the line, ``,"key":"value"``, kept for the next line."""
+        part = self._extras[(key, value)] = f",{_TEXT(key)}:{_TEXT(value)}"
+        return part
 
     def _put_data(self, view: memoryview, pad: int, nbytes: int) -> None:
         """Append ``pad`` zero bytes and the data: into the stage, or out with what it holds."""
