@@ -275,6 +275,18 @@ def test_a_row_annotation_on_the_reduced_output_is_one_copy(tmp_path):
     assert c.ranks is not None and c.ranks.sides[0].merges[0].rule == "row"
 
 
+def test_a_col_annotation_on_the_gathered_output_is_one_copy(tmp_path):
+    """A ColumnParallelLinear's output recorded after its all-gather, annotated "col": every
+    rank holds the whole tensor, the reference's shape. Before: concatenated to twice the
+    width, incomparable, INCOMPLETE; now one copy, a match."""
+    ref = single(tmp_path / "ref", {"q": X})
+    c = lockstep.compare(ref, probed(tmp_path / "gathered", (X, X.copy())))
+    assert c.verdict == "match", (c.first_divergence, c.coverage)
+    merge = c.ranks.sides[0].find(0, "q", 0) if c.ranks else None
+    assert merge is not None and (merge.rule, merge.how) == ("replicated", "annotated")
+    assert "gathered already" in merge.why
+
+
 def test_recording_mistakes_are_usage_errors(tmp_path):
     from lockstep.capture.ranks import rank_path
     from lockstep.errors import UsageError

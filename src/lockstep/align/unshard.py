@@ -203,6 +203,14 @@ def _decide(ranks: Sequence[Dump], recs: list[Record], other: Dump | None,
         rule, dim = note
         base = replace(base, how=how, why=f"the record's shard field says {rule} on dim {dim}"
                        if how == "annotated" else f"the mapping file's [shard] says {rule}")
+        if rule == "col" and len(recs) > 1 and counterpart is not None and \
+                counterpart.shape == shapes[0] and all(s == shapes[0] for s in shapes) and \
+                _all_same(ranks, recs):
+            # each rank holds the whole tensor (gathered before it was recorded): one copy
+            return _replicated(replace(base, why=f"{base.why}, but every rank holds the same "
+                                       "values, each of the other side's whole shape: "
+                                       "gathered already, one copy"),
+                               ranks, recs, other, counterpart)
         if rule == "col":
             nd = len(shapes[0])
             d = dim + nd if dim < 0 else dim
