@@ -217,13 +217,14 @@ def test_what_cannot_be_told_is_uncompared_and_incomplete(tmp_path):
     assert merge is not None and (merge.rule, merge.how) == ("row", "mapping")
 
 
-def probed(path: Path, parts: tuple[np.ndarray, ...]) -> Path:
-    """Each rank probes its part as ``q`` with a column-parallel annotation."""
+def probed(path: Path, parts: tuple[np.ndarray, ...], name: str = "q",
+           shard: tuple[str, int] = ("col", -1)) -> Path:
+    """Each rank probes its part as ``name`` with a ``shard`` annotation (column-parallel)."""
     path.mkdir()
     (path / MANIFEST_FILE).write_text(json.dumps(manifest(len(parts))))
     for rank, part in enumerate(parts):
         with lockstep.record(rank_dir(path, rank), meta={"rank": rank, "world_size": 2}):
-            lockstep.probe("q", part, shard=("col", -1))
+            lockstep.probe(name, part, shard=shard)
     return path
 
 
@@ -249,12 +250,7 @@ def test_an_annotation_that_does_not_fit_the_shapes_is_undecided(tmp_path):
 
 def _annotated_rows(path: Path, parts: tuple[np.ndarray, ...]) -> Path:
     """Each rank probes its part as ``o`` annotated as a row-parallel partial sum."""
-    path.mkdir()
-    (path / MANIFEST_FILE).write_text(json.dumps(manifest(len(parts))))
-    for rank, part in enumerate(parts):
-        with lockstep.record(rank_dir(path, rank), meta={"rank": rank, "world_size": 2}):
-            lockstep.probe("o", part, shard=("row", 0))
-    return path
+    return probed(path, parts, "o", ("row", 0))
 
 
 def test_a_row_annotation_on_the_reduced_output_is_one_copy(tmp_path):
