@@ -211,7 +211,7 @@ def _parser() -> argparse.ArgumentParser:
 #: subcommands that live in a module of their own (lockstep.cli.<name>): each has
 #: ``register(sub)``, which adds its parser with ``set_defaults(handler=run)``
 _COMMAND_MODULES = ("show", "split", "generate", "weights", "align", "zoo", "doctor",
-                    "bench", "fuzz", "check")
+                    "bench", "fuzz", "check", "imports")
 
 
 def _command_modules() -> list[Any]:
