@@ -109,6 +109,43 @@ def test_several_ranks_become_a_multi_rank_recording(tmp_path, setup):
     assert comparison.ranks is not None
 
 
+def _tp_run(out: Path, dims: bool) -> Path:
+    """Two ranks of a tensor-parallel step dumped SGLang's way: an attention output split on
+    its last dim (``dims="t h[tp]"``), a down projection's partial sums (``"t h[tp:partial]"``)
+    and a replicated hidden state."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 8, generator=gen)
+    part = torch.randn(6, 8, generator=gen)
+    exp = "dump_20251201_120000_000000"
+    for rank in (0, 1):
+        dumper = SGLangStyleDumper(out, rank=rank, world_size=2, exp_name=exp)
+        dumper.dump("hidden", x)
+        dumper.dump("attn_out", x[:, 4 * rank:4 * rank + 4],
+                    meta={"dims": "t h[tp]"} if dims else None)
+        dumper.dump("down", part if rank == 0 else x - part,
+                    meta={"dims": "t h[tp:partial]"} if dims else None)
+    return out
+
+
+def test_two_tensor_parallel_runs_merge_by_their_dims_annotations(tmp_path):
+    """Both sides SGLang runs at TP=2 (its own comparator's case): each side's ranks are merged
+    with no single-rank record to detect the rule against, so the ``dims`` annotations decide
+    (``[tp]``: concatenated on that dim; ``[tp:partial]``: summed). Without them the split and
+    summed tensors cannot be told apart and the comparison is INCOMPLETE, never a match."""
+    for side in ("baseline", "target"):
+        import_sglang(_tp_run(tmp_path / side, dims=True), tmp_path / f"{side}.lsd")
+    result = lockstep.compare(tmp_path / "baseline.lsd", tmp_path / "target.lsd")
+    assert result.verdict == "match", (result.coverage.gaps, result.ranks)
+    assert result.ranks is not None
+    rules = {(m.name, m.rule, m.how) for m in result.ranks.sides[0].merges}
+    assert rules == {("hidden", "replicated", "detected"), ("attn_out", "col", "annotated"),
+                     ("down", "row", "annotated")}
+    for side in ("plain-baseline", "plain-target"):
+        import_sglang(_tp_run(tmp_path / side, dims=False), tmp_path / f"{side}.lsd")
+    plain = lockstep.compare(tmp_path / "plain-baseline.lsd", tmp_path / "plain-target.lsd")
+    assert plain.verdict == "incomplete"
+
+
 def test_a_file_that_is_not_tensors_is_skipped_never_unpickled(tmp_path, setup):
     """A dumper file holding a pickled object of another class is not run: torch.load with
     weights_only refuses it, and the import skips it and says so."""

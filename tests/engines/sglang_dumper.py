@@ -32,7 +32,9 @@ class SGLangStyleDumper:
         self._calls = 0
         self._handles: list[Any] = []
 
-    def dump(self, name: str, value: torch.Tensor, **tags: Any) -> None:
+    def dump(self, name: str, value: torch.Tensor, meta: dict[str, Any] | None = None,
+             **tags: Any) -> None:
+        """One file; ``tags`` go into its name and meta, ``meta`` (``dims``) into its meta."""
         self.index += 1
         if self.legacy:
             fields = {"forward_pass_id": self.step, "rank": self.rank, "name": name,
@@ -41,8 +43,8 @@ class SGLangStyleDumper:
             return
         fields = {"step": self.step, "rank": self.rank, "dump_index": self.index,
                   "name": name, "recompute_status": "disabled", **tags}
-        meta = {**fields, "world_rank": self.rank, "world_size": self.world_size}
-        torch.save({"value": value.detach().clone(), "meta": meta}, self.dir / self._file(fields))
+        saved = {**fields, "world_rank": self.rank, "world_size": self.world_size, **(meta or {})}
+        torch.save({"value": value.detach().clone(), "meta": saved}, self.dir / self._file(fields))
 
     @staticmethod
     def _file(fields: dict[str, Any]) -> str:

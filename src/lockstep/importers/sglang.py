@@ -15,8 +15,10 @@ in order, records in ``dump_index`` order. Names: a module's output under the mo
 (``model.layers.0.mlp``), its K-th output ``name:K``, its inputs ``name:input.K``, as
 ``lockstep.record`` names them; a manual dump's name is kept, under ``layers.N.`` when it has a
 ``layer_id`` tag and no layer of its own. The other tags are kept in each record's ``tags``
-field. A tensor the dumper saved twice in a step (the same bytes, dtype and shape: a module
-passing its input on) is recorded once and pointed at, as a recording of the program does.
+field. A ``dims`` annotation that marks a dim ``[tp]`` (or ``[tp:partial]``) becomes the
+record's ``shard`` field, which ``compare`` merges the ranks by. A tensor the dumper saved
+twice in a step (the same bytes, dtype and shape: a module passing its input on) is recorded
+once and pointed at, as a recording of the program does.
 
 Files are read with ``torch.load(weights_only=True)``: never unpickled beyond tensors and
 plain values. A file that cannot be read so, or that holds no tensor, is skipped and counted.
@@ -38,6 +40,7 @@ __all__ = ["SGLangImport", "import_sglang", "parse_filename", "record_name"]
 _PREFIX = "non_intrusive__"
 #: a hooked module's value: ``<module>.output``, ``<module>.output.K``, ``<module>.inputs.K``
 #: (the root module has no name: ``output``, ``inputs.0``)
+_DIM = re.compile(r"[^\[\]]+(?:\[([^\]]*)\])?")  # ``h[tp]``, ``(h*d)[tp:partial]``
 _HOOKED = re.compile(r"(?:(.*)\.)?(output|inputs)(?:\.([^.]+))?")
 _LAYERED = re.compile(r"(?:^|[._])(?:layers?|blk|h)[._]\d+(?:[._]|$)")
 #: tags that say where a record goes rather than what it is
@@ -127,18 +130,46 @@ def _files(src: Path) -> list[tuple[int, int, int, dict[str, str], Path]]:
     return out
 
 
-def _load(path: Path) -> tuple[Any, str | None]:
-    """(value, None) of one dumper file, or (None, why) when it cannot be read safely."""
+def _load(path: Path) -> tuple[Any, dict[str, Any], str | None]:
+    """(value, its meta, None) of one dumper file, or (None, {}, why) when it cannot be read
+    safely."""
     import torch
 
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # an unpickling refusal, a torn file: skipped and counted
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        return None, f"not readable as tensors and plain values: {first[:200]}"
+        return None, {}, f"not readable as tensors and plain values: {first[:200]}"
     if isinstance(obj, dict) and "value" in obj and set(obj) <= {"value", "meta"}:
-        obj = obj["value"]
-    return obj, None
+        meta = obj.get("meta")
+        return obj["value"], meta if isinstance(meta, dict) else {}, None
+    return obj, {}, None
+
+
+def shard_of_dims(dims: Any, ndim: int) -> list[Any] | None:
+    """The ``shard`` field (docs/format.md "Ranks") of SGLang's ``dims`` annotation: a dim
+    marked ``[tp]`` is column-parallel on that dim (``["col", i]``), ``[tp:partial]`` holds
+    partial sums (``["row", 0]``); None when it names no tensor-parallel dim, or does not fit
+    the tensor's dims (the ranks are then merged as detected)."""
+    if not isinstance(dims, str):
+        return None
+    tokens = dims.split("#", 1)[0].split()
+    if len(tokens) != ndim:
+        return None
+    found: list[Any] | None = None
+    for i, token in enumerate(tokens):
+        m = _DIM.fullmatch(token)
+        if m is None or not m.group(1):
+            continue
+        for modifier in m.group(1).split(","):
+            axis, _, qualifiers = modifier.strip().partition(":")
+            if axis.strip() != "tp":
+                continue
+            rule = ["row", 0] if "partial" in qualifiers.split("+") else ["col", i]
+            if found is not None and found != rule:
+                return None  # two tensor-parallel dims: no one rule merges them
+            found = rule
+    return found
 
 
 def _holds_tensor(value: Any) -> bool:
@@ -202,7 +233,7 @@ def import_sglang(src: str | os.PathLike[str], out: str | os.PathLike[str], *,
                 done += 1
                 if progress is not None:
                     progress(done, len(files))
-                value, why = _load(path)
+                value, file_meta, why = _load(path)
                 if why is None and not _holds_tensor(value):
                     why = f"holds no tensor ({type(value).__name__})"
                 if why is not None:
@@ -212,12 +243,15 @@ def import_sglang(src: str | os.PathLike[str], out: str | os.PathLike[str], *,
                     rec.next_step(renumber[step])
                     seen.clear()
                 value = _first_copy(value, seen)
+                fields: dict[str, Any] = {}
                 extra = {k: v for k, v in tags.items() if k not in _PLACE and
                          (k, v) != ("recompute_status", "disabled")}
                 if extra:
-                    rec.capture(record_name(tags), value, strict=False, tags=extra)
-                else:
-                    rec.capture(record_name(tags), value, strict=False)
+                    fields["tags"] = extra
+                shard = shard_of_dims(file_meta.get("dims"), getattr(value, "ndim", -1))
+                if shard is not None and len(ranks) > 1:
+                    fields["shard"] = shard
+                rec.capture(record_name(tags), value, strict=False, **fields)
                 result.records += 1
         except BaseException as exc:
             rec.close(error=f"{type(exc).__name__}: {exc}")
