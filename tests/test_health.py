@@ -50,6 +50,29 @@ def red(path: Path, step: int | None = None) -> list:
 
 # ------------------------------------------------------------------ healthy dumps
 
+NANO = f"py:{Path(__file__).parent / 'engines' / 'nano_vllm.py'}:NanoEngine"
+
+
+@pytest.mark.parametrize("bug, flagged", [(None, None), ("rope_off", "rope"),
+                                          ("skip_layer", "skipped_layer")], ids=str)
+def test_an_engine_shaped_like_vllm_is_checked_through(tiny, tmp_path, bug, flagged):
+    """The nano engine (vLLM's and SGLang's shapes): q and k come out of a fused qkv_proj,
+    and each layer returns (hidden, residual) that the next norm adds. Before, RoPE and the
+    layers were not checked at all there ('no q/k recorded both before and after RoPE', 'no
+    two consecutive layer outputs with data'; explode 0 records), so RoPE never applied and a
+    layer whose result is dropped passed as healthy. Now q (k) before RoPE is read from
+    qkv_proj's columns, and the last layer's output is the final norm's residual sum."""
+    out = tmp_path / "run.lsd"
+    capture(NANO, str(out), tokens=PROMPT, decode=2, forced=FORCED[:2],
+            model=str(tiny["llama"]), **({"bug": bug} if bug else {}))
+    report = check_dump(out)
+    for check in ("rope", "skipped_layer", "explode"):
+        assert report.checked[check].records > 0, (check, report.checked[check])
+    assert [f.check for f in report.red] == ([flagged] if flagged else []), report.red
+    if bug == "skip_layer":
+        (flag,) = report.red
+        assert flag.record == "model.norm:1" and flag.figures["layer"] == 1
+
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_tiny_transformers_models_are_healthy(tiny, tmp_path, family):
     out = tmp_path / "run.lsd"

@@ -25,7 +25,9 @@ top-left when queries are fewer than keys), ``chunk_positions`` (a later chunk's
 start from 0 again), ``batch_varlen`` (in a batch, a whole prompt attends over the step's
 new keys from the batch's first token on, one causal mask for the flat batch: no
 ``cu_seqlens``), ``batch_last_index`` (in a batch, each sequence's logits are taken at its
-first token, ``query_start_loc[:-1]``, not its last).
+first token, ``query_start_loc[:-1]``, not its last), ``rope_off`` (the rotary embedding
+returns q and k unrotated), ``skip_layer`` (layer 1 runs and returns its inputs, its result
+dropped).
 
 ``generate_batch`` runs several prompts as vLLM v1 does: one flat batch per step, the
 running sequences' decode tokens first and then the prompts that join at that step (whole,
@@ -82,7 +84,7 @@ from lockstep.engines import Engine
 
 BUGS = ("decode_position", "kv_slot", "swapped_args", "layer_not_loaded", "greedy_temperature",
         "swapped_kv_rows", "moe_no_renormalize", "chunk_causal", "chunk_positions",
-        "batch_varlen", "batch_last_index")
+        "batch_varlen", "batch_last_index", "rope_off", "skip_layer")
 BLOCK_SIZE = 4  # KV cache slots per block
 
 
@@ -132,9 +134,9 @@ class RMSNorm(nn.Module):
 class RotaryEmbedding(nn.Module):
     """Half-split RoPE on (tokens, heads, head_dim) q and k, by position."""
 
-    def __init__(self, head_dim: int, base: float) -> None:
+    def __init__(self, head_dim: int, base: float, bug: str | None = None) -> None:
         super().__init__()
-        self.head_dim = head_dim
+        self.head_dim, self.bug = head_dim, bug
         inv = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
         self.register_buffer("inv_freq", inv, persistent=False)
 
@@ -144,6 +146,8 @@ class RotaryEmbedding(nn.Module):
         return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), -1).to(x.dtype)
 
     def forward(self, positions: Tensor, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        if self.bug == "rope_off":  # the rotation never applied: q and k as they came
+            return q.clone(), k.clone()
         freqs = positions.float()[:, None] * self.inv_freq[None]
         cos, sin = freqs.cos()[:, None].to(q.dtype), freqs.sin()[:, None].to(q.dtype)
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
@@ -255,7 +259,7 @@ class SelfAttention(nn.Module):
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if qk_norm else None
-        self.rotary_emb = RotaryEmbedding(self.head_dim, cfg.rope_theta)
+        self.rotary_emb = RotaryEmbedding(self.head_dim, cfg.rope_theta, bug)
         scalar = getattr(cfg, "query_pre_attn_scalar", None)
         types = getattr(cfg, "layer_types", None)
         sliding = bool(types) and types[layer] == "sliding_attention"
@@ -366,9 +370,17 @@ class DecoderLayer(nn.Module):
         sparse = cfg.num_experts and layer not in (getattr(cfg, "mlp_only_layers", None) or ()) \
             and (layer + 1) % (getattr(cfg, "decoder_sparse_step", 1) or 1) == 0
         self.mlp: nn.Module = SparseMoeBlock(cfg, bug) if sparse else MLP(cfg)
+        self.skipped = bug == "skip_layer" and layer == 1  # runs, and its result is dropped
 
     def forward(self, positions: Tensor, hidden: Tensor,
                 residual: Tensor | None) -> tuple[Tensor, Tensor]:
+        if self.skipped and residual is not None:
+            self._forward(positions, hidden.clone(), residual.clone())
+            return hidden, residual
+        return self._forward(positions, hidden, residual)
+
+    def _forward(self, positions: Tensor, hidden: Tensor,
+                 residual: Tensor | None) -> tuple[Tensor, Tensor]:
         if residual is None:
             residual = hidden
             hidden = self.input_layernorm(hidden)

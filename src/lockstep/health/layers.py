@@ -98,4 +98,6 @@ def check_explode(view: DumpView) -> CheckResult:
                           f"largest |value| {m:.4g}) at {steps_text(steps)}", step=e.step,
                           record=e.name, seq=e.record.seq, steps=steps,
                           figures={"ratio": ratio, "magnitude": m, "layer": e.layer}))
-    return CheckResult(tuple(flags), Checked(seen, {"largest_layer_ratio": worst}))
+    return CheckResult(tuple(flags), Checked(
+        seen, {"largest_layer_ratio": worst if seen else None},
+        "" if seen else "no two consecutive layer outputs with data"))

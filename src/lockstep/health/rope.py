@@ -16,12 +16,26 @@ __all__ = ["check_rope"]
 _INPUTS = {Kind.Q_ROPE: (Kind.Q_NORM, Kind.Q), Kind.K_ROPE: (Kind.K_NORM, Kind.K)}
 
 
-def _input(view: DumpView, e: Entry) -> Entry | None:
+def _before(view: DumpView, e: Entry) -> np.ndarray | None:
+    """The values RoPE rotated into ``e``: the q (k) record before it, else q's (k's) columns
+    of the layer's fused qkv projection (vLLM's and SGLang's ``qkv_proj``: q, then k, then
+    v, per token; as wide as the q (k) after RoPE)."""
     for op in _INPUTS[Kind(e.op)]:
         found = view.first(e.step, op, e.layer)
         if found is not None:
-            return found
-    return None
+            return view.values(found) if found.record.numel == e.record.numel else None
+    qkv = view.first(e.step, Kind.QKV, e.layer)
+    rows = view.rows(qkv) if qkv is not None else None
+    if rows is None or not rows.shape[0] or e.record.numel % rows.shape[0]:
+        return None
+    start = 0
+    if e.op == Kind.K_ROPE:  # after q's columns: as many as the layer's q after RoPE holds
+        q = view.first(e.step, Kind.Q_ROPE, e.layer)
+        if q is None or q.record.numel % rows.shape[0]:
+            return None
+        start = q.record.numel // rows.shape[0]
+    width = e.record.numel // rows.shape[0]
+    return rows[:, start:start + width] if start + width <= rows.shape[1] else None
 
 
 def _distance(a: np.ndarray, b: np.ndarray) -> float:
@@ -41,10 +55,7 @@ def check_rope(view: DumpView) -> CheckResult:
         for e in view.in_step(step):
             if e.op not in _INPUTS or e.layer is None:
                 continue
-            before = _input(view, e)
-            if before is None or before.record.numel != e.record.numel:
-                continue
-            a, b = view.values(before), view.values(e)
+            a, b = _before(view, e), view.values(e)
             if a is None or b is None or a.size == 0 or not (
                     np.isfinite(a).all() and np.isfinite(b).all()) or not np.abs(a).max() > 0:
                 continue  # NaN and all-zero q/k are other checks' flags

@@ -4,7 +4,8 @@ check, the layer outputs of a step, the tokens fed, and values read as float row
 Roles come from lockstep's name tables and guesses (``align.roles.role_of_name``: the
 layer of an engine's own ``L0.xq`` too). A layer's output, where no name says which record
 it is, comes from the structure: the last record of that layer in the step with the hidden
-width and one row per token fed.
+width and one row per token fed. Where norms add the residual (vLLM's and SGLang's
+``(normed, residual)``), the last layer's output is the final norm's second output.
 """
 
 from __future__ import annotations
@@ -137,15 +138,26 @@ class DumpView:
         named: dict[int, Entry] = {}
         last: dict[int, Entry] = {}
         width, tokens = self.hidden(step), self.tokens(step)
+        residual_sum = None  # a fused final norm's second output
         for e in self.in_step(step):
-            if e.layer is None or not e.is_float or not e.record.shape:
+            if not e.is_float or not e.record.shape:
+                continue
+            shape = e.record.shape
+            hidden_rows = width is not None and shape[-1] == width and (
+                tokens is None or e.record.numel == tokens * width)
+            if e.layer is None:
+                if e.op == Kind.FINAL_NORM and e.name.endswith(":1") and hidden_rows:
+                    residual_sum = e
                 continue
             if e.op == Kind.OUT:
                 named.setdefault(e.layer, e)
-            shape = e.record.shape
-            if width is not None and shape[-1] == width and (
-                    tokens is None or e.record.numel == tokens * width):
+            if hidden_rows:
                 last[e.layer] = e
+        if named and residual_sum is not None and last:
+            # vLLM's and SGLang's layers return (hidden, residual) and each norm adds them
+            # first: a layer's output is the next layer's norm's second output (named so by
+            # the table), and the last layer's the final norm's
+            named.setdefault(max(last), residual_sum)
         return dict(sorted((named or last).items()))
 
     def stored_range(self, e: Entry) -> tuple[float, float] | None:
