@@ -80,6 +80,8 @@ def test_tiny_transformers_models_are_healthy(tiny, tmp_path, family):
     report = check_dump(out)
     assert report, report.red
     assert report.checked["rope"].records > 0  # q and k before and after RoPE were compared
+    # attention re-enacted from its q, k and v in each layer at each of the 5 steps
+    assert report.checked["attention_output"].records == 2 * 5
     assert report.checked["stuck"].records > 0
 
 
@@ -147,6 +149,61 @@ BUGS = {  # bug: (check, step, record)
     "nan_at": ("nonfinite", 0, "L1.ffn_hid"),
     "explode": ("explode", 0, "L1.out"),
 }
+
+
+#: with the head counts in the metadata (--hparams-meta): attention re-enacted from the dump's
+#: own q, k and v. Before, these needed a reference: each value looks plausible on its own
+REENACTED = {  # bug: (step, record)
+    "kv_stale": (1, "L0.att"),
+    "gqa_map": (0, "L0.att"),
+    "no_causal_mask": (0, "L0.att"),
+}
+
+
+@pytest.mark.parametrize("bug", [None, *REENACTED, "decode_pos", "rope_neox"], ids=str)
+def test_attention_re_enacted_from_the_dumps_own_q_k_v(c_engine, tiny, tmp_path, bug):
+    """The C engine names its attention output its own way (``L0.att``): it is found by its
+    place after q, k and v and by its values (each within v's range). The bugs in how
+    attention reads its inputs are flagged there; RoPE at the wrong position or on the
+    wrong pairs is not (attention does what it should with the q and k it was given)."""
+    out = run_engine(c_engine, tiny["gguf"], tmp_path / "c.lsd", "--hparams-meta",
+                     *(["--bug", bug] if bug else []))
+    report = check_dump(out)
+    assert report.checked["attention_output"].records == 2 * 5  # 2 layers, 5 steps
+    first = _first_of(report.red, "attention_output")
+    if bug not in REENACTED:
+        assert first is None and report.checked["attention_output"].figures[
+            "largest_error"] < 1e-5, first
+        return
+    assert first is not None, report.red
+    assert (first.step, first.record) == REENACTED[bug], first
+    assert first.figures["error"] > 0.1
+
+
+@pytest.mark.parametrize("options, flagged", [
+    ({"bug": "kv_slot"}, 1), ({"bug": "chunk_causal", "prefill_chunk": 4}, 1),
+    ({"prefill_chunk": 4}, None), ({}, None)],
+    ids=["kv_slot", "chunk_causal", "chunks", "bug-free"])
+def test_attention_re_enacted_on_a_vllm_shaped_engine(tiny, tmp_path, options, flagged):
+    """The nano engine's KV cache written to the wrong slot, and a later prefill chunk masked
+    top-left, are flagged from its dump alone (its v read from qkv_proj's columns)."""
+    out = tmp_path / "run.lsd"
+    capture(NANO, str(out), tokens=PROMPT, decode=2, forced=FORCED[:2],
+            model=str(tiny["llama"]), **options)
+    report = check_dump(out)
+    assert report.checked["attention_output"].records > 0
+    first = _first_of(report.red, "attention_output")
+    assert (first.step if first else None) == flagged, report.red
+
+
+def test_attention_is_not_re_enacted_over_positions_that_do_not_follow(tiny, tmp_path):
+    """Decode fed positions past the tokens before (the nano engine's decode_position): the
+    keys re-enacted would not be the ones attended, so it is not judged, and it says why."""
+    out = tmp_path / "run.lsd"
+    capture(NANO, str(out), tokens=PROMPT, decode=2, forced=FORCED[:2],
+            model=str(tiny["llama"]), bug="decode_position")
+    checked = check_dump(out).checked["attention_output"]
+    assert checked.records == 0 and "positions do not follow" in checked.note
 
 
 def _first_of(flags: list, check: str):

@@ -11,6 +11,7 @@ from .flags import CheckResult
 from .layers import check_explode, check_skipped
 from .logits import check_logits
 from .nonfinite import check_nonfinite
+from .reenact import check_attention_output
 from .rope import check_rope
 from .tokens import check_rows, check_stuck
 from .view import DumpView
@@ -23,6 +24,7 @@ CHECKS: dict[str, Callable[[DumpView], CheckResult]] = {
     "nonfinite": check_nonfinite,
     "constant": check_constant,
     "attention": check_attention,
+    "attention_output": check_attention_output,
     "rope": check_rope,
     "same_rows": check_rows,
     "stuck": check_stuck,

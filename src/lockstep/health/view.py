@@ -102,6 +102,11 @@ class DumpView:
         ids = self._fed.get(step, (None, None))[0]
         return None if ids is None else list(ids)
 
+    def positions(self, step: int) -> list[int] | None:
+        """The positions fed at ``step``, where a record holds them."""
+        pos = self._fed.get(step, (None, None))[1]
+        return None if pos is None else list(pos)
+
     def tokens(self, step: int) -> int | None:
         """How many tokens ``step`` ran: from the ids fed, else the embedding's rows."""
         fed = self.fed(step)

@@ -31,7 +31,7 @@ from ...textfmt import fmt
 from .. import evidence as ev
 from ..case import Case, input_sentence, label
 from ..pair_result import PairResult
-from .attention import attend
+from ..reenact import attend
 from .model import Diagnosis, make, rule
 from .rope import pairing_of, pre_rope, rope_views
 
