@@ -44,7 +44,7 @@ def _one_sequence(view: DumpView) -> str:
             continue
         if positions != list(range(end, end + len(positions))):
             return (f"step {step}'s positions do not follow the steps before it from 0 (a "
-                    "cached prefix, a batch or rejected drafts)")
+                    "cached prefix, a batch, rejected drafts, or positions fed wrong)")
         end += len(positions)
     return ""
 
