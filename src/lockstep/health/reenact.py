@@ -6,7 +6,8 @@ another output, from values that each look plausible: bugs one dump showed nothi
 
 Read only where the dump holds one sequence from position 0 (its fed positions, where
 recorded, run 0, 1, 2, ... over its steps: no cached prefix, no batch, no rejected drafts)
-and the head counts are known (``n_heads``, ``n_kv_heads``, ``head_dim`` in its metadata).
+and the head counts are known (``n_heads``, ``n_kv_heads``, ``head_dim`` in its metadata, or
+read off q and k after RoPE kept per head: their dims besides the tokens').
 The attention output is the record named so, else, in a layer, the first record of no known
 op after its q, k and v with heads × head_dim values per token whose every value lies in
 the range v takes (an average of v rows must).
@@ -146,13 +147,47 @@ def _reenact(view: DumpView, e: Entry, sizes: tuple[int, int, int],
     return best
 
 
-def check_attention_output(view: DumpView) -> CheckResult:
+def _heads_of(view: DumpView, op: str) -> tuple[int, int] | None:
+    """(heads, head_dim) read off the shape of a q (k) after RoPE kept per head, at a step of
+    several tokens: its dims other than the tokens' and size 1 are (heads, head_dim), in that
+    order; None where no such record says it unambiguously."""
+    for step in view.all_steps:
+        tokens = view.tokens(step)
+        if not tokens or tokens < 2:
+            continue
+        e = next((x for x in view.in_step(step) if x.op == op and x.layer is not None), None)
+        if e is None:
+            continue
+        dims = [n for n in e.record.shape if n != 1]
+        if len(dims) != 3 or dims.count(tokens) != 1:
+            return None
+        dims.remove(tokens)
+        heads, d = dims
+        return (heads, d) if d % 2 == 0 else None
+    return None
+
+
+def _sizes(view: DumpView) -> tuple[int, int, int] | None:
+    """(heads, kv heads, head_dim): from the metadata, else from the shapes of q and k after
+    RoPE where they are kept per head."""
     meta = view.dump.meta
     heads, kv_heads, d = (meta_size(meta, s) for s in ("n_heads", "n_kv_heads", "head_dim"))
-    if not heads or not d:
+    if heads and d:
+        return heads, kv_heads or heads, d
+    q, k = _heads_of(view, Kind.Q_ROPE), _heads_of(view, Kind.K_ROPE)
+    if q is None or k is None or q[1] != k[1] or q[0] % k[0]:
+        return None
+    return q[0], k[0], q[1]
+
+
+def check_attention_output(view: DumpView) -> CheckResult:
+    meta = view.dump.meta
+    sizes = _sizes(view)
+    if sizes is None:
         return CheckResult((), Checked(0, {"largest_error": None}, "the head counts are not "
-                                       "in the dump's metadata (n_heads, head_dim)"))
-    kv_heads = kv_heads or heads
+                                       "in the dump's metadata (n_heads, head_dim), nor in "
+                                       "the shapes of q and k after RoPE"))
+    heads, kv_heads, d = sizes
     why = _one_sequence(view)
     if why:
         return CheckResult((), Checked(0, {"largest_error": None}, why))
