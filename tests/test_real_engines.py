@@ -95,6 +95,8 @@ NANO_BUGS = {
     "swapped_args": (0, "embed", "embedding"),
     "layer_not_loaded": (0, "layers.1.attn_norm", "op"),
     "greedy_temperature": (0, "logits", "sampling"),
+    # layer 1 runs and returns its inputs: its output is the final norm's residual sum
+    "skip_layer": (0, "layers.1.out", "op"),
 }
 
 
@@ -113,6 +115,37 @@ def test_nano_vllm_bug_localized(tmp_path, references, family, bug):
     assert result.verdict == "diverged"
     assert first is not None and (first.step, first.canonical) == (step, canonical), first
     assert result.diagnosis is not None and result.diagnosis.kind == kind, result.diagnosis
+    if bug == "skip_layer":  # before: the final norm, 'its input model.layers.0 agrees'
+        assert first.cand_name == "model.norm:1", first
+        assert result.diagnosis.detail["equals_input"] == \
+            "model.layers.0 ~ model.layers.1.input_layernorm:1", result.diagnosis
+
+
+def test_the_last_layer_output_is_paired_only_when_it_feeds_the_final_norm(tmp_path,
+                                                                          references):
+    """The final norm's residual sum (``model.norm:1``) is the model's last layer output:
+    paired with the reference's record of the last layer it shows only once that record is
+    seen to be what the reference's final norm normalized. Both sides recorded with
+    ``layers=[0]`` end at layer 0, not the model's last: nothing is paired with it, and the
+    bug-free run matches."""
+    model, _, tokens = references["llama"]
+    ref = tmp_path / "ref.lsd"
+    capture(f"hf:{model}", str(ref), tokens=PROMPT, decode=DECODE, layers=[0])
+    nano = tmp_path / "cand.lsd"
+    capture(NANO_SPEC, str(nano), tokens=PROMPT, decode=DECODE, forced=tokens[:DECODE],
+            layers=[0], model=str(model))
+    result = lockstep.compare(ref, nano)
+    assert result.verdict == "match", result.first_divergence
+    assert not any(p.cand_name == "model.norm:1" for p in result.results)
+    full = lockstep.compare(references["llama"][1], _recorded(model, tmp_path, tokens))
+    paired = [p for p in full.results if p.cand_name == "model.norm:1"]
+    assert [p.ref_name for p in paired] == ["model.layers.1"] * (DECODE + 1), paired
+
+
+def _recorded(model: Path, tmp_path: Path, tokens: list[int]) -> Path:
+    out = tmp_path / "whole.lsd"
+    nano_vllm(model, out, tokens)
+    return out
 
 
 def test_nano_vllm_gemma2_bug_free_matches(tmp_path, references):
@@ -419,7 +452,8 @@ def test_replay_refuses_to_feed_a_fused_add_norm_the_references_input_alone(tmp_
     words = " ".join(text.split())
     assert "none of the candidate's ops run on the reference's inputs;" in words
     # each reason names the ops it kept from running
-    assert "model.layers.1.input_layernorm: it takes a second activation" in words
+    # (model.norm too: its second output is paired as the last layer's output)
+    assert "model.layers.1.input_layernorm, model.norm: it takes a second activation" in words
 
 
 def test_sglang_logits_in_a_dataclass_are_recorded_and_compared(tmp_path, references):

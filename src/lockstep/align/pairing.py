@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import numpy as np
 
 from ..store.reader import Dump, Record, trimmer
+from . import kinds
+from .kinds import Kind as K
 from .layouts import Layout, agreement, layout_candidates, squeeze_shape
 from .pairs import Alignment, Pair
 from .structure import pair_templates
@@ -55,6 +57,7 @@ class _Step:
     def __init__(self, number: int, ref: list[Record], cand: list[Record]) -> None:
         self.number = number
         self.ref = ref
+        self.cand = cand
         self.free_ref = {r.seq: r for r in ref}
         self.free_cand = {c.seq: c for c in cand}
         self.pairs: list[Pair] = []
@@ -147,6 +150,58 @@ def _by_table(step: _Step, tables: tuple[NameTable, NameTable]) -> None:
         step.free_ref.pop(seq, None)
 
 
+def _feeds_final_norm(dump: Dump, out: Record, norm: Record) -> bool | None:
+    """Whether ``out`` is what the final norm ``norm`` normalized: each row of the norm's
+    output its input row over its RMS, times one weight vector for every row (fitted, to
+    1e-3). None where one row cannot tell (a decode step)."""
+    try:
+        x = np.asarray(dump.read(out), dtype=np.float64)
+        y = np.asarray(dump.read(norm), dtype=np.float64)
+    except Exception:  # (an unreadable record: nothing to vouch with)
+        return False
+    if x.size != y.size or x.size == 0 or x.shape[-1] != y.shape[-1]:
+        return False
+    x, y = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
+    if x.shape[0] < 2:
+        return None
+    xn = x / np.maximum(np.sqrt((x * x).mean(axis=1, keepdims=True)), 1e-30)
+    w = (y * xn).sum(axis=0) / np.maximum((xn * xn).sum(axis=0), 1e-30)
+    return bool(np.linalg.norm(y - xn * w) <= 1e-3 * max(float(np.linalg.norm(y)), 1e-30))
+
+
+def _last_layer_out(step: _Step, tables: tuple[NameTable, NameTable], ref: Dump, cand: Dump,
+                    vouched: dict[int, bool]) -> None:
+    """The last layer's output where one side has no record of that layer holding it
+    (``NameTable.last_out``: vLLM's and SGLang's final norm adds the residual first, and
+    its second output is it), paired with the other side's record of the output of the
+    last layer its records show in the step, once that record is seen to be what the other
+    side's final norm normalized (a recording of some layers only ends before the model's
+    last): at a step of several tokens, and at one-token steps after such a step vouched."""
+    sides = ((step.free_ref, tables[0], step.free_cand, tables[1], cand, step.cand, False),
+             (step.free_cand, tables[1], step.free_ref, tables[0], ref, step.ref, True))
+    for mine, table, free_other, other_table, other_dump, other_all, is_cand in sides:
+        holder = next((r for r in mine.values() if r.name == table.last_out), None)
+        if table.last_out is None or holder is None:
+            continue
+        canon = {r.seq: _canonical(other_table, r.name) for r in other_all}
+        parsed = [kinds.parse(c) for c in canon.values() if c]
+        layers = [p.layer for p in parsed if p is not None and p.layer is not None]
+        if not layers:
+            continue
+        canonical = f"layers.{max(layers)}.{K.OUT.value}"
+        out = next((r for r in free_other.values() if canon.get(r.seq) == canonical), None)
+        norm = next((r for r in other_all if canon.get(r.seq) == K.FINAL_NORM.value), None)
+        if out is None or norm is None:
+            continue
+        seen = _feeds_final_norm(other_dump, out, norm)
+        if seen is not None:
+            vouched[int(is_cand)] = vouched.get(int(is_cand), True) and seen
+        if not vouched.get(int(is_cand), False):
+            continue
+        step.take(Pair(out, holder, "table", canonical) if is_cand else
+                  Pair(holder, out, "table", canonical))
+
+
 def _by_normalized(step: _Step, tables: tuple[NameTable, NameTable] | None = None) -> None:
     """Names equal once normalized (normalize_name), unless the tables read them apart."""
     by_norm: dict[tuple[str, int], Record] = {}
@@ -228,12 +283,14 @@ def align(ref: Dump, cand: Dump, *, use_tables: bool = True,
             by_step.setdefault(r.step, []).append(r)
     steps = [_Step(s, ref_steps.get(s, []), cand_steps.get(s, []))
              for s in sorted(set(ref_steps) | set(cand_steps))]
+    vouched: dict[int, bool] = {}  # (align._last_layer_out) by side: 0 ref, 1 cand
     for step in steps:
         _by_name(step, tables)
         if mapping is not None and step.free_cand:
             _by_mapping(step, mapping)
         if tables is not None and step.free_cand:
             _by_table(step, tables)
+            _last_layer_out(step, tables, ref, cand, vouched)
         if step.free_cand:
             _by_normalized(step, tables)
     read = _reader()

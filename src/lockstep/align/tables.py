@@ -78,6 +78,9 @@ class NameTable:
     rules: tuple[Rule, ...]
     #: model classes (transformers) or GGUF architectures whose dumps this table is for
     architectures: tuple[str, ...] = ()
+    #: the record that holds the last layer's output where no record of that layer does
+    #: (vLLM's and SGLang's layers return (hidden, residual); the final norm adds them first)
+    last_out: str | None = None
 
     def lookup_rule(self, recorded: str) -> Hit | None:
         """(canonical, transform, counterpart transform) of the first rule that knows the
@@ -376,7 +379,7 @@ VLLM = NameTable("vllm-sglang", _top(
     ("input_ids", K.INPUT_IDS), ("model.embed_tokens", K.EMBED), ("model.norm", K.FINAL_NORM),
     ("model.norm:0", K.FINAL_NORM), ("logits_processor", K.LOGITS), ("lm_head", K.LOGITS),
     ("logits_processor:next_token_logits", K.LOGITS),  # SGLang's LogitsProcessorOutput
-) + _layer("model.layers", _ENGINE_LAYER))
+) + _layer("model.layers", _ENGINE_LAYER), last_out="model.norm:1")
 
 # vLLM's and SGLang's gemma2.py / gemma3.py: the embedding module gives the rows, scaled by
 # sqrt(hidden) after it (transformers folds the scale into its module); post_attention_layernorm
@@ -396,7 +399,7 @@ VLLM_GEMMA = NameTable("vllm-sglang-gemma", _top(
     ("model.norm:0", K.FINAL_NORM), ("logits_processor", K.LOGITS), ("lm_head", K.LOGITS),
     ("logits_processor:next_token_logits", K.LOGITS),
 ) + _layer("model.layers", _ENGINE_GEMMA_LAYER),
-    architectures=("Gemma2ForCausalLM", "Gemma3ForCausalLM"))
+    architectures=("Gemma2ForCausalLM", "Gemma3ForCausalLM"), last_out="model.norm:1")
 
 #: in order of preference when two tables know as many of a dump's names
 TABLES: tuple[NameTable, ...] = (TRANSFORMERS_LLAMA, TRANSFORMERS_PHI3, TRANSFORMERS_GEMMA,

@@ -148,10 +148,11 @@ class Case:
         if role.op == Kind.ATTN_NORM:
             hit = (self.find((Kind.OUT,), role.layer - 1) if role.layer else None) or \
                 self.find((Kind.EMBED,), None)
-        elif role.op == Kind.FINAL_NORM:
-            layers = [self.role(q).layer for q in self.step if self.role(q).op == Kind.OUT]
-            known = [x for x in layers if x is not None]
+        elif role.op == Kind.FINAL_NORM:  # the last layer's output, never an earlier one's
+            known = [x for x in (self.role(q).layer for q in self.step) if x is not None]
             hit = self.find((Kind.OUT,), max(known)) if known else None
+            if hit is None:
+                return None
         elif role.op in INPUT_OF:
             ops = INPUT_OF[role.op]
             hit = self.find(ops, role.layer) or (self.find(ops, None) if role.layer is not None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ...align.kinds import Kind as K
 from ...textfmt import fmt
 from .. import evidence as ev
 from ..case import Case, input_sentence, label
@@ -19,7 +20,26 @@ _OP_CHECKS: dict[str, str] = {
     "act": "the activation: SiLU vs GELU, gate and up swapped",
     "norm": "the norm: eps, the weight (and a 1+w offset), computed in float32, over the "
             "whole hidden size",
+    "out": "the residual adds: the layer's output is its input plus its attention and MLP "
+           "outputs (vLLM and SGLang: the (hidden, residual) it returns, added by the next "
+           "norm)",
 }
+
+
+def _returns_its_input(case: Case) -> tuple[Any, float] | None:
+    """(the pair of the layer's input, the gap) where the first divergence is a layer's
+    output and the candidate's equals the reference's input of that layer: the output of the
+    layer before (or the embedding's)."""
+    f = case.first
+    role = case.role(f)
+    if role.op != K.OUT or role.layer is None:
+        return None
+    prev = case.find((K.OUT,), role.layer - 1) if role.layer else case.find((K.EMBED,), None)
+    ours, theirs = case.arrays(f), case.arrays(prev) if prev is not None else None
+    if ours is None or theirs is None or theirs[0].size != ours[1].size:
+        return None
+    gap = ev.rel_error(theirs[0].reshape(ours[1].shape), ours[1])
+    return (prev, gap) if case.explains(gap) else None
 
 
 @rule("op")
@@ -59,6 +79,16 @@ def op(case: Case) -> Diagnosis:
                                 f"({count} elements)")
                 checks.insert(0, f"rows {list(idx)} of the weight of {label(f)} (a corrupted "
                               "or misloaded slice)")
+    dropped = _returns_its_input(case) if arrays is not None else None
+    if dropped is not None:
+        prev, gap = dropped
+        detail["equals_input"] = label(prev)
+        title = (f"layer {role.layer}'s output {label(f)} is its input, the reference's "
+                 f"{label(prev)}: the layer's result is dropped")
+        evidence.append(f"the candidate's {label(f)} equals the reference's {label(prev)} "
+                        f"(relative L2 {fmt(gap)})")
+        checks.insert(0, f"what layer {role.layer} returns: its result, not its input (a "
+                      "layer skipped, a result assigned to the wrong variable)")
     extra = _OP_CHECKS.get("norm" if role.op in NORMS else role.op)
     if extra:
         checks.insert(1, extra)
