@@ -72,8 +72,9 @@ def test_an_sglang_dump_imports_and_matches_transformers(tmp_path, setup, legacy
                 "model.layers.1.input_layernorm:0", "model.layers.1.input_layernorm:1",
                 "lm_head"} <= names, sorted(names)
         # a tensor saved twice (the residual a layer passes on) points at one copy, as in a
-        # recording of the program; before, each was a copy of its own, and transformers'
-        # layer 1 output was paired with the residual (structure, 0.12): DIVERGED
+        # recording of the program; before (and before model.norm:1 was paired as the last
+        # layer's output), each was a copy of its own, and transformers' layer 1 output was
+        # paired with the residual (structure, 0.12): DIVERGED
         at = [dump.get(0, n).offset for n in ("model.layers.1:1",
                                                "model.layers.1.post_attention_layernorm:1")]
         assert at[0] == at[1]
