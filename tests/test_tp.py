@@ -283,6 +283,24 @@ def test_a_col_annotation_on_the_gathered_output_is_one_copy(tmp_path):
     assert "gathered already" in merge.why
 
 
+def test_check_reads_each_rank_of_a_multi_rank_recording(tp, tmp_path):
+    """``lockstep check`` on a multi-rank recording checks each rank's dump: the TP engine's
+    ranks are healthy; a NaN in rank 1's record is red there alone. Before, it refused the
+    directory ('open one rank's dump')."""
+    done = cli("check", str(tp["good"]), "--json", str(tmp_path / "good.json"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "rank0: " in done.stdout and "rank1: " in done.stdout
+    body = json.loads((tmp_path / "good.json").read_text())
+    assert [r["red_flags"] for r in body["ranks"]] == [0, 0]
+    bad = X.copy()
+    bad[2, 3] = np.nan
+    cand = ranked(tmp_path / "nan", [{"h": X}, {"h": bad}])
+    done = cli("check", str(cand), "--json", str(tmp_path / "nan.json"))
+    assert done.returncode == 1, done.stdout + done.stderr
+    body = json.loads((tmp_path / "nan.json").read_text())
+    assert [r["red_flags"] for r in body["ranks"]] == [0, 1]
+
+
 def test_recording_mistakes_are_usage_errors(tmp_path):
     from lockstep.capture.ranks import rank_path
     from lockstep.errors import UsageError
