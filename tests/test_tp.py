@@ -260,11 +260,9 @@ def test_a_row_annotation_on_the_reduced_output_is_one_copy(tmp_path):
     input agrees"); now one copy, a match, and the merge says why. Real partial sums so
     annotated are still summed."""
     ref = single(tmp_path / "ref", {"o": X})
-    c = lockstep.compare(ref, _annotated_rows(tmp_path / "reduced", (X, X.copy())))
-    assert c.verdict == "match", (c.first_divergence, c.diagnosis)
-    merge = c.ranks.sides[0].find(0, "o", 0) if c.ranks else None
-    assert merge is not None and (merge.rule, merge.how) == ("replicated", "annotated")
-    assert "every rank holds the same values" in merge.why
+    _merged_as_one_copy(lockstep.compare(ref, _annotated_rows(tmp_path / "reduced",
+                                                              (X, X.copy()))),
+                        "o", "every rank holds the same values")
     part = np.random.default_rng(1).standard_normal(X.shape).astype(np.float32)
     c = lockstep.compare(ref, _annotated_rows(tmp_path / "partial", (part, X - part)))
     assert c.verdict == "match"
@@ -276,11 +274,17 @@ def test_a_col_annotation_on_the_gathered_output_is_one_copy(tmp_path):
     rank holds the whole tensor, the reference's shape. Before: concatenated to twice the
     width, incomparable, INCOMPLETE; now one copy, a match."""
     ref = single(tmp_path / "ref", {"q": X})
-    c = lockstep.compare(ref, probed(tmp_path / "gathered", (X, X.copy())))
-    assert c.verdict == "match", (c.first_divergence, c.coverage)
-    merge = c.ranks.sides[0].find(0, "q", 0) if c.ranks else None
+    _merged_as_one_copy(lockstep.compare(ref, probed(tmp_path / "gathered", (X, X.copy()))),
+                        "q", "gathered already")
+
+
+def _merged_as_one_copy(c, name: str, why: str) -> None:
+    """The comparison matched, with the candidate's annotated ranks of ``name`` merged as
+    one copy, and the merge says ``why``."""
+    assert c.verdict == "match", (c.first_divergence, c.diagnosis, c.coverage)
+    merge = c.ranks.sides[0].find(0, name, 0) if c.ranks else None
     assert merge is not None and (merge.rule, merge.how) == ("replicated", "annotated")
-    assert "gathered already" in merge.why
+    assert why in merge.why
 
 
 def test_check_reads_each_rank_of_a_multi_rank_recording(tp, tmp_path):

@@ -181,8 +181,8 @@ def _last_layer_out(step: _Step, tables: tuple[NameTable, NameTable], ref: Dump,
              (step.free_cand, tables[1], step.free_ref, tables[0], ref, step.ref, True))
     for mine, table, free_other, other_table, other_dump, other_all, is_cand in sides:
         holder = next((r for r in mine.values() if r.name == table.last_out), None)
-        if table.last_out is None or holder is None:
-            continue
+        if table.last_out is None or holder is None or vouched.get(int(is_cand)) is False:
+            continue  # (refused at an earlier step: never read again)
         canon = {r.seq: _canonical(other_table, r.name) for r in other_all}
         parsed = [kinds.parse(c) for c in canon.values() if c]
         layers = [p.layer for p in parsed if p is not None and p.layer is not None]

@@ -172,18 +172,6 @@ def shard_of_dims(dims: Any, ndim: int) -> list[Any] | None:
     return found
 
 
-def _holds_tensor(value: Any) -> bool:
-    import torch
-
-    if isinstance(value, torch.Tensor):
-        return True
-    if isinstance(value, (tuple, list)):
-        return any(_holds_tensor(v) for v in value)
-    if isinstance(value, dict):
-        return any(_holds_tensor(v) for v in value.values())
-    return False
-
-
 def _first_copy(value: Any, seen: dict[tuple[Any, ...], Any]) -> Any:
     """``value``, or the tensor of the same dtype, shape and bytes loaded earlier in the step:
     the dumper saved one tensor twice (a module passing on its input, a parent returning its
@@ -209,6 +197,7 @@ def import_sglang(src: str | os.PathLike[str], out: str | os.PathLike[str], *,
     rank under it when the run had several ranks)."""
     from ..capture.ranks import rank_path
     from ..capture.recorder import Recorder
+    from ..capture.tensors import leaves
 
     files = _files(Path(src))
     target = Path(out)
@@ -234,7 +223,7 @@ def import_sglang(src: str | os.PathLike[str], out: str | os.PathLike[str], *,
                 if progress is not None:
                     progress(done, len(files))
                 value, file_meta, why = _load(path)
-                if why is None and not _holds_tensor(value):
+                if why is None and next(leaves(value), None) is None:  # what capture records
                     why = f"holds no tensor ({type(value).__name__})"
                 if why is not None:
                     result.skipped.append((path.name, why))
