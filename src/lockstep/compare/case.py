@@ -141,12 +141,17 @@ class Case:
         q = self._names.get((step, p.ref_name, p.call))
         return q if q is not None and q.cand_name == p.cand_name else None
 
+    def layer_input(self, layer: int) -> PairResult | None:
+        """The pair holding what layer ``layer`` takes in: the layer before's output, or the
+        embedding for layer 0 (captured before the first divergence)."""
+        return self.find((Kind.OUT,), layer - 1) if layer else self.find((Kind.EMBED,), None)
+
     def input_of(self, p: PairResult) -> PairResult | None:
         """The pair holding the op's input (by its role), else the pair captured just before."""
         role = self.role(p)
         hit = None
         if role.op == Kind.ATTN_NORM:
-            hit = (self.find((Kind.OUT,), role.layer - 1) if role.layer else None) or \
+            hit = (self.layer_input(role.layer) if role.layer else None) or \
                 self.find((Kind.EMBED,), None)
         elif role.op == Kind.FINAL_NORM:  # the last layer's output, never an earlier one's
             known = [x for x in (self.role(q).layer for q in self.step) if x is not None]

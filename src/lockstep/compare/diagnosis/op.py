@@ -34,7 +34,7 @@ def _returns_its_input(case: Case) -> tuple[Any, float] | None:
     role = case.role(f)
     if role.op != K.OUT or role.layer is None:
         return None
-    prev = case.find((K.OUT,), role.layer - 1) if role.layer else case.find((K.EMBED,), None)
+    prev = case.layer_input(role.layer)
     ours, theirs = case.arrays(f), case.arrays(prev) if prev is not None else None
     if ours is None or theirs is None or theirs[0].size != ours[1].size:
         return None
